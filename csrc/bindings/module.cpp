@@ -1,0 +1,17 @@
+// deepalign_fast._core: thin pybind11 bindings over the C++ core (csrc/deepalign). Each
+// bind_<area>.cpp registers one area; this file only wires them together.
+#include <pybind11/pybind11.h>
+
+#include <thread>
+
+namespace py = pybind11;
+
+namespace deepalign::bindings {
+// Declared here, defined in bind_<area>.cpp.
+}  // namespace deepalign::bindings
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "deepalign-fast C++ core (warping, RANSAC, ...). Use the wrappers in deepalign_fast.";
+  m.def("hardware_threads", [] { return std::thread::hardware_concurrency(); },
+        "Number of hardware threads num_threads=0 resolves to.");
+}

@@ -1,0 +1,40 @@
+"""deepalign-fast: fast, artifact-robust alignment of volume-EM image stacks.
+
+Conventions used throughout the package (written once, here):
+
+- Arrays are indexed ``(z, y, x)``; a single slice is ``(y, x)``.
+- Points are ``(x, y)`` in pixels, with the origin at the *centre* of the top-left pixel.
+- A transform maps **output (reference) coordinates to input (moving) coordinates**: it is the
+  pull map a warp samples with, ``out[y, x] = moving[T(x, y)]``.
+- Affines are 2x3 ``float64`` arrays ``[[a, b, tx], [c, d, ty]]`` acting on ``(x, y, 1)``.
+- Displacement fields are ``(2, H, W)`` ``float32`` in pixels, ``dx`` then ``dy``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._errors import DeepAlignError
+
+try:
+    from . import _core  # noqa: F401
+except ImportError as exc:  # pragma: no cover - only hit in a broken install
+    raise ImportError(
+        "deepalign_fast._core (the compiled C++ core) could not be imported. Install the "
+        "package with `pip install .` (which compiles it), or for development build it in place "
+        "with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
+    ) from exc
+
+try:
+    __version__ = version("deepalign-fast")
+except PackageNotFoundError:  # running from a source tree (PYTHONPATH=python)
+    __version__ = "0.0.0+source"
+
+__all__ = [
+    "DeepAlignError",
+    "__version__",
+]
+
+
+def __dir__() -> list[str]:
+    return __all__

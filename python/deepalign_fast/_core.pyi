@@ -1,0 +1,3 @@
+"""Type stubs for the compiled core (hand-written; keep in sync with csrc/bindings)."""
+
+def hardware_threads() -> int: ...

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepalign_fast import datasets
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def num_threads(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+def _loader(fn, **kw):
+    try:
+        return fn(**kw)
+    except datasets.DataUnavailable as exc:
+        pytest.skip(f"shared EM data unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def lucchi():
+    return _loader(datasets.load_lucchi, labels=True)
+
+
+@pytest.fixture(scope="session")
+def isbi():
+    return _loader(datasets.load_isbi2012, labels=True)
+
+
+@pytest.fixture(scope="session")
+def drosophila():
+    return _loader(datasets.load_drosophila, labels=True)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One entry point for the project's routine jobs on a fresh machine (Python >= 3.10, a C++17
+# compiler, cmake). Each job creates ./.venv on first use and installs what it needs into it.
+#
+#   tools/dev.sh demo    install, then align the bundled real FIB-SEM sample + QC report
+#   tools/dev.sh test    install with test extras (+ CPU torch), build and run ctest, run pytest
+#   tools/dev.sh bench   install, run the benchmark suite (writes benchmarks/out/*.json)
+#
+# Environment: DEEPALIGN_VENV (default .venv), DEEPALIGN_DATA (shared EM stacks, optional).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${DEEPALIGN_VENV:-.venv}"
+JOBS="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+
+venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+  fi
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  python -m pip install -q --upgrade pip
+}
+
+install_project() {  # $1 = extras, e.g. "[test]"
+  python -m pip install -q ".$1"
+}
+
+case "${1:-}" in
+  demo)
+    venv
+    install_project ""
+    deepalign-fast demo --out demo_out
+    ;;
+  test)
+    venv
+    # The CPU build of torch, installed explicitly first: the export/ tests train and export
+    # a tiny network. A bare `torch` requirement would pull several GB of CUDA wheels.
+    python -m pip install -q torch==2.13.0
+    install_project "[test,export]"
+    # C++ unit tests (the core library alone, no Python).
+    cmake -S . -B build/ctest -DBUILD_TESTING=ON -DDEEPALIGN_PYTHON=OFF -DDEEPALIGN_WERROR=ON
+    cmake --build build/ctest -j "$JOBS"
+    ctest --test-dir build/ctest --output-on-failure -j "$JOBS"
+    # Python tests against the installed package.
+    set +e
+    python -m pytest "${@:2}"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then
+      echo "pytest collected no tests (exit 5): nothing to fail on" >&2
+      rc=0
+    fi
+    exit "$rc"
+    ;;
+  bench)
+    venv
+    install_project "[test]"
+    python -m benchmarks.run "${@:2}"
+    ;;
+  *)
+    sed -n '2,12p' "$0"
+    exit 2
+    ;;
+esac
