@@ -7,11 +7,14 @@
 namespace py = pybind11;
 
 namespace deepalign::bindings {
-// Declared here, defined in bind_<area>.cpp.
+void bind_warp(py::module_& m);    // bind_warp.cpp
+void bind_ransac(py::module_& m);  // bind_ransac.cpp
 }  // namespace deepalign::bindings
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "deepalign-fast C++ core (warping, RANSAC, ...). Use the wrappers in deepalign_fast.";
   m.def("hardware_threads", [] { return std::thread::hardware_concurrency(); },
         "Number of hardware threads num_threads=0 resolves to.");
+  deepalign::bindings::bind_warp(m);
+  deepalign::bindings::bind_ransac(m);
 }

@@ -1,0 +1,100 @@
+"""Timing and reporting helpers shared by the benchmark scripts.
+
+Rules (kornia's benchmarks/README.md): warm up, report median and IQR over repeats, pin seeds,
+save run metadata with the JSON, and publish losses too. Absolute times on a shared 2-core
+machine are noisy; the ratios measured in the same run are what the results claim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+@dataclass
+class Timing:
+    median_s: float
+    iqr_s: float
+    repeats: int
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+
+def measure(fn: Callable[[], Any], *, repeats: int = 15, warmup: int = 2,
+            min_time_s: float = 0.0) -> Timing:
+    """Median and inter-quartile range of ``fn()`` wall time over ``repeats`` runs."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start_all) < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return Timing(statistics.median(times), q[2] - q[0], len(times))
+
+
+def metadata() -> dict[str, Any]:
+    import numpy as np
+
+    meta: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        import cv2
+
+        meta["opencv"] = cv2.__version__
+    except ImportError:
+        pass
+    try:
+        import deepalign_fast
+
+        meta["deepalign_fast"] = deepalign_fast.__version__
+    except ImportError:
+        pass
+    return meta
+
+
+def save_json(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    payload = {"meta": metadata(), "rows": rows, **(extra or {})}
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return str(obj)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
