@@ -1,0 +1,531 @@
+"""Stack alignment: estimate one affine per slice, then render every slice once.
+
+Data flow (each stage overlaps the next through small bounded queues, so memory does not grow
+with the stack depth)::
+
+    read slice z -> prepare (features / pyramids) -> match with slices z-1..z-K
+      -> joint robust fit of slice z's transform -> [drift model] -> render -> write
+
+**Joint fit over several neighbours.** Each slice is matched to up to ``neighbours``
+predecessors. Every correspondence ``(p in slice z-k, q in slice z)`` is lifted to the
+output frame through the already-solved transform of slice z-k, so all of them constrain
+slice z's transform ``A_z`` (output -> slice z) directly: one weighted least-squares fit
+over the union, after dropping correspondences that disagree with the consensus. One bad
+pair therefore cannot break the stack, and errors do not simply add up along the chain.
+
+**Drift model.** Chaining pairwise estimates accumulates error as a random walk. Physical
+stage drift in FIB-SEM is a translation, so by default (``drift="linear"``) the low-frequency
+trend of the *linear* part (rotation, scale, shear) of the solved transforms is removed: each
+slice's linear part is divided by its moving average over ``drift_window`` slices. Translation
+drift is kept (it is real). ``drift="all"`` also removes the translation trend (for stacks
+known to have no real drift, e.g. already drift-corrected acquisitions); ``drift="none"``
+keeps the raw chain.
+
+**Failed slices.** A blank slice, or one with too few consistent matches, is flagged, gets a
+transform interpolated from its neighbours, and is reported; later slices match against the
+last good ones, so the run never stops.
+
+See :mod:`deepalign_fast.transforms` for the transform convention.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ._errors import DeepAlignError
+from .blocks import BlockMatcher, Correspondences, compose, invert
+from .estimate import MODELS, estimate_transform, fit_transform
+from .features import FeatureExtractor, SiftExtractor, match_features
+from .transforms import TransformSet
+from .warp import warp_affine
+
+__all__ = ["AlignOptions", "AlignResult", "Aligner"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+FEATURES = ("blocks", "sift", "learned")
+DRIFT = ("linear", "all", "none")
+CANVAS = ("reference", "union")
+
+
+@dataclass(frozen=True)
+class AlignOptions:
+    """Options of :class:`Aligner` (all keyword; the CLI flags have the same names).
+
+    Parameters
+    ----------
+    features : {"blocks", "sift", "learned"}
+        How slices are matched: dense NCC block matching on the raw slices (default),
+        SIFT keypoints on the raw slices, or keypoints on the learned feature maps.
+    model : {"translation", "rigid", "similarity", "affine"}
+        Transform model of each slice.
+    neighbours : int
+        Each slice is matched to this many predecessors (>= 1).
+    threshold : float
+        Inlier threshold in pixels for RANSAC and the joint fit.
+    min_matches : int
+        A slice with fewer consistent correspondences is flagged.
+    drift : {"linear", "all", "none"}
+        Drift model (see module docstring).
+    drift_window : int
+        Moving-average window (slices) of the drift model.
+    canvas : {"reference", "union"}
+        Output frame: that of the first slice (same shape as the input), or the bounding box
+        of all aligned slices.
+    num_threads : int
+        Threads of the C++ kernels (0 = all cores).
+    """
+
+    features: str = "blocks"
+    model: str = "affine"
+    neighbours: int = 3
+    threshold: float = 2.0
+    min_matches: int = 12
+    drift: str = "linear"
+    drift_window: int = 32
+    canvas: str = "reference"
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
+                  ("drift", self.drift, DRIFT), ("canvas", self.canvas, CANVAS)]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {self.threshold}")
+        if self.drift_window < 2:
+            raise ValueError(f"drift_window must be >= 2, got {self.drift_window}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+
+
+@dataclass
+class AlignResult:
+    """What :meth:`Aligner.estimate` found, with a summary of the run."""
+
+    transforms: TransformSet
+    matches: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flagged(self) -> list[int]:
+        return self.transforms.flagged
+
+    def summary(self) -> dict[str, Any]:
+        res = [r for r in self.transforms.residuals if r is not None]
+        n = len(self.transforms)
+        total = self.timings.get("total", 0.0)
+        return {
+            "slices": n,
+            "flagged": list(self.flagged),
+            "residual_median_px": float(np.median(res)) if res else None,
+            "residual_max_px": float(np.max(res)) if res else None,
+            "matches_median": float(np.median(self.matches)) if self.matches else 0.0,
+            "time_s": total,
+            "slices_per_s": n / total if total > 0 else None,
+            "timings_s": dict(self.timings),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Matching back-ends: prepare(slice) -> state, match(state_ref, state_mov) -> (M, corr)
+# --------------------------------------------------------------------------------------------
+
+
+class _KeypointBackend:
+    """Keypoints + descriptors (SIFT or learned) -> mutual-NN matches -> RANSAC."""
+
+    def __init__(self, extractor: FeatureExtractor, opts: AlignOptions) -> None:
+        self.extractor = extractor
+        self.opts = opts
+
+    def prepare(self, image: np.ndarray) -> Any:
+        return self.extractor.extract(image)
+
+    def match(self, ref: Any, mov: Any) -> tuple[np.ndarray | None, Correspondences]:
+        ia, ib = match_features(ref, mov)
+        if ia.size < 3:
+            return None, Correspondences.empty()
+        src = ref.keypoints[ia].astype(np.float64)
+        dst = mov.keypoints[ib].astype(np.float64)
+        fit = estimate_transform(src, dst, self.opts.model, threshold=self.opts.threshold,
+                                 num_threads=self.opts.num_threads)
+        if not fit:
+            return None, Correspondences.empty()
+        keep = fit.inliers
+        return fit.matrix, Correspondences(src[keep], dst[keep], np.ones(int(keep.sum())))
+
+
+class _BlockBackend:
+    def __init__(self, opts: AlignOptions) -> None:
+        self.matcher = BlockMatcher(model=opts.model, threshold=opts.threshold,
+                                    num_threads=opts.num_threads)
+
+    def prepare(self, image: np.ndarray) -> Any:
+        return self.matcher.prepare(image)
+
+    def match(self, ref: Any, mov: Any) -> tuple[np.ndarray | None, Correspondences]:
+        return self.matcher.match(ref, mov)
+
+
+def _make_backend(opts: AlignOptions) -> Any:
+    if opts.features == "blocks":
+        return _BlockBackend(opts)
+    if opts.features == "sift":
+        return _KeypointBackend(SiftExtractor(), opts)
+    from .learned import LearnedExtractor  # onnxruntime is imported only when asked for
+
+    return _KeypointBackend(LearnedExtractor(num_threads=opts.num_threads), opts)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimation
+# --------------------------------------------------------------------------------------------
+
+
+def _is_blank(image: np.ndarray) -> bool:
+    sample = image[:: max(1, image.shape[0] // 128), :: max(1, image.shape[1] // 128)]
+    return bool(np.ptp(sample) == 0)
+
+
+class _Solver:
+    """Causal multi-neighbour solver: one call per slice, bounded state (K prepared slices)."""
+
+    def __init__(self, opts: AlignOptions) -> None:
+        self.opts = opts
+        self.backend = _make_backend(opts)
+        self.history: deque[tuple[int, Any, np.ndarray]] = deque(maxlen=opts.neighbours)
+        self.raw: list[np.ndarray] = []  # raw chained transforms, output -> slice
+        self.flagged: list[int] = []
+        self.residuals: list[float | None] = []
+        self.matches: list[int] = []
+        self.t_match = 0.0
+
+    def add(self, z: int, state: Any | None) -> np.ndarray:
+        """Solve slice z (``state`` None = blank slice); returns its raw transform."""
+        ident = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        if state is None:
+            return self._flag(z, self.raw[-1] if self.raw else ident)
+        if not self.history:  # first usable slice defines the frame
+            a_z = ident if not self.raw else self.raw[-1]
+            self._accept(z, state, a_z, None, 0)
+            return a_z
+        t0 = time.perf_counter()
+        lifted_src, lifted_dst, weights, candidates = [], [], [], []
+        for k, (zk, state_k, a_k) in enumerate(reversed(self.history), start=1):
+            m, corr = self.backend.match(state_k, state)
+            if m is None or len(corr) < 3:
+                continue
+            # x = A_k^-1(p) is the output-frame position of correspondence (p, q).
+            a_k_inv = invert(a_k)
+            lifted_src.append(corr.src @ a_k_inv[:, :2].T + a_k_inv[:, 2])
+            lifted_dst.append(corr.dst)
+            weights.append(corr.weights / k)
+            candidates.append((len(corr), compose(m, a_k)))
+        self.t_match += time.perf_counter() - t0
+        if not candidates:
+            return self._flag(z, self.raw[-1])
+        x = np.concatenate(lifted_src)
+        q = np.concatenate(lifted_dst)
+        w = np.concatenate(weights)
+        # Consensus: the candidate transform that most correspondences agree with.
+        best = max(candidates, key=lambda c: int(np.sum(self._res(c[1], x, q) < self.opts.threshold)))[1]
+        keep = self._res(best, x, q) < 2.0 * self.opts.threshold
+        a_z = None
+        for _ in range(3):  # refit, re-select inliers
+            if keep.sum() < max(3, self.opts.min_matches):
+                break
+            a_z = fit_transform(x[keep], q[keep], self.opts.model, weights=w[keep])
+            if a_z is None:
+                break
+            keep = self._res(a_z, x, q) < self.opts.threshold
+        if a_z is None or keep.sum() < self.opts.min_matches:
+            return self._flag(z, self.raw[-1])
+        rms = float(np.sqrt(np.mean(self._res(a_z, x[keep], q[keep]) ** 2)))
+        self._accept(z, state, a_z, rms, int(keep.sum()))
+        return a_z
+
+    @staticmethod
+    def _res(a: np.ndarray, x: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(x @ a[:, :2].T + a[:, 2] - q, axis=1)
+
+    def _accept(self, z: int, state: Any, a_z: np.ndarray, rms: float | None, n: int) -> None:
+        self.history.append((z, state, a_z))
+        self.raw.append(a_z)
+        self.residuals.append(rms)
+        self.matches.append(n)
+
+    def _flag(self, z: int, a_z: np.ndarray) -> np.ndarray:
+        self.flagged.append(z)
+        self.raw.append(a_z)
+        self.residuals.append(None)
+        self.matches.append(0)
+        return a_z
+
+
+def _interpolate_flagged(affines: np.ndarray, flagged: list[int]) -> np.ndarray:
+    """Linear interpolation of the parameters of flagged slices between good neighbours."""
+    n = len(affines)
+    good = np.setdiff1d(np.arange(n), flagged)
+    if good.size == 0 or len(flagged) == 0:
+        return affines
+    out = affines.copy()
+    flat = affines.reshape(n, 6)
+    for j in range(6):
+        out.reshape(n, 6)[flagged, j] = np.interp(flagged, good, flat[good, j])
+    return out
+
+
+def _moving_average(values: np.ndarray, window: int, upto: int | None = None) -> np.ndarray:
+    """Centred moving average over axis 0 (truncated at the ends); causal if ``upto`` set."""
+    n = len(values)
+    half = window // 2
+    out = np.empty_like(values)
+    for z in range(n):
+        lo, hi = max(0, z - half), min(n, z + half + 1)
+        if upto is not None:
+            lo, hi = max(0, z - window + 1), z + 1
+        out[z] = values[lo:hi].mean(axis=0)
+    return out
+
+
+def remove_drift(affines: np.ndarray, shape: tuple[int, int], mode: str, window: int,
+                 *, causal: bool = False) -> np.ndarray:
+    """Apply the drift model (see module docstring) to ``(n, 2, 3)`` output->input affines.
+
+    The correction acts about the frame centre ``c``: the linear part ``L_z`` becomes
+    ``L_z @ inv(mean L)`` while ``A_z(c)`` is kept (``mode="linear"``), and additionally the
+    trend of ``A_z(c)`` is replaced by its overall mean (``mode="all"``).
+    """
+    if mode == "none" or len(affines) < 2:
+        return affines
+    c = np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0])
+    lin = affines[:, :, :2]
+    centre = affines[:, :, :2] @ c + affines[:, :, 2]
+    lin_trend = _moving_average(lin, window, upto=0 if causal else None)
+    out = np.empty_like(affines)
+    for z in range(len(affines)):
+        new_lin = lin[z] @ np.linalg.inv(lin_trend[z])
+        out[z, :, :2] = new_lin
+        out[z, :, 2] = centre[z] - new_lin @ c
+    if mode == "all":
+        trend = _moving_average(centre, window, upto=0 if causal else None)
+        ref = trend[0] if causal else centre.mean(axis=0)
+        out[:, :, 2] -= trend - ref
+    return out
+
+
+def _canvas(affines: np.ndarray, in_shape: tuple[int, int], mode: str
+            ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Re-gauge so slice 0 defines the frame; for "union", grow the canvas to fit all slices."""
+    a0_inv = invert(affines[0])
+    gauged = np.stack([compose(a, a0_inv) for a in affines])
+    h, w = in_shape
+    if mode == "reference":
+        return gauged, (h, w)
+    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], np.float64)
+    pts = []
+    for a in gauged:
+        inv = invert(a)
+        pts.append(corners @ inv[:, :2].T + inv[:, 2])
+    allp = np.concatenate(pts)
+    lo = np.floor(allp.min(axis=0))
+    hi = np.ceil(allp.max(axis=0))
+    shift = np.array([[1.0, 0.0, lo[0]], [0.0, 1.0, lo[1]]])
+    return np.stack([compose(a, shift) for a in gauged]), (int(hi[1] - lo[1] + 1),
+                                                           int(hi[0] - lo[0] + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage overlap
+# --------------------------------------------------------------------------------------------
+
+
+def _prefetch(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor,
+              depth: int) -> Iterator[R]:
+    """``map(fn, items)`` computed up to ``depth`` items ahead on ``pool``, in order."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _Progress:
+    """A one-line progress indicator on stderr, silent when stderr is not a terminal."""
+
+    def __init__(self, total: int | None, label: str, enabled: bool | None = None) -> None:
+        self.total, self.label = total, label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.t0 = time.perf_counter()
+        self.done = 0
+
+    def step(self) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        rate = self.done / max(1e-9, time.perf_counter() - self.t0)
+        tot = f"/{self.total}" if self.total else ""
+        sys.stderr.write(f"\r{self.label}: {self.done}{tot} slices ({rate:.1f}/s)")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+class Aligner:
+    """Align volume-EM stacks; see :class:`AlignOptions` for the options.
+
+    Examples
+    --------
+    >>> aligner = Aligner(model="rigid")                       # doctest: +SKIP
+    >>> result = aligner.align_stack("stack.tif", "aligned.tif")  # doctest: +SKIP
+    >>> for aligned in aligner.stream(microscope_slices()):      # doctest: +SKIP
+    ...     save(aligned)
+    """
+
+    def __init__(self, options: AlignOptions | None = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("pass either an AlignOptions or keyword options, not both")
+        self.options = options or AlignOptions(**kwargs)
+
+    # -- estimation -----------------------------------------------------------------------
+    def estimate(self, stack: Any, *, progress: bool | None = None) -> AlignResult:
+        """Estimate the per-slice transforms of ``stack`` (path, array or stack reader)."""
+        from .io import as_reader
+
+        opts = self.options
+        t_start = time.perf_counter()
+        with as_reader(stack) as reader:
+            n, h, w = reader.shape
+            if n < 1:
+                raise DeepAlignError(f"{reader.path}: the stack has no slices")
+            solver = _Solver(opts)
+            bar = _Progress(n, "estimate", progress)
+
+            def load(z: int) -> tuple[int, Any]:
+                img = reader.read(z)
+                return z, (None if _is_blank(img) else solver.backend.prepare(img))
+
+            t_prep0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for z, state in _prefetch(load, range(n), pool, depth=2):
+                    solver.add(z, state)
+                    bar.step()
+            bar.close()
+            t_est = time.perf_counter() - t_prep0
+        affines = self._finish(np.stack(solver.raw), solver.flagged, (h, w), causal=False)
+        affines, out_shape = _canvas(affines, (h, w), opts.canvas)
+        ts = TransformSet(affines, (n, h, w), out_shape, list(solver.flagged),
+                          list(solver.residuals), asdict(opts))
+        timings = {"estimate": t_est, "match": solver.t_match,
+                   "total": time.perf_counter() - t_start}
+        return AlignResult(ts, list(solver.matches), timings)
+
+    def _finish(self, raw: np.ndarray, flagged: list[int], shape: tuple[int, int],
+                *, causal: bool) -> np.ndarray:
+        affines = _interpolate_flagged(raw, flagged)
+        return remove_drift(affines, shape, self.options.drift, self.options.drift_window,
+                            causal=causal)
+
+    # -- rendering ------------------------------------------------------------------------
+    def render(self, stack: Any, transforms: TransformSet, output: str | os.PathLike[str], *,
+               interpolation: str = "linear", progress: bool | None = None,
+               writer_options: dict[str, Any] | None = None) -> Path:
+        """Warp every slice of ``stack`` once with ``transforms`` and write ``output``."""
+        from .io import as_reader, check_distinct, open_writer
+
+        with as_reader(stack) as reader:
+            if len(reader) != len(transforms):
+                raise DeepAlignError(
+                    f"{reader.path}: {len(reader)} slices but the transforms have "
+                    f"{len(transforms)}")
+            if reader.path is not None:
+                check_distinct(reader.path, output)
+            h, w = transforms.output_shape
+            bar = _Progress(len(reader), "render", progress)
+            threads = self.options.num_threads
+
+            def warp(z: int) -> np.ndarray:
+                return warp_affine(reader.read(z), transforms.affines[z], (h, w),
+                                   interpolation=interpolation, num_threads=threads)
+
+            with open_writer(output, (len(reader), h, w), reader.dtype,
+                             **(writer_options or {})) as writer, \
+                    ThreadPoolExecutor(max_workers=2) as pool:
+                for z, aligned in enumerate(_prefetch(warp, range(len(reader)), pool, depth=2)):
+                    writer.write(z, aligned)
+                    bar.step()
+            bar.close()
+        return Path(output)
+
+    def align_stack(self, stack: Any, output: str | os.PathLike[str], *,
+                    transforms_path: str | os.PathLike[str] | None = None,
+                    progress: bool | None = None) -> AlignResult:
+        """Estimate, then render ``stack`` into ``output`` (TIFF or OME-Zarr by suffix)."""
+        t0 = time.perf_counter()
+        result = self.estimate(stack, progress=progress)
+        if transforms_path is not None:
+            result.transforms.save(transforms_path)
+        t1 = time.perf_counter()
+        self.render(stack, result.transforms, output, progress=progress)
+        result.timings["render"] = time.perf_counter() - t1
+        result.timings["total"] = time.perf_counter() - t0
+        return result
+
+    # -- streaming ------------------------------------------------------------------------
+    def stream(self, slices: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Align slices as they arrive; yields each aligned slice as soon as it is solved.
+
+        Memory stays flat: only the last ``neighbours`` prepared slices and the transforms are
+        kept. The drift model runs causally (trend over the past ``drift_window`` slices), and
+        the frame is that of the first slice (``canvas="reference"``), so results can differ
+        slightly from :meth:`align_stack`, which sees the whole stack. Blank slices are
+        flagged (see :attr:`flagged`) and rendered with their predecessor's transform.
+        """
+        opts = self.options
+        solver = _Solver(opts)
+        self.flagged = solver.flagged
+        self.transforms: list[np.ndarray] = []
+        window: deque[np.ndarray] = deque(maxlen=opts.drift_window)
+        a0_inv: np.ndarray | None = None
+        shape: tuple[int, int] | None = None
+        dtype = None
+        for z, image in enumerate(slices):
+            image = np.asarray(image)
+            if shape is None:
+                shape, dtype = image.shape[:2], image.dtype
+            elif image.shape != shape or image.dtype != dtype:
+                raise DeepAlignError(f"stream slice {z}: shape {image.shape} {image.dtype} "
+                                     f"differs from the first slice's {shape} {dtype}")
+            raw = solver.add(z, None if _is_blank(image) else solver.backend.prepare(image))
+            window.append(raw)
+            hist = np.stack(window)
+            a = remove_drift(hist, shape, opts.drift, opts.drift_window, causal=True)[-1]
+            if a0_inv is None:
+                a0_inv = invert(a)
+            a = compose(a, a0_inv)
+            self.transforms.append(a)
+            yield warp_affine(image, a, shape, num_threads=opts.num_threads)
