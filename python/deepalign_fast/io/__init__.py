@@ -1,0 +1,62 @@
+"""Stack input and output: lazy readers and streaming, atomic writers.
+
+Readers (:func:`open_stack`) take
+
+- a multi-page TIFF, BigTIFF or ImageJ hyperstack: uncompressed contiguous data is
+  memory-mapped read-only, anything else is decoded one page at a time;
+- a folder of 2-D ``.tif``/``.tiff``/``.png`` slices, in natural order (``2.png`` before
+  ``10.png``); every file's header is checked at open, without decoding pixels;
+- a Zarr v2/v3 array or an OME-Zarr group (multiscales level 0, or ``key=``).
+
+Every reader has ``shape`` ``(z, y, x)``, ``dtype``, ``len``, ``read(i)`` (a 2-D C-contiguous
+slice), iteration, ``describe(i)`` for messages, ``close()`` and context-manager use. Input files
+are only ever opened read-only.
+
+Pixel types: uint8, uint16 and float32 are read as stored. bool (1-bit) becomes uint8 0/255;
+int8, int16, float16 and float64 become float32. Other types are refused with a suggested
+conversion. Greyscale saved as RGB (three equal channels) is read as grey; real colour or an
+alpha channel is refused. ``read(i)`` raises :class:`~deepalign_fast.DeepAlignError` naming the
+file and slice for truncated or corrupt data and for NaN/inf in float data.
+
+Writers (:func:`open_writer`) produce a TIFF (ImageJ hyperstack when uncompressed and < 3.9 GiB,
+BigTIFF beyond) or an OME-Zarr (NGFF 0.4) store, slice by slice. The output appears at its final
+name only when complete: TIFFs are written to a hidden temporary file and renamed; Zarr stores to
+``<name>.partial``, which records finished slices and can be resumed after a crash.
+"""
+
+from __future__ import annotations
+
+from ._common import SUPPORTED_DTYPES, StackReader
+from ._readers import (
+    FolderStackReader,
+    TiffStackReader,
+    ZarrStackReader,
+    open_stack,
+    read_image,
+)
+from ._writers import (
+    StackWriter,
+    TiffStackWriter,
+    ZarrStackWriter,
+    check_distinct,
+    open_writer,
+)
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "FolderStackReader",
+    "StackReader",
+    "StackWriter",
+    "TiffStackReader",
+    "TiffStackWriter",
+    "ZarrStackReader",
+    "ZarrStackWriter",
+    "check_distinct",
+    "open_stack",
+    "open_writer",
+    "read_image",
+]
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,595 @@
+"""Streaming, atomic stack writers: TIFF (ImageJ / BigTIFF) and OME-Zarr (resumable)."""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+import os
+import queue
+import shutil
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from .._errors import DeepAlignError
+from ._common import SUPPORTED_DTYPES
+
+_BIGTIFF_LIMIT = int(3.9 * 2**30)  # classic TIFF offsets are 32-bit; keep a margin for tags
+PROGRESS_FILE = "deepalign_progress.json"
+
+
+def _check_layout(path: Path, shape: Any, dtype: Any) -> tuple[tuple[int, int, int], np.dtype]:
+    try:
+        shp = tuple(int(s) for s in shape)
+    except TypeError:
+        raise DeepAlignError(f"{path}: shape must be (z, y, x), got {shape!r}") from None
+    if len(shp) != 3 or min(shp) < 1:
+        raise DeepAlignError(f"{path}: shape must be (z, y, x) with positive sizes, got {shape!r}")
+    dt = np.dtype(dtype)
+    if dt not in SUPPORTED_DTYPES:
+        raise DeepAlignError(
+            f"{path}: cannot write dtype {dt}; use uint8, uint16 or float32 (cast the slices "
+            "with .astype first)."
+        )
+    return shp, dt  # type: ignore[return-value]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class StackWriter(abc.ABC):
+    """A stack being written slice by slice; the result appears at ``path`` only when complete.
+
+    Use as a context manager: a normal exit closes (and publishes) the stack, an exception
+    inside the block discards the incomplete output (see each writer for what is kept).
+    """
+
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+
+    def _check_slice(self, i: int, data: np.ndarray) -> np.ndarray:
+        arr = np.asarray(data)
+        if arr.shape != self.shape[1:]:
+            raise DeepAlignError(
+                f"{self.path}, slice {i}: slice has shape {arr.shape}, expected "
+                f"{self.shape[1:]} (y, x)."
+            )
+        if arr.dtype != self.dtype:
+            raise DeepAlignError(
+                f"{self.path}, slice {i}: slice has dtype {arr.dtype}, but the stack is "
+                f"{self.dtype}; cast it first (slice.astype(np.{self.dtype.name}))."
+            )
+        return arr
+
+    @abc.abstractmethod
+    def write(self, i: int, data: np.ndarray) -> None:
+        """Write 2-D slice ``i`` (shape ``(y, x)``, the writer's dtype exactly)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish the stack and move it to ``path``; raises if slices are missing."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard everything written; nothing appears at ``path``. Idempotent."""
+
+    def _exit_on_error(self) -> None:
+        self.abort()
+
+    def __enter__(self) -> StackWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._exit_on_error()
+
+
+class _Aborted(Exception):
+    pass
+
+
+_ABORT = object()
+
+
+class TiffStackWriter(StackWriter):
+    """Write a (z, y, x) stack to a TIFF file page by page, atomically.
+
+    Pages go to a hidden temporary file in the destination folder (``.<name>.partial-<pid>``);
+    ``close`` flushes it to disk and renames it to ``path``, so a reader never sees a half-written
+    stack. On an exception inside a ``with`` block, or on ``abort()``, the temporary file is
+    deleted. A process that is killed outright can leave the temporary file behind.
+
+    Output is an ImageJ hyperstack (axes ZYX; opens in Fiji/ImageJ) when uncompressed and below
+    the BigTIFF limit, else a BigTIFF / compressed TIFF with tifffile "shaped" metadata. Both read
+    back with :func:`open_stack` (uncompressed files memory-mapped).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination ``.tif``/``.tiff`` file. Its folder must exist.
+    shape : tuple of int
+        ``(z, y, x)``.
+    dtype : numpy dtype
+        uint8, uint16 or float32.
+    bigtiff : bool, optional
+        Default: BigTIFF when the uncompressed data exceeds about 3.9 GiB.
+    compression : str, optional
+        A tifffile compression name ("zlib", "zstd", "lzw", ...); default uncompressed.
+    metadata : dict, optional
+        Extra metadata: ImageJ keys (``spacing``, ``unit``, ...) for ImageJ output, otherwise
+        JSON-serialisable items stored in the shaped description.
+    overwrite : bool
+        Replace an existing file at ``path`` (only once the new stack is complete).
+
+    Notes
+    -----
+    Encoding and writing run on one background thread fed through a two-slice queue, so
+    compression overlaps the caller's work; ``write`` copies the slice, so the caller may reuse
+    its buffer. Slices must be written in order 0, 1, 2, ...
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        shape: tuple[int, int, int],
+        dtype: Any,
+        *,
+        bigtiff: bool | None = None,
+        compression: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        self.shape, self.dtype = _check_layout(self.path, shape, dtype)
+        if not self.path.parent.is_dir():
+            raise DeepAlignError(f"{self.path}: output folder {self.path.parent} does not exist.")
+        if self.path.exists() and not overwrite:
+            raise DeepAlignError(
+                f"{self.path}: output file already exists; pass overwrite=True or choose "
+                "another name."
+            )
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        self.bigtiff = nbytes > _BIGTIFF_LIMIT if bigtiff is None else bool(bigtiff)
+        self.imagej = not self.bigtiff and compression is None
+        self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        md: dict[str, Any] = {"axes": "ZYX", **(metadata or {})}
+        self._next = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        try:
+            self._tw = tifffile.TiffWriter(self._tmp, bigtiff=self.bigtiff, imagej=self.imagej)
+        except Exception as exc:
+            raise DeepAlignError(f"{self.path}: cannot create the output file: {exc}") from exc
+        kwargs = {
+            "shape": self.shape,
+            "dtype": self.dtype,
+            "photometric": "minisblack",
+            "compression": compression,
+            "metadata": md,
+        }
+        self._thread = threading.Thread(
+            target=self._run, args=(kwargs,), name="deepalign-tiff-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _pages(self) -> Any:
+        for _ in range(self.shape[0]):
+            item = self._queue.get()
+            if item is _ABORT:
+                raise _Aborted
+            yield item
+
+    def _run(self, kwargs: dict[str, Any]) -> None:
+        try:
+            self._tw.write(data=self._pages(), **kwargs)
+        except BaseException as exc:  # handed to the caller's thread by write/close
+            self._error = exc
+        finally:
+            try:
+                self._tw.close()
+            except BaseException as exc:
+                self._error = self._error or exc
+
+    def _raise_worker_error(self) -> None:
+        exc = self._error
+        if exc is not None and not isinstance(exc, _Aborted):
+            self.abort()
+            raise DeepAlignError(
+                f"{self.path}: writing the TIFF failed ({type(exc).__name__}: {exc})."
+            ) from exc
+
+    def _put(self, item: Any) -> bool:
+        """Queue an item for the writer thread; False if the thread has ended."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def write(self, i: int, data: np.ndarray) -> None:
+        """Append slice ``i``; slices must come in order 0, 1, 2, ...
+
+        Raises
+        ------
+        DeepAlignError
+            Out-of-order index, wrong shape or dtype, writer closed, or a write error.
+        """
+        if self._done:
+            raise DeepAlignError(f"{self.path}: writer is closed.")
+        self._raise_worker_error()
+        if int(i) != self._next:
+            raise DeepAlignError(
+                f"{self.path}, slice {i}: TIFF slices must be written in order; expected "
+                f"slice {self._next}."
+            )
+        arr = self._check_slice(i, data)
+        if not self._put(np.array(arr, order="C", copy=True)):
+            self._raise_worker_error()
+            raise DeepAlignError(f"{self.path}: the TIFF writer thread stopped unexpectedly.")
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file, flush it to disk and rename it to ``path``.
+
+        Raises
+        ------
+        DeepAlignError
+            Fewer slices than ``shape[0]`` were written (the output is discarded), or writing
+            failed.
+        """
+        if self._done:
+            return
+        if self._next != self.shape[0]:
+            n = self._next
+            self.abort()
+            raise DeepAlignError(
+                f"{self.path}: only {n} of {self.shape[0]} slices were written (next missing: "
+                f"slice {n}); the incomplete output was discarded."
+            )
+        self._thread.join()
+        self._raise_worker_error()
+        try:
+            with open(self._tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise DeepAlignError(f"{self.path}: cannot finish the output file: {exc}") from exc
+        _fsync_dir(self.path.parent)
+        self._done = True
+
+    def abort(self) -> None:
+        """Stop writing and delete the temporary file; nothing appears at ``path``."""
+        if self._done:
+            return
+        self._done = True
+        self._put(_ABORT)
+        self._thread.join()
+        try:
+            self._tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _ranges(done: set[int]) -> list[list[int]]:
+    """Compress slice indices to half-open ``[start, stop)`` runs for the progress file."""
+    runs: list[list[int]] = []
+    for i in sorted(done):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+class ZarrStackWriter(StackWriter):
+    """Write a (z, y, x) stack to an OME-Zarr (or plain Zarr) store, resumably.
+
+    Data goes to ``<path>.partial``; ``close`` renames it to ``path`` once every slice is in.
+    Chunks hold one slice in z, so slices may be written in any order and from several threads.
+    After each slice, the finished slice numbers are recorded in
+    ``<path>.partial/deepalign_progress.json`` (replaced atomically). If the run stops (an
+    exception in the ``with`` block, a crash, a kill), the ``.partial`` store stays: open it
+    again with ``resume=True`` and skip the slices in :meth:`completed`. ``abort()`` deletes it.
+    (Slices are not fsynced one by one: resume survives a process crash, not a power cut.)
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination ``.zarr`` / ``.ome.zarr`` directory.
+    shape : tuple of int
+        ``(z, y, x)``.
+    dtype : numpy dtype
+        uint8, uint16 or float32.
+    chunks : tuple of int
+        ``(1, cy, cx)``; the z chunk must be 1. Clipped to the shape.
+    ome : bool
+        True: OME-Zarr (NGFF 0.4, Zarr v2 format) group with one multiscales level ``"0"`` and
+        axes z/y/x. False: a bare Zarr v3 array with dimension names z/y/x.
+    resume : bool
+        Continue an existing ``<path>.partial`` store (its shape, dtype and chunks must match).
+    overwrite : bool
+        Replace an existing store at ``path`` (at ``close``), and discard a stale ``.partial``
+        store instead of refusing when ``resume`` is False.
+    voxel_size : tuple of float, optional
+        ``(z, y, x)`` voxel size for the OME scale transform (default 1, 1, 1).
+    unit : str, optional
+        OME space unit for the axes, e.g. ``"nanometer"``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        shape: tuple[int, int, int],
+        dtype: Any,
+        *,
+        chunks: tuple[int, int, int] = (1, 1024, 1024),
+        ome: bool = True,
+        resume: bool = False,
+        overwrite: bool = False,
+        voxel_size: tuple[float, float, float] | None = None,
+        unit: str | None = None,
+    ) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.shape, self.dtype = _check_layout(self.path, shape, dtype)
+        ch = tuple(int(c) for c in chunks)
+        if len(ch) != 3 or ch[0] != 1 or min(ch) < 1:
+            raise DeepAlignError(
+                f"{self.path}: chunks must be (1, cy, cx) (one slice per z chunk), got {chunks!r}"
+            )
+        self.chunks = (1, min(ch[1], self.shape[1]), min(ch[2], self.shape[2]))
+        self.ome = bool(ome)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self._overwrite = overwrite
+        self._lock = threading.Lock()
+        self._done = False
+        self._completed: set[int] = set()
+        if not self.path.parent.is_dir():
+            raise DeepAlignError(f"{self.path}: output folder {self.path.parent} does not exist.")
+        if self.path.exists() and not overwrite:
+            raise DeepAlignError(
+                f"{self.path}: output already exists; pass overwrite=True or choose another name."
+            )
+        if self.partial.exists():
+            if resume:
+                self._arr = self._reopen(zarr)
+                return
+            if not overwrite:
+                raise DeepAlignError(
+                    f"{self.partial}: an unfinished output from an earlier run is here; pass "
+                    "resume=True to continue it, overwrite=True to discard it, or delete it."
+                )
+            shutil.rmtree(self.partial)
+        self._arr = self._create(zarr, voxel_size, unit)
+        self._save_progress()
+
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "dtype": self.dtype.name,
+            "chunks": list(self.chunks),
+            "ome": self.ome,
+        }
+
+    def _create(self, zarr: Any, voxel_size: Any, unit: str | None) -> Any:
+        if not self.ome:
+            return zarr.create_array(
+                str(self.partial),
+                shape=self.shape,
+                chunks=self.chunks,
+                dtype=self.dtype,
+                fill_value=0,
+                zarr_format=3,
+                dimension_names=("z", "y", "x"),
+            )
+        scale = [1.0, 1.0, 1.0] if voxel_size is None else [float(v) for v in voxel_size]
+        if len(scale) != 3:
+            raise DeepAlignError(f"{self.path}: voxel_size must be (z, y, x), got {voxel_size!r}")
+        axes: list[dict[str, str]] = []
+        for name in "zyx":
+            axis = {"name": name, "type": "space"}
+            if unit:
+                axis["unit"] = unit
+            axes.append(axis)
+        group = zarr.open_group(str(self.partial), mode="w-", zarr_format=2)
+        arr = group.create_array(
+            "0",
+            shape=self.shape,
+            chunks=self.chunks,
+            dtype=self.dtype,
+            fill_value=0,
+            chunk_key_encoding={"name": "v2", "separator": "/"},  # NGFF 0.4 nested chunks
+        )
+        group.attrs["multiscales"] = [
+            {
+                "version": "0.4",
+                "name": self.path.name.removesuffix(".zarr").removesuffix(".ome"),
+                "axes": axes,
+                "datasets": [
+                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                ],
+            }
+        ]
+        return arr
+
+    def _reopen(self, zarr: Any) -> Any:
+        progress = self.partial / PROGRESS_FILE
+        try:
+            info = json.loads(progress.read_text())
+        except (OSError, ValueError) as exc:
+            raise DeepAlignError(
+                f"{self.partial}: cannot resume: progress record {PROGRESS_FILE} is missing or "
+                f"unreadable ({exc}); delete the folder or pass overwrite=True to start again."
+            ) from exc
+        layout = {k: info.get(k) for k in ("shape", "dtype", "chunks", "ome")}
+        if layout != self._layout():
+            raise DeepAlignError(
+                f"{self.partial}: cannot resume: the unfinished store has layout {layout}, but "
+                f"this run asks for {self._layout()}; delete it or pass overwrite=True."
+            )
+        self._completed = {i for a, b in info.get("completed", []) for i in range(a, b)}
+        node = zarr.open_group(str(self.partial), mode="r+") if self.ome else None
+        return node["0"] if node is not None else zarr.open_array(str(self.partial), mode="r+")
+
+    def _save_progress(self) -> None:
+        info = {**self._layout(), "completed": _ranges(self._completed)}
+        tmp = self.partial / f".{PROGRESS_FILE}.tmp-{os.getpid()}-{threading.get_ident()}"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.partial / PROGRESS_FILE)
+
+    def completed(self) -> set[int]:
+        """Slice indices already written (including those from an earlier, resumed run)."""
+        with self._lock:
+            return set(self._completed)
+
+    def write(self, i: int, data: np.ndarray) -> None:
+        """Write slice ``i`` (any order; rewriting a slice replaces it). Thread-safe.
+
+        Raises
+        ------
+        DeepAlignError
+            Index out of range, wrong shape or dtype, or the writer is closed.
+        """
+        if self._done:
+            raise DeepAlignError(f"{self.path}: writer is closed.")
+        j = int(i)
+        if not 0 <= j < self.shape[0]:
+            raise DeepAlignError(
+                f"{self.path}, slice {i}: index out of range for {self.shape[0]} slices."
+            )
+        arr = self._check_slice(j, data)
+        self._arr[j] = arr
+        with self._lock:
+            self._completed.add(j)
+            self._save_progress()
+
+    def close(self) -> None:
+        """Move the finished store to ``path``.
+
+        Raises
+        ------
+        DeepAlignError
+            Slices are missing; the ``.partial`` store is kept so the run can resume.
+        """
+        if self._done:
+            return
+        missing = self.shape[0] - len(self._completed)
+        if missing:
+            first = min(set(range(self.shape[0])) - self._completed)
+            self._done = True
+            raise DeepAlignError(
+                f"{self.path}: {missing} of {self.shape[0]} slices were never written (first: "
+                f"slice {first}); the unfinished store is kept at {self.partial}; rerun with "
+                "resume=True to complete it."
+            )
+        (self.partial / PROGRESS_FILE).unlink()
+        if self.path.exists():  # only reached with overwrite=True
+            if self.path.is_dir():
+                shutil.rmtree(self.path)
+            else:
+                self.path.unlink()
+        os.replace(self.partial, self.path)
+        _fsync_dir(self.path.parent)
+        self._done = True
+
+    def _exit_on_error(self) -> None:
+        # Keep the .partial store: it is the resume point.
+        self._done = True
+
+    def abort(self) -> None:
+        """Delete the ``.partial`` store; nothing appears at ``path``."""
+        self._done = True
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _is_zarr_path(p: Path) -> bool:
+    return p.suffix.lower() == ".zarr"
+
+
+def open_writer(
+    path: str | os.PathLike[str], shape: tuple[int, int, int], dtype: Any, **kwargs: Any
+) -> StackWriter:
+    """Create the writer matching ``path``'s suffix.
+
+    ``.tif``/``.tiff``/``.btf`` give a :class:`TiffStackWriter`, ``.zarr``/``.ome.zarr`` a
+    :class:`ZarrStackWriter`; ``kwargs`` go to that class.
+
+    Raises
+    ------
+    DeepAlignError
+        Unknown suffix, or invalid shape/dtype/options.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in (".tif", ".tiff", ".btf"):
+        return TiffStackWriter(p, shape, dtype, **kwargs)
+    if _is_zarr_path(p):
+        return ZarrStackWriter(p, shape, dtype, **kwargs)
+    raise DeepAlignError(
+        f"{p}: cannot tell the output format from suffix {suffix!r}; use .tif/.tiff (TIFF) or "
+        ".zarr/.ome.zarr (OME-Zarr)."
+    )
+
+
+def check_distinct(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
+    """Refuse an output that would overwrite or sit inside the input.
+
+    Symlinks are resolved and hard links detected (``os.path.samefile``). An output inside an
+    input folder/store (or an output folder containing the input) is refused too, since
+    replacing it would change the input.
+
+    Raises
+    ------
+    DeepAlignError
+        The two paths name the same file, or one contains the other.
+    """
+    inp = Path(input_path).resolve()
+    out = Path(output_path).resolve()
+    same = inp == out
+    if not same and inp.exists() and out.exists():
+        same = os.path.samefile(inp, out)
+    if same:
+        raise DeepAlignError(
+            f"{output_path}: output is the input ({input_path}); the aligned stack must go to a "
+            "different file (e.g. add '_aligned' to the name)."
+        )
+    if out.is_relative_to(inp) and inp.is_dir():
+        raise DeepAlignError(
+            f"{output_path}: output lies inside the input folder {input_path}; write it "
+            "elsewhere so the input stays unchanged."
+        )
+    if inp.is_relative_to(out):
+        raise DeepAlignError(
+            f"{output_path}: the input {input_path} lies inside this output path; replacing the "
+            "output would delete the input. Write it elsewhere."
+        )
