@@ -26,6 +26,7 @@ name only when complete: TIFFs are written to a hidden temporary file and rename
 
 from __future__ import annotations
 
+from ._array import ArrayStackReader, as_reader, reader_path
 from ._common import SUPPORTED_DTYPES, StackReader
 from ._readers import (
     FolderStackReader,
@@ -44,6 +45,9 @@ from ._writers import (
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "ArrayStackReader",
+    "as_reader",
+    "reader_path",
     "FolderStackReader",
     "StackReader",
     "StackWriter",
