@@ -1,0 +1,480 @@
+"""Synthetic misalignment of an already aligned stack, with stored ground truth.
+
+An aligned EM stack (lucchi, isbi2012, drosophila) is turned into a misaligned one by warping
+each slice with a known affine and cropping, so an aligner's output can be scored exactly.
+
+Conventions (see the package docstring): points are ``(x, y)`` pixels, origin at the centre of
+the top-left pixel; a transform is a pull map. Here ``truth.transforms[z]`` maps pixel
+coordinates of MISALIGNED slice ``z`` to coordinates of the CLEAN (original, aligned) slice
+``z``, i.e. ``misaligned[z][y, x] = clean[z][truth.transforms[z](x, y)]``.
+
+The misaligned slices are a crop of the warped clean slice, ``margin`` pixels smaller on every
+side, chosen so that every output pixel samples inside the clean slice: like a real field of
+view, there are no fill borders that an aligner could lock on to. The crop offset is part of
+the stored transforms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._errors import DeepAlignError
+
+__all__ = [
+    "PROFILES",
+    "GroundTruth",
+    "add_artifacts",
+    "compose",
+    "invert",
+    "misalign_labels",
+    "misalign_stack",
+    "random_transforms",
+]
+
+#: Default parameters of each misalignment profile (all overridable by keyword).
+PROFILES: dict[str, dict[str, float]] = {
+    # serial sections: every section placed independently on its grid
+    "sstem": {"rotation_deg": 3.0, "shift": 20.0, "scale": 0.02, "shear": 0.01},
+    # FIB-SEM: small per-slice jitter plus a slow stage drift over the whole stack
+    "fibsem": {"rotation_deg": 0.2, "shift": 3.0, "drift": 30.0, "scale": 0.0, "shear": 0.0},
+    # translation jitter only
+    "jitter": {"shift": 5.0},
+}
+
+_SAFETY_PX = 1  # extra margin so bilinear sampling never touches the border handling
+
+
+# --------------------------------------------------------------------------------------------
+# small affine helpers (2x3 float64 <-> 3x3)
+# --------------------------------------------------------------------------------------------
+def _as3(t: NDArray[np.float64]) -> NDArray[np.float64]:
+    out = np.zeros(t.shape[:-2] + (3, 3))
+    out[..., :2, :] = t
+    out[..., 2, 2] = 1.0
+    return out
+
+
+def compose(first_applied_last: ArrayLike, *rest: ArrayLike) -> NDArray[np.float64]:
+    """Compose 2x3 affines as functions: ``compose(A, B)(p) = A(B(p))``.
+
+    Works on stacks ``(..., 2, 3)`` by broadcasting.
+    """
+    out = _as3(np.asarray(first_applied_last, dtype=np.float64))
+    for t in rest:
+        out = out @ _as3(np.asarray(t, dtype=np.float64))
+    return np.ascontiguousarray(out[..., :2, :])
+
+
+def invert(transform: ArrayLike) -> NDArray[np.float64]:
+    """Inverse of a 2x3 affine (or a stack of them)."""
+    return np.ascontiguousarray(np.linalg.inv(_as3(np.asarray(transform, np.float64)))[..., :2, :])
+
+
+def _apply(t: NDArray[np.float64], pts: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Apply a 2x3 affine to points ``(N, 2)``."""
+    return pts @ t[:, :2].T + t[:, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# the one warp used by the QC code; swap for the C++ kernel when it lands
+# --------------------------------------------------------------------------------------------
+def _warp_affine(
+    image: NDArray[Any], transform: NDArray[np.float64], shape: tuple[int, int], *,
+    nearest: bool = False, border_value: float = 0.0, replicate: bool = False,
+) -> NDArray[Any]:
+    """Pull-warp one slice: ``out[y, x] = image[transform(x, y)]``, output ``shape=(h, w)``."""
+    flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
+    src = image
+    if image.dtype in (np.int32, np.int64, np.uint32, np.uint64) or image.dtype == bool:
+        if not nearest:
+            raise DeepAlignError(f"cannot interpolate {image.dtype} images bilinearly")
+        src = image.astype(np.float64)  # labels: exact in float64 up to 2**53
+    out = cv2.warpAffine(
+        np.ascontiguousarray(src), np.asarray(transform, np.float64), (int(shape[1]), int(shape[0])),
+        flags=flags, borderMode=cv2.BORDER_REPLICATE if replicate else cv2.BORDER_CONSTANT,
+        borderValue=border_value,
+    )
+    return out.astype(image.dtype) if src is not image else out
+
+
+# --------------------------------------------------------------------------------------------
+# ground truth
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GroundTruth:
+    """Known misalignment of a synthetic stack.
+
+    Attributes
+    ----------
+    transforms : ndarray, shape (n, 2, 3), float64
+        ``transforms[z]`` maps pixel coordinates of MISALIGNED slice ``z`` to coordinates of the
+        CLEAN slice ``z`` (pull map used to render the misaligned slice from the clean one).
+    shape : tuple of int
+        ``(h, w)`` of the misaligned slices.
+    clean_shape : tuple of int
+        ``(h, w)`` of the clean slices.
+    profile : str
+        Name of the profile that generated the transforms (``"custom"`` if given explicitly).
+    params : dict
+        Profile parameters used.
+    margin : int
+        Crop margin (pixels on every side) between the clean and the misaligned frame.
+    seed : int or None
+        Seed used, when known.
+    """
+
+    transforms: NDArray[np.float64]
+    shape: tuple[int, int]
+    clean_shape: tuple[int, int]
+    profile: str = "custom"
+    params: dict[str, float] = field(default_factory=dict)
+    margin: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = np.asarray(self.transforms, dtype=np.float64)
+        if t.ndim != 3 or t.shape[1:] != (2, 3):
+            raise DeepAlignError(f"ground-truth transforms must be (n, 2, 3), got {t.shape}")
+        self.transforms = t
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self.clean_shape = (int(self.clean_shape[0]), int(self.clean_shape[1]))
+
+    def __len__(self) -> int:
+        return int(self.transforms.shape[0])
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string (states the transform convention)."""
+        return json.dumps(
+            {
+                "format": "deepalign-fast ground truth",
+                "version": 1,
+                "convention": (
+                    "transforms[z] is a 2x3 affine [[a,b,tx],[c,d,ty]] acting on (x, y, 1); it "
+                    "maps pixel coords of MISALIGNED slice z to coords of the CLEAN slice z; "
+                    "origin at the centre of the top-left pixel"
+                ),
+                "shape": list(self.shape),
+                "clean_shape": list(self.clean_shape),
+                "profile": self.profile,
+                "params": self.params,
+                "margin": self.margin,
+                "seed": self.seed,
+                "transforms": self.transforms.tolist(),
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> GroundTruth:
+        """Inverse of :meth:`to_json`."""
+        try:
+            d = json.loads(text)
+            return cls(
+                transforms=np.asarray(d["transforms"], dtype=np.float64),
+                shape=tuple(d["shape"]),  # type: ignore[arg-type]
+                clean_shape=tuple(d["clean_shape"]),  # type: ignore[arg-type]
+                profile=str(d.get("profile", "custom")),
+                params={k: float(v) for k, v in d.get("params", {}).items()},
+                margin=int(d.get("margin", 0)),
+                seed=d.get("seed"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeepAlignError(f"not a valid ground-truth JSON: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# random transforms
+# --------------------------------------------------------------------------------------------
+def _params(profile: str, overrides: dict[str, float]) -> dict[str, float]:
+    if profile not in PROFILES:
+        raise DeepAlignError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    params = dict(PROFILES[profile])
+    unknown = set(overrides) - set(params)
+    if unknown:
+        raise DeepAlignError(
+            f"unknown parameter(s) {sorted(unknown)} for profile {profile!r}; "
+            f"valid: {sorted(params)}"
+        )
+    params.update({k: float(v) for k, v in overrides.items()})
+    for k, v in params.items():
+        if not math.isfinite(v) or v < 0:
+            raise DeepAlignError(f"profile parameter {k}={v} must be finite and >= 0")
+    return params
+
+
+def _linear(theta: NDArray[np.float64], scale: NDArray[np.float64],
+            shear: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Stack of 2x2 matrices ``R(theta) @ diag(scale) @ [[1, shear], [0, 1]]``."""
+    c, s = np.cos(theta), np.sin(theta)
+    rot = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+    sh = np.zeros_like(rot)
+    sh[:, 0, 0] = scale
+    sh[:, 0, 1] = scale * shear
+    sh[:, 1, 1] = scale
+    return rot @ sh
+
+
+def random_transforms(
+    n: int,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    profile: str = "sstem",
+    **params: float,
+) -> NDArray[np.float64]:
+    """Draw ``n`` random misalignments of a slice of ``shape``.
+
+    Each transform is a pull map in the frame of a slice of ``shape`` (same size as the clean
+    slice, before any crop): it rotates, scales and shears about the slice centre and shifts.
+
+    Parameters
+    ----------
+    n : int
+        Number of slices.
+    shape : tuple of int
+        ``(h, w)`` of the clean slices.
+    rng : numpy.random.Generator
+        Random source.
+    profile : {"sstem", "fibsem", "jitter"}
+        ``"sstem"``: each section independent, rotation uniform in ``±rotation_deg`` (3),
+        shift ``±shift`` px per axis (20), isotropic scale ``1 ± scale`` (0.02), shear
+        ``±shear`` (0.01). ``"fibsem"``: per-slice jitter ``±shift`` px (3) and ``±rotation_deg``
+        (0.2) plus a slow drift: a smoothed random walk per axis scaled so its largest excursion
+        is ``drift`` px (30). ``"jitter"``: translation ``±shift`` px (5) only.
+    **params : float
+        Overrides of the profile parameters (see :data:`PROFILES`).
+
+    Returns
+    -------
+    ndarray, shape (n, 2, 3), float64
+    """
+    if n < 1:
+        raise DeepAlignError(f"need at least one slice, got n={n}")
+    p = _params(profile, params)
+    h, w = int(shape[0]), int(shape[1])
+    zeros = np.zeros(n)
+    shift = rng.uniform(-p["shift"], p["shift"], size=(n, 2))
+    theta = np.deg2rad(rng.uniform(-1, 1, n) * p.get("rotation_deg", 0.0))
+    scale = 1.0 + rng.uniform(-1, 1, n) * p.get("scale", 0.0)
+    shear = rng.uniform(-1, 1, n) * p.get("shear", 0.0)
+    if profile == "jitter":
+        theta, scale, shear = zeros, zeros + 1.0, zeros
+    if profile == "fibsem" and p["drift"] > 0 and n > 1:
+        walk = np.cumsum(rng.normal(size=(n, 2)), axis=0)
+        k = max(3, (n // 8) | 1)  # low-pass: the stage drifts slowly
+        kernel = np.hanning(k + 2)[1:-1]
+        kernel /= kernel.sum()
+        pad = np.pad(walk, ((k // 2, k // 2), (0, 0)), mode="edge")
+        walk = np.stack([np.convolve(pad[:, i], kernel, mode="valid") for i in range(2)], -1)
+        walk -= walk.mean(axis=0)
+        walk *= p["drift"] / max(np.abs(walk).max(), 1e-12)
+        shift = shift + walk
+    lin = _linear(theta, scale, shear)
+    c = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    out = np.empty((n, 2, 3))
+    out[:, :, :2] = lin
+    out[:, :, 2] = c - lin @ c + shift  # about the centre: T(p) = L (p - c) + c + shift
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# misaligning stacks
+# --------------------------------------------------------------------------------------------
+def _fits(full: NDArray[np.float64], clean_shape: tuple[int, int], margin: int) -> bool:
+    h, w = clean_shape
+    lo, hi_x, hi_y = float(margin), float(w - 1 - margin), float(h - 1 - margin)
+    if hi_x < lo or hi_y < lo:
+        return False
+    corners = np.array([[lo, lo], [hi_x, lo], [lo, hi_y], [hi_x, hi_y]])
+    pts = np.einsum("nij,kj->nki", full[:, :, :2], corners) + full[:, None, :, 2]
+    eps = 1e-9
+    return bool(
+        (pts[..., 0] >= -eps).all() and (pts[..., 0] <= w - 1 + eps).all()
+        and (pts[..., 1] >= -eps).all() and (pts[..., 1] <= h - 1 + eps).all()
+    )
+
+
+def _min_margin(full: NDArray[np.float64], clean_shape: tuple[int, int]) -> int | None:
+    lo, hi = 0, (min(clean_shape) - 1) // 2
+    if not _fits(full, clean_shape, hi):
+        return None
+    while lo < hi:  # fits() is monotone in the margin: a smaller crop always fits better
+        mid = (lo + hi) // 2
+        if _fits(full, clean_shape, mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def misalign_stack(
+    stack: NDArray[Any],
+    rng_or_transforms: np.random.Generator | int | ArrayLike,
+    *,
+    margin: int | None = None,
+    profile: str = "sstem",
+    min_size: int = 16,
+    **params: float,
+) -> tuple[NDArray[Any], GroundTruth]:
+    """Misalign an aligned stack with random (or given) affines and crop it.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (n, h, w)
+        The clean (aligned) stack.
+    rng_or_transforms : Generator, int or array_like (n, 2, 3)
+        A random generator or seed (transforms are drawn with :func:`random_transforms`), or
+        explicit pull maps in the frame of the full clean slice (before cropping).
+    margin : int, optional
+        Crop margin in pixels on every side. By default the smallest margin (+1 px) for which
+        every output pixel samples inside its clean slice. A given margin that is too small
+        raises.
+    profile : str
+        Profile for drawn transforms (see :func:`random_transforms`).
+    min_size : int
+        Smallest acceptable side of the cropped slices.
+    **params : float
+        Profile parameter overrides.
+
+    Returns
+    -------
+    misaligned : ndarray, shape (n, h - 2 margin, w - 2 margin), dtype of ``stack``
+    truth : GroundTruth
+        ``truth.transforms[z]`` maps misaligned coordinates to clean coordinates (including the
+        crop offset).
+
+    Raises
+    ------
+    DeepAlignError
+        If the transforms are too large to fit a crop of at least ``min_size`` pixels.
+    """
+    stack = np.asarray(stack)
+    if stack.ndim != 3:
+        raise DeepAlignError(f"stack must be (z, y, x), got shape {stack.shape}")
+    n, h, w = stack.shape
+    seed: int | None = None
+    if isinstance(rng_or_transforms, (np.random.Generator, int, np.integer)):
+        if not isinstance(rng_or_transforms, np.random.Generator):
+            seed = int(rng_or_transforms)
+        rng = np.random.default_rng(rng_or_transforms)
+        full = random_transforms(n, (h, w), rng, profile=profile, **params)
+        used_profile, used_params = profile, _params(profile, params)
+    else:
+        full = np.asarray(rng_or_transforms, dtype=np.float64)
+        if full.shape != (n, 2, 3):
+            raise DeepAlignError(f"need ({n}, 2, 3) transforms for {n} slices, got {full.shape}")
+        used_profile, used_params = "custom", {}
+    needed = _min_margin(full, (h, w))
+    if needed is None:
+        raise DeepAlignError(
+            f"misalignment too large for {h}x{w} slices: no crop keeps every pixel inside the "
+            "clean slice; use smaller profile parameters"
+        )
+    if margin is None:
+        margin = needed + _SAFETY_PX
+    elif margin < needed:
+        raise DeepAlignError(
+            f"margin={margin} too small: the transforms need at least {needed} px"
+        )
+    out_h, out_w = h - 2 * margin, w - 2 * margin
+    if min(out_h, out_w) < min_size:
+        raise DeepAlignError(
+            f"margin {margin} leaves {out_h}x{out_w} slices (< min_size={min_size}); "
+            "use smaller profile parameters or larger slices"
+        )
+    offset = np.array([[1.0, 0.0, margin], [0.0, 1.0, margin]])
+    transforms = compose(full, offset)
+    out = np.empty((n, out_h, out_w), dtype=stack.dtype)
+    for z in range(n):
+        out[z] = _warp_affine(stack[z], transforms[z], (out_h, out_w), replicate=True)
+    truth = GroundTruth(
+        transforms=transforms, shape=(out_h, out_w), clean_shape=(h, w),
+        profile=used_profile, params=used_params, margin=int(margin), seed=seed,
+    )
+    return out, truth
+
+
+def misalign_labels(labels: NDArray[Any], truth: GroundTruth) -> NDArray[Any]:
+    """Carry a clean label stack into the misaligned frame (nearest-neighbour sampling).
+
+    Parameters
+    ----------
+    labels : ndarray, shape (n, H, W)
+        Labels of the clean stack, ``(H, W) == truth.clean_shape``.
+    truth : GroundTruth
+        As returned by :func:`misalign_stack`.
+
+    Returns
+    -------
+    ndarray, shape (n, h, w), dtype of ``labels``
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3 or labels.shape[1:] != truth.clean_shape or len(labels) != len(truth):
+        raise DeepAlignError(
+            f"labels shape {labels.shape} does not match the ground truth "
+            f"({len(truth)}, {truth.clean_shape[0]}, {truth.clean_shape[1]})"
+        )
+    out = np.empty((len(labels),) + truth.shape, dtype=labels.dtype)
+    for z in range(len(labels)):
+        out[z] = _warp_affine(labels[z], truth.transforms[z], truth.shape, nearest=True,
+                              replicate=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# imaging artifacts
+# --------------------------------------------------------------------------------------------
+def add_artifacts(
+    stack: NDArray[Any],
+    rng: np.random.Generator,
+    *,
+    curtaining: float = 0.08,
+    brightness_drift: float = 0.15,
+    noise: float = 0.04,
+) -> NDArray[Any]:
+    """Add common FIB-SEM/EM imaging artifacts to a stack (returns a new array).
+
+    Parameters
+    ----------
+    stack : ndarray, shape (n, h, w), integer or float
+    rng : numpy.random.Generator
+    curtaining : float
+        Amplitude (fraction of the data range) of vertical stripes, persistent over z.
+    brightness_drift : float
+        Amplitude of a slow multiplicative brightness change over z (and a linear gradient
+        across each slice).
+    noise : float
+        Standard deviation of additive Gaussian noise, as a fraction of the data range.
+
+    Returns
+    -------
+    ndarray, same shape and dtype as ``stack``
+    """
+    stack = np.asarray(stack)
+    n, h, w = stack.shape
+    if np.issubdtype(stack.dtype, np.integer):
+        lo, hi = float(np.iinfo(stack.dtype).min), float(np.iinfo(stack.dtype).max)
+    else:
+        lo, hi = float(stack.min()), float(stack.max())
+    rng_span = hi - lo
+    stripes = rng.normal(size=w)
+    stripes = cv2.GaussianBlur(stripes.reshape(1, -1), (0, 0), 1.5).ravel()
+    stripes *= curtaining * rng_span / max(stripes.std(), 1e-12)
+    phase = rng.uniform(0, 2 * np.pi)
+    out = np.empty_like(stack)
+    for z in range(n):
+        gain = 1.0 + brightness_drift * math.sin(2 * np.pi * z / max(n, 2) + phase)
+        grad = 1.0 + 0.5 * brightness_drift * np.linspace(-1, 1, w)[None, :]
+        sl = stack[z].astype(np.float64) * gain * grad + stripes[None, :]
+        sl += rng.normal(scale=noise * rng_span, size=(h, w))
+        if np.issubdtype(stack.dtype, np.integer):
+            sl = np.clip(np.rint(sl), lo, hi)
+        out[z] = sl.astype(stack.dtype)
+    return out

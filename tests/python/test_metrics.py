@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+from deepalign_fast._errors import DeepAlignError
+from deepalign_fast.metrics import (
+    dice,
+    iou,
+    jacobian_determinant,
+    ncc,
+    neighbour_similarity,
+    nonpositive_jacobian_fraction,
+    normalized_improvement,
+    ssim,
+    target_registration_error,
+    tre_from_composites,
+)
+from deepalign_fast.synth import GroundTruth, compose, invert, misalign_stack, random_transforms
+
+# an arbitrary common frame: rotation 7 deg about a point, shift (3, -2); unit scale so that a
+# 1-px error in the output frame is a 1-px error in the clean frame
+_TH = np.deg2rad(7.0)
+G = np.array([[np.cos(_TH), -np.sin(_TH), 3.0], [np.sin(_TH), np.cos(_TH), -2.0]])
+
+
+def _truth(rng, n=6, shape=(120, 160)):
+    t = random_transforms(n, shape, rng, profile="sstem")
+    return GroundTruth(transforms=t, shape=shape, clean_shape=(200, 240))
+
+
+def test_tre_zero_for_exact_inverse_with_common_frame(rng):
+    truth = _truth(rng)
+    est = [compose(invert(t), G) for t in truth.transforms]
+    res = target_registration_error(est, truth, (120, 160))
+    assert res.max < 1e-9 and res.median < 1e-9
+    np.testing.assert_allclose(res.gauge, G, atol=1e-9)
+    assert res.failed == () and res.n_points > 100
+    # a scaled/sheared common frame is still a common frame
+    g2 = np.array([[1.1, 0.05, 10.0], [-0.02, 0.9, 4.0]])
+    res2 = target_registration_error([compose(invert(t), g2) for t in truth.transforms],
+                                     truth.transforms, (120, 160))
+    assert res2.max < 1e-9
+
+
+def test_tre_known_single_slice_error(rng):
+    n = 5
+    truth = _truth(rng, n=n)
+    shift = np.array([[1.0, 0, 1.0], [0, 1.0, 0]])  # +1 px in x on slice 2
+    est = [compose(invert(t), G) for t in truth.transforms]
+    est[2] = compose(invert(truth.transforms[2]), G, shift)
+    res = target_registration_error(est, truth.transforms, (120, 160))
+    # least squares spreads 1/n of the offset into G: slice 2 errs by (n-1)/n, others by 1/n
+    expect = np.full(n, 1.0 / n)
+    expect[2] = (n - 1) / n
+    np.testing.assert_allclose(res.per_slice_median, expect, atol=1e-9)
+    np.testing.assert_allclose(res.per_slice_max, expect, atol=1e-9)
+    np.testing.assert_allclose(res.mean, (2 * (n - 1) / n) / n, atol=1e-9)
+    # a rotation error about the origin grows with distance: |(R - I) p| = 2 sin(a/2) |p|,
+    # (n-1)/n of it left on slice 2, largest at the far corner (159, 119)
+    rot = np.array([[np.cos(0.01), -np.sin(0.01), 0], [np.sin(0.01), np.cos(0.01), 0]])
+    est[2] = compose(invert(truth.transforms[2]), G, rot)
+    res = target_registration_error(est, truth.transforms, (120, 160))
+    corner = (n - 1) / n * 2 * np.sin(0.005) * np.hypot(159, 119)
+    np.testing.assert_allclose(res.per_slice_max[2], corner, rtol=1e-9)
+    assert res.per_slice_median[2] < 0.7 * corner
+
+
+def test_tre_failed_rows_and_frame_filter(rng):
+    truth = _truth(rng, n=4)
+    est: list = [compose(invert(t), G) for t in truth.transforms]
+    est[1] = None
+    res = target_registration_error(est, truth, (120, 160))
+    assert res.failed == (1,)
+    assert np.isnan(res.per_slice_median[1]) and res.max < 1e-9
+    d = res.to_dict()
+    assert d["per_slice_median"][1] is None and d["failed"] == [1]
+    # G shifting most of the frame outside the clean slice leaves only the overlapping points
+    far = np.array([[1.0, 0, 200.0], [0, 1.0, 0]])
+    res = tre_from_composites([far, far], (120, 160), clean_shape=(200, 240), grid=16)
+    assert 0 < res.n_points < 256
+    with pytest.raises(DeepAlignError):
+        target_registration_error([None] * 4, truth, (120, 160))
+
+
+def test_tre_of_real_resampling_pipeline(rng):
+    """End to end: misalign, align with the exact inverse, score: TRE ~ 0."""
+    clean = rng.normal(size=(3, 80, 100)).astype(np.float32)
+    _, truth = misalign_stack(clean, rng, profile="jitter")
+    est = [invert(t) for t in truth.transforms]  # output frame = clean frame
+    res = target_registration_error(est, truth, truth.clean_shape)
+    assert res.max < 1e-9
+    np.testing.assert_allclose(res.gauge, np.eye(2, 3), atol=1e-9)
+
+
+def test_dice_iou_hand_computed():
+    a = np.zeros((4, 4), int)
+    b = np.zeros((4, 4), int)
+    a[0, :3] = 1  # 3 px
+    b[0, 1:] = 1  # 3 px, overlap 2
+    assert dice(a, b) == pytest.approx(2 * 2 / 6)
+    assert iou(a, b) == pytest.approx(2 / 4)
+    a[3, 3], b[3, 3] = 2, 2  # label 2 agrees perfectly
+    assert dice(a, b, labels=[1, 2], per_label=True) == {1: pytest.approx(4 / 6), 2: 1.0}
+    assert dice(a, b, labels=[1, 2]) == pytest.approx((4 / 6 + 1) / 2)
+    # binary mode: non-zero is foreground: 4 each, overlap 3
+    assert dice(a, b) == pytest.approx(6 / 8) and iou(a, b) == pytest.approx(3 / 5)
+    assert iou(np.zeros(3), np.zeros(3)) == 1.0
+    assert dice(np.ones(3), np.zeros(3)) == 0.0
+    with pytest.raises(DeepAlignError):
+        dice(a, b[:2])
+
+
+def test_jacobian_affine_and_folding():
+    h, w = 30, 40
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    a = np.array([[1.2, 0.3], [-0.1, 0.8]])
+    u = np.stack([(a[0, 0] - 1) * xs + a[0, 1] * ys + 5, a[1, 0] * xs + (a[1, 1] - 1) * ys - 2])
+    det = jacobian_determinant(u.astype(np.float32))
+    np.testing.assert_allclose(det, np.linalg.det(a), atol=1e-5)
+    assert nonpositive_jacobian_fraction(u) == 0.0
+    # a fold: x -> x + 6 sin(x / 3) has d/dx = 1 + 2 cos(x/3) < 0 where cos < -1/2
+    fold = np.stack([6 * np.sin(xs / 3.0), np.zeros_like(xs)])
+    det = jacobian_determinant(fold)
+    inner = det[:, 1:-1]
+    expect = 1 + 2 * np.cos(xs[:, 1:-1] / 3.0)
+    # central differences of a sine: 1 + 6 sin(1/3) cos(x/3) / 1 (exact discrete derivative)
+    np.testing.assert_allclose(inner, 1 + 6 * np.sin(1 / 3) * np.cos(xs[:, 1:-1] / 3), atol=1e-9)
+    assert (inner < 0).any()
+    frac = nonpositive_jacobian_fraction(det)
+    assert 0.2 < frac < 0.45
+    assert abs(frac - (expect <= 0).mean()) < 0.1
+    assert nonpositive_jacobian_fraction(fold, mask=np.zeros((h, w)) + (xs < 3)) == pytest.approx(
+        ((det <= 0) & (xs < 3)).sum() / (xs < 3).sum())
+
+
+def test_ncc(rng):
+    a = rng.normal(size=(20, 30))
+    b = a + 0.5 * rng.normal(size=a.shape)
+    assert ncc(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+    assert ncc(a, 2 * a + 3) == pytest.approx(1.0)
+    assert ncc(a, -a) == pytest.approx(-1.0)
+    m = np.zeros(a.shape, bool)
+    m[:10] = True
+    assert ncc(a, b, m) == pytest.approx(np.corrcoef(a[:10].ravel(), b[:10].ravel())[0, 1])
+    assert np.isnan(ncc(np.ones((4, 4)), a[:4, :4]))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_ssim_matches_skimage(rng, dtype):
+    base = ndimage.gaussian_filter(rng.normal(size=(64, 80)), 2) * 300 + 128
+    other = ndimage.shift(base, (0.7, 1.3)) + rng.normal(scale=10, size=base.shape)
+    if dtype == np.uint8:
+        a, b = (np.clip(x, 0, 255).astype(np.uint8) for x in (base, other))
+        kw: dict = {}
+        ref = structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False, data_range=255)
+    else:
+        a, b = base.astype(np.float32) / 255, other.astype(np.float32) / 255
+        kw = {"data_range": 1.0}
+        ref = structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False, data_range=1.0)
+    got = ssim(a, b, **kw)
+    assert abs(got - ref) < 1e-3
+    assert 0.05 < got < 0.95  # a non-trivial case
+    assert ssim(a, a, **kw) == pytest.approx(1.0)
+
+
+def test_neighbour_similarity_lazy(rng):
+    stack = rng.normal(size=(5, 24, 24)).astype(np.float32)
+    stack[2] = stack[1] * 2 + 1
+
+    class Lazy:
+        def __init__(self):
+            self.reads = []
+
+        def __len__(self):
+            return len(stack)
+
+        def read(self, i):
+            self.reads.append(i)
+            return stack[i]
+
+    lazy = Lazy()
+    got = neighbour_similarity(lazy, "ncc")
+    assert lazy.reads == [0, 1, 2, 3, 4]  # each slice read once, in order
+    assert got.shape == (4,) and got[1] == pytest.approx(1.0)
+    np.testing.assert_allclose(got, [ncc(stack[i], stack[i + 1]) for i in range(4)])
+    s = neighbour_similarity(stack, "ssim")
+    assert s[1] < 1  # SSIM is not invariant to gain/offset
+    np.testing.assert_allclose(s, [ssim(stack[i], stack[i + 1]) for i in range(4)])
+
+
+def test_normalized_improvement():
+    assert normalized_improvement(0.9, 0.5) == pytest.approx(0.8)
+    assert normalized_improvement(0.5, 0.5) == 0.0
+    assert normalized_improvement(0.25, 0.5) == pytest.approx(-0.5)
+    assert np.isnan(normalized_improvement(1.0, 1.0))
+    np.testing.assert_allclose(normalized_improvement([1.0, 0.6], [0.6, 0.6]), [1.0, 0.0])
