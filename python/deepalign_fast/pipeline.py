@@ -93,7 +93,7 @@ class AlignOptions:
     threshold: float = 2.0
     min_matches: int = 12
     drift: str = "linear"
-    drift_window: int = 32
+    drift_window: int = 64
     canvas: str = "reference"
     num_threads: int = 0
 
@@ -290,17 +290,29 @@ def _interpolate_flagged(affines: np.ndarray, flagged: list[int]) -> np.ndarray:
     return out
 
 
-def _moving_average(values: np.ndarray, window: int, upto: int | None = None) -> np.ndarray:
-    """Centred moving average over axis 0 (truncated at the ends); causal if ``upto`` set."""
+def _local_linear_trend(values: np.ndarray, window: int, *, causal: bool) -> np.ndarray:
+    """Trend of ``values`` (axis 0 = z) by a local linear fit over ``window`` slices.
+
+    A straight-line fit, rather than a plain moving average, follows a steady ramp (the usual
+    shape of accumulated drift) right up to the ends of the stack without bias. ``causal``
+    uses only the current and past slices (streaming).
+    """
     n = len(values)
+    flat = values.reshape(n, -1)
+    out = np.empty_like(flat)
     half = window // 2
-    out = np.empty_like(values)
     for z in range(n):
-        lo, hi = max(0, z - half), min(n, z + half + 1)
-        if upto is not None:
-            lo, hi = max(0, z - window + 1), z + 1
-        out[z] = values[lo:hi].mean(axis=0)
-    return out
+        lo, hi = (max(0, z - window + 1), z + 1) if causal else (max(0, z - half),
+                                                                 min(n, z + half + 1))
+        zs = np.arange(lo, hi, dtype=np.float64)
+        seg = flat[lo:hi]
+        if len(zs) < 3:
+            out[z] = seg.mean(axis=0)
+            continue
+        zc = zs - zs.mean()
+        slope = (zc[:, None] * (seg - seg.mean(axis=0))).sum(axis=0) / (zc**2).sum()
+        out[z] = seg.mean(axis=0) + slope * (z - zs.mean())
+    return out.reshape(values.shape)
 
 
 def remove_drift(affines: np.ndarray, shape: tuple[int, int], mode: str, window: int,
@@ -308,24 +320,22 @@ def remove_drift(affines: np.ndarray, shape: tuple[int, int], mode: str, window:
     """Apply the drift model (see module docstring) to ``(n, 2, 3)`` output->input affines.
 
     The correction acts about the frame centre ``c``: the linear part ``L_z`` becomes
-    ``L_z @ inv(mean L)`` while ``A_z(c)`` is kept (``mode="linear"``), and additionally the
-    trend of ``A_z(c)`` is replaced by its overall mean (``mode="all"``).
+    ``L_z @ inv(trend(L)_z)`` while ``A_z(c)`` is kept (``mode="linear"``); ``mode="all"``
+    also replaces the trend of ``A_z(c)`` by its value at the first slice.
     """
     if mode == "none" or len(affines) < 2:
         return affines
     c = np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0])
     lin = affines[:, :, :2]
-    centre = affines[:, :, :2] @ c + affines[:, :, 2]
-    lin_trend = _moving_average(lin, window, upto=0 if causal else None)
-    out = np.empty_like(affines)
-    for z in range(len(affines)):
-        new_lin = lin[z] @ np.linalg.inv(lin_trend[z])
-        out[z, :, :2] = new_lin
-        out[z, :, 2] = centre[z] - new_lin @ c
+    centre = lin @ c + affines[:, :, 2]
+    lin_trend = _local_linear_trend(lin, window, causal=causal)
+    new_lin = lin @ np.linalg.inv(lin_trend)
     if mode == "all":
-        trend = _moving_average(centre, window, upto=0 if causal else None)
-        ref = trend[0] if causal else centre.mean(axis=0)
-        out[:, :, 2] -= trend - ref
+        trend = _local_linear_trend(centre, window, causal=causal)
+        centre = centre - trend + trend[0]
+    out = np.empty_like(affines)
+    out[:, :, :2] = new_lin
+    out[:, :, 2] = centre - new_lin @ c
     return out
 
 
@@ -455,15 +465,16 @@ class Aligner:
                interpolation: str = "linear", progress: bool | None = None,
                writer_options: dict[str, Any] | None = None) -> Path:
         """Warp every slice of ``stack`` once with ``transforms`` and write ``output``."""
-        from .io import as_reader, check_distinct, open_writer
+        from .io import as_reader, check_distinct, open_writer, reader_path
 
         with as_reader(stack) as reader:
             if len(reader) != len(transforms):
                 raise DeepAlignError(
                     f"{reader.path}: {len(reader)} slices but the transforms have "
                     f"{len(transforms)}")
-            if reader.path is not None:
-                check_distinct(reader.path, output)
+            source = reader_path(reader)
+            if source is not None:
+                check_distinct(source, output)
             h, w = transforms.output_shape
             bar = _Progress(len(reader), "render", progress)
             threads = self.options.num_threads
