@@ -101,7 +101,8 @@ def test_tiff_imagej_and_memmap(tmp_path, rng):
 def test_tiff_written_by_tifffile_and_hyperstack(tmp_path, rng):
     data = _stack(rng, np.uint8)
     # ImageJ hyperstack with singleton T and C axes: the z axis is found.
-    tifffile.imwrite(tmp_path / "h.tif", data[None, :, None], imagej=True, metadata={"axes": "TZCYX"})
+    hyper = data[None, :, None]
+    tifffile.imwrite(tmp_path / "h.tif", hyper, imagej=True, metadata={"axes": "TZCYX"})
     _check_roundtrip(tmp_path / "h.tif", data)
     # Plain multi-page file without metadata, one page at a time.
     with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
@@ -225,7 +226,8 @@ def test_single_image_where_stack_needed(tmp_path, rng):
 
 
 def test_read_image_refuses_stacks_and_colour(tmp_path, rng):
-    tifffile.imwrite(tmp_path / "multi.tif", _stack(rng, np.uint8, (3, 8, 8)), photometric="minisblack")
+    multi = _stack(rng, np.uint8, (3, 8, 8))
+    tifffile.imwrite(tmp_path / "multi.tif", multi, photometric="minisblack")
     with pytest.raises(DeepAlignError, match="more than one page"):
         read_image(tmp_path / "multi.tif")
     rgba = np.zeros((8, 8, 4), np.uint8)

@@ -124,7 +124,8 @@ class TiffStackReader(StackReader):
             file_dt = np.dtype(tif.byteorder + self.file_dtype.char)
             slice_bytes = math.prod(slice_shape) * file_dt.itemsize
             contig = samples == 1 or page0.planarconfig == 1  # samples interleaved per pixel
-            if contig and self.file_dtype != np.bool_ and page0.bitspersample == 8 * file_dt.itemsize:
+            whole_bytes = page0.bitspersample == 8 * file_dt.itemsize  # not 1-bit or 12-bit
+            if contig and whole_bytes and self.file_dtype != np.bool_:
                 self._n_mapped = min(nz, max(0, (self._filesize - offset) // slice_bytes))
                 if self._n_mapped > 0:
                     self._mm = np.memmap(
