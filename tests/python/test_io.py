@@ -483,3 +483,17 @@ def test_real_isbi_folder(isbi):
         assert r.files[10].name == "10.png" and r.files[2].name == "2.png"
         for i in (0, 2, 10, 29):
             np.testing.assert_array_equal(r.read(i), image[i])
+
+
+@pytest.mark.parametrize("name,kw", [("c.tif", {"compression": "zlib"}), ("t.zarr", {})])
+def test_parallel_read_and_zarr_write(tmp_path, rng, num_threads, name, kw):
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = _stack(rng, np.uint16, (8, 40, 48))
+    src = tmp_path / name
+    _write(src, data, **kw)
+    out = tmp_path / "par.zarr"
+    with open_stack(src) as r, ZarrStackWriter(out, r.shape, r.dtype) as w:
+        with ThreadPoolExecutor(num_threads) as pool:
+            list(pool.map(lambda i: w.write(i, r.read(i)), reversed(range(len(r)))))
+    _check_roundtrip(out, data)
