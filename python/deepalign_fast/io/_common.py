@@ -75,7 +75,9 @@ def to_grey(arr: np.ndarray, where: str) -> np.ndarray:
             f"{where}: image is in colour (RGB with differing channels); convert it to "
             "single-channel greyscale first (Fiji: Image > Type > 8-bit)."
         )
-    raise DeepAlignError(f"{where}: expected a 2-D greyscale image, got an array of shape {arr.shape}")
+    raise DeepAlignError(
+        f"{where}: expected a 2-D greyscale image, got an array of shape {arr.shape}"
+    )
 
 
 def finish_slice(
@@ -171,7 +173,8 @@ class StackReader(abc.ABC):
                 f"{where}: cannot decode the slice ({type(exc).__name__}: {exc}); the file is "
                 "probably truncated or corrupt. Re-copy or re-export it."
             ) from exc
-        return finish_slice(raw, shape=self.shape[1:], dtype=self.dtype, where=where)  # type: ignore[arg-type]
+        yx = (self.shape[1], self.shape[2])
+        return finish_slice(raw, shape=yx, dtype=self.dtype, where=where)
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.read(i)
@@ -186,7 +189,7 @@ class StackReader(abc.ABC):
 
     @abc.abstractmethod
     def describe(self, i: int) -> str:
-        """Where slice ``i`` lives, for messages: ``"stack.tif, slice 17"``, ``"slices/0017.png"``."""
+        """Where slice ``i`` lives, for messages: ``"stack.tif, slice 17"``, ``"slices/17.png"``."""
 
     def close(self) -> None:
         """Release open files. Idempotent."""
@@ -222,7 +225,9 @@ def png_header(path: Path) -> tuple[tuple[int, int], np.dtype, int]:
             f"{path}: PNG has an alpha channel (colour type {colour}); save it as greyscale."
         )
     if colour not in (0, 2, 3) or depth not in (1, 2, 4, 8, 16):
-        raise DeepAlignError(f"{path}: invalid PNG header (bit depth {depth}, colour type {colour}).")
+        raise DeepAlignError(
+            f"{path}: invalid PNG header (bit depth {depth}, colour type {colour})."
+        )
     return (height, width), np.dtype(np.uint16 if depth == 16 else np.uint8), colour
 
 

@@ -123,7 +123,9 @@ class TiffStackReader(StackReader):
             slice_shape = (ny, nx, samples) if samples > 1 else (ny, nx)
             file_dt = np.dtype(tif.byteorder + self.file_dtype.char)
             slice_bytes = math.prod(slice_shape) * file_dt.itemsize
-            if self.file_dtype != np.bool_ and page0.bitspersample == 8 * file_dt.itemsize:
+            contig = samples == 1 or page0.planarconfig == 1  # samples interleaved per pixel
+            whole_bytes = page0.bitspersample == 8 * file_dt.itemsize  # not 1-bit or 12-bit
+            if contig and whole_bytes and self.file_dtype != np.bool_:
                 self._n_mapped = min(nz, max(0, (self._filesize - offset) // slice_bytes))
                 if self._n_mapped > 0:
                     self._mm = np.memmap(
@@ -169,14 +171,18 @@ class TiffStackReader(StackReader):
                     f"{self._n_mapped} of {self.shape[0]} slices are complete). The file was "
                     "not completely written or copied; re-copy it."
                 )
-        if i >= len(self._pages) or self._pages[i] is None:
-            raise DeepAlignError(
-                f"{where}: missing: the file's metadata describes {self.shape[0]} slices but "
-                f"only {len(self._pages)} pages could be found; the file is truncated or "
-                "corrupt. Re-copy or re-export it."
-            )
         with self._lock:  # one file handle: tifffile's seek+read must not interleave
-            return _read_tiff_page(self._pages[i], self._filesize, where)
+            try:
+                page = self._pages[i]
+            except IndexError:
+                page = None
+            if page is not None:
+                return _read_tiff_page(page, self._filesize, where)
+            raise DeepAlignError(
+                f"{where}: missing: the file's metadata describes {self.shape[0]} slices, but "
+                "fewer pages could be found; the file is truncated or corrupt. Re-copy or "
+                "re-export it."
+            )
 
     def close(self) -> None:
         self._mm = None

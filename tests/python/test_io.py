@@ -1,0 +1,499 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from deepalign_fast import DeepAlignError, datasets
+from deepalign_fast.io import (
+    FolderStackReader,
+    TiffStackReader,
+    TiffStackWriter,
+    ZarrStackWriter,
+    check_distinct,
+    open_stack,
+    open_writer,
+    read_image,
+)
+
+DTYPES = [np.uint8, np.uint16, np.float32]
+
+
+def _stack(rng: np.random.Generator, dtype: type, shape: tuple[int, int, int] = (5, 24, 32)):
+    if np.dtype(dtype).kind == "f":
+        return rng.normal(size=shape).astype(dtype)
+    return rng.integers(0, np.iinfo(dtype).max, size=shape, endpoint=True).astype(dtype)
+
+
+def _digest(path: Path) -> dict[str, tuple[str, int]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {
+        str(f): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns) for f in files
+    }
+
+
+def _write(path: Path, data: np.ndarray, **kw) -> None:
+    with open_writer(path, data.shape, data.dtype, **kw) as w:
+        for i, s in enumerate(data):
+            w.write(i, s)
+
+
+def _check_roundtrip(path: Path, data: np.ndarray) -> None:
+    before = _digest(path)
+    with open_stack(path) as r:
+        assert r.shape == data.shape
+        assert r.dtype == data.dtype
+        assert len(r) == data.shape[0]
+        for i, s in enumerate(r):
+            assert s.flags.c_contiguous and s.dtype == data.dtype
+            np.testing.assert_array_equal(s, data[i])
+        np.testing.assert_array_equal(r.read(-1), data[-1])
+        with pytest.raises(IndexError):
+            r.read(data.shape[0])
+    assert _digest(path) == before  # reading never modifies the input
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("s.tif", {}),
+        ("s.tif", {"compression": "zlib"}),
+        ("s.tif", {"bigtiff": True}),
+        ("s.ome.zarr", {}),
+        ("s.zarr", {"ome": False, "chunks": (1, 16, 16)}),
+    ],
+)
+def test_roundtrip_writers(tmp_path, rng, dtype, name, kw):
+    data = _stack(rng, dtype)
+    path = tmp_path / name
+    _write(path, data, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temp litter
+    _check_roundtrip(path, data)
+
+
+def test_tiff_imagej_and_memmap(tmp_path, rng):
+    data = _stack(rng, np.uint16)
+    path = tmp_path / "s.tif"
+    _write(path, data, metadata={"spacing": 5.0, "unit": "nm"})
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_imagej
+        assert tif.imagej_metadata["slices"] == 5
+        assert tif.imagej_metadata["spacing"] == 5.0
+    with open_stack(path) as r:
+        assert isinstance(r, TiffStackReader)
+        assert r.memory_mapped
+    _write(tmp_path / "c.tif", data, compression="zlib")
+    with open_stack(tmp_path / "c.tif") as r:
+        assert not r.memory_mapped
+
+
+def test_tiff_written_by_tifffile_and_hyperstack(tmp_path, rng):
+    data = _stack(rng, np.uint8)
+    # ImageJ hyperstack with singleton T and C axes: the z axis is found.
+    hyper = data[None, :, None]
+    tifffile.imwrite(tmp_path / "h.tif", hyper, imagej=True, metadata={"axes": "TZCYX"})
+    _check_roundtrip(tmp_path / "h.tif", data)
+    # Plain multi-page file without metadata, one page at a time.
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        for s in data:
+            tw.write(s, photometric="minisblack", metadata=None)
+    _check_roundtrip(tmp_path / "p.tif", data)
+    # Two non-singleton axes besides y, x: refused with the axes named.
+    two = np.zeros((3, 2, 8, 8), np.uint8)
+    tifffile.imwrite(tmp_path / "zc.tif", two, imagej=True, metadata={"axes": "ZCYX"})
+    with pytest.raises(DeepAlignError, match="more than one axis.*Z=3, C=2"):
+        open_stack(tmp_path / "zc.tif")
+
+
+def test_converted_dtypes(tmp_path, rng):
+    i16 = rng.integers(-3000, 3000, size=(3, 8, 9)).astype(np.int16)
+    tifffile.imwrite(tmp_path / "i16.tif", i16, photometric="minisblack")
+    with open_stack(tmp_path / "i16.tif") as r:
+        assert r.dtype == np.float32 and r.file_dtype == np.int16
+        np.testing.assert_array_equal(r.read(1), i16[1].astype(np.float32))
+    tifffile.imwrite(tmp_path / "u32.tif", np.zeros((3, 8, 9), np.uint32), photometric="minisblack")
+    with pytest.raises(DeepAlignError, match="uint32 is not supported.*float32"):
+        open_stack(tmp_path / "u32.tif")
+
+
+# ---------------------------------------------------------------- folders
+
+
+def test_folder_natural_sort_png_and_tif(tmp_path, rng):
+    data = _stack(rng, np.uint8, (12, 16, 20))
+    for i, s in enumerate(data):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), s)
+    (tmp_path / ".hidden.png").write_bytes(b"junk")  # hidden files are ignored
+    (tmp_path / "notes.txt").write_text("not a slice")
+    with open_stack(tmp_path) as r:
+        assert isinstance(r, FolderStackReader)
+        assert [f.name for f in r.files][:4] == ["0.png", "1.png", "2.png", "3.png"]
+        assert r.files[-1].name == "11.png"
+        assert r.describe(10) == str(tmp_path / "10.png")
+    _check_roundtrip(tmp_path, data)
+
+    tifs = tmp_path / "tifs"
+    tifs.mkdir()
+    d16 = _stack(rng, np.uint16, (3, 10, 11))
+    for i, s in enumerate(d16):
+        tifffile.imwrite(tifs / f"z{i * 5}.tiff", s)
+    _check_roundtrip(tifs, d16)
+
+
+def test_folder_png_16bit_and_grey_rgb(tmp_path, rng):
+    d16 = _stack(rng, np.uint16, (2, 10, 12))
+    for i, s in enumerate(d16):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), s)
+    _check_roundtrip(tmp_path, d16)
+
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    grey = _stack(rng, np.uint8, (2, 10, 12))
+    for i, s in enumerate(grey):
+        cv2.imwrite(str(rgb / f"{i}.png"), np.dstack([s, s, s]))
+    _check_roundtrip(rgb, grey)  # grey saved as RGB reads back as grey
+    colour = np.dstack([grey[1], grey[1], 255 - grey[1]])
+    cv2.imwrite(str(rgb / "1.png"), colour)
+    with open_stack(rgb) as r:
+        with pytest.raises(DeepAlignError, match=r"1\.png.*colour"):
+            r.read(1)
+
+
+def test_folder_header_checked_without_decoding(tmp_path, rng):
+    data = _stack(rng, np.uint8, (3, 16, 20))
+    for i, s in enumerate(data):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), s)
+    # Corrupt the pixel data of slice 2 but keep its header: opening still succeeds (only the
+    # IHDR is read), and reading that slice names the file.
+    f = tmp_path / "2.png"
+    raw = bytearray(f.read_bytes())
+    raw[40:-12] = bytes(len(raw) - 52)
+    f.write_bytes(bytes(raw))
+    with open_stack(tmp_path) as r:
+        np.testing.assert_array_equal(r.read(0), data[0])
+        with pytest.raises(DeepAlignError, match=r"2\.png"):
+            r.read(2)
+
+
+@pytest.mark.parametrize("what", ["shape", "dtype"])
+def test_folder_mixed_slices_name_the_file(tmp_path, rng, what):
+    data = _stack(rng, np.uint8, (4, 16, 20))
+    for i, s in enumerate(data):
+        cv2.imwrite(str(tmp_path / f"s{i}.png"), s)
+    odd = data[2, :, :18] if what == "shape" else data[2].astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "s2.png"), odd)
+    expected = r"\(16, 18\)" if what == "shape" else "dtype uint16 instead of uint8"
+    with pytest.raises(DeepAlignError, match=rf"s2\.png.*{expected}"):
+        open_stack(tmp_path)
+
+
+def test_folder_truncated_png(tmp_path, rng):
+    data = _stack(rng, np.uint8, (3, 16, 20))
+    for i, s in enumerate(data):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), s)
+    f = tmp_path / "1.png"
+    f.write_bytes(f.read_bytes()[:-30])
+    with open_stack(tmp_path) as r:
+        with pytest.raises(DeepAlignError, match=r"1\.png.*truncated"):
+            r.read(1)
+
+
+# ---------------------------------------------------------------- errors on input
+
+
+def test_single_image_where_stack_needed(tmp_path, rng):
+    img = _stack(rng, np.uint8, (1, 12, 14))[0]
+    tifffile.imwrite(tmp_path / "one.tif", img)
+    cv2.imwrite(str(tmp_path / "one.png"), img)
+    for name in ("one.tif", "one.png"):
+        with pytest.raises(DeepAlignError, match="single 2-D image.*allow_single=True"):
+            open_stack(tmp_path / name)
+        with open_stack(tmp_path / name, allow_single=True) as r:
+            assert r.shape == (1, 12, 14)
+            np.testing.assert_array_equal(r.read(0), img)
+        np.testing.assert_array_equal(read_image(tmp_path / name), img)
+
+
+def test_read_image_refuses_stacks_and_colour(tmp_path, rng):
+    multi = _stack(rng, np.uint8, (3, 8, 8))
+    tifffile.imwrite(tmp_path / "multi.tif", multi, photometric="minisblack")
+    with pytest.raises(DeepAlignError, match="more than one page"):
+        read_image(tmp_path / "multi.tif")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), rgba)
+    with pytest.raises(DeepAlignError, match="alpha"):
+        read_image(tmp_path / "a.png")
+    with pytest.raises(DeepAlignError, match="no such image"):
+        read_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_truncated_tiff_names_file_and_slice(tmp_path, rng, compression):
+    data = _stack(rng, np.uint8, (6, 30, 40))
+    path = tmp_path / "cut.tif"
+    _write(path, data, compression=compression)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 1500])  # lose the tail: last slice(s) and trailing IFDs
+    with open_stack(path) as r:
+        assert r.shape == data.shape  # the metadata still promises 6 slices
+        np.testing.assert_array_equal(r.read(0), data[0])
+        with pytest.raises(DeepAlignError, match=r"cut\.tif, slice 5: (truncated|missing)"):
+            r.read(5)
+
+
+def test_tiff_reader_is_lazy(tmp_path, rng):
+    # Garbage in the compressed data of the last page: opening and reading the first slices
+    # must not touch it; only reading that slice fails.
+    data = _stack(rng, np.uint8, (4, 64, 64))
+    path = tmp_path / "lazy.tif"
+    _write(path, data, compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        off, count = tif.pages[3].dataoffsets[0], tif.pages[3].databytecounts[0]
+    raw = bytearray(path.read_bytes())
+    raw[off : off + count] = b"\xff" * count
+    path.write_bytes(bytes(raw))
+    with open_stack(path) as r:
+        for i in range(3):
+            np.testing.assert_array_equal(r.read(i), data[i])
+        with pytest.raises(DeepAlignError, match=r"lazy\.tif, slice 3"):
+            r.read(3)
+
+
+def test_nan_slice_is_reported(tmp_path, rng):
+    data = _stack(rng, np.float32)
+    data[3, 2, 2] = np.nan
+    data[3, 4, 4] = np.inf
+    tifffile.imwrite(tmp_path / "nan.tif", data)
+    with open_stack(tmp_path / "nan.tif") as r:
+        r.read(2)
+        with pytest.raises(DeepAlignError, match=r"nan\.tif, slice 3: .*2 NaN or infinite"):
+            r.read(3)
+
+
+def test_float64_overflow_reported_as_non_finite(tmp_path):
+    data = np.ones((2, 4, 4))
+    data[1, 0, 0] = 1e300
+    tifffile.imwrite(tmp_path / "f64.tif", data, photometric="minisblack")
+    with open_stack(tmp_path / "f64.tif") as r:
+        assert r.dtype == np.float32
+        assert r.read(0).dtype == np.float32
+        with pytest.raises(DeepAlignError, match="slice 1.*infinite"):
+            r.read(1)
+
+
+def test_missing_and_unknown_paths(tmp_path):
+    with pytest.raises(DeepAlignError, match="no such file"):
+        open_stack(tmp_path / "nope.tif")
+    (tmp_path / "x.mrcx").write_bytes(b"1234")
+    with pytest.raises(DeepAlignError, match="unsupported stack format"):
+        open_stack(tmp_path / "x.mrcx")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeepAlignError, match="no slice images"):
+        open_stack(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------- zarr input
+
+
+def test_zarr_inputs(tmp_path, rng):
+    data = _stack(rng, np.uint16)
+    zarr.create_array(tmp_path / "v2.zarr", data=data, zarr_format=2)
+    _check_roundtrip(tmp_path / "v2.zarr", data)
+    # OME-style 5-D (t, c, z, y, x) with singleton t, c; level chosen from multiscales.
+    g = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    g.create_array("s0", data=data[None, None])
+    g.create_array("s1", data=data[None, None, :, ::2, ::2])
+    g.attrs["ome"] = {"multiscales": [{"datasets": [{"path": "s0"}, {"path": "s1"}]}]}
+    _check_roundtrip(tmp_path / "g.zarr", data)
+    with open_stack(tmp_path / "g.zarr", key="s1") as r:
+        assert r.shape == (5, 12, 16)
+        assert r.describe(1) == f"{tmp_path / 'g.zarr'}/s1, slice 1"
+    zarr.create_array(tmp_path / "2d.zarr", data=data[0])
+    with pytest.raises(DeepAlignError, match=r"shape \(24, 32\); a \(z, y, x\) stack"):
+        open_stack(tmp_path / "2d.zarr")
+    with pytest.raises(DeepAlignError, match="no array 'nope'"):
+        open_stack(tmp_path / "g.zarr", key="nope")
+
+
+def test_ome_zarr_metadata(tmp_path, rng):
+    data = _stack(rng, np.uint8)
+    path = tmp_path / "out.ome.zarr"
+    _write(path, data, voxel_size=(50.0, 4.0, 4.0), unit="nanometer", chunks=(1, 16, 16))
+    group = zarr.open_group(path, mode="r")
+    (ms,) = group.attrs["multiscales"]
+    assert ms["version"] == "0.4"
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    assert all(a["type"] == "space" and a["unit"] == "nanometer" for a in ms["axes"])
+    (level,) = ms["datasets"]
+    assert level["path"] == "0"
+    assert level["coordinateTransformations"] == [{"type": "scale", "scale": [50.0, 4.0, 4.0]}]
+    assert group["0"].chunks == (1, 16, 16)
+    assert not (path / "deepalign_progress.json").exists()
+    np.testing.assert_array_equal(group["0"][:], data)
+
+
+# ---------------------------------------------------------------- writer safety
+
+
+@pytest.mark.parametrize("name", ["out.tif", "out.zarr"])
+def test_exception_mid_write_leaves_nothing(tmp_path, rng, name):
+    data = _stack(rng, np.uint8)
+    path = tmp_path / name
+    with pytest.raises(RuntimeError, match="boom"):
+        with open_writer(path, data.shape, data.dtype) as w:
+            w.write(0, data[0])
+            w.write(1, data[1])
+            raise RuntimeError("boom")
+    assert not path.exists()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # TIFF: no temp file remains. Zarr: only the resumable .partial store remains.
+    assert left == ([] if name.endswith(".tif") else [f"{name}.partial"])
+
+
+def test_tiff_abort_and_incomplete_close(tmp_path, rng):
+    data = _stack(rng, np.uint8)
+    w = TiffStackWriter(tmp_path / "a.tif", data.shape, data.dtype)
+    w.write(0, data[0])
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    w = TiffStackWriter(tmp_path / "b.tif", data.shape, data.dtype)
+    w.write(0, data[0])
+    with pytest.raises(DeepAlignError, match="only 1 of 5 slices"):
+        w.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tiff_writer_checks(tmp_path, rng):
+    data = _stack(rng, np.uint8)
+    path = tmp_path / "w.tif"
+    with TiffStackWriter(path, data.shape, data.dtype) as w:
+        with pytest.raises(DeepAlignError, match="in order; expected slice 0"):
+            w.write(1, data[1])
+        with pytest.raises(DeepAlignError, match=r"dtype uint16.*astype"):
+            w.write(0, data[0].astype(np.uint16))
+        with pytest.raises(DeepAlignError, match=r"shape \(24, 31\)"):
+            w.write(0, data[0, :, :31])
+        for i, s in enumerate(data):
+            w.write(i, s)
+    _check_roundtrip(path, data)
+    with pytest.raises(DeepAlignError, match="already exists.*overwrite=True"):
+        TiffStackWriter(path, data.shape, data.dtype)
+    with pytest.raises(DeepAlignError, match="cannot write dtype int32"):
+        TiffStackWriter(tmp_path / "x.tif", data.shape, np.int32)
+    _write(path, data[::-1].copy(), overwrite=True)
+    _check_roundtrip(path, data[::-1])
+
+
+def test_zarr_resume_keeps_finished_slices(tmp_path, rng):
+    data = _stack(rng, np.float32, (6, 20, 24))
+    path = tmp_path / "r.zarr"
+    with pytest.raises(RuntimeError):
+        with ZarrStackWriter(path, data.shape, data.dtype, chunks=(1, 8, 8)) as w:
+            for i in (0, 1, 3):
+                w.write(i, data[i])
+            raise RuntimeError("crash")
+    progress = json.loads((tmp_path / "r.zarr.partial" / "deepalign_progress.json").read_text())
+    assert progress["completed"] == [[0, 2], [3, 4]]
+    with pytest.raises(DeepAlignError, match="unfinished output.*resume=True"):
+        ZarrStackWriter(path, data.shape, data.dtype, chunks=(1, 8, 8))
+    with pytest.raises(DeepAlignError, match="cannot resume.*layout"):
+        ZarrStackWriter(path, data.shape, np.uint8, chunks=(1, 8, 8), resume=True)
+    with ZarrStackWriter(path, data.shape, data.dtype, chunks=(1, 8, 8), resume=True) as w:
+        assert w.completed() == {0, 1, 3}
+        for i in range(6):
+            if i not in w.completed():
+                w.write(i, data[i])
+    assert not (tmp_path / "r.zarr.partial").exists()
+    _check_roundtrip(path, data)
+
+
+def test_zarr_incomplete_close_keeps_partial(tmp_path, rng):
+    data = _stack(rng, np.uint8)
+    w = ZarrStackWriter(tmp_path / "i.zarr", data.shape, data.dtype)
+    w.write(4, data[4])
+    with pytest.raises(DeepAlignError, match="4 of 5 slices were never written.*slice 0"):
+        w.close()
+    assert (tmp_path / "i.zarr.partial").is_dir() and not (tmp_path / "i.zarr").exists()
+    w = ZarrStackWriter(tmp_path / "i.zarr", data.shape, data.dtype, resume=True)
+    assert w.completed() == {4}
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_open_writer_suffix(tmp_path):
+    with pytest.raises(DeepAlignError, match="suffix '.h5'"):
+        open_writer(tmp_path / "x.h5", (2, 4, 4), np.uint8)
+
+
+def test_check_distinct(tmp_path, rng):
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, _stack(rng, np.uint8))
+    with pytest.raises(DeepAlignError, match="output is the input"):
+        check_distinct(src, tmp_path / "." / "in.tif")
+    link = tmp_path / "link.tif"
+    link.symlink_to(src)
+    with pytest.raises(DeepAlignError, match="output is the input"):
+        check_distinct(src, link)
+    hard = tmp_path / "hard.tif"
+    os.link(src, hard)
+    with pytest.raises(DeepAlignError, match="output is the input"):
+        check_distinct(hard, src)
+    (tmp_path / "slices").mkdir()
+    with pytest.raises(DeepAlignError, match="inside the input folder"):
+        check_distinct(tmp_path / "slices", tmp_path / "slices" / "out.tif")
+    check_distinct(src, tmp_path / "out.tif")  # distinct: no error
+
+
+# ---------------------------------------------------------------- real EM stacks
+
+
+def _data_dir() -> Path:
+    try:
+        return datasets.data_dir()
+    except datasets.DataUnavailable as exc:
+        pytest.skip(f"shared EM data unavailable: {exc}")
+
+
+def test_real_lucchi_tiff(lucchi):
+    image, _ = lucchi
+    path = _data_dir() / "lucchi_epfl_fibsem" / "image.tif"
+    with open_stack(path) as r:
+        assert r.shape == image.shape == (165, 384, 512)
+        assert r.dtype == np.uint8
+        for i in (0, 82, 164):
+            np.testing.assert_array_equal(r.read(i), image[i])
+
+
+def test_real_isbi_folder(isbi):
+    image, _ = isbi
+    folder = _data_dir() / "isbi2012_sstem" / "train" / "image"
+    with open_stack(folder) as r:
+        assert r.shape == image.shape == (30, 512, 512)
+        assert r.files[10].name == "10.png" and r.files[2].name == "2.png"
+        for i in (0, 2, 10, 29):
+            np.testing.assert_array_equal(r.read(i), image[i])
+
+
+@pytest.mark.parametrize("name,kw", [("c.tif", {"compression": "zlib"}), ("t.zarr", {})])
+def test_parallel_read_and_zarr_write(tmp_path, rng, num_threads, name, kw):
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = _stack(rng, np.uint16, (8, 40, 48))
+    src = tmp_path / name
+    _write(src, data, **kw)
+    out = tmp_path / "par.zarr"
+    with open_stack(src) as r, ZarrStackWriter(out, r.shape, r.dtype) as w:
+        with ThreadPoolExecutor(num_threads) as pool:
+            list(pool.map(lambda i: w.write(i, r.read(i)), reversed(range(len(r)))))
+    _check_roundtrip(out, data)
