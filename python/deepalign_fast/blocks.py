@@ -74,8 +74,11 @@ def _scale_affine(m: np.ndarray, factor: float) -> np.ndarray:
     return compose(to_level, compose(m, to_full))
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
+def _normalise(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Contrast-stretched float32 slice, smoothed so that NCC sees structure, not shot noise."""
     f = to_uint8(image).astype(np.float32)
+    if sigma > 0:
+        f = cv2.GaussianBlur(f, (0, 0), sigma)
     return f
 
 
@@ -117,23 +120,28 @@ class BlockMatcher:
         "translation").
     threshold : float
         RANSAC inlier threshold in pixels at each level.
+    sigma : float
+        Gaussian smoothing (pixels) of the full-resolution slice before matching; EM slices
+        are noisy, and NCC on raw shot noise gives weak, unreliable peaks.
     """
 
     name = "blocks"
 
     def __init__(self, *, block: int = 64, step: int = 40, search: int = 10,
                  coarse_size: int = 256, finest_level: int = 0, min_score: float = 0.2,
-                 model: str = "affine", threshold: float = 2.0, num_threads: int = 0) -> None:
+                 model: str = "affine", threshold: float = 2.0, sigma: float = 1.5,
+                 num_threads: int = 0) -> None:
         if block < 8 or step < 1 or search < 1:
             raise ValueError("block must be >= 8 and step, search >= 1")
         self.block, self.step, self.search = block, step, search
         self.coarse_size, self.finest_level = coarse_size, finest_level
         self.min_score, self.model, self.threshold = min_score, model, threshold
+        self.sigma = sigma
         self.num_threads = num_threads
 
     # Per-slice work, done once per slice however many neighbours it is matched with.
     def prepare(self, image: np.ndarray) -> list[np.ndarray]:
-        level = _normalise(image)
+        level = _normalise(image, self.sigma)
         pyramid = [level]
         while max(level.shape) > self.coarse_size and min(level.shape) >= 2 * self.block:
             level = cv2.pyrDown(level)
@@ -189,13 +197,17 @@ class BlockMatcher:
         warped = warp_affine(mov, m, (h, w), border="replicate", num_threads=self.num_threads)
         valid = warp_affine(np.ones(mov.shape, np.uint8), m, (h, w), interpolation="nearest",
                             num_threads=self.num_threads)
-        half = self.block // 2
+        # Small (coarse) levels get smaller blocks on a denser grid, so that every level has
+        # enough blocks (>= ~6 x 6) to fit a transform.
+        block = max(16, min(self.block, min(h, w) // 3))
+        step = max(4, min(self.step, min(h, w) // 8))
+        half = block // 2
         # Blocks cover the whole reference frame; the warped moving slice is padded so that
         # every search window exists. A block is used only where the moving slice has data
         # under most of the template at its predicted position.
         warped = cv2.copyMakeBorder(warped, search, search, search, search, cv2.BORDER_REPLICATE)
-        ys = np.arange(half, h - half + 1, self.step)
-        xs = np.arange(half, w - half + 1, self.step)
+        ys = np.arange(half, h - half + 1, step)
+        xs = np.arange(half, w - half + 1, step)
         ys += (h - half - ys[-1]) // 2 if ys.size else 0
         xs += (w - half - xs[-1]) // 2 if xs.size else 0
         src, dst, wts = [], [], []

@@ -1,13 +1,181 @@
-"""Command line interface: a thin layer over the Python API (no alignment logic lives here)."""
+"""Command line interface: a thin layer over the Python API (no alignment logic lives here).
+
+Each subcommand is registered by its own ``_add_<name>`` function, which sets ``func``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from . import __version__
 from ._errors import DeepAlignError
+
+
+def _align_options(args: argparse.Namespace) -> Any:
+    from .pipeline import AlignOptions
+
+    return AlignOptions(features=args.features, model=args.model, neighbours=args.neighbours,
+                        threshold=args.threshold, drift=args.drift,
+                        drift_window=args.drift_window, canvas=args.canvas,
+                        num_threads=args.threads)
+
+
+def _make_parent(path: Path) -> None:
+    """Outputs may go into a folder that does not exist yet (never touches the input)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _default_transforms_path(output: Path) -> Path:
+    name = output.name
+    for suffix in (".ome.zarr", ".zarr", ".tiff", ".tif"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return output.with_name(name + ".transforms.json")
+
+
+def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    flagged = summary["flagged"]
+    res = summary["residual_median_px"]
+    rate = summary["slices_per_s"]
+    print(f"aligned {summary['slices']} slices in {summary['time_s']:.1f} s"
+          + (f" ({rate:.2f} slices/s)" if rate else ""))
+    print(f"  residual median {res:.3f} px, max {summary['residual_max_px']:.3f} px"
+          if res is not None else "  no residuals (single slice?)")
+    print(f"  median consistent matches per slice: {summary['matches_median']:.0f}")
+    print(f"  flagged slices ({len(flagged)}): {flagged if flagged else 'none'}")
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in summary["timings_s"].items() if k != "total")
+    print(f"  time per stage: {stages}")
+
+
+def _add_align_arguments(p: argparse.ArgumentParser) -> None:
+    from .estimate import MODELS
+    from .pipeline import CANVAS, DRIFT, FEATURES, AlignOptions
+
+    d = AlignOptions()
+    p.add_argument("--features", choices=FEATURES, default=d.features,
+                   help="matching: dense NCC blocks, raw SIFT, or learned features "
+                        "(default %(default)s)")
+    p.add_argument("--model", choices=MODELS, default=d.model,
+                   help="transform model per slice (default %(default)s)")
+    p.add_argument("--neighbours", type=int, default=d.neighbours,
+                   help="match each slice to this many predecessors (default %(default)s)")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help="inlier threshold in pixels (default %(default)s)")
+    p.add_argument("--drift", choices=DRIFT, default=d.drift,
+                   help="drift model: remove the low-frequency trend of rotation/scale/shear "
+                        "(linear), of everything (all), or nothing (default %(default)s)")
+    p.add_argument("--drift-window", type=int, default=d.drift_window,
+                   help="slices over which the drift trend is fitted (default %(default)s)")
+    p.add_argument("--canvas", choices=CANVAS, default=d.canvas,
+                   help="output frame: first slice's, or union of all (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
+
+
+def _add_align(sub: Any) -> None:
+    p = sub.add_parser("align", help="align a stack (TIFF, folder of slices, Zarr)",
+                       description="Align a stack and write the aligned stack, the transforms "
+                                   "file and (optionally) a QC report.")
+    p.add_argument("input", type=Path, help="multi-page TIFF, folder of slices, or (OME-)Zarr")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="aligned stack (.tif/.tiff or .zarr/.ome.zarr)")
+    p.add_argument("--transforms", type=Path, default=None,
+                   help="transforms file (default: OUTPUT with .transforms.json)")
+    p.add_argument("--report", type=Path, default=None, help="write a QC report (HTML)")
+    _add_align_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_align)
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from .io import check_distinct
+    from .pipeline import Aligner
+
+    check_distinct(args.input, args.output)
+    _make_parent(args.output)
+    transforms_path = args.transforms or _default_transforms_path(args.output)
+    aligner = Aligner(_align_options(args))
+    progress = False if args.quiet else None
+    result = aligner.align_stack(args.input, args.output, transforms_path=transforms_path,
+                                 progress=progress)
+    summary = result.summary()
+    summary["output"] = str(args.output)
+    summary["transforms"] = str(transforms_path)
+    if args.report is not None:
+        _write_report(args.input, args.output, result, args.report)
+        summary["report"] = str(args.report)
+    _print_summary(summary, as_json=args.json)
+    return 0
+
+
+def _write_report(before: Path, after: Path, result: Any, path: Path) -> None:
+    from .io import open_stack
+    from .report import write_report
+
+    with open_stack(before) as b, open_stack(after) as a:
+        write_report(path, before=b, after=a, transforms=result.transforms.affines,
+                     residuals=result.transforms.residuals, flagged=result.flagged,
+                     timings=result.timings, title=f"deepalign-fast: {before.name}")
+
+
+def _add_apply(sub: Any) -> None:
+    p = sub.add_parser("apply", help="apply a transforms file to another stack (e.g. labels)",
+                       description="Warp a stack with the transforms of an earlier alignment: "
+                                   "label stacks (nearest), or other channels / copies.")
+    p.add_argument("transforms", type=Path, help="transforms file written by `align`")
+    p.add_argument("input", type=Path, help="stack to warp (same number of slices)")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--interpolation", choices=("nearest", "linear"), default="nearest",
+                   help="nearest for labels (default), linear for images")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="INPUT has pixels this many times finer than the aligned stack "
+                        "(apply binned transforms to full resolution)")
+    p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_apply)
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .pipeline import Aligner
+    from .transforms import TransformSet
+
+    ts = TransformSet.load(args.transforms)
+    _make_parent(args.output)
+    if args.scale != 1.0:
+        ts = ts.rescaled(args.scale)
+    Aligner(num_threads=args.threads).render(args.input, ts, args.output,
+                                              interpolation=args.interpolation,
+                                              progress=False if args.quiet else None)
+    print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="align the bundled real FIB-SEM sample, write a QC report")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .datasets import sample_stack_path
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    sample = sample_stack_path()
+    print(f"sample: {sample.name} (14 raw FIB-SEM slices of shale, MIT licence)")
+    argv = ["align", str(sample), "-o", str(args.out / "aligned.tif"),
+            "--report", str(args.out / "report.html"), "--model", "rigid", "--quiet"]
+    rc = main(argv)
+    print(f"outputs in {args.out}/: aligned.tif, aligned.transforms.json, report.html")
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast, artifact-robust alignment of volume-EM image stacks.",
     )
     parser.add_argument("--version", action="version", version=f"deepalign-fast {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_align(sub)
+    _add_apply(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -28,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args))
-    except DeepAlignError as exc:
+    except (DeepAlignError, ValueError) as exc:
         print(f"deepalign-fast: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("deepalign-fast: interrupted; no partial output was left under the final name",
+              file=sys.stderr)
+        return 130

@@ -43,6 +43,12 @@ CONVENTION = (
 )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @dataclass
 class TransformSet:
     """Per-slice 2x3 affines (output -> input) plus what is needed to re-apply them."""
@@ -97,6 +103,7 @@ class TransformSet:
         text = json.dumps(self.to_json(), indent=1)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
         try:
+            os.chmod(tmp, 0o666 & ~_umask())
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
                 fh.flush()
