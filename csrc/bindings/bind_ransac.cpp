@@ -1,6 +1,7 @@
 // Bindings for robust transform estimation (csrc/deepalign/ransac.hpp, transform_fit.hpp).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <optional>
