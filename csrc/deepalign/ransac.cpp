@@ -117,8 +117,14 @@ bool draw_hypothesis(const double* src, const double* dst, std::int64_t n, Trans
   return false;
 }
 
-// Iterated least-squares refit on the inliers of `m` (the "local optimisation" of LO-RANSAC):
-// keeps a refit only when it scores better, so the score never goes down.
+// Truncated-quadratic (MSAC) cost: inliers pay their squared residual, outliers t^2.
+double msac_cost(const Score& s, std::int64_t n, double t2) {
+  return s.sse + static_cast<double>(n - s.count) * t2;
+}
+
+// Iterated least-squares refit on the inliers of `m` (the "local optimisation" of LO-RANSAC).
+// A refit is kept when it lowers the MSAC cost. Not the inlier count: a sloppy model can hold
+// one more borderline match than the least-squares one and still be far less accurate.
 void refine_model(const double* src, const double* dst, std::int64_t n, TransformModel model,
                   double t2, int rounds, double m[6], Score& score,
                   std::vector<std::uint8_t>& mask, std::vector<double>& in_src,
@@ -137,7 +143,7 @@ void refine_model(const double* src, const double* dst, std::int64_t n, Transfor
     const auto n_in = static_cast<std::int64_t>(in_src.size() / 2);
     if (!fit_transform(in_src.data(), in_dst.data(), n_in, model, nullptr, cand)) return;
     const Score s = score_model(cand, src, dst, n, t2, 0, nullptr);
-    if (!better(s, score)) return;
+    if (!(msac_cost(s, n, t2) < msac_cost(score, n, t2))) return;
     std::copy(cand, cand + 6, m);
     score = s;
     score_model(m, src, dst, n, t2, 0, mask.data());

