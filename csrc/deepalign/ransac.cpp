@@ -11,7 +11,10 @@
 namespace deepalign {
 namespace {
 
-constexpr std::int64_t kMaxBatch = 64;       // hypotheses scored per parallel round
+// Hypotheses scored per parallel round. The first round is small: with a usable inlier ratio
+// it already holds a good sample, whose local refit then tells how many more are needed.
+constexpr std::int64_t kFirstBatch = 16;
+constexpr std::int64_t kMaxBatch = 64;
 constexpr int kSampleRetries = 16;           // draws per hypothesis before giving up on it
 constexpr int kRefitIterations = 4;          // local optimisation rounds per new best model
 constexpr std::int64_t kBailoutStride = 512; // points between "can this still win?" checks
@@ -39,29 +42,46 @@ bool better(const Score& a, const Score& b) {
 }
 
 // Inlier count and inlier SSE of m. Stops early (count = -1) once the remaining points cannot
-// lift the count to `must_reach`. Writes the inlier mask when `mask` is not null.
+// lift the count to `must_reach`. Writes the inlier mask when WriteMask. Four independent
+// partial sums (always combined in the same order, so results do not depend on threads) let
+// the CPU overlap the additions instead of waiting on one accumulator.
+template <bool WriteMask>
 Score score_model(const double* m, const double* src, const double* dst, std::int64_t n,
                   double t2, std::int64_t must_reach, std::uint8_t* mask) {
   const double a = m[0], b = m[1], tx = m[2], c = m[3], d = m[4], ty = m[5];
   std::int64_t count = 0;
-  double sse = 0.0;
+  double sse[4] = {0.0, 0.0, 0.0, 0.0};
   for (std::int64_t lo = 0; lo < n; lo += kBailoutStride) {
     const std::int64_t hi = std::min(n, lo + kBailoutStride);
     std::int64_t block_count = 0;
-    for (std::int64_t i = lo; i < hi; ++i) {
+    std::int64_t i = lo;
+    for (; i + 4 <= hi; i += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const std::int64_t k = i + u;
+        const double x = src[2 * k], y = src[2 * k + 1];
+        const double rx = a * x + b * y + tx - dst[2 * k];
+        const double ry = c * x + d * y + ty - dst[2 * k + 1];
+        const double r2 = rx * rx + ry * ry;
+        const bool in = r2 < t2;
+        block_count += in;
+        sse[u] += in ? r2 : 0.0;
+        if (WriteMask) mask[k] = static_cast<std::uint8_t>(in);
+      }
+    }
+    for (; i < hi; ++i) {
       const double x = src[2 * i], y = src[2 * i + 1];
       const double rx = a * x + b * y + tx - dst[2 * i];
       const double ry = c * x + d * y + ty - dst[2 * i + 1];
       const double r2 = rx * rx + ry * ry;
       const bool in = r2 < t2;
       block_count += in;
-      sse += in ? r2 : 0.0;
-      if (mask) mask[i] = static_cast<std::uint8_t>(in);
+      sse[0] += in ? r2 : 0.0;
+      if (WriteMask) mask[i] = static_cast<std::uint8_t>(in);
     }
     count += block_count;
-    if (!mask && count + (n - hi) < must_reach) return Score{};
+    if (!WriteMask && count + (n - hi) < must_reach) return Score{};
   }
-  return Score{count, sse};
+  return Score{count, (sse[0] + sse[1]) + (sse[2] + sse[3])};
 }
 
 bool points_coincident(const double* p, const double* q) {
@@ -122,32 +142,44 @@ double msac_cost(const Score& s, std::int64_t n, double t2) {
   return s.sse + static_cast<double>(n - s.count) * t2;
 }
 
+struct RefineBuffers {
+  std::vector<std::uint8_t> mask, cand_mask;
+  std::vector<double> in_src, in_dst;
+};
+
 // Iterated least-squares refit on the inliers of `m` (the "local optimisation" of LO-RANSAC).
 // A refit is kept when it lowers the MSAC cost. Not the inlier count: a sloppy model can hold
 // one more borderline match than the least-squares one and still be far less accurate.
-void refine_model(const double* src, const double* dst, std::int64_t n, TransformModel model,
-                  double t2, int rounds, double m[6], Score& score,
-                  std::vector<std::uint8_t>& mask, std::vector<double>& in_src,
-                  std::vector<double>& in_dst) {
-  mask.resize(static_cast<std::size_t>(n));
-  score_model(m, src, dst, n, t2, 0, mask.data());
+// Returns true when it converged (the inlier set stopped changing or a refit did not help),
+// false when it ran out of rounds.
+bool refine_model(const double* src, const double* dst, std::int64_t n, TransformModel model,
+                  double t2, int rounds, double m[6], Score& score, RefineBuffers& buf) {
+  const auto un = static_cast<std::size_t>(n);
+  buf.mask.resize(un);
+  buf.cand_mask.resize(un);
+  score = score_model<true>(m, src, dst, n, t2, 0, buf.mask.data());
   for (int r = 0; r < rounds; ++r) {
-    in_src.clear();
-    in_dst.clear();
+    buf.in_src.clear();
+    buf.in_dst.clear();
     for (std::int64_t i = 0; i < n; ++i) {
-      if (!mask[static_cast<std::size_t>(i)]) continue;
-      in_src.push_back(src[2 * i]); in_src.push_back(src[2 * i + 1]);
-      in_dst.push_back(dst[2 * i]); in_dst.push_back(dst[2 * i + 1]);
+      if (!buf.mask[static_cast<std::size_t>(i)]) continue;
+      buf.in_src.push_back(src[2 * i]); buf.in_src.push_back(src[2 * i + 1]);
+      buf.in_dst.push_back(dst[2 * i]); buf.in_dst.push_back(dst[2 * i + 1]);
     }
     double cand[6];
-    const auto n_in = static_cast<std::int64_t>(in_src.size() / 2);
-    if (!fit_transform(in_src.data(), in_dst.data(), n_in, model, nullptr, cand)) return;
-    const Score s = score_model(cand, src, dst, n, t2, 0, nullptr);
-    if (!(msac_cost(s, n, t2) < msac_cost(score, n, t2))) return;
+    const auto n_in = static_cast<std::int64_t>(buf.in_src.size() / 2);
+    if (!fit_transform(buf.in_src.data(), buf.in_dst.data(), n_in, model, nullptr, cand)) {
+      return true;
+    }
+    const Score s = score_model<true>(cand, src, dst, n, t2, 0, buf.cand_mask.data());
+    if (!(msac_cost(s, n, t2) < msac_cost(score, n, t2))) return true;
     std::copy(cand, cand + 6, m);
     score = s;
-    score_model(m, src, dst, n, t2, 0, mask.data());
+    const bool same_set = buf.cand_mask == buf.mask;
+    buf.mask.swap(buf.cand_mask);
+    if (same_set) return true;  // the next refit would reproduce this model exactly
   }
+  return false;
 }
 
 std::int64_t required_iterations(double inlier_ratio, int ms, double confidence,
@@ -245,13 +277,14 @@ RansacResult ransac(const double* src, const double* dst, std::int64_t n,
   Score best_score;
   std::int64_t iterations = 0;
   std::int64_t needed = options.max_iterations;
-  std::vector<std::uint8_t> mask;
-  std::vector<double> in_src, in_dst;
+  RefineBuffers buf;
+  bool refined = false;  // best_m is a converged local refit
 
   while (iterations < needed) {
     // Batch size depends only on what earlier batches found, never on num_threads; near the
     // adaptive stop it shrinks so we draw no more hypotheses than the confidence asks for.
-    std::int64_t b = have_best ? std::min(kMaxBatch, needed - iterations) : kMaxBatch;
+    std::int64_t b = have_best ? std::min(kMaxBatch, needed - iterations)
+                               : (iterations == 0 ? kFirstBatch : kMaxBatch);
     b = std::min(b, options.max_iterations - iterations);
     const std::int64_t must_reach = have_best ? best_score.count : 0;
     const std::int64_t k0 = iterations;
@@ -262,7 +295,7 @@ RansacResult ransac(const double* src, const double* dst, std::int64_t n,
             Hypothesis& h = batch[static_cast<std::size_t>(j)];
             h.score = Score{};
             if (!draw_hypothesis(src, dst, n, model, options.seed, k0 + j, h.m)) continue;
-            h.score = score_model(h.m, src, dst, n, t2, must_reach, nullptr);
+            h.score = score_model<false>(h.m, src, dst, n, t2, must_reach, nullptr);
           }
         },
         min_chunk);
@@ -280,10 +313,8 @@ RansacResult ransac(const double* src, const double* dst, std::int64_t n,
       std::copy(h.m, h.m + 6, best_m);
       best_score = h.score;
       have_best = true;
-      if (options.refine) {
-        refine_model(src, dst, n, model, t2, kRefitIterations, best_m, best_score, mask, in_src,
-                     in_dst);
-      }
+      refined = options.refine &&
+                refine_model(src, dst, n, model, t2, kRefitIterations, best_m, best_score, buf);
       const double ratio = static_cast<double>(best_score.count) / static_cast<double>(n);
       needed = std::max(iterations, required_iterations(ratio, ms, options.confidence,
                                                         options.max_iterations));
@@ -295,15 +326,15 @@ RansacResult ransac(const double* src, const double* dst, std::int64_t n,
     return failure(n, "every minimal sample drawn was degenerate (coincident or collinear "
                       "points); no hypothesis could be fitted");
   }
-  if (options.refine) {
-    // Final refit on all inliers of the best model, iterated until it stops improving.
-    refine_model(src, dst, n, model, t2, kRefitIterations, best_m, best_score, mask, in_src,
-                 in_dst);
+  if (options.refine && !refined) {
+    // Final refit on all inliers of the best model, iterated until it stops improving (a
+    // best model whose local refit already converged would come out unchanged).
+    refine_model(src, dst, n, model, t2, 4 * kRefitIterations, best_m, best_score, buf);
   }
 
   RansacResult r;
   r.inliers.assign(static_cast<std::size_t>(n), 0);
-  const Score final_score = score_model(best_m, src, dst, n, t2, 0, r.inliers.data());
+  const Score final_score = score_model<true>(best_m, src, dst, n, t2, 0, r.inliers.data());
   r.iterations = iterations;
   if (final_score.count < ms) {
     RansacResult f = failure(n, "no model is supported by at least " + std::to_string(ms) +
