@@ -1,6 +1,7 @@
 #include "deepalign/ransac.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -288,17 +289,19 @@ RansacResult ransac(const double* src, const double* dst, std::int64_t n,
     b = std::min(b, options.max_iterations - iterations);
     const std::int64_t must_reach = have_best ? best_score.count : 0;
     const std::int64_t k0 = iterations;
-    parallel_for(
-        0, b, threads,
-        [&](std::int64_t lo, std::int64_t hi) {
-          for (std::int64_t j = lo; j < hi; ++j) {
-            Hypothesis& h = batch[static_cast<std::size_t>(j)];
-            h.score = Score{};
-            if (!draw_hypothesis(src, dst, n, model, options.seed, k0 + j, h.m)) continue;
-            h.score = score_model<false>(h.m, src, dst, n, t2, must_reach, nullptr);
-          }
-        },
-        min_chunk);
+    // Workers pull hypotheses from a shared counter, so a thread the OS schedules late (a
+    // busy machine) does not hold the others up; each hypothesis writes only its own slot.
+    std::atomic<std::int64_t> next{0};
+    const std::int64_t workers =
+        std::min<std::int64_t>(threads, std::max<std::int64_t>(1, b / min_chunk));
+    parallel_for(0, workers, static_cast<int>(workers), [&](std::int64_t, std::int64_t) {
+      for (std::int64_t j = next.fetch_add(1); j < b; j = next.fetch_add(1)) {
+        Hypothesis& h = batch[static_cast<std::size_t>(j)];
+        h.score = Score{};
+        if (!draw_hypothesis(src, dst, n, model, options.seed, k0 + j, h.m)) continue;
+        h.score = score_model<false>(h.m, src, dst, n, t2, must_reach, nullptr);
+      }
+    });
     iterations += b;
 
     // Best of the batch: first strictly better in k order, so equal scores keep the lower k.
