@@ -311,7 +311,8 @@ RansacResult ransac(const double* src, const double* dst, std::int64_t n,
       if (s.count < 0) continue;
       if (pick < 0 || better(s, batch[static_cast<std::size_t>(pick)].score)) pick = j;
     }
-    if (pick >= 0 && (!have_best || better(batch[static_cast<std::size_t>(pick)].score, best_score))) {
+    if (pick >= 0 &&
+        (!have_best || better(batch[static_cast<std::size_t>(pick)].score, best_score))) {
       const Hypothesis& h = batch[static_cast<std::size_t>(pick)];
       std::copy(h.m, h.m + 6, best_m);
       best_score = h.score;

@@ -21,7 +21,7 @@ namespace deepalign {
 
 struct RansacOptions {
   TransformModel model = TransformModel::affine;
-  double threshold = 2.0;          // inlier if the reprojection distance |M src - dst| < threshold (px)
+  double threshold = 2.0;          // inlier if |M src - dst| < threshold (px)
   double confidence = 0.999;       // in (0, 1]: stop once a better model is this unlikely
   std::int64_t max_iterations = 10000;  // hard cap on hypotheses drawn (>= 1)
   std::uint64_t seed = 0;

@@ -65,7 +65,9 @@ class RansacResult:
 def _as_points(points: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
     arr = np.asarray(points)
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"{name}: expected an (N, 2) array of (x, y) points, got shape {arr.shape}")
+        raise ValueError(
+            f"{name}: expected an (N, 2) array of (x, y) points, got shape {arr.shape}"
+        )
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name}: expected real (float or integer) coordinates, got {arr.dtype}")
     # The core takes float64 C-contiguous buffers only; cast here, visibly (no copy if already so).

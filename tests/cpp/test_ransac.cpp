@@ -58,7 +58,7 @@ Problem make_problem(TransformModel model, int n, double outlier_ratio, double n
   apply(truth(model), p.src, p.dst);
   p.is_inlier.assign(static_cast<std::size_t>(n), 1);
   for (int i = 0; i < n; ++i) {
-    if (i < static_cast<int>(outlier_ratio * n)) {  // the first ones are outliers (order is irrelevant)
+    if (i < static_cast<int>(outlier_ratio * n)) {  // the first ones are outliers
       p.dst[2 * i] = uni(gen);
       p.dst[2 * i + 1] = uni(gen);
       p.is_inlier[static_cast<std::size_t>(i)] = 0;

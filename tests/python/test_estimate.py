@@ -185,7 +185,8 @@ def test_fit_transform_matches_svd_umeyama(model: str, rng: np.random.Generator)
     u, sig, vt = np.linalg.svd(cov)
     e = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
     r = u @ e @ vt
-    scale = 1.0 if model == "rigid" else np.trace(np.diag(sig) @ e) / ((src - ms) ** 2).sum(1).mean()
+    var_src = ((src - ms) ** 2).sum(1).mean()
+    scale = 1.0 if model == "rigid" else np.trace(np.diag(sig) @ e) / var_src
     ref = np.concatenate([scale * r, (md - scale * r @ ms)[:, None]], axis=1)
     got = da.fit_transform(src, dst, model)
     assert got is not None
