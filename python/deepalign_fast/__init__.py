@@ -25,13 +25,19 @@ except ImportError as exc:  # pragma: no cover - only hit in a broken install
         "with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
     ) from exc
 
+from .estimate import MODELS, RansacResult, estimate_transform, fit_transform  # noqa: E402
+
 try:
     __version__ = version("deepalign-fast")
 except PackageNotFoundError:  # running from a source tree (PYTHONPATH=python)
     __version__ = "0.0.0+source"
 
 __all__ = [
+    "MODELS",
     "DeepAlignError",
+    "RansacResult",
+    "estimate_transform",
+    "fit_transform",
     "__version__",
 ]
 
