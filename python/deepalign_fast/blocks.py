@@ -30,7 +30,7 @@ from .estimate import estimate_transform
 from .features import to_uint8
 from .warp import warp_affine
 
-__all__ = ["BlockMatcher", "Correspondences", "compose", "invert"]
+__all__ = ["BlockMatcher", "Correspondences", "compose", "invert", "phase_correlation"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,36 @@ def _normalise(image: np.ndarray, sigma: float) -> np.ndarray:
     return f
 
 
+def phase_correlation(reference: np.ndarray, moving: np.ndarray) -> tuple[float, float]:
+    """Translation ``(dx, dy)`` such that ``moving(p + d) ~ reference(p)``.
+
+    Whole-frame phase correlation with a Hann window and parabolic sub-pixel peak refinement.
+    (Implemented here with numpy's FFT because ``cv2.phaseCorrelate`` in OpenCV 5.0 returned
+    different shifts for identical inputs on repeated calls.)
+    """
+    h = min(reference.shape[0], moving.shape[0])
+    w = min(reference.shape[1], moving.shape[1])
+    win = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
+    a = reference[:h, :w].astype(np.float32)
+    b = moving[:h, :w].astype(np.float32)
+    fa = np.fft.rfft2((a - a.mean()) * win)
+    fb = np.fft.rfft2((b - b.mean()) * win)
+    cross = np.conj(fa) * fb
+    cross /= np.abs(cross) + 1e-12
+    r = np.fft.irfft2(cross, s=(h, w))
+    py, px = np.unravel_index(int(np.argmax(r)), r.shape)
+    # Sub-pixel: parabola through the peak and its (wrapped) neighbours.
+    def vertex(m: float, c: float, p: float) -> float:
+        den = m - 2.0 * c + p
+        return 0.5 * (m - p) / den if den < 0 else 0.0
+
+    dy = vertex(r[(py - 1) % h, px], r[py, px], r[(py + 1) % h, px])
+    dx = vertex(r[py, (px - 1) % w], r[py, px], r[py, (px + 1) % w])
+    sy = py + dy if py <= h // 2 else py + dy - h
+    sx = px + dx if px <= w // 2 else px + dx - w
+    return float(sx), float(sy)
+
+
 def _subpixel(r: np.ndarray, px: int, py: int) -> tuple[float, float]:
     dx = dy = 0.0
     if 0 < px < r.shape[1] - 1:
@@ -127,7 +157,7 @@ class BlockMatcher:
 
     name = "blocks"
 
-    def __init__(self, *, block: int = 64, step: int = 40, search: int = 10,
+    def __init__(self, *, block: int = 64, step: int = 40, search: int = 8,
                  coarse_size: int = 256, finest_level: int = 0, min_score: float = 0.2,
                  model: str = "affine", threshold: float = 2.0, sigma: float = 1.5,
                  num_threads: int = 0) -> None:
@@ -158,22 +188,19 @@ class BlockMatcher:
         top = min(len(reference), len(moving)) - 1
         finest = min(self.finest_level, top)
         if init is None:
-            a, b = reference[top], moving[top]
-            h = min(a.shape[0], b.shape[0])
-            w = min(a.shape[1], b.shape[1])
-            win = cv2.createHanningWindow((w, h), cv2.CV_32F)
-            (sx, sy), _ = cv2.phaseCorrelate(a[:h, :w], b[:h, :w], win)
-            current = np.array([[1.0, 0.0, sx], [0.0, 1.0, sy]])
-            current = _scale_affine(current, 1.0 / 2**top)
+            # Coarse start: whole-frame translation at the top level, then every level down.
+            sx, sy = phase_correlation(reference[top], moving[top])
+            current = _scale_affine(np.array([[1.0, 0.0, sx], [0.0, 1.0, sy]]), 1.0 / 2**top)
             start = top
         else:
+            # A good prediction (e.g. from another neighbour): refine at the finest level only.
             current = np.asarray(init, np.float64)
-            start = top
+            start = finest
         corr = Correspondences.empty()
         for lev in range(start, finest - 1, -1):
             factor = float(2**lev)
             m_lev = _scale_affine(current, factor)
-            search = self.search * (3 if lev == start else 1)
+            search = self.search * (3 if lev == start and init is None else 1)
             corr_lev = self._match_level(reference[lev], moving[lev], m_lev, search)
             if len(corr_lev) < 6:
                 return None, Correspondences.empty()

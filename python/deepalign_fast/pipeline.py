@@ -156,7 +156,8 @@ class _KeypointBackend:
     def prepare(self, image: np.ndarray) -> Any:
         return self.extractor.extract(image)
 
-    def match(self, ref: Any, mov: Any) -> tuple[np.ndarray | None, Correspondences]:
+    def match(self, ref: Any, mov: Any, init: np.ndarray | None = None
+              ) -> tuple[np.ndarray | None, Correspondences]:
         ia, ib = match_features(ref, mov)
         if ia.size < 3:
             return None, Correspondences.empty()
@@ -178,8 +179,9 @@ class _BlockBackend:
     def prepare(self, image: np.ndarray) -> Any:
         return self.matcher.prepare(image)
 
-    def match(self, ref: Any, mov: Any) -> tuple[np.ndarray | None, Correspondences]:
-        return self.matcher.match(ref, mov)
+    def match(self, ref: Any, mov: Any, init: np.ndarray | None = None
+              ) -> tuple[np.ndarray | None, Correspondences]:
+        return self.matcher.match(ref, mov, init)
 
 
 def _make_backend(opts: AlignOptions) -> Any:
@@ -226,10 +228,16 @@ class _Solver:
             return a_z
         t0 = time.perf_counter()
         lifted_src, lifted_dst, weights, candidates = [], [], [], []
-        for k, (zk, state_k, a_k) in enumerate(reversed(self.history), start=1):
-            m, corr = self.backend.match(state_k, state)
+        predicted: np.ndarray | None = None  # A_z from the nearest neighbour that matched
+        for k, (_, state_k, a_k) in enumerate(reversed(self.history), start=1):
+            # Farther neighbours start from the prediction (slice z-k -> slice z) and skip the
+            # coarse levels; the nearest one is matched from scratch.
+            init = None if predicted is None else compose(predicted, invert(a_k))
+            m, corr = self.backend.match(state_k, state, init)
             if m is None or len(corr) < 3:
                 continue
+            if predicted is None:
+                predicted = compose(m, a_k)
             # x = A_k^-1(p) is the output-frame position of correspondence (p, q).
             a_k_inv = invert(a_k)
             lifted_src.append(corr.src @ a_k_inv[:, :2].T + a_k_inv[:, 2])
