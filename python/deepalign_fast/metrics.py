@@ -339,8 +339,10 @@ def ncc(a: ArrayLike, b: ArrayLike, mask: ArrayLike | None = None) -> float:
         x, y = x[m], y[m]
     x = x.ravel() - x.mean()
     y = y.ravel() - y.mean()
-    den = float(np.sqrt((x @ x) * (y @ y)))
-    return float(x @ y) / den if den > 0 else float("nan")
+    # elementwise sums, not BLAS dot products: these stay single-threaded and do not fight the
+    # C++ pool for cores
+    den = float(np.sqrt(np.sum(x * x) * np.sum(y * y)))
+    return float(np.sum(x * y)) / den if den > 0 else float("nan")
 
 
 def _data_range(a: NDArray[Any], b: NDArray[Any]) -> float:
