@@ -310,9 +310,14 @@ def evaluate_alignment(
         "tre": tre.to_dict(),
         "estimated": [None if e is None else e.tolist() for e in est],
     }
+    # compare aligned neighbours only where both hold data: the fill border an aligner adds
+    # would otherwise count as perfectly similar
+    ones = np.ones(truth.shape, np.uint8)
+    masks = [None if e is None else _warp_affine(ones, e, out_shape, nearest=True) > 0
+             for e in est]
     for name in ("ncc", "ssim"):
         before = neighbour_similarity(mis, name)
-        after = neighbour_similarity(al, name)
+        after = neighbour_similarity(al, name, masks=masks)
         mb, ma = float(np.nanmean(before)), float(np.nanmean(after))
         result[f"neighbour_{name}"] = {"before": before.tolist(), "after": after.tolist(),
                                        "mean_before": mb, "mean_after": ma}
