@@ -173,12 +173,16 @@ _COLOURS = [(180, 90, 30), (30, 120, 230), (40, 160, 40), (40, 40, 200), (150, 6
             (90, 90, 90)]
 
 
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> tuple[list[float], float]:
+def _nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False
+                ) -> tuple[list[float], float]:
     if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
         return ([lo] if math.isfinite(lo) else []), 1.0
     raw = (hi - lo) / count
+    if integer:  # slice indices: whole-number ticks only
+        raw = max(raw, 1.0)
     mag = 10 ** math.floor(math.log10(raw))
-    step = min((s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw), default=10 * mag)
+    steps = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
+    step = min((s * mag for s in steps if s * mag >= raw), default=10 * mag)
     start = math.ceil(lo / step) * step
     return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)], step
 
@@ -233,7 +237,7 @@ def _plot(
         v = int(px(np.array([x0]), np.array([t]))[0, 1])
         cv2.line(canvas, (left, v), (left + pw, v), (235, 235, 235), 1)
         cv2.putText(canvas, _fmt(t, ystep), (4, v + 4), font, 0.38, (60, 60, 60), 1, cv2.LINE_AA)
-    xt, xstep = _nice_ticks(x0, x1, 8)
+    xt, xstep = _nice_ticks(x0, x1, 8, integer=True)
     for t in xt:
         u = int(px(np.array([t]), np.array([y0]))[0, 0])
         cv2.line(canvas, (u, top + ph), (u, top + ph + 4), (60, 60, 60), 1)
