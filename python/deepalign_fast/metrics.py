@@ -339,8 +339,10 @@ def ncc(a: ArrayLike, b: ArrayLike, mask: ArrayLike | None = None) -> float:
         x, y = x[m], y[m]
     x = x.ravel() - x.mean()
     y = y.ravel() - y.mean()
-    den = float(np.sqrt((x @ x) * (y @ y)))
-    return float(x @ y) / den if den > 0 else float("nan")
+    # elementwise sums, not BLAS dot products: these stay single-threaded and do not fight the
+    # C++ pool for cores
+    den = float(np.sqrt(np.sum(x * x) * np.sum(y * y)))
+    return float(np.sum(x * y)) / den if den > 0 else float("nan")
 
 
 def _data_range(a: NDArray[Any], b: NDArray[Any]) -> float:
@@ -351,7 +353,8 @@ def _data_range(a: NDArray[Any], b: NDArray[Any]) -> float:
 
 
 def ssim(a: ArrayLike, b: ArrayLike, *, data_range: float | None = None,
-         sigma: float = 1.5, full: bool = False) -> float | tuple[float, NDArray[np.float64]]:
+         sigma: float = 1.5, full: bool = False, mask: ArrayLike | None = None,
+         ) -> float | tuple[float, NDArray[np.float64]]:
     """Structural similarity with a Gaussian window (Wang et al. 2004).
 
     Matches ``skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
@@ -367,6 +370,9 @@ def ssim(a: ArrayLike, b: ArrayLike, *, data_range: float | None = None,
         Gaussian window standard deviation.
     full : bool
         Also return the SSIM map.
+    mask : array_like of bool, optional
+        Average the map only where the whole window lies inside ``mask`` (e.g. to leave out
+        the fill borders of a warped slice). NaN if no such pixel exists.
     """
     x, y = np.asarray(a), np.asarray(b)
     if x.shape != y.shape or x.ndim != 2:
@@ -390,13 +396,23 @@ def ssim(a: ArrayLike, b: ArrayLike, *, data_range: float | None = None,
     cxy = blur(xf * yf) - mx * my
     c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
     smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    value = float(smap[radius:-radius, radius:-radius].mean())
+    if mask is None:
+        value = float(smap[radius:-radius, radius:-radius].mean())
+    else:
+        m = np.asarray(mask).astype(np.uint8)
+        if m.shape != x.shape:
+            raise DeepAlignError(f"ssim: mask shape {m.shape} != image shape {x.shape}")
+        inner = cv2.erode(m, np.ones((k, k), np.uint8), borderType=cv2.BORDER_CONSTANT,
+                          borderValue=0).astype(bool)
+        value = float(smap[inner].mean()) if inner.any() else float("nan")
     return (value, smap) if full else value
 
 
 def neighbour_similarity(
     stack: _Stack | NDArray[Any],
-    metric: str | Callable[[NDArray[Any], NDArray[Any]], float] = "ncc",
+    metric: str | Callable[..., float] = "ncc",
+    *,
+    masks: Sequence[ArrayLike | None] | None = None,
 ) -> NDArray[np.float64]:
     """Similarity of each pair of consecutive slices.
 
@@ -406,14 +422,18 @@ def neighbour_similarity(
         Anything with ``__len__`` and ``__getitem__(i)`` (or ``read(i)``) returning a slice;
         slices are read one at a time.
     metric : {"ncc", "ssim"} or callable
-        ``metric(slice_z, slice_z_plus_1) -> float``.
+        ``metric(slice_z, slice_z_plus_1) -> float`` (called with ``mask=`` when masks are
+        given).
+    masks : sequence of (y, x) bool arrays or None, optional
+        Valid pixels of each slice (e.g. not fill border of a warped slice); a pair is compared
+        where both are valid. ``None`` entries mean all valid.
 
     Returns
     -------
     ndarray, shape (n - 1,)
         Entry ``z`` compares slices ``z`` and ``z + 1``.
     """
-    fn: Callable[[NDArray[Any], NDArray[Any]], float]
+    fn: Callable[..., float]
     if metric == "ncc":
         fn = ncc
     elif metric == "ssim":
@@ -423,11 +443,18 @@ def neighbour_similarity(
     else:
         raise DeepAlignError(f"unknown metric {metric!r}; use 'ncc', 'ssim' or a callable")
     n = len(stack)
+    if masks is not None and len(masks) != n:
+        raise DeepAlignError(f"{len(masks)} masks for {n} slices")
     out = np.empty(max(n - 1, 0))
     prev = _read(stack, 0) if n else None
     for z in range(1, n):
         cur = _read(stack, z)
-        out[z - 1] = fn(prev, cur)  # type: ignore[arg-type]
+        if masks is None or (masks[z - 1] is None and masks[z] is None):
+            out[z - 1] = fn(prev, cur)
+        else:
+            ma, mb = (np.ones(cur.shape, bool) if m is None else np.asarray(m).astype(bool)
+                      for m in (masks[z - 1], masks[z]))
+            out[z - 1] = fn(prev, cur, mask=ma & mb)
         prev = cur
     return out
 

@@ -199,3 +199,21 @@ def test_normalized_improvement():
     assert normalized_improvement(0.25, 0.5) == pytest.approx(-0.5)
     assert np.isnan(normalized_improvement(1.0, 1.0))
     np.testing.assert_allclose(normalized_improvement([1.0, 0.6], [0.6, 0.6]), [1.0, 0.0])
+
+
+def test_masked_similarity_ignores_fill_border(rng):
+    a = ndimage.gaussian_filter(rng.normal(size=(60, 70)), 2)
+    b = a + 0.05 * rng.normal(size=a.shape)
+    c = ndimage.gaussian_filter(rng.normal(size=(60, 70)), 2)  # unrelated
+    mask = np.zeros(a.shape, bool)
+    mask[:, :35] = True
+    b2, c2 = b.copy(), c.copy()
+    b2[:, 35:] = 0  # fill border
+    c2[:, 35:] = 0
+    # masked SSIM: mean of the map where the window lies inside the mask (and the image)
+    val, smap = ssim(a, b, data_range=1.0, full=True)
+    assert ssim(a, b2, data_range=1.0, mask=mask) == pytest.approx(smap[5:-5, 5:30].mean())
+    masks = [mask, mask, mask]
+    got = neighbour_similarity(np.stack([a, b2, c2]), "ncc", masks=masks)
+    np.testing.assert_allclose(got, [ncc(a[:, :35], b[:, :35]), ncc(b[:, :35], c[:, :35])])
+    assert got[1] < 0.5
