@@ -1,3 +1,17 @@
 """Type stubs for the compiled core (hand-written; keep in sync with csrc/bindings)."""
 
+import numpy as np
+import numpy.typing as npt
+
 def hardware_threads() -> int: ...
+
+# csrc/bindings/bind_warp.cpp: writes into `dst` (same dtype as `src`, C-contiguous).
+def warp_affine(
+    src: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
+    dst: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
+    matrix: npt.NDArray[np.float64],
+    interpolation: int,
+    border: int,
+    fill: float,
+    num_threads: int,
+) -> None: ...
