@@ -25,6 +25,8 @@ except ImportError as exc:  # pragma: no cover - only hit in a broken install
         "with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
     ) from exc
 
+from .warp import warp_affine  # noqa: E402  (after the _core import check)
+
 try:
     __version__ = version("deepalign-fast")
 except PackageNotFoundError:  # running from a source tree (PYTHONPATH=python)
@@ -33,6 +35,7 @@ except PackageNotFoundError:  # running from a source tree (PYTHONPATH=python)
 __all__ = [
     "DeepAlignError",
     "__version__",
+    "warp_affine",
 ]
 
 
