@@ -26,6 +26,10 @@ except ImportError as exc:  # pragma: no cover - only hit in a broken install
     ) from exc
 
 from .estimate import MODELS, RansacResult, estimate_transform, fit_transform  # noqa: E402
+from .warp import warp_affine  # noqa: E402  (after the _core import check)
+from .io import open_stack  # noqa: E402
+from .pipeline import AlignOptions, AlignResult, Aligner  # noqa: E402
+from .transforms import TransformSet  # noqa: E402
 
 try:
     __version__ = version("deepalign-fast")
@@ -34,11 +38,17 @@ except PackageNotFoundError:  # running from a source tree (PYTHONPATH=python)
 
 __all__ = [
     "MODELS",
+    "AlignOptions",
+    "AlignResult",
+    "Aligner",
+    "TransformSet",
+    "open_stack",
     "DeepAlignError",
     "RansacResult",
     "estimate_transform",
     "fit_transform",
     "__version__",
+    "warp_affine",
 ]
 
 

@@ -25,3 +25,14 @@ def fit_transform(
     model: str,
     weights: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64] | None: ...
+
+# csrc/bindings/bind_warp.cpp: writes into `dst` (same dtype as `src`, C-contiguous).
+def warp_affine(
+    src: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
+    dst: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
+    matrix: npt.NDArray[np.float64],
+    interpolation: int,
+    border: int,
+    fill: float,
+    num_threads: int,
+) -> None: ...

@@ -1,0 +1,557 @@
+// Affine warp kernels. How it is fast (see warp.hpp for the semantics):
+//
+// - Per output row, the x-range whose 4 bilinear taps all lie inside the source is solved
+//   analytically (the source coordinates are linear in x), so the inner loop has no bounds
+//   checks; only the few pixels near the source edges take the general, checked sampler.
+// - The interior is processed in blocks: a first loop computes source coordinates and
+//   weights for a block (plain float64 arithmetic the compiler vectorises), a second loop
+//   gathers the 4 taps and blends (uint8: exact 11-bit fixed-point integer arithmetic).
+// - Axis-aligned maps (translation, scale: m[1] == m[3] == 0), the common FIB-SEM case, are
+//   separable: each output row blends two source rows once (contiguous, vectorised), then
+//   interpolates along x from per-column tables computed once per call; a pure translation
+//   (m[0] == 1) reads that blended row contiguously.
+#include "deepalign/warp.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "deepalign/parallel.hpp"
+
+namespace deepalign {
+namespace {
+
+constexpr int kFracBits = 11;  // uint8 bilinear weights: 1/2048 pixel
+constexpr std::int32_t kOne = 1 << kFracBits;
+// Interior ranges are solved this far (in source pixels) inside the exact limits, so that
+// rounding in the solve can never let an unchecked tap fall outside the image; the endpoints
+// are then re-checked with the very expression the inner loop uses.
+constexpr double kMargin = 1e-6;
+constexpr std::int64_t kBlock = 64;
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DEEPALIGN_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define DEEPALIGN_ALWAYS_INLINE
+#endif
+// Runtime dispatch (GNU ifunc) of the hot interior loop: an AVX2+FMA clone and a baseline one.
+// Only this loop is cloned; no global -march flag is used.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(DEEPALIGN_NO_CLONES)
+#define DEEPALIGN_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DEEPALIGN_X86_DISPATCH 1
+#include <immintrin.h>
+#else
+#define DEEPALIGN_X86_DISPATCH 0
+#define DEEPALIGN_TARGET_CLONES
+#endif
+
+// Round to nearest (half up) and saturate for integer T; plain conversion for float.
+template <class T, class V>
+inline T to_pixel(V v) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return static_cast<T>(v);
+  } else {
+    constexpr V hi = static_cast<V>(std::numeric_limits<T>::max());
+    if (!(v > V(0))) return T(0);
+    if (v >= hi) return std::numeric_limits<T>::max();
+    return static_cast<T>(static_cast<std::int32_t>(v + V(0.5)));
+  }
+}
+
+template <class T>
+T fill_value(double fill) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return static_cast<T>(fill);
+  } else {
+    return to_pixel<T>(fill);  // saturates +-inf; NaN was rejected by validate()
+  }
+}
+
+// Bilinear sample with all checks, in float64: used for pixels near the source edges.
+template <class T>
+double sample_linear(const ImageView<const T>& s, double sx, double sy, Border border,
+                     double fill) {
+  const double w = static_cast<double>(s.width), h = static_cast<double>(s.height);
+  if (border == Border::Replicate) {
+    sx = std::min(std::max(sx, 0.0), w - 1.0);
+    sy = std::min(std::max(sy, 0.0), h - 1.0);
+  } else if (!(sx > -1.0 && sx < w && sy > -1.0 && sy < h)) {
+    return fill;
+  }
+  const double fx = std::floor(sx), fy = std::floor(sy);
+  const double wx = sx - fx, wy = sy - fy;
+  const auto x0 = static_cast<std::int64_t>(fx), y0 = static_cast<std::int64_t>(fy);
+  // A tap with weight exactly 0 is not read (identity warps stay exact at the last column).
+  const std::int64_t x1 = wx > 0.0 ? x0 + 1 : x0, y1 = wy > 0.0 ? y0 + 1 : y0;
+  auto tap = [&](std::int64_t x, std::int64_t y) -> double {
+    if (x < 0 || x >= s.width || y < 0 || y >= s.height) return fill;
+    return static_cast<double>(s.row(y)[x]);
+  };
+  const double top = (1.0 - wx) * tap(x0, y0) + wx * tap(x1, y0);
+  const double bot = (1.0 - wx) * tap(x0, y1) + wx * tap(x1, y1);
+  return (1.0 - wy) * top + wy * bot;
+}
+
+// Integer x in [0, n) with lo <= a * x + r <= hi, as [first, last) (possibly empty).
+void solve_range(double a, double r, double lo, double hi, std::int64_t n, std::int64_t& first,
+                 std::int64_t& last) {
+  if (a == 0.0) {
+    first = 0;
+    last = (r >= lo && r <= hi) ? n : 0;
+    return;
+  }
+  double x_lo = (lo - r) / a, x_hi = (hi - r) / a;
+  if (a < 0.0) std::swap(x_lo, x_hi);
+  const double nd = static_cast<double>(n);
+  x_lo = std::ceil(std::min(std::max(x_lo, 0.0), nd));
+  x_hi = std::floor(std::min(std::max(x_hi, -1.0), nd - 1.0)) + 1.0;
+  first = static_cast<std::int64_t>(x_lo);
+  last = std::max(first, static_cast<std::int64_t>(x_hi));
+}
+
+// ---- general affine, bilinear --------------------------------------------------------------
+
+// Source offsets and bilinear weights of n consecutive interior pixels starting at x0.
+template <bool kFixed, class Offset, class Weight>
+DEEPALIGN_ALWAYS_INLINE inline void block_coords(double x0, int n, double a, double rx, double c,
+                                                 double ry, double stride_d, Offset* off,
+                                                 Weight* wx, Weight* wy) {
+  // Coordinates: sx, sy >= 0 in the interior, so truncation is floor. The offset is exact
+  // in float64 (< 2^53).
+  for (int k = 0; k < n; ++k) {
+    const double xd = x0 + k;
+    const double sx = a * xd + rx, sy = c * xd + ry;
+    const double fx = static_cast<double>(static_cast<std::int32_t>(sx));
+    const double fy = static_cast<double>(static_cast<std::int32_t>(sy));
+    off[k] = static_cast<Offset>(fy * stride_d + fx);
+    if constexpr (kFixed) {
+      wx[k] = static_cast<std::int32_t>((sx - fx) * kOne + 0.5);
+      wy[k] = static_cast<std::int32_t>((sy - fy) * kOne + 0.5);
+    } else {
+      wx[k] = static_cast<float>(sx - fx);
+      wy[k] = static_cast<float>(sy - fy);
+    }
+  }
+}
+
+// Exact 11-bit fixed-point bilinear blend of n uint8 pixels.
+template <class Offset>
+DEEPALIGN_ALWAYS_INLINE inline void blend_u8_scalar(const std::uint8_t* src, std::int64_t stride,
+                                                    const Offset* off, const std::int32_t* wx,
+                                                    const std::int32_t* wy, int n,
+                                                    std::uint8_t* o) {
+  for (int k = 0; k < n; ++k) {
+    const std::uint8_t* p = src + off[k];
+    const std::int32_t p00 = p[0], p01 = p[1], p10 = p[stride], p11 = p[stride + 1];
+    const std::int32_t top = (p00 << kFracBits) + wx[k] * (p01 - p00);
+    const std::int32_t bot = (p10 << kFracBits) + wx[k] * (p11 - p10);
+    // A convex combination: 0 <= v <= 255 << 22, no saturation needed.
+    const std::int32_t v = (top << kFracBits) + wy[k] * (bot - top);
+    o[k] = static_cast<std::uint8_t>((v + (1 << (2 * kFracBits - 1))) >> (2 * kFracBits));
+  }
+}
+
+// The interior kernel. `Offset` is int32 when the source has < 2^31 elements (always in
+// practice), so the tap addresses are computed in the vectorised coordinate loop.
+template <class T, class Offset>
+DEEPALIGN_ALWAYS_INLINE inline void linear_interior_impl(const T* src, std::int64_t stride, T* out,
+                                                         std::int64_t x_begin, std::int64_t x_end,
+                                                         double a, double rx, double c,
+                                                         double ry) {
+  constexpr bool kFixed = std::is_same_v<T, std::uint8_t>;
+  using Weight = std::conditional_t<kFixed, std::int32_t, float>;
+  alignas(64) Offset off[kBlock];
+  alignas(64) Weight wx[kBlock], wy[kBlock];
+  const double stride_d = static_cast<double>(stride);
+  for (std::int64_t xb = x_begin; xb < x_end; xb += kBlock) {
+    const int n = static_cast<int>(std::min(kBlock, x_end - xb));
+    const double x0 = static_cast<double>(xb);
+    block_coords<kFixed>(x0, n, a, rx, c, ry, stride_d, off, wx, wy);
+    T* o = out + xb;
+    if constexpr (kFixed) {
+      blend_u8_scalar(src, stride, off, wx, wy, n, o);
+    } else {
+      for (int k = 0; k < n; ++k) {
+        const T* p = src + off[k];
+        const float p00 = p[0], p01 = p[1], p10 = p[stride], p11 = p[stride + 1];
+        const float top = p00 + wx[k] * (p01 - p00);
+        const float bot = p10 + wx[k] * (p11 - p10);
+        o[k] = to_pixel<T>(top + wy[k] * (bot - top));
+      }
+    }
+  }
+}
+
+// One non-template entry per (type, offset) so that on x86-64 the compiler can clone it for
+// AVX2 and pick the clone at load time (ifunc); the baseline build stays plain x86-64.
+#define DEEPALIGN_INTERIOR(NAME, T, OFFSET)                                                    \
+  DEEPALIGN_TARGET_CLONES void NAME(const T* src, std::int64_t stride, T* out,                 \
+                                    std::int64_t x_begin, std::int64_t x_end, double a,        \
+                                    double rx, double c, double ry) {                          \
+    linear_interior_impl<T, OFFSET>(src, stride, out, x_begin, x_end, a, rx, c, ry);           \
+  }
+DEEPALIGN_INTERIOR(interior_u8_32, std::uint8_t, std::int32_t)
+DEEPALIGN_INTERIOR(interior_u8_64, std::uint8_t, std::int64_t)
+DEEPALIGN_INTERIOR(interior_u16_32, std::uint16_t, std::int32_t)
+DEEPALIGN_INTERIOR(interior_u16_64, std::uint16_t, std::int64_t)
+DEEPALIGN_INTERIOR(interior_f32_32, float, std::int32_t)
+DEEPALIGN_INTERIOR(interior_f32_64, float, std::int64_t)
+#undef DEEPALIGN_INTERIOR
+
+#if DEEPALIGN_X86_DISPATCH
+inline std::int32_t load_u16(const std::uint8_t* p) {
+  std::uint16_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// uint8 interior with AVX2: one 16-bit load per pixel and source row fetches both horizontal
+// taps; 8 pixels are blended at once with the same exact 11-bit fixed-point arithmetic as the
+// portable loop, so both give identical results.
+__attribute__((target("arch=x86-64-v3"))) void interior_u8_avx2(
+    const std::uint8_t* src, std::int64_t stride, std::uint8_t* out, std::int64_t x_begin, std::int64_t x_end, double a, double rx, double c,
+    double ry) {
+  alignas(64) std::int32_t off[kBlock], wx[kBlock], wy[kBlock];
+  const double stride_d = static_cast<double>(stride);
+  const __m256i mask = _mm256_set1_epi32(0xFF);
+  const __m256i half = _mm256_set1_epi32(1 << (2 * kFracBits - 1));
+  for (std::int64_t xb = x_begin; xb < x_end; xb += kBlock) {
+    const int n = static_cast<int>(std::min(kBlock, x_end - xb));
+    block_coords<true>(static_cast<double>(xb), n, a, rx, c, ry, stride_d, off, wx, wy);
+    std::uint8_t* o = out + xb;
+    int k = 0;
+    for (; k + 8 <= n; k += 8) {
+      // Two 16-bit loads per pixel (both horizontal taps of each row): on AMD Zen cores
+      // this beats vpgatherdd, whose latency dominated the loop.
+      const std::int32_t* ok = off + k;
+      const __m256i g0 = _mm256_setr_epi32(load_u16(src + ok[0]), load_u16(src + ok[1]),
+                                           load_u16(src + ok[2]), load_u16(src + ok[3]),
+                                           load_u16(src + ok[4]), load_u16(src + ok[5]),
+                                           load_u16(src + ok[6]), load_u16(src + ok[7]));
+      const std::uint8_t* s1 = src + stride;
+      const __m256i g1 = _mm256_setr_epi32(load_u16(s1 + ok[0]), load_u16(s1 + ok[1]),
+                                           load_u16(s1 + ok[2]), load_u16(s1 + ok[3]),
+                                           load_u16(s1 + ok[4]), load_u16(s1 + ok[5]),
+                                           load_u16(s1 + ok[6]), load_u16(s1 + ok[7]));
+      const __m256i p00 = _mm256_and_si256(g0, mask);
+      const __m256i p01 = _mm256_srli_epi32(g0, 8);
+      const __m256i p10 = _mm256_and_si256(g1, mask);
+      const __m256i p11 = _mm256_srli_epi32(g1, 8);
+      const __m256i vwx = _mm256_load_si256(reinterpret_cast<const __m256i*>(wx + k));
+      const __m256i vwy = _mm256_load_si256(reinterpret_cast<const __m256i*>(wy + k));
+      const __m256i top = _mm256_add_epi32(_mm256_slli_epi32(p00, kFracBits),
+                                           _mm256_mullo_epi32(vwx, _mm256_sub_epi32(p01, p00)));
+      const __m256i bot = _mm256_add_epi32(_mm256_slli_epi32(p10, kFracBits),
+                                           _mm256_mullo_epi32(vwx, _mm256_sub_epi32(p11, p10)));
+      __m256i v = _mm256_add_epi32(_mm256_slli_epi32(top, kFracBits),
+                                   _mm256_mullo_epi32(vwy, _mm256_sub_epi32(bot, top)));
+      v = _mm256_srli_epi32(_mm256_add_epi32(v, half), 2 * kFracBits);
+      const __m128i w16 =
+          _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packus_epi16(w16, w16));
+    }
+    blend_u8_scalar(src, stride, off + k, wx + k, wy + k, n - k, o + k);
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <class T>
+void linear_interior(const ImageView<const T>& s, T* out, std::int64_t x_begin, std::int64_t x_end,
+                     double a, double rx, double c, double ry) {
+  const bool small = s.height * s.stride < (std::int64_t{1} << 31);
+  if constexpr (std::is_same_v<T, std::uint8_t>) {
+#if DEEPALIGN_X86_DISPATCH
+    if (small && cpu_has_avx2()) {
+      interior_u8_avx2(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry);
+      return;
+    }
+#endif
+    (small ? interior_u8_32 : interior_u8_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry);
+  } else if constexpr (std::is_same_v<T, std::uint16_t>) {
+    (small ? interior_u16_32 : interior_u16_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c,
+                                                ry);
+  } else {
+    (small ? interior_f32_32 : interior_f32_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c,
+                                                ry);
+  }
+}
+
+template <class T>
+void linear_rows(const ImageView<const T>& s, const ImageView<T>& d, const double* m,
+                 Border border, T fill, std::int64_t y_begin, std::int64_t y_end) {
+  const double w = static_cast<double>(s.width), h = static_cast<double>(s.height);
+  const double fill_d = static_cast<double>(fill);
+  for (std::int64_t y = y_begin; y < y_end; ++y) {
+    const double yd = static_cast<double>(y);
+    const double rx = m[1] * yd + m[2], ry = m[4] * yd + m[5];
+    T* out = d.row(y);
+    std::int64_t a0, a1, b0, b1;
+    solve_range(m[0], rx, kMargin, w - 1.0 - kMargin, d.width, a0, a1);
+    solve_range(m[3], ry, kMargin, h - 1.0 - kMargin, d.width, b0, b1);
+    std::int64_t first = std::max(a0, b0), last = std::min(a1, b1);
+    auto inside = [&](std::int64_t x) {
+      const double xd = static_cast<double>(x);
+      const double sx = m[0] * xd + rx, sy = m[3] * xd + ry;
+      return sx >= 0.0 && sx < w - 1.0 && sy >= 0.0 && sy < h - 1.0;
+    };
+    while (first < last && !inside(first)) ++first;
+    while (last > first && !inside(last - 1)) --last;
+    if (last <= first) first = last = 0;
+    for (std::int64_t x = 0; x < d.width; ++x) {
+      if (x == first && last > first) {
+        linear_interior(s, out, first, last, m[0], rx, m[3], ry);
+        x = last - 1;
+        continue;
+      }
+      const double xd = static_cast<double>(x);
+      out[x] = to_pixel<T>(sample_linear(s, m[0] * xd + rx, m[3] * xd + ry, border, fill_d));
+    }
+  }
+}
+
+// ---- axis-aligned (m[1] == m[3] == 0): separable bilinear ------------------------------------
+
+struct ColumnTable {
+  std::vector<std::int32_t> ix;  // floor(x') per output column (interior columns only)
+  std::vector<float> wx;         // x' - floor(x')
+  std::int64_t first = 0, last = 0;  // interior output columns [first, last)
+  std::int64_t j_min = 0, j_max = 0;  // source columns read by the interior: [j_min, j_max]
+  bool translation = false;           // m[0] == 1: ix[x] = x + ix[first] - first
+};
+
+ColumnTable column_table(double a, double tx, std::int64_t src_width, std::int64_t dst_width) {
+  ColumnTable t;
+  t.ix.assign(static_cast<std::size_t>(dst_width), 0);
+  t.wx.assign(static_cast<std::size_t>(dst_width), 0.0f);
+  const double w = static_cast<double>(src_width);
+  t.translation = (a == 1.0);
+  const double k0 = std::floor(tx);
+  bool any = false;
+  for (std::int64_t x = 0; x < dst_width; ++x) {
+    const double xd = static_cast<double>(x);
+    double fx, frac;
+    if (t.translation) {  // exact: x' = x + tx, so floor(x') = x + floor(tx)
+      fx = xd + k0;
+      frac = tx - k0;
+    } else {
+      const double sx = a * xd + tx;
+      fx = std::floor(sx);
+      frac = sx - fx;
+    }
+    // Interior: both taps inside (the second one is only read if its weight is non-zero).
+    const bool inside = fx >= 0.0 && (frac > 0.0 ? fx + 1.0 <= w - 1.0 : fx <= w - 1.0);
+    if (!inside) continue;
+    // A monotone map makes the interior contiguous.
+    if (!any) t.first = x;
+    any = true;
+    t.last = x + 1;
+    t.ix[static_cast<std::size_t>(x)] = static_cast<std::int32_t>(fx);
+    t.wx[static_cast<std::size_t>(x)] = static_cast<float>(frac);
+  }
+  if (any) {
+    const auto i0 = t.ix[static_cast<std::size_t>(t.first)];
+    const auto i1 = t.ix[static_cast<std::size_t>(t.last - 1)];
+    t.j_min = std::min(i0, i1);
+    // +1 for the second tap, but never past the image (weight-0 taps at the last column).
+    t.j_max = std::min<std::int64_t>(std::max(i0, i1) + 1, src_width - 1);
+  }
+  return t;
+}
+
+template <class T>
+void separable_rows(const ImageView<const T>& s, const ImageView<T>& d, const double* m,
+                    Border border, T fill, const ColumnTable& t, std::int64_t y_begin,
+                    std::int64_t y_end) {
+  const double h = static_cast<double>(s.height);
+  const double fill_d = static_cast<double>(fill);
+  std::vector<float> tmp_buf(static_cast<std::size_t>(t.j_max - t.j_min + 2), 0.0f);
+  float* tmp = tmp_buf.data();
+  const std::int64_t span = t.j_max - t.j_min + 1;
+  for (std::int64_t y = y_begin; y < y_end; ++y) {
+    const double sy = m[4] * static_cast<double>(y) + m[5];
+    T* out = d.row(y);
+    const double fy = std::floor(sy);
+    const double wyd = sy - fy;
+    const bool row_inside = t.last > t.first && fy >= 0.0 &&
+                            (wyd > 0.0 ? fy + 1.0 <= h - 1.0 : fy <= h - 1.0);
+    std::int64_t first = row_inside ? t.first : 0, last = row_inside ? t.last : 0;
+    if (row_inside) {
+      const auto yi = static_cast<std::int64_t>(fy);
+      const T* r0 = s.row(yi) + t.j_min;
+      const T* r1 = wyd > 0.0 ? s.row(yi + 1) + t.j_min : r0;
+      const float wy = static_cast<float>(wyd);
+      for (std::int64_t j = 0; j < span; ++j) {
+        const float v0 = static_cast<float>(r0[j]), v1 = static_cast<float>(r1[j]);
+        tmp[j] = v0 + wy * (v1 - v0);
+      }
+      tmp[span] = tmp[span - 1];  // read with weight 0 only (last source column)
+      if (t.translation) {
+        const float wx = t.wx[static_cast<std::size_t>(first)];
+        const float* src = tmp + (t.ix[static_cast<std::size_t>(first)] - t.j_min);
+        T* o = out + first;
+        const std::int64_t n = last - first;
+        for (std::int64_t k = 0; k < n; ++k) {
+          o[k] = to_pixel<T>(src[k] + wx * (src[k + 1] - src[k]));
+        }
+      } else {
+        const std::int32_t* ix = t.ix.data();
+        const float* wx = t.wx.data();
+        for (std::int64_t x = first; x < last; ++x) {
+          const float* p = tmp + (ix[x] - t.j_min);
+          out[x] = to_pixel<T>(p[0] + wx[x] * (p[1] - p[0]));
+        }
+      }
+    }
+    for (std::int64_t x = 0; x < d.width; ++x) {
+      if (x == first && last > first) {
+        x = last - 1;
+        continue;
+      }
+      out[x] = to_pixel<T>(
+          sample_linear(s, m[0] * static_cast<double>(x) + m[2], sy, border, fill_d));
+    }
+  }
+}
+
+// ---- nearest (labels) ------------------------------------------------------------------------
+
+template <class T>
+void nearest_rows(const ImageView<const T>& s, const ImageView<T>& d, const double* m,
+                  Border border, T fill, std::int64_t y_begin, std::int64_t y_end) {
+  const double w = static_cast<double>(s.width), h = static_cast<double>(s.height);
+  for (std::int64_t y = y_begin; y < y_end; ++y) {
+    const double yd = static_cast<double>(y);
+    // floor(x' + 0.5): round half up. Folding 0.5 into the row offset keeps it one add.
+    const double rx = m[1] * yd + m[2] + 0.5, ry = m[4] * yd + m[5] + 0.5;
+    T* out = d.row(y);
+    if (border == Border::Constant) {
+      for (std::int64_t x = 0; x < d.width; ++x) {
+        const double xd = static_cast<double>(x);
+        const double sx = m[0] * xd + rx, sy = m[3] * xd + ry;
+        // >= 0 makes truncation equal floor below.
+        out[x] = (sx >= 0.0 && sx < w && sy >= 0.0 && sy < h)
+                     ? s.row(static_cast<std::int64_t>(sy))[static_cast<std::int64_t>(sx)]
+                     : fill;
+      }
+    } else {
+      for (std::int64_t x = 0; x < d.width; ++x) {
+        const double xd = static_cast<double>(x);
+        const double sx = std::min(std::max(m[0] * xd + rx, 0.0), w - 1.0);
+        const double sy = std::min(std::max(m[3] * xd + ry, 0.0), h - 1.0);
+        out[x] = s.row(static_cast<std::int64_t>(sy))[static_cast<std::int64_t>(sx)];
+      }
+    }
+  }
+}
+
+// ---- argument checks -------------------------------------------------------------------------
+
+template <class T>
+void validate(const ImageView<const T>& src, const ImageView<T>& dst, const double* matrix,
+              Interpolation interp, Border border, double fill, int num_threads) {
+  constexpr std::int64_t kMaxDim = std::numeric_limits<std::int32_t>::max() - 1;
+  auto check_view = [](const char* name, const void* data, std::int64_t h, std::int64_t w,
+                       std::int64_t stride) {
+    const std::string n(name);
+    if (data == nullptr) throw std::invalid_argument("warp_affine: " + n + " has no data");
+    if (h <= 0 || w <= 0) {
+      throw std::invalid_argument("warp_affine: " + n + " is empty (" + std::to_string(h) +
+                                  " x " + std::to_string(w) + ")");
+    }
+    if (h > kMaxDim || w > kMaxDim) {
+      throw std::invalid_argument("warp_affine: " + n + " is too large (max 2^31-2 per side)");
+    }
+    if (stride < w) {
+      throw std::invalid_argument("warp_affine: " + n + " stride " + std::to_string(stride) +
+                                  " is smaller than its width " + std::to_string(w));
+    }
+  };
+  check_view("src", src.data, src.height, src.width, src.stride);
+  check_view("dst", dst.data, dst.height, dst.width, dst.stride);
+  if (matrix == nullptr) throw std::invalid_argument("warp_affine: matrix is null");
+  for (int i = 0; i < 6; ++i) {
+    if (!std::isfinite(matrix[i])) {
+      throw std::invalid_argument("warp_affine: matrix entry " + std::to_string(i) +
+                                  " is not finite");
+    }
+  }
+  if (interp != Interpolation::Nearest && interp != Interpolation::Linear) {
+    throw std::invalid_argument("warp_affine: unknown interpolation " +
+                                std::to_string(static_cast<int>(interp)));
+  }
+  if (border != Border::Constant && border != Border::Replicate) {
+    throw std::invalid_argument("warp_affine: unknown border " +
+                                std::to_string(static_cast<int>(border)));
+  }
+  if (!std::is_floating_point_v<T> && std::isnan(fill)) {
+    throw std::invalid_argument("warp_affine: fill is NaN, which an integer image cannot hold");
+  }
+  resolve_num_threads(num_threads);  // throws on negative values
+  // Writing while reading the same memory would use already-warped pixels as input.
+  const auto* s0 = reinterpret_cast<const char*>(src.data);
+  const auto* s1 = reinterpret_cast<const char*>(src.row(src.height - 1) + src.width);
+  const auto* d0 = reinterpret_cast<const char*>(dst.data);
+  const auto* d1 = reinterpret_cast<const char*>(dst.row(dst.height - 1) + dst.width);
+  if (std::less<const char*>()(d0, s1) && std::less<const char*>()(s0, d1)) {
+    throw std::invalid_argument("warp_affine: src and dst overlap in memory");
+  }
+}
+
+}  // namespace
+
+template <class T>
+void warp_affine(const ImageView<const T>& src, const ImageView<T>& dst, const double matrix[6],
+                 Interpolation interp, Border border, double fill, int num_threads) {
+  validate(src, dst, matrix, interp, border, fill, num_threads);
+  double m[6];
+  std::copy(matrix, matrix + 6, m);
+  const T fill_t = fill_value<T>(fill);
+  // Keep at least ~64k output pixels per thread: below that, starting threads costs more.
+  const std::int64_t min_rows = std::max<std::int64_t>(1, 65536 / dst.width);
+
+  if (interp == Interpolation::Nearest) {
+    parallel_for(0, dst.height, num_threads,
+                 [&](std::int64_t y0, std::int64_t y1) {
+                   nearest_rows(src, dst, m, border, fill_t, y0, y1);
+                 },
+                 min_rows);
+    return;
+  }
+  if (m[1] == 0.0 && m[3] == 0.0) {
+    const ColumnTable table = column_table(m[0], m[2], src.width, dst.width);
+    parallel_for(0, dst.height, num_threads,
+                 [&](std::int64_t y0, std::int64_t y1) {
+                   separable_rows(src, dst, m, border, fill_t, table, y0, y1);
+                 },
+                 min_rows);
+    return;
+  }
+  parallel_for(0, dst.height, num_threads,
+               [&](std::int64_t y0, std::int64_t y1) {
+                 linear_rows(src, dst, m, border, fill_t, y0, y1);
+               },
+               min_rows);
+}
+
+template void warp_affine<std::uint8_t>(const ImageView<const std::uint8_t>&,
+                                        const ImageView<std::uint8_t>&, const double[6],
+                                        Interpolation, Border, double, int);
+template void warp_affine<std::uint16_t>(const ImageView<const std::uint16_t>&,
+                                         const ImageView<std::uint16_t>&, const double[6],
+                                         Interpolation, Border, double, int);
+template void warp_affine<float>(const ImageView<const float>&, const ImageView<float>&,
+                                 const double[6], Interpolation, Border, double, int);
+
+}  // namespace deepalign

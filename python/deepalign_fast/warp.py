@@ -1,0 +1,157 @@
+"""Affine warping of 2-D slices with the multithreaded C++ kernel.
+
+Conventions (see the package docstring): a point is ``(x, y)`` in pixels with the origin at
+the centre of the top-left pixel, and the matrix is the **pull map** from output (reference)
+coordinates to input (moving) coordinates: ``out[y, x] = image[T(x, y)]``. This is the matrix
+``cv2.warpAffine`` expects with ``WARP_INVERSE_MAP``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+
+__all__ = ["warp_affine"]
+
+_INTERPOLATION = {"nearest": 0, "linear": 1}
+_BORDER = {"constant": 0, "replicate": 1}
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+
+
+def warp_affine(
+    image: npt.ArrayLike,
+    matrix: npt.ArrayLike,
+    output_shape: tuple[int, int] | None = None,
+    *,
+    interpolation: str = "linear",
+    border: str = "constant",
+    fill: float = 0.0,
+    num_threads: int = 0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Warp a 2-D image with an affine pull map.
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W)
+        Source (moving) slice, dtype ``uint8``, ``uint16`` or ``float32``. Other dtypes are
+        rejected rather than converted: cast explicitly (e.g. ``image.astype(np.float32)``).
+        Non-contiguous input is copied once to C order.
+    matrix : array_like, shape (2, 3) or (3, 3)
+        Affine ``[[a, b, tx], [c, d, ty]]`` mapping output pixel ``(x, y)`` to source
+        ``(a*x + b*y + tx, c*x + d*y + ty)``. A 3x3 matrix must have last row ``[0, 0, 1]``.
+    output_shape : tuple of int, optional
+        ``(height, width)`` of the result; defaults to ``image.shape`` (or ``out.shape``).
+    interpolation : {"linear", "nearest"}
+        ``"linear"``: bilinear. ``"nearest"``: the pixel at ``floor(x' + 0.5)``,
+        ``floor(y' + 0.5)`` (ties round up); values are copied, never blended, so use it for
+        label images.
+    border : {"constant", "replicate"}
+        ``"constant"``: samples outside the image are ``fill``; for bilinear, taps outside
+        contribute ``fill`` (as ``cv2.BORDER_CONSTANT``). ``"replicate"``: clamp to the edge.
+    fill : float
+        Value outside the image, rounded and saturated to the dtype for integer images
+        (NaN is only allowed for ``float32``).
+    num_threads : int
+        Threads over output rows; 0 uses all cores. Output does not depend on it. One thread
+        is best when slices are already warped in parallel by the caller.
+    out : ndarray, optional
+        Preallocated C-contiguous, writeable result of the image's dtype (and
+        ``output_shape`` if given). Must not overlap ``image``.
+
+    Returns
+    -------
+    ndarray
+        The warped image (``out`` if given), same dtype as ``image``.
+
+    Raises
+    ------
+    ValueError
+        On an unsupported dtype, a non-2-D image, a malformed or non-finite matrix, a bad
+        output shape, an unknown option, or an unsuitable ``out``.
+
+    Notes
+    -----
+    Source coordinates are exact float64 per pixel (OpenCV quantises them to 1/32 pixel).
+    Bilinear weights are float32 for ``float32``/``uint16`` and 1/2048-pixel fixed point for
+    ``uint8``; integer results are rounded to nearest and saturated.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.arange(12, dtype=np.float32).reshape(3, 4)
+    >>> warp_affine(img, [[1, 0, 1], [0, 1, 0]], border="replicate")[0]
+    array([1., 2., 3., 3.], dtype=float32)
+    """
+    arr = np.asarray(image)
+    if arr.dtype not in _DTYPES:
+        raise ValueError(
+            f"image: unsupported dtype {arr.dtype}; warp_affine takes uint8, uint16 or float32, "
+            "cast explicitly, e.g. image.astype(np.float32)"
+        )
+    if arr.ndim != 2:
+        raise ValueError(f"image: expected a 2-D slice (y, x), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"image: is empty (shape {arr.shape})")
+    arr = np.ascontiguousarray(arr)
+
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape == (3, 3):
+        if not np.array_equal(m[2], [0.0, 0.0, 1.0]):
+            raise ValueError(f"matrix: a 3x3 affine needs last row [0, 0, 1], got {m[2].tolist()}")
+        m = m[:2]
+    if m.shape != (2, 3):
+        raise ValueError(f"matrix: expected shape (2, 3) or (3, 3), got {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError("matrix: contains NaN or infinity")
+    m = np.ascontiguousarray(m)
+
+    try:
+        interp_code = _INTERPOLATION[interpolation]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"interpolation: expected one of {sorted(_INTERPOLATION)}, got {interpolation!r}"
+        ) from None
+    try:
+        border_code = _BORDER[border]
+    except (KeyError, TypeError):
+        raise ValueError(f"border: expected one of {sorted(_BORDER)}, got {border!r}") from None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise ValueError(f"num_threads: expected an int, got {num_threads!r}")
+    if num_threads < 0:
+        raise ValueError(f"num_threads: must be >= 0 (0 = all cores), got {num_threads}")
+    fill_f = float(fill)
+    if np.isnan(fill_f) and arr.dtype != np.float32:
+        raise ValueError(f"fill: NaN cannot be stored in a {arr.dtype} image")
+
+    if output_shape is None:
+        shape = out.shape if out is not None else arr.shape
+    else:
+        shape = tuple(output_shape)
+    if (
+        len(shape) != 2
+        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape)
+        or min(shape) <= 0
+    ):
+        raise ValueError(f"output_shape: expected two positive ints (height, width), got {shape}")
+    h, w = int(shape[0]), int(shape[1])
+
+    if out is None:
+        out = np.empty((h, w), dtype=arr.dtype)
+    else:
+        if not isinstance(out, np.ndarray):
+            raise ValueError(f"out: expected a numpy array, got {type(out).__name__}")
+        if out.dtype != arr.dtype:
+            raise ValueError(f"out: dtype {out.dtype} differs from the image dtype {arr.dtype}")
+        if out.shape != (h, w):
+            raise ValueError(f"out: shape {out.shape} differs from the output shape {(h, w)}")
+        if not out.flags.c_contiguous:
+            raise ValueError("out: must be C-contiguous (results are never silently copied)")
+        if not out.flags.writeable:
+            raise ValueError("out: is read-only")
+        if np.shares_memory(out, arr):
+            raise ValueError("out: must not overlap the input image")
+    _core.warp_affine(arr, out, m, interp_code, border_code, fill_f, int(num_threads))
+    return out

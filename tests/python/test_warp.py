@@ -1,0 +1,204 @@
+"""warp_affine against independent references: scipy.ndimage.map_coordinates in float64 and
+cv2.warpAffine (WARP_INVERSE_MAP)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from deepalign_fast import warp_affine
+
+DTYPES = [np.uint8, np.uint16, np.float32]
+# map_coordinates modes matching our borders: "grid-constant" lets taps outside the image
+# contribute cval (cv2.BORDER_CONSTANT semantics); "nearest" clamps (BORDER_REPLICATE).
+MODES = {"constant": "grid-constant", "replicate": "nearest"}
+
+
+def _source_coords(matrix: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    sx = matrix[0, 0] * xx + matrix[0, 1] * yy + matrix[0, 2]
+    sy = matrix[1, 0] * xx + matrix[1, 1] * yy + matrix[1, 2]
+    return sx, sy
+
+
+def _reference(image, matrix, shape, *, order, border, fill):
+    sx, sy = _source_coords(matrix, shape)
+    # map_coordinates takes (row, col) = (y, x)
+    return ndi.map_coordinates(
+        image.astype(np.float64), [sy, sx], order=order, mode=MODES[border], cval=fill
+    )
+
+
+def _random_image(rng, dtype, shape=(97, 131)):
+    hi = {np.uint8: 255, np.uint16: 65535, np.float32: 1.0}[dtype]
+    return (rng.random(shape) * hi).astype(dtype)
+
+
+def _random_affine(rng, kind):
+    if kind == "translation":
+        return np.array([[1.0, 0.0, rng.uniform(-8, 8)], [0.0, 1.0, rng.uniform(-8, 8)]])
+    if kind == "scale":
+        return np.array([[rng.uniform(0.7, 1.4), 0.0, rng.uniform(-8, 8)],
+                         [0.0, rng.uniform(0.7, 1.4), rng.uniform(-8, 8)]])
+    th = rng.uniform(-0.4, 0.4)
+    s = rng.uniform(0.8, 1.25)
+    sh = rng.uniform(-0.1, 0.1)
+    a = s * np.array([[np.cos(th), -np.sin(th) + sh], [np.sin(th), np.cos(th)]])
+    return np.hstack([a, rng.uniform(-10, 10, size=(2, 1))])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("border", ["constant", "replicate"])
+@pytest.mark.parametrize("kind", ["general", "translation", "scale"])
+def test_linear_matches_map_coordinates(rng, num_threads, dtype, border, kind):
+    img = _random_image(rng, dtype)
+    fill = 0.3 if dtype == np.float32 else 17.0
+    for _ in range(3):
+        m = _random_affine(rng, kind)
+        shape = (89, 140)
+        out = warp_affine(img, m, shape, border=border, fill=fill, num_threads=num_threads)
+        assert out.dtype == dtype and out.shape == shape
+        ref = _reference(img, m, shape, order=1, border=border, fill=fill)
+        if dtype == np.float32:
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+        else:
+            rounded = np.clip(np.round(ref), 0, np.iinfo(dtype).max)
+            diff = np.abs(out.astype(np.float64) - rounded)
+            assert diff.max() <= 1
+            # Off by one only where the exact value is close to a rounding tie: uint8 uses
+            # 1/2048-pixel weights (value error <= 255/4096 ~ 0.06 LSB), uint16 float32 ones.
+            tol = 0.07 if dtype == np.uint8 else 0.01
+            near_tie = np.abs(ref - np.floor(ref) - 0.5) < tol
+            assert np.all(near_tie[diff > 0])
+        # Same output regardless of the thread count.
+        np.testing.assert_array_equal(
+            out, warp_affine(img, m, shape, border=border, fill=fill, num_threads=1)
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("border", ["constant", "replicate"])
+def test_nearest_matches_map_coordinates_and_never_blends(rng, num_threads, dtype, border):
+    labels = rng.integers(0, 6, size=(83, 71)).astype(dtype) * 10
+    for kind in ("general", "scale"):
+        m = _random_affine(rng, kind)
+        shape = (90, 77)
+        out = warp_affine(labels, m, shape, interpolation="nearest", border=border, fill=255,
+                          num_threads=num_threads)
+        assert set(np.unique(out).tolist()) <= set(np.unique(labels).tolist()) | {255}
+        ref = _reference(labels, m, shape, order=0, border=border, fill=255)
+        # Exact away from rounding ties (where the two roundings may legitimately differ).
+        sx, sy = _source_coords(m, shape)
+        tie = (np.abs(sx - np.floor(sx) - 0.5) < 1e-6) | (np.abs(sy - np.floor(sy) - 0.5) < 1e-6)
+        np.testing.assert_array_equal(out[~tie], ref[~tie])
+
+
+def test_integer_shift_is_exact(rng):
+    img = _random_image(rng, np.uint16)
+    out = warp_affine(img, [[1, 0, 5], [0, 1, -3]], fill=7)
+    np.testing.assert_array_equal(out[3:, :-5], img[:-3, 5:])
+    assert np.all(out[:3] == 7) and np.all(out[:, -5:] == 7)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_close_to_opencv(rng, dtype):
+    # cv2 quantises source positions to 1/32 pixel, so it differs from the exact bilinear
+    # value by at most about (1/64 px) x (steepest step between neighbours), plus rounding.
+    img = cv2.GaussianBlur(_random_image(rng, dtype, (200, 220)), (0, 0), 1.5)
+    f = img.astype(np.float64)
+    grad = max(np.abs(np.diff(f, axis=0)).max(), np.abs(np.diff(f, axis=1)).max())
+    for kind in ("general", "translation", "scale"):
+        m = _random_affine(rng, kind)
+        out = warp_affine(img, m, (180, 230), fill=0)
+        ref_cv = cv2.warpAffine(img, m, (230, 180), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        exact = _reference(img, m, (180, 230), order=1, border="constant", fill=0)
+        diff = np.abs(out.astype(np.float64) - ref_cv.astype(np.float64))
+        lsb = 1.0 if dtype == np.uint8 else 1e-5
+        assert diff.max() <= 2 * grad / 64 + lsb
+        # ... and ours is closer to the exact float64 value than cv2 is. For uint8 both errors
+        # are dominated by the output rounding (mean ~0.25 LSB), so only require parity there.
+        err_ours = np.abs(out.astype(np.float64) - exact)
+        err_cv = np.abs(ref_cv.astype(np.float64) - exact)
+        if dtype == np.uint8:
+            assert err_ours.mean() <= err_cv.mean() + 0.005
+        else:
+            assert err_ours.max() <= err_cv.max()
+
+
+def test_defaults_out_and_3x3():
+    img = np.arange(20, dtype=np.float32).reshape(4, 5)
+    m3 = np.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])
+    out = np.empty((4, 5), np.float32)
+    res = warp_affine(img, m3, out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, img)
+
+
+def test_real_em_slice_matches_reference(lucchi, num_threads):
+    image, labels = lucchi
+    sl = np.ascontiguousarray(image[0][:300, :300])
+    m = np.array([[0.99, -0.03, 4.3], [0.031, 1.01, -2.6]])
+    out = warp_affine(sl, m, (280, 290), num_threads=num_threads)
+    ref = np.round(_reference(sl, m, (280, 290), order=1, border="constant", fill=0))
+    assert np.abs(out.astype(float) - ref).max() <= 1
+    lab = np.ascontiguousarray(labels[0][:300, :300])
+    out_lab = warp_affine(lab, m, (280, 290), interpolation="nearest", num_threads=num_threads)
+    assert set(np.unique(out_lab).tolist()) <= set(np.unique(lab).tolist()) | {0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image": np.zeros((4, 4), np.float64)}, "cast explicitly"),
+        ({"image": np.zeros((4, 4), np.int32)}, "unsupported dtype"),
+        ({"image": np.zeros((2, 4, 4), np.uint8)}, "2-D"),
+        ({"image": np.zeros((0, 4), np.uint8)}, "empty"),
+        ({"matrix": np.eye(2)}, r"\(2, 3\) or \(3, 3\)"),
+        ({"matrix": [[1, 0, 0], [0, 1, 0], [0, 1, 1]]}, "last row"),
+        ({"matrix": [[1, 0, np.nan], [0, 1, 0]]}, "NaN or infinity"),
+        ({"output_shape": (0, 4)}, "output_shape"),
+        ({"output_shape": (4,)}, "output_shape"),
+        ({"interpolation": "cubic"}, "interpolation"),
+        ({"border": "wrap"}, "border"),
+        ({"num_threads": -1}, "num_threads"),
+        ({"fill": float("nan")}, "fill"),
+        ({"out": np.zeros((4, 4), np.float32)}, "dtype"),
+        ({"out": np.zeros((5, 4), np.uint8), "output_shape": (4, 4)}, "shape"),
+        ({"out": np.zeros((4, 8), np.uint8)[:, ::2]}, "C-contiguous"),
+    ],
+)
+def test_bad_inputs_raise(kwargs, match):
+    args = {"image": np.zeros((4, 4), np.uint8), "matrix": [[1, 0, 0], [0, 1, 0]]}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        warp_affine(args.pop("image"), args.pop("matrix"), **args)
+
+
+def test_read_only_and_overlapping_out_raise():
+    img = np.zeros((4, 4), np.uint8)
+    ro = np.zeros((4, 4), np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        warp_affine(img, [[1, 0, 0], [0, 1, 0]], out=ro)
+    with pytest.raises(ValueError, match="overlap"):
+        warp_affine(img, [[1, 0, 0], [0, 1, 0]], out=img)
+
+
+def test_core_binding_checks_arrays():
+    from deepalign_fast import _core
+
+    m = np.array([[1.0, 0, 0], [0, 1, 0]])
+    src = np.zeros((4, 4), np.uint8)
+    with pytest.raises(ValueError, match="dst: expected dtype uint8"):
+        _core.warp_affine(src, np.zeros((4, 4), np.float32), m, 1, 0, 0.0, 1)
+    with pytest.raises(ValueError, match="dst: array is not C-contiguous"):
+        _core.warp_affine(src, np.zeros((4, 4), np.uint8).T, m, 1, 0, 0.0, 1)
+    with pytest.raises(ValueError, match="src: expected dtype uint8, uint16 or float32"):
+        _core.warp_affine(np.zeros((4, 4), np.int8), np.zeros((4, 4), np.int8), m, 1, 0, 0.0, 1)
+    with pytest.raises(ValueError, match="matrix: expected dtype float64"):
+        _core.warp_affine(src, np.zeros((4, 4), np.uint8), m.astype(np.float32), 1, 0, 0.0, 1)
+    with pytest.raises(ValueError, match="interpolation"):
+        _core.warp_affine(src, np.zeros((4, 4), np.uint8), m, 3, 0, 0.0, 1)
