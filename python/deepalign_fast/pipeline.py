@@ -89,7 +89,7 @@ class AlignOptions:
 
     features: str = "blocks"
     model: str = "affine"
-    neighbours: int = 3
+    neighbours: int = 2
     threshold: float = 2.0
     min_matches: int = 12
     drift: str = "linear"
