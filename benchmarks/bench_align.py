@@ -1,0 +1,206 @@
+"""Stack alignment: accuracy (TRE on real EM with known synthetic misalignment) and speed,
+deepalign-fast side by side with pystackreg and the seed's OpenCV SIFT+RANSAC chained loop.
+
+    python -m benchmarks.bench_align                 # accuracy cases + throughput + memory
+    python -m benchmarks.bench_align --quick         # short stacks only
+
+Every method returns per-slice pull maps (output -> slice), scored by the same
+`metrics.target_registration_error` (one global affine frame removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from benchmarks._timing import markdown_table, save_json
+from deepalign_fast import Aligner, datasets
+from deepalign_fast.blocks import compose
+from deepalign_fast.metrics import target_registration_error
+from deepalign_fast.synth import misalign_stack
+
+
+def sift_chain(stack: np.ndarray, model: str) -> np.ndarray:
+    """The seed's baseline: SIFT + ratio test + RANSAC to the previous slice, chained."""
+    sift = cv2.SIFT_create()
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
+    feats = []
+    out = [np.array([[1.0, 0, 0], [0, 1.0, 0]])]
+    prev = None
+    for z, img in enumerate(stack):
+        kp, des = sift.detectAndCompute(img, None)
+        cur = (np.array([k.pt for k in kp], np.float64), des)
+        if prev is not None:
+            m = None
+            if cur[1] is not None and prev[1] is not None and len(kp) >= 3:
+                good = [p[0] for p in matcher.knnMatch(prev[1], cur[1], k=2)
+                        if len(p) == 2 and p[0].distance < 0.75 * p[1].distance]
+                if len(good) >= 3:
+                    src = prev[0][[g.queryIdx for g in good]]
+                    dst = cur[0][[g.trainIdx for g in good]]
+                    est = cv2.estimateAffine2D if model == "affine" else cv2.estimateAffinePartial2D
+                    m, _ = est(src, dst, ransacReprojThreshold=2.0)
+            m = np.array([[1.0, 0, 0], [0, 1.0, 0]]) if m is None else m
+            out.append(compose(m, out[-1]))
+        prev = cur
+        feats.append(len(kp))
+    return np.stack(out)
+
+
+def pystackreg_chain(stack: np.ndarray, model: str) -> np.ndarray:
+    from pystackreg import StackReg
+
+    kind = {"affine": StackReg.AFFINE, "rigid": StackReg.RIGID_BODY,
+            "translation": StackReg.TRANSLATION}[model]
+    tmats = StackReg(kind).register_stack(stack.astype(np.float64), reference="previous")
+    return tmats[:, :2, :]  # pull maps (output -> slice), as skimage.warp takes them
+
+
+def ours(stack: np.ndarray, model: str, features: str, drift: str) -> np.ndarray:
+    r = Aligner(model=model, features=features, drift=drift).estimate(stack, progress=False)
+    return r.transforms.affines
+
+
+CASES = {
+    # name: (loader, n slices, profile, model)
+    "lucchi FIB-SEM, jitter": (datasets.load_lucchi, 165, "jitter", "rigid"),
+    "lucchi FIB-SEM, fibsem (jitter + drift)": (datasets.load_lucchi, 165, "fibsem", "rigid"),
+    "isbi ssTEM, sstem": (datasets.load_isbi2012, 30, "sstem", "affine"),
+    "drosophila ssTEM, sstem": (datasets.load_drosophila, 20, "sstem", "affine"),
+}
+
+
+def accuracy(quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    for name, (load, n, profile, model) in CASES.items():
+        try:
+            stack = load()
+        except datasets.DataUnavailable as exc:
+            print(f"skip {name}: {exc}")
+            continue
+        stack = stack[: (min(n, 40) if quick else n)]
+        mis, truth = misalign_stack(stack, 0, profile=profile)
+        methods = {
+            f"deepalign-fast blocks {model}, drift linear": lambda s: ours(s, model, "blocks", "linear"),
+            f"deepalign-fast blocks {model}, drift all": lambda s: ours(s, model, "blocks", "all"),
+            f"deepalign-fast sift {model}, drift linear": lambda s: ours(s, model, "sift", "linear"),
+            f"SIFT+RANSAC chained ({model})": lambda s: sift_chain(s, model),
+            f"pystackreg {model} previous": lambda s: pystackreg_chain(s, model),
+        }
+        for mname, fn in methods.items():
+            t0 = time.perf_counter()
+            affines = fn(mis)
+            dt = time.perf_counter() - t0
+            tre = target_registration_error(affines, truth.transforms, mis.shape[1:])
+            row = {"case": name, "slices": len(mis), "shape": f"{mis.shape[1]}x{mis.shape[2]}",
+                   "method": mname, "tre_median_px": tre.median, "tre_p95_px": tre.p95,
+                   "tre_max_px": tre.max, "time_s": dt, "slices_per_s": len(mis) / dt}
+            rows.append(row)
+            print(f"{name:42s} {mname:44s} TRE median {tre.median:7.3f} p95 {tre.p95:7.3f} "
+                  f"{dt:6.1f} s", flush=True)
+    return rows
+
+
+def _big_stack(n: int, size: int = 2048) -> np.ndarray:
+    """n slices of real EM (drosophila ssTEM, upsampled to size^2) with 3 px jitter."""
+    try:
+        base = datasets.load_drosophila()
+    except datasets.DataUnavailable:
+        base = datasets.load_lucchi()
+    rng = np.random.default_rng(0)
+    out = np.empty((n, size, size), np.uint8)
+    for z in range(n):
+        img = cv2.resize(base[z % len(base)], (size + 16, size + 16), interpolation=cv2.INTER_CUBIC)
+        dx, dy = rng.integers(0, 16, 2)
+        out[z] = img[dy:dy + size, dx:dx + size]
+    return out
+
+
+def throughput(n: int) -> list[dict[str, Any]]:
+    import tifffile
+
+    stack = _big_stack(n)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "big.tif"
+        tifffile.imwrite(src, stack, photometric="minisblack")
+        runs = {
+            "deepalign-fast align (file -> file, rigid)": lambda: Aligner(model="rigid").align_stack(
+                src, Path(tmp) / "out.tif", progress=False),
+            "SIFT+RANSAC chained (estimate only)": lambda: sift_chain(stack, "rigid"),
+            "pystackreg rigid (estimate only)": lambda: pystackreg_chain(stack, "rigid"),
+        }
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            (Path(tmp) / "out.tif").unlink(missing_ok=True)
+            mpx = n * stack.shape[1] * stack.shape[2] / 1e6
+            rows.append({"method": name, "slices": n, "shape": "2048x2048", "time_s": dt,
+                         "slices_per_s": n / dt, "mpx_per_s": mpx / dt})
+            print(f"{name:48s} {n / dt:6.2f} slices/s {mpx / dt:7.1f} Mpx/s", flush=True)
+    return rows
+
+
+_MEM_SCRIPT = """
+import resource, sys, numpy as np, tifffile
+from deepalign_fast import Aligner
+Aligner(model="rigid").align_stack(sys.argv[1], sys.argv[2], progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def memory(depths: list[int]) -> list[dict[str, Any]]:
+    import tifffile
+
+    rows = []
+    base = _big_stack(8, size=1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in depths:
+            src = Path(tmp) / f"d{n}.tif"
+            stack = np.stack([base[z % len(base)] for z in range(n)])
+            tifffile.imwrite(src, stack, photometric="minisblack", compression="zlib")
+            out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(src),
+                                  str(Path(tmp) / f"o{n}.tif")], check=True, capture_output=True,
+                                 text=True, env=dict(os.environ))
+            rss_mb = int(out.stdout.strip().splitlines()[-1]) / 1024
+            rows.append({"depth": n, "shape": "1024x1024", "stack_mb": stack.nbytes / 2**20,
+                         "peak_rss_mb": rss_mb})
+            print(f"depth {n:4d}: stack {stack.nbytes / 2**20:7.1f} MiB, peak RSS {rss_mb:7.1f} MiB",
+                  flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "throughput", "memory"])
+    args = ap.parse_args(argv)
+    cv2.setNumThreads(2)
+    result: dict[str, Any] = {}
+    if "accuracy" not in args.skip:
+        result["accuracy"] = accuracy(args.quick)
+        print(markdown_table(result["accuracy"], ["case", "slices", "method", "tre_median_px",
+                                                  "tre_p95_px", "time_s", "slices_per_s"]))
+    if "throughput" not in args.skip:
+        result["throughput"] = throughput(6 if args.quick else 12)
+        print(markdown_table(result["throughput"], ["method", "slices", "shape", "time_s",
+                                                    "slices_per_s", "mpx_per_s"]))
+    if "memory" not in args.skip:
+        result["memory"] = memory([20, 80] if args.quick else [20, 80, 320])
+        print(markdown_table(result["memory"], ["depth", "shape", "stack_mb", "peak_rss_mb"]))
+    save_json("align", [r for v in result.values() for r in v])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
