@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks._timing import markdown_table, save_json
 from deepalign_fast import Aligner, datasets
-from deepalign_fast.blocks import compose
+from deepalign_fast.geometry import compose
 from deepalign_fast.metrics import target_registration_error
 from deepalign_fast.synth import misalign_stack
 

@@ -28,9 +28,10 @@ import numpy as np
 
 from .estimate import estimate_transform
 from .features import to_uint8
+from .geometry import compose, invert
 from .warp import warp_affine
 
-__all__ = ["BlockMatcher", "Correspondences", "compose", "invert", "phase_correlation"]
+__all__ = ["BlockMatcher", "Correspondences", "phase_correlation"]
 
 
 @dataclass(frozen=True)
@@ -48,18 +49,6 @@ class Correspondences:
     def empty() -> Correspondences:
         z = np.zeros((0, 2), np.float64)
         return Correspondences(z, z.copy(), np.zeros(0, np.float64))
-
-
-def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
-    """2x3 affine of ``outer(inner(p))``."""
-    o = np.vstack([outer, [0.0, 0.0, 1.0]])
-    i = np.vstack([inner, [0.0, 0.0, 1.0]])
-    return (o @ i)[:2]
-
-
-def invert(m: np.ndarray) -> np.ndarray:
-    """Inverse of a 2x3 affine."""
-    return np.linalg.inv(np.vstack([m, [0.0, 0.0, 1.0]]))[:2]
 
 
 def _scale_affine(m: np.ndarray, factor: float) -> np.ndarray:

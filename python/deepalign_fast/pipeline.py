@@ -43,7 +43,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._errors import DeepAlignError
-from .blocks import BlockMatcher, Correspondences, compose, invert
+from .blocks import BlockMatcher, Correspondences
+from .geometry import compose, invert
 from .estimate import MODELS, estimate_transform, fit_transform
 from .features import FeatureExtractor, SiftExtractor, match_features
 from .transforms import TransformSet

@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._errors import DeepAlignError
+from .geometry import apply_affine, as_3x3, compose, invert
 
 __all__ = [
     "PROFILES",
@@ -54,32 +55,8 @@ _SAFETY_PX = 1  # extra margin so bilinear sampling never touches the border han
 # --------------------------------------------------------------------------------------------
 # small affine helpers (2x3 float64 <-> 3x3)
 # --------------------------------------------------------------------------------------------
-def _as3(t: NDArray[np.float64]) -> NDArray[np.float64]:
-    out = np.zeros(t.shape[:-2] + (3, 3))
-    out[..., :2, :] = t
-    out[..., 2, 2] = 1.0
-    return out
-
-
-def compose(first_applied_last: ArrayLike, *rest: ArrayLike) -> NDArray[np.float64]:
-    """Compose 2x3 affines as functions: ``compose(A, B)(p) = A(B(p))``.
-
-    Works on stacks ``(..., 2, 3)`` by broadcasting.
-    """
-    out = _as3(np.asarray(first_applied_last, dtype=np.float64))
-    for t in rest:
-        out = out @ _as3(np.asarray(t, dtype=np.float64))
-    return np.ascontiguousarray(out[..., :2, :])
-
-
-def invert(transform: ArrayLike) -> NDArray[np.float64]:
-    """Inverse of a 2x3 affine (or a stack of them)."""
-    return np.ascontiguousarray(np.linalg.inv(_as3(np.asarray(transform, np.float64)))[..., :2, :])
-
-
-def _apply(t: NDArray[np.float64], pts: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Apply a 2x3 affine to points ``(N, 2)``."""
-    return pts @ t[:, :2].T + t[:, 2]
+_as3 = as_3x3
+_apply = apply_affine
 
 
 # --------------------------------------------------------------------------------------------
