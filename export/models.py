@@ -34,13 +34,16 @@ class UNetConfig:
 
     @staticmethod
     def from_dict(d: dict[str, object]) -> UNetConfig:
-        return UNetConfig(channels=tuple(d["channels"]), feature_dim=int(d["feature_dim"]))  # type: ignore[arg-type, call-overload]
+        channels = tuple(int(c) for c in d["channels"])  # type: ignore[attr-defined]
+        dim = int(d["feature_dim"])  # type: ignore[call-overload]
+        return UNetConfig(channels=channels, feature_dim=dim)  # type: ignore[arg-type]
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 

@@ -54,7 +54,8 @@ def load_stacks(spec: str) -> dict[str, np.ndarray]:
             continue
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in {".tif", ".tiff", ".png"})
+            files = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in {".tif", ".tiff", ".png"})
             stacks[path.name] = np.stack([cv2.imread(str(f), cv2.IMREAD_UNCHANGED) for f in files])
         elif path.is_file():
             import tifffile
@@ -132,7 +133,8 @@ def make_sample(stack: np.ndarray, zs: range, rng: np.random.Generator, *, size:
     def corrupt(img: np.ndarray) -> np.ndarray:
         if rng.random() > artifact_prob:
             return img
-        kinds = [k for k in ARTIFACT_KINDS if rng.random() < 0.6] or [str(rng.choice(ARTIFACT_KINDS))]
+        kinds = ([k for k in ARTIFACT_KINDS if rng.random() < 0.6]
+                 or [str(rng.choice(ARTIFACT_KINDS))])
         return apply_artifacts(img, rng, strength=float(rng.uniform(0.3, 1.3)), kinds=kinds)
 
     return Sample(normalise_slice(corrupt(clean_a)), normalise_slice(corrupt(clean_b)),
@@ -169,7 +171,8 @@ def correspondences(a_to_b: torch.Tensor, size: int, n_points: int,
     """Random points of A, their images in B, and a mask of those that land inside B."""
     n = a_to_b.shape[0]
     border = 8.0
-    pa = border + torch.rand((n, n_points, 2), generator=gen, dtype=torch.float64) * (size - 1 - 2 * border)
+    u = torch.rand((n, n_points, 2), generator=gen, dtype=torch.float64)
+    pa = border + u * (size - 1 - 2 * border)
     pb = pa @ a_to_b[:, :, :2].transpose(1, 2) + a_to_b[:, None, :, 2]
     ok = ((pb >= border) & (pb <= size - 1 - border)).all(dim=-1)
     return pa.float(), pb.float(), ok
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated dataset names (lucchi, isbi, drosophila) or paths")
     ap.add_argument("--out", required=True, type=Path, help="output folder (checkpoint, log)")
     ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget")
-    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = none)")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="stop after this many steps (0 = none)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128, help="crop side (multiple of 4)")
     ap.add_argument("--points", type=int, default=48, help="sampled positions per crop (InfoNCE)")

@@ -103,13 +103,15 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float
     return field / peak if peak > 0 else field
 
 
-def _inhomogeneity(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
+def _inhomogeneity(img: np.ndarray, rng: np.random.Generator, p: ArtifactParams, s: float,
+               span: float, lo: float) -> np.ndarray:
     field = _smooth_field(rng, img.shape, _u(rng, p.inhomogeneity_scale))
     amp = _u(rng, p.inhomogeneity_amplitude) * s
     return (img - lo) * (1.0 + amp * field) + lo
 
 
-def _charging(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
+def _charging(img: np.ndarray, rng: np.random.Generator, p: ArtifactParams, s: float,
+               span: float, lo: float) -> np.ndarray:
     h, w = img.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     out = img.copy()
@@ -126,7 +128,8 @@ def _charging(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
     return out
 
 
-def _curtaining(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
+def _curtaining(img: np.ndarray, rng: np.random.Generator, p: ArtifactParams, s: float,
+               span: float, lo: float) -> np.ndarray:
     h, w = img.shape
     x = np.arange(w, dtype=np.float32)
     profile = np.zeros(w, np.float32)
@@ -143,20 +146,23 @@ def _curtaining(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
     return img + s * span * envelope[:, None] * profile[None, :]
 
 
-def _contrast(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
+def _contrast(img: np.ndarray, rng: np.random.Generator, p: ArtifactParams, s: float,
+               span: float, lo: float) -> np.ndarray:
     gain = 1.0 + (_u(rng, p.contrast) - 1.0) * s
     offset = _u(rng, p.brightness) * s * span
     mean = float(img.mean())
     return (img - mean) * gain + mean + offset
 
 
-def _blur(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
+def _blur(img: np.ndarray, rng: np.random.Generator, p: ArtifactParams, s: float,
+               span: float, lo: float) -> np.ndarray:
     sigma = max(0.05, _u(rng, p.blur_sigma_px) * min(1.0, s))
     return cv2.GaussianBlur(img, (0, 0), sigmaX=sigma, sigmaY=sigma,
                             borderType=cv2.BORDER_REFLECT)
 
 
-def _scanlines(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
+def _scanlines(img: np.ndarray, rng: np.random.Generator, p: ArtifactParams, s: float,
+               span: float, lo: float) -> np.ndarray:
     h, w = img.shape
     out = img.copy()
     n = max(1, int(round(_u(rng, p.scanline_fraction) * min(1.0, s) * h)))
@@ -172,7 +178,8 @@ def _scanlines(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
     return out
 
 
-def _noise(img, rng, p, s, span, lo):  # type: ignore[no-untyped-def]
+def _noise(img: np.ndarray, rng: np.random.Generator, p: ArtifactParams, s: float,
+               span: float, lo: float) -> np.ndarray:
     peak = _u(rng, p.poisson_peak) / max(s, 1e-3)  # stronger = fewer photons
     norm = np.clip((img - lo) / span, 0.0, None)
     shot = rng.poisson(norm * peak).astype(np.float32) / peak

@@ -224,7 +224,8 @@ def _response_keypoints(fmap: np.ndarray, mask: np.ndarray | None
     score = resp[ii, jj].astype(np.float64)
     if mask is not None:
         h, w = mask.shape
-        ok = mask[np.clip(np.rint(py), 0, h - 1).astype(int), np.clip(np.rint(px), 0, w - 1).astype(int)]
+        ok = mask[np.clip(np.rint(py), 0, h - 1).astype(int),
+                  np.clip(np.rint(px), 0, w - 1).astype(int)]
         px, py, score = px[ok], py[ok], score[ok]
     return px, py, score
 

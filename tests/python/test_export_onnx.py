@@ -79,3 +79,20 @@ def test_shipped_model_metadata() -> None:
     props = {p.key: p.value for p in m.metadata_props}
     assert props["opset"] == "17"
     assert "lucchi" in props["training_data"]
+
+
+def test_train_and_export_smoke(tmp_path: Path, lucchi) -> None:
+    """The documented commands run end to end (2 tiny steps) and give a loadable encoder."""
+    from export import export_onnx, train_ssl
+    from deepalign_fast.learned import LearnedExtractor
+
+    out = tmp_path / "run"
+    assert train_ssl.main(["--data", "lucchi", "--out", str(out), "--max-steps", "2",
+                           "--batch", "2", "--crop", "64", "--points", "16",
+                           "--val-batches", "1", "--threads", "1"]) == 0
+    meta = (out / "meta.json").read_text()
+    assert '"val_slices": [\n        132,\n        165\n      ]' in meta
+    onnx_path = tmp_path / "enc.onnx"
+    assert export_onnx.main([str(out / "ssl_unet.pt"), str(onnx_path)]) == 0
+    f = LearnedExtractor(onnx_path, num_threads=1).extract(lucchi[0][140])
+    assert f.descriptors.shape[1] == 64
