@@ -1,0 +1,1 @@
+"""Training and ONNX export of deepalign-fast's models (needs torch; never shipped in the wheel)."""
