@@ -22,7 +22,7 @@ def _align_options(args: argparse.Namespace) -> Any:
     return AlignOptions(features=args.features, model=args.model, neighbours=args.neighbours,
                         threshold=args.threshold, drift=args.drift,
                         drift_window=args.drift_window, canvas=args.canvas,
-                        num_threads=args.threads)
+                        num_threads=args.threads, provider=args.provider)
 
 
 def _make_parent(path: Path) -> None:
@@ -78,6 +78,9 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canvas", choices=CANVAS, default=d.canvas,
                    help="output frame: first slice's, or union of all (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="onnxruntime execution provider for --features learned "
+                        "(default %(default)s)")
 
 
 def _add_align(sub: Any) -> None:

@@ -86,6 +86,9 @@ class AlignOptions:
         of all aligned slices.
     num_threads : int
         Threads of the C++ kernels (0 = all cores).
+    provider : {"cpu", "cuda", "tensorrt"}
+        onnxruntime execution provider for ``features="learned"``; asking for a GPU provider
+        that is not installed is an error naming the package to install.
     """
 
     features: str = "blocks"
@@ -97,6 +100,7 @@ class AlignOptions:
     drift_window: int = 64
     canvas: str = "reference"
     num_threads: int = 0
+    provider: str = "cpu"
 
     def __post_init__(self) -> None:
         checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
@@ -192,7 +196,8 @@ def _make_backend(opts: AlignOptions) -> Any:
         return _KeypointBackend(SiftExtractor(), opts)
     from .learned import LearnedExtractor  # onnxruntime is imported only when asked for
 
-    return _KeypointBackend(LearnedExtractor(num_threads=opts.num_threads), opts)
+    return _KeypointBackend(LearnedExtractor(provider=opts.provider,
+                                             num_threads=opts.num_threads), opts)
 
 
 # --------------------------------------------------------------------------------------------

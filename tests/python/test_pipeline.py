@@ -160,3 +160,28 @@ def test_stream_rejects_changing_shape() -> None:
     slices = [np.zeros((32, 32), np.uint8), np.zeros((30, 32), np.uint8)]
     with pytest.raises(DeepAlignError, match="stream slice 1"):
         list(aligner.stream(slices))
+
+
+def test_learned_features_align_real_stack_with_artifacts(lucchi) -> None:
+    """End to end with the shipped ONNX encoder, on real FIB-SEM with synthetic artifacts
+    applied after the misalignment."""
+    from deepalign_fast.artifacts import apply_artifacts
+
+    image, _ = lucchi
+    mis, truth = misalign_stack(image[100:108], 7, profile="jitter")
+    rng = np.random.default_rng(11)
+    corrupted = np.stack([np.clip(apply_artifacts(s, rng, strength=0.6), 0, 255).astype(np.uint8)
+                          for s in mis])
+    result = Aligner(features="learned", model="rigid", drift="none").estimate(corrupted,
+                                                                                progress=False)
+    assert result.flagged == []
+    assert _tre(result, truth) < 1.5
+
+
+def test_gpu_provider_without_package_is_a_clear_error() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA provider installed")
+    with pytest.raises(DeepAlignError, match="onnxruntime-gpu"):
+        Aligner(features="learned", provider="cuda").estimate(np.zeros((2, 64, 64), np.uint8))
