@@ -125,9 +125,12 @@ def _write_report(before: Path, after: Path, result: Any, path: Path) -> None:
     from .report import write_report
 
     with open_stack(before) as b, open_stack(after) as a:
+        # Short stacks would give reslices a few pixels tall: stretch z for display (the
+        # report prints the z scale it used).
         write_report(path, before=b, after=a, transforms=result.transforms.affines,
                      residuals=result.transforms.residuals, flagged=result.flagged,
-                     timings=result.timings, title=f"deepalign-fast: {before.name}")
+                     timings=result.timings, title=f"deepalign-fast: {before.name}",
+                     z_scale=max(1.0, 96.0 / max(1, len(b))))
 
 
 def _add_apply(sub: Any) -> None:
