@@ -184,6 +184,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="throughput: slices/s, Mpx/s, time per stage, memory",
+                       description="Align a synthetic (default) or given stack once per "
+                                   "features/provider configuration, each in a fresh process.")
+    p.add_argument("stack", nargs="?", type=Path, default=None,
+                   help="stack to align (default: synthetic, from the bundled sample)")
+    p.add_argument("--slices", type=int, default=16, help="synthetic stack depth")
+    p.add_argument("--size", type=int, default=2048, help="synthetic slice size (square)")
+    p.add_argument("--features", nargs="+", default=["blocks"],
+                   choices=("blocks", "sift", "learned"))
+    p.add_argument("--providers", nargs="+", default=None, choices=("cpu", "cuda", "tensorrt"),
+                   help="providers for learned features (default: all available)")
+    p.add_argument("--model", default="rigid")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON rows")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import STAGES, run_bench
+
+    rows = run_bench(args.stack, slices=args.slices, size=args.size,
+                     features=tuple(args.features),
+                     providers=tuple(args.providers) if args.providers else None,
+                     model=args.model, threads=args.threads)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = ["features", "provider", "slices", "shape", "slices_per_s", "mpx_per_s",
+            *[f"{s}_s" for s in STAGES], "peak_memory_mb"]
+    print("  ".join(f"{c:>14s}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:>14.3f}" if isinstance(r[c], float) else f"{r[c]!s:>14s}"
+                        for c in cols))
+    print("stage seconds are summed over the threads that ran them (stages overlap)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepalign-fast",
@@ -197,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_benchmark(sub)
     _add_eval(sub)
     _add_report(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -143,6 +144,7 @@ class AlignResult:
             "time_s": total,
             "slices_per_s": n / total if total > 0 else None,
             "timings_s": dict(self.timings),
+            "peak_memory_mb": _peak_memory_mb(),
         }
 
 
@@ -221,7 +223,7 @@ class _Solver:
         self.flagged: list[int] = []
         self.residuals: list[float | None] = []
         self.matches: list[int] = []
-        self.t_match = 0.0
+        self.times = _StageTimes()
 
     def add(self, z: int, state: Any | None) -> np.ndarray:
         """Solve slice z (``state`` None = blank slice); returns its raw transform."""
@@ -250,7 +252,7 @@ class _Solver:
             lifted_dst.append(corr.dst)
             weights.append(corr.weights / k)
             candidates.append((len(corr), compose(m, a_k)))
-        self.t_match += time.perf_counter() - t0
+        t0 = self.times.add("match", t0)
         if not candidates:
             return self._flag(z, self.raw[-1])
         x = np.concatenate(lifted_src)
@@ -267,6 +269,7 @@ class _Solver:
             if a_z is None:
                 break
             keep = self._res(a_z, x, q) < self.opts.threshold
+        self.times.add("solve", t0)
         if a_z is None or keep.sum() < self.opts.min_matches:
             return self._flag(z, self.raw[-1])
         rms = float(np.sqrt(np.mean(self._res(a_z, x[keep], q[keep]) ** 2)))
@@ -391,6 +394,33 @@ def _prefetch(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor
         yield pending.popleft().result()
 
 
+class _StageTimes:
+    """Seconds spent per stage, summed over the threads that ran it (stages overlap, so the
+    sum can exceed the wall time; the wall time is reported separately as ``total``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + now - t0
+        return now
+
+
+def _peak_memory_mb() -> float | None:
+    """Peak resident memory of this process (Linux ``VmHWM``), None where unavailable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 class _Progress:
     """A one-line progress indicator on stderr, silent when stderr is not a terminal."""
 
@@ -449,9 +479,15 @@ class Aligner:
             solver = _Solver(opts)
             bar = _Progress(n, "estimate", progress)
 
+            times = solver.times
+
             def load(z: int) -> tuple[int, Any]:
+                t0 = time.perf_counter()
                 img = reader.read(z)
-                return z, (None if _is_blank(img) else solver.backend.prepare(img))
+                t0 = times.add("read", t0)
+                state = None if _is_blank(img) else solver.backend.prepare(img)
+                times.add("features", t0)
+                return z, state
 
             t_prep0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=2) as pool:
@@ -464,7 +500,7 @@ class Aligner:
         affines, out_shape = _canvas(affines, (h, w), opts.canvas)
         ts = TransformSet(affines, (n, h, w), out_shape, list(solver.flagged),
                           list(solver.residuals), asdict(opts))
-        timings = {"estimate": t_est, "match": solver.t_match,
+        timings = {**solver.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
         return AlignResult(ts, list(solver.matches), timings)
 
@@ -477,8 +513,11 @@ class Aligner:
     # -- rendering ------------------------------------------------------------------------
     def render(self, stack: Any, transforms: TransformSet, output: str | os.PathLike[str], *,
                interpolation: str = "linear", progress: bool | None = None,
-               writer_options: dict[str, Any] | None = None) -> Path:
-        """Warp every slice of ``stack`` once with ``transforms`` and write ``output``."""
+               writer_options: dict[str, Any] | None = None) -> dict[str, float]:
+        """Warp every slice of ``stack`` once with ``transforms`` and write ``output``.
+
+        Returns the seconds spent reading, rendering and writing (summed over threads).
+        """
         from .io import as_reader, check_distinct, open_writer, reader_path
 
         with as_reader(stack) as reader:
@@ -493,18 +532,27 @@ class Aligner:
             bar = _Progress(len(reader), "render", progress)
             threads = self.options.num_threads
 
+            times = _StageTimes()
+
             def warp(z: int) -> np.ndarray:
-                return warp_affine(reader.read(z), transforms.affines[z], (h, w),
-                                   interpolation=interpolation, num_threads=threads)
+                t0 = time.perf_counter()
+                image = reader.read(z)
+                t0 = times.add("read", t0)
+                out = warp_affine(image, transforms.affines[z], (h, w),
+                                  interpolation=interpolation, num_threads=threads)
+                times.add("render", t0)
+                return out
 
             with open_writer(output, (len(reader), h, w), reader.dtype,
                              **(writer_options or {})) as writer, \
                     ThreadPoolExecutor(max_workers=2) as pool:
                 for z, aligned in enumerate(_prefetch(warp, range(len(reader)), pool, depth=2)):
+                    t0 = time.perf_counter()
                     writer.write(z, aligned)
+                    times.add("write", t0)
                     bar.step()
             bar.close()
-        return Path(output)
+        return times.seconds
 
     def align_stack(self, stack: Any, output: str | os.PathLike[str], *,
                     transforms_path: str | os.PathLike[str] | None = None,
@@ -514,9 +562,9 @@ class Aligner:
         result = self.estimate(stack, progress=progress)
         if transforms_path is not None:
             result.transforms.save(transforms_path)
-        t1 = time.perf_counter()
-        self.render(stack, result.transforms, output, progress=progress)
-        result.timings["render"] = time.perf_counter() - t1
+        stages = self.render(stack, result.transforms, output, progress=progress)
+        for stage, seconds in stages.items():
+            result.timings[stage] = result.timings.get(stage, 0.0) + seconds
         result.timings["total"] = time.perf_counter() - t0
         return result
 
