@@ -21,12 +21,12 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from benchmarks._timing import markdown_table, save_json, update_results
 from deepalign_fast import Aligner, datasets
 from deepalign_fast.geometry import compose
 from deepalign_fast.metrics import target_registration_error
 from deepalign_fast.synth import misalign_stack
+
+from benchmarks._timing import markdown_table, save_json, update_results
 
 
 def sift_chain(stack: np.ndarray, model: str, max_features: int = 0) -> np.ndarray:
@@ -40,7 +40,7 @@ def sift_chain(stack: np.ndarray, model: str, max_features: int = 0) -> np.ndarr
     feats = []
     out = [np.array([[1.0, 0, 0], [0, 1.0, 0]])]
     prev = None
-    for z, img in enumerate(stack):
+    for img in stack:
         kp, des = sift.detectAndCompute(img, None)
         cur = (np.array([k.pt for k in kp], np.float64), des)
         if prev is not None:
@@ -128,9 +128,11 @@ def accuracy(quick: bool) -> list[dict[str, Any]]:
         stack = stack[: (min(n, 40) if quick else n)]
         mis, truth = misalign_stack(stack, 0, profile=profile)
         methods = {
-            f"deepalign-fast blocks {model}, drift linear": lambda s: ours(s, model, "blocks", "linear"),
+            f"deepalign-fast blocks {model}, drift linear":
+                lambda s: ours(s, model, "blocks", "linear"),
             f"deepalign-fast blocks {model}, drift all": lambda s: ours(s, model, "blocks", "all"),
-            f"deepalign-fast sift {model}, drift linear": lambda s: ours(s, model, "sift", "linear"),
+            f"deepalign-fast sift {model}, drift linear":
+                lambda s: ours(s, model, "sift", "linear"),
             f"SIFT+RANSAC chained ({model})": lambda s: sift_chain(s, model),
             f"pystackreg {model} previous": lambda s: pystackreg_chain(s, model),
         }
@@ -174,8 +176,8 @@ def throughput(n: int) -> list[dict[str, Any]]:
         src = Path(tmp) / "big.tif"
         tifffile.imwrite(src, stack, photometric="minisblack")
         runs = {
-            "deepalign-fast align (file -> file, rigid)": lambda: Aligner(model="rigid").align_stack(
-                src, Path(tmp) / "out.tif", progress=False),
+            "deepalign-fast align (file -> file, rigid)": lambda: Aligner(
+                model="rigid").align_stack(src, Path(tmp) / "out.tif", progress=False),
             "SIFT+RANSAC chained, 8000 keypoints (estimate only)": lambda: sift_chain(
                 stack, "rigid", max_features=8000),
             "pystackreg rigid (estimate only)": lambda: pystackreg_chain(stack, "rigid"),
@@ -219,7 +221,8 @@ def memory(depths: list[int]) -> list[dict[str, Any]]:
             rss_mb = int(out.stdout.strip().splitlines()[-1]) / 1024
             rows.append({"depth": n, "shape": "1024x1024", "stack_mb": stack.nbytes / 2**20,
                          "peak_rss_mb": rss_mb})
-            print(f"depth {n:4d}: stack {stack.nbytes / 2**20:7.1f} MiB, peak RSS {rss_mb:7.1f} MiB",
+            print(f"depth {n:4d}: stack {stack.nbytes / 2**20:7.1f} MiB, "
+                  f"peak RSS {rss_mb:7.1f} MiB",
                   flush=True)
     return rows
 

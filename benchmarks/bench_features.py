@@ -37,7 +37,6 @@ import time
 
 import cv2
 import numpy as np
-
 from deepalign_fast import datasets
 from deepalign_fast.artifacts import ArtifactParams, apply_artifacts
 from deepalign_fast.features import FeatureExtractor, SiftExtractor, match_features

@@ -18,7 +18,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-
 from deepalign_fast import estimate_transform
 
 from ._timing import markdown_table, measure, save_json

@@ -16,10 +16,10 @@ import argparse
 
 import cv2
 import numpy as np
+from deepalign_fast import warp_affine
 from scipy import ndimage as ndi
 
 from benchmarks._timing import markdown_table, measure, save_json
-from deepalign_fast import warp_affine
 
 FLAGS = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
 

@@ -31,7 +31,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from deepalign_fast import datasets
 from deepalign_fast._norm import NORMALISATION, normalise_slice
 from deepalign_fast.artifacts import ARTIFACT_KINDS, apply_artifacts
@@ -193,7 +192,7 @@ def info_nce(fa: torch.Tensor, fb: torch.Tensor, ok: torch.Tensor,
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     """PSNR in dB with the clean crop's own min..max as data range, averaged over crops."""
     vals = []
-    for xi, ri in zip(x, ref):
+    for xi, ri in zip(x, ref, strict=False):
         rng_ = float(ri.max() - ri.min()) or 1.0
         mse = float(((xi - ri) ** 2).mean())
         vals.append(10 * math.log10(rng_ * rng_ / max(mse, 1e-12)))

@@ -26,10 +26,10 @@ except ImportError as exc:  # pragma: no cover - only hit in a broken install
     ) from exc
 
 from .estimate import MODELS, RansacResult, estimate_transform, fit_transform  # noqa: E402
-from .warp import warp_affine  # noqa: E402  (after the _core import check)
 from .io import open_stack  # noqa: E402
-from .pipeline import AlignOptions, AlignResult, Aligner  # noqa: E402
+from .pipeline import Aligner, AlignOptions, AlignResult  # noqa: E402
 from .transforms import TransformSet  # noqa: E402
+from .warp import warp_affine  # noqa: E402  (after the _core import check)
 
 try:
     __version__ = version("deepalign-fast")

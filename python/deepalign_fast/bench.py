@@ -44,7 +44,8 @@ def make_synthetic_stack(path: Path, *, slices: int, size: int, seed: int = 0) -
 
     sample = tifffile.imread(sample_stack_path())
     rng = np.random.default_rng(seed)
-    reps = (int(np.ceil((size + 16) / sample.shape[1])), int(np.ceil((size + 16) / sample.shape[2])))
+    reps = (int(np.ceil((size + 16) / sample.shape[1])),
+            int(np.ceil((size + 16) / sample.shape[2])))
     with tifffile.TiffWriter(path, bigtiff=slices * size * size > 3_900_000_000) as tw:
         for z in range(slices):
             src = sample[z % len(sample)]

@@ -149,7 +149,7 @@ class LearnedExtractor:
             feats = self.session.run([OUTPUT.name], {INPUT.name: np.ascontiguousarray(inp)})[0]
             if out is None:
                 out = np.empty((hp // STRIDE, wp // STRIDE, feats.shape[1]), np.float32)
-            for (y0, x0), f in zip(chunk, feats):
+            for (y0, x0), f in zip(chunk, feats, strict=False):
                 # Keep the tile's interior: drop `half` px at edges shared with another tile.
                 a0 = 0 if y0 == 0 else half
                 a1 = th if y0 + th == hp else th - half

@@ -246,7 +246,7 @@ def _overlap(a: ArrayLike, b: ArrayLike, labels: Sequence[int] | None, kind: str
             scores.append(inter / (sa + sb - inter))
     if per_label:
         keys = [1] if labels is None else [int(v) for v in labels]
-        return dict(zip(keys, scores))
+        return dict(zip(keys, scores, strict=False))
     return float(np.mean(scores))
 
 

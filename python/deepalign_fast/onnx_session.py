@@ -128,7 +128,7 @@ def _check_io(path: Path, kind: str, actual: list[Any], expected: tuple[TensorSp
             f"ONNX model {path}: {kind}s are {names}, expected {[e.name for e in expected]}; "
             "this file is not the model this code expects"
         )
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=False):
         if len(a.shape) != e.rank or a.type != e.dtype:
             raise DeepAlignError(
                 f"ONNX model {path}: {kind} {a.name!r} is {a.type} of rank {len(a.shape)} "

@@ -38,16 +38,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 from ._errors import DeepAlignError
 from .blocks import BlockMatcher, Correspondences
-from .geometry import compose, invert
 from .estimate import MODELS, estimate_transform, fit_transform
 from .features import FeatureExtractor, SiftExtractor, match_features
+from .geometry import compose, invert
 from .transforms import TransformSet
 from .warp import warp_affine
 
@@ -259,7 +258,10 @@ class _Solver:
         q = np.concatenate(lifted_dst)
         w = np.concatenate(weights)
         # Consensus: the candidate transform that most correspondences agree with.
-        best = max(candidates, key=lambda c: int(np.sum(self._res(c[1], x, q) < self.opts.threshold)))[1]
+        def support(candidate: tuple[int, np.ndarray]) -> int:
+            return int(np.sum(self._res(candidate[1], x, q) < self.opts.threshold))
+
+        best = max(candidates, key=support)[1]
         keep = self._res(best, x, q) < 2.0 * self.opts.threshold
         a_z = None
         for _ in range(3):  # refit, re-select inliers

@@ -305,7 +305,8 @@ def _png(img: NDArray[np.uint8], alt: str) -> str:
 # --------------------------------------------------------------------------------------------
 _CSS = """
 body{font-family:sans-serif;margin:24px;color:#222;max-width:1900px}
-h1{font-size:22px} h2{font-size:17px;border-bottom:1px solid #ccc;padding-bottom:3px;margin-top:28px}
+h1{font-size:22px}
+h2{font-size:17px;border-bottom:1px solid #ccc;padding-bottom:3px;margin-top:28px}
 table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
 img{display:block;margin:6px 0;max-width:100%} .note{color:#666;font-size:13px}

@@ -74,7 +74,8 @@ def _warp_affine(
             raise DeepAlignError(f"cannot interpolate {image.dtype} images bilinearly")
         src = image.astype(np.float64)  # labels: exact in float64 up to 2**53
     out = cv2.warpAffine(
-        np.ascontiguousarray(src), np.asarray(transform, np.float64), (int(shape[1]), int(shape[0])),
+        np.ascontiguousarray(src), np.asarray(transform, np.float64),
+        (int(shape[1]), int(shape[0])),
         flags=flags, borderMode=cv2.BORDER_REPLICATE if replicate else cv2.BORDER_CONSTANT,
         borderValue=border_value,
     )

@@ -70,7 +70,8 @@ class TransformSet:
     def __len__(self) -> int:
         return int(self.affines.shape[0])
 
-    def rescaled(self, factor: float, input_shape: tuple[int, int, int] | None = None) -> TransformSet:
+    def rescaled(self, factor: float,
+                 input_shape: tuple[int, int, int] | None = None) -> TransformSet:
         """The same alignment for a copy whose pixels are ``1/factor`` as large (factor 2 = 2x
         finer), e.g. to apply transforms found on a binned stack to the full-resolution one."""
         off = (factor - 1.0) / 2.0
@@ -101,7 +102,8 @@ class TransformSet:
         """Write atomically (temp file in the same folder, then rename)."""
         path = Path(path)
         text = json.dumps(self.to_json(), indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
+                                   dir=path.parent or ".")
         try:
             os.chmod(tmp, 0o666 & ~_umask())
             with os.fdopen(fd, "w") as fh:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from deepalign_fast import DeepAlignError
 from deepalign_fast.artifacts import ARTIFACT_KINDS, ArtifactParams, apply_artifacts
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from deepalign_fast import DeepAlignError
 from deepalign_fast.bench import STAGES, available_providers, run_bench
 from deepalign_fast.cli import main

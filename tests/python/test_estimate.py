@@ -7,10 +7,9 @@ and OpenCV's estimateAffine2D / estimateAffinePartial2D for the robust estimates
 from __future__ import annotations
 
 import cv2
+import deepalign_fast as da
 import numpy as np
 import pytest
-
-import deepalign_fast as da
 from deepalign_fast import _core
 
 FRAME = 2048.0

@@ -83,8 +83,9 @@ def test_shipped_model_metadata() -> None:
 
 def test_train_and_export_smoke(tmp_path: Path, lucchi) -> None:
     """The documented commands run end to end (2 tiny steps) and give a loadable encoder."""
-    from export import export_onnx, train_ssl
     from deepalign_fast.learned import LearnedExtractor
+
+    from export import export_onnx, train_ssl
 
     out = tmp_path / "run"
     assert train_ssl.main(["--data", "lucchi", "--out", str(out), "--max-steps", "2",

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-
 from deepalign_fast import DeepAlignError, datasets
 from deepalign_fast.io import (
     FolderStackReader,

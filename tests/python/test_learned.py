@@ -6,7 +6,6 @@ import sys
 import cv2
 import numpy as np
 import pytest
-
 from deepalign_fast.artifacts import ArtifactParams, apply_artifacts
 from deepalign_fast.features import FeatureExtractor, match_features
 from deepalign_fast.learned import LearnedExtractor

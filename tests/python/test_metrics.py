@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
-from skimage.metrics import structural_similarity
-
 from deepalign_fast._errors import DeepAlignError
 from deepalign_fast.metrics import (
     dice,
@@ -19,6 +16,8 @@ from deepalign_fast.metrics import (
     tre_from_composites,
 )
 from deepalign_fast.synth import GroundTruth, compose, invert, misalign_stack, random_transforms
+from scipy import ndimage
+from skimage.metrics import structural_similarity
 
 # an arbitrary common frame: rotation 7 deg about a point, shift (3, -2); unit scale so that a
 # 1-px error in the output frame is a 1-px error in the clean frame

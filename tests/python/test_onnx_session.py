@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from deepalign_fast import DeepAlignError
 from deepalign_fast.learned import INPUT, OUTPUT, default_model_path
 from deepalign_fast.onnx_session import TensorSpec, create_session

@@ -3,9 +3,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 import deepalign_fast
+import pytest
 from deepalign_fast import _core
 from deepalign_fast.cli import main
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
-from deepalign_fast import AlignOptions, Aligner, DeepAlignError, TransformSet
+from deepalign_fast import Aligner, AlignOptions, DeepAlignError, TransformSet
 from deepalign_fast.cli import main
-from deepalign_fast.metrics import dice, target_registration_error
+from deepalign_fast.metrics import target_registration_error
 from deepalign_fast.synth import misalign_stack
 
 
@@ -191,7 +190,6 @@ def test_gpu_provider_without_package_is_a_clear_error() -> None:
 def test_cli_align_other_formats(lucchi, tmp_path: Path, layout: str) -> None:
     """A folder of PNG slices in, OME-Zarr out; OME-Zarr in, TIFF out."""
     import cv2
-
     from deepalign_fast import open_stack
     from deepalign_fast.io import open_writer
 

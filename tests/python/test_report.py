@@ -9,7 +9,6 @@ from html.parser import HTMLParser
 import cv2
 import numpy as np
 import pytest
-
 from deepalign_fast.metrics import jacobian_determinant, ncc
 from deepalign_fast.report import decompose_affine, write_report
 from deepalign_fast.synth import compose, misalign_stack

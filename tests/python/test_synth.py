@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from deepalign_fast._errors import DeepAlignError
 from deepalign_fast.synth import (
     GroundTruth,
@@ -14,6 +12,7 @@ from deepalign_fast.synth import (
     misalign_stack,
     random_transforms,
 )
+from scipy import ndimage
 
 
 def _smooth_stack(rng: np.random.Generator, n: int = 4, h: int = 96, w: int = 128) -> np.ndarray:

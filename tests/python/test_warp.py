@@ -6,9 +6,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from scipy import ndimage as ndi
-
 from deepalign_fast import warp_affine
+from scipy import ndimage as ndi
 
 DTYPES = [np.uint8, np.uint16, np.float32]
 # map_coordinates modes matching our borders: "grid-constant" lets taps outside the image

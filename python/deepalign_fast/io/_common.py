@@ -191,7 +191,7 @@ class StackReader(abc.ABC):
     def describe(self, i: int) -> str:
         """Where slice ``i`` lives, for messages: ``"stack.tif, slice 17"``, ``"slices/17.png"``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - readers without open files need no override
         """Release open files. Idempotent."""
 
     def __enter__(self) -> StackReader:

@@ -39,7 +39,7 @@ def _read_tiff_page(page: Any, filesize: int, where: str) -> np.ndarray:
     counts = page.databytecounts
     if not offsets or any(c == 0 for c in counts):
         raise DeepAlignError(f"{where}: the page has no pixel data; the file is corrupt.")
-    end = max(o + c for o, c in zip(offsets, counts))
+    end = max(o + c for o, c in zip(offsets, counts, strict=False))
     if end > filesize:
         raise DeepAlignError(
             f"{where}: truncated: the slice's data ends at byte {end}, but the file has only "
@@ -90,7 +90,8 @@ class TiffStackReader(StackReader):
         series = tif.series[0]
         axes: str = series.axes
         shape = tuple(int(s) for s in series.shape)
-        stack_axes = [(a, n) for a, n in zip(axes, shape) if a not in _SPATIAL and n > 1]
+        stack_axes = [(a, n) for a, n in zip(axes, shape, strict=False)
+                      if a not in _SPATIAL and n > 1]
         if len(stack_axes) > 1:
             desc = ", ".join(f"{a}={n}" for a, n in stack_axes)
             raise DeepAlignError(
