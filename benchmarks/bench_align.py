@@ -35,7 +35,7 @@ def sift_chain(stack: np.ndarray, model: str, max_features: int = 0) -> np.ndarr
     ``max_features`` > 0 caps the keypoints (used at 2048^2, where unlimited SIFT finds tens of
     thousands and brute-force matching becomes quadratic: the cap only makes the baseline
     faster)."""
-    sift = cv2.SIFT_create(nfeatures=max_features)
+    sift = cv2.SIFT.create(nfeatures=max_features)
     matcher = cv2.BFMatcher(cv2.NORM_L2)
     feats = []
     out = [np.array([[1.0, 0, 0], [0, 1.0, 0]])]

@@ -65,7 +65,7 @@ def _scale_affine(m: np.ndarray, factor: float) -> np.ndarray:
 
 def _normalise(image: np.ndarray, sigma: float) -> np.ndarray:
     """Contrast-stretched float32 slice, smoothed so that NCC sees structure, not shot noise."""
-    f = to_uint8(image).astype(np.float32)
+    f: np.ndarray = to_uint8(image).astype(np.float32)
     if sigma > 0:
         f = cv2.GaussianBlur(f, (0, 0), sigma)
     return f

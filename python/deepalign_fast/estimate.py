@@ -14,7 +14,6 @@ demand: over long stacks, free scale and shear accumulate into drift.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +22,8 @@ from . import _core
 
 __all__ = ["MODELS", "Model", "RansacResult", "estimate_transform", "fit_transform"]
 
-Model = Literal["translation", "rigid", "similarity", "affine"]
+# Model names; validated at run time, so any str is accepted by the type checker.
+Model = str
 MODELS: tuple[Model, ...] = ("translation", "rigid", "similarity", "affine")
 
 

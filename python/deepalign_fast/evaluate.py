@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -144,7 +144,7 @@ def make_benchmark(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    mis, truth = misalign_stack(stack, rng, profile=profile, **params)
+    mis, truth = misalign_stack(stack, rng, profile=profile, **params)  # type: ignore[arg-type]
     truth.seed = seed
     if artifacts:
         mis = add_artifacts(mis, rng)
@@ -183,7 +183,7 @@ def estimate_slice_transform(
     """
     global _SIFT
     if _SIFT is None:
-        _SIFT = cv2.SIFT_create()
+        _SIFT = cv2.SIFT.create()
     k1, d1 = _SIFT.detectAndCompute(_to_uint8(moving), None)
     k2, d2 = _SIFT.detectAndCompute(_to_uint8(reference), None)
     if d1 is None or d2 is None or len(k1) < 3 or len(k2) < 3:
@@ -192,8 +192,8 @@ def estimate_slice_transform(
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < 0.75 * p[1].distance]
     if len(good) < min_inliers:
         return None
-    src = np.float64([k1[m.queryIdx].pt for m in good])
-    dst = np.float64([k2[m.trainIdx].pt for m in good])
+    src = np.array([k1[m.queryIdx].pt for m in good], np.float64)
+    dst = np.array([k2[m.trainIdx].pt for m in good], np.float64)
     # keypoint coordinates in OpenCV already use the pixel-centre origin of our convention
     model, inl = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC,
                                       ransacReprojThreshold=threshold, maxIters=5000,
@@ -302,8 +302,8 @@ def _label_scores(alab: NDArray[Any], clab: NDArray[Any], mlab: NDArray[Any],
             ref = _warp_affine(clab[z], g, shape, nearest=True)
             # only pixels whose G-image lies inside the clean frame have a reference label
             valid = _warp_affine(ones_clean, g, shape, nearest=True) > 0
-            scores["dice" + key].append(float(dice(lab[valid], ref[valid], labels=labels)))
-            scores["iou" + key].append(float(iou(lab[valid], ref[valid], labels=labels)))
+            scores["dice" + key].append(cast(float, dice(lab[valid], ref[valid], labels=labels)))
+            scores["iou" + key].append(cast(float, iou(lab[valid], ref[valid], labels=labels)))
     return {
         "labels": "binary" if labels is None else f"{len(labels)} labels",
         **{k: float(np.mean(v)) for k, v in scores.items()},

@@ -88,7 +88,7 @@ class SiftExtractor:
             raise ValueError(f"max_features must be >= 0, got {max_features}")
         self.max_features = max_features
         self.root_sift = root_sift
-        self._sift = cv2.SIFT_create(nfeatures=max_features, contrastThreshold=contrast_threshold)
+        self._sift = cv2.SIFT.create(nfeatures=max_features, contrastThreshold=contrast_threshold)
 
     def extract(self, image: np.ndarray, mask: np.ndarray | None = None) -> Features:
         img8 = to_uint8(image)

@@ -122,7 +122,7 @@ class LearnedExtractor:
         self.descriptor_radius = float(descriptor_radius)
         self.border = border
         self.keypoints = keypoints
-        self._dog = cv2.SIFT_create(nfeatures=max_features, contrastThreshold=contrast_threshold)
+        self._dog = cv2.SIFT.create(nfeatures=max_features, contrastThreshold=contrast_threshold)
         self.name = "learned" if keypoints == "dog" else "learned-response"
 
     # -- feature map ------------------------------------------------------------------------

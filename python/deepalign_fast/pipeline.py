@@ -230,9 +230,9 @@ class _Solver:
         if state is None:
             return self._flag(z, self.raw[-1] if self.raw else ident)
         if not self.history:  # first usable slice defines the frame
-            a_z = ident if not self.raw else self.raw[-1]
-            self._accept(z, state, a_z, None, 0)
-            return a_z
+            first = ident if not self.raw else self.raw[-1]
+            self._accept(z, state, first, None, 0)
+            return first
         t0 = time.perf_counter()
         lifted_src, lifted_dst, weights, candidates = [], [], [], []
         predicted: np.ndarray | None = None  # A_z from the nearest neighbour that matched
@@ -263,7 +263,7 @@ class _Solver:
 
         best = max(candidates, key=support)[1]
         keep = self._res(best, x, q) < 2.0 * self.opts.threshold
-        a_z = None
+        a_z: np.ndarray | None = None
         for _ in range(3):  # refit, re-select inliers
             if keep.sum() < max(3, self.opts.min_matches):
                 break

@@ -146,8 +146,8 @@ def _reslice_panel(
     scale = min(_MAX_UPSCALE, _MAX_PICTURE / max(length, height))
     size = (max(1, int(round(length * scale))), max(1, int(round(height * scale))))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
-    img = cv2.resize(img, size, interpolation=interp)
-    bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    resized = cv2.resize(img, size, interpolation=interp)
+    bgr = cv2.cvtColor(resized, cv2.COLOR_GRAY2BGR)
     pad = 14
     canvas = np.full((bgr.shape[0] + 22, bgr.shape[1] + pad, 3), 255, np.uint8)
     canvas[22:, pad:] = bgr

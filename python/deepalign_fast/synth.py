@@ -156,8 +156,8 @@ class GroundTruth:
             d = json.loads(text)
             return cls(
                 transforms=np.asarray(d["transforms"], dtype=np.float64),
-                shape=tuple(d["shape"]),  # type: ignore[arg-type]
-                clean_shape=tuple(d["clean_shape"]),  # type: ignore[arg-type]
+                shape=tuple(d["shape"]),
+                clean_shape=tuple(d["clean_shape"]),
                 profile=str(d.get("profile", "custom")),
                 params={k: float(v) for k, v in d.get("params", {}).items()},
                 margin=int(d.get("margin", 0)),
@@ -442,8 +442,8 @@ def add_artifacts(
     else:
         lo, hi = float(stack.min()), float(stack.max())
     rng_span = hi - lo
-    stripes = rng.normal(size=w)
-    stripes = cv2.GaussianBlur(stripes.reshape(1, -1), (0, 0), 1.5).ravel()
+    columns = rng.normal(size=(1, w))
+    stripes: NDArray[Any] = np.asarray(cv2.GaussianBlur(columns, [0, 0], 1.5)).ravel()
     stripes *= curtaining * rng_span / max(stripes.std(), 1e-12)
     phase = rng.uniform(0, 2 * np.pi)
     out = np.empty_like(stack)

@@ -44,7 +44,7 @@ def output_dtype(file_dtype: np.dtype, where: str) -> np.dtype:
     if dt in SUPPORTED_DTYPES:
         return dt
     if dt in _CONVERTED:
-        return _CONVERTED[dt]
+        return _CONVERTED[dt]  # type: ignore[return-value]
     raise DeepAlignError(
         f"{where}: pixel type {dt} is not supported (deepalign-fast reads uint8, uint16 and "
         "float32, and converts bool, int8, int16, float16 and float64). Convert the data first, "

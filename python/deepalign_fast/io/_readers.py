@@ -73,7 +73,7 @@ class TiffStackReader(StackReader):
         self._mm: np.ndarray | None = None
         self._n_mapped = 0
         try:
-            self._tif: Any = tifffile.TiffFile(self.path, mode="rb")
+            self._tif: Any = tifffile.TiffFile(self.path, mode="r")
         except Exception as exc:
             raise DeepAlignError(
                 f"{self.path}: not a readable TIFF file ({type(exc).__name__}: {exc})."

@@ -35,7 +35,7 @@ def _check_layout(path: Path, shape: Any, dtype: Any) -> tuple[tuple[int, int, i
             f"{path}: cannot write dtype {dt}; use uint8, uint16 or float32 (cast the slices "
             "with .astype first)."
         )
-    return shp, dt  # type: ignore[return-value]
+    return shp, dt
 
 
 def _fsync_dir(path: Path) -> None:
