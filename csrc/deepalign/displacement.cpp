@@ -42,14 +42,14 @@ struct RowGeometry {
   double stride_d;
 };
 
-// Source coordinates, offsets and weights of the n pixels of a block; returns how many have
-// all four taps inside the source. Pixels outside get offset 0 and weight 0 (never used by
-// the unchecked blend, since the block then takes the per-pixel path).
+// Offsets and weights of the n pixels of a block; returns how many have all four taps inside
+// the source. Pixels outside get offset 0 and weight 0 (never used by the unchecked blend,
+// since the block then takes the per-pixel path, which recomputes their coordinates: storing
+// them for every pixel would cost more than recomputing them for the few border blocks).
 template <bool kFixed, class Offset, class Weight>
 DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy, double x0,
                                                 double yd, int n, const RowGeometry& g,
-                                                Offset* off, Weight* wx, Weight* wy,
-                                                double* sxs, double* sys) {
+                                                Offset* off, Weight* wx, Weight* wy) {
   const double m0 = g.m[0], m1 = g.m[1], m2 = g.m[2], m3 = g.m[3], m4 = g.m[4], m5 = g.m[5];
   int inside = 0;
   for (int k = 0; k < n; ++k) {
@@ -74,8 +74,6 @@ DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy
       wx[k] = static_cast<float>(cx - fx);
       wy[k] = static_cast<float>(cy - fy);
     }
-    sxs[k] = sx;
-    sys[k] = sy;
   }
   return inside;
 }
@@ -93,11 +91,16 @@ DEEPALIGN_ALWAYS_INLINE inline void blend(const T* src, std::int64_t stride, con
 // A block that touches the border (or has non-finite displacements): per pixel, the
 // unchecked blend where all taps are inside, the checked sampler elsewhere.
 template <class T, class Offset, class Weight>
-inline void mixed_block(const ImageView<const T>& s, const RowGeometry& g, const Offset* off,
-                        const Weight* wx, const Weight* wy, const double* sxs, const double* sys,
-                        int n, Border border, double fill_d, T* o) {
+inline void mixed_block(const ImageView<const T>& s, const RowGeometry& g, const float* dx,
+                        const float* dy, double x0, double yd, const Offset* off,
+                        const Weight* wx, const Weight* wy, int n, Border border, double fill_d,
+                        T* o) {
   for (int k = 0; k < n; ++k) {
-    const double sx = sxs[k], sy = sys[k];
+    // The expression of block_coords, so both paths agree on which pixels are inside.
+    const double qx = x0 + static_cast<double>(k) + static_cast<double>(dx[k]);
+    const double qy = yd + static_cast<double>(dy[k]);
+    const double sx = g.m[0] * qx + (g.m[1] * qy + g.m[2]);
+    const double sy = g.m[3] * qx + (g.m[4] * qy + g.m[5]);
     if (sx >= 0.0 && sx < g.wlim && sy >= 0.0 && sy < g.hlim) {
       blend(s.data, s.stride, off + k, wx + k, wy + k, 1, o + k);
     } else if (!(std::isfinite(sx) && std::isfinite(sy))) {
@@ -118,15 +121,15 @@ DEEPALIGN_ALWAYS_INLINE inline void linear_row_impl(const ImageView<const T>& s,
   using Weight = std::conditional_t<kFixed, std::int32_t, float>;
   alignas(64) Offset off[kBlock];
   alignas(64) Weight wx[kBlock], wy[kBlock];
-  alignas(64) double sxs[kBlock], sys[kBlock];
   for (std::int64_t xb = 0; xb < width; xb += kBlock) {
     const int n = static_cast<int>(std::min(kBlock, width - xb));
     const int inside = block_coords<kFixed>(dx + xb, dy + xb, static_cast<double>(xb), yd, n, g,
-                                            off, wx, wy, sxs, sys);
+                                            off, wx, wy);
     if (inside == n) {
       blend(s.data, s.stride, off, wx, wy, n, out + xb);
     } else {
-      mixed_block(s, g, off, wx, wy, sxs, sys, n, border, fill_d, out + xb);
+      mixed_block(s, g, dx + xb, dy + xb, static_cast<double>(xb), yd, off, wx, wy, n, border,
+                  fill_d, out + xb);
     }
   }
 }
@@ -153,15 +156,15 @@ __attribute__((target("arch=x86-64-v3"))) void row_u8_avx2(
     const ImageView<const std::uint8_t>& s, std::uint8_t* out, const float* dx, const float* dy,
     std::int64_t width, double yd, const RowGeometry& g, Border border, double fill_d) {
   alignas(64) std::int32_t off[kBlock], wx[kBlock], wy[kBlock];
-  alignas(64) double sxs[kBlock], sys[kBlock];
   for (std::int64_t xb = 0; xb < width; xb += kBlock) {
     const int n = static_cast<int>(std::min(kBlock, width - xb));
     const int inside = block_coords<true>(dx + xb, dy + xb, static_cast<double>(xb), yd, n, g,
-                                          off, wx, wy, sxs, sys);
+                                          off, wx, wy);
     if (inside == n) {
       blend_u8_avx2(s.data, s.stride, off, wx, wy, n, out + xb);
     } else {
-      mixed_block(s, g, off, wx, wy, sxs, sys, n, border, fill_d, out + xb);
+      mixed_block(s, g, dx + xb, dy + xb, static_cast<double>(xb), yd, off, wx, wy, n, border,
+                  fill_d, out + xb);
     }
   }
 }
@@ -476,7 +479,11 @@ JacobianCount nonpositive_jacobian_count(const FieldView<const T>& u,
         for (std::int64_t y = y0; y < y1; ++y) {
           jacobian_row(u, y, row.data());
           if (mask == nullptr) {
-            for (std::int64_t x = 0; x < u.x.width; ++x) np += row[x] <= 0.0 ? 1 : 0;
+            int row_np = 0;  // int, not int64: the compare-and-count loop vectorises
+            for (std::int64_t x = 0; x < u.x.width; ++x) {
+              row_np += static_cast<int>(row[x] <= 0.0);
+            }
+            np += row_np;
             tot += u.x.width;
           } else {
             const std::uint8_t* mr = mask->row(y);
