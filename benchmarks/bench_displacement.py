@@ -20,10 +20,10 @@ import argparse
 
 import cv2
 import numpy as np
+from deepalign_fast import jacobian_determinant, nonpositive_jacobian_fraction, warp_displacement
 from scipy import ndimage as ndi
 
 from benchmarks._timing import markdown_table, measure, save_json
-from deepalign_fast import jacobian_determinant, nonpositive_jacobian_fraction, warp_displacement
 
 
 def _field(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage as ndi
-
 from deepalign_fast import (
     compose_affine_displacement,
     compose_displacements,
     jacobian_determinant,
+    metrics,
     nonpositive_jacobian_fraction,
     warp_affine,
     warp_displacement,
 )
-from deepalign_fast import metrics
+from scipy import ndimage as ndi
 
 DTYPES = [np.uint8, np.uint16, np.float32]
 MODES = {"constant": "grid-constant", "replicate": "nearest"}
