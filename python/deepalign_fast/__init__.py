@@ -26,10 +26,16 @@ except ImportError as exc:  # pragma: no cover - only hit in a broken install
     ) from exc
 
 from .estimate import MODELS, RansacResult, estimate_transform, fit_transform  # noqa: E402
+from .fields import (  # noqa: E402
+    compose_affine_displacement,
+    compose_displacements,
+    jacobian_determinant,
+    nonpositive_jacobian_fraction,
+)
 from .io import open_stack  # noqa: E402
 from .pipeline import Aligner, AlignOptions, AlignResult  # noqa: E402
 from .transforms import TransformSet  # noqa: E402
-from .warp import warp_affine  # noqa: E402  (after the _core import check)
+from .warp import warp_affine, warp_displacement  # noqa: E402
 
 try:
     __version__ = version("deepalign-fast")
@@ -49,6 +55,11 @@ __all__ = [
     "fit_transform",
     "__version__",
     "warp_affine",
+    "warp_displacement",
+    "compose_affine_displacement",
+    "compose_displacements",
+    "jacobian_determinant",
+    "nonpositive_jacobian_fraction",
 ]
 
 

@@ -36,3 +36,38 @@ def warp_affine(
     fill: float,
     num_threads: int,
 ) -> None: ...
+
+# csrc/bindings/bind_displacement.cpp: fields are (2, H, W) C-contiguous (dx, dy).
+def warp_displacement(
+    src: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
+    dst: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
+    displacement: npt.NDArray[np.float32],
+    affine: npt.NDArray[np.float64] | None,
+    interpolation: int,
+    border: int,
+    fill: float,
+    num_threads: int,
+) -> None: ...
+def compose_affine_displacement(
+    affine: npt.NDArray[np.float64],
+    displacement: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    num_threads: int,
+) -> None: ...
+def compose_displacements(
+    first: npt.NDArray[np.float32],
+    second: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    border: int,
+    num_threads: int,
+) -> None: ...
+def jacobian_determinant(
+    displacement: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    out: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    num_threads: int,
+) -> None: ...
+def nonpositive_jacobian_count(
+    displacement: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    mask: npt.NDArray[np.bool_] | npt.NDArray[np.uint8] | None = None,
+    num_threads: int = 0,
+) -> tuple[int, int]: ...

@@ -28,6 +28,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._errors import DeepAlignError
+from .fields import jacobian_determinant as _jacobian
+from .fields import nonpositive_jacobian_fraction as _fraction
 from .synth import GroundTruth, compose
 
 __all__ = [
@@ -281,26 +283,35 @@ def iou(a: ArrayLike, b: ArrayLike, *, labels: Sequence[int] | None = None,
 # --------------------------------------------------------------------------------------------
 # Jacobian
 # --------------------------------------------------------------------------------------------
-def jacobian_determinant(displacement: ArrayLike) -> NDArray[np.float64]:
+def _field_for_jacobian(displacement: ArrayLike) -> NDArray[Any]:
+    u = np.asarray(displacement)
+    if u.dtype != np.float32:
+        u = u.astype(np.float64)  # float32 fields (the pipeline's) are used as they are
+    if u.ndim != 3 or u.shape[0] != 2 or min(u.shape[1:]) < 2:
+        raise DeepAlignError(f"displacement must be (2, H, W) with H, W >= 2, got {u.shape}")
+    return u
+
+
+def jacobian_determinant(displacement: ArrayLike) -> NDArray[np.floating[Any]]:
     """Jacobian determinant of ``phi(x) = x + u(x)`` for a displacement field.
+
+    Delegates to :func:`deepalign_fast.fields.jacobian_determinant` (the C++ kernel, the one
+    implementation).
 
     Parameters
     ----------
     displacement : array_like, shape (2, H, W)
-        ``u``: ``dx`` then ``dy`` in pixels.
+        ``u``: ``dx`` then ``dy`` in pixels. ``float32`` fields are used as they are; anything
+        else is converted to ``float64``.
 
     Returns
     -------
-    ndarray, shape (H, W), float64
+    ndarray, shape (H, W), float32 for a float32 field, else float64
         ``(1 + du_x/dx)(1 + du_y/dy) - du_x/dy * du_y/dx``, central differences inside,
-        one-sided at the border (``numpy.gradient``). Values ``<= 0`` mean folding.
+        one-sided at the border (``numpy.gradient``), evaluated in float64. Values ``<= 0``
+        mean folding.
     """
-    u = np.asarray(displacement, dtype=np.float64)
-    if u.ndim != 3 or u.shape[0] != 2 or min(u.shape[1:]) < 2:
-        raise DeepAlignError(f"displacement must be (2, H, W) with H, W >= 2, got {u.shape}")
-    dux_dy, dux_dx = np.gradient(u[0])
-    duy_dy, duy_dx = np.gradient(u[1])
-    return np.asarray((1.0 + dux_dx) * (1.0 + duy_dy) - dux_dy * duy_dx)
+    return _jacobian(_field_for_jacobian(displacement))
 
 
 def nonpositive_jacobian_fraction(
@@ -308,11 +319,23 @@ def nonpositive_jacobian_fraction(
 ) -> float:
     """Fraction (0..1) of pixels whose Jacobian determinant is ``<= 0``.
 
-    Accepts a ``(2, H, W)`` displacement field or an ``(H, W)`` determinant map; ``mask``
-    restricts the count to its non-zero pixels. The design target is < 0.001 (0.1 %).
+    Accepts a ``(2, H, W)`` displacement field (counted by
+    :func:`deepalign_fast.fields.nonpositive_jacobian_fraction` without building the
+    determinant map) or an ``(H, W)`` determinant map; ``mask`` restricts the count to its
+    non-zero pixels. The design target is < 0.001 (0.1 %).
     """
     arr = np.asarray(displacement_or_det)
-    det = jacobian_determinant(arr) if arr.ndim == 3 else arr.astype(np.float64)
+    if arr.ndim == 3:
+        u = _field_for_jacobian(arr)
+        m = None
+        if mask is not None:
+            m = np.asarray(mask) != 0
+            if m.shape != u.shape[1:]:
+                raise DeepAlignError(f"mask shape {m.shape} != field shape {u.shape[1:]}")
+            if not m.any():
+                raise DeepAlignError("no pixels to evaluate")
+        return _fraction(u, mask=m)
+    det = arr.astype(np.float64)
     if mask is not None:
         m = np.asarray(mask).astype(bool)
         if m.shape != det.shape:
