@@ -9,6 +9,7 @@ namespace py = pybind11;
 namespace deepalign::bindings {
 void bind_warp(py::module_& m);    // bind_warp.cpp
 void bind_ransac(py::module_& m);  // bind_ransac.cpp
+void bind_expected_affine(py::module_& m);  // bind_expected_affine.cpp
 }  // namespace deepalign::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(_core, m) {
         "Number of hardware threads num_threads=0 resolves to.");
   deepalign::bindings::bind_warp(m);
   deepalign::bindings::bind_ransac(m);
+  deepalign::bindings::bind_expected_affine(m);
 }
