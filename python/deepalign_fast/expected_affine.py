@@ -424,3 +424,82 @@ def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
                                          float(field_step), iterations, num_threads)
     return ExpectedAffineResult(fld, field_step, out_shape, g, cl_aff, inl, p_ref, p_mov, lab,
                                 m, False, True, "", notes, num_threads)
+
+
+class StackRefiner:
+    """Expected-affine refinement of a stack render (``AlignOptions(mode="expected-affine")``).
+
+    Called for every slice in order with its solved affine: the affinely rendered slice is
+    registered with :func:`register_pair` onto the previous *output* slice (damage mask warped
+    into the output frame by the same affine), and the slice is rendered once with the
+    composed per-pixel map ``affine o field``. Slice 0, slices whose registration fails or falls
+    back, keep the plain affine; ``notes`` records which. Calls may come from several threads:
+    each waits for its predecessor (the refinement is sequential by nature).
+
+    Parameters
+    ----------
+    masks : path or None
+        Damage mask stack (any stack :func:`deepalign_fast.io.open_stack` reads: TIFF, folder
+        of slices, Zarr), one mask per slice, non-zero = damage. None = no damage anywhere.
+    shape : (int, int)
+        Output frame.
+    """
+
+    def __init__(self, masks: object | None, shape: tuple[int, int], *, num_slices: int,
+                 features: Literal["sift", "blocks"] = "sift", num_threads: int = 0) -> None:
+        import threading
+
+        from .io import open_stack
+        self._masks = None
+        if masks is not None:
+            self._masks = open_stack(masks)  # type: ignore[arg-type]
+            if len(self._masks) != num_slices:
+                raise DeepAlignError(f"{masks}: {len(self._masks)} masks for {num_slices} slices")
+        self.shape = shape
+        self.features = features
+        self.num_threads = num_threads
+        self.notes: dict[int, str] = {}
+        self._prev: np.ndarray | None = None
+        self._next = 0
+        self._cond = threading.Condition()
+
+    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        with self._cond:
+            self._cond.wait_for(lambda: self._next == z)
+        try:
+            out = self._refine(z, image, np.asarray(affine, np.float64))
+            self._prev = out
+            return out
+        finally:
+            with self._cond:
+                self._next = z + 1
+                self._cond.notify_all()
+
+    def _refine(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        from .warp import warp_affine
+        plain = warp_affine(image, affine, self.shape, num_threads=self.num_threads)
+        if self._prev is None:
+            return plain
+        mask_out = None
+        if self._masks is not None:
+            m = np.asarray(self._masks.read(z))
+            if m.shape != image.shape:
+                raise DeepAlignError(f"mask {z}: shape {m.shape} != slice shape {image.shape}")
+            if m.any():
+                mask_out = warp_affine((m != 0).astype(np.uint8), affine, self.shape,
+                                       interpolation="nearest", num_threads=self.num_threads)
+        try:
+            res = register_pair(self._prev, plain, mask=mask_out, features=self.features,
+                                num_threads=self.num_threads)
+        except DeepAlignError as exc:  # e.g. the warped mask covers the frame
+            self.notes[z] = f"affine kept: {exc}"
+            return plain
+        if not res or res.fallback:
+            self.notes[z] = f"affine kept: {res.reason}"
+            return plain
+        a3 = np.vstack([affine, [0.0, 0.0, 1.0]])
+        f = res.field
+        composed = np.einsum("ij,rcjk->rcik", a3[:2], np.concatenate(
+            [f, np.broadcast_to([0.0, 0.0, 1.0], f.shape[:2] + (1, 3))], axis=2))
+        return warp_affine_field(image, np.ascontiguousarray(composed), res.field_step,
+                                 self.shape, num_threads=self.num_threads)
