@@ -10,6 +10,7 @@ namespace deepalign::bindings {
 void bind_warp(py::module_& m);    // bind_warp.cpp
 void bind_ransac(py::module_& m);  // bind_ransac.cpp
 void bind_displacement(py::module_& m);  // bind_displacement.cpp
+void bind_expected_affine(py::module_& m);  // bind_expected_affine.cpp
 }  // namespace deepalign::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_core, m) {
   deepalign::bindings::bind_warp(m);
   deepalign::bindings::bind_ransac(m);
   deepalign::bindings::bind_displacement(m);
+  deepalign::bindings::bind_expected_affine(m);
 }

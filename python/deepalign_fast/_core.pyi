@@ -71,3 +71,23 @@ def nonpositive_jacobian_count(
     mask: npt.NDArray[np.bool_] | npt.NDArray[np.uint8] | None = None,
     num_threads: int = 0,
 ) -> tuple[int, int]: ...
+
+# csrc/bindings/bind_expected_affine.cpp
+def grid_size(n: int, step: int) -> int: ...
+def coarsen_mask(
+    mask: npt.NDArray[np.uint8], step: int, num_threads: int
+) -> npt.NDArray[np.uint8]: ...
+def knn_grid(
+    points: npt.NDArray[np.float64], rows: int, cols: int, step: float, k: int,
+    blocked: npt.NDArray[np.uint8] | None = None, num_threads: int = 0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32], npt.NDArray[np.uint8]]: ...
+def expected_affine_field(
+    knn_index: npt.NDArray[np.int32], step: float, labels: npt.NDArray[np.int32],
+    affines: npt.NDArray[np.float64], global_affine: npt.NDArray[np.float64],
+    blocked: npt.NDArray[np.uint8] | None, out_rows: int, out_cols: int, out_step: float,
+    iterations: int, num_threads: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def warp_affine_field(
+    src: npt.NDArray[Any], dst: npt.NDArray[Any], field: npt.NDArray[np.float64], step: float,
+    interpolation: int, border: int, fill: float, num_threads: int,
+) -> None: ...

@@ -22,7 +22,8 @@ def _align_options(args: argparse.Namespace) -> Any:
     return AlignOptions(features=args.features, model=args.model, neighbours=args.neighbours,
                         threshold=args.threshold, drift=args.drift,
                         drift_window=args.drift_window, canvas=args.canvas,
-                        num_threads=args.threads, provider=args.provider)
+                        num_threads=args.threads, provider=args.provider, mode=args.mode,
+                        masks=None if args.masks is None else str(args.masks))
 
 
 def _make_parent(path: Path) -> None:
@@ -58,7 +59,7 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
 
 def _add_align_arguments(p: argparse.ArgumentParser) -> None:
     from .estimate import MODELS
-    from .pipeline import CANVAS, DRIFT, FEATURES, AlignOptions
+    from .pipeline import CANVAS, DRIFT, FEATURES, MODES, AlignOptions
 
     d = AlignOptions()
     p.add_argument("--features", choices=FEATURES, default=d.features,
@@ -81,6 +82,12 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                    help="onnxruntime execution provider for --features learned "
                         "(default %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="render with one affine per slice, or refine damaged sections with "
+                        "the expected affine (default %(default)s)")
+    p.add_argument("--masks", type=Path, default=None,
+                   help="damage masks for --mode expected-affine (stack or folder, "
+                        "non-zero = fold/crack)")
 
 
 def _add_align(sub: Any) -> None:
@@ -236,7 +243,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_report(sub)
     _add_bench(sub)
+    _add_register(sub)
     return parser
+
+
+def _add_register(sub: Any) -> None:
+    p = sub.add_parser("register", help="register a damaged section onto a reference "
+                                        "(expected affine)",
+                       description="Expected-affine registration of one (reference, damaged "
+                                   "moving) pair; writes the moving image warped onto the "
+                                   "reference.")
+    p.add_argument("fixed", type=Path, help="reference image")
+    p.add_argument("moving", type=Path, help="damaged moving image")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="damage mask of the moving image (non-zero = fold/crack)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="warped moving image")
+    p.add_argument("--features", choices=("sift", "blocks"), default="sift")
+    p.add_argument("--clusters", type=int, default=4, help="K-means clusters (default 4)")
+    p.add_argument("--k", type=int, default=20, help="KNN neighbours (default 20)")
+    p.add_argument("--blank-damage", action="store_true",
+                   help="set output pixels whose source lies in the damage to 0")
+    p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
+    p.set_defaults(func=_cmd_register)
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    import cv2
+
+    from .expected_affine import register_pair
+    from .io import read_image
+
+    fixed, moving = read_image(args.fixed), read_image(args.moving)
+    mask = None if args.mask is None else read_image(args.mask)
+    res = register_pair(fixed, moving, mask=mask, features=args.features,
+                        n_clusters=args.clusters, k=args.k, num_threads=args.threads)
+    if not res:
+        raise DeepAlignError(f"{args.moving}: registration failed: {res.reason}")
+    out = res.warp(moving, mask_damage=args.blank_damage)
+    _make_parent(args.output)
+    if not cv2.imwrite(str(args.output), out):
+        raise DeepAlignError(f"{args.output}: could not write the image")
+    status = f"fallback to the global affine ({res.reason})" if res.fallback else \
+        f"{len(res.cluster_affines)} local affines, {len(res.points_moving)} keypoints"
+    print(f"registered {args.moving} -> {args.output}: {status}")
+    for note in res.notes:
+        print(f"  note: {note}")
+    return 0
 
 
 # --- QC subcommands: parse, call the API, print ---------------------------------------------

@@ -57,6 +57,7 @@ R = TypeVar("R")
 
 FEATURES = ("blocks", "sift", "learned")
 DRIFT = ("linear", "all", "none")
+MODES = ("affine", "expected-affine")
 CANVAS = ("reference", "union")
 
 
@@ -89,6 +90,12 @@ class AlignOptions:
     provider : {"cpu", "cuda", "tensorrt"}
         onnxruntime execution provider for ``features="learned"``; asking for a GPU provider
         that is not installed is an error naming the package to install.
+    mode : {"affine", "expected-affine"}
+        Rendering: one affine per slice, or (damaged serial sections) each slice refined
+        after the affine solve by an expected-affine field against the previous aligned
+        slice (:class:`deepalign_fast.expected_affine.StackRefiner`; ``render`` only).
+    masks : path, optional
+        Damage masks for ``mode="expected-affine"`` (stack or folder, non-zero = damage).
     """
 
     features: str = "blocks"
@@ -101,9 +108,12 @@ class AlignOptions:
     canvas: str = "reference"
     num_threads: int = 0
     provider: str = "cpu"
+    mode: str = "affine"
+    masks: str | None = None
 
     def __post_init__(self) -> None:
         checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
+                  ("mode", self.mode, MODES),
                   ("drift", self.drift, DRIFT), ("canvas", self.canvas, CANVAS)]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -535,13 +545,21 @@ class Aligner:
             threads = self.options.num_threads
 
             times = _StageTimes()
+            refine = None
+            if self.options.mode == "expected-affine":
+                from .expected_affine import StackRefiner
+                refine = StackRefiner(self.options.masks, (h, w), num_slices=len(reader),
+                                      num_threads=threads)
 
             def warp(z: int) -> np.ndarray:
                 t0 = time.perf_counter()
                 image = reader.read(z)
                 t0 = times.add("read", t0)
-                out = warp_affine(image, transforms.affines[z], (h, w),
-                                  interpolation=interpolation, num_threads=threads)
+                if refine is not None:
+                    out = refine(z, image, transforms.affines[z])
+                else:
+                    out = warp_affine(image, transforms.affines[z], (h, w),
+                                      interpolation=interpolation, num_threads=threads)
                 times.add("render", t0)
                 return out
 
