@@ -1,6 +1,6 @@
 """Self-supervised training of the artifact-invariant U-Net (see ``export/models.py``).
 
-    python -m export.train_ssl --data lucchi,isbi,drosophila --out runs/ssl --minutes 15
+    python -m export.train_ssl --data lucchi,isbi --out runs/ssl --minutes 15
 
 Each training sample is a clean crop ``A`` of a real EM slice and a second view ``B``: the
 same place under a small random affine (rotation, scale, shear, shift), taken from the same
@@ -238,8 +238,10 @@ def evaluate(model: SslUNet, val: list[dict[str, torch.Tensor]], *, size: int, n
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.train_ssl", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="lucchi,isbi,drosophila",
-                    help="comma-separated dataset names (lucchi, isbi, drosophila) or paths")
+    ap.add_argument("--data", default="lucchi,isbi",
+                    help="comma-separated dataset names (lucchi, isbi, drosophila) or paths; "
+                         "the default leaves out drosophila (CC BY-NC-SA: shipped weights must "
+                         "not derive from it)")
     ap.add_argument("--out", required=True, type=Path, help="output folder (checkpoint, log)")
     ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget")
     ap.add_argument("--max-steps", type=int, default=0,
