@@ -63,8 +63,15 @@ import numpy as np
 
 from ._errors import DeepAlignError
 from .blocks import Correspondences
-from .pipeline import AlignOptions, AlignResult, Aligner, _is_blank, _make_backend, _Progress
-from .pipeline import _Solver
+from .pipeline import (
+    Aligner,
+    AlignOptions,
+    AlignResult,
+    _is_blank,
+    _make_backend,
+    _Progress,
+    _Solver,
+)
 from .transforms import TransformSet
 
 __all__ = ["DistributedResult", "align_distributed", "connect"]
@@ -153,7 +160,7 @@ def _init_tag(init: np.ndarray | None) -> str:
     return hashlib.sha1(np.ascontiguousarray(init, np.float64).tobytes()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
@@ -265,14 +272,15 @@ def connect(scheduler: Any, *, timeout_s: float = 60.0) -> Iterator[Any]:
             n = 0
         if n < 1:
             raise ValueError(f"scheduler 'local:N' needs N >= 1 workers, got {spec!r}")
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                          host="127.0.0.1", dashboard_address=None) as cluster, \
-                Client(cluster, timeout=timeout_s) as client:
+        cluster = LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None)
+        with cluster, Client(cluster, timeout=timeout_s) as client:  # type: ignore[no-untyped-call]
             yield client
         return
     if "://" not in spec:
         raise ValueError(f"scheduler must be 'tcp://HOST:PORT' or 'local:N', got {spec!r}")
-    with Client(spec, timeout=timeout_s) as client:
+    with Client(spec, timeout=timeout_s) as client:  # type: ignore[no-untyped-call]
         yield client
 
 
@@ -468,7 +476,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                 for z in range(n) if z not in done]
         counts["render"] = len(futs)
         try:
-            for fut in as_completed(futs):
+            for fut in as_completed(futs):  # type: ignore[no-untyped-call]
                 z = int(fut.result())
                 fut.release()
                 writer.mark_written(z)

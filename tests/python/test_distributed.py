@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from deepalign_fast import AlignOptions, Aligner, DeepAlignError  # noqa: E402
+from deepalign_fast import Aligner, AlignOptions, DeepAlignError  # noqa: E402
 from deepalign_fast.cli import main  # noqa: E402
 from deepalign_fast.datasets import sample_stack_path  # noqa: E402
 from deepalign_fast.distributed import align_distributed, connect  # noqa: E402
