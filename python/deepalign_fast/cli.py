@@ -10,10 +10,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._errors import DeepAlignError
+
+if TYPE_CHECKING:
+    from .pipeline import AlignResult
 
 
 def _align_options(args: argparse.Namespace) -> Any:
@@ -101,6 +104,13 @@ def _add_align(sub: Any) -> None:
                    help="transforms file (default: OUTPUT with .transforms.json)")
     p.add_argument("--report", type=Path, default=None, help="write a QC report (HTML)")
     _add_align_arguments(p)
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT|local:N",
+                   help="run on a Dask cluster: an existing scheduler, or a local cluster of "
+                        "N worker processes (needs the 'distributed' extra; output must be "
+                        ".zarr/.ome.zarr; rerun the same command to resume)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="with --scheduler: pair cache and resume state "
+                        "(default OUTPUT.work, deleted after success)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_align)
@@ -113,10 +123,20 @@ def _cmd_align(args: argparse.Namespace) -> int:
     check_distinct(args.input, args.output)
     _make_parent(args.output)
     transforms_path = args.transforms or _default_transforms_path(args.output)
-    aligner = Aligner(_align_options(args))
     progress = False if args.quiet else None
-    result = aligner.align_stack(args.input, args.output, transforms_path=transforms_path,
-                                 progress=progress)
+    result: AlignResult
+    if args.scheduler is not None:
+        from .distributed import align_distributed
+
+        result = align_distributed(args.input, args.output, scheduler=args.scheduler,
+                                   options=_align_options(args),
+                                   transforms_path=transforms_path, work_dir=args.work_dir,
+                                   progress=progress)
+    else:
+        if args.work_dir is not None:
+            raise DeepAlignError("--work-dir only applies with --scheduler")
+        result = Aligner(_align_options(args)).align_stack(
+            args.input, args.output, transforms_path=transforms_path, progress=progress)
     summary = result.summary()
     summary["output"] = str(args.output)
     summary["transforms"] = str(transforms_path)

@@ -221,12 +221,109 @@ def _is_blank(image: np.ndarray) -> bool:
     return bool(np.ptp(sample) == 0)
 
 
-class _Solver:
-    """Causal multi-neighbour solver: one call per slice, bounded state (K prepared slices)."""
+@dataclass(frozen=True)
+class _Pair:
+    """One neighbour's match for slice z: the pairwise-correspondence part of the solve.
 
-    def __init__(self, opts: AlignOptions) -> None:
+    ``rank`` is 1 for the nearest accepted predecessor, 2 for the next, ...; ``a_ref`` is that
+    predecessor's solved transform (output -> slice), ``matrix`` the estimated
+    predecessor -> slice z affine and ``corr`` its correspondences.
+    """
+
+    rank: int
+    a_ref: np.ndarray
+    matrix: np.ndarray
+    corr: Correspondences
+
+
+# (z_ref, state_ref, z_mov, state_mov, init) -> (matrix or None, correspondences). The slice
+# indices let a distributed driver find a cached or remote result; the local one ignores them.
+MatchFn = Callable[[int, Any, int, Any, "np.ndarray | None"],
+                   tuple["np.ndarray | None", Correspondences]]
+
+
+def _match_neighbours(history: Iterable[tuple[int, Any, np.ndarray]], z: int, state: Any,
+                      match: MatchFn) -> list[_Pair]:
+    """Match slice ``z`` against its accepted predecessors, nearest first.
+
+    ``history`` is oldest first, as kept by :class:`_Solver`. The nearest neighbour is matched
+    from scratch; farther ones start from the prediction (slice z-k -> slice z) given by the
+    nearest one that matched, so they skip the coarse levels. That makes each far match depend
+    on already solved transforms, so the matches of one slice are issued in this order.
+    """
+    pairs: list[_Pair] = []
+    predicted: np.ndarray | None = None  # A_z from the nearest neighbour that matched
+    for k, (z_k, state_k, a_k) in enumerate(reversed(list(history)), start=1):
+        init = None if predicted is None else compose(predicted, invert(a_k))
+        m, corr = match(z_k, state_k, z, state, init)
+        if m is None or len(corr) < 3:
+            continue
+        if predicted is None:
+            predicted = compose(m, a_k)
+        pairs.append(_Pair(k, a_k, m, corr))
+    return pairs
+
+
+def _residuals(a: np.ndarray, x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(x @ a[:, :2].T + a[:, 2] - q, axis=1)
+
+
+def _solve_slice(pairs: list[_Pair], opts: AlignOptions
+                 ) -> tuple[np.ndarray, float, int] | None:
+    """Joint weighted least-squares fit of one slice's transform from its neighbours' matches.
+
+    Every correspondence ``(p in slice z-k, q in slice z)`` is lifted to the output frame
+    through ``A_{z-k}^-1``; the consensus candidate selects inliers, then the transform is
+    refitted three times. Returns ``(A_z, rms_px, inliers)``, or None when the slice must be
+    flagged (no pairs, or fewer than ``opts.min_matches`` consistent correspondences).
+    """
+    if not pairs:
+        return None
+    lifted_src, lifted_dst, weights, candidates = [], [], [], []
+    for pair in pairs:
+        # x = A_k^-1(p) is the output-frame position of correspondence (p, q).
+        a_k_inv = invert(pair.a_ref)
+        lifted_src.append(pair.corr.src @ a_k_inv[:, :2].T + a_k_inv[:, 2])
+        lifted_dst.append(pair.corr.dst)
+        weights.append(pair.corr.weights / pair.rank)
+        candidates.append((len(pair.corr), compose(pair.matrix, pair.a_ref)))
+    x = np.concatenate(lifted_src)
+    q = np.concatenate(lifted_dst)
+    w = np.concatenate(weights)
+    # Consensus: the candidate transform that most correspondences agree with.
+    best = max(candidates,
+               key=lambda c: int(np.sum(_residuals(c[1], x, q) < opts.threshold)))[1]
+    keep = _residuals(best, x, q) < 2.0 * opts.threshold
+    a_z = None
+    for _ in range(3):  # refit, re-select inliers
+        if keep.sum() < max(3, opts.min_matches):
+            break
+        a_z = fit_transform(x[keep], q[keep], opts.model, weights=w[keep])
+        if a_z is None:
+            break
+        keep = _residuals(a_z, x, q) < opts.threshold
+    if a_z is None or keep.sum() < opts.min_matches:
+        return None
+    rms = float(np.sqrt(np.mean(_residuals(a_z, x[keep], q[keep]) ** 2)))
+    return a_z, rms, int(keep.sum())
+
+
+class _Solver:
+    """Causal multi-neighbour solver: one call per slice, bounded state (K prepared slices).
+
+    ``match`` defaults to the local back-end's ``match``; a distributed driver passes its own
+    (remote, cached) function and opaque ``state`` handles instead of prepared slices. The
+    pairwise part (:func:`_match_neighbours`) and the solve (:func:`_solve_slice`) are the same
+    functions either way.
+    """
+
+    def __init__(self, opts: AlignOptions, match: MatchFn | None = None) -> None:
         self.opts = opts
-        self.backend = _make_backend(opts)
+        if match is None:
+            self.backend = _make_backend(opts)
+            backend = self.backend
+            match = lambda _zr, ref, _zm, mov, init: backend.match(ref, mov, init)  # noqa: E731
+        self._match = match
         self.history: deque[tuple[int, Any, np.ndarray]] = deque(maxlen=opts.neighbours)
         self.raw: list[np.ndarray] = []  # raw chained transforms, output -> slice
         self.flagged: list[int] = []
@@ -244,53 +341,15 @@ class _Solver:
             self._accept(z, state, first, None, 0)
             return first
         t0 = time.perf_counter()
-        lifted_src, lifted_dst, weights, candidates = [], [], [], []
-        predicted: np.ndarray | None = None  # A_z from the nearest neighbour that matched
-        for k, (_, state_k, a_k) in enumerate(reversed(self.history), start=1):
-            # Farther neighbours start from the prediction (slice z-k -> slice z) and skip the
-            # coarse levels; the nearest one is matched from scratch.
-            init = None if predicted is None else compose(predicted, invert(a_k))
-            m, corr = self.backend.match(state_k, state, init)
-            if m is None or len(corr) < 3:
-                continue
-            if predicted is None:
-                predicted = compose(m, a_k)
-            # x = A_k^-1(p) is the output-frame position of correspondence (p, q).
-            a_k_inv = invert(a_k)
-            lifted_src.append(corr.src @ a_k_inv[:, :2].T + a_k_inv[:, 2])
-            lifted_dst.append(corr.dst)
-            weights.append(corr.weights / k)
-            candidates.append((len(corr), compose(m, a_k)))
+        pairs = _match_neighbours(self.history, z, state, self._match)
         t0 = self.times.add("match", t0)
-        if not candidates:
-            return self._flag(z, self.raw[-1])
-        x = np.concatenate(lifted_src)
-        q = np.concatenate(lifted_dst)
-        w = np.concatenate(weights)
-        # Consensus: the candidate transform that most correspondences agree with.
-        def support(candidate: tuple[int, np.ndarray]) -> int:
-            return int(np.sum(self._res(candidate[1], x, q) < self.opts.threshold))
-
-        best = max(candidates, key=support)[1]
-        keep = self._res(best, x, q) < 2.0 * self.opts.threshold
-        a_z: np.ndarray | None = None
-        for _ in range(3):  # refit, re-select inliers
-            if keep.sum() < max(3, self.opts.min_matches):
-                break
-            a_z = fit_transform(x[keep], q[keep], self.opts.model, weights=w[keep])
-            if a_z is None:
-                break
-            keep = self._res(a_z, x, q) < self.opts.threshold
+        fit = _solve_slice(pairs, self.opts)
         self.times.add("solve", t0)
-        if a_z is None or keep.sum() < self.opts.min_matches:
+        if fit is None:
             return self._flag(z, self.raw[-1])
-        rms = float(np.sqrt(np.mean(self._res(a_z, x[keep], q[keep]) ** 2)))
-        self._accept(z, state, a_z, rms, int(keep.sum()))
+        a_z, rms, n = fit
+        self._accept(z, state, a_z, rms, n)
         return a_z
-
-    @staticmethod
-    def _res(a: np.ndarray, x: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return np.linalg.norm(x @ a[:, :2].T + a[:, 2] - q, axis=1)
 
     def _accept(self, z: int, state: Any, a_z: np.ndarray, rms: float | None, n: int) -> None:
         self.history.append((z, state, a_z))
@@ -508,13 +567,18 @@ class Aligner:
                     bar.step()
             bar.close()
             t_est = time.perf_counter() - t_prep0
-        affines = self._finish(np.stack(solver.raw), solver.flagged, (h, w), causal=False)
-        affines, out_shape = _canvas(affines, (h, w), opts.canvas)
-        ts = TransformSet(affines, (n, h, w), out_shape, list(solver.flagged),
-                          list(solver.residuals), asdict(opts))
+        ts = self._transform_set(solver, (n, h, w))
         timings = {**solver.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
         return AlignResult(ts, list(solver.matches), timings)
+
+    def _transform_set(self, solver: _Solver, shape: tuple[int, int, int]) -> TransformSet:
+        """Flagged-slice interpolation, drift model and canvas over a finished solve."""
+        n, h, w = shape
+        affines = self._finish(np.stack(solver.raw), solver.flagged, (h, w), causal=False)
+        affines, out_shape = _canvas(affines, (h, w), self.options.canvas)
+        return TransformSet(affines, (n, h, w), out_shape, list(solver.flagged),
+                            list(solver.residuals), asdict(self.options))
 
     def _finish(self, raw: np.ndarray, flagged: list[int], shape: tuple[int, int],
                 *, causal: bool) -> np.ndarray:

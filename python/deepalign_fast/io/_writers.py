@@ -472,6 +472,28 @@ class ZarrStackWriter(StackWriter):
         with self._lock:
             return set(self._completed)
 
+    @property
+    def array_path(self) -> Path:
+        """The Zarr array inside ``<path>.partial`` that slices go to.
+
+        Other processes (e.g. distributed workers) may write whole z-slices straight into it
+        (``zarr.open_array(array_path, mode="r+")[i] = slice``; chunk files are written
+        atomically by Zarr's local store) and then report them with :meth:`mark_written`.
+        """
+        return self.partial / "0" if self.ome else self.partial
+
+    def mark_written(self, i: int) -> None:
+        """Record slice ``i`` as finished after another process wrote it into
+        :attr:`array_path`. Thread-safe; call it only once the slice is fully written."""
+        j = int(i)
+        if not 0 <= j < self.shape[0]:
+            raise DeepAlignError(
+                f"{self.path}, slice {i}: index out of range for {self.shape[0]} slices."
+            )
+        with self._lock:
+            self._completed.add(j)
+            self._save_progress()
+
     def write(self, i: int, data: np.ndarray) -> None:
         """Write slice ``i`` (any order; rewriting a slice replaces it). Thread-safe.
 
