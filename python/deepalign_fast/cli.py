@@ -26,7 +26,8 @@ def _align_options(args: argparse.Namespace) -> Any:
                         threshold=args.threshold, drift=args.drift,
                         drift_window=args.drift_window, canvas=args.canvas,
                         num_threads=args.threads, provider=args.provider, mode=args.mode,
-                        masks=None if args.masks is None else str(args.masks))
+                        masks=None if args.masks is None else str(args.masks),
+                        max_folding=args.max_folding)
 
 
 def _make_parent(path: Path) -> None:
@@ -86,8 +87,12 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime execution provider for --features learned "
                         "(default %(default)s)")
     p.add_argument("--mode", choices=MODES, default=d.mode,
-                   help="render with one affine per slice, or refine damaged sections with "
-                        "the expected affine (default %(default)s)")
+                   help="render with one affine per slice, refine damaged sections with the "
+                        "expected affine, or refine every slice with the learned flow (elastic) "
+                        "(default %(default)s)")
+    p.add_argument("--max-folding", type=float, default=d.max_folding,
+                   help="--mode elastic: largest accepted fraction of non-positive Jacobian "
+                        "determinants per slice (default %(default)s = 0.1 %%)")
     p.add_argument("--masks", type=Path, default=None,
                    help="damage masks for --mode expected-affine (stack or folder, "
                         "non-zero = fold/crack)")

@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,8 +48,8 @@ from .blocks import BlockMatcher, Correspondences
 from .estimate import MODELS, estimate_transform, fit_transform
 from .features import FeatureExtractor, SiftExtractor, match_features
 from .geometry import compose, invert
-from .transforms import TransformSet
-from .warp import warp_affine
+from .transforms import FieldStore, TransformSet
+from .warp import warp_affine, warp_displacement
 
 __all__ = ["AlignOptions", "AlignResult", "Aligner"]
 
@@ -57,7 +58,7 @@ R = TypeVar("R")
 
 FEATURES = ("blocks", "sift", "learned")
 DRIFT = ("linear", "all", "none")
-MODES = ("affine", "expected-affine")
+MODES = ("affine", "expected-affine", "elastic")
 CANVAS = ("reference", "union")
 
 
@@ -90,12 +91,20 @@ class AlignOptions:
     provider : {"cpu", "cuda", "tensorrt"}
         onnxruntime execution provider for ``features="learned"``; asking for a GPU provider
         that is not installed is an error naming the package to install.
-    mode : {"affine", "expected-affine"}
+    mode : {"affine", "expected-affine", "elastic"}
         Rendering: one affine per slice, or (damaged serial sections) each slice refined
         after the affine solve by an expected-affine field against the previous aligned
         slice (:class:`deepalign_fast.expected_affine.StackRefiner`; ``render`` only).
+        ``"elastic"``: each slice refined by the learned flow network against the previous
+        output slice (:class:`deepalign_fast.elastic.ElasticRefiner`); the fields are kept in
+        the transforms file so ``apply`` carries labels through them.
     masks : path, optional
         Damage masks for ``mode="expected-affine"`` (stack or folder, non-zero = damage).
+    max_folding : float
+        ``mode="elastic"``: largest accepted fraction of non-positive Jacobian determinants
+        per slice (a field that folds more is damped, or dropped and reported).
+    field_stride : int
+        ``mode="elastic"``: the fields are stored every ``field_stride`` output pixels.
     """
 
     features: str = "blocks"
@@ -110,6 +119,8 @@ class AlignOptions:
     provider: str = "cpu"
     mode: str = "affine"
     masks: str | None = None
+    max_folding: float = 0.001
+    field_stride: int = 4
 
     def __post_init__(self) -> None:
         checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
@@ -126,6 +137,10 @@ class AlignOptions:
             raise ValueError(f"drift_window must be >= 2, got {self.drift_window}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        if not 0 <= self.max_folding < 1:
+            raise ValueError(f"max_folding must be in [0, 1), got {self.max_folding}")
+        if self.field_stride < 1:
+            raise ValueError(f"field_stride must be >= 1, got {self.field_stride}")
 
 
 @dataclass
@@ -520,6 +535,17 @@ class _Progress:
 # --------------------------------------------------------------------------------------------
 
 
+def _fields_path(path: str | os.PathLike[str]) -> Path:
+    """``NAME.fields.zarr`` next to a transforms file or output (suffixes stripped)."""
+    p = Path(path)
+    name = p.name
+    for suffix in (".transforms.json", ".json", ".ome.zarr", ".zarr", ".tiff", ".tif"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return p.with_name(name + ".fields.zarr")
+
+
 class Aligner:
     """Align volume-EM stacks; see :class:`AlignOptions` for the options.
 
@@ -589,10 +615,14 @@ class Aligner:
     # -- rendering ------------------------------------------------------------------------
     def render(self, stack: Any, transforms: TransformSet, output: str | os.PathLike[str], *,
                interpolation: str = "linear", progress: bool | None = None,
-               writer_options: dict[str, Any] | None = None) -> dict[str, float]:
+               writer_options: dict[str, Any] | None = None,
+               fields_path: str | os.PathLike[str] | None = None) -> dict[str, float]:
         """Warp every slice of ``stack`` once with ``transforms`` and write ``output``.
 
-        Returns the seconds spent reading, rendering and writing (summed over threads).
+        Transforms that carry displacement fields are applied with them. With
+        ``mode="elastic"`` the fields are computed here, kept in ``transforms.fields`` and
+        written to ``fields_path`` (default: next to ``output``). Returns the seconds spent
+        reading, rendering and writing (summed over threads).
         """
         from .io import as_reader, check_distinct, open_writer, reader_path
 
@@ -609,8 +639,18 @@ class Aligner:
             threads = self.options.num_threads
 
             times = _StageTimes()
-            refine = None
-            if self.options.mode == "expected-affine":
+            refine: Any = None
+            store: FieldStore | None = None
+            if self.options.mode == "elastic":
+                from .elastic import ElasticRefiner
+
+                store = FieldStore.create(
+                    _fields_path(output) if fields_path is None else fields_path,
+                    len(reader), (h, w), stride=self.options.field_stride)
+                refine = ElasticRefiner((h, w), store=store, provider=self.options.provider,
+                                        num_threads=threads,
+                                        max_folding=self.options.max_folding)
+            elif self.options.mode == "expected-affine":
                 from .expected_affine import StackRefiner
                 refine = StackRefiner(self.options.masks, (h, w), num_slices=len(reader),
                                       num_threads=threads)
@@ -619,8 +659,13 @@ class Aligner:
                 t0 = time.perf_counter()
                 image = reader.read(z)
                 t0 = times.add("read", t0)
+                field = None if transforms.fields is None or refine is not None else \
+                    transforms.fields.get(z, num_threads=threads)
                 if refine is not None:
                     out = refine(z, image, transforms.affines[z])
+                elif field is not None:
+                    out = warp_displacement(image, field, affine=transforms.affines[z],
+                                            interpolation=interpolation, num_threads=threads)
                 else:
                     out = warp_affine(image, transforms.affines[z], (h, w),
                                       interpolation=interpolation, num_threads=threads)
@@ -636,6 +681,10 @@ class Aligner:
                     times.add("write", t0)
                     bar.step()
             bar.close()
+            if store is not None:
+                store.commit(_fields_path(output) if fields_path is None else fields_path)
+                transforms.fields = store
+                transforms.folding = list(refine.folding)
         return times.seconds
 
     def align_stack(self, stack: Any, output: str | os.PathLike[str], *,
@@ -646,7 +695,13 @@ class Aligner:
         result = self.estimate(stack, progress=progress)
         if transforms_path is not None:
             result.transforms.save(transforms_path)
-        stages = self.render(stack, result.transforms, output, progress=progress)
+        fields_path = None
+        if self.options.mode == "elastic":
+            fields_path = _fields_path(transforms_path if transforms_path is not None else output)
+        stages = self.render(stack, result.transforms, output, progress=progress,
+                             fields_path=fields_path)
+        if transforms_path is not None and result.transforms.fields is not None:
+            result.transforms.save(transforms_path)  # now with the fields
         for stage, seconds in stages.items():
             result.timings[stage] = result.timings.get(stage, 0.0) + seconds
         result.timings["total"] = time.perf_counter() - t0
