@@ -6,7 +6,6 @@
 #include <cstring>
 #include <deque>
 #include <limits>
-#include <queue>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -127,20 +126,36 @@ struct Label {
   double d;
   std::int32_t node;
   std::int32_t src;
-  // Min-heap by (distance, source, node): a deterministic settle order.
-  bool operator>(const Label& o) const {
-    if (d != o.d) return d > o.d;
-    if (src != o.src) return src > o.src;
-    return node > o.node;
-  }
 };
+
+// The settle order of the k-label Dijkstra: (distance, source, node).
+inline bool label_less(const Label& a, const Label& b) {
+  if (a.d != b.d) return a.d < b.d;
+  if (a.src != b.src) return a.src < b.src;
+  return a.node < b.node;
+}
+
+// Buckets per grid step of the label queue (see knn_geodesic).
+constexpr int kBucketsPerStep = 4;
+// Ring of buckets: a push lands at most ceil(sqrt(2) * kBucketsPerStep) + 1 buckets ahead.
+constexpr int kRing = 2 * kBucketsPerStep + 2;
 
 void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uint8_t* blocked,
                   KnnGrid& g) {
   const std::int64_t rows = g.rows, cols = g.cols;
   const int k = g.k;
   std::vector<int> count(static_cast<std::size_t>(rows * cols), 0);
-  std::priority_queue<Label, std::vector<Label>, std::greater<Label>> heap;
+  // Bucket queue (Dial's algorithm for real edge lengths): bucket b holds the labels whose
+  // distance lies in [b * width, (b + 1) * width). Every edge is longer than width, so a label
+  // settled from the current bucket never lands in it: once a bucket is current it is
+  // complete, and sorting it by (distance, source, node) gives exactly the order in which a
+  // binary heap would pop it, hence bit-identical results, without a heap's log factor and
+  // cache misses. Edges are at most step * sqrt(2) long, so a ring of kRing buckets holds
+  // every pending label; seeds (entry labels, any distance) wait in a sorted list.
+  const double width = step / kBucketsPerStep * (1.0 - 1e-9);
+  auto bucket_of = [&](double d) { return static_cast<std::int64_t>(std::floor(d / width)); };
+  std::vector<Label> seeds;
+  seeds.reserve(static_cast<std::size_t>(n));
   for (std::int64_t i = 0; i < n; ++i) {
     const double x = pts[2 * i], y = pts[2 * i + 1];
     if (!std::isfinite(x) || !std::isfinite(y)) continue;
@@ -166,8 +181,9 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
     }
     if (best_node < 0) continue;
     g.used[static_cast<std::size_t>(i)] = 1;
-    heap.push({best, static_cast<std::int32_t>(best_node), static_cast<std::int32_t>(i)});
+    seeds.push_back({best, static_cast<std::int32_t>(best_node), static_cast<std::int32_t>(i)});
   }
+  std::sort(seeds.begin(), seeds.end(), label_less);
   auto has = [&](std::int64_t node, std::int32_t src) {
     const std::int32_t* lst = g.index.data() + node * k;
     const int c = count[static_cast<std::size_t>(node)];
@@ -179,24 +195,46 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
   static constexpr int kDx[8] = {1, -1, 0, 0, 1, 1, -1, -1};
   static constexpr int kDy[8] = {0, 0, 1, -1, 1, -1, 1, -1};
   const double diag = step * kSqrt2;
-  while (!heap.empty()) {
-    const Label top = heap.top();
-    heap.pop();
-    const std::int64_t v = top.node;
-    int& cv = count[static_cast<std::size_t>(v)];
-    if (cv == k || has(v, top.src)) continue;
-    g.dist[static_cast<std::size_t>(v * k + cv)] = static_cast<float>(top.d);
-    g.index[static_cast<std::size_t>(v * k + cv)] = top.src;
-    ++cv;
-    const std::int64_t vy = v / cols, vx = v % cols;
-    for (int e = 0; e < 8; ++e) {
-      const std::int64_t ux = vx + kDx[e], uy = vy + kDy[e];
-      if (ux < 0 || ux >= cols || uy < 0 || uy >= rows) continue;
-      const std::int64_t u = uy * cols + ux;
-      if (blocked[u]) continue;
-      if (e >= 4 && (blocked[vy * cols + ux] || blocked[uy * cols + vx])) continue;  // no corner cut
-      if (count[static_cast<std::size_t>(u)] == k || has(u, top.src)) continue;
-      heap.push({top.d + (e >= 4 ? diag : step), static_cast<std::int32_t>(u), top.src});
+  std::vector<std::vector<Label>> ring(kRing);
+  std::size_t next_seed = 0;
+  std::int64_t pending = 0;  // labels in the ring
+  std::int64_t cur = seeds.empty() ? 0 : bucket_of(seeds.front().d);
+  while (true) {
+    std::vector<Label>& bk = ring[static_cast<std::size_t>(cur % kRing)];
+    while (next_seed < seeds.size() && bucket_of(seeds[next_seed].d) <= cur) {
+      bk.push_back(seeds[next_seed++]);
+      ++pending;
+    }
+    std::sort(bk.begin(), bk.end(), label_less);
+    for (const Label& top : bk) {
+      const std::int64_t v = top.node;
+      int& cv = count[static_cast<std::size_t>(v)];
+      if (cv == k || has(v, top.src)) continue;
+      g.dist[static_cast<std::size_t>(v * k + cv)] = static_cast<float>(top.d);
+      g.index[static_cast<std::size_t>(v * k + cv)] = top.src;
+      ++cv;
+      const std::int64_t vy = v / cols, vx = v % cols;
+      for (int e = 0; e < 8; ++e) {
+        const std::int64_t ux = vx + kDx[e], uy = vy + kDy[e];
+        if (ux < 0 || ux >= cols || uy < 0 || uy >= rows) continue;
+        const std::int64_t u = uy * cols + ux;
+        if (blocked[u]) continue;
+        if (e >= 4 && (blocked[vy * cols + ux] || blocked[uy * cols + vx])) continue;  // no corner cut
+        if (count[static_cast<std::size_t>(u)] == k || has(u, top.src)) continue;
+        const double nd = top.d + (e >= 4 ? diag : step);
+        const std::int64_t b = std::clamp<std::int64_t>(bucket_of(nd), cur + 1, cur + kRing - 1);
+        ring[static_cast<std::size_t>(b % kRing)].push_back(
+            {nd, static_cast<std::int32_t>(u), top.src});
+        ++pending;
+      }
+    }
+    pending -= static_cast<std::int64_t>(bk.size());
+    bk.clear();
+    if (pending == 0) {
+      if (next_seed == seeds.size()) break;
+      cur = std::max(cur + 1, bucket_of(seeds[next_seed].d));
+    } else {
+      ++cur;
     }
   }
 }
