@@ -135,6 +135,13 @@ inline bool label_less(const Label& a, const Label& b) {
   return a.node < b.node;
 }
 
+// Node-major order (node, distance, source): the same order per node as label_less, with
+// the node's neighbours close in memory.
+inline bool node_major_less(const Label& a, const Label& b) {
+  if (a.node != b.node) return a.node < b.node;
+  return label_less(a, b);
+}
+
 // Buckets per grid step of the label queue (see knn_geodesic).
 constexpr int kBucketsPerStep = 4;
 // Ring of buckets: a push lands at most ceil(sqrt(2) * kBucketsPerStep) + 1 buckets ahead.
@@ -184,13 +191,13 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
     seeds.push_back({best, static_cast<std::int32_t>(best_node), static_cast<std::int32_t>(i)});
   }
   std::sort(seeds.begin(), seeds.end(), label_less);
+  // Unsettled slots hold -1 and sources are >= 0, so all k slots can be compared without
+  // a data-dependent exit (the loop vectorises; k is small).
   auto has = [&](std::int64_t node, std::int32_t src) {
     const std::int32_t* lst = g.index.data() + node * k;
-    const int c = count[static_cast<std::size_t>(node)];
-    for (int t = 0; t < c; ++t) {
-      if (lst[t] == src) return true;
-    }
-    return false;
+    int found = 0;
+    for (int t = 0; t < k; ++t) found |= static_cast<int>(lst[t] == src);
+    return found != 0;
   };
   static constexpr int kDx[8] = {1, -1, 0, 0, 1, 1, -1, -1};
   static constexpr int kDy[8] = {0, 0, 1, -1, 1, -1, 1, -1};
@@ -205,7 +212,7 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
       bk.push_back(seeds[next_seed++]);
       ++pending;
     }
-    std::sort(bk.begin(), bk.end(), label_less);
+    std::sort(bk.begin(), bk.end(), node_major_less);
     for (const Label& top : bk) {
       const std::int64_t v = top.node;
       int& cv = count[static_cast<std::size_t>(v)];
