@@ -190,15 +190,57 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
     g.used[static_cast<std::size_t>(i)] = 1;
     seeds.push_back({best, static_cast<std::int32_t>(best_node), static_cast<std::int32_t>(i)});
   }
-  std::sort(seeds.begin(), seeds.end(), label_less);
-  // Unsettled slots hold -1 and sources are >= 0, so all k slots can be compared without
-  // a data-dependent exit (the loop vectorises; k is small).
-  auto has = [&](std::int64_t node, std::int32_t src) {
-    const std::int32_t* lst = g.index.data() + node * k;
-    int found = 0;
-    for (int t = 0; t < k; ++t) found |= static_cast<int>(lst[t] == src);
-    return found != 0;
+  // Tentative labels: per node, the best known distance of up to k distinct sources (settled
+  // or queued). A label is queued only when it enters or improves its node's tentative top k,
+  // so most of the up to 8 labels a settled source sends towards a node are never queued.
+  // Exact: entries only improve, so a source kept out of a node's tentative top k can never
+  // be among its k nearest; a queued label that was improved upon or evicted later fails the
+  // check when it is popped. Settled entries are never evicted (every later offer is at least
+  // one edge longer).
+  std::vector<double> tent_d(static_cast<std::size_t>(rows * cols * k));
+  std::vector<std::int32_t> tent_s(static_cast<std::size_t>(rows * cols * k));
+  std::vector<int> tent_n(static_cast<std::size_t>(rows * cols), 0);
+  auto offer = [&](std::int64_t u, std::int32_t src, double d) {
+    double* td = tent_d.data() + u * k;
+    std::int32_t* ts = tent_s.data() + u * k;
+    int& tn = tent_n[static_cast<std::size_t>(u)];
+    int worst = -1;
+    for (int t = 0; t < tn; ++t) {
+      if (ts[t] == src) {
+        if (td[t] <= d) return false;
+        td[t] = d;
+        return true;
+      }
+      if (worst < 0 || td[t] > td[worst] || (td[t] == td[worst] && ts[t] > ts[worst])) worst = t;
+    }
+    if (tn < k) {
+      td[tn] = d;
+      ts[tn] = src;
+      ++tn;
+      return true;
+    }
+    if (d < td[worst] || (d == td[worst] && src < ts[worst])) {
+      td[worst] = d;
+      ts[worst] = src;
+      return true;
+    }
+    return false;
   };
+  // A popped label is current iff it is still its node's tentative entry for its source
+  // (labels are queued only on strict improvement, so (node, source, distance) is unique).
+  auto current = [&](const Label& l) {
+    const double* td = tent_d.data() + static_cast<std::int64_t>(l.node) * k;
+    const std::int32_t* ts = tent_s.data() + static_cast<std::int64_t>(l.node) * k;
+    const int tn = tent_n[static_cast<std::size_t>(l.node)];
+    for (int t = 0; t < tn; ++t) {
+      if (ts[t] == l.src) return td[t] == l.d;
+    }
+    return false;
+  };
+  std::sort(seeds.begin(), seeds.end(), label_less);
+  seeds.erase(std::remove_if(seeds.begin(), seeds.end(),
+                             [&](const Label& l) { return !offer(l.node, l.src, l.d); }),
+              seeds.end());
   static constexpr int kDx[8] = {1, -1, 0, 0, 1, 1, -1, -1};
   static constexpr int kDy[8] = {0, 0, 1, -1, 1, -1, 1, -1};
   const double diag = step * kSqrt2;
@@ -214,9 +256,9 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
     }
     std::sort(bk.begin(), bk.end(), node_major_less);
     for (const Label& top : bk) {
+      if (!current(top)) continue;
       const std::int64_t v = top.node;
       int& cv = count[static_cast<std::size_t>(v)];
-      if (cv == k || has(v, top.src)) continue;
       g.dist[static_cast<std::size_t>(v * k + cv)] = static_cast<float>(top.d);
       g.index[static_cast<std::size_t>(v * k + cv)] = top.src;
       ++cv;
@@ -227,8 +269,9 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
         const std::int64_t u = uy * cols + ux;
         if (blocked[u]) continue;
         if (e >= 4 && (blocked[vy * cols + ux] || blocked[uy * cols + vx])) continue;  // no corner cut
-        if (count[static_cast<std::size_t>(u)] == k || has(u, top.src)) continue;
+        if (count[static_cast<std::size_t>(u)] == k) continue;
         const double nd = top.d + (e >= 4 ? diag : step);
+        if (!offer(u, top.src, nd)) continue;
         const std::int64_t b = std::clamp<std::int64_t>(bucket_of(nd), cur + 1, cur + kRing - 1);
         ring[static_cast<std::size_t>(b % kRing)].push_back(
             {nd, static_cast<std::int32_t>(u), top.src});
