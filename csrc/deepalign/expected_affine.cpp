@@ -200,28 +200,51 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
   std::vector<double> tent_d(static_cast<std::size_t>(rows * cols * k));
   std::vector<std::int32_t> tent_s(static_cast<std::size_t>(rows * cols * k));
   std::vector<int> tent_n(static_cast<std::size_t>(rows * cols), 0);
+  // Slot of the worst (distance, source) entry of a full node, and its distance (+inf while
+  // the node has fewer than k entries): most offers to a full node are rejected by one test.
+  std::vector<int> tent_worst(static_cast<std::size_t>(rows * cols), 0);
+  std::vector<double> tent_worst_d(static_cast<std::size_t>(rows * cols),
+                                   std::numeric_limits<double>::infinity());
+  auto find_worst = [&](std::int64_t u) {
+    const double* td = tent_d.data() + u * k;
+    const std::int32_t* ts = tent_s.data() + u * k;
+    int w = 0;
+    for (int t = 1; t < k; ++t) {
+      if (td[t] > td[w] || (td[t] == td[w] && ts[t] > ts[w])) w = t;
+    }
+    tent_worst[static_cast<std::size_t>(u)] = w;
+    tent_worst_d[static_cast<std::size_t>(u)] = td[w];
+  };
   auto offer = [&](std::int64_t u, std::int32_t src, double d) {
+    const auto su = static_cast<std::size_t>(u);
+    if (d > tent_worst_d[su]) return false;  // full, and d is beaten by all k entries
     double* td = tent_d.data() + u * k;
     std::int32_t* ts = tent_s.data() + u * k;
-    int& tn = tent_n[static_cast<std::size_t>(u)];
-    int worst = -1;
+    int& tn = tent_n[su];
+    int found = -1;
     for (int t = 0; t < tn; ++t) {
       if (ts[t] == src) {
-        if (td[t] <= d) return false;
-        td[t] = d;
-        return true;
+        found = t;
+        break;
       }
-      if (worst < 0 || td[t] > td[worst] || (td[t] == td[worst] && ts[t] > ts[worst])) worst = t;
+    }
+    if (found >= 0) {
+      if (td[found] <= d) return false;
+      td[found] = d;
+      if (tn == k && found == tent_worst[su]) find_worst(u);
+      return true;
     }
     if (tn < k) {
       td[tn] = d;
       ts[tn] = src;
-      ++tn;
+      if (++tn == k) find_worst(u);
       return true;
     }
-    if (d < td[worst] || (d == td[worst] && src < ts[worst])) {
-      td[worst] = d;
-      ts[worst] = src;
+    const int w = tent_worst[su];
+    if (d < td[w] || (d == td[w] && src < ts[w])) {
+      td[w] = d;
+      ts[w] = src;
+      find_worst(u);
       return true;
     }
     return false;
