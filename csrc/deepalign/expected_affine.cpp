@@ -143,7 +143,7 @@ inline bool node_major_less(const Label& a, const Label& b) {
 }
 
 // Buckets per grid step of the label queue (see knn_geodesic).
-constexpr int kBucketsPerStep = 4;
+constexpr int kBucketsPerStep = 2;
 // Ring of buckets: a push lands at most ceil(sqrt(2) * kBucketsPerStep) + 1 buckets ahead.
 constexpr int kRing = 2 * kBucketsPerStep + 2;
 
