@@ -148,7 +148,7 @@ constexpr int kBucketsPerStep = 2;
 constexpr int kRing = 2 * kBucketsPerStep + 2;
 
 void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uint8_t* blocked,
-                  KnnGrid& g) {
+                  KnnGrid& g, int num_threads) {
   const std::int64_t rows = g.rows, cols = g.cols;
   const int k = g.k;
   std::vector<int> count(static_cast<std::size_t>(rows * cols), 0);
@@ -267,18 +267,34 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
   static constexpr int kDx[8] = {1, -1, 0, 0, 1, 1, -1, -1};
   static constexpr int kDy[8] = {0, 0, 1, -1, 1, -1, 1, -1};
   const double diag = step * kSqrt2;
-  std::vector<std::vector<Label>> ring(kRing);
+  const std::int64_t nodes = rows * cols;
+  // Threads split a bucket by node id (labels are node-major): each owns a contiguous range
+  // of nodes and is the only one to read or write their state. Offers to a node another
+  // thread owns are deferred and made after the join, in thread order. Offers made in a
+  // bucket cannot change the fate of a label in it (every offer is at least one edge longer),
+  // and the tentative top k does not depend on the order of offers, so the result is the same
+  // for any thread count.
+  const int threads = resolve_num_threads(num_threads);
+  struct Lane {
+    std::vector<std::vector<Label>> ring = std::vector<std::vector<Label>>(kRing);
+    std::vector<Label> deferred;
+    std::int64_t queued = 0;
+  };
+  std::vector<Lane> lanes(static_cast<std::size_t>(threads));
+  std::vector<Label> bk;
   std::size_t next_seed = 0;
-  std::int64_t pending = 0;  // labels in the ring
+  std::int64_t pending = 0;  // labels in the rings
   std::int64_t cur = seeds.empty() ? 0 : bucket_of(seeds.front().d);
-  while (true) {
-    std::vector<Label>& bk = ring[static_cast<std::size_t>(cur % kRing)];
-    while (next_seed < seeds.size() && bucket_of(seeds[next_seed].d) <= cur) {
-      bk.push_back(seeds[next_seed++]);
-      ++pending;
-    }
-    std::sort(bk.begin(), bk.end(), node_major_less);
-    for (const Label& top : bk) {
+  auto queue_label = [&](Lane& lane, const Label& l) {
+    const std::int64_t b = std::clamp<std::int64_t>(bucket_of(l.d), cur + 1, cur + kRing - 1);
+    lane.ring[static_cast<std::size_t>(b % kRing)].push_back(l);
+    ++lane.queued;
+  };
+  // Settles the current labels of bk[lo, hi), all on nodes in [own_lo, own_hi).
+  auto run = [&](Lane& lane, std::size_t lo, std::size_t hi, std::int64_t own_lo,
+                 std::int64_t own_hi) {
+    for (std::size_t i = lo; i < hi; ++i) {
+      const Label top = bk[i];
       if (!current(top)) continue;
       const std::int64_t v = top.node;
       int& cv = count[static_cast<std::size_t>(v)];
@@ -292,17 +308,63 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
         const std::int64_t u = uy * cols + ux;
         if (blocked[u]) continue;
         if (e >= 4 && (blocked[vy * cols + ux] || blocked[uy * cols + vx])) continue;  // no corner cut
+        const Label next{top.d + (e >= 4 ? diag : step), static_cast<std::int32_t>(u), top.src};
+        if (u < own_lo || u >= own_hi) {
+          lane.deferred.push_back(next);
+          continue;
+        }
         if (count[static_cast<std::size_t>(u)] == k) continue;
-        const double nd = top.d + (e >= 4 ? diag : step);
-        if (!offer(u, top.src, nd)) continue;
-        const std::int64_t b = std::clamp<std::int64_t>(bucket_of(nd), cur + 1, cur + kRing - 1);
-        ring[static_cast<std::size_t>(b % kRing)].push_back(
-            {nd, static_cast<std::int32_t>(u), top.src});
-        ++pending;
+        if (offer(u, next.src, next.d)) queue_label(lane, next);
       }
     }
-    pending -= static_cast<std::int64_t>(bk.size());
+  };
+  // Below this many labels a bucket is settled on one thread (thread start-up dominates).
+  constexpr std::size_t kParallelLabels = 8192;
+  std::vector<std::size_t> cut(static_cast<std::size_t>(threads) + 1);
+  std::vector<std::int64_t> own(static_cast<std::size_t>(threads) + 1);
+  while (true) {
     bk.clear();
+    for (Lane& lane : lanes) {
+      std::vector<Label>& r = lane.ring[static_cast<std::size_t>(cur % kRing)];
+      bk.insert(bk.end(), r.begin(), r.end());
+      r.clear();
+    }
+    pending -= static_cast<std::int64_t>(bk.size());
+    while (next_seed < seeds.size() && bucket_of(seeds[next_seed].d) <= cur) {
+      bk.push_back(seeds[next_seed++]);
+    }
+    std::sort(bk.begin(), bk.end(), node_major_less);
+    const int parts = bk.size() < kParallelLabels ? 1 : threads;
+    cut[0] = 0;
+    own[0] = 0;
+    for (int t = 1; t < parts; ++t) {
+      std::size_t c = std::max(cut[t - 1], bk.size() * static_cast<std::size_t>(t) /
+                                               static_cast<std::size_t>(parts));
+      while (c > cut[t - 1] && c < bk.size() && bk[c].node == bk[c - 1].node) ++c;
+      cut[t] = c;
+      own[t] = c < bk.size() ? bk[c].node : nodes;
+    }
+    cut[parts] = bk.size();
+    own[parts] = nodes;
+    if (parts == 1) {
+      run(lanes[0], 0, bk.size(), 0, nodes);
+    } else {
+      parallel_for(0, parts, parts, [&](std::int64_t t0, std::int64_t t1) {
+        for (std::int64_t t = t0; t < t1; ++t) {
+          const auto st = static_cast<std::size_t>(t);
+          run(lanes[st], cut[st], cut[st + 1], own[st], own[st + 1]);
+        }
+      });
+    }
+    for (Lane& lane : lanes) {
+      for (const Label& l : lane.deferred) {
+        if (count[static_cast<std::size_t>(l.node)] == k) continue;
+        if (offer(l.node, l.src, l.d)) queue_label(lanes[0], l);
+      }
+      lane.deferred.clear();
+      pending += lane.queued;
+      lane.queued = 0;
+    }
     if (pending == 0) {
       if (next_seed == seeds.size()) break;
       cur = std::max(cur + 1, bucket_of(seeds[next_seed].d));
@@ -435,7 +497,7 @@ KnnGrid knn_grid(const double* points, std::int64_t n, std::int64_t rows, std::i
     knn_euclidean(points, n, step, g, num_threads);
   } else {
     g.used.assign(static_cast<std::size_t>(n), 0);
-    knn_geodesic(points, n, step, blocked, g);
+    knn_geodesic(points, n, step, blocked, g, num_threads);
   }
   return g;
 }
