@@ -115,16 +115,16 @@ TEST_CASE(coarsen_mask_blocks_thin_crack) {
 TEST_CASE(geodesic_knn_same_for_any_thread_count_and_matches_per_source_dijkstra) {
   // Big enough that buckets hold more than the parallel threshold of labels; a wall with a
   // gap makes paths bend. Reference: one plain Dijkstra per source, then the k smallest.
-  const std::int64_t rows = 120, cols = 140;
-  const int k = 6, n = 400;
+  const std::int64_t rows = 160, cols = 200;
+  const int k = 12, n = 600;
   std::vector<std::uint8_t> blocked(rows * cols, 0);
-  for (std::int64_t r = 0; r < rows - 20; ++r) blocked[r * cols + 70] = 1;
+  for (std::int64_t r = 0; r < rows - 20; ++r) blocked[r * cols + 100] = 1;
   std::mt19937 gen(7);
   std::uniform_real_distribution<double> ux(0.0, double(cols - 1)), uy(0.0, double(rows - 1));
   std::vector<double> pts;
   while (static_cast<int>(pts.size()) < 2 * n) {
     const double x = ux(gen), y = uy(gen);
-    if (std::abs(x - 70.0) < 2.0) continue;  // keep clear of the wall
+    if (std::abs(x - 100.0) < 2.0) continue;  // keep clear of the wall
     pts.insert(pts.end(), {x, y});
   }
   const auto g1 = deepalign::knn_grid(pts.data(), n, rows, cols, 1.0, k, blocked.data(), 1);
