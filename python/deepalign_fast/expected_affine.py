@@ -216,7 +216,7 @@ class ExpectedAffineResult:
 
 
 def match_pair(reference: np.ndarray, moving: np.ndarray, *, mask: np.ndarray | None = None,
-               features: Features = "sift", num_threads: int = 0
+               features: Features = "learned", num_threads: int = 0
                ) -> tuple[np.ndarray, np.ndarray]:
     """Matched points ``(reference (N, 2), moving (N, 2))``; moving points avoid the mask.
 
@@ -305,7 +305,7 @@ def _kmeans(points: np.ndarray, n_clusters: int, *, seed: int, shape: tuple[int,
 
 def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
                   mask: npt.ArrayLike | None = None, n_clusters: int = 4, k: int = 20,
-                  features: Features = "sift", grid_step: int = 8,
+                  features: Features = "learned", grid_step: int = 8,
                   field_step: int = 8, iterations: int = 3, threshold: float = 3.0,
                   min_cluster_matches: int = 12, seed: int = 0,
                   matches: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
@@ -468,7 +468,7 @@ class StackRefiner:
     """
 
     def __init__(self, masks: object | None, shape: tuple[int, int], *, num_slices: int,
-                 features: Features = "sift", num_threads: int = 0) -> None:
+                 features: Features = "learned", num_threads: int = 0) -> None:
         import threading
 
         from .io import open_stack
