@@ -6,7 +6,6 @@
 #include <cstring>
 #include <deque>
 #include <limits>
-#include <queue>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -127,20 +126,43 @@ struct Label {
   double d;
   std::int32_t node;
   std::int32_t src;
-  // Min-heap by (distance, source, node): a deterministic settle order.
-  bool operator>(const Label& o) const {
-    if (d != o.d) return d > o.d;
-    if (src != o.src) return src > o.src;
-    return node > o.node;
-  }
 };
 
+// The settle order of the k-label Dijkstra: (distance, source, node).
+inline bool label_less(const Label& a, const Label& b) {
+  if (a.d != b.d) return a.d < b.d;
+  if (a.src != b.src) return a.src < b.src;
+  return a.node < b.node;
+}
+
+// Node-major order (node, distance, source): the same order per node as label_less, with
+// the node's neighbours close in memory.
+inline bool node_major_less(const Label& a, const Label& b) {
+  if (a.node != b.node) return a.node < b.node;
+  return label_less(a, b);
+}
+
+// Buckets per grid step of the label queue (see knn_geodesic).
+constexpr int kBucketsPerStep = 2;
+// Ring of buckets: a push lands at most ceil(sqrt(2) * kBucketsPerStep) + 1 buckets ahead.
+constexpr int kRing = 2 * kBucketsPerStep + 2;
+
 void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uint8_t* blocked,
-                  KnnGrid& g) {
+                  KnnGrid& g, int num_threads) {
   const std::int64_t rows = g.rows, cols = g.cols;
   const int k = g.k;
   std::vector<int> count(static_cast<std::size_t>(rows * cols), 0);
-  std::priority_queue<Label, std::vector<Label>, std::greater<Label>> heap;
+  // Bucket queue (Dial's algorithm for real edge lengths): bucket b holds the labels whose
+  // distance lies in [b * width, (b + 1) * width). Every edge is longer than width, so a label
+  // settled from the current bucket never lands in it: once a bucket is current it is
+  // complete, and sorting it by (distance, source, node) gives exactly the order in which a
+  // binary heap would pop it, hence bit-identical results, without a heap's log factor and
+  // cache misses. Edges are at most step * sqrt(2) long, so a ring of kRing buckets holds
+  // every pending label; seeds (entry labels, any distance) wait in a sorted list.
+  const double width = step / kBucketsPerStep * (1.0 - 1e-9);
+  auto bucket_of = [&](double d) { return static_cast<std::int64_t>(std::floor(d / width)); };
+  std::vector<Label> seeds;
+  seeds.reserve(static_cast<std::size_t>(n));
   for (std::int64_t i = 0; i < n; ++i) {
     const double x = pts[2 * i], y = pts[2 * i + 1];
     if (!std::isfinite(x) || !std::isfinite(y)) continue;
@@ -166,37 +188,188 @@ void knn_geodesic(const double* pts, std::int64_t n, double step, const std::uin
     }
     if (best_node < 0) continue;
     g.used[static_cast<std::size_t>(i)] = 1;
-    heap.push({best, static_cast<std::int32_t>(best_node), static_cast<std::int32_t>(i)});
+    seeds.push_back({best, static_cast<std::int32_t>(best_node), static_cast<std::int32_t>(i)});
   }
-  auto has = [&](std::int64_t node, std::int32_t src) {
-    const std::int32_t* lst = g.index.data() + node * k;
-    const int c = count[static_cast<std::size_t>(node)];
-    for (int t = 0; t < c; ++t) {
-      if (lst[t] == src) return true;
+  // Tentative labels: per node, the best known distance of up to k distinct sources (settled
+  // or queued). A label is queued only when it enters or improves its node's tentative top k,
+  // so most of the up to 8 labels a settled source sends towards a node are never queued.
+  // Exact: entries only improve, so a source kept out of a node's tentative top k can never
+  // be among its k nearest; a queued label that was improved upon or evicted later fails the
+  // check when it is popped. Settled entries are never evicted (every later offer is at least
+  // one edge longer).
+  std::vector<double> tent_d(static_cast<std::size_t>(rows * cols * k));
+  std::vector<std::int32_t> tent_s(static_cast<std::size_t>(rows * cols * k));
+  std::vector<int> tent_n(static_cast<std::size_t>(rows * cols), 0);
+  // Slot of the worst (distance, source) entry of a full node, and its distance (+inf while
+  // the node has fewer than k entries): most offers to a full node are rejected by one test.
+  std::vector<int> tent_worst(static_cast<std::size_t>(rows * cols), 0);
+  std::vector<double> tent_worst_d(static_cast<std::size_t>(rows * cols),
+                                   std::numeric_limits<double>::infinity());
+  auto find_worst = [&](std::int64_t u) {
+    const double* td = tent_d.data() + u * k;
+    const std::int32_t* ts = tent_s.data() + u * k;
+    int w = 0;
+    for (int t = 1; t < k; ++t) {
+      if (td[t] > td[w] || (td[t] == td[w] && ts[t] > ts[w])) w = t;
+    }
+    tent_worst[static_cast<std::size_t>(u)] = w;
+    tent_worst_d[static_cast<std::size_t>(u)] = td[w];
+  };
+  auto offer = [&](std::int64_t u, std::int32_t src, double d) {
+    const auto su = static_cast<std::size_t>(u);
+    if (d > tent_worst_d[su]) return false;  // full, and d is beaten by all k entries
+    double* td = tent_d.data() + u * k;
+    std::int32_t* ts = tent_s.data() + u * k;
+    int& tn = tent_n[su];
+    int found = -1;
+    for (int t = 0; t < tn; ++t) {
+      if (ts[t] == src) {
+        found = t;
+        break;
+      }
+    }
+    if (found >= 0) {
+      if (td[found] <= d) return false;
+      td[found] = d;
+      if (tn == k && found == tent_worst[su]) find_worst(u);
+      return true;
+    }
+    if (tn < k) {
+      td[tn] = d;
+      ts[tn] = src;
+      if (++tn == k) find_worst(u);
+      return true;
+    }
+    const int w = tent_worst[su];
+    if (d < td[w] || (d == td[w] && src < ts[w])) {
+      td[w] = d;
+      ts[w] = src;
+      find_worst(u);
+      return true;
     }
     return false;
   };
+  // A popped label is current iff it is still its node's tentative entry for its source
+  // (labels are queued only on strict improvement, so (node, source, distance) is unique).
+  auto current = [&](const Label& l) {
+    const double* td = tent_d.data() + static_cast<std::int64_t>(l.node) * k;
+    const std::int32_t* ts = tent_s.data() + static_cast<std::int64_t>(l.node) * k;
+    const int tn = tent_n[static_cast<std::size_t>(l.node)];
+    for (int t = 0; t < tn; ++t) {
+      if (ts[t] == l.src) return td[t] == l.d;
+    }
+    return false;
+  };
+  std::sort(seeds.begin(), seeds.end(), label_less);
+  seeds.erase(std::remove_if(seeds.begin(), seeds.end(),
+                             [&](const Label& l) { return !offer(l.node, l.src, l.d); }),
+              seeds.end());
   static constexpr int kDx[8] = {1, -1, 0, 0, 1, 1, -1, -1};
   static constexpr int kDy[8] = {0, 0, 1, -1, 1, -1, 1, -1};
   const double diag = step * kSqrt2;
-  while (!heap.empty()) {
-    const Label top = heap.top();
-    heap.pop();
-    const std::int64_t v = top.node;
-    int& cv = count[static_cast<std::size_t>(v)];
-    if (cv == k || has(v, top.src)) continue;
-    g.dist[static_cast<std::size_t>(v * k + cv)] = static_cast<float>(top.d);
-    g.index[static_cast<std::size_t>(v * k + cv)] = top.src;
-    ++cv;
-    const std::int64_t vy = v / cols, vx = v % cols;
-    for (int e = 0; e < 8; ++e) {
-      const std::int64_t ux = vx + kDx[e], uy = vy + kDy[e];
-      if (ux < 0 || ux >= cols || uy < 0 || uy >= rows) continue;
-      const std::int64_t u = uy * cols + ux;
-      if (blocked[u]) continue;
-      if (e >= 4 && (blocked[vy * cols + ux] || blocked[uy * cols + vx])) continue;  // no corner cut
-      if (count[static_cast<std::size_t>(u)] == k || has(u, top.src)) continue;
-      heap.push({top.d + (e >= 4 ? diag : step), static_cast<std::int32_t>(u), top.src});
+  const std::int64_t nodes = rows * cols;
+  // Threads split a bucket by node id (labels are node-major): each owns a contiguous range
+  // of nodes and is the only one to read or write their state. Offers to a node another
+  // thread owns are deferred and made after the join, in thread order. Offers made in a
+  // bucket cannot change the fate of a label in it (every offer is at least one edge longer),
+  // and the tentative top k does not depend on the order of offers, so the result is the same
+  // for any thread count.
+  const int threads = resolve_num_threads(num_threads);
+  struct Lane {
+    std::vector<std::vector<Label>> ring = std::vector<std::vector<Label>>(kRing);
+    std::vector<Label> deferred;
+    std::int64_t queued = 0;
+  };
+  std::vector<Lane> lanes(static_cast<std::size_t>(threads));
+  std::vector<Label> bk;
+  std::size_t next_seed = 0;
+  std::int64_t pending = 0;  // labels in the rings
+  std::int64_t cur = seeds.empty() ? 0 : bucket_of(seeds.front().d);
+  auto queue_label = [&](Lane& lane, const Label& l) {
+    const std::int64_t b = std::clamp<std::int64_t>(bucket_of(l.d), cur + 1, cur + kRing - 1);
+    lane.ring[static_cast<std::size_t>(b % kRing)].push_back(l);
+    ++lane.queued;
+  };
+  // Settles the current labels of bk[lo, hi), all on nodes in [own_lo, own_hi).
+  auto run = [&](Lane& lane, std::size_t lo, std::size_t hi, std::int64_t own_lo,
+                 std::int64_t own_hi) {
+    for (std::size_t i = lo; i < hi; ++i) {
+      const Label top = bk[i];
+      if (!current(top)) continue;
+      const std::int64_t v = top.node;
+      int& cv = count[static_cast<std::size_t>(v)];
+      g.dist[static_cast<std::size_t>(v * k + cv)] = static_cast<float>(top.d);
+      g.index[static_cast<std::size_t>(v * k + cv)] = top.src;
+      ++cv;
+      const std::int64_t vy = v / cols, vx = v % cols;
+      for (int e = 0; e < 8; ++e) {
+        const std::int64_t ux = vx + kDx[e], uy = vy + kDy[e];
+        if (ux < 0 || ux >= cols || uy < 0 || uy >= rows) continue;
+        const std::int64_t u = uy * cols + ux;
+        if (blocked[u]) continue;
+        if (e >= 4 && (blocked[vy * cols + ux] || blocked[uy * cols + vx])) continue;  // no corner cut
+        const Label next{top.d + (e >= 4 ? diag : step), static_cast<std::int32_t>(u), top.src};
+        if (u < own_lo || u >= own_hi) {
+          lane.deferred.push_back(next);
+          continue;
+        }
+        if (count[static_cast<std::size_t>(u)] == k) continue;
+        if (offer(u, next.src, next.d)) queue_label(lane, next);
+      }
+    }
+  };
+  // Below this many labels a bucket is settled on one thread (thread start-up dominates).
+  constexpr std::size_t kParallelLabels = 8192;
+  std::vector<std::size_t> cut(static_cast<std::size_t>(threads) + 1);
+  std::vector<std::int64_t> own(static_cast<std::size_t>(threads) + 1);
+  while (true) {
+    bk.clear();
+    for (Lane& lane : lanes) {
+      std::vector<Label>& r = lane.ring[static_cast<std::size_t>(cur % kRing)];
+      bk.insert(bk.end(), r.begin(), r.end());
+      r.clear();
+    }
+    pending -= static_cast<std::int64_t>(bk.size());
+    while (next_seed < seeds.size() && bucket_of(seeds[next_seed].d) <= cur) {
+      bk.push_back(seeds[next_seed++]);
+    }
+    std::sort(bk.begin(), bk.end(), node_major_less);
+    const int parts = bk.size() < kParallelLabels ? 1 : threads;
+    cut[0] = 0;
+    own[0] = 0;
+    for (int t = 1; t < parts; ++t) {
+      std::size_t c = std::max(cut[t - 1], bk.size() * static_cast<std::size_t>(t) /
+                                               static_cast<std::size_t>(parts));
+      while (c > cut[t - 1] && c < bk.size() && bk[c].node == bk[c - 1].node) ++c;
+      cut[t] = c;
+      own[t] = c < bk.size() ? bk[c].node : nodes;
+    }
+    cut[parts] = bk.size();
+    own[parts] = nodes;
+    if (parts == 1) {
+      run(lanes[0], 0, bk.size(), 0, nodes);
+    } else {
+      parallel_for(0, parts, parts, [&](std::int64_t t0, std::int64_t t1) {
+        for (std::int64_t t = t0; t < t1; ++t) {
+          const auto st = static_cast<std::size_t>(t);
+          run(lanes[st], cut[st], cut[st + 1], own[st], own[st + 1]);
+        }
+      });
+    }
+    for (Lane& lane : lanes) {
+      for (const Label& l : lane.deferred) {
+        if (count[static_cast<std::size_t>(l.node)] == k) continue;
+        if (offer(l.node, l.src, l.d)) queue_label(lanes[0], l);
+      }
+      lane.deferred.clear();
+      pending += lane.queued;
+      lane.queued = 0;
+    }
+    if (pending == 0) {
+      if (next_seed == seeds.size()) break;
+      cur = std::max(cur + 1, bucket_of(seeds[next_seed].d));
+    } else {
+      ++cur;
     }
   }
 }
@@ -324,7 +497,7 @@ KnnGrid knn_grid(const double* points, std::int64_t n, std::int64_t rows, std::i
     knn_euclidean(points, n, step, g, num_threads);
   } else {
     g.used.assign(static_cast<std::size_t>(n), 0);
-    knn_geodesic(points, n, step, blocked, g);
+    knn_geodesic(points, n, step, blocked, g, num_threads);
   }
   return g;
 }

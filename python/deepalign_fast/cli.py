@@ -283,7 +283,8 @@ def _add_register(sub: Any) -> None:
     p.add_argument("--mask", type=Path, default=None,
                    help="damage mask of the moving image (non-zero = fold/crack)")
     p.add_argument("-o", "--output", type=Path, required=True, help="warped moving image")
-    p.add_argument("--features", choices=("sift", "blocks"), default="sift")
+    p.add_argument("--features", choices=("sift", "learned", "blocks"), default="learned",
+                   help="matcher (default %(default)s; see RESULTS.md, expected affine)")
     p.add_argument("--clusters", type=int, default=4, help="K-means clusters (default 4)")
     p.add_argument("--k", type=int, default=20, help="KNN neighbours (default 20)")
     p.add_argument("--blank-damage", action="store_true",

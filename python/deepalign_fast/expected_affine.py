@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +50,7 @@ __all__ = ["ExpectedAffineResult", "register_pair", "match_pair", "knn_grid",
 
 _INTERPOLATION = {"nearest": 0, "linear": 1}
 _BORDER = {"constant": 0, "replicate": 1}
+Features = Literal["sift", "learned", "blocks"]
 _DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
 
@@ -215,17 +216,28 @@ class ExpectedAffineResult:
 
 
 def match_pair(reference: np.ndarray, moving: np.ndarray, *, mask: np.ndarray | None = None,
-               features: Literal["sift", "blocks"] = "sift", num_threads: int = 0
+               features: Features = "learned", num_threads: int = 0
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Matched points ``(reference (N, 2), moving (N, 2))``; moving points avoid the mask."""
-    if features == "sift":
+    """Matched points ``(reference (N, 2), moving (N, 2))``; moving points avoid the mask.
+
+    ``features``: ``"sift"`` (RootSIFT keypoints, mutual nearest neighbour + ratio test),
+    ``"learned"`` (the shipped self-supervised encoder's keypoints and descriptors, same
+    matching) or ``"blocks"`` (dense NCC blocks over the whole frame; a block whose window
+    in the moving section touches the damage is dropped, since it straddles two sides).
+    """
+    if features in ("sift", "learned"):
         from .features import SiftExtractor, match_features
-        ex = SiftExtractor(max_features=4000)
+        if features == "sift":
+            ex: Any = SiftExtractor(max_features=4000)
+        else:
+            from .learned import LearnedExtractor
+            ex = LearnedExtractor(max_features=4000, num_threads=num_threads)
         fr = ex.extract(reference)
         fm = ex.extract(moving, None if mask is None else (mask == 0).astype(np.uint8))
         ia, ib = match_features(fr, fm)
         pr = fr.keypoints[ia].astype(np.float64)
         pm = fm.keypoints[ib].astype(np.float64)
+        reach = 0
     elif features == "blocks":
         from .blocks import BlockMatcher
         # A loose final threshold keeps the blocks on both sides of a fold (the global fit is
@@ -233,13 +245,18 @@ def match_pair(reference: np.ndarray, moving: np.ndarray, *, mask: np.ndarray | 
         bm = BlockMatcher(step=32, search=16, threshold=25.0, num_threads=num_threads)
         _, corr = bm.match(bm.prepare(reference), bm.prepare(moving))
         pr, pm = corr.src.astype(np.float64), corr.dst.astype(np.float64)
+        reach = bm.block // 2
     else:
-        raise DeepAlignError(f"features must be 'sift' or 'blocks', got {features!r}")
+        raise DeepAlignError(f"features must be 'sift', 'learned' or 'blocks', got {features!r}")
     if mask is not None and len(pm):
         h, w = mask.shape
+        bad = (mask != 0).astype(np.uint8)
+        if reach:
+            import cv2
+            bad = cv2.dilate(bad, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
         xi = np.clip(np.rint(pm[:, 0]).astype(np.intp), 0, w - 1)
         yi = np.clip(np.rint(pm[:, 1]).astype(np.intp), 0, h - 1)
-        keep = mask[yi, xi] == 0
+        keep = bad[yi, xi] == 0
         pr, pm = pr[keep], pm[keep]
     return np.ascontiguousarray(pr), np.ascontiguousarray(pm)
 
@@ -288,7 +305,7 @@ def _kmeans(points: np.ndarray, n_clusters: int, *, seed: int, shape: tuple[int,
 
 def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
                   mask: npt.ArrayLike | None = None, n_clusters: int = 4, k: int = 20,
-                  features: Literal["sift", "blocks"] = "sift", grid_step: int = 8,
+                  features: Features = "learned", grid_step: int = 8,
                   field_step: int = 8, iterations: int = 3, threshold: float = 3.0,
                   min_cluster_matches: int = 12, seed: int = 0,
                   matches: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
@@ -307,8 +324,8 @@ def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
         K of K-means (number of local affines).
     k : int
         Neighbours of the KNN density estimate.
-    features : {"sift", "blocks"}
-        How matches are found (ignored when ``matches`` is given).
+    features : {"sift", "learned", "blocks"}
+        How matches are found (ignored when ``matches`` is given; see :func:`match_pair`).
     grid_step : int
         Spacing (px) of the moving-frame grid of the KNN density and path distances.
     field_step : int
@@ -451,7 +468,7 @@ class StackRefiner:
     """
 
     def __init__(self, masks: object | None, shape: tuple[int, int], *, num_slices: int,
-                 features: Literal["sift", "blocks"] = "sift", num_threads: int = 0) -> None:
+                 features: Features = "learned", num_threads: int = 0) -> None:
         import threading
 
         from .io import open_stack

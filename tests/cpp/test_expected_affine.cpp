@@ -112,6 +112,44 @@ TEST_CASE(coarsen_mask_blocks_thin_crack) {
   }
 }
 
+TEST_CASE(geodesic_knn_same_for_any_thread_count_and_matches_per_source_dijkstra) {
+  // Big enough that buckets hold more than the parallel threshold of labels; a wall with a
+  // gap makes paths bend. Reference: one plain Dijkstra per source, then the k smallest.
+  const std::int64_t rows = 160, cols = 200;
+  const int k = 12, n = 600;
+  std::vector<std::uint8_t> blocked(rows * cols, 0);
+  for (std::int64_t r = 0; r < rows - 20; ++r) blocked[r * cols + 100] = 1;
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<double> ux(0.0, double(cols - 1)), uy(0.0, double(rows - 1));
+  std::vector<double> pts;
+  while (static_cast<int>(pts.size()) < 2 * n) {
+    const double x = ux(gen), y = uy(gen);
+    if (std::abs(x - 100.0) < 2.0) continue;  // keep clear of the wall
+    pts.insert(pts.end(), {x, y});
+  }
+  const auto g1 = deepalign::knn_grid(pts.data(), n, rows, cols, 1.0, k, blocked.data(), 1);
+  const auto g3 = deepalign::knn_grid(pts.data(), n, rows, cols, 1.0, k, blocked.data(), 3);
+  CHECK(g1.index == g3.index);
+  CHECK(g1.dist == g3.dist);
+  const std::int64_t nodes = rows * cols;
+  std::vector<std::vector<double>> all(n);
+  for (int i = 0; i < n; ++i) {
+    const auto gi = deepalign::knn_grid(pts.data() + 2 * i, 1, rows, cols, 1.0, 1,
+                                        blocked.data(), 1);
+    all[i].assign(gi.dist.begin(), gi.dist.end());
+  }
+  int checked = 0;
+  for (std::int64_t v = 0; v < nodes; v += 7) {
+    if (blocked[v]) continue;
+    std::vector<double> d(n);
+    for (int i = 0; i < n; ++i) d[i] = all[i][v];
+    std::sort(d.begin(), d.end());
+    for (int t = 0; t < k; ++t) CHECK(std::abs(g1.dist[v * k + t] - d[t]) < 1e-3);
+    ++checked;
+  }
+  CHECK(checked > 1000);
+}
+
 TEST_CASE(expected_affine_is_mean_of_neighbour_affines) {
   // Two clusters: left points (cluster 0, translation +1) and right points (cluster 1, +5).
   std::vector<double> pts;

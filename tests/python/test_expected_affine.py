@@ -143,9 +143,10 @@ def test_crack_recovered_on_both_sides(features):
     assert res and not res.fallback, res.reason
     tre_left, tre_right = _tre(res, a1, a2, cx, ref.shape)
     assert tre_left < 1.0 and tre_right < 1.0, (tre_left, tre_right)
-    # A single global affine cannot serve both sides: one side is off by ~10 px or more.
+    # A single global affine cannot serve both sides (the sides differ by ~20 px; with the
+    # blocks that straddle the crack dropped, the global fit splits the difference).
     g_left, g_right = _tre(res, a1, a2, cx, ref.shape, global_only=True)
-    assert max(g_left, g_right) > 5.0
+    assert max(g_left, g_right) > 3.0
     # Damage is blanked on request.
     out = res.warp(moving, mask_damage=True, fill=0)
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -194,3 +195,39 @@ def test_cli_register_smoke(tmp_path):
     assert rc == 0
     got = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
     assert got.shape == ref.shape and got.dtype == np.uint8
+
+
+def test_cli_align_expected_affine_with_masks(tmp_path):
+    """align --mode expected-affine --masks on a PNG folder: runs, writes the stack, and the
+    cracked slice matches its neighbour better than with --mode affine."""
+    import cv2
+    from deepalign_fast.metrics import ncc
+    ref, moving, mask, *_ = _crack_pair()
+    slices, masks = tmp_path / "slices", tmp_path / "masks"
+    slices.mkdir()
+    masks.mkdir()
+    blank = np.zeros_like(mask)
+    for z, (img, m) in enumerate(((ref, blank), (moving, mask), (ref, blank))):
+        cv2.imwrite(str(slices / f"s{z:02d}.png"), img)
+        cv2.imwrite(str(masks / f"m{z:02d}.png"), m)
+    outs = {}
+    for mode in ("affine", "expected-affine"):
+        out = tmp_path / f"{mode}.tif"
+        argv = ["align", str(slices), "-o", str(out), "--mode", mode, "--threads", "2",
+                "--quiet"]
+        if mode == "expected-affine":
+            argv += ["--masks", str(masks)]
+        assert main(argv) == 0
+        assert out.exists() and out.with_name(f"{mode}.transforms.json").exists()
+        outs[mode] = tifffile.imread(out)
+        assert outs[mode].shape == (3,) + ref.shape
+    # Same region for both: tissue in both renders of slice 1, away from the frame edge.
+    a, e = outs["affine"], outs["expected-affine"]
+    region = (a[1] > 0) & (e[1] > 0) & (a[0] > 0)
+    region[:16], region[-16:], region[:, :16], region[:, -16:] = False, False, False, False
+    assert region.mean() > 0.5
+    n_aff, n_ea = ncc(a[0], a[1], region), ncc(e[0], e[1], region)
+    assert n_ea > n_aff + 0.05, (n_aff, n_ea)
+    # Default matcher (learned) measured 0.19 -> 0.47 here; SIFT gives 0.84 on this synthetic
+    # crack (RESULTS.md, expected affine).
+    assert n_ea > 0.4, (n_aff, n_ea)
