@@ -89,6 +89,12 @@ class ElasticRefiner:
             u = u * scale
         u = np.ascontiguousarray(u, np.float32)
         if self.store is not None:
+            # Render with exactly what is stored (coarse grid, float16), so that `apply`
+            # reproduces this render and labels follow the identical deformation.
             self.store.put(z, u)
+            stored = self.store.get(z, num_threads=self.num_threads)
+            if stored is not None:
+                u = stored
+                fold = nonpositive_jacobian_fraction(u, num_threads=self.num_threads)
         out = warp_displacement(image, u, affine=affine, num_threads=self.num_threads)
         return out, fold
