@@ -14,11 +14,11 @@ from several threads wait for their predecessor.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
 
+from ._inorder import InOrder
 from .fields import nonpositive_jacobian_fraction
 from .warp import warp_affine, warp_displacement
 
@@ -53,21 +53,14 @@ class ElasticRefiner:
         self.folding: list[float | None] = []
         self.notes: dict[int, str] = {}
         self._prev: np.ndarray | None = None
-        self._next = 0
-        self._cond = threading.Condition()
+        self._order = InOrder()
 
     def __call__(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        with self._cond:
-            self._cond.wait_for(lambda: self._next == z)
-        try:
+        with self._order.turn(z):
             out, fold = self._refine(z, image, affine)
             self.folding.append(fold)
             self._prev = out
             return out
-        finally:
-            with self._cond:
-                self._next = z + 1
-                self._cond.notify_all()
 
     def _refine(self, z: int, image: np.ndarray, affine: np.ndarray
                 ) -> tuple[np.ndarray, float | None]:

@@ -469,8 +469,7 @@ class StackRefiner:
 
     def __init__(self, masks: object | None, shape: tuple[int, int], *, num_slices: int,
                  features: Features = "learned", num_threads: int = 0) -> None:
-        import threading
-
+        from ._inorder import InOrder
         from .io import open_stack
         self._masks = None
         if masks is not None:
@@ -482,20 +481,13 @@ class StackRefiner:
         self.num_threads = num_threads
         self.notes: dict[int, str] = {}
         self._prev: np.ndarray | None = None
-        self._next = 0
-        self._cond = threading.Condition()
+        self._order = InOrder()
 
     def __call__(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        with self._cond:
-            self._cond.wait_for(lambda: self._next == z)
-        try:
+        with self._order.turn(z):
             out = self._refine(z, image, np.asarray(affine, np.float64))
             self._prev = out
             return out
-        finally:
-            with self._cond:
-                self._next = z + 1
-                self._cond.notify_all()
 
     def _refine(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
         from .warp import warp_affine
