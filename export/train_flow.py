@@ -32,7 +32,6 @@ import math
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,38 +39,12 @@ import torch.nn.functional as F
 from deepalign_fast._norm import NORMALISATION, normalise_slice
 from deepalign_fast.artifacts import ARTIFACT_KINDS, apply_artifacts
 
+from .flow_data import random_smooth_field, remap
 from .flow_models import MULTIPLE, FlowConfig, FlowUNet, smoothness, warp
 from .models import SslUNet, UNetConfig
 from .train_ssl import load_stacks, split_slices
 
 LOSSES = ("deepsim", "ncc")
-
-
-# --------------------------------------------------------------------------------------------
-# synthetic smooth deformations (shared with the benchmark)
-# --------------------------------------------------------------------------------------------
-def random_smooth_field(rng: np.random.Generator, shape: tuple[int, int], *, amplitude: float,
-                        spacing: float) -> np.ndarray:
-    """Random smooth displacement ``(2, H, W)`` float32: a coarse random grid, cubic-upsampled.
-
-    Control points every ``spacing`` pixels get independent N(0, 1) displacements, scaled so
-    that the field's largest magnitude is ``amplitude`` pixels.
-    """
-    h, w = shape
-    gh, gw = max(2, int(round(h / spacing)) + 1), max(2, int(round(w / spacing)) + 1)
-    coarse = rng.normal(size=(2, gh, gw)).astype(np.float32)
-    field = np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_CUBIC) for c in coarse])
-    peak = float(np.sqrt((field ** 2).sum(0)).max()) or 1.0
-    return (field * (amplitude / peak)).astype(np.float32)
-
-
-def remap(image: np.ndarray, field: np.ndarray, *, nearest: bool = False,
-          border: int = cv2.BORDER_REFLECT) -> np.ndarray:
-    """``out(p) = image(p + field(p))`` with cv2.remap (training-data helper)."""
-    h, w = image.shape
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    return cv2.remap(image, gx + field[0], gy + field[1],
-                     cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR, borderMode=border)
 
 
 # --------------------------------------------------------------------------------------------
