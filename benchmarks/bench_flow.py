@@ -41,18 +41,18 @@ import argparse
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
-
 from deepalign_fast import datasets
 from deepalign_fast.artifacts import apply_artifacts
 from deepalign_fast.blocks import BlockMatcher
 from deepalign_fast.features import to_uint8
 from deepalign_fast.flow import FlowPredictor, _warp_displacement
 from deepalign_fast.metrics import dice, iou, nonpositive_jacobian_fraction
+
 from export.flow_data import invert_field, random_smooth_field, remap
 
 BORDER = 16

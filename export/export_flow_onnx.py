@@ -1,6 +1,7 @@
 """Export the trained registration network to ONNX.
 
-    python -m export.export_flow_onnx runs/flow_deepsim/flow.pt python/deepalign_fast/models/flow.onnx
+    python -m export.export_flow_onnx runs/flow_deepsim/flow.pt \\
+        python/deepalign_fast/models/flow.onnx
 
 Contract of the file (checked again at load time by ``deepalign_fast.flow.FlowPredictor``):
 

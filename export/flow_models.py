@@ -71,7 +71,7 @@ def pixel_grid(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def warp(image: torch.Tensor, flow: torch.Tensor, *, padding: str = "border",
          mode: str = "bilinear") -> torch.Tensor:
-    """Pull-warp ``image`` ``(N, C, H, W)`` by ``flow`` ``(N, 2, H, W)``: ``out(p) = image(p + u(p))``.
+    """Pull-warp ``image`` (N, C, H, W) by ``flow`` (N, 2, H, W): ``out(p) = image(p + u(p))``.
 
     ``padding``: ``"zeros"`` (samples outside are 0, like ``cv2.BORDER_CONSTANT``) or
     ``"border"`` (clamp, like ``cv2.BORDER_REPLICATE``).

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from deepalign_fast._norm import NORMALISATION, normalise_slice
 from deepalign_fast.artifacts import ARTIFACT_KINDS, apply_artifacts
 
@@ -135,7 +134,7 @@ def deepsim_similarity(enc: torch.nn.Module, fixed: torch.Tensor, warped: torch.
         ff = encoder_levels(enc, fixed)
     fw = encoder_levels(enc, warped)
     sims = []
-    for a, b in zip(ff, fw):
+    for a, b in zip(ff, fw, strict=True):
         s = max(1, fixed.shape[-1] // a.shape[-1])
         m = border // s
         cos = F.cosine_similarity(a, b, dim=1, eps=1e-6)

@@ -138,7 +138,7 @@ class FlowPredictor:
         for i in range(0, len(tiles), self.batch):
             chunk = tiles[i:i + self.batch]
             out = self._run(np.stack([pair[:, y:y + th, x:x + tw] for y, x in chunk]))
-            for (y, x), fl in zip(chunk, out):
+            for (y, x), fl in zip(chunk, out, strict=True):
                 acc[:, y:y + th, x:x + tw] += fl * ramp
                 wsum[y:y + th, x:x + tw] += ramp
         acc /= wsum
