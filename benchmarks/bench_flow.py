@@ -31,8 +31,10 @@ Scores, computed in the frame minus a 16 px border (mean over pairs):
 
 Methods: ``none`` (identity), ``affine`` (C++ RANSAC affine on ``blocks.BlockMatcher``
 matches), ``flow-deepsim`` / ``flow-ncc`` (``deepalign_fast.flow.FlowPredictor`` with the two
-ONNX models), ``dis`` (``cv2.DISOpticalFlow``, preset MEDIUM), ``farneback``
-(``cv2.calcOpticalFlowFarneback``). Then inference time per 512^2 and 1024^2 slice pair.
+ONNX models, on the raw pair), ``affine+flow-*`` (the pipeline's order: the flow predicted on
+the affinely aligned pair, composed with the affine), ``dis`` (``cv2.DISOpticalFlow``, preset
+MEDIUM), ``farneback`` (``cv2.calcOpticalFlowFarneback``). Then inference time per 512^2
+and 1024^2 slice pair.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from deepalign_fast import datasets
+from deepalign_fast import datasets, warp_affine
 from deepalign_fast.artifacts import apply_artifacts
 from deepalign_fast.blocks import BlockMatcher
 from deepalign_fast.features import to_uint8
@@ -77,14 +79,31 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray, list[int] | None, range]:
     return np.asarray(img), np.asarray(lab), labels, range(n - n_val, n)
 
 
-def affine_field(fixed: np.ndarray, moving: np.ndarray, matcher: BlockMatcher) -> np.ndarray:
+def affine_matrix(fixed: np.ndarray, moving: np.ndarray, matcher: BlockMatcher) -> np.ndarray:
+    """Pull affine fixed -> moving coordinates (identity when the pair cannot be matched)."""
     m, _ = matcher.match(matcher.prepare(fixed), matcher.prepare(moving))
+    return np.eye(3)[:2] if m is None else np.asarray(m, np.float64)
+
+
+def affine_field(fixed: np.ndarray, moving: np.ndarray, matcher: BlockMatcher,
+                 residual: np.ndarray | None = None) -> np.ndarray:
+    """Field of ``A``, or of ``A o (id + residual)`` (flow applied after the affine)."""
+    m = affine_matrix(fixed, moving, matcher)
     h, w = fixed.shape
-    if m is None:
-        return np.zeros((2, h, w), np.float32)
     gx, gy = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
-    return np.stack([m[0, 0] * gx + m[0, 1] * gy + m[0, 2] - gx,
-                     m[1, 0] * gx + m[1, 1] * gy + m[1, 2] - gy]).astype(np.float32)
+    if residual is not None:
+        gx, gy = gx + residual[0], gy + residual[1]
+    ox, oy = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    return np.stack([m[0, 0] * gx + m[0, 1] * gy + m[0, 2] - ox,
+                     m[1, 0] * gx + m[1, 1] * gy + m[1, 2] - oy]).astype(np.float32)
+
+
+def affine_then_flow(fixed: np.ndarray, moving: np.ndarray, matcher: BlockMatcher,
+                     predictor: FlowPredictor) -> np.ndarray:
+    """The pipeline's order: affine first, then the flow on the affinely aligned pair."""
+    m = affine_matrix(fixed, moving, matcher)
+    aligned = warp_affine(np.ascontiguousarray(moving, np.float32), m, border="replicate")
+    return affine_field(fixed, moving, matcher, residual=predictor.predict(fixed, aligned))
 
 
 def make_methods(args: argparse.Namespace) -> dict[str, Callable[[np.ndarray, np.ndarray],
@@ -103,12 +122,13 @@ def make_methods(args: argparse.Namespace) -> dict[str, Callable[[np.ndarray, np
         "none": lambda f, m: np.zeros((2, *f.shape), np.float32),
         "affine": lambda f, m: affine_field(f, m, matcher),
     }
-    if args.deepsim:
-        p = FlowPredictor(args.deepsim, num_threads=args.threads)
-        methods["flow-deepsim"] = p.predict
-    if args.ncc:
-        q = FlowPredictor(args.ncc, num_threads=args.threads)
-        methods["flow-ncc"] = q.predict
+    for name, path in (("flow-deepsim", args.deepsim), ("flow-ncc", args.ncc)):
+        if path:
+            p = FlowPredictor(path, num_threads=args.threads)
+            methods[name] = p.predict
+            if not args.no_affine_flow:
+                methods[f"affine+{name}"] = (
+                    lambda f, m, p=p: affine_then_flow(f, m, matcher, p))
     methods["dis"] = cv_flow(lambda f, m: dis.calc(f, m, None))
     methods["farneback"] = cv_flow(lambda f, m: cv2.calcOpticalFlowFarneback(
         f, m, None, 0.5, 4, 21, 5, 7, 1.5, 0))
@@ -165,7 +185,7 @@ def run_timing(args: argparse.Namespace) -> list[tuple[str, int, float]]:
         f = np.ascontiguousarray(img[16, :size, :size])
         m = np.ascontiguousarray(img[17, :size, :size])
         for meth, fn in methods.items():
-            if meth == "none":
+            if meth == "none" or meth.startswith("affine+"):
                 continue
             fn(f, m)  # warm-up
             ts = []
@@ -190,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-affine-flow", action="store_true",
+                    help="skip the affine-then-flow combinations")
     ap.add_argument("--skip", choices=("accuracy", "timing"), action="append", default=[])
     args = ap.parse_args(argv)
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
