@@ -168,6 +168,26 @@ __attribute__((target("arch=x86-64-v3"))) void row_u8_avx2(
     }
   }
 }
+
+// float32 with the AVX2 blend (unfused, as this file is compiled: bit-identical to the
+// portable blend).
+__attribute__((target("arch=x86-64-v3"))) void row_f32_avx2(
+    const ImageView<const float>& s, float* out, const float* dx, const float* dy,
+    std::int64_t width, double yd, const RowGeometry& g, Border border, double fill_d) {
+  alignas(64) std::int32_t off[kBlock];
+  alignas(64) float wx[kBlock], wy[kBlock];
+  for (std::int64_t xb = 0; xb < width; xb += kBlock) {
+    const int n = static_cast<int>(std::min(kBlock, width - xb));
+    const int inside = block_coords<false>(dx + xb, dy + xb, static_cast<double>(xb), yd, n, g,
+                                           off, wx, wy);
+    if (inside == n) {
+      blend_f32_avx2<false>(s.data, s.stride, off, wx, wy, n, out + xb);
+    } else {
+      mixed_block(s, g, dx + xb, dy + xb, static_cast<double>(xb), yd, off, wx, wy, n, border,
+                  fill_d, out + xb);
+    }
+  }
+}
 #endif
 
 template <class T>
@@ -186,6 +206,12 @@ void linear_row(const ImageView<const T>& s, T* out, const float* dx, const floa
   } else if constexpr (std::is_same_v<T, std::uint16_t>) {
     (small ? row_u16_32 : row_u16_64)(s, out, dx, dy, width, yd, g, border, fill_d);
   } else {
+#if DEEPALIGN_X86_DISPATCH
+    if (small && cpu_has_avx2()) {
+      row_f32_avx2(s, out, dx, dy, width, yd, g, border, fill_d);
+      return;
+    }
+#endif
     (small ? row_f32_32 : row_f32_64)(s, out, dx, dy, width, yd, g, border, fill_d);
   }
 }

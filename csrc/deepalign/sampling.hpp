@@ -168,6 +168,66 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline void blend_u8_av
   blend_u8_scalar(src, stride, off + k, wx + k, wy + k, n - k, o + k);
 }
 
+// The two horizontal taps (p[0], p[1]) of 8 pixels, p = base + off[k], one 64-bit load each,
+// deinterleaved into left = p[0] and right = p[1] (pixel order). Pair loads beat 4 gathers.
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m128 load_2pairs_f32(
+    const float* p, const float* q) {
+  // _mm_loadl_epi64 / _mm_loadh_pi take may_alias pointer types: no strict-aliasing issue.
+  const __m128 v = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm_loadh_pi(v, reinterpret_cast<const __m64*>(q));
+}
+
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline void load_taps_f32(
+    const float* base, const std::int32_t* off, __m256& left, __m256& right) {
+  const __m256 u = _mm256_set_m128(load_2pairs_f32(base + off[4], base + off[5]),
+                                   load_2pairs_f32(base + off[0], base + off[1]));
+  const __m256 v = _mm256_set_m128(load_2pairs_f32(base + off[6], base + off[7]),
+                                   load_2pairs_f32(base + off[2], base + off[3]));
+  left = _mm256_shuffle_ps(u, v, _MM_SHUFFLE(2, 0, 2, 0));
+  right = _mm256_shuffle_ps(u, v, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// blend_float<float> with AVX2, bit-identical to the scalar loop compiled the same way:
+// kFma = true reproduces the contracted scalar code (fma(w, b - a, a), warp.cpp's AVX2
+// clone), kFma = false the uncontracted one (a + w * (b - a), displacement.cpp, built with
+// -ffp-contract=off). Callers must be AVX2+FMA code and check cpu_has_avx2().
+template <bool kFma>
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 lerp8(__m256 a, __m256 b,
+                                                                             __m256 w) {
+  if constexpr (kFma) {
+    return _mm256_fmadd_ps(w, _mm256_sub_ps(b, a), a);
+  } else {
+    return _mm256_add_ps(a, _mm256_mul_ps(w, _mm256_sub_ps(b, a)));
+  }
+}
+
+template <bool kFma>
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline void blend_f32_avx2(
+    const float* src, std::int64_t stride, const std::int32_t* off, const float* wx,
+    const float* wy, int n, float* o) {
+  int k = 0;
+  for (; k + 8 <= n; k += 8) {
+    __m256 p00, p01, p10, p11;
+    load_taps_f32(src, off + k, p00, p01);
+    load_taps_f32(src + stride, off + k, p10, p11);
+    const __m256 vwx = _mm256_loadu_ps(wx + k);
+    const __m256 top = lerp8<kFma>(p00, p01, vwx);
+    const __m256 bot = lerp8<kFma>(p10, p11, vwx);
+    _mm256_storeu_ps(o + k, lerp8<kFma>(top, bot, _mm256_loadu_ps(wy + k)));
+  }
+  for (; k < n; ++k) {  // the scalar formula, explicitly (un)fused like the vector one
+    const float* p = src + off[k];
+    const __m128 a = _mm_setr_ps(p[0], p[stride], 0.0f, 0.0f);
+    const __m128 b = _mm_setr_ps(p[1], p[stride + 1], 0.0f, 0.0f);
+    const __m128 w = _mm_set1_ps(wx[k]);
+    const __m128 d = _mm_sub_ps(b, a);
+    const __m128 tb = kFma ? _mm_fmadd_ps(w, d, a) : _mm_add_ps(a, _mm_mul_ps(w, d));
+    const float top = _mm_cvtss_f32(tb), bot = _mm_cvtss_f32(_mm_shuffle_ps(tb, tb, 1));
+    const __m128 t = _mm_set_ss(top), e = _mm_set_ss(bot - top), v = _mm_set_ss(wy[k]);
+    o[k] = _mm_cvtss_f32(kFma ? _mm_fmadd_ss(v, e, t) : _mm_add_ss(t, _mm_mul_ss(v, e)));
+  }
+}
+
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;

@@ -133,6 +133,22 @@ __attribute__((target("arch=x86-64-v3"))) void interior_u8_avx2(
     blend_u8_avx2(src, stride, off, wx, wy, n, out + xb);
   }
 }
+
+// float32 interior with the AVX2 blend: the same coordinates as interior_f32_32's AVX2 clone
+// (this function is compiled for the same target, so the same contractions apply) and a
+// blend bit-identical to its contracted scalar loop.
+__attribute__((target("arch=x86-64-v3"))) void interior_f32_avx2(
+    const float* src, std::int64_t stride, float* out, std::int64_t x_begin, std::int64_t x_end,
+    double a, double rx, double c, double ry) {
+  alignas(64) std::int32_t off[kBlock];
+  alignas(64) float wx[kBlock], wy[kBlock];
+  const double stride_d = static_cast<double>(stride);
+  for (std::int64_t xb = x_begin; xb < x_end; xb += kBlock) {
+    const int n = static_cast<int>(std::min(kBlock, x_end - xb));
+    block_coords<false>(static_cast<double>(xb), n, a, rx, c, ry, stride_d, off, wx, wy);
+    blend_f32_avx2<true>(src, stride, off, wx, wy, n, out + xb);
+  }
+}
 #endif
 
 template <class T>
@@ -151,6 +167,12 @@ void linear_interior(const ImageView<const T>& s, T* out, std::int64_t x_begin, 
     (small ? interior_u16_32 : interior_u16_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c,
                                                 ry);
   } else {
+#if DEEPALIGN_X86_DISPATCH
+    if (small && cpu_has_avx2()) {
+      interior_f32_avx2(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry);
+      return;
+    }
+#endif
     (small ? interior_f32_32 : interior_f32_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c,
                                                 ry);
   }
