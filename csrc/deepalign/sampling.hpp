@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -228,9 +229,16 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline void blend_f32_a
   }
 }
 
+// Tests set this to run the portable kernels and compare them with the AVX2 ones; production
+// code never sets it.
+inline std::atomic<bool>& force_portable_kernels() {
+  static std::atomic<bool> force{false};
+  return force;
+}
+
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  return has && !force_portable_kernels().load(std::memory_order_relaxed);
 }
 #endif
 
