@@ -40,16 +40,22 @@ struct RowGeometry {
   double m[6];       // pull affine applied after the displacement (identity if none)
   double wlim, hlim;  // interior: 0 <= sx < wlim, 0 <= sy < hlim (all 4 taps inside)
   double stride_d;
+  bool identity;  // m is the identity (the coordinate loops skip it)
 };
 
 // Offsets and weights of the n pixels of a block; returns how many have all four taps inside
 // the source. Pixels outside get offset 0 and weight 0 (never used by the unchecked blend,
 // since the block then takes the per-pixel path, which recomputes their coordinates: storing
 // them for every pixel would cost more than recomputing them for the few border blocks).
-template <bool kFixed, class Offset, class Weight>
+// kIdentity: the affine is the identity, whose result is exactly q for finite q (skipped);
+// for a non-finite q both forms are non-finite or NaN, hence outside. kTaps: also store the
+// top-left tap (floor(x'), floor(y')) in ix/iy (window loads; 0 outside).
+template <bool kFixed, bool kIdentity = false, bool kTaps = false, class Offset, class Weight>
 DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy, double x0,
                                                 double yd, int n, const RowGeometry& g,
-                                                Offset* off, Weight* wx, Weight* wy) {
+                                                Offset* off, Weight* wx, Weight* wy,
+                                                std::int32_t* ix = nullptr,
+                                                std::int32_t* iy = nullptr) {
   const double m0 = g.m[0], m1 = g.m[1], m2 = g.m[2], m3 = g.m[3], m4 = g.m[4], m5 = g.m[5];
   int inside = 0;
   for (int k = 0; k < n; ++k) {
@@ -57,8 +63,8 @@ DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy
     const double qy = yd + static_cast<double>(dy[k]);
     // Same association as warp_affine (a x + (b y + tx)), so a zero field with an affine
     // reproduces its coordinates; with the identity the result is exactly q.
-    const double sx = m0 * qx + (m1 * qy + m2);
-    const double sy = m3 * qx + (m4 * qy + m5);
+    const double sx = kIdentity ? qx : m0 * qx + (m1 * qy + m2);
+    const double sy = kIdentity ? qy : m3 * qx + (m4 * qy + m5);
     // Bitwise & (not &&): no branches, so the loop vectorises. False for NaN.
     const bool in = (sx >= 0.0) & (sx < g.wlim) & (sy >= 0.0) & (sy < g.hlim);
     inside += static_cast<int>(in);
@@ -67,6 +73,10 @@ DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy
     const double fx = static_cast<double>(static_cast<std::int32_t>(cx));
     const double fy = static_cast<double>(static_cast<std::int32_t>(cy));
     off[k] = static_cast<Offset>(fy * g.stride_d + fx);
+    if constexpr (kTaps) {
+      ix[k] = static_cast<std::int32_t>(fx);
+      iy[k] = static_cast<std::int32_t>(fy);
+    }
     if constexpr (kFixed) {
       wx[k] = static_cast<std::int32_t>((cx - fx) * kOne + 0.5);
       wy[k] = static_cast<std::int32_t>((cy - fy) * kOne + 0.5);
@@ -155,13 +165,16 @@ DEEPALIGN_DISP_ROW(row_f32_64, float, std::int64_t)
 __attribute__((target("arch=x86-64-v3"))) void row_u8_avx2(
     const ImageView<const std::uint8_t>& s, std::uint8_t* out, const float* dx, const float* dy,
     std::int64_t width, double yd, const RowGeometry& g, Border border, double fill_d) {
-  alignas(64) std::int32_t off[kBlock], wx[kBlock], wy[kBlock];
+  alignas(64) std::int32_t off[kBlock], wx[kBlock], wy[kBlock], ix[kBlock], iy[kBlock];
   for (std::int64_t xb = 0; xb < width; xb += kBlock) {
     const int n = static_cast<int>(std::min(kBlock, width - xb));
-    const int inside = block_coords<true>(dx + xb, dy + xb, static_cast<double>(xb), yd, n, g,
-                                          off, wx, wy);
+    const double x0 = static_cast<double>(xb);
+    const int inside =
+        g.identity
+            ? block_coords<true, true, true>(dx + xb, dy + xb, x0, yd, n, g, off, wx, wy, ix, iy)
+            : block_coords<true, false, true>(dx + xb, dy + xb, x0, yd, n, g, off, wx, wy, ix, iy);
     if (inside == n) {
-      blend_u8_avx2(s.data, s.stride, off, wx, wy, n, out + xb);
+      blend_u8_avx2(s.data, s.stride, off, wx, wy, n, out + xb, ix, iy, s.width);
     } else {
       mixed_block(s, g, dx + xb, dy + xb, static_cast<double>(xb), yd, off, wx, wy, n, border,
                   fill_d, out + xb);
@@ -178,8 +191,10 @@ __attribute__((target("arch=x86-64-v3"))) void row_f32_avx2(
   alignas(64) float wx[kBlock], wy[kBlock];
   for (std::int64_t xb = 0; xb < width; xb += kBlock) {
     const int n = static_cast<int>(std::min(kBlock, width - xb));
-    const int inside = block_coords<false>(dx + xb, dy + xb, static_cast<double>(xb), yd, n, g,
-                                           off, wx, wy);
+    const double x0 = static_cast<double>(xb);
+    const int inside = g.identity
+                           ? block_coords<false, true>(dx + xb, dy + xb, x0, yd, n, g, off, wx, wy)
+                           : block_coords<false>(dx + xb, dy + xb, x0, yd, n, g, off, wx, wy);
     if (inside == n) {
       blend_f32_avx2<false>(s.data, s.stride, off, wx, wy, n, out + xb);
     } else {
@@ -376,6 +391,7 @@ void warp_displacement(const ImageView<const T>& src, const ImageView<T>& dst,
   g.wlim = static_cast<double>(src.width) - 1.0;
   g.hlim = static_cast<double>(src.height) - 1.0;
   g.stride_d = static_cast<double>(src.stride);
+  g.identity = std::equal(g.m, g.m + 6, identity);
   const T fill_t = fill_value<T>(fill);
   const double fill_d = static_cast<double>(fill_t);
   parallel_for(
