@@ -40,8 +40,17 @@ struct RowGeometry {
   double m[6];       // pull affine applied after the displacement (identity if none)
   double wlim, hlim;  // interior: 0 <= sx < wlim, 0 <= sy < hlim (all 4 taps inside)
   double stride_d;
-  bool identity;  // m is the identity (the coordinate loops skip it)
+  bool identity;    // m is the identity (the coordinate loops skip it)
+  std::int64_t pf;  // source prefetch offset (sampling.hpp, prefetch_offset)
 };
+
+// Prefetches the source lines that pixels a few output rows further down will read, assuming
+// the field varies slowly (sampling.hpp, prefetch_offset).
+template <class T, class Offset>
+DEEPALIGN_ALWAYS_INLINE inline void prefetch_block(const T* src, const Offset* off, int n,
+                                                   std::int64_t pf) {
+  for (int k = 0; k < n; k += 16) prefetch(src, static_cast<std::int64_t>(off[k]) + pf);
+}
 
 // Offsets and weights of the n pixels of a block; returns how many have all four taps inside
 // the source. Pixels outside get offset 0 and weight 0 (never used by the unchecked blend,
@@ -135,6 +144,7 @@ DEEPALIGN_ALWAYS_INLINE inline void linear_row_impl(const ImageView<const T>& s,
     const int n = static_cast<int>(std::min(kBlock, width - xb));
     const int inside = block_coords<kFixed>(dx + xb, dy + xb, static_cast<double>(xb), yd, n, g,
                                             off, wx, wy);
+    prefetch_block(s.data, off, n, g.pf);
     if (inside == n) {
       blend(s.data, s.stride, off, wx, wy, n, out + xb);
     } else {
@@ -161,46 +171,134 @@ DEEPALIGN_DISP_ROW(row_f32_64, float, std::int64_t)
 #undef DEEPALIGN_DISP_ROW
 
 #if DEEPALIGN_X86_DISPATCH
-// uint8 with the AVX2 blend shared with warp_affine (bit-identical to the portable blend).
-__attribute__((target("arch=x86-64-v3"))) void row_u8_avx2(
-    const ImageView<const std::uint8_t>& s, std::uint8_t* out, const float* dx, const float* dy,
-    std::int64_t width, double yd, const RowGeometry& g, Border border, double fill_d) {
-  alignas(64) std::int32_t off[kBlock], wx[kBlock], wy[kBlock], ix[kBlock], iy[kBlock];
-  for (std::int64_t xb = 0; xb < width; xb += kBlock) {
-    const int n = static_cast<int>(std::min(kBlock, width - xb));
-    const double x0 = static_cast<double>(xb);
-    const int inside =
-        g.identity
-            ? block_coords<true, true, true>(dx + xb, dy + xb, x0, yd, n, g, off, wx, wy, ix, iy)
-            : block_coords<true, false, true>(dx + xb, dy + xb, x0, yd, n, g, off, wx, wy, ix, iy);
-    if (inside == n) {
-      blend_u8_avx2(s.data, s.stride, off, wx, wy, n, out + xb, ix, iy, s.width);
+// Fused AVX2 rows (uint8, float32): 8 pixels per step with the coordinates in registers,
+// computed with exactly the operations of block_coords as this file is compiled (no
+// contraction), so the bits are those of the portable kernel. A group of 8 with a pixel
+// outside the interior (or a non-finite displacement) goes through block_coords and
+// mixed_block, as do the last < 8 pixels of a row.
+// Bit k set when pixel k of 4 has all four taps inside (ordered compares: false for NaN).
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline int inside4(__m256d sx,
+                                                                            __m256d sy,
+                                                                            __m256d wlim,
+                                                                            __m256d hlim) {
+  const __m256d zero = _mm256_setzero_pd();
+  return _mm256_movemask_pd(_mm256_and_pd(
+      _mm256_and_pd(_mm256_cmp_pd(sx, zero, _CMP_GE_OQ), _mm256_cmp_pd(sx, wlim, _CMP_LT_OQ)),
+      _mm256_and_pd(_mm256_cmp_pd(sy, zero, _CMP_GE_OQ), _mm256_cmp_pd(sy, hlim, _CMP_LT_OQ))));
+}
+
+// (frac * 2048 + 0.5) truncated for 8 pixels (frac * 2048 is exact).
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i fixed_weights8(
+    __m256d lo, __m256d hi) {
+  const __m256d one = _mm256_set1_pd(static_cast<double>(kOne)), half = _mm256_set1_pd(0.5);
+  return _mm256_set_m128i(_mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(hi, one), half)),
+                          _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(lo, one), half)));
+}
+
+template <class T, bool kIdentity>
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline void fused_row(
+    const ImageView<const T>& s, T* out, const float* dx, const float* dy, std::int64_t width,
+    double yd, const RowGeometry& g, Border border, double fill_d) {
+  constexpr bool kFixed = std::is_same_v<T, std::uint8_t>;
+  using Weight = std::conditional_t<kFixed, std::int32_t, float>;
+  alignas(32) std::int32_t off[8];
+  alignas(32) Weight wxa[8], wya[8];
+  const __m256d m0 = _mm256_set1_pd(g.m[0]), m1 = _mm256_set1_pd(g.m[1]);
+  const __m256d m2 = _mm256_set1_pd(g.m[2]), m3 = _mm256_set1_pd(g.m[3]);
+  const __m256d m4 = _mm256_set1_pd(g.m[4]), m5 = _mm256_set1_pd(g.m[5]);
+  const __m256d wlim = _mm256_set1_pd(g.wlim);
+  const __m256d hlim = _mm256_set1_pd(g.hlim), vyd = _mm256_set1_pd(yd);
+  const __m256d eight = _mm256_set1_pd(8.0);
+  const __m256i vstride = _mm256_set1_epi32(static_cast<std::int32_t>(s.stride));
+  __m256d xl = _mm256_setr_pd(0.0, 1.0, 2.0, 3.0), xh = _mm256_setr_pd(4.0, 5.0, 6.0, 7.0);
+  std::int64_t x = 0;
+  for (; x + 8 <= width; x += 8, xl = _mm256_add_pd(xl, eight), xh = _mm256_add_pd(xh, eight)) {
+    const __m256 ux = _mm256_loadu_ps(dx + x), uy = _mm256_loadu_ps(dy + x);
+    const __m256d qxl = _mm256_add_pd(xl, _mm256_cvtps_pd(_mm256_castps256_ps128(ux)));
+    const __m256d qxh = _mm256_add_pd(xh, _mm256_cvtps_pd(_mm256_extractf128_ps(ux, 1)));
+    const __m256d qyl = _mm256_add_pd(vyd, _mm256_cvtps_pd(_mm256_castps256_ps128(uy)));
+    const __m256d qyh = _mm256_add_pd(vyd, _mm256_cvtps_pd(_mm256_extractf128_ps(uy, 1)));
+    __m256d sxl = qxl, sxh = qxh, syl = qyl, syh = qyh;
+    if constexpr (!kIdentity) {  // m0 qx + (m1 qy + m2), m3 qx + (m4 qy + m5), unfused
+      sxl = _mm256_add_pd(_mm256_mul_pd(m0, qxl), _mm256_add_pd(_mm256_mul_pd(m1, qyl), m2));
+      sxh = _mm256_add_pd(_mm256_mul_pd(m0, qxh), _mm256_add_pd(_mm256_mul_pd(m1, qyh), m2));
+      syl = _mm256_add_pd(_mm256_mul_pd(m3, qxl), _mm256_add_pd(_mm256_mul_pd(m4, qyl), m5));
+      syh = _mm256_add_pd(_mm256_mul_pd(m3, qxh), _mm256_add_pd(_mm256_mul_pd(m4, qyh), m5));
+    }
+    if ((inside4(sxl, syl, wlim, hlim) & inside4(sxh, syh, wlim, hlim)) != 0xF) {
+      const int n_in = block_coords<kFixed, kIdentity>(dx + x, dy + x, static_cast<double>(x), yd,
+                                                       8, g, off, wxa, wya);
+      if (n_in == 8) {
+        blend(s.data, s.stride, off, wxa, wya, 8, out + x);
+      } else {
+        mixed_block(s, g, dx + x, dy + x, static_cast<double>(x), yd, off, wxa, wya, 8, border,
+                    fill_d, out + x);
+      }
+      continue;
+    }
+    // Inside: x', y' >= 0, so truncation is floor.
+    const __m128i ixl = _mm256_cvttpd_epi32(sxl), ixh = _mm256_cvttpd_epi32(sxh);
+    const __m128i iyl = _mm256_cvttpd_epi32(syl), iyh = _mm256_cvttpd_epi32(syh);
+    const __m256d fxl = _mm256_sub_pd(sxl, _mm256_cvtepi32_pd(ixl));
+    const __m256d fxh = _mm256_sub_pd(sxh, _mm256_cvtepi32_pd(ixh));
+    const __m256d fyl = _mm256_sub_pd(syl, _mm256_cvtepi32_pd(iyl));
+    const __m256d fyh = _mm256_sub_pd(syh, _mm256_cvtepi32_pd(iyh));
+    const __m256i ix = _mm256_set_m128i(ixh, ixl), iy = _mm256_set_m128i(iyh, iyl);
+    const std::int32_t ix0 = _mm_cvtsi128_si32(ixl), iy0 = _mm_cvtsi128_si32(iyl);
+    prefetch(s.data, static_cast<std::int64_t>(iy0) * s.stride + ix0 + g.pf);
+    if constexpr (kFixed) {
+      // (frac * 2048 + 0.5) truncated, frac * 2048 exact.
+      __m256i g0, g1;
+      if (!window_taps_u8(s.data, s.stride, s.width, ix, iy, ix0, _mm_extract_epi32(ixh, 3), iy0,
+                          _mm_extract_epi32(iyh, 3), g0, g1)) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(off),
+                           _mm256_add_epi32(ix, _mm256_mullo_epi32(iy, vstride)));
+        g0 = pair_taps_u8(s.data, off);
+        g1 = pair_taps_u8(s.data + s.stride, off);
+      }
+      blend8_u8(g0, g1, fixed_weights8(fxl, fxh), fixed_weights8(fyl, fyh), out + x);
     } else {
-      mixed_block(s, g, dx + xb, dy + xb, static_cast<double>(xb), yd, off, wx, wy, n, border,
-                  fill_d, out + xb);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(off),
+                         _mm256_add_epi32(ix, _mm256_mullo_epi32(iy, vstride)));
+      __m256 p00, p01, p10, p11;
+      load_taps_f32(s.data, off, p00, p01);
+      load_taps_f32(s.data + s.stride, off, p10, p11);
+      const __m256 wx = _mm256_set_m128(_mm256_cvtpd_ps(fxh), _mm256_cvtpd_ps(fxl));
+      const __m256 wy = _mm256_set_m128(_mm256_cvtpd_ps(fyh), _mm256_cvtpd_ps(fyl));
+      const __m256 top = lerp8<false>(p00, p01, wx), bot = lerp8<false>(p10, p11, wx);
+      _mm256_storeu_ps(out + x, lerp8<false>(top, bot, wy));
+    }
+  }
+  if (x < width) {
+    const int n = static_cast<int>(width - x);
+    const int n_in = block_coords<kFixed, kIdentity>(dx + x, dy + x, static_cast<double>(x), yd, n,
+                                                     g, off, wxa, wya);
+    if (n_in == n) {
+      blend(s.data, s.stride, off, wxa, wya, n, out + x);
+    } else {
+      mixed_block(s, g, dx + x, dy + x, static_cast<double>(x), yd, off, wxa, wya, n, border,
+                  fill_d, out + x);
     }
   }
 }
 
-// float32 with the AVX2 blend (unfused, as this file is compiled: bit-identical to the
-// portable blend).
+__attribute__((target("arch=x86-64-v3"))) void row_u8_avx2(
+    const ImageView<const std::uint8_t>& s, std::uint8_t* out, const float* dx, const float* dy,
+    std::int64_t width, double yd, const RowGeometry& g, Border border, double fill_d) {
+  if (g.identity) {
+    fused_row<std::uint8_t, true>(s, out, dx, dy, width, yd, g, border, fill_d);
+  } else {
+    fused_row<std::uint8_t, false>(s, out, dx, dy, width, yd, g, border, fill_d);
+  }
+}
+
 __attribute__((target("arch=x86-64-v3"))) void row_f32_avx2(
     const ImageView<const float>& s, float* out, const float* dx, const float* dy,
     std::int64_t width, double yd, const RowGeometry& g, Border border, double fill_d) {
-  alignas(64) std::int32_t off[kBlock];
-  alignas(64) float wx[kBlock], wy[kBlock];
-  for (std::int64_t xb = 0; xb < width; xb += kBlock) {
-    const int n = static_cast<int>(std::min(kBlock, width - xb));
-    const double x0 = static_cast<double>(xb);
-    const int inside = g.identity
-                           ? block_coords<false, true>(dx + xb, dy + xb, x0, yd, n, g, off, wx, wy)
-                           : block_coords<false>(dx + xb, dy + xb, x0, yd, n, g, off, wx, wy);
-    if (inside == n) {
-      blend_f32_avx2<false>(s.data, s.stride, off, wx, wy, n, out + xb);
-    } else {
-      mixed_block(s, g, dx + xb, dy + xb, static_cast<double>(xb), yd, off, wx, wy, n, border,
-                  fill_d, out + xb);
-    }
+  if (g.identity) {
+    fused_row<float, true>(s, out, dx, dy, width, yd, g, border, fill_d);
+  } else {
+    fused_row<float, false>(s, out, dx, dy, width, yd, g, border, fill_d);
   }
 }
 #endif
@@ -392,6 +490,7 @@ void warp_displacement(const ImageView<const T>& src, const ImageView<T>& dst,
   g.hlim = static_cast<double>(src.height) - 1.0;
   g.stride_d = static_cast<double>(src.stride);
   g.identity = std::equal(g.m, g.m + 6, identity);
+  g.pf = prefetch_offset(g.m[1], g.m[4], src.stride);
   const T fill_t = fill_value<T>(fill);
   const double fill_d = static_cast<double>(fill_t);
   parallel_for(
