@@ -57,14 +57,11 @@ DEEPALIGN_ALWAYS_INLINE inline void prefetch_block(const T* src, const Offset* o
 // since the block then takes the per-pixel path, which recomputes their coordinates: storing
 // them for every pixel would cost more than recomputing them for the few border blocks).
 // kIdentity: the affine is the identity, whose result is exactly q for finite q (skipped);
-// for a non-finite q both forms are non-finite or NaN, hence outside. kTaps: also store the
-// top-left tap (floor(x'), floor(y')) in ix/iy (window loads; 0 outside).
-template <bool kFixed, bool kIdentity = false, bool kTaps = false, class Offset, class Weight>
+// for a non-finite q both forms are non-finite or NaN, hence outside.
+template <bool kFixed, bool kIdentity = false, class Offset, class Weight>
 DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy, double x0,
                                                 double yd, int n, const RowGeometry& g,
-                                                Offset* off, Weight* wx, Weight* wy,
-                                                std::int32_t* ix = nullptr,
-                                                std::int32_t* iy = nullptr) {
+                                                Offset* off, Weight* wx, Weight* wy) {
   const double m0 = g.m[0], m1 = g.m[1], m2 = g.m[2], m3 = g.m[3], m4 = g.m[4], m5 = g.m[5];
   int inside = 0;
   for (int k = 0; k < n; ++k) {
@@ -82,10 +79,6 @@ DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy
     const double fx = static_cast<double>(static_cast<std::int32_t>(cx));
     const double fy = static_cast<double>(static_cast<std::int32_t>(cy));
     off[k] = static_cast<Offset>(fy * g.stride_d + fx);
-    if constexpr (kTaps) {
-      ix[k] = static_cast<std::int32_t>(fx);
-      iy[k] = static_cast<std::int32_t>(fy);
-    }
     if constexpr (kFixed) {
       wx[k] = static_cast<std::int32_t>((cx - fx) * kOne + 0.5);
       wy[k] = static_cast<std::int32_t>((cy - fy) * kOne + 0.5);

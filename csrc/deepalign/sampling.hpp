@@ -193,16 +193,6 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps
   return true;
 }
 
-// The same from tap arrays (8 entries each).
-__attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps_u8(
-    const std::uint8_t* src, std::int64_t stride, std::int64_t width, const std::int32_t* ix,
-    const std::int32_t* iy, __m256i& g0, __m256i& g1) {
-  return window_taps_u8(src, stride, width,
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix)),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(iy)), ix[0], ix[7],
-                        iy[0], iy[7], g0, g1);
-}
-
 // Both horizontal taps of 8 pixels of one source row, one 16-bit load each (on AMD Zen cores
 // this beats vpgatherdd, whose latency dominated the loop).
 __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i pair_taps_u8(
@@ -210,29 +200,6 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i pair_tap
   return _mm256_setr_epi32(load_u16(s + ok[0]), load_u16(s + ok[1]), load_u16(s + ok[2]),
                            load_u16(s + ok[3]), load_u16(s + ok[4]), load_u16(s + ok[5]),
                            load_u16(s + ok[6]), load_u16(s + ok[7]));
-}
-
-// blend_u8_scalar with AVX2, bit-identical: 8 pixels at once; the taps come from window loads
-// where they fit (ix/iy given) and otherwise from pair_taps_u8. Callers must be AVX2 code themselves (target("arch=x86-64-v3")) and
-// check cpu_has_avx2() before calling them.
-__attribute__((target("arch=x86-64-v3"), always_inline)) inline void blend_u8_avx2(
-    const std::uint8_t* src, std::int64_t stride, const std::int32_t* off, const std::int32_t* wx,
-    const std::int32_t* wy, int n, std::uint8_t* o, const std::int32_t* ix = nullptr,
-    const std::int32_t* iy = nullptr, std::int64_t width = 0) {
-  int k = 0;
-  for (; k + 8 <= n; k += 8) {
-    __m256i g0, g1;
-    if (ix != nullptr && window_taps_u8(src, stride, width, ix + k, iy + k, g0, g1)) {
-      blend8_u8(g0, g1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wx + k)),
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wy + k)), o + k);
-      continue;
-    }
-    g0 = pair_taps_u8(src, off + k);
-    g1 = pair_taps_u8(src + stride, off + k);
-    blend8_u8(g0, g1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wx + k)),
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wy + k)), o + k);
-  }
-  blend_u8_scalar(src, stride, off + k, wx + k, wy + k, n - k, o + k);
 }
 
 // The two horizontal taps (p[0], p[1]) of 8 pixels, p = base + off[k], one 64-bit load each,
@@ -254,10 +221,10 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline void load_taps_f
   right = _mm256_shuffle_ps(u, v, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-// blend_float<float> with AVX2, bit-identical to the scalar loop compiled the same way:
-// kFma = true reproduces the contracted scalar code (fma(w, b - a, a), warp.cpp's AVX2
-// clone), kFma = false the uncontracted one (a + w * (b - a), displacement.cpp, built with
-// -ffp-contract=off). Callers must be AVX2+FMA code and check cpu_has_avx2().
+// The float32 lerp of blend_float on 8 pixels, bit-identical to the scalar loop compiled the
+// same way: kFma = true reproduces the contracted scalar code (fma(w, b - a, a), warp.cpp's
+// AVX2 clone), kFma = false the uncontracted one (a + w * (b - a), displacement.cpp, built
+// with -ffp-contract=off).
 template <bool kFma>
 __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 lerp8(__m256 a, __m256 b,
                                                                              __m256 w) {
@@ -265,33 +232,6 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 lerp8(__m
     return _mm256_fmadd_ps(w, _mm256_sub_ps(b, a), a);
   } else {
     return _mm256_add_ps(a, _mm256_mul_ps(w, _mm256_sub_ps(b, a)));
-  }
-}
-
-template <bool kFma>
-__attribute__((target("arch=x86-64-v3"), always_inline)) inline void blend_f32_avx2(
-    const float* src, std::int64_t stride, const std::int32_t* off, const float* wx,
-    const float* wy, int n, float* o) {
-  int k = 0;
-  for (; k + 8 <= n; k += 8) {
-    __m256 p00, p01, p10, p11;
-    load_taps_f32(src, off + k, p00, p01);
-    load_taps_f32(src + stride, off + k, p10, p11);
-    const __m256 vwx = _mm256_loadu_ps(wx + k);
-    const __m256 top = lerp8<kFma>(p00, p01, vwx);
-    const __m256 bot = lerp8<kFma>(p10, p11, vwx);
-    _mm256_storeu_ps(o + k, lerp8<kFma>(top, bot, _mm256_loadu_ps(wy + k)));
-  }
-  for (; k < n; ++k) {  // the scalar formula, explicitly (un)fused like the vector one
-    const float* p = src + off[k];
-    const __m128 a = _mm_setr_ps(p[0], p[stride], 0.0f, 0.0f);
-    const __m128 b = _mm_setr_ps(p[1], p[stride + 1], 0.0f, 0.0f);
-    const __m128 w = _mm_set1_ps(wx[k]);
-    const __m128 d = _mm_sub_ps(b, a);
-    const __m128 tb = kFma ? _mm_fmadd_ps(w, d, a) : _mm_add_ps(a, _mm_mul_ps(w, d));
-    const float top = _mm_cvtss_f32(tb), bot = _mm_cvtss_f32(_mm_shuffle_ps(tb, tb, 1));
-    const __m128 t = _mm_set_ss(top), e = _mm_set_ss(bot - top), v = _mm_set_ss(wy[k]);
-    o[k] = _mm_cvtss_f32(kFma ? _mm_fmadd_ss(v, e, t) : _mm_add_ss(t, _mm_mul_ss(v, e)));
   }
 }
 
