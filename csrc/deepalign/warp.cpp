@@ -350,6 +350,67 @@ ColumnTable column_table(double a, double tx, std::int64_t src_width, std::int64
   return t;
 }
 
+#if DEEPALIGN_X86_DISPATCH
+// uint8 rows of the separable path with AVX2. The portable loops are compiled for baseline
+// x86-64, hence without FMA: a + w * (b - a) rounds the product. GCC would contract the
+// vector (and scalar) product and sum here (this file keeps the default -ffp-contract=fast),
+// so the product goes through an empty asm statement, which it cannot see through.
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 lerp8_unfused(
+    __m256 a, __m256 b, __m256 w) {
+  __m256 p = _mm256_mul_ps(w, _mm256_sub_ps(b, a));
+  __asm__("" : "+x"(p));
+  return _mm256_add_ps(a, p);
+}
+
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline float lerp1_unfused(float a,
+                                                                                   float b,
+                                                                                   float w) {
+  float p = w * (b - a);
+  __asm__("" : "+x"(p));
+  return a + p;
+}
+
+// tmp[j] = r0[j] + wy * (r1[j] - r0[j]) for j < span.
+__attribute__((target("arch=x86-64-v3"))) void vertical_u8_avx2(const std::uint8_t* r0,
+                                                                const std::uint8_t* r1,
+                                                                std::int64_t span, float wy,
+                                                                float* tmp) {
+  const __m256 w = _mm256_set1_ps(wy);
+  std::int64_t j = 0;
+  for (; j + 8 <= span; j += 8) {
+    const __m256 v0 = _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0 + j))));
+    const __m256 v1 = _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r1 + j))));
+    _mm256_storeu_ps(tmp + j, lerp8_unfused(v0, v1, w));
+  }
+  for (; j < span; ++j) {
+    tmp[j] = lerp1_unfused(static_cast<float>(r0[j]), static_cast<float>(r1[j]), wy);
+  }
+}
+
+// o[k] = to_pixel<uint8_t>(src[k] + wx * (src[k + 1] - src[k])) for k < n. to_pixel: NaN and
+// v <= 0 give 0, v >= 255 gives 255, else (int)(v + 0.5f); clamping first (max_ps returns
+// its second operand, 0, for NaN) and then rounding gives the same.
+__attribute__((target("arch=x86-64-v3"))) void horizontal_u8_avx2(const float* src,
+                                                                  std::int64_t n, float wx,
+                                                                  std::uint8_t* o) {
+  const __m256 w = _mm256_set1_ps(wx), zero = _mm256_setzero_ps();
+  const __m256 hi = _mm256_set1_ps(255.0f), half = _mm256_set1_ps(0.5f);
+  std::int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v =
+        lerp8_unfused(_mm256_loadu_ps(src + k), _mm256_loadu_ps(src + k + 1), w);
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(v, zero), hi);
+    const __m256i q = _mm256_cvttps_epi32(_mm256_add_ps(c, half));
+    const __m128i w16 =
+        _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packus_epi16(w16, w16));
+  }
+  for (; k < n; ++k) o[k] = to_pixel<std::uint8_t>(lerp1_unfused(src[k], src[k + 1], wx));
+}
+#endif
+
 template <class T>
 void separable_rows(const ImageView<const T>& s, const ImageView<T>& d, const double* m,
                     Border border, T fill, const ColumnTable& t, std::int64_t y_begin,
@@ -372,7 +433,16 @@ void separable_rows(const ImageView<const T>& s, const ImageView<T>& d, const do
       const T* r0 = s.row(yi) + t.j_min;
       const T* r1 = wyd > 0.0 ? s.row(yi + 1) + t.j_min : r0;
       const float wy = static_cast<float>(wyd);
-      for (std::int64_t j = 0; j < span; ++j) {
+      bool done = false;
+#if DEEPALIGN_X86_DISPATCH
+      if constexpr (std::is_same_v<T, std::uint8_t>) {
+        if (cpu_has_avx2()) {
+          vertical_u8_avx2(r0, r1, span, wy, tmp);
+          done = true;
+        }
+      }
+#endif
+      for (std::int64_t j = 0; j < span && !done; ++j) {
         const float v0 = static_cast<float>(r0[j]), v1 = static_cast<float>(r1[j]);
         tmp[j] = v0 + wy * (v1 - v0);
       }
@@ -381,7 +451,15 @@ void separable_rows(const ImageView<const T>& s, const ImageView<T>& d, const do
         const float wx = t.wx[static_cast<std::size_t>(first)];
         const float* src = tmp + (t.ix[static_cast<std::size_t>(first)] - t.j_min);
         T* o = out + first;
-        const std::int64_t n = last - first;
+        std::int64_t n = last - first;
+#if DEEPALIGN_X86_DISPATCH
+        if constexpr (std::is_same_v<T, std::uint8_t>) {
+          if (cpu_has_avx2()) {
+            horizontal_u8_avx2(src, n, wx, o);
+            n = 0;
+          }
+        }
+#endif
         for (std::int64_t k = 0; k < n; ++k) {
           o[k] = to_pixel<T>(src[k] + wx * (src[k + 1] - src[k]));
         }

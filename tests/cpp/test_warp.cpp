@@ -222,6 +222,15 @@ TEST_CASE(simd_kernels_match_portable_kernels) {
     compare(std::uint16_t{}, m, b, sh_, sw, dh, dw, 200u + trial);
     compare(float{}, m, b, sh_, sw, dh, dw, 300u + trial);
   }
+  // Translations (separable path), sub-pixel and integer, partly outside the source; the
+  // saturating rounding of uint8 is exercised by the random data near 0 and 255.
+  for (int trial = 0; trial < 12; ++trial) {
+    const double tx = tr(gen) * (trial % 3 == 0 ? 0.1 : 1.0), ty = tr(gen) * 0.5;
+    const double m[6] = {1.0, 0.0, trial == 5 ? 3.0 : tx, 0.0, 1.0, ty};
+    const Border b = (trial % 2) ? Border::Replicate : Border::Constant;
+    compare(std::uint8_t{}, m, b, 41 + trial, 29 + 13 * trial, 37, 23 + 11 * trial, 400u + trial);
+    compare(float{}, m, b, 41 + trial, 29 + 13 * trial, 37, 23 + 11 * trial, 500u + trial);
+  }
   // Near-identity (the EM case) on a larger image.
   const double near[6] = {1.0001, -0.026, 3.3, 0.026, 1.0001, -2.7};
   compare(std::uint8_t{}, near, Border::Constant, 300, 301, 299, 333, 7);
