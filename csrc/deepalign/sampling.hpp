@@ -160,7 +160,9 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i row16_u8
 // pixels). One 16-byte load per row and one byte shuffle replace 16 scalar loads and inserts.
 // vix/viy are the pixels' top-left taps, ix0/ix7/iy0/iy7 those of the first and last pixel;
 // returns false (nothing loaded) when they do not fit, or when the window would leave
-// [0, width) of the rows (never reads outside the image).
+// [0, width) of the rows (never reads outside the image). (Allowing a fourth row for the
+// steeper slopes of displacement fields measured slower: the extra load and blends cost more
+// than the pair loads of the few groups that need it.)
 __attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps_u8(
     const std::uint8_t* src, std::int64_t stride, std::int64_t width, __m256i vix, __m256i viy,
     std::int32_t ix0, std::int32_t ix7, std::int32_t iy0, std::int32_t iy7, __m256i& g0,
@@ -184,10 +186,10 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps
   const __m256i a1 = _mm256_shuffle_epi8(row16_u8(r + stride), ctrl);
   const __m256i lower = _mm256_cmpeq_epi32(dy, c1);  // pixels whose top row is yb + 1
   // Row yb + 2 is the bottom row of those pixels, so it lies inside the image when any
-  // exists; otherwise row yb + 1 is read again. Branch-free: whether a block straddles two
-  // rows is not predictable for rotations.
-  const std::int64_t r2 = _mm256_testz_si256(lower, lower) ? stride : 2 * stride;
-  const __m256i a2 = _mm256_shuffle_epi8(row16_u8(r + r2), ctrl);
+  // exists; otherwise row yb + 1 is read again. Branch-free, as whether a group straddles two
+  // rows is not predictable: arithmetic, since GCC turns ?: into a branch around the load.
+  const std::int64_t any = 1 - _mm256_testz_si256(lower, lower);
+  const __m256i a2 = _mm256_shuffle_epi8(row16_u8(r + stride + any * stride), ctrl);
   g0 = _mm256_blendv_epi8(a0, a1, lower);
   g1 = _mm256_blendv_epi8(a1, a2, lower);
   return true;
