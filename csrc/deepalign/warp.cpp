@@ -442,9 +442,11 @@ void separable_rows(const ImageView<const T>& s, const ImageView<T>& d, const do
         }
       }
 #endif
-      for (std::int64_t j = 0; j < span && !done; ++j) {
-        const float v0 = static_cast<float>(r0[j]), v1 = static_cast<float>(r1[j]);
-        tmp[j] = v0 + wy * (v1 - v0);
+      if (!done) {  // (a separate test: a flag in the loop condition stops vectorisation)
+        for (std::int64_t j = 0; j < span; ++j) {
+          const float v0 = static_cast<float>(r0[j]), v1 = static_cast<float>(r1[j]);
+          tmp[j] = v0 + wy * (v1 - v0);
+        }
       }
       tmp[span] = tmp[span - 1];  // read with weight 0 only (last source column)
       if (t.translation) {
