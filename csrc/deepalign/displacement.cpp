@@ -486,7 +486,7 @@ void warp_displacement(const ImageView<const T>& src, const ImageView<T>& dst,
   g.pf = prefetch_offset(g.m[1], g.m[4], src.stride);
   const T fill_t = fill_value<T>(fill);
   const double fill_d = static_cast<double>(fill_t);
-  parallel_for(
+  parallel_for_dynamic(
       0, dst.height, num_threads,
       [&](std::int64_t y0, std::int64_t y1) {
         for (std::int64_t y = y0; y < y1; ++y) {
@@ -500,7 +500,7 @@ void warp_displacement(const ImageView<const T>& src, const ImageView<T>& dst,
           }
         }
       },
-      min_rows_for(dst.width));
+      row_chunk(dst.height, num_threads, min_rows_for(dst.width)));
 }
 
 void compose_affine_displacement(const double affine[6], const FieldView<const float>& u,

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "deepalign/image.hpp"
+#include "deepalign/parallel.hpp"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define DEEPALIGN_ALWAYS_INLINE __attribute__((always_inline))
@@ -274,6 +275,14 @@ DEEPALIGN_ALWAYS_INLINE inline void prefetch(const T* base, std::int64_t offset)
   (void)base;
   (void)offset;
 #endif
+}
+
+// Rows per chunk for parallel_for_dynamic: about 8 chunks per thread (so that a descheduled
+// thread's share is taken over), never fewer than `min_rows`; one chunk for one thread.
+inline std::int64_t row_chunk(std::int64_t rows, int num_threads, std::int64_t min_rows) {
+  const std::int64_t threads = resolve_num_threads(num_threads);
+  if (threads <= 1) return std::max<std::int64_t>(1, rows);
+  return std::max(min_rows, (rows + 8 * threads - 1) / (8 * threads));
 }
 
 // Argument checks shared by the kernels; `fn` prefixes the message (std::invalid_argument).

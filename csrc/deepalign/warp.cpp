@@ -557,31 +557,31 @@ void warp_affine(const ImageView<const T>& src, const ImageView<T>& dst, const d
   double m[6];
   std::copy(matrix, matrix + 6, m);
   const T fill_t = fill_value<T>(fill);
-  // Keep at least ~64k output pixels per thread: below that, starting threads costs more.
+  // Keep at least ~64k output pixels per chunk: below that, starting threads costs more.
   const std::int64_t min_rows = std::max<std::int64_t>(1, 65536 / dst.width);
+  const std::int64_t chunk = row_chunk(dst.height, num_threads, min_rows);
 
   if (interp == Interpolation::Nearest) {
-    parallel_for(0, dst.height, num_threads,
-                 [&](std::int64_t y0, std::int64_t y1) {
-                   nearest_rows(src, dst, m, border, fill_t, y0, y1);
-                 },
-                 min_rows);
+    parallel_for_dynamic(
+        0, dst.height, num_threads,
+        [&](std::int64_t y0, std::int64_t y1) { nearest_rows(src, dst, m, border, fill_t, y0, y1); },
+        chunk);
     return;
   }
   if (m[1] == 0.0 && m[3] == 0.0) {
     const ColumnTable table = column_table(m[0], m[2], src.width, dst.width);
-    parallel_for(0, dst.height, num_threads,
-                 [&](std::int64_t y0, std::int64_t y1) {
-                   separable_rows(src, dst, m, border, fill_t, table, y0, y1);
-                 },
-                 min_rows);
+    parallel_for_dynamic(
+        0, dst.height, num_threads,
+        [&](std::int64_t y0, std::int64_t y1) {
+          separable_rows(src, dst, m, border, fill_t, table, y0, y1);
+        },
+        chunk);
     return;
   }
-  parallel_for(0, dst.height, num_threads,
-               [&](std::int64_t y0, std::int64_t y1) {
-                 linear_rows(src, dst, m, border, fill_t, y0, y1);
-               },
-               min_rows);
+  parallel_for_dynamic(
+      0, dst.height, num_threads,
+      [&](std::int64_t y0, std::int64_t y1) { linear_rows(src, dst, m, border, fill_t, y0, y1); },
+      chunk);
 }
 
 template void warp_affine<std::uint8_t>(const ImageView<const std::uint8_t>&,
