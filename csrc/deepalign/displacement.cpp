@@ -8,6 +8,11 @@
 //   blends. A block whose taps all lie inside the source takes the unchecked blend (uint8: the
 //   exact fixed-point AVX2 blend shared with warp_affine); a block touching the border falls
 //   back per pixel to the checked sampler shared with warp_affine (sampling.hpp).
+// - With AVX2 (runtime dispatch), uint8 and float32 rows run fused 8-pixel steps instead:
+//   the same float64 arithmetic in registers, the affine skipped when it is the identity,
+//   uint8 taps from 16-byte window loads and float32 taps from pair loads (sampling.hpp); a
+//   group that touches the border takes the block path above. The source is prefetched a few
+//   rows ahead, and rows are handed out to the threads in chunks (parallel_for_dynamic).
 // - The Jacobian is one pass over the field with three-row stencils; the folding fraction
 //   counts per row from a one-row buffer and never materialises the determinant map.
 //
