@@ -8,6 +8,11 @@
 //   blends. A block whose taps all lie inside the source takes the unchecked blend (uint8: the
 //   exact fixed-point AVX2 blend shared with warp_affine); a block touching the border falls
 //   back per pixel to the checked sampler shared with warp_affine (sampling.hpp).
+// - With AVX2 (runtime dispatch), uint8 and float32 rows run fused 8-pixel steps instead:
+//   the same float64 arithmetic in registers, the affine skipped when it is the identity,
+//   uint8 taps from 16-byte window loads and float32 taps from pair loads (sampling.hpp); a
+//   group that touches the border takes the block path above. The source is prefetched a few
+//   rows ahead, and rows are handed out to the threads in chunks (parallel_for_dynamic).
 // - The Jacobian is one pass over the field with three-row stencils; the folding fraction
 //   counts per row from a one-row buffer and never materialises the determinant map.
 //
@@ -40,13 +45,25 @@ struct RowGeometry {
   double m[6];       // pull affine applied after the displacement (identity if none)
   double wlim, hlim;  // interior: 0 <= sx < wlim, 0 <= sy < hlim (all 4 taps inside)
   double stride_d;
+  bool identity;    // m is the identity (the coordinate loops skip it)
+  std::int64_t pf;  // source prefetch offset (sampling.hpp, prefetch_offset)
 };
+
+// Prefetches the source lines that pixels a few output rows further down will read, assuming
+// the field varies slowly (sampling.hpp, prefetch_offset).
+template <class T, class Offset>
+DEEPALIGN_ALWAYS_INLINE inline void prefetch_block(const T* src, const Offset* off, int n,
+                                                   std::int64_t pf) {
+  for (int k = 0; k < n; k += 16) prefetch(src, static_cast<std::int64_t>(off[k]) + pf);
+}
 
 // Offsets and weights of the n pixels of a block; returns how many have all four taps inside
 // the source. Pixels outside get offset 0 and weight 0 (never used by the unchecked blend,
 // since the block then takes the per-pixel path, which recomputes their coordinates: storing
 // them for every pixel would cost more than recomputing them for the few border blocks).
-template <bool kFixed, class Offset, class Weight>
+// kIdentity: the affine is the identity, whose result is exactly q for finite q (skipped);
+// for a non-finite q both forms are non-finite or NaN, hence outside.
+template <bool kFixed, bool kIdentity = false, class Offset, class Weight>
 DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy, double x0,
                                                 double yd, int n, const RowGeometry& g,
                                                 Offset* off, Weight* wx, Weight* wy) {
@@ -57,8 +74,8 @@ DEEPALIGN_ALWAYS_INLINE inline int block_coords(const float* dx, const float* dy
     const double qy = yd + static_cast<double>(dy[k]);
     // Same association as warp_affine (a x + (b y + tx)), so a zero field with an affine
     // reproduces its coordinates; with the identity the result is exactly q.
-    const double sx = m0 * qx + (m1 * qy + m2);
-    const double sy = m3 * qx + (m4 * qy + m5);
+    const double sx = kIdentity ? qx : m0 * qx + (m1 * qy + m2);
+    const double sy = kIdentity ? qy : m3 * qx + (m4 * qy + m5);
     // Bitwise & (not &&): no branches, so the loop vectorises. False for NaN.
     const bool in = (sx >= 0.0) & (sx < g.wlim) & (sy >= 0.0) & (sy < g.hlim);
     inside += static_cast<int>(in);
@@ -125,6 +142,7 @@ DEEPALIGN_ALWAYS_INLINE inline void linear_row_impl(const ImageView<const T>& s,
     const int n = static_cast<int>(std::min(kBlock, width - xb));
     const int inside = block_coords<kFixed>(dx + xb, dy + xb, static_cast<double>(xb), yd, n, g,
                                             off, wx, wy);
+    prefetch_block(s.data, off, n, g.pf);
     if (inside == n) {
       blend(s.data, s.stride, off, wx, wy, n, out + xb);
     } else {
@@ -151,21 +169,134 @@ DEEPALIGN_DISP_ROW(row_f32_64, float, std::int64_t)
 #undef DEEPALIGN_DISP_ROW
 
 #if DEEPALIGN_X86_DISPATCH
-// uint8 with the AVX2 blend shared with warp_affine (bit-identical to the portable blend).
+// Fused AVX2 rows (uint8, float32): 8 pixels per step with the coordinates in registers,
+// computed with exactly the operations of block_coords as this file is compiled (no
+// contraction), so the bits are those of the portable kernel. A group of 8 with a pixel
+// outside the interior (or a non-finite displacement) goes through block_coords and
+// mixed_block, as do the last < 8 pixels of a row.
+// Bit k set when pixel k of 4 has all four taps inside (ordered compares: false for NaN).
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline int inside4(__m256d sx,
+                                                                            __m256d sy,
+                                                                            __m256d wlim,
+                                                                            __m256d hlim) {
+  const __m256d zero = _mm256_setzero_pd();
+  return _mm256_movemask_pd(_mm256_and_pd(
+      _mm256_and_pd(_mm256_cmp_pd(sx, zero, _CMP_GE_OQ), _mm256_cmp_pd(sx, wlim, _CMP_LT_OQ)),
+      _mm256_and_pd(_mm256_cmp_pd(sy, zero, _CMP_GE_OQ), _mm256_cmp_pd(sy, hlim, _CMP_LT_OQ))));
+}
+
+// (frac * 2048 + 0.5) truncated for 8 pixels (frac * 2048 is exact).
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i fixed_weights8(
+    __m256d lo, __m256d hi) {
+  const __m256d one = _mm256_set1_pd(static_cast<double>(kOne)), half = _mm256_set1_pd(0.5);
+  return _mm256_set_m128i(_mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(hi, one), half)),
+                          _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(lo, one), half)));
+}
+
+template <class T, bool kIdentity>
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline void fused_row(
+    const ImageView<const T>& s, T* out, const float* dx, const float* dy, std::int64_t width,
+    double yd, const RowGeometry& g, Border border, double fill_d) {
+  constexpr bool kFixed = std::is_same_v<T, std::uint8_t>;
+  using Weight = std::conditional_t<kFixed, std::int32_t, float>;
+  alignas(32) std::int32_t off[8];
+  alignas(32) Weight wxa[8], wya[8];
+  const __m256d m0 = _mm256_set1_pd(g.m[0]), m1 = _mm256_set1_pd(g.m[1]);
+  const __m256d m2 = _mm256_set1_pd(g.m[2]), m3 = _mm256_set1_pd(g.m[3]);
+  const __m256d m4 = _mm256_set1_pd(g.m[4]), m5 = _mm256_set1_pd(g.m[5]);
+  const __m256d wlim = _mm256_set1_pd(g.wlim);
+  const __m256d hlim = _mm256_set1_pd(g.hlim), vyd = _mm256_set1_pd(yd);
+  const __m256d eight = _mm256_set1_pd(8.0);
+  const __m256i vstride = _mm256_set1_epi32(static_cast<std::int32_t>(s.stride));
+  __m256d xl = _mm256_setr_pd(0.0, 1.0, 2.0, 3.0), xh = _mm256_setr_pd(4.0, 5.0, 6.0, 7.0);
+  std::int64_t x = 0;
+  for (; x + 8 <= width; x += 8, xl = _mm256_add_pd(xl, eight), xh = _mm256_add_pd(xh, eight)) {
+    const __m256 ux = _mm256_loadu_ps(dx + x), uy = _mm256_loadu_ps(dy + x);
+    const __m256d qxl = _mm256_add_pd(xl, _mm256_cvtps_pd(_mm256_castps256_ps128(ux)));
+    const __m256d qxh = _mm256_add_pd(xh, _mm256_cvtps_pd(_mm256_extractf128_ps(ux, 1)));
+    const __m256d qyl = _mm256_add_pd(vyd, _mm256_cvtps_pd(_mm256_castps256_ps128(uy)));
+    const __m256d qyh = _mm256_add_pd(vyd, _mm256_cvtps_pd(_mm256_extractf128_ps(uy, 1)));
+    __m256d sxl = qxl, sxh = qxh, syl = qyl, syh = qyh;
+    if constexpr (!kIdentity) {  // m0 qx + (m1 qy + m2), m3 qx + (m4 qy + m5), unfused
+      sxl = _mm256_add_pd(_mm256_mul_pd(m0, qxl), _mm256_add_pd(_mm256_mul_pd(m1, qyl), m2));
+      sxh = _mm256_add_pd(_mm256_mul_pd(m0, qxh), _mm256_add_pd(_mm256_mul_pd(m1, qyh), m2));
+      syl = _mm256_add_pd(_mm256_mul_pd(m3, qxl), _mm256_add_pd(_mm256_mul_pd(m4, qyl), m5));
+      syh = _mm256_add_pd(_mm256_mul_pd(m3, qxh), _mm256_add_pd(_mm256_mul_pd(m4, qyh), m5));
+    }
+    if ((inside4(sxl, syl, wlim, hlim) & inside4(sxh, syh, wlim, hlim)) != 0xF) {
+      const int n_in = block_coords<kFixed, kIdentity>(dx + x, dy + x, static_cast<double>(x), yd,
+                                                       8, g, off, wxa, wya);
+      if (n_in == 8) {
+        blend(s.data, s.stride, off, wxa, wya, 8, out + x);
+      } else {
+        mixed_block(s, g, dx + x, dy + x, static_cast<double>(x), yd, off, wxa, wya, 8, border,
+                    fill_d, out + x);
+      }
+      continue;
+    }
+    // Inside: x', y' >= 0, so truncation is floor.
+    const __m128i ixl = _mm256_cvttpd_epi32(sxl), ixh = _mm256_cvttpd_epi32(sxh);
+    const __m128i iyl = _mm256_cvttpd_epi32(syl), iyh = _mm256_cvttpd_epi32(syh);
+    const __m256d fxl = _mm256_sub_pd(sxl, _mm256_cvtepi32_pd(ixl));
+    const __m256d fxh = _mm256_sub_pd(sxh, _mm256_cvtepi32_pd(ixh));
+    const __m256d fyl = _mm256_sub_pd(syl, _mm256_cvtepi32_pd(iyl));
+    const __m256d fyh = _mm256_sub_pd(syh, _mm256_cvtepi32_pd(iyh));
+    const __m256i ix = _mm256_set_m128i(ixh, ixl), iy = _mm256_set_m128i(iyh, iyl);
+    const std::int32_t ix0 = _mm_cvtsi128_si32(ixl), iy0 = _mm_cvtsi128_si32(iyl);
+    prefetch(s.data, static_cast<std::int64_t>(iy0) * s.stride + ix0 + g.pf);
+    if constexpr (kFixed) {
+      // (frac * 2048 + 0.5) truncated, frac * 2048 exact.
+      __m256i g0, g1;
+      if (!window_taps_u8(s.data, s.stride, s.width, ix, iy, ix0, _mm_extract_epi32(ixh, 3), iy0,
+                          _mm_extract_epi32(iyh, 3), g0, g1)) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(off),
+                           _mm256_add_epi32(ix, _mm256_mullo_epi32(iy, vstride)));
+        g0 = pair_taps_u8(s.data, off);
+        g1 = pair_taps_u8(s.data + s.stride, off);
+      }
+      blend8_u8(g0, g1, fixed_weights8(fxl, fxh), fixed_weights8(fyl, fyh), out + x);
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(off),
+                         _mm256_add_epi32(ix, _mm256_mullo_epi32(iy, vstride)));
+      __m256 p00, p01, p10, p11;
+      load_taps_f32(s.data, off, p00, p01);
+      load_taps_f32(s.data + s.stride, off, p10, p11);
+      const __m256 wx = _mm256_set_m128(_mm256_cvtpd_ps(fxh), _mm256_cvtpd_ps(fxl));
+      const __m256 wy = _mm256_set_m128(_mm256_cvtpd_ps(fyh), _mm256_cvtpd_ps(fyl));
+      const __m256 top = lerp8<false>(p00, p01, wx), bot = lerp8<false>(p10, p11, wx);
+      _mm256_storeu_ps(out + x, lerp8<false>(top, bot, wy));
+    }
+  }
+  if (x < width) {
+    const int n = static_cast<int>(width - x);
+    const int n_in = block_coords<kFixed, kIdentity>(dx + x, dy + x, static_cast<double>(x), yd, n,
+                                                     g, off, wxa, wya);
+    if (n_in == n) {
+      blend(s.data, s.stride, off, wxa, wya, n, out + x);
+    } else {
+      mixed_block(s, g, dx + x, dy + x, static_cast<double>(x), yd, off, wxa, wya, n, border,
+                  fill_d, out + x);
+    }
+  }
+}
+
 __attribute__((target("arch=x86-64-v3"))) void row_u8_avx2(
     const ImageView<const std::uint8_t>& s, std::uint8_t* out, const float* dx, const float* dy,
     std::int64_t width, double yd, const RowGeometry& g, Border border, double fill_d) {
-  alignas(64) std::int32_t off[kBlock], wx[kBlock], wy[kBlock];
-  for (std::int64_t xb = 0; xb < width; xb += kBlock) {
-    const int n = static_cast<int>(std::min(kBlock, width - xb));
-    const int inside = block_coords<true>(dx + xb, dy + xb, static_cast<double>(xb), yd, n, g,
-                                          off, wx, wy);
-    if (inside == n) {
-      blend_u8_avx2(s.data, s.stride, off, wx, wy, n, out + xb);
-    } else {
-      mixed_block(s, g, dx + xb, dy + xb, static_cast<double>(xb), yd, off, wx, wy, n, border,
-                  fill_d, out + xb);
-    }
+  if (g.identity) {
+    fused_row<std::uint8_t, true>(s, out, dx, dy, width, yd, g, border, fill_d);
+  } else {
+    fused_row<std::uint8_t, false>(s, out, dx, dy, width, yd, g, border, fill_d);
+  }
+}
+
+__attribute__((target("arch=x86-64-v3"))) void row_f32_avx2(
+    const ImageView<const float>& s, float* out, const float* dx, const float* dy,
+    std::int64_t width, double yd, const RowGeometry& g, Border border, double fill_d) {
+  if (g.identity) {
+    fused_row<float, true>(s, out, dx, dy, width, yd, g, border, fill_d);
+  } else {
+    fused_row<float, false>(s, out, dx, dy, width, yd, g, border, fill_d);
   }
 }
 #endif
@@ -186,6 +317,12 @@ void linear_row(const ImageView<const T>& s, T* out, const float* dx, const floa
   } else if constexpr (std::is_same_v<T, std::uint16_t>) {
     (small ? row_u16_32 : row_u16_64)(s, out, dx, dy, width, yd, g, border, fill_d);
   } else {
+#if DEEPALIGN_X86_DISPATCH
+    if (small && cpu_has_avx2()) {
+      row_f32_avx2(s, out, dx, dy, width, yd, g, border, fill_d);
+      return;
+    }
+#endif
     (small ? row_f32_32 : row_f32_64)(s, out, dx, dy, width, yd, g, border, fill_d);
   }
 }
@@ -350,9 +487,11 @@ void warp_displacement(const ImageView<const T>& src, const ImageView<T>& dst,
   g.wlim = static_cast<double>(src.width) - 1.0;
   g.hlim = static_cast<double>(src.height) - 1.0;
   g.stride_d = static_cast<double>(src.stride);
+  g.identity = std::equal(g.m, g.m + 6, identity);
+  g.pf = prefetch_offset(g.m[1], g.m[4], src.stride);
   const T fill_t = fill_value<T>(fill);
   const double fill_d = static_cast<double>(fill_t);
-  parallel_for(
+  parallel_for_dynamic(
       0, dst.height, num_threads,
       [&](std::int64_t y0, std::int64_t y1) {
         for (std::int64_t y = y0; y < y1; ++y) {
@@ -366,7 +505,7 @@ void warp_displacement(const ImageView<const T>& src, const ImageView<T>& dst,
           }
         }
       },
-      min_rows_for(dst.width));
+      row_chunk(dst.height, num_threads, min_rows_for(dst.width)));
 }
 
 void compose_affine_displacement(const double affine[6], const FieldView<const float>& u,

@@ -1,6 +1,7 @@
 #include "deepalign/parallel.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -54,6 +55,26 @@ void parallel_for(std::int64_t begin, std::int64_t end, int num_threads,
   run_chunk(0);
   for (auto& w : workers) w.join();
   if (first_error) std::rethrow_exception(first_error);
+}
+
+void parallel_for_dynamic(std::int64_t begin, std::int64_t end, int num_threads,
+                          const std::function<void(std::int64_t, std::int64_t)>& body,
+                          std::int64_t chunk) {
+  const std::int64_t n = end - begin;
+  if (n <= 0) return;
+  chunk = std::max<std::int64_t>(1, chunk);
+  const std::int64_t chunks = (n + chunk - 1) / chunk;
+  const int threads =
+      static_cast<int>(std::min<std::int64_t>(resolve_num_threads(num_threads), chunks));
+  std::atomic<std::int64_t> next{0};
+  // One index per thread; each thread then takes chunks until none is left.
+  parallel_for(0, threads, threads, [&](std::int64_t t0, std::int64_t t1) {
+    for (std::int64_t t = t0; t < t1; ++t) {
+      for (std::int64_t c = next++; c < chunks; c = next++) {
+        body(begin + c * chunk, std::min(end, begin + (c + 1) * chunk));
+      }
+    }
+  });
 }
 
 }  // namespace deepalign

@@ -24,4 +24,13 @@ void parallel_for(std::int64_t begin, std::int64_t end, int num_threads,
                   const std::function<void(std::int64_t, std::int64_t)>& body,
                   std::int64_t min_chunk = 1);
 
+// Like parallel_for, but [begin, end) is cut into chunks of `chunk` indices that the threads
+// take in turn from a shared counter. On a shared machine a static split waits for its
+// slowest part, i.e. for any thread that the OS deschedules; here the other threads take over
+// its remaining chunks. Only for bodies whose result does not depend on how the range is cut
+// (independent rows).
+void parallel_for_dynamic(std::int64_t begin, std::int64_t end, int num_threads,
+                          const std::function<void(std::int64_t, std::int64_t)>& body,
+                          std::int64_t chunk);
+
 }  // namespace deepalign

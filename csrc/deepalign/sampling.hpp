@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include <type_traits>
 
 #include "deepalign/image.hpp"
+#include "deepalign/parallel.hpp"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define DEEPALIGN_ALWAYS_INLINE __attribute__((always_inline))
@@ -126,53 +128,162 @@ inline std::int32_t load_u16(const std::uint8_t* p) {
   return v;
 }
 
-// blend_u8_scalar with AVX2, bit-identical: one 16-bit load per pixel and source row fetches
-// both horizontal taps; 8 pixels are blended at once. Callers must be AVX2 code themselves
-// (target("arch=x86-64-v3")) and check cpu_has_avx2() before calling them.
-__attribute__((target("arch=x86-64-v3"), always_inline)) inline void blend_u8_avx2(
-    const std::uint8_t* src, std::int64_t stride, const std::int32_t* off, const std::int32_t* wx,
-    const std::int32_t* wy, int n, std::uint8_t* o) {
+// The blend of blend_u8_scalar on 8 pixels at once: g0/g1 hold, per 32-bit lane, the two
+// horizontal taps of the top/bottom source row (left tap in the low byte, right tap in the
+// next byte, upper 16 bits zero).
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline void blend8_u8(
+    __m256i g0, __m256i g1, __m256i vwx, __m256i vwy, std::uint8_t* o) {
   const __m256i mask = _mm256_set1_epi32(0xFF);
   const __m256i half = _mm256_set1_epi32(1 << (2 * kFracBits - 1));
-  int k = 0;
-  for (; k + 8 <= n; k += 8) {
-    // Two 16-bit loads per pixel (both horizontal taps of each row): on AMD Zen cores this
-    // beats vpgatherdd, whose latency dominated the loop.
-    const std::int32_t* ok = off + k;
-    const __m256i g0 = _mm256_setr_epi32(load_u16(src + ok[0]), load_u16(src + ok[1]),
-                                         load_u16(src + ok[2]), load_u16(src + ok[3]),
-                                         load_u16(src + ok[4]), load_u16(src + ok[5]),
-                                         load_u16(src + ok[6]), load_u16(src + ok[7]));
-    const std::uint8_t* s1 = src + stride;
-    const __m256i g1 = _mm256_setr_epi32(load_u16(s1 + ok[0]), load_u16(s1 + ok[1]),
-                                         load_u16(s1 + ok[2]), load_u16(s1 + ok[3]),
-                                         load_u16(s1 + ok[4]), load_u16(s1 + ok[5]),
-                                         load_u16(s1 + ok[6]), load_u16(s1 + ok[7]));
-    const __m256i p00 = _mm256_and_si256(g0, mask);
-    const __m256i p01 = _mm256_srli_epi32(g0, 8);
-    const __m256i p10 = _mm256_and_si256(g1, mask);
-    const __m256i p11 = _mm256_srli_epi32(g1, 8);
-    const __m256i vwx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wx + k));
-    const __m256i vwy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wy + k));
-    const __m256i top = _mm256_add_epi32(_mm256_slli_epi32(p00, kFracBits),
-                                         _mm256_mullo_epi32(vwx, _mm256_sub_epi32(p01, p00)));
-    const __m256i bot = _mm256_add_epi32(_mm256_slli_epi32(p10, kFracBits),
-                                         _mm256_mullo_epi32(vwx, _mm256_sub_epi32(p11, p10)));
-    __m256i v = _mm256_add_epi32(_mm256_slli_epi32(top, kFracBits),
-                                 _mm256_mullo_epi32(vwy, _mm256_sub_epi32(bot, top)));
-    v = _mm256_srli_epi32(_mm256_add_epi32(v, half), 2 * kFracBits);
-    const __m128i w16 =
-        _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packus_epi16(w16, w16));
+  const __m256i p00 = _mm256_and_si256(g0, mask);
+  const __m256i p01 = _mm256_srli_epi32(g0, 8);
+  const __m256i p10 = _mm256_and_si256(g1, mask);
+  const __m256i p11 = _mm256_srli_epi32(g1, 8);
+  const __m256i top = _mm256_add_epi32(_mm256_slli_epi32(p00, kFracBits),
+                                       _mm256_mullo_epi32(vwx, _mm256_sub_epi32(p01, p00)));
+  const __m256i bot = _mm256_add_epi32(_mm256_slli_epi32(p10, kFracBits),
+                                       _mm256_mullo_epi32(vwx, _mm256_sub_epi32(p11, p10)));
+  __m256i v = _mm256_add_epi32(_mm256_slli_epi32(top, kFracBits),
+                               _mm256_mullo_epi32(vwy, _mm256_sub_epi32(bot, top)));
+  v = _mm256_srli_epi32(_mm256_add_epi32(v, half), 2 * kFracBits);
+  const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(o), _mm_packus_epi16(w16, w16));
+}
+
+// 16 bytes at p in both 128-bit lanes.
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i row16_u8(
+    const std::uint8_t* p) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Window loads for 8 pixels whose taps lie within 16 bytes of at most three consecutive
+// source rows (near-identity maps: consecutive output pixels read neighbouring source
+// pixels). One 16-byte load per row and one byte shuffle replace 16 scalar loads and inserts.
+// vix/viy are the pixels' top-left taps, ix0/ix7/iy0/iy7 those of the first and last pixel;
+// returns false (nothing loaded) when they do not fit, or when the window would leave
+// [0, width) of the rows (never reads outside the image). (Allowing a fourth row for the
+// steeper slopes of displacement fields measured slower: the extra load and blends cost more
+// than the pair loads of the few groups that need it.)
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps_u8(
+    const std::uint8_t* src, std::int64_t stride, std::int64_t width, __m256i vix, __m256i viy,
+    std::int32_t ix0, std::int32_t ix7, std::int32_t iy0, std::int32_t iy7, __m256i& g0,
+    __m256i& g1) {
+  const std::int32_t xb = std::max(0, std::min(ix0, ix7) - 1);
+  const std::int32_t yb = std::min(iy0, iy7);
+  if (xb + 16 > width) return false;
+  const __m256i dx = _mm256_sub_epi32(vix, _mm256_set1_epi32(xb));
+  const __m256i dy = _mm256_sub_epi32(viy, _mm256_set1_epi32(yb));
+  // 0 <= dx <= 14 (both taps in the 16 bytes) and 0 <= dy <= 1, as unsigned compares.
+  const __m256i c14 = _mm256_set1_epi32(14), c1 = _mm256_set1_epi32(1);
+  const __m256i ok = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(dx, c14), c14),
+                                      _mm256_cmpeq_epi32(_mm256_max_epu32(dy, c1), c1));
+  if (_mm256_movemask_epi8(ok) != -1) return false;
+  // Shuffle control per lane: byte 0 <- dx, byte 1 <- dx + 1, bytes 2-3 <- zero (0x80).
+  const __m256i ctrl = _mm256_or_si256(
+      _mm256_or_si256(dx, _mm256_slli_epi32(_mm256_add_epi32(dx, c1), 8)),
+      _mm256_set1_epi32(static_cast<std::int32_t>(0x80800000u)));
+  const std::uint8_t* r = src + static_cast<std::int64_t>(yb) * stride + xb;
+  const __m256i a0 = _mm256_shuffle_epi8(row16_u8(r), ctrl);
+  const __m256i a1 = _mm256_shuffle_epi8(row16_u8(r + stride), ctrl);
+  const __m256i lower = _mm256_cmpeq_epi32(dy, c1);  // pixels whose top row is yb + 1
+  // Row yb + 2 is the bottom row of those pixels, so it lies inside the image when any
+  // exists; otherwise row yb + 1 is read again. Branch-free, as whether a group straddles two
+  // rows is not predictable: arithmetic, since GCC turns ?: into a branch around the load.
+  const std::int64_t any = 1 - _mm256_testz_si256(lower, lower);
+  const __m256i a2 = _mm256_shuffle_epi8(row16_u8(r + stride + any * stride), ctrl);
+  g0 = _mm256_blendv_epi8(a0, a1, lower);
+  g1 = _mm256_blendv_epi8(a1, a2, lower);
+  return true;
+}
+
+// Both horizontal taps of 8 pixels of one source row, one 16-bit load each (on AMD Zen cores
+// this beats vpgatherdd, whose latency dominated the loop).
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i pair_taps_u8(
+    const std::uint8_t* s, const std::int32_t* ok) {
+  return _mm256_setr_epi32(load_u16(s + ok[0]), load_u16(s + ok[1]), load_u16(s + ok[2]),
+                           load_u16(s + ok[3]), load_u16(s + ok[4]), load_u16(s + ok[5]),
+                           load_u16(s + ok[6]), load_u16(s + ok[7]));
+}
+
+// The two horizontal taps (p[0], p[1]) of 8 pixels, p = base + off[k], one 64-bit load each,
+// deinterleaved into left = p[0] and right = p[1] (pixel order). Pair loads beat 4 gathers.
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m128 load_2pairs_f32(
+    const float* p, const float* q) {
+  // _mm_loadl_epi64 / _mm_loadh_pi take may_alias pointer types: no strict-aliasing issue.
+  const __m128 v = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm_loadh_pi(v, reinterpret_cast<const __m64*>(q));
+}
+
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline void load_taps_f32(
+    const float* base, const std::int32_t* off, __m256& left, __m256& right) {
+  const __m256 u = _mm256_set_m128(load_2pairs_f32(base + off[4], base + off[5]),
+                                   load_2pairs_f32(base + off[0], base + off[1]));
+  const __m256 v = _mm256_set_m128(load_2pairs_f32(base + off[6], base + off[7]),
+                                   load_2pairs_f32(base + off[2], base + off[3]));
+  left = _mm256_shuffle_ps(u, v, _MM_SHUFFLE(2, 0, 2, 0));
+  right = _mm256_shuffle_ps(u, v, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// The float32 lerp of blend_float on 8 pixels, bit-identical to the scalar loop compiled the
+// same way: kFma = true reproduces the contracted scalar code (fma(w, b - a, a), warp.cpp's
+// AVX2 clone), kFma = false the uncontracted one (a + w * (b - a), displacement.cpp, built
+// with -ffp-contract=off).
+template <bool kFma>
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 lerp8(__m256 a, __m256 b,
+                                                                             __m256 w) {
+  if constexpr (kFma) {
+    return _mm256_fmadd_ps(w, _mm256_sub_ps(b, a), a);
+  } else {
+    return _mm256_add_ps(a, _mm256_mul_ps(w, _mm256_sub_ps(b, a)));
   }
-  blend_u8_scalar(src, stride, off + k, wx + k, wy + k, n - k, o + k);
+}
+
+// Tests set this to run the portable kernels and compare them with the AVX2 ones; production
+// code never sets it.
+inline std::atomic<bool>& force_portable_kernels() {
+  static std::atomic<bool> force{false};
+  return force;
 }
 
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  return has && !force_portable_kernels().load(std::memory_order_relaxed);
 }
 #endif
+
+// Software prefetch of the source: a warp reads each source row in short runs (a rotated map
+// crosses ~width * |sin| rows per output row), too short for the hardware prefetchers, so
+// every new cache line was a demand miss (2048^2 uint8 rotation: half the time). The kernels
+// prefetch, for each block of output pixels, the source line that the same pixels
+// kPrefetchRows output rows further down will read: the source offset moves by
+// (b, d) * kPrefetchRows for a pull map with x' = a x + b y + tx, y' = c x + d y + ty.
+constexpr double kPrefetchRows = 4.0;
+
+inline std::int64_t prefetch_offset(double b, double d, std::int64_t stride) {
+  const double dx = std::nearbyint(b * kPrefetchRows), dy = std::nearbyint(d * kPrefetchRows);
+  return static_cast<std::int64_t>(dy) * stride + static_cast<std::int64_t>(dx);
+}
+
+// A hint only: never faults, so the address may lie outside the image (it is formed as an
+// integer, not as an out-of-range pointer).
+template <class T>
+DEEPALIGN_ALWAYS_INLINE inline void prefetch(const T* base, std::int64_t offset) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(base) +
+                                                   static_cast<std::uintptr_t>(offset) * sizeof(T)));
+#else
+  (void)base;
+  (void)offset;
+#endif
+}
+
+// Rows per chunk for parallel_for_dynamic: about 8 chunks per thread (so that a descheduled
+// thread's share is taken over), never fewer than `min_rows`; one chunk for one thread.
+inline std::int64_t row_chunk(std::int64_t rows, int num_threads, std::int64_t min_rows) {
+  const std::int64_t threads = resolve_num_threads(num_threads);
+  if (threads <= 1) return std::max<std::int64_t>(1, rows);
+  return std::max(min_rows, (rows + 8 * threads - 1) / (8 * threads));
+}
 
 // Argument checks shared by the kernels; `fn` prefixes the message (std::invalid_argument).
 inline void check_view(const char* fn, const char* name, const void* data, std::int64_t h,

@@ -6,6 +6,13 @@
 // - The interior is processed in blocks: a first loop computes source coordinates and
 //   weights for a block (plain float64 arithmetic the compiler vectorises), a second loop
 //   gathers the 4 taps and blends (uint8: exact 11-bit fixed-point integer arithmetic).
+// - With AVX2 (runtime dispatch), uint8 and float32 take fused 8-pixel kernels that keep the
+//   coordinates in registers; uint8 reads the taps of near-identity maps with one 16-byte
+//   load and a byte shuffle per source row, float32 with one 64-bit load per tap pair.
+// - The source line that the same output pixels will read a few output rows later is
+//   prefetched (sampling.hpp, prefetch_offset): a rotated map reads each source row in runs
+//   too short for the hardware prefetchers, and without it the kernel waited on memory for
+//   half (uint8) to three quarters (float32) of its time at 2048^2.
 // - Axis-aligned maps (translation, scale: m[1] == m[3] == 0), the common FIB-SEM case, are
 //   separable: each output row blends two source rows once (contiguous, vectorised), then
 //   interpolates along x from per-column tables computed once per call; a pure translation
@@ -85,7 +92,7 @@ template <class T, class Offset>
 DEEPALIGN_ALWAYS_INLINE inline void linear_interior_impl(const T* src, std::int64_t stride, T* out,
                                                          std::int64_t x_begin, std::int64_t x_end,
                                                          double a, double rx, double c,
-                                                         double ry) {
+                                                         double ry, std::int64_t pf) {
   constexpr bool kFixed = std::is_same_v<T, std::uint8_t>;
   using Weight = std::conditional_t<kFixed, std::int32_t, float>;
   alignas(64) Offset off[kBlock];
@@ -95,6 +102,7 @@ DEEPALIGN_ALWAYS_INLINE inline void linear_interior_impl(const T* src, std::int6
     const int n = static_cast<int>(std::min(kBlock, x_end - xb));
     const double x0 = static_cast<double>(xb);
     block_coords<kFixed>(x0, n, a, rx, c, ry, stride_d, off, wx, wy);
+    for (int k = 0; k < n; k += 16) prefetch(src, static_cast<std::int64_t>(off[k]) + pf);
     T* o = out + xb;
     if constexpr (kFixed) {
       blend_u8_scalar(src, stride, off, wx, wy, n, o);
@@ -109,8 +117,8 @@ DEEPALIGN_ALWAYS_INLINE inline void linear_interior_impl(const T* src, std::int6
 #define DEEPALIGN_INTERIOR(NAME, T, OFFSET)                                                    \
   DEEPALIGN_TARGET_CLONES void NAME(const T* src, std::int64_t stride, T* out,                 \
                                     std::int64_t x_begin, std::int64_t x_end, double a,        \
-                                    double rx, double c, double ry) {                          \
-    linear_interior_impl<T, OFFSET>(src, stride, out, x_begin, x_end, a, rx, c, ry);           \
+                                    double rx, double c, double ry, std::int64_t pf) {         \
+    linear_interior_impl<T, OFFSET>(src, stride, out, x_begin, x_end, a, rx, c, ry, pf);       \
   }
 DEEPALIGN_INTERIOR(interior_u8_32, std::uint8_t, std::int32_t)
 DEEPALIGN_INTERIOR(interior_u8_64, std::uint8_t, std::int64_t)
@@ -121,38 +129,141 @@ DEEPALIGN_INTERIOR(interior_f32_64, float, std::int64_t)
 #undef DEEPALIGN_INTERIOR
 
 #if DEEPALIGN_X86_DISPATCH
-// uint8 interior with AVX2 (blend_u8_avx2): identical results to the portable loop.
+// Fused AVX2 interiors: 8 pixels per step with the coordinates kept in registers. The
+// operations are exactly those of block_coords in the AVX2 clone of the portable kernel
+// (x' = fma(a, x, rx), truncation, the difference to the truncation, 1/2048 rounding), so
+// the bits are the same; the last < 8 pixels of a span go through that kernel.
+struct Coords8 {
+  __m256i ix, iy;    // top-left taps
+  __m256d fxl, fxh;  // fractions, pixels 0-3 and 4-7
+  __m256d fyl, fyh;
+};
+
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline Coords8 coords8(
+    __m256d xl, __m256d xh, __m256d va, __m256d vrx, __m256d vc, __m256d vry) {
+  const __m256d sxl = _mm256_fmadd_pd(va, xl, vrx), sxh = _mm256_fmadd_pd(va, xh, vrx);
+  const __m256d syl = _mm256_fmadd_pd(vc, xl, vry), syh = _mm256_fmadd_pd(vc, xh, vry);
+  // x', y' >= 0 in the interior, so truncation is floor.
+  const __m128i ixl = _mm256_cvttpd_epi32(sxl), ixh = _mm256_cvttpd_epi32(sxh);
+  const __m128i iyl = _mm256_cvttpd_epi32(syl), iyh = _mm256_cvttpd_epi32(syh);
+  Coords8 r;
+  r.ix = _mm256_set_m128i(ixh, ixl);
+  r.iy = _mm256_set_m128i(iyh, iyl);
+  r.fxl = _mm256_sub_pd(sxl, _mm256_cvtepi32_pd(ixl));
+  r.fxh = _mm256_sub_pd(sxh, _mm256_cvtepi32_pd(ixh));
+  r.fyl = _mm256_sub_pd(syl, _mm256_cvtepi32_pd(iyl));
+  r.fyh = _mm256_sub_pd(syh, _mm256_cvtepi32_pd(iyh));
+  return r;
+}
+
+// (frac * 2048 + 0.5) truncated: frac * 2048 is exact, so fused or not gives the same bits.
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i fixed_weights(
+    __m256d lo, __m256d hi) {
+  const __m256d one = _mm256_set1_pd(static_cast<double>(kOne)), half = _mm256_set1_pd(0.5);
+  return _mm256_set_m128i(_mm256_cvttpd_epi32(_mm256_fmadd_pd(hi, one, half)),
+                          _mm256_cvttpd_epi32(_mm256_fmadd_pd(lo, one, half)));
+}
+
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 float_weights(
+    __m256d lo, __m256d hi) {
+  return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+}
+
 __attribute__((target("arch=x86-64-v3"))) void interior_u8_avx2(
     const std::uint8_t* src, std::int64_t stride, std::uint8_t* out, std::int64_t x_begin,
-    std::int64_t x_end, double a, double rx, double c, double ry) {
-  alignas(64) std::int32_t off[kBlock], wx[kBlock], wy[kBlock];
-  const double stride_d = static_cast<double>(stride);
-  for (std::int64_t xb = x_begin; xb < x_end; xb += kBlock) {
-    const int n = static_cast<int>(std::min(kBlock, x_end - xb));
-    block_coords<true>(static_cast<double>(xb), n, a, rx, c, ry, stride_d, off, wx, wy);
-    blend_u8_avx2(src, stride, off, wx, wy, n, out + xb);
+    std::int64_t x_end, double a, double rx, double c, double ry, std::int64_t width,
+    std::int64_t pf) {
+  const __m256d va = _mm256_set1_pd(a), vrx = _mm256_set1_pd(rx);
+  const __m256d vc = _mm256_set1_pd(c), vry = _mm256_set1_pd(ry);
+  const __m256d eight = _mm256_set1_pd(8.0);
+  const __m256i vstride = _mm256_set1_epi32(static_cast<std::int32_t>(stride));
+  const double x0 = static_cast<double>(x_begin);
+  // x + k is an integer below 2^53: stepping by 8 is exact.
+  __m256d xl = _mm256_setr_pd(x0, x0 + 1.0, x0 + 2.0, x0 + 3.0);
+  __m256d xh = _mm256_setr_pd(x0 + 4.0, x0 + 5.0, x0 + 6.0, x0 + 7.0);
+  alignas(32) std::int32_t off[8];
+  std::int64_t x = x_begin;
+  for (; x + 8 <= x_end; x += 8) {
+    const Coords8 q = coords8(xl, xh, va, vrx, vc, vry);
+    xl = _mm256_add_pd(xl, eight);
+    xh = _mm256_add_pd(xh, eight);
+    const __m256i wx = fixed_weights(q.fxl, q.fxh), wy = fixed_weights(q.fyl, q.fyh);
+    __m256i g0, g1;
+    const __m128i ixh = _mm256_extracti128_si256(q.ix, 1), iyh = _mm256_extracti128_si256(q.iy, 1);
+    const std::int32_t ix0 = _mm_cvtsi128_si32(_mm256_castsi256_si128(q.ix));
+    const std::int32_t iy0 = _mm_cvtsi128_si32(_mm256_castsi256_si128(q.iy));
+    prefetch(src, static_cast<std::int64_t>(iy0) * stride + ix0 + pf);
+    if (!window_taps_u8(src, stride, width, q.ix, q.iy, ix0, _mm_extract_epi32(ixh, 3), iy0,
+                        _mm_extract_epi32(iyh, 3), g0, g1)) {
+      // Offsets are exact in int32 (the source has < 2^31 elements).
+      _mm256_store_si256(reinterpret_cast<__m256i*>(off),
+                         _mm256_add_epi32(q.ix, _mm256_mullo_epi32(q.iy, vstride)));
+      g0 = pair_taps_u8(src, off);
+      g1 = pair_taps_u8(src + stride, off);
+    }
+    blend8_u8(g0, g1, wx, wy, out + x);
   }
+  if (x < x_end) interior_u8_32(src, stride, out, x, x_end, a, rx, c, ry, pf);
+}
+
+// float32: the same coordinates, pair loads (load_taps_f32) and a blend bit-identical to the
+// contracted scalar loop (blend_f32_avx2<true>).
+__attribute__((target("arch=x86-64-v3"))) void interior_f32_avx2(
+    const float* src, std::int64_t stride, float* out, std::int64_t x_begin, std::int64_t x_end,
+    double a, double rx, double c, double ry, std::int64_t pf) {
+  const __m256d va = _mm256_set1_pd(a), vrx = _mm256_set1_pd(rx);
+  const __m256d vc = _mm256_set1_pd(c), vry = _mm256_set1_pd(ry);
+  const __m256d eight = _mm256_set1_pd(8.0);
+  const __m256i vstride = _mm256_set1_epi32(static_cast<std::int32_t>(stride));
+  const double x0 = static_cast<double>(x_begin);
+  __m256d xl = _mm256_setr_pd(x0, x0 + 1.0, x0 + 2.0, x0 + 3.0);
+  __m256d xh = _mm256_setr_pd(x0 + 4.0, x0 + 5.0, x0 + 6.0, x0 + 7.0);
+  alignas(32) std::int32_t off[8];
+  std::int64_t x = x_begin;
+  for (; x + 8 <= x_end; x += 8) {
+    const Coords8 q = coords8(xl, xh, va, vrx, vc, vry);
+    xl = _mm256_add_pd(xl, eight);
+    xh = _mm256_add_pd(xh, eight);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(off),
+                       _mm256_add_epi32(q.ix, _mm256_mullo_epi32(q.iy, vstride)));
+    prefetch(src, off[0] + pf);
+    __m256 p00, p01, p10, p11;
+    load_taps_f32(src, off, p00, p01);
+    load_taps_f32(src + stride, off, p10, p11);
+    const __m256 wx = float_weights(q.fxl, q.fxh);
+    const __m256 top = lerp8<true>(p00, p01, wx);
+    const __m256 bot = lerp8<true>(p10, p11, wx);
+    _mm256_storeu_ps(out + x, lerp8<true>(top, bot, float_weights(q.fyl, q.fyh)));
+  }
+  if (x < x_end) interior_f32_32(src, stride, out, x, x_end, a, rx, c, ry, pf);
 }
 #endif
 
 template <class T>
 void linear_interior(const ImageView<const T>& s, T* out, std::int64_t x_begin, std::int64_t x_end,
-                     double a, double rx, double c, double ry) {
+                     double a, double rx, double c, double ry, std::int64_t pf) {
   const bool small = s.height * s.stride < (std::int64_t{1} << 31);
   if constexpr (std::is_same_v<T, std::uint8_t>) {
 #if DEEPALIGN_X86_DISPATCH
     if (small && cpu_has_avx2()) {
-      interior_u8_avx2(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry);
+      interior_u8_avx2(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry, s.width, pf);
       return;
     }
 #endif
-    (small ? interior_u8_32 : interior_u8_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry);
+    (small ? interior_u8_32 : interior_u8_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry,
+                                              pf);
   } else if constexpr (std::is_same_v<T, std::uint16_t>) {
     (small ? interior_u16_32 : interior_u16_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c,
-                                                ry);
+                                                ry, pf);
   } else {
+#if DEEPALIGN_X86_DISPATCH
+    if (small && cpu_has_avx2()) {
+      interior_f32_avx2(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry, pf);
+      return;
+    }
+#endif
     (small ? interior_f32_32 : interior_f32_64)(s.data, s.stride, out, x_begin, x_end, a, rx, c,
-                                                ry);
+                                                ry, pf);
   }
 }
 
@@ -161,6 +272,7 @@ void linear_rows(const ImageView<const T>& s, const ImageView<T>& d, const doubl
                  Border border, T fill, std::int64_t y_begin, std::int64_t y_end) {
   const double w = static_cast<double>(s.width), h = static_cast<double>(s.height);
   const double fill_d = static_cast<double>(fill);
+  const std::int64_t pf = prefetch_offset(m[1], m[4], s.stride);
   for (std::int64_t y = y_begin; y < y_end; ++y) {
     const double yd = static_cast<double>(y);
     const double rx = m[1] * yd + m[2], ry = m[4] * yd + m[5];
@@ -179,7 +291,7 @@ void linear_rows(const ImageView<const T>& s, const ImageView<T>& d, const doubl
     if (last <= first) first = last = 0;
     for (std::int64_t x = 0; x < d.width; ++x) {
       if (x == first && last > first) {
-        linear_interior(s, out, first, last, m[0], rx, m[3], ry);
+        linear_interior(s, out, first, last, m[0], rx, m[3], ry, pf);
         x = last - 1;
         continue;
       }
@@ -238,6 +350,67 @@ ColumnTable column_table(double a, double tx, std::int64_t src_width, std::int64
   return t;
 }
 
+#if DEEPALIGN_X86_DISPATCH
+// uint8 rows of the separable path with AVX2. The portable loops are compiled for baseline
+// x86-64, hence without FMA: a + w * (b - a) rounds the product. GCC would contract the
+// vector (and scalar) product and sum here (this file keeps the default -ffp-contract=fast),
+// so the product goes through an empty asm statement, which it cannot see through.
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 lerp8_unfused(
+    __m256 a, __m256 b, __m256 w) {
+  __m256 p = _mm256_mul_ps(w, _mm256_sub_ps(b, a));
+  __asm__("" : "+x"(p));
+  return _mm256_add_ps(a, p);
+}
+
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline float lerp1_unfused(float a,
+                                                                                   float b,
+                                                                                   float w) {
+  float p = w * (b - a);
+  __asm__("" : "+x"(p));
+  return a + p;
+}
+
+// tmp[j] = r0[j] + wy * (r1[j] - r0[j]) for j < span.
+__attribute__((target("arch=x86-64-v3"))) void vertical_u8_avx2(const std::uint8_t* r0,
+                                                                const std::uint8_t* r1,
+                                                                std::int64_t span, float wy,
+                                                                float* tmp) {
+  const __m256 w = _mm256_set1_ps(wy);
+  std::int64_t j = 0;
+  for (; j + 8 <= span; j += 8) {
+    const __m256 v0 = _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0 + j))));
+    const __m256 v1 = _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r1 + j))));
+    _mm256_storeu_ps(tmp + j, lerp8_unfused(v0, v1, w));
+  }
+  for (; j < span; ++j) {
+    tmp[j] = lerp1_unfused(static_cast<float>(r0[j]), static_cast<float>(r1[j]), wy);
+  }
+}
+
+// o[k] = to_pixel<uint8_t>(src[k] + wx * (src[k + 1] - src[k])) for k < n. to_pixel: NaN and
+// v <= 0 give 0, v >= 255 gives 255, else (int)(v + 0.5f); clamping first (max_ps returns
+// its second operand, 0, for NaN) and then rounding gives the same.
+__attribute__((target("arch=x86-64-v3"))) void horizontal_u8_avx2(const float* src,
+                                                                  std::int64_t n, float wx,
+                                                                  std::uint8_t* o) {
+  const __m256 w = _mm256_set1_ps(wx), zero = _mm256_setzero_ps();
+  const __m256 hi = _mm256_set1_ps(255.0f), half = _mm256_set1_ps(0.5f);
+  std::int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v =
+        lerp8_unfused(_mm256_loadu_ps(src + k), _mm256_loadu_ps(src + k + 1), w);
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(v, zero), hi);
+    const __m256i q = _mm256_cvttps_epi32(_mm256_add_ps(c, half));
+    const __m128i w16 =
+        _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packus_epi16(w16, w16));
+  }
+  for (; k < n; ++k) o[k] = to_pixel<std::uint8_t>(lerp1_unfused(src[k], src[k + 1], wx));
+}
+#endif
+
 template <class T>
 void separable_rows(const ImageView<const T>& s, const ImageView<T>& d, const double* m,
                     Border border, T fill, const ColumnTable& t, std::int64_t y_begin,
@@ -260,16 +433,35 @@ void separable_rows(const ImageView<const T>& s, const ImageView<T>& d, const do
       const T* r0 = s.row(yi) + t.j_min;
       const T* r1 = wyd > 0.0 ? s.row(yi + 1) + t.j_min : r0;
       const float wy = static_cast<float>(wyd);
-      for (std::int64_t j = 0; j < span; ++j) {
-        const float v0 = static_cast<float>(r0[j]), v1 = static_cast<float>(r1[j]);
-        tmp[j] = v0 + wy * (v1 - v0);
+      bool done = false;
+#if DEEPALIGN_X86_DISPATCH
+      if constexpr (std::is_same_v<T, std::uint8_t>) {
+        if (cpu_has_avx2()) {
+          vertical_u8_avx2(r0, r1, span, wy, tmp);
+          done = true;
+        }
+      }
+#endif
+      if (!done) {  // (a separate test: a flag in the loop condition stops vectorisation)
+        for (std::int64_t j = 0; j < span; ++j) {
+          const float v0 = static_cast<float>(r0[j]), v1 = static_cast<float>(r1[j]);
+          tmp[j] = v0 + wy * (v1 - v0);
+        }
       }
       tmp[span] = tmp[span - 1];  // read with weight 0 only (last source column)
       if (t.translation) {
         const float wx = t.wx[static_cast<std::size_t>(first)];
         const float* src = tmp + (t.ix[static_cast<std::size_t>(first)] - t.j_min);
         T* o = out + first;
-        const std::int64_t n = last - first;
+        std::int64_t n = last - first;
+#if DEEPALIGN_X86_DISPATCH
+        if constexpr (std::is_same_v<T, std::uint8_t>) {
+          if (cpu_has_avx2()) {
+            horizontal_u8_avx2(src, n, wx, o);
+            n = 0;
+          }
+        }
+#endif
         for (std::int64_t k = 0; k < n; ++k) {
           o[k] = to_pixel<T>(src[k] + wx * (src[k + 1] - src[k]));
         }
@@ -365,31 +557,31 @@ void warp_affine(const ImageView<const T>& src, const ImageView<T>& dst, const d
   double m[6];
   std::copy(matrix, matrix + 6, m);
   const T fill_t = fill_value<T>(fill);
-  // Keep at least ~64k output pixels per thread: below that, starting threads costs more.
+  // Keep at least ~64k output pixels per chunk: below that, starting threads costs more.
   const std::int64_t min_rows = std::max<std::int64_t>(1, 65536 / dst.width);
+  const std::int64_t chunk = row_chunk(dst.height, num_threads, min_rows);
 
   if (interp == Interpolation::Nearest) {
-    parallel_for(0, dst.height, num_threads,
-                 [&](std::int64_t y0, std::int64_t y1) {
-                   nearest_rows(src, dst, m, border, fill_t, y0, y1);
-                 },
-                 min_rows);
+    parallel_for_dynamic(
+        0, dst.height, num_threads,
+        [&](std::int64_t y0, std::int64_t y1) { nearest_rows(src, dst, m, border, fill_t, y0, y1); },
+        chunk);
     return;
   }
   if (m[1] == 0.0 && m[3] == 0.0) {
     const ColumnTable table = column_table(m[0], m[2], src.width, dst.width);
-    parallel_for(0, dst.height, num_threads,
-                 [&](std::int64_t y0, std::int64_t y1) {
-                   separable_rows(src, dst, m, border, fill_t, table, y0, y1);
-                 },
-                 min_rows);
+    parallel_for_dynamic(
+        0, dst.height, num_threads,
+        [&](std::int64_t y0, std::int64_t y1) {
+          separable_rows(src, dst, m, border, fill_t, table, y0, y1);
+        },
+        chunk);
     return;
   }
-  parallel_for(0, dst.height, num_threads,
-               [&](std::int64_t y0, std::int64_t y1) {
-                 linear_rows(src, dst, m, border, fill_t, y0, y1);
-               },
-               min_rows);
+  parallel_for_dynamic(
+      0, dst.height, num_threads,
+      [&](std::int64_t y0, std::int64_t y1) { linear_rows(src, dst, m, border, fill_t, y0, y1); },
+      chunk);
 }
 
 template void warp_affine<std::uint8_t>(const ImageView<const std::uint8_t>&,

@@ -7,6 +7,7 @@
 
 #include "check.hpp"
 #include "deepalign/displacement.hpp"
+#include "deepalign/sampling.hpp"
 #include "deepalign/warp.hpp"
 
 using deepalign::Border;
@@ -260,4 +261,30 @@ TEST_CASE(bad_arguments_throw) {
   FieldView<float> swapped{v.y.view(), v.x.view()};
   CHECK_THROWS(deepalign::compose_affine_displacement(ok, v.cview(), swapped, 1),
                std::invalid_argument);
+}
+
+// The AVX2 kernels (where the CPU has them) must give exactly the portable kernels' output:
+// random fields large enough to leave the source (both borders, blocks that mix inside and
+// outside pixels), NaN displacements, with and without an affine, odd widths.
+TEST_CASE(simd_kernels_match_portable_kernels) {
+  const double rot[6] = {0.99, -0.05, 2.5, 0.06, 1.01, -1.5};
+  const double ident[6] = {1.0, 0.0, 0.0, 0.0, 1.0, 0.0};
+  for (int trial = 0; trial < 12; ++trial) {
+    const std::int64_t h = 31 + 4 * trial, w = 67 + 9 * trial;
+    Field<float> u = random_field(h, w, trial % 3 == 0 ? 0.9 : 6.0, 40u + trial);
+    if (trial % 4 == 1) u.x.at(h / 2, w / 3) = std::numeric_limits<float>::quiet_NaN();
+    const double* affine = trial % 3 == 2 ? rot : (trial % 3 == 1 ? ident : nullptr);
+    const Border b = trial % 2 ? Border::Replicate : Border::Constant;
+    auto u8 = random_image<std::uint8_t>(h + 3, w - 2, 255, 50u + trial);
+    auto u16 = random_image<std::uint16_t>(h + 3, w - 2, 65535, 60u + trial);
+    auto f32 = random_image<float>(h + 3, w - 2, 1000, 70u + trial);
+    const auto s8 = warp(u8, u, affine, Interpolation::Linear, b, 9, 1);
+    const auto s16 = warp(u16, u, affine, Interpolation::Linear, b, 9, 1);
+    const auto s32 = warp(f32, u, affine, Interpolation::Linear, b, 9, 1);
+    deepalign::detail::force_portable_kernels() = true;
+    CHECK(warp(u8, u, affine, Interpolation::Linear, b, 9, 1).px == s8.px);
+    CHECK(warp(u16, u, affine, Interpolation::Linear, b, 9, 1).px == s16.px);
+    CHECK(warp(f32, u, affine, Interpolation::Linear, b, 9, 1).px == s32.px);
+    deepalign::detail::force_portable_kernels() = false;
+  }
 }
