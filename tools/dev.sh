@@ -41,6 +41,9 @@ case "${1:-}" in
     cmake -S . -B build/ctest -DBUILD_TESTING=ON -DDEEPALIGN_PYTHON=OFF -DDEEPALIGN_WERROR=ON
     cmake --build build/ctest -j "$JOBS"
     ctest --test-dir build/ctest --output-on-failure -j "$JOBS"
+    # Lint and strict typing of the package (STYLE.md).
+    python -m ruff check python tests benchmarks export
+    python -m mypy
     # Python tests against the installed package.
     set +e
     python -m pytest "${@:2}"
