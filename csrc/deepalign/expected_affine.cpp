@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "deepalign/parallel.hpp"
+#include "deepalign/sampling.hpp"
 
 namespace deepalign {
 namespace {
@@ -392,43 +393,20 @@ inline void bilerp6(const double* f, std::int64_t rows, std::int64_t cols, doubl
   }
 }
 
-template <class T>
-inline T to_pixel(double v) {
-  if constexpr (std::is_floating_point_v<T>) {
-    return static_cast<T>(v);
-  } else {
-    constexpr double hi = static_cast<double>(std::numeric_limits<T>::max());
-    if (!(v > 0.0)) return T(0);
-    if (v >= hi) return std::numeric_limits<T>::max();
-    return static_cast<T>(static_cast<std::int64_t>(v + 0.5));
-  }
-}
+using detail::to_pixel;  // rounding and saturation shared with the other warps
 
 template <class T>
 inline double sample(const ImageView<const T>& s, double sx, double sy, Interpolation interp,
                      Border border, double fill) {
+  if (interp == Interpolation::Linear) return detail::sample_linear(s, sx, sy, border, fill);
   const double w = static_cast<double>(s.width), h = static_cast<double>(s.height);
   if (border == Border::Replicate) {
     sx = std::min(std::max(sx, 0.0), w - 1.0);
     sy = std::min(std::max(sy, 0.0), h - 1.0);
   }
-  if (interp == Interpolation::Nearest) {
-    const double fx = std::floor(sx + 0.5), fy = std::floor(sy + 0.5);
-    if (!(fx >= 0.0 && fx < w && fy >= 0.0 && fy < h)) return fill;
-    return static_cast<double>(s.row(static_cast<std::int64_t>(fy))[static_cast<std::int64_t>(fx)]);
-  }
-  if (!(sx > -1.0 && sx < w && sy > -1.0 && sy < h)) return fill;
-  const double fx = std::floor(sx), fy = std::floor(sy);
-  const double wx = sx - fx, wy = sy - fy;
-  const auto x0 = static_cast<std::int64_t>(fx), y0 = static_cast<std::int64_t>(fy);
-  const std::int64_t x1 = wx > 0.0 ? x0 + 1 : x0, y1 = wy > 0.0 ? y0 + 1 : y0;
-  auto tap = [&](std::int64_t x, std::int64_t y) -> double {
-    if (x < 0 || x >= s.width || y < 0 || y >= s.height) return fill;
-    return static_cast<double>(s.row(y)[x]);
-  };
-  const double top = (1.0 - wx) * tap(x0, y0) + wx * tap(x1, y0);
-  const double bot = (1.0 - wx) * tap(x0, y1) + wx * tap(x1, y1);
-  return (1.0 - wy) * top + wy * bot;
+  const double fx = std::floor(sx + 0.5), fy = std::floor(sy + 0.5);
+  if (!(fx >= 0.0 && fx < w && fy >= 0.0 && fy < h)) return fill;
+  return static_cast<double>(s.row(static_cast<std::int64_t>(fy))[static_cast<std::int64_t>(fx)]);
 }
 
 }  // namespace

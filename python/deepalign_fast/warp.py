@@ -87,17 +87,7 @@ def warp_affine(
     >>> warp_affine(img, [[1, 0, 1], [0, 1, 0]], border="replicate")[0]
     array([1., 2., 3., 3.], dtype=float32)
     """
-    arr = np.asarray(image)
-    if arr.dtype not in _DTYPES:
-        raise ValueError(
-            f"image: unsupported dtype {arr.dtype}; warp_affine takes uint8, uint16 or float32, "
-            "cast explicitly, e.g. image.astype(np.float32)"
-        )
-    if arr.ndim != 2:
-        raise ValueError(f"image: expected a 2-D slice (y, x), got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"image: is empty (shape {arr.shape})")
-    arr = np.ascontiguousarray(arr)
+    arr = _image(image, "warp_affine")
 
     m = np.asarray(matrix, dtype=np.float64)
     if m.shape == (3, 3):
