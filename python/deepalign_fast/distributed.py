@@ -54,6 +54,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -374,7 +375,9 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                 "dtype": np.dtype(dtype).name, "options": opts_d}
     work = _WorkDir(Path(work_dir).absolute() if work_dir else _default_work_dir(out),
                     manifest, out)
-    tok = work.token
+    # Task keys are unique per run: after an interrupted run the scheduler may still be
+    # cancelling that run's futures, and a rerun reusing their keys would be cancelled too.
+    tok = f"{work.token}-{uuid.uuid4().hex[:8]}"
     counts = {"prepare": 0, "match": 0, "match_cached": 0, "render": 0, "render_skipped": 0}
     aligner = Aligner(opts)
     path = str(src)

@@ -99,8 +99,11 @@ def _kill_busy_worker(client: Any, killed: list[tuple[str, list[str]]]) -> None:
     if not busy:
         return
     addr, keys = next(iter(busy.items()))
-    pid = client.run(os.getpid, workers=[addr])[addr]
-    os.kill(pid, signal.SIGKILL)
+    try:
+        pid = client.run(os.getpid, workers=[addr])[addr]
+        os.kill(pid, signal.SIGKILL)
+    except Exception:  # noqa: BLE001 - the worker went away or is restarting: try next call
+        return
     killed.append((addr, list(keys)))
 
 
