@@ -156,12 +156,24 @@ def _write_report(before: Path, after: Path, result: Any, path: Path) -> None:
     from .io import open_stack
     from .report import write_report
 
+    ts = result.transforms
+    maps = None
+    if ts.fields is not None:  # elastic: Jacobian maps of the slices that fold most
+        from .fields import jacobian_determinant
+
+        ranked = sorted((f, z) for z, f in enumerate(ts.folding) if f is not None)
+        maps = {}
+        for _, z in ranked[-8:]:
+            u = ts.fields.get(z)
+            if u is not None:
+                maps[z] = jacobian_determinant(u)
     with open_stack(before) as b, open_stack(after) as a:
         # Short stacks would give reslices a few pixels tall: stretch z for display (the
         # report prints the z scale it used).
-        write_report(path, before=b, after=a, transforms=result.transforms.affines,
-                     residuals=result.transforms.residuals, flagged=result.flagged,
-                     timings=result.timings, title=f"deepalign-fast: {before.name}",
+        write_report(path, before=b, after=a, transforms=ts.affines,
+                     residuals=ts.residuals, flagged=result.flagged,
+                     timings=result.timings, jacobian_maps=maps,
+                     title=f"deepalign-fast: {before.name}",
                      z_scale=max(1.0, 96.0 / max(1, len(b))))
 
 

@@ -223,8 +223,10 @@ def test_elastic_mode_fields_folding_and_apply(lucchi, tmp_path: Path) -> None:
     src = tmp_path / "s.tif"
     tifffile.imwrite(src, image[40:46], photometric="minisblack")
     out = tmp_path / "a.tif"
+    report = tmp_path / "r.html"
     assert main(["align", str(src), "-o", str(out), "--model", "rigid", "--mode", "elastic",
-                 "--quiet"]) == 0
+                 "--report", str(report), "--quiet"]) == 0
+    assert "id='jacobian'" in report.read_text()  # folding maps of the elastic fields
     ts = TransformSet.load(tmp_path / "a.transforms.json")
     assert ts.fields is not None and len(ts.folding) == 6
     assert all(f is None or f <= 0.001 for f in ts.folding)
