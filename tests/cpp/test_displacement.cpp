@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "image_fixture.hpp"
 #include "deepalign/displacement.hpp"
 #include "deepalign/sampling.hpp"
 #include "deepalign/warp.hpp"
@@ -17,15 +18,8 @@ using deepalign::Interpolation;
 
 namespace {
 
-template <class T>
-struct Image {
-  std::int64_t h, w;
-  std::vector<T> px;
-  Image(std::int64_t h_, std::int64_t w_, T v = T(0)) : h(h_), w(w_), px(std::size_t(h_ * w_), v) {}
-  ImageView<const T> cview() const { return {px.data(), h, w, w}; }
-  ImageView<T> view() { return {px.data(), h, w, w}; }
-  T& at(std::int64_t y, std::int64_t x) { return px[std::size_t(y * w + x)]; }
-};
+using test_fixture::Image;
+using test_fixture::random_image;
 
 template <class T>
 struct Field {
@@ -34,15 +28,6 @@ struct Field {
   FieldView<const T> cview() const { return {x.cview(), y.cview()}; }
   FieldView<T> view() { return {x.view(), y.view()}; }
 };
-
-template <class T>
-Image<T> random_image(std::int64_t h, std::int64_t w, double hi, unsigned seed) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<double> u(0.0, hi);
-  Image<T> img(h, w);
-  for (auto& v : img.px) v = static_cast<T>(u(gen));
-  return img;
-}
 
 Field<float> random_field(std::int64_t h, std::int64_t w, double amp, unsigned seed) {
   std::mt19937 gen(seed);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "image_fixture.hpp"
 #include "deepalign/sampling.hpp"
 #include "deepalign/warp.hpp"
 
@@ -17,24 +18,8 @@ using deepalign::warp_affine;
 
 namespace {
 
-template <class T>
-struct Image {
-  std::int64_t h, w;
-  std::vector<T> px;
-  Image(std::int64_t h_, std::int64_t w_, T v = T(0)) : h(h_), w(w_), px(std::size_t(h_ * w_), v) {}
-  ImageView<const T> cview() const { return {px.data(), h, w, w}; }
-  ImageView<T> view() { return {px.data(), h, w, w}; }
-  T& at(std::int64_t y, std::int64_t x) { return px[std::size_t(y * w + x)]; }
-};
-
-template <class T>
-Image<T> random_image(std::int64_t h, std::int64_t w, double hi, unsigned seed) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<double> u(0.0, hi);
-  Image<T> img(h, w);
-  for (auto& v : img.px) v = static_cast<T>(u(gen));
-  return img;
-}
+using test_fixture::Image;
+using test_fixture::random_image;
 
 template <class T>
 Image<T> warp(const Image<T>& src, std::int64_t h, std::int64_t w, const double m[6],
