@@ -17,8 +17,6 @@ Contract of the file (checked again at load time by ``deepalign_fast.flow.FlowPr
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import io
 import json
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ._cli import export_main
 from .flow_models import MULTIPLE, FlowConfig, FlowExport, FlowUNet
 
 OPSET = 17
@@ -94,15 +93,8 @@ def export(ckpt: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.export_flow_onnx", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ckpt", type=Path, help="checkpoint written by export.train_flow")
-    ap.add_argument("out", type=Path, help="output .onnx path")
-    args = ap.parse_args(argv)
-    path = export(args.ckpt, args.out)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) sha256 {digest}")
-    return 0
+    return export_main("python -m export.export_flow_onnx", __doc__, "export.train_flow",
+                       export, argv)
 
 
 if __name__ == "__main__":
