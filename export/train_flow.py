@@ -44,7 +44,7 @@ from deepalign_fast.artifacts import ARTIFACT_KINDS, apply_artifacts
 from .flow_data import random_smooth_field, remap
 from .flow_models import MULTIPLE, FlowConfig, FlowUNet, smoothness, warp
 from .models import SslUNet, UNetConfig
-from .train_ssl import load_stacks, split_slices
+from .train_ssl import load_stacks, split_stacks
 
 LOSSES = ("deepsim", "ncc")
 
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     stacks = load_stacks(args.data)
-    train_split, val_split = {}, {}
-    for nm, st in stacks.items():
-        train_split[nm], val_split[nm] = split_slices(st.shape[0], args.val_fraction)
+    train_split, val_split = split_stacks(stacks, args.val_fraction)
     val_rng = np.random.default_rng(10_000 + args.seed)
     val = [make_batch(stacks, val_split, val_rng, batch=args.batch, size=args.crop,
                       max_amp=args.max_amp, max_shift=args.max_shift, artifact_prob=0.0)

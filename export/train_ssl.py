@@ -72,6 +72,16 @@ def split_slices(n: int, val_fraction: float) -> tuple[range, range]:
     return range(0, n - n_val), range(n - n_val, n)
 
 
+def split_stacks(stacks: dict[str, np.ndarray], val_fraction: float
+                 ) -> tuple[dict[str, range], dict[str, range]]:
+    """Train and validation slice ranges of every stack (see :func:`split_slices`)."""
+    train: dict[str, range] = {}
+    val: dict[str, range] = {}
+    for name, st in stacks.items():
+        train[name], val[name] = split_slices(st.shape[0], val_fraction)
+    return train, val
+
+
 @dataclass
 class Sample:
     a: np.ndarray  # corrupted view A, normalised (S, S)
@@ -268,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     stacks = load_stacks(args.data)
-    train_split, val_split = {}, {}
-    for nm, st in stacks.items():
-        train_split[nm], val_split[nm] = split_slices(st.shape[0], args.val_fraction)
+    train_split, val_split = split_stacks(stacks, args.val_fraction)
     val_rng = np.random.default_rng(10_000 + args.seed)
     val = [make_batch(stacks, val_split, val_rng, batch=args.batch, size=args.crop,
                       neighbour_prob=args.neighbour_prob, artifact_prob=1.0)
