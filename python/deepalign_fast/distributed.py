@@ -39,7 +39,9 @@ blank-slice test per slice in ``<output>.work/slices``. Rerunning the same comma
 interruption recomputes the solve from these files (milliseconds), renders only the slices the
 store does not record as finished, and publishes the output. The manifest
 (``<output>.work/manifest.json``) holds the input and options; a rerun with different ones is
-refused rather than mixing results. The work folder is deleted after a successful run.
+refused rather than mixing results. After a successful run the files the tool wrote there are
+deleted, and the folder itself if the tool created it (it carries a marker file; an existing
+folder without the marker is refused unless empty, and never deleted).
 
 The input may be a TIFF, a folder of slices or a (OME-)Zarr; the output must be (OME-)Zarr.
 On a multi-machine cluster, the input, the output and the work folder must be on a file system
@@ -52,7 +54,7 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -194,17 +196,37 @@ def _load_pair(path: Path, init: np.ndarray | None
         return None
 
 
+WORK_MARKER = ".deepalign-work"
+
+
 class _WorkDir:
-    """``<output>.work``: manifest, ``pairs/`` (one .npz per match), ``slices/`` (blank flags)."""
+    """``<output>.work``: manifest, ``pairs/`` (one .npz per match), ``slices/`` (blank flags).
+
+    The folder carries a marker file (:data:`WORK_MARKER`) naming this tool. :meth:`remove`
+    deletes only the files this tool writes there, and the folder itself only when the tool
+    created it; an existing folder without the marker is refused unless it is empty, so a
+    ``--work-dir`` pointing at user data is never used, let alone deleted.
+    """
 
     def __init__(self, root: Path, manifest: dict[str, Any], output: Path) -> None:
         self.root = root
         self.pairs = root / "pairs"
         self.slices = root / "slices"
+        self.marker = root / WORK_MARKER
         text = json.dumps(manifest, sort_keys=True, indent=1)
         self.token = hashlib.sha1(text.encode()).hexdigest()[:12]
         mfile = root / "manifest.json"
         partial = output.with_name(output.name + ".partial")
+        if root.is_symlink() or (root.exists() and not root.is_dir()):
+            raise DeepAlignError(f"{root}: the work folder is a file or a symbolic link; give "
+                                 "--work-dir a new folder name (it is created).")
+        created = not root.exists()
+        if not created and not self.marker.is_file():
+            if any(root.iterdir()):
+                raise DeepAlignError(
+                    f"{root}: this folder exists and was not created by deepalign-fast (no "
+                    f"{WORK_MARKER} marker); give --work-dir a new folder name (it is created "
+                    "and removed after success) so nothing of yours is touched.")
         if mfile.exists():
             try:
                 old = json.loads(mfile.read_text())
@@ -219,7 +241,11 @@ class _WorkDir:
             raise DeepAlignError(
                 f"{partial}: an unfinished output without its work folder {root.name} is here; "
                 "delete it to start again.")
-        self.pairs.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if not self.marker.exists():
+            _atomic_write(self.marker, lambda tmp: tmp.write_text(
+                json.dumps({"tool": "deepalign-fast", "created_folder": created}) + "\n"))
+        self.pairs.mkdir(exist_ok=True)
         self.slices.mkdir(exist_ok=True)
         if not mfile.exists():
             _atomic_write(mfile, lambda tmp: tmp.write_text(text))
@@ -235,6 +261,32 @@ class _WorkDir:
 
     def set_blank(self, z: int, value: bool) -> None:
         _atomic_write(self.slices / f"{z:06d}", lambda tmp: tmp.write_text("1" if value else "0"))
+
+    def remove(self) -> None:
+        """Delete the files this tool wrote here; the folder too if this tool created it.
+
+        Only a folder holding the marker is touched, and only names this tool writes are
+        removed (anything else, and the folders holding it, stay).
+        """
+        try:
+            info = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return  # not (or no longer) ours: leave it alone
+        own = re.compile(r"(\d{6}_\d{6}_[0-9a-fc]+\.npz|\d{6}|\..+\.tmp-\d+)")
+        for sub in (self.pairs, self.slices):
+            if sub.is_symlink() or not sub.is_dir():
+                continue
+            for entry in os.scandir(sub):
+                if own.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+            with contextlib.suppress(OSError):
+                sub.rmdir()  # only when empty
+        for name in ("manifest.json", WORK_MARKER):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / name)
+        if info.get("created_folder"):
+            with contextlib.suppress(OSError):
+                self.root.rmdir()  # only when empty
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,8 +376,9 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     transforms_path : str or os.PathLike, optional
         Where to save the transforms file.
     work_dir : str or os.PathLike, optional
-        Pair cache and resume state (default ``<output>.work``), deleted after success unless
-        ``keep_work``.
+        Pair cache and resume state (default ``<output>.work``): a new or empty folder, or
+        one this tool created earlier (it carries a marker file). After success its files are
+        deleted, and the folder if the tool created it, unless ``keep_work``.
     window : int, optional
         How many slices ahead of the solve to prepare and match (default 4 per worker, at
         least 8). Bounds the prepared slices held in worker memory.
@@ -493,7 +546,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         writer.close()  # raises (keeping .partial) if a slice is missing
         t_render = time.perf_counter() - t0
     if not keep_work:
-        shutil.rmtree(work.root, ignore_errors=True)
+        work.remove()
     timings = {**solver.times.seconds, "estimate": t_est, "render": t_render,
                "total": time.perf_counter() - t_start}
     return DistributedResult(ts, list(solver.matches), timings, tasks=counts)

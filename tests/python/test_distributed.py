@@ -199,3 +199,32 @@ def test_refusals(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
     for bad in ("local:0", "local:x", "127.0.0.1:8786"):
         with pytest.raises(ValueError, match="scheduler"), connect(bad):
             pass
+
+
+def test_work_dir_never_deletes_user_data(cluster: Any, data: dict[str, Any],
+                                          tmp_path: Path) -> None:
+    """--work-dir pointing at a folder with user files (`.`, the input's folder) is refused
+    before any work and left untouched; an empty existing folder is used and kept; a new one
+    is created and removed with only the tool's files."""
+    _, client = cluster
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(DeepAlignError, match="not created by deepalign-fast"):
+        align_distributed(data["input"], out, scheduler=client, options=OPTS, work_dir=user,
+                          progress=False)
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"] and not out.exists()
+    # The CLI refuses the input's own folder (the work folder would hold the input).
+    rc = main(["align", str(data["input"]), "-o", str(out), "--scheduler", "local:1",
+               "--work-dir", str(data["input"].parent), "--quiet"])
+    assert rc == 2 and data["input"].is_dir() and not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    align_distributed(data["input"], out, scheduler=client, options=OPTS, work_dir=empty,
+                      progress=False)
+    assert out.is_dir() and empty.is_dir() and not any(empty.iterdir())
+    fresh = tmp_path / "fresh.work"
+    align_distributed(data["input"], tmp_path / "o2.ome.zarr", scheduler=client, options=OPTS,
+                      work_dir=fresh, progress=False)
+    assert not fresh.exists()
