@@ -128,24 +128,28 @@ inline std::int32_t load_u16(const std::uint8_t* p) {
   return v;
 }
 
-// The blend of blend_u8_scalar on 8 pixels at once: g0/g1 hold, per 32-bit lane, the two
-// horizontal taps of the top/bottom source row (left tap in the low byte, right tap in the
-// next byte, upper 16 bits zero).
+// The blend of blend_u8_scalar on 8 pixels at once, as 32-bit lanes (0..255) before packing:
+// g0/g1 hold, per 32-bit lane, the two horizontal taps of the top/bottom source row as 16-bit
+// integers (left tap in the low half, right tap in the high half). The horizontal step is
+// one multiply-add of int16 pairs: p00 * (2048 - wx) + p01 * wx == (p00 << 11) +
+// wx * (p01 - p00) exactly (products and sum fit in int32), so the bits are those of the
+// scalar blend.
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i blend8_u8_values(
+    __m256i g0, __m256i g1, __m256i vwx, __m256i vwy) {
+  const __m256i half = _mm256_set1_epi32(1 << (2 * kFracBits - 1));
+  const __m256i wpair =
+      _mm256_or_si256(_mm256_sub_epi32(_mm256_set1_epi32(kOne), vwx), _mm256_slli_epi32(vwx, 16));
+  const __m256i top = _mm256_madd_epi16(g0, wpair);
+  const __m256i bot = _mm256_madd_epi16(g1, wpair);
+  const __m256i v = _mm256_add_epi32(_mm256_slli_epi32(top, kFracBits),
+                                     _mm256_mullo_epi32(vwy, _mm256_sub_epi32(bot, top)));
+  return _mm256_srli_epi32(_mm256_add_epi32(v, half), 2 * kFracBits);
+}
+
+// blend8_u8_values stored as 8 bytes at o.
 __attribute__((target("arch=x86-64-v3"), always_inline)) inline void blend8_u8(
     __m256i g0, __m256i g1, __m256i vwx, __m256i vwy, std::uint8_t* o) {
-  const __m256i mask = _mm256_set1_epi32(0xFF);
-  const __m256i half = _mm256_set1_epi32(1 << (2 * kFracBits - 1));
-  const __m256i p00 = _mm256_and_si256(g0, mask);
-  const __m256i p01 = _mm256_srli_epi32(g0, 8);
-  const __m256i p10 = _mm256_and_si256(g1, mask);
-  const __m256i p11 = _mm256_srli_epi32(g1, 8);
-  const __m256i top = _mm256_add_epi32(_mm256_slli_epi32(p00, kFracBits),
-                                       _mm256_mullo_epi32(vwx, _mm256_sub_epi32(p01, p00)));
-  const __m256i bot = _mm256_add_epi32(_mm256_slli_epi32(p10, kFracBits),
-                                       _mm256_mullo_epi32(vwx, _mm256_sub_epi32(p11, p10)));
-  __m256i v = _mm256_add_epi32(_mm256_slli_epi32(top, kFracBits),
-                               _mm256_mullo_epi32(vwy, _mm256_sub_epi32(bot, top)));
-  v = _mm256_srli_epi32(_mm256_add_epi32(v, half), 2 * kFracBits);
+  const __m256i v = blend8_u8_values(g0, g1, vwx, vwy);
   const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(o), _mm_packus_epi16(w16, w16));
 }
@@ -159,17 +163,14 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i row16_u8
 // Window loads for 8 pixels whose taps lie within 16 bytes of at most three consecutive
 // source rows (near-identity maps: consecutive output pixels read neighbouring source
 // pixels). One 16-byte load per row and one byte shuffle replace 16 scalar loads and inserts.
-// vix/viy are the pixels' top-left taps, ix0/ix7/iy0/iy7 those of the first and last pixel;
-// returns false (nothing loaded) when they do not fit, or when the window would leave
-// [0, width) of the rows (never reads outside the image). (Allowing a fourth row for the
-// steeper slopes of displacement fields measured slower: the extra load and blends cost more
-// than the pair loads of the few groups that need it.)
-__attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps_u8(
+// vix/viy are the pixels' top-left taps and (xb, yb) the window's top-left corner; returns
+// false (nothing loaded) when the taps do not fit, or when the window would leave [0, width)
+// of the rows (never reads outside the image). (Allowing a fourth row for the steeper slopes
+// of displacement fields measured slower: the extra load and blends cost more than the pair
+// loads of the few groups that need it.)
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps_u8_at(
     const std::uint8_t* src, std::int64_t stride, std::int64_t width, __m256i vix, __m256i viy,
-    std::int32_t ix0, std::int32_t ix7, std::int32_t iy0, std::int32_t iy7, __m256i& g0,
-    __m256i& g1) {
-  const std::int32_t xb = std::max(0, std::min(ix0, ix7) - 1);
-  const std::int32_t yb = std::min(iy0, iy7);
+    std::int32_t xb, std::int32_t yb, __m256i& g0, __m256i& g1) {
   if (xb + 16 > width) return false;
   const __m256i dx = _mm256_sub_epi32(vix, _mm256_set1_epi32(xb));
   const __m256i dy = _mm256_sub_epi32(viy, _mm256_set1_epi32(yb));
@@ -178,10 +179,11 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps
   const __m256i ok = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(dx, c14), c14),
                                       _mm256_cmpeq_epi32(_mm256_max_epu32(dy, c1), c1));
   if (_mm256_movemask_epi8(ok) != -1) return false;
-  // Shuffle control per lane: byte 0 <- dx, byte 1 <- dx + 1, bytes 2-3 <- zero (0x80).
+  // Shuffle control per lane (the 16-bit pairs of blend8_u8): byte 0 <- dx, byte 2 <- dx + 1,
+  // bytes 1 and 3 <- zero (0x80).
   const __m256i ctrl = _mm256_or_si256(
-      _mm256_or_si256(dx, _mm256_slli_epi32(_mm256_add_epi32(dx, c1), 8)),
-      _mm256_set1_epi32(static_cast<std::int32_t>(0x80800000u)));
+      _mm256_or_si256(dx, _mm256_slli_epi32(_mm256_add_epi32(dx, c1), 16)),
+      _mm256_set1_epi32(static_cast<std::int32_t>(0x80008000u)));
   const std::uint8_t* r = src + static_cast<std::int64_t>(yb) * stride + xb;
   const __m256i a0 = _mm256_shuffle_epi8(row16_u8(r), ctrl);
   const __m256i a1 = _mm256_shuffle_epi8(row16_u8(r + stride), ctrl);
@@ -190,19 +192,34 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps
   // exists; otherwise row yb + 1 is read again. Branch-free, as whether a group straddles two
   // rows is not predictable: arithmetic, since GCC turns ?: into a branch around the load.
   const std::int64_t any = 1 - _mm256_testz_si256(lower, lower);
-  const __m256i a2 = _mm256_shuffle_epi8(row16_u8(r + stride + any * stride), ctrl);
+  const __m256i a2 = _mm256_shuffle_epi8(row16_u8(r + stride + (stride & -any)), ctrl);
   g0 = _mm256_blendv_epi8(a0, a1, lower);
   g1 = _mm256_blendv_epi8(a1, a2, lower);
   return true;
 }
 
+// window_taps_u8_at with the window placed from the taps of the first and last pixel
+// (ix0/ix7/iy0/iy7), for maps that need not be monotone along the row.
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline bool window_taps_u8(
+    const std::uint8_t* src, std::int64_t stride, std::int64_t width, __m256i vix, __m256i viy,
+    std::int32_t ix0, std::int32_t ix7, std::int32_t iy0, std::int32_t iy7, __m256i& g0,
+    __m256i& g1) {
+  return window_taps_u8_at(src, stride, width, vix, viy, std::max(0, std::min(ix0, ix7) - 1),
+                           std::min(iy0, iy7), g0, g1);
+}
+
 // Both horizontal taps of 8 pixels of one source row, one 16-bit load each (on AMD Zen cores
-// this beats vpgatherdd, whose latency dominated the loop).
+// this beats vpgatherdd, whose latency dominated the loop), widened to the 16-bit pairs of
+// blend8_u8.
 __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i pair_taps_u8(
     const std::uint8_t* s, const std::int32_t* ok) {
-  return _mm256_setr_epi32(load_u16(s + ok[0]), load_u16(s + ok[1]), load_u16(s + ok[2]),
-                           load_u16(s + ok[3]), load_u16(s + ok[4]), load_u16(s + ok[5]),
-                           load_u16(s + ok[6]), load_u16(s + ok[7]));
+  const __m256i packed =
+      _mm256_setr_epi32(load_u16(s + ok[0]), load_u16(s + ok[1]), load_u16(s + ok[2]),
+                        load_u16(s + ok[3]), load_u16(s + ok[4]), load_u16(s + ok[5]),
+                        load_u16(s + ok[6]), load_u16(s + ok[7]));
+  const __m256i widen = _mm256_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1,
+                                         0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1);
+  return _mm256_shuffle_epi8(packed, widen);
 }
 
 // The two horizontal taps (p[0], p[1]) of 8 pixels, p = base + off[k], one 64-bit load each,

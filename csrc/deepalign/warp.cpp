@@ -68,16 +68,28 @@ DEEPALIGN_ALWAYS_INLINE inline void block_coords(double x0, int n, double a, dou
                                                  Weight* wx, Weight* wy) {
   // Coordinates: sx, sy >= 0 in the interior, so truncation is floor. The offset is exact
   // in float64 (< 2^53).
-  for (int k = 0; k < n; ++k) {
-    const double xd = x0 + k;
-    const double sx = a * xd + rx, sy = c * xd + ry;
-    const double fx = static_cast<double>(static_cast<std::int32_t>(sx));
-    const double fy = static_cast<double>(static_cast<std::int32_t>(sy));
-    off[k] = static_cast<Offset>(fy * stride_d + fx);
-    if constexpr (kFixed) {
-      wx[k] = static_cast<std::int32_t>((sx - fx) * kOne + 0.5);
-      wy[k] = static_cast<std::int32_t>((sy - fy) * kOne + 0.5);
-    } else {
+  if constexpr (kFixed) {
+    // The position in 1/2048 pixel, rounded half up: q = floor(2048 a x + (2048 rx + 0.5))
+    // (one multiply-add, the scalings by 2048 are exact). q >> 11 is the tap, q & 2047 the
+    // weight: a fraction that rounds up to a whole pixel moves the tap instead of giving the
+    // right tap weight 2048 (the same value); linear_rows keeps such pixels inside the image.
+    const double qa = a * kOne, qc = c * kOne, qrx = rx * kOne + 0.5, qry = ry * kOne + 0.5;
+    for (int k = 0; k < n; ++k) {
+      const double xd = x0 + k;
+      const auto qx = static_cast<std::int64_t>(qa * xd + qrx);
+      const auto qy = static_cast<std::int64_t>(qc * xd + qry);
+      off[k] = static_cast<Offset>(static_cast<double>(qy >> kFracBits) * stride_d +
+                                   static_cast<double>(qx >> kFracBits));
+      wx[k] = static_cast<std::int32_t>(qx & (kOne - 1));
+      wy[k] = static_cast<std::int32_t>(qy & (kOne - 1));
+    }
+  } else {
+    for (int k = 0; k < n; ++k) {
+      const double xd = x0 + k;
+      const double sx = a * xd + rx, sy = c * xd + ry;
+      const double fx = static_cast<double>(static_cast<std::int32_t>(sx));
+      const double fy = static_cast<double>(static_cast<std::int32_t>(sy));
+      off[k] = static_cast<Offset>(fy * stride_d + fx);
       wx[k] = static_cast<float>(sx - fx);
       wy[k] = static_cast<float>(sy - fy);
     }
@@ -156,54 +168,111 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline Coords8 coords8(
   return r;
 }
 
-// (frac * 2048 + 0.5) truncated: frac * 2048 is exact, so fused or not gives the same bits.
-__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i fixed_weights(
-    __m256d lo, __m256d hi) {
-  const __m256d one = _mm256_set1_pd(static_cast<double>(kOne)), half = _mm256_set1_pd(0.5);
-  return _mm256_set_m128i(_mm256_cvttpd_epi32(_mm256_fmadd_pd(hi, one, half)),
-                          _mm256_cvttpd_epi32(_mm256_fmadd_pd(lo, one, half)));
-}
-
 __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 float_weights(
     __m256d lo, __m256d hi) {
   return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
 }
 
-__attribute__((target("arch=x86-64-v3"))) void interior_u8_avx2(
+// floor(q) of 8 positions q = qa * x + qr >= 0 (block_coords<true>: truncation is floor).
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i fixed_positions(
+    __m256d xl, __m256d xh, __m256d qa, __m256d qr) {
+  return _mm256_set_m128i(_mm256_cvttpd_epi32(_mm256_fmadd_pd(qa, xh, qr)),
+                          _mm256_cvttpd_epi32(_mm256_fmadd_pd(qa, xl, qr)));
+}
+
+// The uint8 interior, 8 pixels per step: positions in 1/2048 pixel as in block_coords<true>
+// (tap = q >> 11, weight = q & 2047), taps from window loads (pair loads where a group does
+// not fit a window), the blend of blend8_u8 before packing. An affine map is monotone along
+// the row, so the window's left column and top row come from the first pixel of a group, or
+// from the last where the map decreases (kXDown: a < 0; kYDown: c < 0).
+template <bool kXDown, bool kYDown>
+struct U8Interior {
+  const std::uint8_t* src;
+  std::int64_t stride, width;
+  __m256d qa, qc, qrx, qry;
+  __m256i vstride, frac;
+
+  __attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256i group(
+      __m256d xl, __m256d xh) const {
+    const __m256i qx = fixed_positions(xl, xh, qa, qrx);
+    const __m256i qy = fixed_positions(xl, xh, qc, qry);
+    const __m256i ix = _mm256_srai_epi32(qx, kFracBits), iy = _mm256_srai_epi32(qy, kFracBits);
+    const __m256i wx = _mm256_and_si256(qx, frac), wy = _mm256_and_si256(qy, frac);
+    const std::int32_t xmin = kXDown ? _mm256_extract_epi32(ix, 7) : _mm256_extract_epi32(ix, 0);
+    const std::int32_t ymin = kYDown ? _mm256_extract_epi32(iy, 7) : _mm256_extract_epi32(iy, 0);
+    __m256i g0, g1;
+    if (!window_taps_u8_at(src, stride, width, ix, iy, std::max(0, xmin - 1), ymin, g0, g1)) {
+      // Offsets are exact in int32 (the source has < 2^31 elements).
+      alignas(32) std::int32_t off[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(off),
+                         _mm256_add_epi32(ix, _mm256_mullo_epi32(iy, vstride)));
+      g0 = pair_taps_u8(src, off);
+      g1 = pair_taps_u8(src + stride, off);
+    }
+    return blend8_u8_values(g0, g1, wx, wy);
+  }
+};
+
+template <bool kXDown, bool kYDown>
+__attribute__((target("arch=x86-64-v3"))) void interior_u8_avx2_dir(
     const std::uint8_t* src, std::int64_t stride, std::uint8_t* out, std::int64_t x_begin,
     std::int64_t x_end, double a, double rx, double c, double ry, std::int64_t width,
     std::int64_t pf) {
-  const __m256d va = _mm256_set1_pd(a), vrx = _mm256_set1_pd(rx);
-  const __m256d vc = _mm256_set1_pd(c), vry = _mm256_set1_pd(ry);
+  // The scalars of block_coords<true>, computed the same way.
+  const double qa = a * kOne, qc = c * kOne, qrx = rx * kOne + 0.5, qry = ry * kOne + 0.5;
+  const U8Interior<kXDown, kYDown> k{src,
+                                     stride,
+                                     width,
+                                     _mm256_set1_pd(qa),
+                                     _mm256_set1_pd(qc),
+                                     _mm256_set1_pd(qrx),
+                                     _mm256_set1_pd(qry),
+                                     _mm256_set1_epi32(static_cast<std::int32_t>(stride)),
+                                     _mm256_set1_epi32(kOne - 1)};
   const __m256d eight = _mm256_set1_pd(8.0);
-  const __m256i vstride = _mm256_set1_epi32(static_cast<std::int32_t>(stride));
   const double x0 = static_cast<double>(x_begin);
   // x + k is an integer below 2^53: stepping by 8 is exact.
   __m256d xl = _mm256_setr_pd(x0, x0 + 1.0, x0 + 2.0, x0 + 3.0);
   __m256d xh = _mm256_setr_pd(x0 + 4.0, x0 + 5.0, x0 + 6.0, x0 + 7.0);
-  alignas(32) std::int32_t off[8];
   std::int64_t x = x_begin;
-  for (; x + 8 <= x_end; x += 8) {
-    const Coords8 q = coords8(xl, xh, va, vrx, vc, vry);
+  // 16 pixels per step: one prefetch (a source line holds 64 pixels) and one 16-byte store.
+  for (; x + 16 <= x_end; x += 16) {
+    const double xd = static_cast<double>(x);
+    const auto px = static_cast<std::int64_t>(a * xd + rx);
+    const auto py = static_cast<std::int64_t>(c * xd + ry);
+    prefetch(src, py * stride + px + pf);
+    const __m256i v0 = k.group(xl, xh);
     xl = _mm256_add_pd(xl, eight);
     xh = _mm256_add_pd(xh, eight);
-    const __m256i wx = fixed_weights(q.fxl, q.fxh), wy = fixed_weights(q.fyl, q.fyh);
-    __m256i g0, g1;
-    const __m128i ixh = _mm256_extracti128_si256(q.ix, 1), iyh = _mm256_extracti128_si256(q.iy, 1);
-    const std::int32_t ix0 = _mm_cvtsi128_si32(_mm256_castsi256_si128(q.ix));
-    const std::int32_t iy0 = _mm_cvtsi128_si32(_mm256_castsi256_si128(q.iy));
-    prefetch(src, static_cast<std::int64_t>(iy0) * stride + ix0 + pf);
-    if (!window_taps_u8(src, stride, width, q.ix, q.iy, ix0, _mm_extract_epi32(ixh, 3), iy0,
-                        _mm_extract_epi32(iyh, 3), g0, g1)) {
-      // Offsets are exact in int32 (the source has < 2^31 elements).
-      _mm256_store_si256(reinterpret_cast<__m256i*>(off),
-                         _mm256_add_epi32(q.ix, _mm256_mullo_epi32(q.iy, vstride)));
-      g0 = pair_taps_u8(src, off);
-      g1 = pair_taps_u8(src + stride, off);
-    }
-    blend8_u8(g0, g1, wx, wy, out + x);
+    const __m256i v1 = k.group(xl, xh);
+    xl = _mm256_add_pd(xl, eight);
+    xh = _mm256_add_pd(xh, eight);
+    // The in-lane pack gives the 16-bit pixels 0-3, 8-11 | 4-7, 12-15: reorder the 64-bit
+    // quarters to 0-7 | 8-15, then pack the two halves to bytes.
+    const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(v0, v1), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + x),
+                     _mm_packus_epi16(_mm256_castsi256_si128(w16),
+                                      _mm256_extracti128_si256(w16, 1)));
+  }
+  for (; x + 8 <= x_end; x += 8) {
+    const __m256i v = k.group(xl, xh);
+    xl = _mm256_add_pd(xl, eight);
+    xh = _mm256_add_pd(xh, eight);
+    const __m128i w16 =
+        _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + x), _mm_packus_epi16(w16, w16));
   }
   if (x < x_end) interior_u8_32(src, stride, out, x, x_end, a, rx, c, ry, pf);
+}
+
+void interior_u8_avx2(const std::uint8_t* src, std::int64_t stride, std::uint8_t* out,
+                      std::int64_t x_begin, std::int64_t x_end, double a, double rx, double c,
+                      double ry, std::int64_t width, std::int64_t pf) {
+  auto* fn = a < 0.0 ? (c < 0.0 ? interior_u8_avx2_dir<true, true>
+                                : interior_u8_avx2_dir<true, false>)
+                     : (c < 0.0 ? interior_u8_avx2_dir<false, true>
+                                : interior_u8_avx2_dir<false, false>);
+  fn(src, stride, out, x_begin, x_end, a, rx, c, ry, width, pf);
 }
 
 // float32: the same coordinates, pair loads (load_taps_f32) and a blend bit-identical to the
@@ -245,7 +314,9 @@ void linear_interior(const ImageView<const T>& s, T* out, std::int64_t x_begin, 
   const bool small = s.height * s.stride < (std::int64_t{1} << 31);
   if constexpr (std::is_same_v<T, std::uint8_t>) {
 #if DEEPALIGN_X86_DISPATCH
-    if (small && cpu_has_avx2()) {
+    // (int32 positions in 1/2048 pixel need sides below 2^20.)
+    const bool fits = s.width < (std::int64_t{1} << 20) && s.height < (std::int64_t{1} << 20);
+    if (small && fits && cpu_has_avx2()) {
       interior_u8_avx2(s.data, s.stride, out, x_begin, x_end, a, rx, c, ry, s.width, pf);
       return;
     }
@@ -273,18 +344,23 @@ void linear_rows(const ImageView<const T>& s, const ImageView<T>& d, const doubl
   const double w = static_cast<double>(s.width), h = static_cast<double>(s.height);
   const double fill_d = static_cast<double>(fill);
   const std::int64_t pf = prefetch_offset(m[1], m[4], s.stride);
+  // uint8 rounds positions to 1/2048 pixel (block_coords<true>): a position within 1/4096 of
+  // the last column or row would move its tap onto it and read one past it (with weight 0).
+  // Such pixels take the checked sampler (a wider 1/2048 margin absorbs the last-bit
+  // differences between this unfused expression and the kernels' fused one).
+  const double edge = std::is_same_v<T, std::uint8_t> ? 1.0 / kOne : 0.0;
   for (std::int64_t y = y_begin; y < y_end; ++y) {
     const double yd = static_cast<double>(y);
     const double rx = m[1] * yd + m[2], ry = m[4] * yd + m[5];
     T* out = d.row(y);
     std::int64_t a0, a1, b0, b1;
-    solve_range(m[0], rx, kMargin, w - 1.0 - kMargin, d.width, a0, a1);
-    solve_range(m[3], ry, kMargin, h - 1.0 - kMargin, d.width, b0, b1);
+    solve_range(m[0], rx, kMargin, w - 1.0 - edge - kMargin, d.width, a0, a1);
+    solve_range(m[3], ry, kMargin, h - 1.0 - edge - kMargin, d.width, b0, b1);
     std::int64_t first = std::max(a0, b0), last = std::min(a1, b1);
     auto inside = [&](std::int64_t x) {
       const double xd = static_cast<double>(x);
       const double sx = m[0] * xd + rx, sy = m[3] * xd + ry;
-      return sx >= 0.0 && sx < w - 1.0 && sy >= 0.0 && sy < h - 1.0;
+      return sx >= 0.0 && sx < w - 1.0 - edge && sy >= 0.0 && sy < h - 1.0 - edge;
     };
     while (first < last && !inside(first)) ++first;
     while (last > first && !inside(last - 1)) --last;
