@@ -125,6 +125,8 @@ here = sorted(d.metadata["Name"] for d in md.distributions(path=[site])
               if d.metadata["Name"].lower().startswith("onnxruntime"))
 print(f"onnxruntime {ort.__version__} from {ort.__file__}; in this venv: {here}")
 print(f"providers listed: {ort.get_available_providers()}")
+if hasattr(ort, "print_debug_info"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN packages, libraries
+    ort.print_debug_info()
 if "onnxruntime" in [h.lower() for h in here]:
     sys.exit("the CPU onnxruntime is installed in this venv beside onnxruntime-gpu")
 if not os.path.realpath(ort.__file__).startswith(os.path.realpath(sys.prefix)):
