@@ -13,7 +13,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,30 @@ def measure(fn: Callable[[], Any], *, repeats: int = 15, warmup: int = 2,
     return Timing(statistics.median(times), q[2] - q[0], len(times))
 
 
+def measure_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 15,
+                        warmup: int = 1) -> dict[str, Timing]:
+    """Median and IQR of each callable's wall time, timed round-robin.
+
+    Each repeat runs every callable once, in turn, so that a change of load on a shared
+    machine (another job starting or ending) hits all of them alike and their ratios stay
+    comparable; timing one method's repeats after another's does not have that property.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    out = {}
+    for k, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[k] = Timing(statistics.median(ts), q[2] - q[0], len(ts))
+    return out
+
+
 def metadata() -> dict[str, Any]:
     import numpy as np
 
@@ -55,6 +79,7 @@ def metadata() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "numpy": np.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

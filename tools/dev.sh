@@ -3,8 +3,10 @@
 # compiler, cmake). Each job creates ./.venv on first use and installs what it needs into it.
 #
 #   tools/dev.sh demo    install, then align the bundled real FIB-SEM sample + QC report
+#                        (into demo_out/, replacing the files of an earlier demo run)
 #   tools/dev.sh test    install with test extras (+ CPU torch), build and run ctest, run pytest
-#   tools/dev.sh bench   install, run the benchmark suite (writes benchmarks/out/*.json)
+#   tools/dev.sh bench   install, run the kernel benchmarks (benchmarks/run.py; writes
+#                        benchmarks/out/*.json; `tools/dev.sh bench --help` for options)
 #
 # Environment: DEEPALIGN_VENV (default .venv), DEEPALIGN_DATA (shared EM stacks, optional).
 set -euo pipefail
@@ -29,13 +31,14 @@ case "${1:-}" in
   demo)
     venv
     install_project ""
-    deepalign-fast demo --out demo_out
+    deepalign-fast demo --out demo_out --overwrite
     ;;
   test)
     venv
-    # The CPU build of torch, installed explicitly first: the export/ tests train and export
-    # a tiny network. A bare `torch` requirement would pull several GB of CUDA wheels.
-    python -m pip install -q torch==2.13.0
+    # The CPU build of torch, installed explicitly first from PyTorch's CPU wheel index: the
+    # export/ tests train and export a tiny network. From PyPI, `pip install torch` on Linux
+    # pulls the CUDA build (several GB of nvidia-* wheels).
+    python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
     install_project "[test,export]"
     # C++ unit tests (the core library alone, no Python).
     cmake -S . -B build/ctest -DBUILD_TESTING=ON -DDEEPALIGN_PYTHON=OFF -DDEEPALIGN_WERROR=ON
@@ -61,7 +64,7 @@ case "${1:-}" in
     python -m benchmarks.run "${@:2}"
     ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,11p' "$0"
     exit 2
     ;;
 esac
