@@ -22,77 +22,11 @@ from typing import Any
 import cv2
 import numpy as np
 from deepalign_fast import Aligner, datasets
-from deepalign_fast.geometry import compose
 from deepalign_fast.metrics import target_registration_error
 from deepalign_fast.synth import misalign_stack
 
 from benchmarks._timing import markdown_table, save_json, update_results
-
-
-def sift_chain(stack: np.ndarray, model: str, max_features: int = 0) -> np.ndarray:
-    """The seed's baseline: SIFT + ratio test + RANSAC to the previous slice, chained.
-
-    ``max_features`` > 0 caps the keypoints (used at 2048^2, where unlimited SIFT finds tens of
-    thousands and brute-force matching becomes quadratic: the cap only makes the baseline
-    faster)."""
-    sift = cv2.SIFT.create(nfeatures=max_features)
-    matcher = cv2.BFMatcher(cv2.NORM_L2)
-    feats = []
-    out = [np.array([[1.0, 0, 0], [0, 1.0, 0]])]
-    prev = None
-    for img in stack:
-        kp, des = sift.detectAndCompute(img, None)
-        cur = (np.array([k.pt for k in kp], np.float64), des)
-        if prev is not None:
-            m = None
-            if cur[1] is not None and prev[1] is not None and len(kp) >= 3:
-                good = [p[0] for p in matcher.knnMatch(prev[1], cur[1], k=2)
-                        if len(p) == 2 and p[0].distance < 0.75 * p[1].distance]
-                if len(good) >= 3:
-                    src = prev[0][[g.queryIdx for g in good]]
-                    dst = cur[0][[g.trainIdx for g in good]]
-                    est = cv2.estimateAffine2D if model == "affine" else cv2.estimateAffinePartial2D
-                    m, _ = est(src, dst, ransacReprojThreshold=2.0)
-            m = np.array([[1.0, 0, 0], [0, 1.0, 0]]) if m is None else m
-            out.append(compose(m, out[-1]))
-        prev = cur
-        feats.append(len(kp))
-    return np.stack(out)
-
-
-def pystackreg_chain(stack: np.ndarray, model: str) -> np.ndarray:
-    from pystackreg import StackReg
-
-    kind = {"affine": StackReg.AFFINE, "rigid": StackReg.RIGID_BODY,
-            "translation": StackReg.TRANSLATION}[model]
-    tmats = StackReg(kind).register_stack(stack.astype(np.float64), reference="previous")
-    return tmats[:, :2, :]  # pull maps (output -> slice), as skimage.warp takes them
-
-
-def elastix_chain(stack: np.ndarray, model: str) -> np.ndarray:
-    """itk-elastix (default parameter maps, 3 resolutions, advanced Mattes MI) registering each
-    slice to the previous one, chained; its result is the same pull map as ours."""
-    import itk
-
-    po = itk.ParameterObject.New()
-    po.AddParameterMap(po.GetDefaultParameterMap("rigid" if model == "rigid" else "affine", 3))
-    out = [np.array([[1.0, 0, 0], [0, 1.0, 0]])]
-    for z in range(1, len(stack)):
-        _, rp = itk.elastix_registration_method(
-            itk.image_view_from_array(np.ascontiguousarray(stack[z - 1], np.float32)),
-            itk.image_view_from_array(np.ascontiguousarray(stack[z], np.float32)),
-            parameter_object=po, log_to_console=False)
-        p = [float(v) for v in rp.GetParameter(0, "TransformParameters")]
-        c = np.array([float(v) for v in rp.GetParameter(0, "CenterOfRotationPoint")])
-        if model == "rigid":  # EulerTransform: angle, tx, ty
-            a = np.array([[np.cos(p[0]), -np.sin(p[0])], [np.sin(p[0]), np.cos(p[0])]])
-            t = np.array(p[1:3])
-        else:  # AffineTransform: a11 a12 a21 a22 tx ty
-            a = np.array([[p[0], p[1]], [p[2], p[3]]])
-            t = np.array(p[4:6])
-        m = np.hstack([a, (c - a @ c + t)[:, None]])  # x -> A (x - c) + c + t
-        out.append(compose(m, out[-1]))
-    return np.stack(out)
+from benchmarks.peers import elastix_chain, pystackreg_chain, sift_chain
 
 
 def _have(module: str) -> bool:

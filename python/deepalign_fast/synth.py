@@ -29,14 +29,18 @@ from ._errors import DeepAlignError
 from .geometry import apply_affine, as_3x3, compose, invert
 
 __all__ = [
+    "DRIFT_PROFILES",
     "PROFILES",
     "GroundTruth",
     "add_artifacts",
     "compose",
+    "drift_transforms",
+    "fibsem_artifacts",
     "invert",
     "misalign_labels",
     "misalign_stack",
     "random_transforms",
+    "reslice",
 ]
 
 #: Default parameters of each misalignment profile (all overridable by keyword).
@@ -456,3 +460,177 @@ def add_artifacts(
             sl = np.clip(np.rint(sl), lo, hi)
         out[z] = sl.astype(stack.dtype)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# exact-truth stacks: reslices of an isotropic volume, drift + jitter + per-slice affine errors
+# --------------------------------------------------------------------------------------------
+#: Parameters of :func:`drift_transforms` per profile (all overridable by keyword). Lengths
+#: are in pixels of the slices they are applied to.
+DRIFT_PROFILES: dict[str, dict[str, float]] = {
+    # FIB-SEM stage: slow wandering, sub-pixel jitter, tiny per-slice scan distortions
+    "mild": {"walk": 0.4, "smooth": 8.0, "jitter": 0.7, "rotation_deg": 0.1, "scale": 0.003,
+             "shear": 0.003},
+    # an unstable stage / charging sample: fast random walk, larger jitter and distortions
+    "strong": {"walk": 0.8, "smooth": 12.0, "jitter": 1.5, "rotation_deg": 0.2, "scale": 0.005,
+               "shear": 0.005},
+    # serial sections: each section placed independently, plus a slow drift of the grid
+    "sstem": {"walk": 0.0, "smooth": 4.0, "jitter": 4.0, "rotation_deg": 1.0, "scale": 0.01,
+              "shear": 0.01},
+}
+
+
+def reslice(volume: NDArray[Any], plane: str) -> NDArray[Any]:
+    """View an isotropic ``(z, y, x)`` volume as a stack of XY, XZ or YZ planes.
+
+    Every plane of an XZ or YZ reslice is made of rows of the same acquired slices, so
+    neighbouring planes are exactly aligned by construction (an exact truth for aligners).
+
+    Parameters
+    ----------
+    volume : ndarray, shape (z, y, x)
+    plane : {"xy", "xz", "yz"}
+        ``"xy"``: the volume itself; ``"xz"``: one ``(z, x)`` image per ``y``;
+        ``"yz"``: one ``(z, y)`` image per ``x``.
+
+    Returns
+    -------
+    ndarray, C-contiguous copy (``"xz"``: ``(y, z, x)``; ``"yz"``: ``(x, z, y)``)
+    """
+    vol = np.asarray(volume)
+    if vol.ndim != 3:
+        raise DeepAlignError(f"reslice needs a (z, y, x) volume, got shape {vol.shape}")
+    axes = {"xy": (0, 1, 2), "xz": (1, 0, 2), "yz": (2, 0, 1)}
+    if plane not in axes:
+        raise DeepAlignError(f"unknown plane {plane!r}; choose one of {sorted(axes)}")
+    return np.ascontiguousarray(vol.transpose(axes[plane]))
+
+
+def _smooth_curve(n: int, rng: np.random.Generator, amplitude: float) -> NDArray[np.float64]:
+    """Per-axis random polynomial of degree 1-3 over the stack, largest excursion ``amplitude``."""
+    u = np.linspace(-1.0, 1.0, n)
+    basis = np.stack([u, 1.5 * u * u - 0.5, 2.5 * u ** 3 - 1.5 * u], -1)  # Legendre P1..P3
+    curve = basis @ rng.normal(size=(3, 2))
+    curve -= curve.mean(axis=0)
+    return np.asarray(curve * amplitude / max(float(np.abs(curve).max()), 1e-12))
+
+
+def drift_transforms(
+    n: int,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    profile: str = "mild",
+    **params: float,
+) -> NDArray[np.float64]:
+    """Draw FIB-SEM-like misalignments: drift, jitter and small per-slice affine errors.
+
+    Every slice, the first included, gets a transform (a pull map misaligned -> clean, in the
+    frame of the clean slice, about its centre) ``p -> L_z (p - c) + c + t_z`` with
+
+    - ``t_z`` = a Gaussian random walk (step ``walk`` px per axis and slice)
+      + a smooth stage drift (per axis a random polynomial of degree <= 3 over the stack,
+      largest excursion ``smooth`` px) + i.i.d. Gaussian jitter (``jitter`` px per axis); the
+      slow part (walk + smooth drift) is centred to mean zero over the stack;
+    - ``L_z = R(theta_z) diag(s_z) [[1, h_z], [0, 1]]`` with i.i.d. Gaussian rotation
+      (``rotation_deg``), isotropic scale ``1 + N(0, scale)`` and shear ``N(0, shear)``.
+
+    Parameters
+    ----------
+    n : int
+        Number of slices.
+    shape : tuple of int
+        ``(h, w)`` of the clean slices.
+    rng : numpy.random.Generator
+        Random source (the result is a function of its state).
+    profile : str
+        A key of :data:`DRIFT_PROFILES` (``"mild"``, ``"strong"``, ``"sstem"``).
+    **params : float
+        Overrides of the profile's parameters (``walk``, ``smooth``, ``jitter``,
+        ``rotation_deg``, ``scale``, ``shear``).
+
+    Returns
+    -------
+    ndarray, shape (n, 2, 3), float64
+        Feed to :func:`misalign_stack` to render the misaligned stack.
+    """
+    if n < 1:
+        raise DeepAlignError(f"need at least one slice, got n={n}")
+    if profile not in DRIFT_PROFILES:
+        raise DeepAlignError(
+            f"unknown drift profile {profile!r}; choose one of {sorted(DRIFT_PROFILES)}")
+    p = dict(DRIFT_PROFILES[profile])
+    unknown = set(params) - set(p)
+    if unknown:
+        raise DeepAlignError(
+            f"unknown parameter(s) {sorted(unknown)} for drift profile {profile!r}; "
+            f"valid: {sorted(p)}")
+    p.update({k: float(v) for k, v in params.items()})
+    for k, v in p.items():
+        if not math.isfinite(v) or v < 0:
+            raise DeepAlignError(f"drift parameter {k}={v} must be finite and >= 0")
+    slow = np.cumsum(rng.normal(scale=p["walk"], size=(n, 2)), axis=0)
+    slow = slow + _smooth_curve(n, rng, p["smooth"]) if n > 1 else slow
+    slow -= slow.mean(axis=0)
+    shift = slow + rng.normal(scale=p["jitter"], size=(n, 2))
+    theta = np.deg2rad(rng.normal(scale=p["rotation_deg"], size=n))
+    scale = 1.0 + rng.normal(scale=p["scale"], size=n)
+    shear = rng.normal(scale=p["shear"], size=n)
+    lin = _linear(theta, scale, shear)
+    h, w = int(shape[0]), int(shape[1])
+    c = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    out = np.empty((n, 2, 3))
+    out[:, :, :2] = lin
+    out[:, :, 2] = c - lin @ c + shift
+    return out
+
+
+def fibsem_artifacts(
+    stack: NDArray[Any],
+    seed: int,
+    *,
+    snr: float = 1.5,
+    strength: float = 1.5,
+) -> NDArray[np.uint8]:
+    """Strong FIB-SEM artifacts on a (misaligned) stack: curtaining, charging, low SNR.
+
+    Curtaining is the same streak pattern on every slice (the milling streaks stay fixed in the
+    detector frame, so they pull an aligner toward "no motion"); charging blobs and ramps are
+    drawn per slice (:func:`deepalign_fast.artifacts.apply_artifacts`, amplitudes times
+    ``strength``); then Gaussian noise of standard deviation ``std(slice) / snr`` is added. The
+    result is mapped to uint8 by the stack's 0.5-99.5 percentile range.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (n, h, w)
+    seed : int
+        Seed of every random draw.
+    snr : float
+        Signal-to-noise ratio: standard deviation of the clean slice over that of the noise.
+    strength : float
+        Amplitude multiplier of curtaining and charging.
+
+    Returns
+    -------
+    ndarray, shape (n, h, w), uint8
+    """
+    from .artifacts import apply_artifacts
+
+    arr = np.asarray(stack)
+    if arr.ndim != 3:
+        raise DeepAlignError(f"stack must be (z, y, x), got shape {arr.shape}")
+    if not (math.isfinite(snr) and snr > 0):
+        raise DeepAlignError(f"snr must be a finite number > 0, got {snr}")
+    rng = np.random.default_rng(seed)
+    curtain_seed = int(rng.integers(2**63))
+    out = np.empty(arr.shape, np.float32)
+    for z in range(len(arr)):
+        img = arr[z].astype(np.float32)
+        img = apply_artifacts(img, np.random.default_rng(curtain_seed), strength=strength,
+                              kinds=("curtaining",))
+        img = apply_artifacts(img, rng, strength=strength, kinds=("charging",))
+        sigma = float(arr[z].std()) / snr
+        out[z] = img + rng.normal(scale=sigma, size=img.shape).astype(np.float32)
+    lo, hi = (float(v) for v in np.percentile(out[:, ::4, ::4], [0.5, 99.5]))
+    scaled = (out - lo) * (255.0 / max(hi - lo, 1e-6))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -5,12 +5,16 @@ import pytest
 from deepalign_fast._errors import DeepAlignError
 from deepalign_fast.metrics import (
     dice,
+    exact_truth_score,
+    gauge_residuals,
     iou,
     jacobian_determinant,
+    jitter_error,
     ncc,
     neighbour_similarity,
     nonpositive_jacobian_fraction,
     normalized_improvement,
+    slow_translation,
     ssim,
     target_registration_error,
     tre_from_composites,
@@ -216,3 +220,121 @@ def test_masked_similarity_ignores_fill_border(rng):
     got = neighbour_similarity(np.stack([a, b2, c2]), "ncc", masks=masks)
     np.testing.assert_allclose(got, [ncc(a[:, :35], b[:, :35]), ncc(b[:, :35], c[:, :35])])
     assert got[1] < 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# exact-truth scoring: TRE per slice, slope, jitter error
+# --------------------------------------------------------------------------------------------
+def _translations(t: np.ndarray) -> np.ndarray:
+    """(n, 2) translations -> (n, 2, 3) pure-translation affines."""
+    out = np.tile(np.eye(2, 3), (len(t), 1, 1))
+    out[:, :, 2] = t
+    return out
+
+
+def test_exact_truth_score_zero_for_exact_answer(rng):
+    from deepalign_fast.synth import drift_transforms
+
+    truth = drift_transforms(40, (100, 150), rng, profile="strong")
+    est = compose(invert(truth), G)  # exact up to one common frame
+    s = exact_truth_score(est, truth, (100, 150))
+    assert s.tre_median < 1e-9 and s.tre_p95 < 1e-9 and abs(s.slope_per_100) < 1e-9
+    assert s.jitter_median < 1e-9 and s.jitter_p95 < 1e-9
+    np.testing.assert_allclose(s.per_slice_tre, 0, atol=1e-9)
+    # doing nothing is not exact
+    nothing = exact_truth_score(np.tile(np.eye(2, 3), (40, 1, 1)), truth, (100, 150))
+    assert nothing.tre_median > 0.5 and nothing.jitter_median > 0.5
+
+
+def test_linear_drift_is_slow_so_jitter_error_is_zero():
+    n = 60
+    z = np.arange(n, dtype=np.float64)
+    drift = _translations(np.stack([0.3 * z, -0.1 * z], -1))  # straight-line drift, no jitter
+    s = exact_truth_score(drift, np.tile(np.eye(2, 3), (n, 1, 1)), (64, 64))
+    # the global affine removes the mean; what is left is |v| |z - mean z|
+    speed = np.hypot(0.3, 0.1)
+    np.testing.assert_allclose(s.per_slice_tre, speed * np.abs(z - z.mean()), atol=1e-9)
+    assert s.tre_median > 4
+    np.testing.assert_allclose(s.per_slice_jitter, 0, atol=1e-9)  # up to the stack's ends
+
+
+def test_slow_curved_drift_scores_almost_no_jitter():
+    n = 200
+    z = np.arange(n, dtype=np.float64)
+    curve = _translations(np.stack([10 * np.sin(2 * np.pi * z / 400), 0 * z], -1))
+    s = exact_truth_score(curve, np.tile(np.eye(2, 3), (n, 1, 1)), (64, 64))
+    assert s.tre_median > 2
+    # Gaussian smoothing (sigma 8) keeps exp(-(omega sigma)^2 / 2) of a sinusoid: the jitter
+    # error is the small remainder (< 1 % of the amplitude), exactly so inside the stack
+    w = 2 * np.pi / 400
+    expect = 10 * (1 - np.exp(-0.5 * (w * 8.0) ** 2)) * np.abs(np.sin(w * z))
+    np.testing.assert_allclose(s.per_slice_jitter[50:150], expect[50:150], atol=1e-6)
+    assert s.jitter_p95 < 0.01 * 10
+
+
+def test_pure_jitter_scores_its_magnitude(rng):
+    n = 400
+    # alternating +-d along x: no slow part at all, so every slice errs by exactly d
+    d = 0.7
+    alt = _translations(np.stack([d * (-1.0) ** np.arange(n), np.zeros(n)], -1))
+    s = exact_truth_score(alt, np.tile(np.eye(2, 3), (n, 1, 1)), (64, 64))
+    np.testing.assert_allclose(s.jitter_median, d, rtol=1e-6)
+    np.testing.assert_allclose(s.tre_median, d, rtol=1e-9)
+    # i.i.d. Gaussian jitter of sigma per axis: mean norm sigma * sqrt(pi / 2)
+    sigma = 0.5
+    iid = _translations(rng.normal(scale=sigma, size=(n, 2)))
+    s = exact_truth_score(iid, np.tile(np.eye(2, 3), (n, 1, 1)), (64, 64))
+    expect = sigma * np.sqrt(np.pi / 2)
+    assert abs(np.mean(s.per_slice_jitter) - expect) < 0.1 * expect
+    assert abs(s.slope_per_100) < 0.1
+
+
+def test_jitter_counts_per_slice_rotation():
+    # a per-slice rotation about the frame centre has no mean translation: the jitter error
+    # forgives nothing of it
+    n, h, w = 30, 101, 101
+    a = np.deg2rad(0.5) * (-1.0) ** np.arange(n)
+    c, s_ = np.cos(a), np.sin(a)
+    est = np.zeros((n, 2, 3))
+    est[:, 0, 0], est[:, 0, 1], est[:, 1, 0], est[:, 1, 1] = c, -s_, s_, c
+    centre = np.array([50.0, 50.0])
+    est[:, :, 2] = centre - np.einsum("nij,j->ni", est[:, :, :2], centre)
+    res = exact_truth_score(est, np.tile(np.eye(2, 3), (n, 1, 1)), (h, w))
+    np.testing.assert_allclose(res.per_slice_jitter, res.per_slice_tre, rtol=1e-6)
+    assert res.tre_median > 0.2
+
+
+def test_slope_of_growing_error():
+    n = 101
+    z = np.arange(n, dtype=np.float64)
+    quad = _translations(np.stack([0.002 * z * z, 0 * z], -1))  # error grows along z
+    s = exact_truth_score(quad, np.tile(np.eye(2, 3), (n, 1, 1)), (32, 32))
+    assert s.slope_per_100 > 1
+
+
+def test_slow_translation_is_gaussian_smoothing_inside():
+    rng = np.random.default_rng(5)
+    t = rng.normal(size=(200, 2))
+    sigma = 8.0
+    slow = slow_translation(t, sigma)
+    inner = slice(50, 150)  # more than 6 sigma from either end
+    ref = ndimage.gaussian_filter1d(t, sigma, axis=0, mode="constant", truncate=8.0)
+    np.testing.assert_allclose(slow[inner], ref[inner], atol=1e-9)
+    line = np.stack([np.arange(200.0), 3 - 0.5 * np.arange(200.0)], -1)
+    np.testing.assert_allclose(slow_translation(line, sigma), line, atol=1e-9)
+
+
+def test_exact_truth_score_errors():
+    eye = np.tile(np.eye(2, 3), (4, 1, 1))
+    with pytest.raises(DeepAlignError, match="same n"):
+        exact_truth_score(eye[:3], eye, (10, 10))
+    bad = eye.copy()
+    bad[2, 0, 2] = np.nan
+    with pytest.raises(DeepAlignError, match=r"slices \[2\]"):
+        exact_truth_score(bad, eye, (10, 10))
+    with pytest.raises(DeepAlignError, match="sigma"):
+        slow_translation(np.zeros((4, 2)), 0.0)
+    with pytest.raises(DeepAlignError, match="residuals"):
+        jitter_error(np.zeros((4, 2)))
+    r, g = gauge_residuals(eye, (10, 10), grid=4)
+    assert r.shape == (4, 16, 2) and np.allclose(r, 0) and np.allclose(g, np.eye(2, 3))

@@ -4,13 +4,17 @@ import numpy as np
 import pytest
 from deepalign_fast._errors import DeepAlignError
 from deepalign_fast.synth import (
+    DRIFT_PROFILES,
     GroundTruth,
     add_artifacts,
     compose,
+    drift_transforms,
+    fibsem_artifacts,
     invert,
     misalign_labels,
     misalign_stack,
     random_transforms,
+    reslice,
 )
 from scipy import ndimage
 
@@ -153,3 +157,101 @@ def test_misalign_real_lucchi(lucchi):
     valid = ndimage.binary_erosion(valid, iterations=3)
     diff = np.abs(rec.astype(float) - clean[z].astype(float))[valid]
     assert np.median(diff) < 6
+
+
+# --------------------------------------------------------------------------------------------
+# exact-truth stacks
+# --------------------------------------------------------------------------------------------
+def test_reslice_planes():
+    vol = np.arange(3 * 4 * 5).reshape(3, 4, 5)
+    np.testing.assert_array_equal(reslice(vol, "xy"), vol)
+    xz = reslice(vol, "xz")
+    assert xz.shape == (4, 3, 5) and xz.flags.c_contiguous
+    np.testing.assert_array_equal(xz[2], vol[:, 2, :])  # plane y = 2: a (z, x) image
+    yz = reslice(vol, "yz")
+    assert yz.shape == (5, 3, 4)
+    np.testing.assert_array_equal(yz[1], vol[:, :, 1])  # plane x = 1: a (z, y) image
+    with pytest.raises(DeepAlignError, match="plane"):
+        reslice(vol, "zz")
+    with pytest.raises(DeepAlignError, match=r"\(z, y, x\)"):
+        reslice(vol[0], "xz")
+
+
+def test_drift_transforms_components():
+    shape = (80, 120)
+    c = np.array([59.5, 39.5])
+
+    def draw(**kw: float) -> np.ndarray:
+        zero = dict.fromkeys(DRIFT_PROFILES["mild"], 0.0)
+        return drift_transforms(300, shape, np.random.default_rng(3), profile="mild",
+                                **{**zero, **kw})
+
+    np.testing.assert_allclose(draw(), np.tile(np.eye(2, 3), (300, 1, 1)), atol=1e-12)
+    # i.i.d. jitter: translation only, its standard deviation per axis
+    jit = draw(jitter=2.0)
+    np.testing.assert_allclose(jit[:, :, :2], np.tile(np.eye(2), (300, 1, 1)), atol=1e-12)
+    assert 1.7 < jit[:, :, 2].std() < 2.3 and np.abs(np.diff(jit[:, 0, 2])).mean() > 1.5
+    # a random walk: small steps, wide excursions, centred
+    walk = draw(walk=0.5)[:, :, 2]
+    assert abs(np.diff(walk, axis=0).std() - 0.5) < 0.05
+    assert np.abs(walk).max() > 3 and np.allclose(walk.mean(axis=0), 0, atol=1e-9)
+    # the smooth stage drift reaches its amplitude and is smooth
+    smooth = draw(smooth=10.0)[:, :, 2]
+    assert abs(np.abs(smooth).max() - 10.0) < 1e-9 and np.abs(np.diff(smooth, 2, axis=0)).max() < 0.01
+    # rotation / scale / shear about the slice centre: the centre moves by the translation only
+    aff = draw(rotation_deg=0.5, scale=0.01, shear=0.01)
+    np.testing.assert_allclose(np.einsum("nij,j->ni", aff[:, :, :2], c) + aff[:, :, 2],
+                               np.tile(c, (300, 1)), atol=1e-9)
+    rot, scale, shear = np.array([_decompose(t) for t in aff]).T
+    assert 0.4 < rot.std() < 0.6 and 0.008 < scale.std() < 0.012 and 0.008 < shear.std() < 0.012
+    # the first slice is misaligned too, and seeds reproduce
+    full = drift_transforms(50, shape, np.random.default_rng(9), profile="strong")
+    assert not np.allclose(full[0], np.eye(2, 3))
+    np.testing.assert_array_equal(full, drift_transforms(50, shape, np.random.default_rng(9),
+                                                         profile="strong"))
+    with pytest.raises(DeepAlignError, match="unknown drift profile"):
+        drift_transforms(5, shape, np.random.default_rng(0), profile="nope")
+    with pytest.raises(DeepAlignError, match="unknown parameter"):
+        drift_transforms(5, shape, np.random.default_rng(0), wobble=1.0)
+    with pytest.raises(DeepAlignError, match=">= 0"):
+        drift_transforms(5, shape, np.random.default_rng(0), jitter=-1.0)
+
+
+def test_drift_misaligned_stack_has_no_border(rng):
+    clean = _smooth_stack(rng, n=12) + 100  # strictly positive: a fill border would be 0
+    t = drift_transforms(12, clean.shape[1:], rng, profile="strong")
+    mis, truth = misalign_stack(clean, t)
+    assert mis.min() > 50 and truth.margin > 0
+    # every slice is the clean slice seen through its truth transform
+    z = 5
+    inner = (slice(truth.margin, -truth.margin),) * 2
+    back = cv2_pull(mis[z], invert(truth.transforms[z]), clean.shape[1:])
+    assert np.median(np.abs(back - clean[z])[inner]) < 0.5
+
+
+def cv2_pull(img: np.ndarray, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    import cv2
+
+    return np.asarray(cv2.warpAffine(img, t, (shape[1], shape[0]),
+                                     flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP))
+
+
+def test_fibsem_artifacts(rng):
+    clean = (_smooth_stack(rng, n=6) + 128).clip(0, 255).astype(np.uint8)
+    out = fibsem_artifacts(clean, seed=4, snr=1.5)
+    assert out.dtype == np.uint8 and out.shape == clean.shape
+    np.testing.assert_array_equal(out, fibsem_artifacts(clean, seed=4, snr=1.5))
+    # low SNR: the corruption is larger than the signal's own contrast
+    a = out.astype(float)
+    resid = a - a.mean(axis=(1, 2), keepdims=True)
+    c = clean.astype(float) - clean.mean(axis=(1, 2), keepdims=True)
+    gain = (resid * c).sum() / (c * c).sum()
+    assert (resid - gain * c).std() > 0.5 * (gain * c).std()
+    # curtaining is the same streak pattern on every slice (fixed in the detector frame)
+    flat = fibsem_artifacts(np.full((4, 96, 128), 100, np.uint8), seed=4).astype(float)
+    cols = flat.mean(axis=1)
+    streaks = cols - ndimage.gaussian_filter1d(cols, 8.0, axis=1)  # narrow streaks only
+    assert streaks.std() > 0.5
+    assert min(np.corrcoef(streaks[0], streaks[z])[0, 1] for z in (1, 2, 3)) > 0.8
+    with pytest.raises(DeepAlignError, match="snr"):
+        fibsem_artifacts(clean, seed=0, snr=0.0)

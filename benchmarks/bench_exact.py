@@ -1,0 +1,376 @@
+"""Exact-truth accuracy: every aligner scored against transforms known exactly.
+
+    python -m benchmarks.bench_exact --quick                  # 3 small cases, a few minutes
+    python -m benchmarks.bench_exact --cases xz-drift --ours default \\
+        --ours "rigid-all:model=rigid,drift=all" --peers all --write-results
+
+Stacks (all with an exact truth):
+
+- reslices of the lucchi FIB-SEM volume (about 5 nm isotropic) into XZ planes (one ``(z, x)``
+  image per ``y``) and YZ planes (one ``(z, y)`` image per ``x``): rows of every plane come
+  from the same acquired slices, so neighbouring planes are exactly aligned;
+- lucchi XY itself, isbi2012 (30 x 512^2) and drosophila (20 x 1024^2, upsampled to 2048^2),
+  which are aligned already;
+- on each, seeded misalignment on every slice, the first included
+  (``deepalign_fast.synth.drift_transforms``: random-walk drift, smooth stage drift, i.i.d.
+  jitter, i.i.d. rotation/scale/shear), rendered from a larger frame so no border shows; the
+  unchanged stack as a control (identity truth); and strong FIB-SEM artifacts (curtaining,
+  charging, SNR 1.5) applied after the misalignment.
+
+Scoring uses transforms only (``deepalign_fast.metrics.exact_truth_score``): every tool
+returns one 2x3 pull map per slice (output -> input); ``C_z = truth_z o estimate_z`` minus ONE
+global affine fitted over all slices is the residual; ``TRE_z`` is its mean norm over a 16 x 16
+grid. Reported: median and p95 of ``TRE_z`` over slices, its slope along z (px per 100
+slices), and the jitter error (TRE after forgiving the slow residual translation: the
+slice-mean residual smoothed along z with a Gaussian of 8 slices), median and p95.
+
+Tools in the same run: ``nothing`` (identity), ours as named option sets
+(``--ours NAME[:key=value,...]``, keywords of ``deepalign_fast.AlignOptions``), and the peers
+(``benchmarks.peers``: pystackreg, the OpenCV SIFT+RANSAC chain, itk-elastix when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from deepalign_fast import Aligner, datasets
+from deepalign_fast.metrics import exact_truth_score
+from deepalign_fast.synth import (
+    DRIFT_PROFILES,
+    drift_transforms,
+    fibsem_artifacts,
+    misalign_stack,
+    reslice,
+)
+
+from benchmarks._timing import RESULTS, markdown_table, metadata
+from benchmarks.peers import PEERS, available
+
+Tool = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark stack: where it comes from and how it is misaligned."""
+
+    name: str
+    source: str  # "lucchi", "isbi", "drosophila"
+    plane: str = "xy"  # "xy", "xz", "yz" (reslice of the volume)
+    planes: int | None = None  # number of contiguous planes (centred); None = all
+    profile: str | None = None  # drift profile (synth.DRIFT_PROFILES); None = unchanged control
+    artifacts: bool = False  # strong FIB-SEM artifacts after the misalignment
+    upsample: int = 1  # integer upsampling of the clean slices (lengths of the profile too)
+    model: str = "rigid"  # the peers' model where only one is run (elastix-auto)
+
+    def describe(self) -> str:
+        what = "unchanged (identity truth)" if self.profile is None else \
+            f"profile {self.profile}" + (" + strong artifacts" if self.artifacts else "")
+        src = f"{self.source} {self.plane.upper()}" + (
+            f" upsampled x{self.upsample}" if self.upsample > 1 else "")
+        return f"{src}, {what}"
+
+
+CASES: dict[str, Case] = {c.name: c for c in [
+    Case("xz-drift", "lucchi", "xz", 192, "mild"),
+    Case("yz-drift", "lucchi", "yz", 256, "strong"),
+    Case("xy-drift", "lucchi", "xy", None, "strong"),
+    Case("xz-control", "lucchi", "xz", 192),
+    Case("yz-control", "lucchi", "yz", 256),
+    Case("xy-control", "lucchi", "xy"),
+    Case("isbi-drift", "isbi", profile="sstem", model="affine"),
+    Case("isbi-control", "isbi", model="affine"),
+    Case("drosophila2k-drift", "drosophila", profile="sstem", upsample=2, model="affine"),
+    Case("xz-artifacts", "lucchi", "xz", 192, "mild", artifacts=True),
+]}
+
+QUICK: dict[str, Case] = {c.name: c for c in [
+    Case("quick-xz-drift", "lucchi", "xz", 128, "mild"),
+    Case("quick-yz-control", "lucchi", "yz", 128),
+    Case("quick-xy-drift", "lucchi", "xy", None, "strong"),
+]}
+
+DEFAULT_PEERS = ["pystackreg-rigid", "pystackreg-affine", "sift-similarity", "sift-affine",
+                 "elastix-auto"]
+
+
+# --------------------------------------------------------------------------------------------
+# stacks
+# --------------------------------------------------------------------------------------------
+def _load(source: str) -> np.ndarray:
+    loader = {"lucchi": datasets.load_lucchi, "isbi": datasets.load_isbi2012,
+              "drosophila": datasets.load_drosophila}[source]
+    return np.asarray(loader())
+
+
+def build(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The case's input stack, its truth (input -> clean pull maps) and a description."""
+    clean = reslice(_load(case.source), case.plane)
+    if case.planes is not None and case.planes < len(clean):
+        start = (len(clean) - case.planes) // 2
+        clean = clean[start:start + case.planes]
+    if case.upsample > 1:
+        f = case.upsample
+        clean = np.stack([cv2.resize(s, (s.shape[1] * f, s.shape[0] * f),
+                                     interpolation=cv2.INTER_CUBIC) for s in clean])
+    n, h, w = clean.shape
+    info: dict[str, Any] = {"case": case.name, "description": case.describe(), "seed": seed,
+                            "slices": n, "clean_shape": [h, w]}
+    if case.profile is None:
+        return clean, np.tile(np.eye(2, 3), (n, 1, 1)), {**info, "shape": [h, w], "margin": 0}
+    rng = np.random.default_rng([seed, zlib.crc32(case.name.encode())])
+    lengths = {k: v * case.upsample for k, v in DRIFT_PROFILES[case.profile].items()
+               if k in ("walk", "smooth", "jitter")}
+    full = drift_transforms(n, (h, w), rng, profile=case.profile, **lengths)
+    mis, truth = misalign_stack(clean, full)
+    if case.artifacts:
+        mis = fibsem_artifacts(mis, int(rng.integers(2**31)))
+    return mis, truth.transforms, {**info, "shape": list(mis.shape[1:]), "margin": truth.margin}
+
+
+# --------------------------------------------------------------------------------------------
+# tools
+# --------------------------------------------------------------------------------------------
+def _value(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)  # type: ignore[no-any-return]
+        except ValueError:
+            pass
+    return text
+
+
+def parse_ours(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME:key=value,key=value"`` (or ``"default"``) -> (name, Aligner keywords)."""
+    name, _, opts = spec.partition(":")
+    if not opts and "=" in name:
+        name, opts = spec, spec
+    kw: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in opts.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"--ours {spec!r}: {item!r} is not key=value")
+        kw[key.strip()] = _value(val.strip())
+    return name.strip(), kw
+
+
+def ours(kw: dict[str, Any]) -> Tool:
+    def run(stack: np.ndarray) -> np.ndarray:
+        return np.asarray(Aligner(**kw).estimate(stack, progress=False).transforms.affines)
+    return run
+
+
+def nothing(stack: np.ndarray) -> np.ndarray:
+    return np.tile(np.eye(2, 3), (len(stack), 1, 1))
+
+
+def tools_for(case: Case, ours_specs: list[tuple[str, dict[str, Any]]],
+              peers: list[str]) -> dict[str, Tool]:
+    tools: dict[str, Tool] = {"nothing": nothing}
+    for name, kw in ours_specs:
+        tools[f"ours:{name}"] = ours(kw)
+    for peer in peers:
+        real = f"elastix-{case.model}" if peer == "elastix-auto" else peer
+        tools[real] = PEERS[real][1]
+    return tools
+
+
+# --------------------------------------------------------------------------------------------
+# running and reporting
+# --------------------------------------------------------------------------------------------
+COLUMNS = ["tool", "tre_median", "tre_p95", "slope_per_100", "jitter_median", "jitter_p95",
+           "seconds"]
+HEADERS = ["tool", "median TRE (px)", "p95 TRE (px)", "slope (px/100 slices)",
+           "median jitter (px)", "p95 jitter (px)", "seconds"]
+
+
+def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]],
+             peers: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    t0 = time.perf_counter()
+    stack, truth, info = build(case, seed)
+    info["build_s"] = time.perf_counter() - t0
+    print(f"\n== {case.name}: {info['description']}, {info['slices']} slices of "
+          f"{info['shape'][0]}x{info['shape'][1]}, seed {seed}", flush=True)
+    rows = []
+    for tool, fn in tools_for(case, ours_specs, peers).items():
+        t0 = time.perf_counter()
+        try:
+            est = np.asarray(fn(stack), np.float64)
+        except Exception as exc:  # a failing tool is a result, not the end of the run
+            print(f"   {tool:28s} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"case": case.name, "tool": tool, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        dt = time.perf_counter() - t0
+        row: dict[str, Any] = {"case": case.name, "tool": tool, "seconds": dt}
+        bad = ~np.isfinite(est).all(axis=(1, 2))
+        if bad.any():  # a diverged peer: score its non-finite slices as "not moved"
+            est[bad] = np.eye(2, 3)
+            row["nonfinite_slices"] = int(bad.sum())
+        score = exact_truth_score(est, truth, (int(stack.shape[1]), int(stack.shape[2])))
+        row.update(score.to_dict())
+        rows.append(row)
+        print(f"   {tool:28s} TRE median {score.tre_median:7.3f} p95 {score.tre_p95:7.3f} "
+              f"slope {score.slope_per_100:7.3f}  jitter median {score.jitter_median:6.3f} "
+              f"p95 {score.jitter_p95:6.3f}  {dt:7.1f} s", flush=True)
+    return info, rows
+
+
+def case_markdown(info: dict[str, Any], rows: list[dict[str, Any]], command: str,
+                  code: str) -> str:
+    table = markdown_table(
+        [{**r, "tool": r["tool"] + (f" (FAILED: {r['error']})" if "error" in r else "")
+          + (f" ({r['nonfinite_slices']} non-finite slices)" if "nonfinite_slices" in r else "")}
+         for r in rows], COLUMNS)
+    head, _, body = table.partition("\n")
+    head = "| " + " | ".join(HEADERS) + " |"
+    return (f"**{info['case']}**: {info['description']}; {info['slices']} slices of "
+            f"{info['shape'][0]}x{info['shape'][1]} (clean {info['clean_shape'][0]}x"
+            f"{info['clean_shape'][1]}, margin {info['margin']}), seed {info['seed']}.\n"
+            f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, code {code}).\n\n"
+            f"{head}\n{body}")
+
+
+def _drop_label(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--label":
+            skip = True
+        elif not a.startswith("--label="):
+            out.append(a)
+    return out
+
+
+def code_version() -> str:
+    """Git commit of the imported deepalign_fast (``+changes`` if its sources differ)."""
+    import deepalign_fast
+
+    where = str(Path(deepalign_fast.__file__).resolve().parent)
+    try:
+        rev = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "diff", "--quiet", "HEAD", "--", ":/python",
+                                ":/csrc"],
+                               capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return rev + ("+changes" if dirty else "")
+
+
+SECTION_END = "<!-- exact-truth:section-end -->"
+
+
+def write_results(name: str, markdown: str) -> None:
+    """Replace block ``exact:NAME`` of RESULTS.md, or add it at the end of the exact-truth
+    section (before its end marker)."""
+    start, end = f"<!-- exact:{name}:start -->", f"<!-- exact:{name}:end -->"
+    text = RESULTS.read_text()
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    elif SECTION_END in text:
+        text = text.replace(SECTION_END, block + "\n\n" + SECTION_END, 1)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"the quick cases ({', '.join(QUICK)}); peers default to "
+                         "pystackreg-rigid")
+    ap.add_argument("--cases", default=None,
+                    help=f"comma-separated case names (default all): {', '.join(CASES)}")
+    ap.add_argument("--ours", action="append", default=None, metavar="NAME[:k=v,...]",
+                    help="an option set of ours (repeatable; default: 'default')")
+    ap.add_argument("--peers", default=None,
+                    help="comma-separated, 'all' or 'none'; default "
+                         f"{','.join(DEFAULT_PEERS)} ('elastix-auto' = the case's model); "
+                         f"known: {', '.join(PEERS)}")
+    ap.add_argument("--seed", type=int, default=1, help="misalignment seed (default 1)")
+    ap.add_argument("--profile", choices=sorted(DRIFT_PROFILES), default=None,
+                    help="use this drift profile for every misaligned case")
+    ap.add_argument("--planes", type=int, default=None,
+                    help="number of contiguous planes of the XZ/YZ reslice cases")
+    ap.add_argument("--json", type=Path, default=None, help="write all rows and per-slice "
+                                                            "errors here")
+    ap.add_argument("--label", default=None,
+                    help="what code was measured, for the results (default: the git commit of "
+                         "the imported deepalign_fast, '+changes' when its tree differs)")
+    ap.add_argument("--write-results", action="store_true",
+                    help="replace each case's table in benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    cv2.setNumThreads(2)
+
+    pool = QUICK if args.quick else CASES
+    names = list(pool) if args.cases is None else [c.strip() for c in args.cases.split(",")]
+    unknown = [c for c in names if c not in pool]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(pool)}")
+    cases = [pool[c] for c in names]
+    if args.profile is not None:
+        cases = [replace(c, profile=args.profile) if c.profile else c for c in cases]
+    if args.planes is not None:
+        cases = [replace(c, planes=args.planes) if c.plane != "xy" else c for c in cases]
+    ours_specs = [parse_ours(s) for s in (args.ours or ["default"])]
+    for name, kw in ours_specs:  # bad options fail here, before any stack is built
+        try:
+            Aligner(**kw)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"--ours {name}: {exc}") from None
+    if args.peers is None:
+        peers = ["pystackreg-rigid"] if args.quick else list(DEFAULT_PEERS)
+    elif args.peers == "none":
+        peers = []
+    elif args.peers == "all":
+        peers = list(DEFAULT_PEERS)
+    else:
+        peers = [p.strip() for p in args.peers.split(",")]
+    bad = [p for p in peers if p != "elastix-auto" and p not in PEERS]
+    if bad:
+        raise SystemExit(f"unknown peer(s) {bad}; known: {', '.join(PEERS)}, elastix-auto")
+    usable = []
+    for p in peers:
+        if available("elastix-rigid" if p == "elastix-auto" else p):
+            usable.append(p)
+        else:
+            print(f"skip peer {p}: its package is not installed", flush=True)
+
+    command = "PYTHONPATH=python:. python -m benchmarks.bench_exact " + shlex.join(
+        _drop_label(argv))
+    code = args.label or code_version()
+    out: dict[str, Any] = {"meta": metadata(), "command": command, "code": code, "cases": []}
+    for case in cases:
+        try:
+            info, rows = run_case(case, args.seed, ours_specs, usable)
+        except datasets.DataUnavailable as exc:
+            print(f"skip {case.name}: {exc}", flush=True)
+            continue
+        md = case_markdown(info, rows, command, code)
+        print("\n" + md, flush=True)
+        out["cases"].append({**info, "rows": rows})
+        if args.write_results:
+            write_results(case.name, md)
+        if args.json is not None:  # rewritten after every case: a long run keeps what it has
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
