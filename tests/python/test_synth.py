@@ -197,7 +197,8 @@ def test_drift_transforms_components():
     assert np.abs(walk).max() > 3 and np.allclose(walk.mean(axis=0), 0, atol=1e-9)
     # the smooth stage drift reaches its amplitude and is smooth
     smooth = draw(smooth=10.0)[:, :, 2]
-    assert abs(np.abs(smooth).max() - 10.0) < 1e-9 and np.abs(np.diff(smooth, 2, axis=0)).max() < 0.01
+    assert abs(np.abs(smooth).max() - 10.0) < 1e-9
+    assert np.abs(np.diff(smooth, 2, axis=0)).max() < 0.01
     # rotation / scale / shear about the slice centre: the centre moves by the translation only
     aff = draw(rotation_deg=0.5, scale=0.01, shear=0.01)
     np.testing.assert_allclose(np.einsum("nij,j->ni", aff[:, :, :2], c) + aff[:, :, 2],
