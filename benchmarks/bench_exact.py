@@ -114,8 +114,12 @@ def _load(source: str) -> np.ndarray:
     return np.asarray(loader())
 
 
-def build(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The case's input stack, its truth (input -> clean pull maps) and a description."""
+def build(case: Case, seed: int, overrides: dict[str, float] | None = None,
+          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The case's input stack, its truth (input -> clean pull maps) and a description.
+
+    ``overrides`` replace drift-profile parameters (lengths in px of the clean slices before
+    any upsampling)."""
     clean = reslice(_load(case.source), case.plane)
     if case.planes is not None and case.planes < len(clean):
         start = (len(clean) - case.planes) // 2
@@ -130,9 +134,11 @@ def build(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
     if case.profile is None:
         return clean, np.tile(np.eye(2, 3), (n, 1, 1)), {**info, "shape": [h, w], "margin": 0}
     rng = np.random.default_rng([seed, zlib.crc32(case.name.encode())])
-    lengths = {k: v * case.upsample for k, v in DRIFT_PROFILES[case.profile].items()
-               if k in ("walk", "smooth", "jitter")}
-    full = drift_transforms(n, (h, w), rng, profile=case.profile, **lengths)
+    params = {**DRIFT_PROFILES[case.profile], **(overrides or {})}
+    params = {k: v * case.upsample if k in ("walk", "smooth", "jitter") else v
+              for k, v in params.items()}
+    info["params"] = params
+    full = drift_transforms(n, (h, w), rng, profile=case.profile, **params)
     mis, truth = misalign_stack(clean, full)
     if case.artifacts:
         mis = fibsem_artifacts(mis, int(rng.integers(2**31)))
@@ -142,17 +148,22 @@ def build(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
 # --------------------------------------------------------------------------------------------
 # tools
 # --------------------------------------------------------------------------------------------
-def _value(text: str) -> int | float | str:
+def _value(text: str) -> Any:
+    """int, float, a tuple of them when ``/``-separated (``offsets=1/2/4/8``), else str."""
+    if "/" in text:
+        return tuple(_value(v) for v in text.split("/") if v)
     for cast in (int, float):
         try:
-            return cast(text)  # type: ignore[no-any-return]
+            return cast(text)
         except ValueError:
             pass
     return text
 
 
 def parse_ours(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"NAME:key=value,key=value"`` (or ``"default"``) -> (name, Aligner keywords)."""
+    """``"NAME:key=value,key=value"`` (or ``"default"``) -> (name, Aligner keywords).
+
+    Values are int, float, ``/``-separated tuples (``offsets=1/2/4``) or strings."""
     name, _, opts = spec.partition(":")
     if not opts and "=" in name:
         name, opts = spec, spec
@@ -196,9 +207,10 @@ HEADERS = ["tool", "median TRE (px)", "p95 TRE (px)", "slope (px/100 slices)",
 
 
 def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]],
-             peers: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             peers: list[str], overrides: dict[str, float] | None = None,
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t0 = time.perf_counter()
-    stack, truth, info = build(case, seed)
+    stack, truth, info = build(case, seed, overrides)
     info["build_s"] = time.perf_counter() - t0
     print(f"\n== {case.name}: {info['description']}, {info['slices']} slices of "
           f"{info['shape'][0]}x{info['shape'][1]}, seed {seed}", flush=True)
@@ -209,10 +221,11 @@ def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]]
             est = np.asarray(fn(stack), np.float64)
         except Exception as exc:  # a failing tool is a result, not the end of the run
             print(f"   {tool:28s} FAILED: {type(exc).__name__}: {exc}", flush=True)
-            rows.append({"case": case.name, "tool": tool, "error": f"{type(exc).__name__}: {exc}"})
+            rows.append({"case": case.name, "seed": seed, "tool": tool,
+                         "error": f"{type(exc).__name__}: {exc}"})
             continue
-        dt = time.perf_counter() - t0
-        row: dict[str, Any] = {"case": case.name, "tool": tool, "seconds": dt}
+        dt = round(time.perf_counter() - t0, 2)
+        row: dict[str, Any] = {"case": case.name, "seed": seed, "tool": tool, "seconds": dt}
         bad = ~np.isfinite(est).all(axis=(1, 2))
         if bad.any():  # a diverged peer: score its non-finite slices as "not moved"
             est[bad] = np.eye(2, 3)
@@ -236,7 +249,9 @@ def case_markdown(info: dict[str, Any], rows: list[dict[str, Any]], command: str
     head = "| " + " | ".join(HEADERS) + " |"
     return (f"**{info['case']}**: {info['description']}; {info['slices']} slices of "
             f"{info['shape'][0]}x{info['shape'][1]} (clean {info['clean_shape'][0]}x"
-            f"{info['clean_shape'][1]}, margin {info['margin']}), seed {info['seed']}.\n"
+            f"{info['clean_shape'][1]}, margin {info['margin']}), seed {info['seed']}"
+            + (", " + ", ".join(f"{k} {v:g}" for k, v in info["params"].items())
+               if "params" in info else "") + ".\n"
             f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, code {code}).\n\n"
             f"{head}\n{body}")
 
@@ -302,9 +317,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated, 'all' or 'none'; default "
                          f"{','.join(DEFAULT_PEERS)} ('elastix-auto' = the case's model); "
                          f"known: {', '.join(PEERS)}")
-    ap.add_argument("--seed", type=int, default=1, help="misalignment seed (default 1)")
+    ap.add_argument("--seed", default="1",
+                    help="misalignment seed, or several comma-separated (default 1)")
     ap.add_argument("--profile", choices=sorted(DRIFT_PROFILES), default=None,
                     help="use this drift profile for every misaligned case")
+    ap.add_argument("--set", default=None, metavar="k=v,...",
+                    help="override drift-profile parameters of every misaligned case, in px of "
+                         f"the clean slices (keys: {', '.join(DRIFT_PROFILES['mild'])})")
     ap.add_argument("--planes", type=int, default=None,
                     help="number of contiguous planes of the XZ/YZ reslice cases")
     ap.add_argument("--json", type=Path, default=None, help="write all rows and per-slice "
@@ -327,6 +346,20 @@ def main(argv: list[str] | None = None) -> int:
         cases = [replace(c, profile=args.profile) if c.profile else c for c in cases]
     if args.planes is not None:
         cases = [replace(c, planes=args.planes) if c.plane != "xy" else c for c in cases]
+    try:
+        seeds = [int(v) for v in str(args.seed).split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--seed {args.seed!r}: give integers, comma-separated") from None
+    overrides: dict[str, float] = {}
+    for item in filter(None, (v.strip() for v in (args.set or "").split(","))):
+        key, eq, val = item.partition("=")
+        if not eq or key not in DRIFT_PROFILES["mild"]:
+            raise SystemExit(f"--set {item!r}: expected k=v with k one of "
+                             f"{', '.join(DRIFT_PROFILES['mild'])}")
+        try:
+            overrides[key] = float(val)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {val!r} is not a number") from None
     ours_specs = [parse_ours(s) for s in (args.ours or ["default"])]
     for name, kw in ours_specs:  # bad options fail here, before any stack is built
         try:
@@ -355,17 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         _drop_label(argv))
     code = args.label or code_version()
     out: dict[str, Any] = {"meta": metadata(), "command": command, "code": code, "cases": []}
-    for case in cases:
+    for case, seed in [(c, s) for s in seeds for c in cases]:
         try:
-            info, rows = run_case(case, args.seed, ours_specs, usable)
+            info, rows = run_case(case, seed, ours_specs, usable, overrides)
         except datasets.DataUnavailable as exc:
             print(f"skip {case.name}: {exc}", flush=True)
             continue
         md = case_markdown(info, rows, command, code)
         print("\n" + md, flush=True)
         out["cases"].append({**info, "rows": rows})
-        if args.write_results:
-            write_results(case.name, md)
+        if args.write_results:  # other seeds and magnitudes get their own tables
+            write_results(case.name + (f"@seed{seed}" if seed != 1 else "")
+                          + (f"@{args.set}" if overrides else ""), md)
         if args.json is not None:  # rewritten after every case: a long run keeps what it has
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(out, indent=1))

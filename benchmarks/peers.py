@@ -71,7 +71,8 @@ def pystackreg_chain(stack: np.ndarray, model: str) -> np.ndarray:
 
     kind = {"affine": StackReg.AFFINE, "rigid": StackReg.RIGID_BODY,
             "translation": StackReg.TRANSLATION}[model]
-    tmats = StackReg(kind).register_stack(stack.astype(np.float64), reference="previous")
+    tmats = StackReg(kind).register_stack(stack.astype(np.float64), axis=0,
+                                              reference="previous")
     return np.ascontiguousarray(tmats[:, :2, :], dtype=np.float64)
 
 
