@@ -21,8 +21,10 @@ Scoring uses transforms only (``deepalign_fast.metrics.exact_truth_score``): eve
 returns one 2x3 pull map per slice (output -> input); ``C_z = truth_z o estimate_z`` minus ONE
 global affine fitted over all slices is the residual; ``TRE_z`` is its mean norm over a 16 x 16
 grid. Reported: median and p95 of ``TRE_z`` over slices, its slope along z (px per 100
-slices), and the jitter error (TRE after forgiving the slow residual translation: the
-slice-mean residual smoothed along z with a Gaussian of 8 slices), median and p95.
+slices), the jitter error (TRE after forgiving the slow residual translation: the slice-mean
+residual smoothed along z with a Gaussian of 8 slices), median and p95, and the median
+neighbour-to-neighbour error (residual of slice z+1 relative to slice z). The JSON also holds
+the per-slice errors and the residual drift rate (a per-pair bias, px per 100 slices).
 
 Tools in the same run: ``nothing`` (identity), ours as named option sets
 (``--ours NAME[:key=value,...]``, keywords of ``deepalign_fast.AlignOptions``), and the peers
@@ -201,9 +203,9 @@ def tools_for(case: Case, ours_specs: list[tuple[str, dict[str, Any]]],
 # running and reporting
 # --------------------------------------------------------------------------------------------
 COLUMNS = ["tool", "tre_median", "tre_p95", "slope_per_100", "jitter_median", "jitter_p95",
-           "seconds"]
+           "pair_median", "seconds"]
 HEADERS = ["tool", "median TRE (px)", "p95 TRE (px)", "slope (px/100 slices)",
-           "median jitter (px)", "p95 jitter (px)", "seconds"]
+           "median jitter (px)", "p95 jitter (px)", "median neighbour error (px)", "seconds"]
 
 
 def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]],

@@ -527,6 +527,14 @@ class ExactTruthScore:
         Median and 95th percentile of ``per_slice_jitter``.
     gauge : ndarray, shape (2, 3)
         The one global affine ``G`` removed before scoring.
+    per_pair_error : ndarray, shape (n - 1,)
+        Neighbour-to-neighbour error: mean over the grid of ``|r_{z+1}(p) - r_z(p)|`` (how
+        far slice ``z + 1`` is misplaced relative to slice ``z``).
+    pair_median : float
+        Median of ``per_pair_error`` (0 for a single slice).
+    drift_per_100 : ndarray, shape (2,)
+        Least-squares slope of the slice-mean residual ``(x, y)`` along ``z``, in px per 100
+        slices: a per-pair bias that a chain adds up.
     """
 
     per_slice_tre: NDArray[np.float64]
@@ -537,10 +545,15 @@ class ExactTruthScore:
     jitter_median: float
     jitter_p95: float
     gauge: NDArray[np.float64]
+    per_pair_error: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    pair_median: float = 0.0
+    drift_per_100: NDArray[np.float64] = field(default_factory=lambda: np.zeros(2))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
         return {
+            "pair_median": self.pair_median, "drift_per_100": self.drift_per_100.tolist(),
+            "per_pair_error": self.per_pair_error.tolist(),
             "tre_median": self.tre_median, "tre_p95": self.tre_p95,
             "slope_per_100": self.slope_per_100, "jitter_median": self.jitter_median,
             "jitter_p95": self.jitter_p95, "per_slice_tre": self.per_slice_tre.tolist(),
@@ -689,8 +702,13 @@ def exact_truth_score(
     tre = np.linalg.norm(res, axis=-1).mean(axis=1)
     jit = jitter_error(res, sigma)
     n = len(tre)
-    slope = float(np.polyfit(np.arange(n, dtype=np.float64), tre, 1)[0] * 100) if n > 1 else 0.0
+    z = np.arange(n, dtype=np.float64)
+    slope = float(np.polyfit(z, tre, 1)[0] * 100) if n > 1 else 0.0
+    pairs = np.linalg.norm(np.diff(res, axis=0), axis=-1).mean(axis=1)
+    drift = np.polyfit(z, res.mean(axis=1), 1)[0] * 100 if n > 1 else np.zeros(2)
     return ExactTruthScore(
+        per_pair_error=pairs, pair_median=float(np.median(pairs)) if n > 1 else 0.0,
+        drift_per_100=np.asarray(drift, np.float64),
         per_slice_tre=tre, per_slice_jitter=jit, tre_median=float(np.median(tre)),
         tre_p95=float(np.percentile(tre, 95)), slope_per_100=slope,
         jitter_median=float(np.median(jit)), jitter_p95=float(np.percentile(jit, 95)),

@@ -338,3 +338,20 @@ def test_exact_truth_score_errors():
         jitter_error(np.zeros((4, 2)))
     r, g = gauge_residuals(eye, (10, 10), grid=4)
     assert r.shape == (4, 16, 2) and np.allclose(r, 0) and np.allclose(g, np.eye(2, 3))
+
+
+def test_pair_error_and_drift_rate():
+    n = 50
+    z = np.arange(n, dtype=np.float64)
+    # a chain with a constant per-pair bias of (0.1, -0.05) px: neighbours err by |bias|,
+    # the stack drifts by 100 * bias per 100 slices
+    chain = _translations(np.stack([0.1 * z, -0.05 * z], -1))
+    s = exact_truth_score(chain, np.tile(np.eye(2, 3), (n, 1, 1)), (32, 32))
+    np.testing.assert_allclose(s.per_pair_error, np.hypot(0.1, 0.05), atol=1e-12)
+    np.testing.assert_allclose(s.pair_median, np.hypot(0.1, 0.05), atol=1e-12)
+    np.testing.assert_allclose(s.drift_per_100, [10.0, -5.0], atol=1e-9)
+    # alternating jitter: neighbours err by twice the amplitude, no drift
+    alt = _translations(np.stack([0.3 * (-1.0) ** z, 0 * z], -1))
+    s = exact_truth_score(alt, np.tile(np.eye(2, 3), (n, 1, 1)), (32, 32))
+    np.testing.assert_allclose(s.pair_median, 0.6, atol=1e-12)
+    assert np.abs(s.drift_per_100).max() < 0.1
