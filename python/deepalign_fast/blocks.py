@@ -116,8 +116,65 @@ def _subpixel(r: np.ndarray, px: int, py: int) -> tuple[float, float]:
     return dx, dy
 
 
+@dataclass(frozen=True)
+class PreparedSlice:
+    """What :meth:`BlockMatcher.prepare` keeps of a slice for all the pairs it enters.
+
+    ``pyramid[0]`` is the smoothed, contrast-normalised full-resolution slice;
+    ``lk_level`` the pyramid level of the Lucas-Kanade refinement, ``norm`` that level
+    locally normalised (zero mean, unit contrast over about a block), ``gx``/``gy`` its
+    gradients, and ``tensor`` the block sums ``(gx^2, gx gy, gy^2)`` at the block centres
+    ``centres`` and ``energy`` the block sums of ``norm^2`` (the parts of the refinement that
+    depend on the reference alone).
+    """
+
+    pyramid: list[np.ndarray]
+    lk_level: int
+    norm: np.ndarray
+    gx: np.ndarray
+    gy: np.ndarray
+    centres: np.ndarray  # (N, 2) float64 (x, y) block centres at lk_level
+    tensor: np.ndarray  # (N, 3) float64
+    energy: np.ndarray  # (N,) float64 block sums of norm^2
+
+
+def _grid(shape: tuple[int, int], block: int, step: int) -> np.ndarray:
+    """Block centres (x, y) covering a frame, centred so the margins are equal."""
+    h, w = shape
+    half = block // 2
+    ys = np.arange(half, h - half + 1, step)
+    xs = np.arange(half, w - half + 1, step)
+    if ys.size:
+        ys += (h - half - ys[-1]) // 2
+    if xs.size:
+        xs += (w - half - xs[-1]) // 2
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float64)
+
+
+def _box_at(image: np.ndarray, block: int, centres: np.ndarray) -> np.ndarray:
+    """Sums of ``image`` over the ``block`` x ``block`` boxes centred at ``centres`` (which lie
+    at least ``block // 2`` from the frame edges), from one integral image."""
+    ii = cv2.integral(image, sdepth=cv2.CV_64F)
+    x0 = centres[:, 0].astype(np.intp) - block // 2
+    y0 = centres[:, 1].astype(np.intp) - block // 2
+    x1, y1 = x0 + block, y0 + block
+    return np.asarray(ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0], np.float64)
+
+
+def _local_normalise(level: np.ndarray, block: int) -> np.ndarray:
+    """Zero local mean, unit local contrast (box windows of half a block): slow brightness
+    and contrast changes between slices (charging, drift) drop out."""
+    k = max(5, block // 2) | 1
+    mean = cv2.blur(level, (k, k), borderType=cv2.BORDER_REFLECT)
+    d = level - mean
+    var = cv2.blur(d * d, (k, k), borderType=cv2.BORDER_REFLECT)
+    out: np.ndarray = d / np.sqrt(var + 1e-2 * float(var.mean()) + 1e-6)
+    return out.astype(np.float32)
+
+
 class BlockMatcher:
-    """Coarse-to-fine NCC block matching between two slices (see module docstring).
+    """Coarse-to-fine block matching between two slices (see module docstring).
 
     Parameters
     ----------
@@ -126,14 +183,23 @@ class BlockMatcher:
     step : int
         Grid spacing of block centres at every level.
     search : int
-        Search radius (pixels) around the predicted position at every level below the coarsest.
+        Search radius (pixels) around the predicted position at the NCC levels below the
+        coarsest.
     coarse_size : int
         The pyramid is built down to the first level whose longer side is <= this.
-    finest_level : int
-        0 = match at full resolution. 1 matches at half resolution (faster; sub-pixel
-        refinement keeps ~0.1 px precision there).
+    finest_level : int or None
+        Level of the final (Lucas-Kanade) refinement: 0 = full resolution. None (default)
+        picks the first level whose longer side is <= ``lk_size``: large slices are refined
+        at half or quarter resolution, where the sub-pixel precision is still a few
+        hundredths of that level's pixel.
+    lk_size : int
+        See ``finest_level``.
+    lk_iterations : int
+        Lucas-Kanade passes at the finest level, each re-warping the moving slice with the
+        latest estimate (so the remaining per-block shifts, and the linearisation error,
+        shrink toward zero).
     min_score : float
-        Blocks whose correlation peak is below this are discarded.
+        Blocks whose correlation is below this are discarded.
     model : str
         Model fitted at each level to predict the next ("affine", "similarity", "rigid",
         "translation").
@@ -141,70 +207,163 @@ class BlockMatcher:
         RANSAC inlier threshold in pixels at each level.
     sigma : float
         Gaussian smoothing (pixels) of the full-resolution slice before matching; EM slices
-        are noisy, and NCC on raw shot noise gives weak, unreliable peaks.
+        are noisy, and correlation on raw shot noise gives weak, unreliable peaks.
     """
 
     name = "blocks"
 
     def __init__(self, *, block: int = 64, step: int = 40, search: int = 8,
-                 coarse_size: int = 256, finest_level: int = 0, min_score: float = 0.2,
-                 model: str = "affine", threshold: float = 2.0, sigma: float = 1.5,
-                 num_threads: int = 0) -> None:
+                 coarse_size: int = 256, finest_level: int | None = None, lk_size: int = 1100,
+                 lk_iterations: int = 3, min_score: float = 0.2, model: str = "affine",
+                 threshold: float = 2.0, sigma: float = 1.5, num_threads: int = 0) -> None:
         if block < 8 or step < 1 or search < 1:
             raise ValueError("block must be >= 8 and step, search >= 1")
+        if lk_iterations < 1:
+            raise ValueError("lk_iterations must be >= 1")
+        if finest_level is not None and finest_level < 0:
+            raise ValueError("finest_level must be >= 0")
         self.block, self.step, self.search = block, step, search
         self.coarse_size, self.finest_level = coarse_size, finest_level
+        self.lk_size, self.lk_iterations = lk_size, lk_iterations
         self.min_score, self.model, self.threshold = min_score, model, threshold
         self.sigma = sigma
         self.num_threads = num_threads
 
+    def _lk_block(self, shape: tuple[int, int]) -> tuple[int, int]:
+        h, w = shape
+        block = max(16, min(self.block, min(h, w) // 3))
+        step = max(4, min(self.step // 2, min(h, w) // 8))
+        return block, step
+
     # Per-slice work, done once per slice however many neighbours it is matched with.
-    def prepare(self, image: np.ndarray) -> list[np.ndarray]:
-        level = _normalise(image, self.sigma)
+    def prepare(self, image: np.ndarray) -> PreparedSlice:
+        if self.finest_level is None:
+            lk, side = 0, max(image.shape)
+            while side > self.lk_size and min(image.shape) >> (lk + 1) >= 2 * self.block:
+                lk, side = lk + 1, (side + 1) // 2
+        else:
+            lk = self.finest_level
+        # Full-resolution smoothing only where the refinement runs at full resolution; the
+        # pyramid's own filter smooths the coarser levels.
+        level = _normalise(image, self.sigma if lk == 0 else 0.0)
         pyramid = [level]
         while max(level.shape) > self.coarse_size and min(level.shape) >= 2 * self.block:
             level = cv2.pyrDown(level)
             pyramid.append(level)
-        return pyramid
+        lk = min(lk, len(pyramid) - 1)
+        block, step = self._lk_block(pyramid[lk].shape)
+        norm = _local_normalise(pyramid[lk], block)
+        gx = cv2.Sobel(norm, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
+        gy = cv2.Sobel(norm, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
+        centres = _grid(norm.shape, block, step)
+        tensor = np.stack([_box_at(gx * gx, block, centres), _box_at(gx * gy, block, centres),
+                           _box_at(gy * gy, block, centres)], axis=1)
+        energy = _box_at(norm * norm, block, centres)
+        return PreparedSlice(pyramid, lk, norm, gx, gy, centres, tensor, energy)
 
-    def match(self, reference: list[np.ndarray], moving: list[np.ndarray],
+    def match(self, reference: PreparedSlice, moving: PreparedSlice,
               init: np.ndarray | None = None) -> tuple[np.ndarray | None, Correspondences]:
         """Estimate the reference->moving affine and the finest-level correspondences.
 
         Returns ``(matrix, correspondences)``; ``matrix`` maps reference-slice coordinates to
         moving-slice coordinates (None when the pair cannot be registered).
         """
-        top = min(len(reference), len(moving)) - 1
-        finest = min(self.finest_level, top)
+        ref_p, mov_p = reference.pyramid, moving.pyramid
+        top = min(len(ref_p), len(mov_p)) - 1
+        finest = min(reference.lk_level, top)
         if init is None:
             # Coarse start: whole-frame translation at the top level, then every level down.
-            sx, sy = phase_correlation(reference[top], moving[top])
+            sx, sy = phase_correlation(ref_p[top], mov_p[top])
             current = _scale_affine(np.array([[1.0, 0.0, sx], [0.0, 1.0, sy]]), 1.0 / 2**top)
-            start = top
+            levels = list(range(top, finest, -1))
         else:
-            # A good prediction (e.g. from another neighbour): refine at the finest level only.
+            # A prediction (e.g. from other pairs): straight to the refinement; if that fails
+            # (the prediction was off by more than its basin), one correlation pass just
+            # above the finest level first.
             current = np.asarray(init, np.float64)
-            start = finest
-        corr = Correspondences.empty()
-        for lev in range(start, finest - 1, -1):
+            m, corr = self._refine(reference, moving, current, finest)
+            if m is not None or finest + 1 > top:
+                return m, corr
+            levels = [finest + 1]
+        for lev in levels:
             factor = float(2**lev)
             m_lev = _scale_affine(current, factor)
-            search = self.search * (3 if lev == start and init is None else 1)
-            corr_lev = self._match_level(reference[lev], moving[lev], m_lev, search)
-            if len(corr_lev) < 6:
+            search = self.search * (3 if lev == top and init is None else 1)
+            corr_lev = self._match_level(ref_p[lev], mov_p[lev], m_lev, search)
+            fit = self._fit(corr_lev, lev)
+            if fit is None:
                 return None, Correspondences.empty()
-            fit = estimate_transform(corr_lev.src, corr_lev.dst, self.model,
-                                     threshold=self.threshold, seed=lev,
-                                     num_threads=self.num_threads)
-            if not fit:
+            current = _scale_affine(fit[0], 1.0 / factor)
+        return self._refine(reference, moving, current, finest)
+
+    def _fit(self, corr: Correspondences, seed: int
+             ) -> tuple[np.ndarray, np.ndarray] | None:
+        if len(corr) < 6:
+            return None
+        fit = estimate_transform(corr.src, corr.dst, self.model, threshold=self.threshold,
+                                 seed=seed, num_threads=self.num_threads)
+        if not fit:
+            return None
+        return fit.matrix, fit.inliers
+
+    def _refine(self, reference: PreparedSlice, moving: PreparedSlice, current: np.ndarray,
+                lev: int) -> tuple[np.ndarray | None, Correspondences]:
+        """Block-wise inverse-compositional Lucas-Kanade at level ``lev``.
+
+        Each block's translation relative to the current affine is one Gauss-Newton step on
+        the locally normalised images, using the reference's gradients (precomputed in
+        :meth:`prepare`); the affine is refitted robustly and the moving slice re-warped,
+        ``lk_iterations`` times. This uses every pixel of every block, has no bias toward
+        whole pixels, and costs a few image passes per iteration.
+        """
+        factor = float(2**lev)
+        off = (factor - 1.0) / 2.0
+        if moving.lk_level != reference.lk_level:
+            return None, Correspondences.empty()
+        ref, mov = reference.norm, moving.norm
+        h, w = ref.shape
+        block, _ = self._lk_block(ref.shape)
+        centres = reference.centres
+        hxx, hxy, hyy = reference.tensor.T
+        det = hxx * hyy - hxy * hxy
+        textured = det > 1e-6 * (hxx + hyy + 1e-12) ** 2
+        corr = Correspondences.empty()
+        m_lev = _scale_affine(current, factor)
+        half = block / 2.0
+        box = np.array([[-half, -half], [half, -half], [-half, half], [half, half]])
+        for it in range(self.lk_iterations):
+            warped = warp_affine(mov, m_lev, (h, w), border="replicate",
+                                 num_threads=self.num_threads)
+            # Blocks whose moving counterpart lies inside the moving slice.
+            corners = (centres[:, None, :] + box[None]) @ m_lev[:, :2].T + m_lev[:, 2]
+            inside = np.all((corners[..., 0] >= 0) & (corners[..., 0] <= mov.shape[1] - 1)
+                            & (corners[..., 1] >= 0) & (corners[..., 1] <= mov.shape[0] - 1),
+                            axis=1)
+            err = ref - warped
+            bx = _box_at(reference.gx * err, block, centres)
+            by = _box_at(reference.gy * err, block, centres)
+            rw = _box_at(ref * warped, block, centres)
+            ww = _box_at(warped * warped, block, centres)
+            score = rw / np.sqrt(np.maximum(reference.energy * ww, 1e-12))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dx = (hyy * bx - hxy * by) / det
+                dy = (hxx * by - hxy * bx) / det
+            ok = textured & inside & (score >= self.min_score) & np.isfinite(dx) & \
+                np.isfinite(dy) & (np.abs(dx) < half / 2) & (np.abs(dy) < half / 2)
+            if ok.sum() < 6:
                 return None, Correspondences.empty()
-            keep = fit.inliers
-            off = (factor - 1.0) / 2.0
-            corr = Correspondences(corr_lev.src[keep] * factor + off,
-                                   corr_lev.dst[keep] * factor + off,
-                                   corr_lev.weights[keep])
-            current = _scale_affine(fit.matrix, 1.0 / factor)
-        return current, corr
+            src = centres[ok]
+            # The block at c in the reference is at c + d in the warped moving slice.
+            dst = (src + np.stack([dx[ok], dy[ok]], axis=1)) @ m_lev[:, :2].T + m_lev[:, 2]
+            level_corr = Correspondences(src, dst, np.clip(score[ok], 1e-3, 1.0))
+            fit = self._fit(level_corr, lev + 17 * it)
+            if fit is None:
+                return None, Correspondences.empty()
+            m_lev, keep = fit
+            corr = Correspondences(level_corr.src[keep] * factor + off,
+                                   level_corr.dst[keep] * factor + off,
+                                   level_corr.weights[keep])
+        return _scale_affine(m_lev, 1.0 / factor), corr
 
     def _match_level(self, ref: np.ndarray, mov: np.ndarray, m: np.ndarray,
                      search: int) -> Correspondences:
