@@ -1,4 +1,4 @@
-"""The package's exception base class."""
+"""The package's exception classes."""
 
 from __future__ import annotations
 
@@ -6,5 +6,11 @@ from __future__ import annotations
 class DeepAlignError(ValueError):
     """Bad input or a failed operation, with a message naming the file, slice and problem.
 
-    Subclasses ``ValueError`` so callers that already catch ``ValueError`` keep working.
+    Subclasses ``ValueError`` so callers that already catch ``ValueError`` keep working. The
+    CLI exits with status 2 for it.
     """
+
+
+class EnvironmentFailure(DeepAlignError):
+    """The environment, not the input, failed: a full disk, a read-only or protected folder,
+    permissions, an I/O error. The CLI exits with status 1 for it."""

@@ -8,6 +8,8 @@ the slice is then rendered once with the pull map ``p -> A_z(p + u_z(p))``
 Folding control: the fraction of non-positive Jacobian determinants of ``u_z`` must stay at
 or below ``max_folding`` (default 0.1 %). A field that folds more is scaled down (by halves,
 at most three times); if it still folds, the slice keeps its plain affine and is reported.
+A flow with NaN or infinite values (a broken model or input) is never applied: the slice keeps
+its affine render and is listed in ``failed`` (the pipeline flags it).
 The refinement is sequential by nature (each slice follows the previous output), so calls
 from several threads wait for their predecessor.
 """
@@ -52,6 +54,7 @@ class ElasticRefiner:
         self.predictor = FlowPredictor(provider=provider, num_threads=num_threads)
         self.folding: list[float | None] = []
         self.notes: dict[int, str] = {}
+        self.failed: list[int] = []
         self._prev: np.ndarray | None = None
         self._order = InOrder()
 
@@ -68,6 +71,10 @@ class ElasticRefiner:
         if self._prev is None:
             return base, None
         u = self.predictor.predict(self._prev.astype(np.float32), base.astype(np.float32))
+        if not np.isfinite(u).all():
+            self.notes[z] = "flow holds NaN or infinite values: kept the affine"
+            self.failed.append(z)
+            return base, None
         fold = nonpositive_jacobian_fraction(u, num_threads=self.num_threads)
         scale = 1.0
         while fold > self.max_folding and scale > 0.125:

@@ -34,8 +34,8 @@ copy at a different resolution, scale the affines (``TransformSet.rescaled``).
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,57 +124,179 @@ class TransformSet:
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically (temp file in the same folder, then rename)."""
+        """Write atomically: an exclusive temporary file in the same folder, then a rename."""
+        from .outputs import create_temp, os_error
+
         path = Path(path)
         text = json.dumps(self.to_json(path.parent), indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
-                                   dir=path.parent or ".")
+        fd, tmp = create_temp(path)
         try:
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise os_error(exc, path, "cannot write the transforms file") from exc
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return path
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], *, source: str = "transforms",
+    def from_json(cls, data: Any, *, source: str = "transforms",
                   base: Path | None = None) -> TransformSet:
+        """Build from the JSON form, checking it against the schema (module docstring).
+
+        Types, shapes, finite values, the slice count of every per-slice list, a sensible
+        output size, and (version 2) that the field store lies in ``base`` (the transforms
+        file's folder) and matches the transforms are all checked; anything else is a
+        :class:`~deepalign_fast.DeepAlignError` naming ``source`` and the problem.
+        """
+        if not isinstance(data, dict):
+            raise DeepAlignError(f"{source}: not a deepalign-fast transforms file (the JSON is "
+                                 f"{type(data).__name__}, not an object)")
         if data.get("schema") != SCHEMA:
             raise DeepAlignError(f"{source}: not a deepalign-fast transforms file "
                                  f"(schema {data.get('schema')!r})")
         if data.get("version") not in (1, VERSION):
             raise DeepAlignError(f"{source}: unsupported transforms version {data.get('version')!r}"
                                  f" (this build reads version {VERSION})")
-        try:
-            return cls(
-                affines=np.asarray(data["affines"], np.float64),
-                input_shape=tuple(int(v) for v in data["input_shape"]),  # type: ignore[arg-type]
-                output_shape=tuple(int(v) for v in data["output_shape"]),  # type: ignore[arg-type]
-                flagged=[int(z) for z in data.get("flagged", [])],
-                residuals=list(data.get("residuals", [])),
-                options=dict(data.get("options", {})),
-                fields=(FieldStore.open((base or Path(".")) / data["fields"]["path"])
-                        if data.get("fields") else None),
-                folding=list(data.get("folding", [])),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DeepAlignError(f"{source}: malformed transforms file: {exc}") from exc
+        for key in ("affines", "input_shape", "output_shape"):
+            if key not in data:
+                raise DeepAlignError(f"{source}: malformed transforms file: {key!r} is missing")
+        input_shape = _int_list(data["input_shape"], 3, source, "input_shape")
+        output_shape = _int_list(data["output_shape"], 2, source, "output_shape")
+        affines = _affines(data["affines"], source)
+        n = len(affines)
+        if n != input_shape[0]:
+            raise DeepAlignError(f"{source}: {n} affines but input_shape says {input_shape[0]} "
+                                 "slices")
+        _check_output_size(output_shape, input_shape, source)
+        flagged = data.get("flagged", [])
+        if not isinstance(flagged, list) or not all(
+                _is_int(z) and 0 <= z < n for z in flagged):
+            raise DeepAlignError(f"{source}: 'flagged' must list slice numbers 0..{n - 1}")
+        residuals = _optional_floats(data.get("residuals", []), n, source, "residuals")
+        folding = _optional_floats(data.get("folding", []), n, source, "folding")
+        options = data.get("options", {})
+        if not isinstance(options, dict):
+            raise DeepAlignError(f"{source}: 'options' must be an object")
+        fields = None
+        if data.get("fields"):
+            fields = _open_fields(data["fields"], base, source, n, (output_shape[0],
+                                                                   output_shape[1]))
+        return cls(affines=affines, input_shape=(input_shape[0], input_shape[1], input_shape[2]),
+                   output_shape=(output_shape[0], output_shape[1]),
+                   flagged=[int(z) for z in flagged], residuals=residuals, options=options,
+                   fields=fields, folding=folding)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TransformSet:
+        """Read and check a transforms file (see :meth:`from_json`)."""
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_JSON_BYTES:
+                raise DeepAlignError(f"{path}: {path.stat().st_size} bytes is too large for a "
+                                     "transforms file; is it the right file?")
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise DeepAlignError(f"{path}: transforms file not found") from None
-        except json.JSONDecodeError as exc:
+        except IsADirectoryError:
+            raise DeepAlignError(f"{path}: is a folder, not a transforms file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DeepAlignError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise DeepAlignError(f"{path}: JSON nested too deeply; not a transforms file"
+                                 ) from None
         return cls.from_json(data, source=str(path), base=path.parent)
+
+
+#: Largest transforms file read (a million slices is ~200 MB of JSON).
+MAX_JSON_BYTES = 512 * 2**20
+#: An output canvas may be at most this many times the input slice in each direction.
+MAX_CANVAS_GROWTH = 16
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_list(v: Any, k: int, source: str, key: str) -> list[int]:
+    if not isinstance(v, list) or len(v) != k or not all(_is_int(x) and x >= 1 for x in v):
+        raise DeepAlignError(f"{source}: {key!r} must be a list of {k} positive integers, got "
+                             f"{str(v)[:60]}")
+    return [int(x) for x in v]
+
+
+def _affines(v: Any, source: str) -> np.ndarray:
+    ok = isinstance(v, list) and len(v) >= 1 and all(
+        isinstance(a, list) and len(a) == 2 and all(
+            isinstance(r, list) and len(r) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)
+            for r in a)
+        for a in v)
+    if not ok:
+        raise DeepAlignError(f"{source}: 'affines' must be a list of 2x3 number matrices "
+                             "([[a, b, tx], [c, d, ty]] per slice)")
+    arr = np.asarray(v, np.float64)
+    if not np.isfinite(arr).all():
+        z = int(np.nonzero(~np.isfinite(arr).all(axis=(1, 2)))[0][0])
+        raise DeepAlignError(f"{source}: the affine of slice {z} holds NaN or infinity")
+    det = arr[:, 0, 0] * arr[:, 1, 1] - arr[:, 0, 1] * arr[:, 1, 0]
+    if (np.abs(det) < 1e-12).any():
+        z = int(np.nonzero(np.abs(det) < 1e-12)[0][0])
+        raise DeepAlignError(f"{source}: the affine of slice {z} is singular (it collapses the "
+                             "slice to a line)")
+    return arr
+
+
+def _optional_floats(v: Any, n: int, source: str, key: str) -> list[float | None]:
+    if v == []:
+        return []
+    if not isinstance(v, list) or len(v) != n or not all(
+            x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)
+                          and math.isfinite(x)) for x in v):
+        raise DeepAlignError(f"{source}: {key!r} must list {n} finite numbers or nulls, one per "
+                             "slice")
+    return [None if x is None else float(x) for x in v]
+
+
+def _check_output_size(out: list[int], inp: list[int], source: str) -> None:
+    from .io import max_slice_pixels
+
+    limit = max_slice_pixels()
+    if out[0] * out[1] > limit or out[0] > MAX_CANVAS_GROWTH * max(inp[1:]) \
+            or out[1] > MAX_CANVAS_GROWTH * max(inp[1:]):
+        raise DeepAlignError(
+            f"{source}: output_shape {out[0]} x {out[1]} is implausible for input slices of "
+            f"{inp[1]} x {inp[2]} (limit: {MAX_CANVAS_GROWTH}x the input side and {limit} "
+            "pixels); the file is corrupt or was edited")
+
+
+def _open_fields(spec: Any, base: Path | None, source: str, n: int,
+                 output_shape: tuple[int, int]) -> FieldStore:
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) \
+            or not _is_int(spec.get("stride")) or spec["stride"] < 1:
+        raise DeepAlignError(f"{source}: 'fields' must be {{\"path\": str, \"stride\": int >= 1}}")
+    folder = (base or Path(".")).resolve()
+    rel = Path(spec["path"])
+    target = (folder / rel).resolve()
+    if rel.is_absolute() or not target.is_relative_to(folder) or target == folder:
+        raise DeepAlignError(
+            f"{source}: fields.path {spec['path']!r} points outside the transforms file's "
+            f"folder; the field store must sit beside the transforms file")
+    store = FieldStore.open(target)
+    rows, cols = FieldStore.grid_shape(output_shape, store.stride)
+    if tuple(store.shape) != (n, 2, rows, cols) or store.stride != spec["stride"] \
+            or store.output_shape != output_shape:
+        raise DeepAlignError(
+            f"{target}: the field store has shape {tuple(store.shape)} (stride {store.stride}), "
+            f"but the transforms need {(n, 2, rows, cols)} (stride {spec['stride']}) for "
+            f"{n} slices of {output_shape[0]} x {output_shape[1]}")
+    return store
 
 
 class FieldStore:
@@ -218,10 +340,23 @@ class FieldStore:
         if not path.exists():
             raise DeepAlignError(f"{path}: displacement-field store not found (it is written "
                                  "next to the transforms file by `align --mode elastic`)")
-        arr = zarr.open_array(str(path), mode="r")
-        attrs: dict[str, Any] = dict(arr.attrs)
-        shape = [int(v) for v in attrs["output_shape"]]
-        return cls(path, arr, int(attrs["stride"]), (shape[0], shape[1]))
+        try:
+            arr = zarr.open_array(str(path), mode="r")
+            attrs: dict[str, Any] = dict(arr.attrs)
+            shape = [int(v) for v in attrs["output_shape"]]
+            stride = int(attrs["stride"])
+        except Exception as exc:  # zarr raises many types for a damaged store
+            raise DeepAlignError(f"{path}: not a readable displacement-field store "
+                                 f"({type(exc).__name__}: {exc})") from exc
+        if len(arr.shape) != 4 or len(shape) != 2:
+            raise DeepAlignError(f"{path}: displacement-field store has shape {arr.shape}; "
+                                 "expected (slices, 2, rows, cols)")
+        return cls(path, arr, stride, (shape[0], shape[1]))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(n, 2, rows, cols)`` of the stored grid."""
+        return tuple(int(v) for v in self._array.shape)
 
     def put(self, z: int, displacement: np.ndarray | None) -> None:
         """Store slice ``z``'s full-resolution field (None: the slice has no field)."""

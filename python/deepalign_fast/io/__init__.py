@@ -12,6 +12,9 @@ Every reader has ``shape`` ``(z, y, x)``, ``dtype``, ``len``, ``read(i)`` (a 2-D
 slice), iteration, ``describe(i)`` for messages, ``close()`` and context-manager use. Input files
 are only ever opened read-only.
 
+Slices above ``max_slice_pixels()`` (2**31 pixels by default, ``DEEPALIGN_MAX_SLICE_PIXELS``)
+are refused at open, before any pixel is read, since each slice is processed whole.
+
 Pixel types: uint8, uint16 and float32 are read as stored. bool (1-bit) becomes uint8 0/255;
 int8, int16, float16 and float64 become float32. Other types are refused with a suggested
 conversion. Greyscale saved as RGB (three equal channels) is read as grey; real colour or an
@@ -27,7 +30,13 @@ name only when complete: TIFFs are written to a hidden temporary file and rename
 from __future__ import annotations
 
 from ._array import ArrayStackReader, as_reader, reader_path
-from ._common import SUPPORTED_DTYPES, StackReader
+from ._common import (
+    MAX_SLICE_PIXELS,
+    SUPPORTED_DTYPES,
+    StackReader,
+    check_slice_size,
+    max_slice_pixels,
+)
 from ._readers import (
     FolderStackReader,
     TiffStackReader,
@@ -44,7 +53,10 @@ from ._writers import (
 )
 
 __all__ = [
+    "MAX_SLICE_PIXELS",
     "SUPPORTED_DTYPES",
+    "check_slice_size",
+    "max_slice_pixels",
     "ArrayStackReader",
     "as_reader",
     "reader_path",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -24,6 +25,35 @@ _CONVERTED = {
     np.dtype(np.float16): np.dtype(np.float32),
     np.dtype(np.float64): np.dtype(np.float32),
 }
+
+
+#: Default largest slice (pixels) a reader accepts: 2**31, e.g. 46340 x 46340. Each slice is
+#: read, warped and written whole, so memory is a few slices; larger declared slices (a
+#: corrupt header, or a mosaic that is not one section) are refused before anything is read.
+#: Raise it with the environment variable ``DEEPALIGN_MAX_SLICE_PIXELS``.
+MAX_SLICE_PIXELS = 2**31
+
+
+def max_slice_pixels() -> int:
+    """The slice-size limit in pixels (``DEEPALIGN_MAX_SLICE_PIXELS``, else the default)."""
+    value = os.environ.get("DEEPALIGN_MAX_SLICE_PIXELS", "")
+    try:
+        return max(1, int(value)) if value else MAX_SLICE_PIXELS
+    except ValueError:
+        return MAX_SLICE_PIXELS
+
+
+def check_slice_size(where: object, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse a ``(y, x)`` slice above :func:`max_slice_pixels` with a message, before reading."""
+    ny, nx = int(shape[0]), int(shape[1])
+    limit = max_slice_pixels()
+    if ny * nx > limit:
+        gib = ny * nx * max(4, np.dtype(dtype).itemsize) / 2**30
+        raise DeepAlignError(
+            f"{where}: slices of {ny} x {nx} pixels are above the limit of {limit} pixels per "
+            f"slice (each slice is processed whole: about {gib:.0f} GiB per copy). Crop or bin "
+            "the stack, or raise DEEPALIGN_MAX_SLICE_PIXELS if the machine has the memory."
+        )
 
 
 def natural_key(name: str) -> list[tuple[int, int | str]]:

@@ -13,6 +13,7 @@ import numpy as np
 from .._errors import DeepAlignError
 from ._common import (
     StackReader,
+    check_slice_size,
     finish_slice,
     natural_key,
     output_dtype,
@@ -87,6 +88,9 @@ class TiffStackReader(StackReader):
     def _setup(self, allow_single: bool) -> None:
         tif = self._tif
         self._filesize = self.path.stat().st_size
+        if not tif.series or not len(tif.pages):
+            raise DeepAlignError(f"{self.path}: the TIFF holds no images (zero pages); is the "
+                                 "file complete?")
         series = tif.series[0]
         axes: str = series.axes
         shape = tuple(int(s) for s in series.shape)
@@ -415,9 +419,19 @@ def open_stack(
     ------
     DeepAlignError
         The path is missing or not a supported stack, slices disagree in shape/dtype, the pixel
-        type is unsupported, or a single 2-D image was given without ``allow_single``.
+        type is unsupported, a single 2-D image was given without ``allow_single``, or one
+        slice is larger than :func:`max_slice_pixels` (a slice is read whole).
     """
-    p = Path(path)
+    reader = _open_stack(Path(path), key, allow_single)
+    try:
+        check_slice_size(reader.path, reader.shape[1:], reader.file_dtype)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def _open_stack(p: Path, key: str | None, allow_single: bool) -> StackReader:
     if not p.exists():
         raise DeepAlignError(f"{p}: no such file or folder.")
     if p.is_dir():

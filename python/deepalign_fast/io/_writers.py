@@ -9,6 +9,7 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import DeepAlignError
+from ..outputs import create_temp, os_error
 from ._common import SUPPORTED_DTYPES
 
 _BIGTIFF_LIMIT = int(3.9 * 2**30)  # classic TIFF offsets are 32-bit; keep a margin for tags
@@ -36,6 +38,12 @@ def _check_layout(path: Path, shape: Any, dtype: Any) -> tuple[tuple[int, int, i
             "with .astype first)."
         )
     return shp, dt
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,8 +90,13 @@ class StackWriter(abc.ABC):
         """Write 2-D slice ``i`` (shape ``(y, x)``, the writer's dtype exactly)."""
 
     @abc.abstractmethod
-    def close(self) -> None:
-        """Finish the stack and move it to ``path``; raises if slices are missing."""
+    def close(self, before_publish: Callable[[], None] | None = None) -> None:
+        """Finish the stack and move it to ``path``; raises if slices are missing.
+
+        ``before_publish`` is called once the stack is complete on disk, just before it is
+        renamed to ``path`` (e.g. to publish a transforms file together with it); if it
+        raises, nothing is published.
+        """
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -117,10 +130,13 @@ _ABORT = object()
 class TiffStackWriter(StackWriter):
     """Write a (z, y, x) stack to a TIFF file page by page, atomically.
 
-    Pages go to a hidden temporary file in the destination folder (``.<name>.partial-<pid>``);
+    Pages go to a hidden temporary file in the destination folder
+    (``.<name>.deepalign-<random>.tmp``, created exclusively, never through a symbolic link);
     ``close`` flushes it to disk and renames it to ``path``, so a reader never sees a half-written
-    stack. On an exception inside a ``with`` block, or on ``abort()``, the temporary file is
-    deleted. A process that is killed outright can leave the temporary file behind.
+    stack. On an exception inside a ``with`` block (SIGINT/SIGTERM included, with the CLI's
+    handlers), or on ``abort()``, the temporary file is deleted. A process that is killed
+    outright leaves it behind; the next CLI run on the same output removes it
+    (:func:`deepalign_fast.outputs.remove_stale_temps`).
 
     Output is an ImageJ hyperstack (axes ZYX; opens in Fiji/ImageJ) when uncompressed and below
     the BigTIFF limit, else a BigTIFF / compressed TIFF with tifffile "shaped" metadata. Both read
@@ -170,21 +186,26 @@ class TiffStackWriter(StackWriter):
             raise DeepAlignError(f"{self.path}: output folder {self.path.parent} does not exist.")
         if self.path.exists() and not overwrite:
             raise DeepAlignError(
-                f"{self.path}: output file already exists; pass overwrite=True or choose "
-                "another name."
+                f"{self.path}: output file already exists; pass --overwrite (API: "
+                "overwrite=True) or choose another name."
             )
         nbytes = math.prod(self.shape) * self.dtype.itemsize
         self.bigtiff = nbytes > _BIGTIFF_LIMIT if bigtiff is None else bool(bigtiff)
         self.imagej = not self.bigtiff and compression is None
-        self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         md: dict[str, Any] = {"axes": "ZYX", **(metadata or {})}
         self._next = 0
         self._done = False
         self._error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        fd, self._tmp = create_temp(self.path)
+        self._fh = os.fdopen(fd, "wb+")
+        self._fh.raw.name = str(self._tmp)  # type: ignore[attr-defined]  # tifffile wants a path
         try:
-            self._tw = tifffile.TiffWriter(self._tmp, bigtiff=self.bigtiff, imagej=self.imagej)
+            os.fchmod(fd, 0o666 & ~_umask())
+            self._tw = tifffile.TiffWriter(self._fh, bigtiff=self.bigtiff, imagej=self.imagej)
         except Exception as exc:
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
             raise DeepAlignError(f"{self.path}: cannot create the output file: {exc}") from exc
         kwargs = {
             "shape": self.shape,
@@ -213,13 +234,19 @@ class TiffStackWriter(StackWriter):
         finally:
             try:
                 self._tw.close()
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
             except BaseException as exc:
                 self._error = self._error or exc
+            finally:
+                self._fh.close()
 
     def _raise_worker_error(self) -> None:
         exc = self._error
         if exc is not None and not isinstance(exc, _Aborted):
             self.abort()
+            if isinstance(exc, OSError):
+                raise os_error(exc, self.path, "writing the TIFF failed") from exc
             raise DeepAlignError(
                 f"{self.path}: writing the TIFF failed ({type(exc).__name__}: {exc})."
             ) from exc
@@ -256,8 +283,9 @@ class TiffStackWriter(StackWriter):
             raise DeepAlignError(f"{self.path}: the TIFF writer thread stopped unexpectedly.")
         self._next += 1
 
-    def close(self) -> None:
-        """Finish the file, flush it to disk and rename it to ``path``.
+    def close(self, before_publish: Callable[[], None] | None = None) -> None:
+        """Finish the file, flush it to disk and rename it to ``path`` (see
+        :meth:`StackWriter.close` for ``before_publish``).
 
         Raises
         ------
@@ -277,12 +305,15 @@ class TiffStackWriter(StackWriter):
         self._thread.join()
         self._raise_worker_error()
         try:
-            with open(self._tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            if before_publish is not None:
+                before_publish()
             os.replace(self._tmp, self.path)
         except OSError as exc:
             self.abort()
-            raise DeepAlignError(f"{self.path}: cannot finish the output file: {exc}") from exc
+            raise os_error(exc, self.path, "cannot finish the output file") from exc
+        except BaseException:
+            self.abort()
+            raise
         _fsync_dir(self.path.parent)
         self._done = True
 
@@ -339,6 +370,9 @@ class ZarrStackWriter(StackWriter):
     overwrite : bool
         Replace an existing store at ``path`` (at ``close``), and discard a stale ``.partial``
         store instead of refusing when ``resume`` is False.
+    restart : bool
+        Discard an existing ``.partial`` store (when ``resume`` is False) without allowing an
+        existing ``path`` to be replaced.
     voxel_size : tuple of float, optional
         ``(z, y, x)`` voxel size for the OME scale transform (default 1, 1, 1).
     unit : str, optional
@@ -355,6 +389,7 @@ class ZarrStackWriter(StackWriter):
         ome: bool = True,
         resume: bool = False,
         overwrite: bool = False,
+        restart: bool = False,
         voxel_size: tuple[float, float, float] | None = None,
         unit: str | None = None,
     ) -> None:
@@ -378,20 +413,29 @@ class ZarrStackWriter(StackWriter):
             raise DeepAlignError(f"{self.path}: output folder {self.path.parent} does not exist.")
         if self.path.exists() and not overwrite:
             raise DeepAlignError(
-                f"{self.path}: output already exists; pass overwrite=True or choose another name."
+                f"{self.path}: output already exists; pass --overwrite (API: overwrite=True) "
+                "or choose another name."
             )
         if self.partial.exists():
             if resume:
                 self._arr = self._reopen(zarr)
                 return
-            if not overwrite:
+            if not (overwrite or restart):
                 raise DeepAlignError(
-                    f"{self.partial}: an unfinished output from an earlier run is here; pass "
-                    "resume=True to continue it, overwrite=True to discard it, or delete it."
+                    f"{self.partial}: an unfinished output from an earlier run is here; rerun "
+                    "the same command (API: resume=True) to continue it, pass --overwrite (API: "
+                    "overwrite=True) to discard it, or delete it."
                 )
+            if self.partial.is_symlink() or not self.partial.is_dir():
+                raise DeepAlignError(f"{self.partial}: is not an unfinished store of this "
+                                     "tool (not a folder); remove it.")
             shutil.rmtree(self.partial)
-        self._arr = self._create(zarr, voxel_size, unit)
-        self._save_progress()
+        try:
+            self._arr = self._create(zarr, voxel_size, unit)
+            self._save_progress()
+        except OSError as exc:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise os_error(exc, self.path, "cannot create the output store") from exc
 
     def _layout(self) -> dict[str, Any]:
         return {
@@ -492,7 +536,10 @@ class ZarrStackWriter(StackWriter):
             )
         with self._lock:
             self._completed.add(j)
-            self._save_progress()
+            try:
+                self._save_progress()
+            except OSError as exc:
+                raise os_error(exc, self.path, f"recording slice {j} failed") from exc
 
     def write(self, i: int, data: np.ndarray) -> None:
         """Write slice ``i`` (any order; rewriting a slice replaces it). Thread-safe.
@@ -510,13 +557,17 @@ class ZarrStackWriter(StackWriter):
                 f"{self.path}, slice {i}: index out of range for {self.shape[0]} slices."
             )
         arr = self._check_slice(j, data)
-        self._arr[j] = arr
-        with self._lock:
-            self._completed.add(j)
-            self._save_progress()
+        try:
+            self._arr[j] = arr
+            with self._lock:
+                self._completed.add(j)
+                self._save_progress()
+        except OSError as exc:
+            raise os_error(exc, self.path, f"writing slice {j} failed") from exc
 
-    def close(self) -> None:
-        """Move the finished store to ``path``.
+    def close(self, before_publish: Callable[[], None] | None = None) -> None:
+        """Move the finished store to ``path`` (see :meth:`StackWriter.close` for
+        ``before_publish``; if it raises, the ``.partial`` store is kept).
 
         Raises
         ------
@@ -534,13 +585,18 @@ class ZarrStackWriter(StackWriter):
                 f"slice {first}); the unfinished store is kept at {self.partial}; rerun with "
                 "resume=True to complete it."
             )
-        (self.partial / PROGRESS_FILE).unlink()
-        if self.path.exists():  # only reached with overwrite=True
-            if self.path.is_dir():
-                shutil.rmtree(self.path)
-            else:
-                self.path.unlink()
-        os.replace(self.partial, self.path)
+        if before_publish is not None:
+            before_publish()
+        try:
+            (self.partial / PROGRESS_FILE).unlink()
+            if self.path.exists():  # only reached with overwrite=True
+                if self.path.is_dir() and not self.path.is_symlink():
+                    shutil.rmtree(self.path)
+                else:
+                    self.path.unlink()
+            os.replace(self.partial, self.path)
+        except OSError as exc:
+            raise os_error(exc, self.path, "cannot publish the finished store") from exc
         _fsync_dir(self.path.parent)
         self._done = True
 

@@ -1,0 +1,509 @@
+"""Output safety: sidecar names, the output plan checked before any work, locks and temp files.
+
+Every command that writes builds one :class:`OutputPlan`: the inputs it reads and every path it
+will write (image, transforms, fields, report, work folder, unfinished stores). ``check()``
+resolves them all before any work starts and refuses, with one line naming the flag and path,
+an output that
+
+- is, or lies inside, an input, or contains one (symbolic links resolved, hard links detected);
+- collides with another output (same path, or one inside the other);
+- already exists, unless ``--overwrite``;
+- cannot be written (its folder is read-only, not a folder, or not creatable).
+
+:func:`output_lock` takes an exclusive lock per output (``.NAME.deepalign.lock`` beside it,
+``flock``), so two runs on one output cannot interleave: the second is refused at once.
+Temporary files (:func:`create_temp`) have unpredictable names, are created exclusively without
+following symbolic links, in the output's folder, and a later run on the same output (holding
+its lock) removes the ones an earlier, killed run left (:func:`remove_stale_temps`).
+
+Sidecar names are decided here only: :func:`transforms_path_for` and :func:`fields_path_for`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import DeepAlignError, EnvironmentFailure
+
+__all__ = [
+    "Checkpoint",
+    "EnvironmentFailure",
+    "OutputPlan",
+    "checkpoint_path_for",
+    "TEMP_TAG",
+    "create_temp",
+    "os_error",
+    "fields_path_for",
+    "output_lock",
+    "partial_path_for",
+    "remove_stale_temps",
+    "transforms_path_for",
+    "work_dir_for",
+]
+
+#: Part of every temporary name this tool creates (``.NAME.deepalign-<random>.tmp``).
+TEMP_TAG = ".deepalign-"
+
+_STACK_SUFFIXES = (".tif",)  # stripped from the output name for the sidecars (see below)
+
+
+def transforms_path_for(output: str | os.PathLike[str]) -> Path:
+    """Default transforms file of an aligned stack.
+
+    ``NAME.tif`` gives ``NAME.transforms.json``; every other output keeps its full name,
+    e.g. ``NAME.ome.zarr.transforms.json``, ``NAME.tiff.transforms.json``, so two outputs never
+    share one transforms file (``x.tif`` and ``x.ome.zarr`` used to).
+    """
+    p = Path(output)
+    name = p.name
+    for suffix in _STACK_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return p.with_name(name + ".transforms.json")
+
+
+def fields_path_for(transforms: str | os.PathLike[str]) -> Path:
+    """Displacement-field store of a transforms file: ``NAME.transforms.json`` ->
+    ``NAME.fields.zarr`` (``NAME.json`` -> ``NAME.fields.zarr``; any other name gets
+    ``.fields.zarr`` appended)."""
+    p = Path(transforms)
+    name = p.name
+    for suffix in (".transforms.json", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return p.with_name(name + ".fields.zarr")
+
+
+def partial_path_for(output: str | os.PathLike[str]) -> Path:
+    """Where an unfinished (resumable) Zarr output or field store is kept: ``NAME.partial``."""
+    p = Path(output)
+    return p.with_name(p.name + ".partial")
+
+
+def work_dir_for(output: str | os.PathLike[str]) -> Path:
+    """Default work folder of a distributed run: ``NAME.work``."""
+    p = Path(output)
+    return p.with_name(p.name + ".work")
+
+
+# --------------------------------------------------------------------------------------------
+# Temp files and locks
+# --------------------------------------------------------------------------------------------
+
+
+def create_temp(final: str | os.PathLike[str], suffix: str = ".tmp") -> tuple[int, Path]:
+    """Create a new, empty temporary file for ``final`` in its folder.
+
+    The name is ``.NAME.deepalign-<16 random hex>SUFFIX``; the file is created with
+    ``O_CREAT | O_EXCL | O_NOFOLLOW`` (a planted file or symbolic link is never opened).
+
+    Returns
+    -------
+    (int, pathlib.Path)
+        An open read-write descriptor and the path. The caller closes and renames or deletes.
+    """
+    final = Path(final)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
+    for _ in range(16):
+        tmp = final.with_name(f".{final.name}{TEMP_TAG}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise os_error(exc, final, "cannot create a temporary file beside it") from exc
+    raise EnvironmentFailure(f"{final}: cannot create a unique temporary file in its folder")
+
+
+def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files an earlier run left for ``final`` (call while holding its lock).
+
+    Only regular files (or symbolic links, which are unlinked, never followed) named
+    ``.NAME.deepalign-*`` in ``final``'s folder are removed, excluding the lock file.
+    """
+    final = Path(final)
+    prefix = f".{final.name}{TEMP_TAG}"
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix) or entry.name.endswith(".lock"):
+            continue
+        if entry.is_symlink() or entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _lock_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.deepalign.lock")
+
+
+_HELD: dict[Path, list[Any]] = {}  # resolved output -> [fd, lock path, depth]
+
+
+@contextlib.contextmanager
+def output_lock(outputs: Sequence[str | os.PathLike[str]]) -> Iterator[None]:
+    """Hold an exclusive lock on each output for the duration of a ``with`` block.
+
+    The lock is ``flock`` on ``.NAME.deepalign.lock`` beside the output, so the kernel releases
+    it when the process dies (no stale locks); the file is removed on exit. A second run on the
+    same output is refused at once with a message naming the output and the holder's pid.
+    Re-entrant within one process (the CLI locks, then the API it calls locks again). On first
+    acquisition the temporary files an earlier, killed run left for the output are removed.
+    """
+    taken: list[Path] = []
+    try:
+        for out in outputs:
+            key = _resolve(Path(out))
+            if key in _HELD:
+                _HELD[key][2] += 1
+            else:
+                fd, path = _acquire(Path(out))
+                _HELD[key] = [fd, path, 1]
+                remove_stale_temps(out)
+            taken.append(key)
+        yield
+    finally:
+        for key in reversed(taken):
+            entry = _HELD[key]
+            entry[2] -= 1
+            if entry[2] == 0:
+                del _HELD[key]
+                with contextlib.suppress(OSError):
+                    os.unlink(entry[1])
+                os.close(entry[0])
+
+
+def _acquire(output: Path) -> tuple[int, Path]:
+    path = _lock_path(output)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(20):
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DeepAlignError(f"{path}: the lock file is a symbolic link; remove it."
+                                     ) from exc
+            raise os_error(exc, output, "cannot create its lock file") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise DeepAlignError(
+                f"{output}: another deepalign-fast run (pid {holder}) is writing this output; "
+                "wait for it to finish or choose another output name.") from None
+        # The holder may have removed the file between our open and flock: retry on a new one.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd, path
+        os.close(fd)
+    raise EnvironmentFailure(f"{path}: could not take the output lock")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors from the operating system
+# --------------------------------------------------------------------------------------------
+
+_ERRNO_HINTS = {
+    errno.ENOSPC: "the disk is full; free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded; free space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "permission denied; check the folder's permissions or write elsewhere",
+    errno.EPERM: "operation not permitted (immutable or protected file?); write elsewhere",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EISDIR: "it is a folder",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.EIO: "input/output error from the device",
+}
+
+
+def os_error(exc: OSError, path: str | os.PathLike[str] | None, doing: str = "") -> DeepAlignError:
+    """One-line error for an ``OSError``: bad input (missing file, wrong kind) or an
+    :class:`EnvironmentFailure` (full disk, read-only, permissions, I/O error)."""
+    where = path if path is not None else (exc.filename or "?")
+    hint = _ERRNO_HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+    text = f"{where}: {doing}: {hint}" if doing else f"{where}: {hint}"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+        return DeepAlignError(text)
+    return EnvironmentFailure(text)
+
+
+# --------------------------------------------------------------------------------------------
+# The output plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Out:
+    path: Path
+    flag: str
+    folder: bool
+    may_exist: bool
+
+
+@dataclass
+class OutputPlan:
+    """Inputs and outputs of one command, checked together before any work (module docstring).
+
+    Parameters
+    ----------
+    overwrite : bool
+        Existing outputs may be replaced (only once the new ones are complete).
+    overwrite_flag : str
+        How the caller names the permission in messages (``"--overwrite"`` for the CLI).
+    """
+
+    overwrite: bool = False
+    overwrite_flag: str = "--overwrite"
+    inputs: list[tuple[Path, str]] = field(default_factory=list)
+    outputs: list[_Out] = field(default_factory=list)
+
+    def input(self, path: str | os.PathLike[str] | None, flag: str) -> OutputPlan:
+        """Add an input (file or folder) the command reads; None is ignored."""
+        if path is not None:
+            self.inputs.append((Path(path), flag))
+        return self
+
+    def output(self, path: str | os.PathLike[str] | None, flag: str, *, folder: bool = False,
+               may_exist: bool = False) -> OutputPlan:
+        """Add a path the command writes; ``folder``: a directory (Zarr store, work folder);
+        ``may_exist``: an existing one is reused, not replaced (a resume point)."""
+        if path is not None:
+            self.outputs.append(_Out(Path(path), flag, folder, may_exist))
+        return self
+
+    def check(self) -> None:
+        """Refuse the plan (see the module docstring) before any work; creates nothing.
+
+        Raises
+        ------
+        DeepAlignError
+            An output is or touches an input, collides with another output, or exists
+            without ``overwrite``.
+        EnvironmentFailure
+            An output's folder cannot be written.
+        """
+        ins = [(p, flag, _resolve(p)) for p, flag in self.inputs]
+        for p, flag, r in ins:
+            if not os.path.lexists(p):
+                raise DeepAlignError(f"{p}: {_flag_text(flag)}does not exist")
+            del r
+        seen: list[tuple[_Out, Path]] = []
+        for out in self.outputs:
+            r = _resolve(out.path)
+            if os.path.islink(out.path):
+                raise DeepAlignError(
+                    f"{out.path}: {_flag_text(out.flag)}is a symbolic link (to "
+                    f"{os.readlink(out.path)}); name the real destination instead.")
+            for ip, iflag, ir in ins:
+                self._check_against_input(out, r, ip, iflag, ir)
+            for other, ro in seen:
+                if r == ro or r.is_relative_to(ro) or ro.is_relative_to(r):
+                    raise DeepAlignError(
+                        f"{out.path}: {_flag_text(out.flag)}collides with "
+                        f"{_flag_text(other.flag)}{other.path}; give them different names.")
+            seen.append((out, r))
+            if os.path.lexists(out.path) and not out.may_exist:
+                if not self.overwrite:
+                    raise DeepAlignError(
+                        f"{out.path}: {_flag_text(out.flag)}already exists; pass "
+                        f"{self.overwrite_flag} to replace it, or choose another name.")
+                if out.folder != out.path.is_dir():
+                    kind = "a folder" if out.path.is_dir() else "a file"
+                    raise DeepAlignError(f"{out.path}: {_flag_text(out.flag)}exists and is "
+                                         f"{kind}; {self.overwrite_flag} does not replace it. "
+                                         "Remove it or choose another name.")
+            _check_writable(out.path, out.flag)
+
+    def _check_against_input(self, out: _Out, r: Path, ip: Path, iflag: str, ir: Path) -> None:
+        what = _flag_text(out.flag)
+        if r == ir or _same_file(out.path, ip):
+            raise DeepAlignError(f"{out.path}: {what}is the input {ip}; write it to another "
+                                 "name so the input stays unchanged.")
+        if r.is_relative_to(ir):
+            raise DeepAlignError(f"{out.path}: {what}lies inside the input {ip}; write it "
+                                 "elsewhere so the input stays unchanged.")
+        if ir.is_relative_to(r):
+            raise DeepAlignError(f"{out.path}: {what}contains the input {ip}; replacing it "
+                                 "would delete the input. Write it elsewhere.")
+        if ip.is_dir() and out.path.is_file() and os.stat(out.path).st_nlink > 1 \
+                and _hardlinked_into(out.path, ip):
+            raise DeepAlignError(f"{out.path}: {what}is a hard link to a file of the input "
+                                 f"{ip}; write it elsewhere.")
+
+    def prepare(self) -> None:
+        """Create the outputs' missing parent folders (after :meth:`check`)."""
+        for out in self.outputs:
+            try:
+                out.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise os_error(exc, out.path, "cannot create its folder") from exc
+
+    def primary(self) -> list[Path]:
+        return [o.path for o in self.outputs]
+
+
+def _flag_text(flag: str) -> str:
+    return f"({flag}) " if flag else ""
+
+
+def _resolve(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # symlink loop
+        return p.absolute()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _hardlinked_into(path: Path, folder: Path) -> bool:
+    """True when ``path`` is a hard link to a file directly in ``folder`` (a slice folder)."""
+    try:
+        st = os.stat(path)
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=True):
+                est = entry.stat()
+                if (est.st_dev, est.st_ino) == (st.st_dev, st.st_ino):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """The nearest existing ancestor folder must accept a new file (probed, then removed)."""
+    parent = path.parent
+    while not parent.exists():
+        if parent.is_symlink():  # dangling link in the path
+            raise DeepAlignError(f"{path}: {_flag_text(flag)}its folder {parent} is a broken "
+                                 "symbolic link.")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DeepAlignError(f"{path}: {_flag_text(flag)}{parent} is not a folder.")
+    probe = parent / f".deepalign-probe-{secrets.token_hex(8)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o600)
+    except OSError as exc:
+        raise os_error(exc, path, f"{_flag_text(flag)}cannot write into {parent}") from exc
+    os.close(fd)
+    os.unlink(probe)
+    if path.exists() and not path.is_dir():
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode) and not os.access(path, os.W_OK) and \
+                not os.access(parent, os.W_OK):
+            raise EnvironmentFailure(f"{path}: {_flag_text(flag)}cannot be replaced "
+                                     "(permission denied).")
+
+
+# --------------------------------------------------------------------------------------------
+# Resume: the estimation checkpoint of one output
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_path_for(output: str | os.PathLike[str]) -> Path:
+    """``.NAME.deepalign.resume.json`` beside the output (kept until the output is published)."""
+    p = Path(output)
+    return p.with_name(f".{p.name}.deepalign.resume.json")
+
+
+def _input_identity(path: Path) -> dict[str, Any]:
+    """What must be unchanged for a checkpoint to apply: the resolved path, and for a file its
+    size and modification time (folders and stores: their shape is compared by the caller)."""
+    st = os.stat(path)
+    ident: dict[str, Any] = {"path": str(path.resolve())}
+    if not stat.S_ISDIR(st.st_mode):
+        ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return ident
+
+
+@dataclass
+class Checkpoint:
+    """The finished estimation of one ``align`` run, saved before rendering starts.
+
+    A rerun of the same command (same input, unchanged, and the same options) after a kill or
+    a failure during rendering loads it instead of estimating again; the output is then
+    identical to an uninterrupted run. It is deleted once the output is published.
+    """
+
+    path: Path
+    key: dict[str, Any]
+
+    @classmethod
+    def for_run(cls, source: Path | None, output: str | os.PathLike[str],
+                shape: tuple[int, int, int], options: dict[str, Any]) -> Checkpoint | None:
+        """The checkpoint of aligning file/folder ``source`` into ``output`` (None: in-memory
+        input, which cannot be resumed)."""
+        if source is None:
+            return None
+        key = {"input": _input_identity(source), "shape": [int(s) for s in shape],
+               "options": json.loads(json.dumps(options))}
+        return cls(checkpoint_path_for(output), key)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved estimation (``transforms``, ``matches``, ``timings``) when it belongs to
+        this run, else None (a checkpoint of another input or other options is ignored and
+        replaced by the next :meth:`save`)."""
+        try:
+            if self.path.is_symlink() or not self.path.is_file():
+                return None
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(data, dict) or data.get("key") != self.key:
+            return None
+        return data if isinstance(data.get("transforms"), dict) else None
+
+    def save(self, transforms: dict[str, Any], matches: list[int],
+             timings: dict[str, float]) -> None:
+        """Write atomically (exclusive temp file + rename)."""
+        text = json.dumps({"key": self.key, "transforms": transforms, "matches": matches,
+                           "timings": timings})
+        fd, tmp = create_temp(self.path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise os_error(exc, self.path, "cannot save the resume checkpoint") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
