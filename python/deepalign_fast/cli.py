@@ -1,47 +1,77 @@
 """Command line interface: a thin layer over the Python API (no alignment logic lives here).
 
 Each subcommand is registered by its own ``_add_<name>`` function, which sets ``func``.
+
+Every command that writes builds an :class:`~deepalign_fast.outputs.OutputPlan` first: all its
+outputs are checked against its inputs, each other, ``--overwrite`` and the file system before
+any work, and locked while it runs. Errors are one line on stderr; exit status 2 is bad input,
+1 an environment failure (full disk, read-only folder, permissions), 3 an alignment that
+finished with more than half of its slices flagged, 130/143 an interruption (SIGINT/SIGTERM,
+temporary files removed). ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from ._errors import DeepAlignError
+from ._errors import DeepAlignError, EnvironmentFailure
 
 if TYPE_CHECKING:
     from .pipeline import AlignResult
 
 
+_FLAG_NAMES = {"num_threads": "--threads"}
+
+
+def _flag(name: str) -> str:
+    """The CLI flag of an API option name: ``max_folding`` -> ``--max-folding``."""
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
 def _align_options(args: argparse.Namespace) -> Any:
     from .pipeline import AlignOptions
 
-    return AlignOptions(features=args.features, model=args.model, neighbours=args.neighbours,
-                        threshold=args.threshold, drift=args.drift,
-                        drift_window=args.drift_window, canvas=args.canvas,
-                        num_threads=args.threads, provider=args.provider, mode=args.mode,
-                        masks=None if args.masks is None else str(args.masks),
-                        max_folding=args.max_folding)
+    try:
+        return AlignOptions(features=args.features, model=args.model, neighbours=args.neighbours,
+                            threshold=args.threshold, drift=args.drift,
+                            drift_window=args.drift_window, canvas=args.canvas,
+                            num_threads=args.threads, provider=args.provider, mode=args.mode,
+                            masks=None if args.masks is None else str(args.masks),
+                            max_folding=args.max_folding)
+    except (ValueError, TypeError) as exc:
+        names = "|".join(f.name for f in dataclass_fields(AlignOptions))
+        msg = re.sub(rf"\b({names})\b", lambda m: _flag(m.group(1)), str(exc))
+        raise DeepAlignError(msg) from None
 
 
-def _make_parent(path: Path) -> None:
-    """Outputs may go into a folder that does not exist yet (never touches the input)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _finite(value: float, flag: str, *, positive: bool = True) -> None:
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise DeepAlignError(f"{flag} must be a finite number{' > 0' if positive else ''}, "
+                             f"got {value}")
 
 
-def _default_transforms_path(output: Path) -> Path:
-    name = output.name
-    for suffix in (".ome.zarr", ".zarr", ".tiff", ".tif"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return output.with_name(name + ".transforms.json")
+def _lock(plan: Any) -> Any:
+    from .outputs import output_lock
+
+    return output_lock(plan.primary())
+
+
+def _mostly_flagged(summary: dict[str, Any]) -> bool:
+    return 2 * len(summary["flagged"]) > int(summary["slices"])
 
 
 def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
@@ -56,7 +86,11 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  residual median {res:.3f} px, max {summary['residual_max_px']:.3f} px"
           if res is not None else "  no residuals (single slice?)")
     print(f"  median consistent matches per slice: {summary['matches_median']:.0f}")
-    print(f"  flagged slices ({len(flagged)}): {flagged if flagged else 'none'}")
+    print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
+          + (f" {flagged}" if flagged else ""))
+    if _mostly_flagged(summary):
+        print("  more than half of the slices were flagged: check the input and the options "
+              "(exit status 3)")
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in summary["timings_s"].items() if k != "total")
     print(f"  time per stage: {stages}")
 
@@ -106,7 +140,8 @@ def _add_align(sub: Any) -> None:
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="aligned stack (.tif/.tiff or .zarr/.ome.zarr)")
     p.add_argument("--transforms", type=Path, default=None,
-                   help="transforms file (default: OUTPUT with .transforms.json)")
+                   help="transforms file (default: NAME.transforms.json for NAME.tif, "
+                        "OUTPUT.transforms.json for other outputs)")
     p.add_argument("--report", type=Path, default=None, help="write a QC report (HTML)")
     _add_align_arguments(p)
     p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT|local:N",
@@ -114,42 +149,89 @@ def _add_align(sub: Any) -> None:
                         "N worker processes (needs the 'distributed' extra; output must be "
                         ".zarr/.ome.zarr; rerun the same command to resume)")
     p.add_argument("--work-dir", type=Path, default=None,
-                   help="with --scheduler: pair cache and resume state "
-                        "(default OUTPUT.work, deleted after success)")
+                   help="with --scheduler: pair cache and resume state, a new or empty folder "
+                        "(default OUTPUT.work; the tool's files are deleted after success)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (once the new ones are complete)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_align)
 
 
+def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
+    from .outputs import OutputPlan, fields_path_for, partial_path_for, work_dir_for
+
+    is_zarr = args.output.suffix.lower() == ".zarr"
+    plan = OutputPlan(overwrite=args.overwrite)
+    plan.input(args.input, "INPUT").input(args.masks, "--masks")
+    plan.output(args.output, "-o", folder=is_zarr)
+    plan.output(transforms_path, "--transforms")
+    if args.mode == "elastic":
+        plan.output(fields_path_for(transforms_path), "fields", folder=True)
+    plan.output(args.report, "--report")
+    if is_zarr:
+        plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True)
+    if args.scheduler is not None:
+        plan.output(args.work_dir or work_dir_for(args.output), "--work-dir", folder=True,
+                    may_exist=True)
+    return plan
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
-    from .io import check_distinct
     from .pipeline import Aligner
 
-    check_distinct(args.input, args.output)
-    _make_parent(args.output)
+    _finite(args.threshold, "--threshold")
+    if args.masks is not None and args.mode != "expected-affine":
+        raise DeepAlignError("--masks only applies with --mode expected-affine")
+    if args.work_dir is not None and args.scheduler is None:
+        raise DeepAlignError("--work-dir only applies with --scheduler")
+    if args.scheduler is not None:
+        if args.mode != "affine":
+            raise DeepAlignError(f"--scheduler renders one affine per slice; --mode {args.mode} "
+                                 "runs on one machine only (drop --scheduler)")
+        if args.output.suffix.lower() != ".zarr":
+            raise DeepAlignError(f"{args.output}: (-o) with --scheduler the output must be "
+                                 "(OME-)Zarr (.zarr/.ome.zarr)")
+    from .io import open_writer  # noqa: F401 - fail early on a missing optional dependency
+
+    suffix = args.output.suffix.lower()
+    if suffix not in (".tif", ".tiff", ".btf", ".zarr"):
+        raise DeepAlignError(f"{args.output}: (-o) cannot tell the output format from suffix "
+                             f"{suffix!r}; use .tif/.tiff or .zarr/.ome.zarr")
+    options = _align_options(args)
     transforms_path = args.transforms or _default_transforms_path(args.output)
+    plan = _align_plan(args, transforms_path)
+    plan.check()
+    plan.prepare()
     progress = False if args.quiet else None
     result: AlignResult
-    if args.scheduler is not None:
-        from .distributed import align_distributed
+    with _lock(plan):
+        plan.check()  # again under the lock: a run that just finished may have published
+        if args.scheduler is not None:
+            from .distributed import align_distributed
 
-        result = align_distributed(args.input, args.output, scheduler=args.scheduler,
-                                   options=_align_options(args),
-                                   transforms_path=transforms_path, work_dir=args.work_dir,
-                                   progress=progress)
-    else:
-        if args.work_dir is not None:
-            raise DeepAlignError("--work-dir only applies with --scheduler")
-        result = Aligner(_align_options(args)).align_stack(
-            args.input, args.output, transforms_path=transforms_path, progress=progress)
-    summary = result.summary()
-    summary["output"] = str(args.output)
-    summary["transforms"] = str(transforms_path)
-    if args.report is not None:
-        _write_report(args.input, args.output, result, args.report)
-        summary["report"] = str(args.report)
+            result = align_distributed(args.input, args.output, scheduler=args.scheduler,
+                                       options=options, transforms_path=transforms_path,
+                                       work_dir=args.work_dir, progress=progress,
+                                       overwrite=args.overwrite)
+        else:
+            result = Aligner(options).align_stack(
+                args.input, args.output, transforms_path=transforms_path, progress=progress,
+                overwrite=args.overwrite)
+        summary = result.summary()
+        summary["output"] = str(args.output)
+        summary["transforms"] = str(transforms_path)
+        if args.report is not None:
+            _write_report(args.input, args.output, result, args.report)
+            summary["report"] = str(args.report)
     _print_summary(summary, as_json=args.json)
-    return 0
+    return 3 if _mostly_flagged(summary) else 0
+
+
+def _default_transforms_path(output: Path) -> Path:
+    from .outputs import transforms_path_for
+
+    return transforms_path_for(output)
 
 
 def _write_report(before: Path, after: Path, result: Any, path: Path) -> None:
@@ -190,21 +272,40 @@ def _add_apply(sub: Any) -> None:
                    help="INPUT has pixels this many times finer than the aligned stack "
                         "(apply binned transforms to full resolution)")
     p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (once the new one is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_apply)
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from .outputs import OutputPlan
     from .pipeline import Aligner
-    from .transforms import TransformSet
+    from .transforms import MAX_CANVAS_GROWTH, TransformSet
 
+    _finite(args.scale, "--scale")
+    if not 1 / MAX_CANVAS_GROWTH <= args.scale <= MAX_CANVAS_GROWTH:
+        raise DeepAlignError(f"--scale must lie between 1/{MAX_CANVAS_GROWTH} and "
+                             f"{MAX_CANVAS_GROWTH}, got {args.scale:g}")
+    if args.threads < 0:
+        raise DeepAlignError(f"--threads must be >= 0, got {args.threads}")
+    plan = OutputPlan(overwrite=args.overwrite)
+    plan.input(args.transforms, "TRANSFORMS").input(args.input, "INPUT")
+    plan.output(args.output, "-o", folder=args.output.suffix.lower() == ".zarr")
+    plan.check()
     ts = TransformSet.load(args.transforms)
-    _make_parent(args.output)
+    if ts.fields is not None:
+        plan.input(ts.fields.path, "fields")
+        plan.check()
     if args.scale != 1.0:
         ts = ts.rescaled(args.scale)
-    Aligner(num_threads=args.threads).render(args.input, ts, args.output,
-                                              interpolation=args.interpolation,
-                                              progress=False if args.quiet else None)
+    plan.prepare()
+    with _lock(plan):
+        plan.check()
+        Aligner(num_threads=args.threads).render(
+            args.input, ts, args.output, interpolation=args.interpolation,
+            progress=False if args.quiet else None,
+            writer_options={"overwrite": args.overwrite})
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     return 0
 
@@ -212,18 +313,22 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="align the bundled real FIB-SEM sample, write a QC report")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier demo in --out")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .datasets import sample_stack_path
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.exists() and not args.out.is_dir():
+        raise DeepAlignError(f"{args.out}: (--out) exists and is not a folder; choose a folder")
     sample = sample_stack_path()
     print(f"sample: {sample.name} (14 raw FIB-SEM slices of shale, MIT licence)")
     argv = ["align", str(sample), "-o", str(args.out / "aligned.tif"),
-            "--report", str(args.out / "report.html"), "--model", "rigid", "--quiet"]
-    rc = main(argv)
+            "--report", str(args.out / "report.html"), "--model", "rigid", "--quiet",
+            *(["--overwrite"] if args.overwrite else [])]
+    rc = _cmd_align(build_parser().parse_args(argv))
     print(f"outputs in {args.out}/: aligned.tif, aligned.transforms.json, report.html")
     return rc
 
@@ -249,6 +354,12 @@ def _add_bench(sub: Any) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import STAGES, run_bench
 
+    if args.stack is None and (args.slices < 2 or args.size < 64):
+        raise DeepAlignError(f"--slices must be >= 2 and --size >= 64 (got {args.slices} and "
+                             f"{args.size})")
+    if args.threads < 0:
+        raise DeepAlignError(f"--threads must be >= 0, got {args.threads}")
+
     rows = run_bench(args.stack, slices=args.slices, size=args.size,
                      features=tuple(args.features),
                      providers=tuple(args.providers) if args.providers else None,
@@ -272,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast, artifact-robust alignment of volume-EM image stacks.",
     )
     parser.add_argument("--version", action="version", version=f"deepalign-fast {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_align(sub)
     _add_apply(sub)
@@ -281,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_bench(sub)
     _add_register(sub)
+    for command in sub.choices.values():  # --debug also after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the Python traceback of an error")
     return parser
 
 
@@ -302,15 +418,50 @@ def _add_register(sub: Any) -> None:
     p.add_argument("--blank-damage", action="store_true",
                    help="set output pixels whose source lies in the damage to 0")
     p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_register)
 
 
-def _cmd_register(args: argparse.Namespace) -> int:
+def _write_image_atomic(path: Path, image: Any) -> None:
+    """Encode ``image`` by ``path``'s suffix and publish it with an exclusive temp + rename."""
     import cv2
 
+    from .outputs import create_temp, os_error
+
+    try:
+        ok, data = cv2.imencode(path.suffix.lower(), image)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise DeepAlignError(f"{path}: (-o) cannot write this image as {path.suffix!r}; use "
+                             ".tif or .png")
+    fd, tmp = create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise os_error(exc, path, "cannot write the image") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
     from .expected_affine import register_pair
     from .io import read_image
+    from .outputs import OutputPlan
 
+    if args.output.suffix.lower() not in (".tif", ".tiff", ".png"):
+        raise DeepAlignError(f"{args.output}: (-o) unsupported image suffix "
+                             f"{args.output.suffix!r}; use .tif, .tiff or .png")
+    plan = OutputPlan(overwrite=args.overwrite)
+    plan.input(args.fixed, "FIXED").input(args.moving, "MOVING").input(args.mask, "--mask")
+    plan.output(args.output, "-o")
+    plan.check()
     fixed, moving = read_image(args.fixed), read_image(args.moving)
     mask = None if args.mask is None else read_image(args.mask)
     res = register_pair(fixed, moving, mask=mask, features=args.features,
@@ -318,9 +469,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if not res:
         raise DeepAlignError(f"{args.moving}: registration failed: {res.reason}")
     out = res.warp(moving, mask_damage=args.blank_damage)
-    _make_parent(args.output)
-    if not cv2.imwrite(str(args.output), out):
-        raise DeepAlignError(f"{args.output}: could not write the image")
+    plan.prepare()
+    with _lock(plan):
+        plan.check()
+        _write_image_atomic(args.output, out)
     status = f"fallback to the global affine ({res.reason})" if res.fallback else \
         f"{len(res.cluster_affines)} local affines, {len(res.points_moving)} keypoints"
     print(f"registered {args.moving} -> {args.output}: {status}")
@@ -344,14 +496,30 @@ def _add_make_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--labels", metavar="LABELS", help="label stack of CLEAN_STACK")
     p.add_argument("--artifacts", action="store_true",
                    help="add curtaining, brightness drift and noise")
+    p.add_argument("--overwrite", action="store_true", help="replace files of an earlier run")
     p.set_defaults(func=_run_make_benchmark)
 
 
 def _run_make_benchmark(args: argparse.Namespace) -> int:
     from .evaluate import make_benchmark
+    from .outputs import OutputPlan
 
-    truth = make_benchmark(args.clean_stack, args.out_dir, profile=args.profile, seed=args.seed,
-                           labels=args.labels, artifacts=args.artifacts)
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise DeepAlignError(f"{out}: (OUT_DIR) exists and is not a folder")
+    plan = OutputPlan(overwrite=args.overwrite)
+    plan.input(args.clean_stack, "CLEAN_STACK").input(args.labels, "--labels")
+    names = ["misaligned.tif", "ground_truth.json"]
+    if args.labels:
+        names += ["misaligned_labels.tif", "clean_labels.tif"]
+    for name in names:
+        plan.output(out / name, "OUT_DIR")
+    plan.check()
+    plan.prepare()
+    with _lock(plan):
+        plan.check()
+        truth = make_benchmark(args.clean_stack, args.out_dir, profile=args.profile,
+                               seed=args.seed, labels=args.labels, artifacts=args.artifacts)
     print(f"wrote {len(truth)} slices of {truth.shape[0]}x{truth.shape[1]} (margin "
           f"{truth.margin} px, profile {truth.profile}) to {args.out_dir}")
     return 0
@@ -391,7 +559,20 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--title", default="")
     p.add_argument("--z-scale", type=float, default=1.0,
                    help="slice spacing / pixel size, for true reslice proportions")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.set_defaults(func=_run_report)
+
+
+def _report_plan(args: argparse.Namespace) -> Any:
+    from .outputs import OutputPlan
+
+    _finite(args.z_scale, "--z-scale")
+    plan = OutputPlan(overwrite=args.overwrite)
+    plan.input(args.before, "BEFORE").input(args.after, "AFTER")
+    plan.input(args.transforms, "--transforms").output(Path(args.output), "-o")
+    plan.check()
+    plan.prepare()
+    return plan
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -399,12 +580,48 @@ def _run_report(args: argparse.Namespace) -> int:
     from .io import open_stack
     from .report import write_report
 
+    plan = _report_plan(args)
     transforms = None if args.transforms is None else load_transforms(args.transforms)
-    with open_stack(args.before) as before, open_stack(args.after) as after:
+    with _lock(plan), open_stack(args.before) as before, open_stack(args.after) as after:
+        plan.check()
         out = write_report(args.output, before=before, after=after, transforms=transforms,
                            title=args.title, z_scale=args.z_scale)
     print(f"wrote {out}")
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM, Kubernetes, kill): unwinds like Ctrl-C, so temporary files are removed."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    try:
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _api_words_to_flags(msg: str) -> str:
+    """API wording in messages raised below the CLI -> the CLI's flags."""
+    msg = re.sub(r"\s*\(API: [^)]*\)", "", msg)
+    msg = re.sub(r"\boverwrite=True\b", "--overwrite", msg)
+    msg = re.sub(r"\bprovider='?(\w+)'?", r"--provider \1", msg)
+    return msg.replace("pass resume=True", "rerun the same command")
+
+
+def _error(msg: str) -> None:
+    line = " ".join(_api_words_to_flags(str(msg)).split())
+    print(f"deepalign-fast: error: {line}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -413,12 +630,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    debug = bool(getattr(args, "debug", False))
     try:
-        return int(args.func(args))
-    except (DeepAlignError, ValueError) as exc:
-        print(f"deepalign-fast: error: {exc}", file=sys.stderr)
-        return 2
+        with _sigterm_unwinds():
+            return int(args.func(args))
+    except _Terminated:
+        if debug:
+            traceback.print_exc()
+        print("deepalign-fast: terminated (SIGTERM); temporary files were removed, and "
+              "rerunning the same command resumes", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print("deepalign-fast: interrupted; no partial output was left under the final name",
               file=sys.stderr)
         return 130
+    except EnvironmentFailure as exc:
+        if debug:
+            traceback.print_exc()
+        _error(str(exc))
+        return 1
+    except (DeepAlignError, ValueError) as exc:
+        if debug:
+            traceback.print_exc()
+        _error(str(exc))
+        return 2
+    except OSError as exc:
+        from .outputs import os_error
+
+        if debug:
+            traceback.print_exc()
+        err = os_error(exc, None)
+        _error(str(err))
+        return 1 if isinstance(err, EnvironmentFailure) else 2
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        _error("out of memory; align a cropped or binned stack, or use a larger machine")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the CLI's promise: one line, no raw traceback
+        if debug:
+            traceback.print_exc()
+        _error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the "
+               "traceback and report it)")
+        return 1

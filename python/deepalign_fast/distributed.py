@@ -355,7 +355,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                       scheduler: Any, options: AlignOptions | None = None,
                       transforms_path: str | os.PathLike[str] | None = None,
                       work_dir: str | os.PathLike[str] | None = None,
-                      keep_work: bool = False, window: int | None = None,
+                      keep_work: bool = False, overwrite: bool = False,
+                      window: int | None = None,
                       progress: bool | None = None,
                       on_progress: Callable[[str, int], None] | None = None
                       ) -> DistributedResult:
@@ -379,6 +380,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         Pair cache and resume state (default ``<output>.work``): a new or empty folder, or
         one this tool created earlier (it carries a marker file). After success its files are
         deleted, and the folder if the tool created it, unless ``keep_work``.
+    overwrite : bool
+        Replace an existing ``output`` and transforms file once the new ones are complete.
     window : int, optional
         How many slices ahead of the solve to prepare and match (default 4 per worker, at
         least 8). Bounds the prepared slices held in worker memory.
@@ -401,6 +404,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         Output not Zarr, output exists, input unreadable, or a work folder from another run.
     """
     from .io import ZarrStackWriter, check_distinct, open_stack
+    from .outputs import OutputPlan
 
     t_start = time.perf_counter()
     opts = options or AlignOptions()
@@ -414,8 +418,13 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                              "which workers can fill slice by slice; convert afterwards if "
                              "you need a TIFF.")
     check_distinct(src, out)
-    if out.exists():
-        raise DeepAlignError(f"{output}: output already exists; choose another name.")
+    if out.exists() and not overwrite:
+        raise DeepAlignError(f"{output}: output already exists; pass --overwrite (API: "
+                             "overwrite=True) or choose another name.")
+    if transforms_path is not None and Path(transforms_path).exists() and not overwrite:
+        raise DeepAlignError(f"{transforms_path}: transforms file already exists; pass "
+                             "--overwrite (API: overwrite=True) or choose another name.")
+
     if not out.parent.is_dir():
         raise DeepAlignError(f"{output}: output folder {out.parent} does not exist.")
     with open_stack(src) as reader:
@@ -426,8 +435,11 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     opts_d = asdict(opts)
     manifest = {"version": MANIFEST_VERSION, "input": str(src), "shape": [n, h, w],
                 "dtype": np.dtype(dtype).name, "options": opts_d}
-    work = _WorkDir(Path(work_dir).absolute() if work_dir else _default_work_dir(out),
-                    manifest, out)
+    work_root = Path(work_dir).absolute() if work_dir else _default_work_dir(out)
+    # The work folder must not be, hold or sit inside the input or the output.
+    OutputPlan(overwrite=True).input(src, "INPUT").output(out, "-o", folder=True).output(
+        work_root, "--work-dir", folder=True, may_exist=True).check()
+    work = _WorkDir(work_root, manifest, out)
     # Task keys are unique per run: after an interrupted run the scheduler may still be
     # cancelling that run's futures, and a rerun reusing their keys would be cancelled too.
     tok = f"{work.token}-{uuid.uuid4().hex[:8]}"
@@ -517,12 +529,10 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             pair_futs.clear()
         t_est = time.perf_counter() - t0
         ts: TransformSet = aligner._transform_set(solver, (n, h, w))
-        if transforms_path is not None:
-            ts.save(transforms_path)
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
-        writer = ZarrStackWriter(out, (n, oh, ow), dtype, resume=True)
+        writer = ZarrStackWriter(out, (n, oh, ow), dtype, resume=True, overwrite=overwrite)
         done = writer.completed()
         counts["render_skipped"] = len(done)
         bar = _Progress(n - len(done), "render (dask)", progress)
@@ -543,7 +553,13 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             bar.close()
             for fut in futs:
                 fut.cancel()
-        writer.close()  # raises (keeping .partial) if a slice is missing
+        # Raises (keeping .partial) if a slice is missing; the transforms file is published
+        # just before the output, so neither appears without the other.
+        def publish() -> None:
+            if transforms_path is not None:
+                ts.save(transforms_path)
+
+        writer.close(before_publish=publish)
         t_render = time.perf_counter() - t0
     if not keep_work:
         work.remove()

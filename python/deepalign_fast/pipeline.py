@@ -536,14 +536,12 @@ class _Progress:
 
 
 def _fields_path(path: str | os.PathLike[str]) -> Path:
-    """``NAME.fields.zarr`` next to a transforms file or output (suffixes stripped)."""
+    """The field store of a transforms file (``*.json``) or of an output's default transforms
+    file (names: :mod:`deepalign_fast.outputs`)."""
+    from .outputs import fields_path_for, transforms_path_for
+
     p = Path(path)
-    name = p.name
-    for suffix in (".transforms.json", ".json", ".ome.zarr", ".zarr", ".tiff", ".tif"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return p.with_name(name + ".fields.zarr")
+    return fields_path_for(p if p.name.endswith(".json") else transforms_path_for(p))
 
 
 class Aligner:
@@ -616,13 +614,19 @@ class Aligner:
     def render(self, stack: Any, transforms: TransformSet, output: str | os.PathLike[str], *,
                interpolation: str = "linear", progress: bool | None = None,
                writer_options: dict[str, Any] | None = None,
-               fields_path: str | os.PathLike[str] | None = None) -> dict[str, float]:
+               fields_path: str | os.PathLike[str] | None = None,
+               before_publish: Callable[[], None] | None = None) -> dict[str, float]:
         """Warp every slice of ``stack`` once with ``transforms`` and write ``output``.
 
         Transforms that carry displacement fields are applied with them. With
         ``mode="elastic"`` the fields are computed here, kept in ``transforms.fields`` and
-        written to ``fields_path`` (default: next to ``output``). Returns the seconds spent
-        reading, rendering and writing (summed over threads).
+        written to ``fields_path`` (default: next to ``output``); a slice whose flow is not
+        finite keeps its affine and is added to ``transforms.flagged``. The output (and the
+        field store) appear only when complete; ``before_publish`` runs just before the
+        output is renamed into place (``align_stack`` writes the transforms file there).
+        ``writer_options={"resume": True}`` continues an unfinished Zarr output, skipping
+        its finished slices. Returns the seconds spent reading, rendering and writing (summed
+        over threads).
         """
         from .io import as_reader, check_distinct, open_writer, reader_path
 
@@ -631,12 +635,22 @@ class Aligner:
                 raise DeepAlignError(
                     f"{reader.path}: {len(reader)} slices but the transforms have "
                     f"{len(transforms)}")
+            if tuple(reader.shape[1:]) != tuple(transforms.input_shape[1:]):
+                ty, tx = transforms.input_shape[1:]
+                raise DeepAlignError(
+                    f"{reader.path}: slices are {reader.shape[1]} x {reader.shape[2]} (y, x), but "
+                    f"the transforms were made for {ty} x {tx}; use the matching stack, or "
+                    "--scale (API: TransformSet.rescaled) for a binned or finer copy")
             source = reader_path(reader)
             if source is not None:
                 check_distinct(source, output)
             h, w = transforms.output_shape
+            from .io import check_slice_size
+
+            check_slice_size(output, (h, w), reader.dtype)
             bar = _Progress(len(reader), "render", progress)
             threads = self.options.num_threads
+            fields_out = _fields_path(output) if fields_path is None else Path(fields_path)
 
             times = _StageTimes()
             refine: Any = None
@@ -644,9 +658,8 @@ class Aligner:
             if self.options.mode == "elastic":
                 from .elastic import ElasticRefiner
 
-                store = FieldStore.create(
-                    _fields_path(output) if fields_path is None else fields_path,
-                    len(reader), (h, w), stride=self.options.field_stride)
+                store = FieldStore.create(fields_out, len(reader), (h, w),
+                                          stride=self.options.field_stride)
                 refine = ElasticRefiner((h, w), store=store, provider=self.options.provider,
                                         num_threads=threads,
                                         max_folding=self.options.max_folding)
@@ -672,36 +685,86 @@ class Aligner:
                 times.add("render", t0)
                 return out
 
+            def publish() -> None:
+                if store is not None:
+                    store.commit(fields_out)
+                    transforms.fields = store
+                    transforms.folding = list(refine.folding)
+                    transforms.flagged = sorted(set(transforms.flagged) | set(refine.failed))
+                if before_publish is not None:
+                    before_publish()
+
             with open_writer(output, (len(reader), h, w), reader.dtype,
                              **(writer_options or {})) as writer, \
                     ThreadPoolExecutor(max_workers=2) as pool:
-                for z, aligned in enumerate(_prefetch(warp, range(len(reader)), pool, depth=2)):
+                done = writer.completed() if hasattr(writer, "completed") else set()
+                todo = [z for z in range(len(reader)) if z not in done]
+                for z, aligned in zip(todo, _prefetch(warp, todo, pool, depth=2), strict=True):
                     t0 = time.perf_counter()
                     writer.write(z, aligned)
                     times.add("write", t0)
                     bar.step()
+                writer.close(before_publish=publish)
             bar.close()
-            if store is not None:
-                store.commit(_fields_path(output) if fields_path is None else fields_path)
-                transforms.fields = store
-                transforms.folding = list(refine.folding)
         return times.seconds
 
     def align_stack(self, stack: Any, output: str | os.PathLike[str], *,
                     transforms_path: str | os.PathLike[str] | None = None,
-                    progress: bool | None = None) -> AlignResult:
-        """Estimate, then render ``stack`` into ``output`` (TIFF or OME-Zarr by suffix)."""
+                    progress: bool | None = None, overwrite: bool = False) -> AlignResult:
+        """Estimate, then render ``stack`` into ``output`` (TIFF or OME-Zarr by suffix).
+
+        The output and the transforms file are published together once both are complete
+        (the transforms file just before the output is renamed into place); an exclusive lock
+        keeps a second run off the same output. For a file or folder input the finished
+        estimation is checkpointed beside the output: rerunning the same call after a kill or
+        a failure while rendering skips the estimation and, for Zarr in ``mode="affine"``,
+        renders only the slices not yet written. ``overwrite`` replaces existing outputs
+        (once the new ones are complete) and discards an unfinished one from another run.
+        """
+        from .io import as_reader, reader_path
+        from .outputs import Checkpoint, output_lock
+
         t0 = time.perf_counter()
-        result = self.estimate(stack, progress=progress)
-        if transforms_path is not None:
-            result.transforms.save(transforms_path)
-        fields_path = None
-        if self.options.mode == "elastic":
-            fields_path = _fields_path(transforms_path if transforms_path is not None else output)
-        stages = self.render(stack, result.transforms, output, progress=progress,
-                             fields_path=fields_path)
-        if transforms_path is not None and result.transforms.fields is not None:
-            result.transforms.save(transforms_path)  # now with the fields
+        out = Path(output)
+        is_zarr = out.suffix.lower() == ".zarr"
+        locked = [out] + ([Path(transforms_path)] if transforms_path is not None else [])
+        with output_lock(locked), as_reader(stack) as reader:
+            if transforms_path is not None and Path(transforms_path).exists() and not overwrite:
+                raise DeepAlignError(f"{transforms_path}: transforms file already exists; pass "
+                                     "--overwrite (API: overwrite=True) or choose another name.")
+            if out.exists() and not overwrite:
+                raise DeepAlignError(f"{out}: output already exists; pass --overwrite (API: "
+                                     "overwrite=True) or choose another name.")
+            ckpt = Checkpoint.for_run(reader_path(reader), out, reader.shape,
+                                      asdict(self.options))
+            saved = ckpt.load() if ckpt is not None else None
+            if saved is not None and ckpt is not None:
+                ts = TransformSet.from_json(saved["transforms"], source=str(ckpt.path))
+                result = AlignResult(ts, [int(m) for m in saved["matches"]],
+                                     {str(k): float(v) for k, v in saved["timings"].items()})
+            else:
+                result = self.estimate(reader, progress=progress)
+                if ckpt is not None:
+                    ckpt.save(result.transforms.to_json(), list(result.matches),
+                              dict(result.timings))
+            writer_options: dict[str, Any] = {"overwrite": overwrite}
+            if is_zarr:
+                resume = saved is not None and self.options.mode == "affine"
+                writer_options.update(resume=resume, restart=saved is not None)
+            fields_path = None
+            if self.options.mode == "elastic":
+                fields_path = _fields_path(transforms_path if transforms_path is not None
+                                           else output)
+
+            def publish() -> None:
+                if transforms_path is not None:
+                    result.transforms.save(transforms_path)
+
+            stages = self.render(reader, result.transforms, output, progress=progress,
+                                 fields_path=fields_path, writer_options=writer_options,
+                                 before_publish=publish)
+            if ckpt is not None:
+                ckpt.remove()
         for stage, seconds in stages.items():
             result.timings[stage] = result.timings.get(stage, 0.0) + seconds
         result.timings["total"] = time.perf_counter() - t0

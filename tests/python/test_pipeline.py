@@ -210,7 +210,14 @@ def test_cli_align_other_formats(lucchi, tmp_path: Path, layout: str) -> None:
     assert main(["align", str(src), "-o", str(out), "--model", "translation", "--quiet"]) == 0
     with open_stack(out) as r:
         assert r.shape == mis.shape and r.dtype == mis.dtype
-    ts = TransformSet.load(tmp_path / "aligned.transforms.json")
+    from deepalign_fast.outputs import transforms_path_for
+
+    # Per-output sidecars: aligned.transforms.json for a TIFF, aligned.ome.zarr.transforms.json
+    # for a Zarr store, so the two never share one file.
+    expected = "aligned.transforms.json" if layout == "zarr" else \
+        "aligned.ome.zarr.transforms.json"
+    assert transforms_path_for(out).name == expected
+    ts = TransformSet.load(tmp_path / expected)
     tre = target_registration_error(ts.affines, truth.transforms, ts.output_shape)
     assert tre.median < 1.0
 

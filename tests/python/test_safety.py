@@ -1,0 +1,550 @@
+"""Fault injection: no command loses a user's data, every failure is one line with the right exit
+status, and an interrupted run resumes to the same output.
+
+Tiny synthetic stacks (6 slices of 96 x 96, smooth random texture with known shifts) keep each
+case to about a second.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+from deepalign_fast import DeepAlignError, TransformSet
+from deepalign_fast.cli import main
+from deepalign_fast.io import open_stack, open_writer
+from deepalign_fast.outputs import (
+    OutputPlan,
+    checkpoint_path_for,
+    create_temp,
+    output_lock,
+    transforms_path_for,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)])}
+
+
+def _stack(n: int = 6, size: int = 96, seed: int = 0) -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur((rng.random((size + 24, size + 24)) * 255).astype(np.float32),
+                            (0, 0), 2.0)
+    base = (base - base.min()) / (np.ptp(base) + 1e-9) * 255
+    return np.stack([base[12 + z % 3: 12 + z % 3 + size, 12 - z % 2: 12 - z % 2 + size]
+                     for z in range(n)]).astype(np.uint8)
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, _stack(), photometric="minisblack")
+    return path
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under ``folder`` with its bytes (None for folders)."""
+    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(folder.rglob("*"))}
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _align(*argv: str) -> int:
+    return main(["align", *argv, "--model", "translation", "--quiet"])
+
+
+# --- 1. side outputs never replace an input -------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--transforms", "--report"])
+def test_side_output_on_the_input_is_refused(src: Path, tmp_path: Path, flag: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(tmp_path / "o.tif"), flag, str(src)) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert flag in line and "s.tif" in line
+    assert _snapshot(tmp_path) == before  # nothing written, nothing replaced, no stray files
+
+
+def test_report_on_the_output_and_png_slice_as_transforms(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    import cv2
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for z, s in enumerate(_stack()):
+        cv2.imwrite(str(folder / f"{z}.png"), s)
+    before = _snapshot(tmp_path)
+    out = tmp_path / "o.tif"
+    assert _align(str(folder), "-o", str(out), "--transforms", str(folder / "0.png")) == 2
+    assert "inside the input" in _one_line(capsys.readouterr().err)
+    assert _align(str(folder), "-o", str(out), "--report", str(out)) == 2
+    assert "collides" in _one_line(capsys.readouterr().err)
+    assert _snapshot(tmp_path) == before
+
+
+def test_hard_link_and_symlink_to_an_input_are_refused(src: Path, tmp_path: Path) -> None:
+    os.link(src, tmp_path / "hard.tif")
+    (tmp_path / "sym.tif").symlink_to(src)
+    before = src.read_bytes()
+    for name in ("hard.tif", "sym.tif"):
+        with pytest.raises(DeepAlignError, match="is the input|symbolic link"):
+            OutputPlan(overwrite=True).input(src, "INPUT").output(tmp_path / name, "-o").check()
+    assert _align(str(src), "-o", str(tmp_path / "hard.tif"), "--overwrite") == 2
+    assert src.read_bytes() == before
+
+
+def test_other_commands_refuse_to_overwrite_inputs(src: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import cv2
+
+    other = tmp_path / "b.tif"
+    tifffile.imwrite(other, _stack(seed=1), photometric="minisblack")
+    fixed, moving = tmp_path / "f.png", tmp_path / "m.png"
+    cv2.imwrite(str(fixed), _stack()[0])
+    cv2.imwrite(str(moving), _stack()[1])
+    bench = tmp_path / "bench"
+    assert main(["make-benchmark", str(src), str(bench), "--profile", "jitter"]) == 0
+    before = _snapshot(tmp_path)
+    runs = [
+        ["report", str(src), str(other), "-o", str(src)],
+        ["register", str(fixed), str(moving), "-o", str(moving)],
+        ["make-benchmark", str(bench / "misaligned.tif"), str(bench)],
+        ["register", str(fixed), str(moving), "-o", str(tmp_path / "out.xyz")],
+    ]
+    for argv in runs:
+        assert main(argv) == 2, argv
+        _one_line(capsys.readouterr().err)
+    assert _snapshot(tmp_path) == before
+
+
+# --- 2. output plan: existing outputs, sidecars, --overwrite ---------------------------------
+
+
+def test_existing_output_refused_before_any_work(src: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o.tif"
+    assert _align(str(src), "-o", str(out)) == 0
+    tpath = transforms_path_for(out)
+    old = (out.read_bytes(), tpath.read_bytes())
+    from deepalign_fast.pipeline import Aligner
+
+    def no_estimate(*a: Any, **k: Any) -> Any:
+        raise AssertionError("estimated before refusing")
+
+    monkeypatch.setattr(Aligner, "estimate", no_estimate)
+    assert _align(str(src), "-o", str(out)) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--overwrite" in line and "overwrite=True" not in line
+    assert (out.read_bytes(), tpath.read_bytes()) == old
+    monkeypatch.undo()
+    assert _align(str(src), "-o", str(out), "--overwrite") == 0
+
+
+def test_tif_and_zarr_outputs_have_their_own_sidecars(src: Path, tmp_path: Path) -> None:
+    assert _align(str(src), "-o", str(tmp_path / "x.tif")) == 0
+    assert _align(str(src), "-o", str(tmp_path / "x.ome.zarr")) == 0
+    assert (tmp_path / "x.transforms.json").is_file()
+    assert (tmp_path / "x.ome.zarr.transforms.json").is_file()
+
+
+def test_demo_runs_twice_with_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 0
+    assert main(["demo", "--out", str(out)]) == 2  # second run without --overwrite: refused
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 0
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+
+
+# --- 3/4. environment failures, temp files, locks --------------------------------------------
+
+
+def test_disk_full_while_writing(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC in the TIFF writer: exit 1, one line, no output, no transforms, no temp file."""
+    from tifffile import TiffWriter
+
+    def full(self: Any, *a: Any, **k: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TiffWriter, "write", full)
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 1
+    assert "disk is full" in _one_line(capsys.readouterr().err)
+    after = _snapshot(tmp_path)
+    stray = set(after) - set(before)
+    # only the estimation checkpoint (a rerun resumes from it) may remain
+    assert stray <= {checkpoint_path_for(tmp_path / "o.tif").name}, stray
+
+
+def test_disk_full_on_transforms_publishes_nothing(src: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    def full(self: Any, path: Any) -> Any:
+        raise __import__("deepalign_fast.outputs").outputs.os_error(
+            OSError(errno.ENOSPC, "No space left on device"), path, "cannot write")
+
+    monkeypatch.setattr(TransformSet, "save", full)
+    assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 1
+    _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "o.tif").exists()  # the image is never published without them
+    assert not list(tmp_path.glob(".o.tif.deepalign-*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder(src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert _align(str(src), "-o", str(ro / "o.tif")) == 1
+        assert "ro" in _one_line(capsys.readouterr().err)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_unwritable_folder_is_an_environment_failure(src: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """EROFS when probing the output folder (works as root too): exit 1 before any work."""
+    real_open = os.open
+
+    def ro_open(path: Any, flags: int, *a: Any, **k: Any) -> int:
+        if ".deepalign-probe-" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 1
+    assert "read-only" in _one_line(capsys.readouterr().err)
+
+
+def test_planted_symlink_at_the_temp_name_is_not_followed(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import secrets
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    final = tmp_path / "o.tif"
+    tokens = iter(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(tokens))
+    planted = tmp_path / ".o.tif.deepalign-aaaaaaaaaaaaaaaa.tmp"
+    planted.symlink_to(victim)
+    fd, tmp = create_temp(final)
+    os.close(fd)
+    assert tmp.name == ".o.tif.deepalign-bbbbbbbbbbbbbbbb.tmp" and not tmp.is_symlink()
+    assert victim.read_text() == "precious"
+
+
+def test_stale_temp_files_are_removed_by_the_next_run(src: Path, tmp_path: Path) -> None:
+    stale = tmp_path / ".o.tif.deepalign-0123456789abcdef.tmp"
+    stale.write_bytes(b"x" * 1000)
+    unrelated = tmp_path / ".o.tif.something-else"
+    unrelated.write_text("keep")
+    assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 0
+    assert not stale.exists() and unrelated.exists()
+    assert not list(tmp_path.glob(".o.tif.deepalign*"))  # no lock or checkpoint left either
+
+
+def test_second_run_on_one_output_is_refused(src: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Another process holds the output's lock: refused at once; SIGKILL of the holder leaves
+    a lock file, but no lock, so the next run proceeds."""
+    out = tmp_path / "o.tif"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from deepalign_fast.outputs import output_lock
+            with output_lock([{str(out)!r}]):
+                print("locked", flush=True)
+                time.sleep(60)
+        """)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert _align(str(src), "-o", str(out)) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert f"pid {holder.pid}" in line and "another deepalign-fast run" in line
+        assert not out.exists() and not transforms_path_for(out).exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+    assert _align(str(src), "-o", str(out)) == 0
+
+
+def test_lock_is_reentrant_in_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "o.tif"
+    with output_lock([out]), output_lock([out]):
+        assert (tmp_path / ".o.tif.deepalign.lock").exists()
+    assert not (tmp_path / ".o.tif.deepalign.lock").exists()
+
+
+# --- 5. validation and exit statuses -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threshold", "nan"], "--threshold"),
+    (["--masks", "MASKS"], "--masks"),
+    (["--scheduler", "local:1", "--mode", "elastic"], "--scheduler"),
+    (["--work-dir", "W"], "--work-dir"),
+])
+def test_option_checks(src: Path, tmp_path: Path, argv: list[str], words: str,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a.replace("MASKS", str(src)).replace("W", str(tmp_path / "w")) for a in argv]
+    out = tmp_path / ("o.ome.zarr" if "--scheduler" in argv else "o.tif")
+    assert _align(str(src), "-o", str(out), *argv) == 2
+    assert words in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(src: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["align", str(src), "-o", str(src), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_mostly_flagged_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stack = _stack()
+    stack[1:5] = 17  # four blank slices of six: flagged
+    tifffile.imwrite(tmp_path / "b.tif", stack, photometric="minisblack")
+    assert _align(str(tmp_path / "b.tif"), "-o", str(tmp_path / "o.tif")) == 3
+    out = capsys.readouterr().out
+    assert "flagged slices: 4 of 6" in out and "more than half" in out
+    assert (tmp_path / "o.tif").exists()  # the output is still written
+
+
+def _aligned(src: Path, tmp_path: Path) -> Path:
+    assert _align(str(src), "-o", str(tmp_path / "a.tif")) == 0
+    return tmp_path / "a.transforms.json"
+
+
+@pytest.mark.parametrize("content, words", [
+    ("null", "not an object"),
+    ("[1, 2]", "not an object"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ("{bad json", "not valid JSON"),
+])
+def test_hostile_transforms_json(src: Path, tmp_path: Path, content: str, words: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    t = tmp_path / "t.json"
+    t.write_text(content)
+    assert main(["apply", str(t), str(src), "-o", str(tmp_path / "l.tif"), "--quiet"]) == 2
+    assert words in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "l.tif").exists()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["affines"][2][0].__setitem__(0, float("nan")), "slice 2"),
+    (lambda d: d["affines"].pop(), "affines but input_shape"),
+    (lambda d: d.__setitem__("output_shape", [100000, 100000]), "implausible"),
+    (lambda d: d.__setitem__("input_shape", [6, 96.5, 96]), "positive integers"),
+    (lambda d: d.__setitem__("affines", "x"), "2x3"),
+    (lambda d: d.__setitem__("flagged", [99]), "flagged"),
+    (lambda d: d.__setitem__("fields", {"path": "../../etc", "stride": 4}), "outside"),
+])
+def test_invalid_transforms_are_refused(src: Path, tmp_path: Path, edit: Any, words: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data = json.loads(_aligned(src, tmp_path).read_text())
+    edit(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    assert main(["apply", str(bad), str(src), "-o", str(tmp_path / "l.tif"), "--quiet"]) == 2
+    assert words in _one_line(capsys.readouterr().err)
+
+
+def test_apply_refuses_a_stack_of_another_size(src: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    tpath = _aligned(src, tmp_path)
+    binned = tmp_path / "half.tif"
+    tifffile.imwrite(binned, _stack()[:, ::2, ::2].copy(), photometric="minisblack")
+    assert main(["apply", str(tpath), str(binned), "-o", str(tmp_path / "l.tif")]) == 2
+    assert "--scale" in _one_line(capsys.readouterr().err)
+    # --scale 0.5 makes the transforms fit the binned copy
+    assert main(["apply", str(tpath), str(binned), "-o", str(tmp_path / "l.tif"), "--scale",
+                 "0.5", "--quiet"]) == 0
+    assert tifffile.imread(tmp_path / "l.tif").shape == (6, 48, 48)
+    for scale in ("1000", "nan", "0"):
+        assert main(["apply", str(tpath), str(src), "-o", str(tmp_path / "m.tif"), "--scale",
+                     scale]) == 2
+        assert "--scale" in _one_line(capsys.readouterr().err)
+
+
+def test_nan_flow_is_flagged_and_rendered_affine_only() -> None:
+    pytest.importorskip("onnxruntime")
+    from deepalign_fast.elastic import ElasticRefiner
+
+    ident = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    stack = _stack(n=3)
+    refiner = ElasticRefiner((96, 96))
+
+    class NanFlow:
+        def predict(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.full((2, *a.shape), np.nan, np.float32)
+
+    refiner.predictor = NanFlow()  # type: ignore[assignment]
+    outs = [refiner(z, s, ident) for z, s in enumerate(stack)]
+    assert refiner.failed == [1, 2]
+    np.testing.assert_array_equal(outs[2], stack[2])  # the affine render, not a black slice
+    assert refiner.folding[1] is None
+
+
+# --- 7. huge declared slices, empty files ------------------------------------------------------
+
+
+def test_huge_declared_zarr_slice_is_refused(tmp_path: Path) -> None:
+    import zarr
+
+    path = tmp_path / "huge.zarr"
+    zarr.create_array(str(path), shape=(3, 100000, 100000), chunks=(3, 100000, 100000),
+                      dtype="uint8", zarr_format=3)
+    t0 = time.perf_counter()
+    with pytest.raises(DeepAlignError, match="above the limit.*DEEPALIGN_MAX_SLICE_PIXELS"):
+        open_stack(path)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_tiff_without_pages(tmp_path: Path) -> None:
+    path = tmp_path / "empty.tif"
+    path.write_bytes(b"II*\x00\x00\x00\x00\x00")
+    with pytest.raises(DeepAlignError, match="empty.tif"):
+        open_stack(path)
+
+
+# --- 6. kill and resume --------------------------------------------------------------------------
+
+_SLOW_RENDER = """
+import os, sys, time
+import deepalign_fast.pipeline as pl
+real = pl.warp_affine
+def slow(image, *a, **k):
+    out = real(image, *a, **k)
+    slow.n = getattr(slow, "n", 0) + 1
+    if slow.n == 3:
+        open(os.environ["MARK"], "w").close()
+    if slow.n >= 3:
+        time.sleep(4)
+    return out
+pl.warp_affine = slow
+from deepalign_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _interrupted_run(src: Path, out: Path, sig: int, tmp_path: Path
+                     ) -> subprocess.CompletedProcess[str]:
+    mark = tmp_path / "mark"
+    mark.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RENDER, "align", str(src), "-o",
+                             str(out), "--model", "translation", "--quiet", "--threads", "1"],
+                            env={**ENV, "MARK": str(mark)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not mark.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    progress = out.with_name(out.name + ".partial") / "deepalign_progress.json"
+    while out.suffix == ".zarr":  # kill only once the store records a finished slice
+        try:
+            if json.loads(progress.read_text())["completed"]:
+                break
+        except (OSError, ValueError):
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".ome.zarr"])
+def test_sigterm_cleans_up_and_rerun_resumes(src: Path, tmp_path: Path, suffix: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = tmp_path / f"ref{suffix}"
+    assert _align(str(src), "-o", str(ref), "--threads", "1") == 0
+    out = tmp_path / f"o{suffix}"
+    done = _interrupted_run(src, out, signal.SIGTERM, tmp_path)
+    assert done.returncode == 143, done.stderr
+    assert "Traceback" not in done.stderr and "terminated" in done.stderr
+    assert not out.exists() and not transforms_path_for(out).exists()
+    assert not list(tmp_path.glob(f".{out.name}.deepalign-*"))  # temp files removed
+    assert checkpoint_path_for(out).is_file()
+    if suffix == ".ome.zarr":
+        progress = json.loads((tmp_path / f"o{suffix}.partial" /
+                               "deepalign_progress.json").read_text())
+        assert progress["completed"] and progress["completed"][0][0] == 0
+    _rerun_resumes(src, out, ref, monkeypatch)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".ome.zarr"])
+def test_sigkill_then_rerun_resumes(src: Path, tmp_path: Path, suffix: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = tmp_path / f"ref{suffix}"
+    assert _align(str(src), "-o", str(ref), "--threads", "1") == 0
+    out = tmp_path / f"o{suffix}"
+    done = _interrupted_run(src, out, signal.SIGKILL, tmp_path)
+    assert done.returncode == -signal.SIGKILL
+    assert not out.exists() and not transforms_path_for(out).exists()
+    _rerun_resumes(src, out, ref, monkeypatch)
+    assert not list(tmp_path.glob(f".{out.name}.deepalign*"))  # stale temp + lock gone
+
+
+def _rerun_resumes(src: Path, out: Path, ref: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command again: no estimation, (Zarr) only the missing slices, same output."""
+    from deepalign_fast.io import ZarrStackWriter
+    from deepalign_fast.pipeline import Aligner
+
+    def no_estimate(*a: Any, **k: Any) -> Any:
+        raise AssertionError("estimated again instead of resuming")
+
+    written: list[int] = []
+    real_write = ZarrStackWriter.write
+
+    def counting(self: Any, i: int, data: np.ndarray) -> None:
+        written.append(i)
+        real_write(self, i, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(Aligner, "estimate", no_estimate)
+        m.setattr(ZarrStackWriter, "write", counting)
+        assert _align(str(src), "-o", str(out), "--threads", "1") == 0
+    if out.suffix == ".zarr":
+        assert 0 < len(written) < 6, written  # finished slices were kept
+    with open_stack(out) as a, open_stack(ref) as b:
+        np.testing.assert_array_equal(np.stack(list(a)), np.stack(list(b)))
+    ta = json.loads(transforms_path_for(out).read_text())
+    tb = json.loads(transforms_path_for(ref).read_text())
+    assert ta["affines"] == tb["affines"] and ta["flagged"] == tb["flagged"]
+    assert not checkpoint_path_for(out).exists()
+
+
+def test_zarr_writer_refuses_unfinished_store_of_another_run(tmp_path: Path) -> None:
+    out = tmp_path / "o.zarr"
+    with pytest.raises(RuntimeError), open_writer(out, (2, 8, 8), np.uint8) as w:
+        w.write(0, np.zeros((8, 8), np.uint8))
+        raise RuntimeError
+    with pytest.raises(DeepAlignError, match="unfinished output"):
+        open_writer(out, (2, 8, 8), np.uint8)
+    open_writer(out, (2, 8, 8), np.uint8, restart=True).abort()
