@@ -16,9 +16,10 @@
 // - Nearest: the pixel floor(x' + 0.5), floor(y' + 0.5) (round half UP: an exact tie goes to
 //   the larger index). Values are copied, never blended, so it is safe for label images.
 //
-// Precision: source coordinates are computed in float64 per pixel (no 1/32-pixel
-// quantisation as in OpenCV). Bilinear weights are float32 for float32/uint16 images and
-// 11-bit fixed point (1/2048 pixel) for uint8 images, with exact integer arithmetic.
+// Precision: source coordinates are computed in float64 per pixel (OpenCV up to 5.0 rounded
+// them to 1/32 pixel). Bilinear weights are float32 for float32/uint16 images; uint8 images
+// round the position to 1/2048 pixel (11-bit fixed-point weights) and blend with exact
+// integer arithmetic. Tests bound the error against the exact float64 bilinear value.
 // Integer outputs are rounded to nearest and saturated to the dtype; `fill` is saturated
 // (and rounded) to the dtype as well.
 //

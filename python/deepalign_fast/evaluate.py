@@ -12,6 +12,15 @@ accurate), which gives ``estimated[z]`` (aligned -> misaligned coordinates); com
 ground truth this is the target registration error after removing the common frame ``G``
 (:mod:`deepalign_fast.metrics`). Clean labels mapped into the aligned frame with ``G`` give
 Dice/IoU of the aligned labels.
+
+Neighbour NCC/SSIM before and after are compared at equal interpolation: resampling blurs,
+and blur alone raises the similarity of neighbouring slices (a half-pixel bilinear shift of an
+aligned stack raises its mean neighbour NCC from 0.88 to 0.95). Pair ``z`` after alignment is
+``aligned[z]`` against ``aligned[z+1]``; before alignment it is ``aligned[z]`` against
+``misaligned[z+1]`` resampled (bilinear) with slice ``z``'s estimated transform, i.e. the
+neighbour as it was before alignment, through the same interpolation. Both are scored over the
+same pixels (inside both slices' warped frames). The raw input's score is kept as
+``mean_before_raw`` for reference only.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from ._errors import DeepAlignError
 from .metrics import (
     dice,
     iou,
+    ncc,
     neighbour_similarity,
     normalized_improvement,
+    ssim,
     target_registration_error,
 )
 from .synth import (
@@ -41,8 +52,10 @@ from .synth import (
     misalign_labels,
     misalign_stack,
 )
+from .warp import warp_affine
 
 __all__ = [
+    "equal_interpolation_similarity",
     "estimate_slice_transform",
     "evaluate_alignment",
     "load_transforms",
@@ -271,11 +284,12 @@ def evaluate_alignment(
     masks = [None if e is None else _warp_affine(ones, e, out_shape, nearest=True) > 0
              for e in est]
     for name in ("ncc", "ssim"):
-        before = neighbour_similarity(mis, name)
-        after = neighbour_similarity(al, name, masks=masks)
-        mb, ma = float(np.nanmean(before)), float(np.nanmean(after))
+        before, after = equal_interpolation_similarity(al, mis, est, masks, name)
+        raw = neighbour_similarity(mis, name)
+        mb, ma = _nanmean(before), _nanmean(after)
         result[f"neighbour_{name}"] = {"before": before.tolist(), "after": after.tolist(),
-                                       "mean_before": mb, "mean_after": ma}
+                                       "mean_before": mb, "mean_after": ma,
+                                       "mean_before_raw": _nanmean(raw)}
         result[f"n_{name}"] = normalized_improvement(ma, mb)
     if aligned_labels is not None:
         alab = aligned_labels if isinstance(aligned_labels, np.ndarray) else read_stack(
@@ -286,6 +300,66 @@ def evaluate_alignment(
         mlab = read_stack(bdir / "misaligned_labels.tif")
         result.update(_label_scores(alab, clab, mlab, truth, tre.gauge))
     return result
+
+
+def _nanmean(v: NDArray[np.float64]) -> float:
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+
+def equal_interpolation_similarity(
+    aligned: NDArray[Any], misaligned: NDArray[Any],
+    estimated: list[NDArray[np.float64] | None], masks: list[NDArray[np.bool_] | None],
+    metric: str = "ncc",
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Neighbour similarity before and after alignment at equal interpolation.
+
+    Parameters
+    ----------
+    aligned, misaligned : ndarray (z, y, x)
+        The aligner's output and its input (one slice per slice).
+    estimated : list of (2, 3) ndarray or None
+        Pull maps from aligned to misaligned pixel coordinates (``None``: unmatched slice).
+    masks : list of (y, x) bool ndarray or None
+        Aligned pixels whose source lies inside the misaligned slice.
+    metric : {"ncc", "ssim"}
+
+    Returns
+    -------
+    before, after : ndarray (z - 1,)
+        Pair ``z``: ``aligned[z]`` against ``misaligned[z+1]`` warped with ``estimated[z]``
+        (before), and against ``aligned[z+1]`` (after), over the pixels valid in both slices;
+        NaN where a transform is missing or fewer than 64 pixels overlap.
+    """
+    n = len(aligned)
+    before = np.full(max(n - 1, 0), np.nan)
+    after = np.full(max(n - 1, 0), np.nan)
+    shape = (int(aligned.shape[1]), int(aligned.shape[2]))
+    if np.issubdtype(aligned.dtype, np.integer):
+        info = np.iinfo(aligned.dtype)
+        data_range = float(info.max) - float(min(info.min, 0))
+    else:
+        data_range = float(np.nanmax(aligned) - np.nanmin(aligned)) or 1.0
+    for z in range(n - 1):
+        e, ma, mb = estimated[z], masks[z], masks[z + 1]
+        if e is None or ma is None or mb is None:
+            continue
+        mask = ma & mb
+        if int(mask.sum()) < 64:
+            continue
+        src = misaligned[z + 1]
+        if src.dtype not in (np.uint8, np.uint16, np.float32):
+            src = src.astype(np.float32)
+        moved = warp_affine(src, e, shape)
+        if metric == "ncc":
+            before[z] = ncc(aligned[z], moved, mask)
+            after[z] = ncc(aligned[z], aligned[z + 1], mask)
+        elif metric == "ssim":
+            before[z] = cast(float, ssim(aligned[z], moved, data_range=data_range, mask=mask))
+            after[z] = cast(float, ssim(aligned[z], aligned[z + 1], data_range=data_range,
+                                        mask=mask))
+        else:
+            raise DeepAlignError(f"unknown metric {metric!r}; use 'ncc' or 'ssim'")
+    return before, after
 
 
 def _label_scores(alab: NDArray[Any], clab: NDArray[Any], mlab: NDArray[Any],
@@ -321,8 +395,9 @@ def summarize(result: dict[str, Any]) -> str:
     ]
     for name in ("ncc", "ssim"):
         s = result[f"neighbour_{name}"]
-        lines.append(f"neighbour {name.upper()}: before {s['mean_before']:.4f}  after "
-                     f"{s['mean_after']:.4f}  N_{name.upper()} {result[f'n_{name}']:.4f}")
+        lines.append(f"neighbour {name.upper()} (equal interpolation): before "
+                     f"{s['mean_before']:.4f}  after {s['mean_after']:.4f}  N_{name.upper()} "
+                     f"{result[f'n_{name}']:.4f}  (raw input {s['mean_before_raw']:.4f})")
     if "dice" in result:
         lines.append(f"labels ({result['labels']}): Dice {result['dice']:.4f} (before "
                      f"{result['dice_before']:.4f})  IoU {result['iou']:.4f} (before "

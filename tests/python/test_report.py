@@ -12,6 +12,7 @@ import pytest
 from deepalign_fast.metrics import jacobian_determinant, ncc
 from deepalign_fast.report import decompose_affine, write_report
 from deepalign_fast.synth import compose, misalign_stack
+from deepalign_fast.warp import warp_affine
 
 
 class _Collect(HTMLParser):
@@ -105,10 +106,15 @@ def test_report_sections_and_pngs(rng, tmp_path):
                            cv2.IMREAD_COLOR)
         assert img is not None and img.std() > 5  # decodable and not blank
         sizes.append(img.shape)
-    # XZ reslice panel: before (w = 96 - 2 margin) and after side by side, z with 2x upscale
+    # XZ reslice panel: before (w = 96 - 2 margin) and after side by side. The voxel size of
+    # an in-memory array is unknown: 12 slices are stretched to 96 rows ("display stretch"),
+    # then enlarged 2x.
     xz = cv2.imdecode(np.frombuffer(base64.b64decode(parser.imgs[0].split(",", 1)[1]), np.uint8),
                       cv2.IMREAD_GRAYSCALE)
-    assert xz.shape[0] == 22 + 12 * 2
+    assert xz.shape[0] == 22 + 96 * 2
+    assert "display stretch" in text and "true voxel proportions" not in text
+    # one total: the given wall time, not a second sum of the stages
+    assert text.count(">total") == 1 and "total (sum of the stages)" in text
     assert not list(tmp_path.joinpath("sub").glob(".*tmp"))  # no temp file left behind
 
 
@@ -150,3 +156,86 @@ def test_report_renders_in_headless_chromium(rng, tmp_path):
     # non-blank: text and pictures give many dark pixels and real variance
     assert img.std() > 20 and (img < 128).mean() > 0.01
     assert re.search(r"render check", out.read_text())
+
+
+def _summary_value(text, label):
+    m = re.search(re.escape(label) + r"[^<]*</td><td>([^<]+)</td>", text)
+    assert m, label
+    return m.group(1)
+
+
+def _crop(lucchi, n=10):
+    image, _ = lucchi
+    return np.ascontiguousarray(image[40 : 40 + n, 60:220, 80:280])
+
+
+def test_half_pixel_shift_scores_no_improvement(lucchi, tmp_path):
+    """Interpolation alone (every slice shifted by the same half pixel) must not score as an
+    improvement, although it raises the raw neighbour NCC a lot."""
+    before = _crop(lucchi)
+    m = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]])
+    after = np.stack([warp_affine(s, m) for s in before])
+    raw_b = np.mean([ncc(before[i], before[i + 1]) for i in range(len(before) - 1)])
+    raw_a = np.mean([ncc(after[i][:-1, :-1], after[i + 1][:-1, :-1])
+                     for i in range(len(after) - 1)])
+    assert (raw_a - raw_b) / (1 - raw_b) > 0.2  # the confound is real on this data
+    out = write_report(tmp_path / "r.html", before=before, after=after,
+                       transforms=[m] * len(before))
+    text = out.read_text()
+    n_ncc = float(_summary_value(text, "normalised improvement"))
+    assert abs(n_ncc) < 1e-9
+    nb = float(_summary_value(text, "mean neighbour NCC before (at the after"))
+    na = float(_summary_value(text, "mean neighbour NCC after"))
+    assert nb == na
+
+
+def test_real_alignment_still_scores_an_improvement(lucchi, rng, tmp_path):
+    clean = _crop(lucchi, 12)
+    mis, truth = misalign_stack(clean, rng, profile="jitter", shift=4)
+    # the perfect pull maps from the clean frame (cropped by the margin) to each misaligned slice
+    m = truth.margin
+    crop = np.array([[1.0, 0.0, m], [0.0, 1.0, m]])
+    est = [compose(np.linalg.inv(np.vstack([t, [0, 0, 1]]))[:2], crop) for t in truth.transforms]
+    shape = (clean.shape[1] - 2 * m, clean.shape[2] - 2 * m)
+    after = np.stack([warp_affine(s, e, shape) for s, e in zip(mis, est, strict=True)])
+    out = write_report(tmp_path / "r.html", before=mis, after=after, transforms=est)
+    n_ncc = float(_summary_value(out.read_text(), "normalised improvement"))
+    assert n_ncc > 0.3
+
+
+def test_report_records_run_and_true_voxel_aspect(tmp_path):
+    import tifffile
+    from deepalign_fast import __version__
+    from deepalign_fast.io import open_stack
+
+    rng = np.random.default_rng(5)
+    stack = (cv2.GaussianBlur(rng.random((8, 64, 64)).astype(np.float32), (0, 0), 2) * 255
+             ).astype(np.uint8)
+    src = tmp_path / "in.tif"
+    # ImageJ: 0.01 um pixels (100 px per unit), slices 0.03 um apart: z aspect 3
+    tifffile.imwrite(src, stack, imagej=True, resolution=(100.0, 100.0),
+                     metadata={"spacing": 0.03, "unit": "micron"})
+    m = [np.array([[1.0, 0.001 * z, 0.3 * z], [0.0, 1.0, 0.0]]) for z in range(8)]
+    with open_stack(src) as b:
+        out = write_report(tmp_path / "r.html", before=b, after=stack, transforms=m,
+                           options={"model": "rigid", "threshold": 2.5},
+                           timings={"match": 1.0, "warp": 2.0})
+    text = out.read_text()
+    assert __version__ in text and str(src.resolve()) in text
+    assert "0.03 x 0.01 x 0.01 \u00b5m" in text
+    assert "z aspect 3" in text and "display stretch" not in text
+    assert "option model" in text and "&quot;rigid&quot;" in text and "2.5" in text
+    assert "total (sum of the stages)</td><td>3.000" in text
+    # the XZ panel shows true proportions: 8 slices x aspect 3 = 24 rows, enlarged 2x
+    img = re.findall(r'src="data:image/png;base64,([^"]+)"', text)[0]
+    xz = cv2.imdecode(np.frombuffer(base64.b64decode(img), np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert xz.shape[0] == 22 + 24 * 2
+
+
+def test_tick_labels_differ():
+    from deepalign_fast.report import _fmt, _nice_ticks
+
+    for lo, hi in ((0.99996, 1.00003), (0.9, 1.1), (1e-7, 3e-7), (-2.5, 2.5), (12000, 12001)):
+        ticks, step = _nice_ticks(lo, hi)
+        labels = [_fmt(t, step) for t in ticks]
+        assert len(labels) >= 2 and len(set(labels)) == len(labels), (lo, hi, labels)
