@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     ap.add_argument("--quick", action="store_true",
                     help="small sizes (dry run on a CPU machine)")
-    ap.add_argument("--budget-s", type=float, default=330.0,
+    ap.add_argument("--budget-s", type=float, default=240.0,
                     help="start no step after this many seconds")
     ap.add_argument("--size", type=int, default=2048, help="bench/elastic slice size")
     ap.add_argument("--slices", type=int, default=8, help="bench stack depth")

@@ -18,7 +18,7 @@
 #              13 build; CUDA 12 machines: "onnxruntime-gpu[cuda,cudnn]>=1.21,<1.27").
 # TRT_REQ      requirement for TensorRT 10 (e.g. "tensorrt-cu13>=10,<11"); unset: not installed.
 # PYTHON       interpreter for a new venv (default python3). CHECK_TIMEOUT: hard limit in seconds
-#              for gpu_check.py (default 330; its own --budget-s, default 330, stops new steps).
+#              for gpu_check.py (default 300; its own --budget-s, default 240, stops new steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/gpu_check}"
@@ -34,14 +34,30 @@ if [ ! -x "$VENV/bin/python" ]; then
   site=()
   if [ "${SYSTEM_SITE:-1}" = 1 ]; then site=(--system-site-packages); fi
   say "creating venv $VENV ${site[*]+${site[*]}}"
-  "${PYTHON:-python3}" -m venv ${site[@]+"${site[@]}"} "$VENV"
+  "${PYTHON:-python3}" -m venv ${site[@]+"${site[@]}"} "$VENV" ||
+    "${PYTHON:-python3}" -m venv --without-pip ${site[@]+"${site[@]}"} "$VENV"
+  if [ "${SYSTEM_SITE:-1}" = 1 ]; then
+    # --system-site-packages reaches the base interpreter's packages only. Where PYTHON is itself
+    # a venv (e.g. the one holding PyTorch and its CUDA wheels), a .pth file appends its
+    # site-packages after the new venv's own, so packages installed here still come first.
+    parent=$("${PYTHON:-python3}" -c "import sys, sysconfig
+if sys.prefix != sys.base_prefix:
+    print(sysconfig.get_paths()['purelib']); print(sysconfig.get_paths()['platlib'])")
+    if [ -n "$parent" ]; then
+      own=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+      printf '%s\n' "$parent" | sort -u > "$own/zz_parent_venv.pth"
+      say "the venv also sees $(tr '\n' ' ' < "$own/zz_parent_venv.pth")"
+    fi
+  fi
 fi
 PY="$VENV/bin/python"
+pip=("$PY" -m pip)  # a venv made without pip is served by PYTHON's pip
+"$PY" -m pip --version >/dev/null 2>&1 || pip=("${PYTHON:-python3}" -m pip --python "$PY")
 pip_install() {
   if [ -n "${WHEELS:-}" ]; then
-    "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" "$@"
+    "${pip[@]}" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" "$@"
   else
-    "$PY" -m pip install -q --disable-pip-version-check "$@"
+    "${pip[@]}" install -q --disable-pip-version-check "$@"
   fi
 }
 
@@ -53,7 +69,7 @@ if ! "$PY" -c "import deepalign_fast._core" 2>/dev/null; then
     say "installed $whl"
   elif "$PY" -c "import scikit_build_core, pybind11" 2>/dev/null; then
     say "building the package"
-    "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation .
+    "${pip[@]}" install -q --disable-pip-version-check --no-deps --no-build-isolation .
   else
     say "building the package (build requirements from the index)"
     pip_install --no-deps .
@@ -72,7 +88,7 @@ except ImportError:  # Python 3.10
 
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 module = {"opencv-contrib-python-headless": "cv2"}
-for dep in deps + ["pytest"]:
+for dep in deps + ["pytest", "onnx"]:  # onnx: the fp16 encoder variant
     name = re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0]
     if name != "onnxruntime" and importlib.util.find_spec(
             module.get(name, name.replace("-", "_"))) is None:
@@ -82,12 +98,12 @@ EOF
 if [ -n "$missing" ]; then
   say "installing missing dependencies: $missing"
   # shellcheck disable=SC2086
-  pip_install $missing
+  pip_install $missing || say "some did not install; the check may not need them"
 fi
 
 # 3. onnxruntime-gpu, never beside the CPU onnxruntime: both install the same onnxruntime/ folder.
 if ! "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-  "$PY" -m pip uninstall -y -q onnxruntime 2>/dev/null || true  # only this venv's copy
+  "${pip[@]}" uninstall -y -q onnxruntime 2>/dev/null || true  # only this venv's copy
   req="${ORT_GPU:-onnxruntime-gpu[cuda,cudnn]}"
   say "installing $req"
   # Offline, the CUDA/cuDNN wheels may be the machine's own (e.g. PyTorch's) at other pins.
@@ -138,9 +154,9 @@ EOF
 # 5. Parity tests (pass/fail), then the measurements. Each keeps its results if the other fails.
 say "parity tests"
 rc=0
-timeout 240 "$PY" -m pytest tests/python/test_gpu_parity.py -q -p no:cacheprovider \
+timeout 150 "$PY" -m pytest tests/python/test_gpu_parity.py -q -p no:cacheprovider \
   --junitxml "$OUT/parity_junit.xml" || rc=$?
 say "parity tests exit $rc"
-timeout "${CHECK_TIMEOUT:-330}" "$PY" -m benchmarks.gpu_check --out "$OUT" "$@" || rc2=$?
+timeout "${CHECK_TIMEOUT:-300}" "$PY" -m benchmarks.gpu_check --out "$OUT" "$@" || rc2=$?
 say "gpu_check exit ${rc2:-0}; done"
 exit $(( rc || ${rc2:-0} ))
