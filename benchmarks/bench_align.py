@@ -37,8 +37,8 @@ def _have(module: str) -> bool:
         return False
 
 
-def ours(stack: np.ndarray, model: str, features: str, drift: str) -> np.ndarray:
-    r = Aligner(model=model, features=features, drift=drift).estimate(stack, progress=False)
+def ours(stack: np.ndarray, features: str, slow_drift: str) -> np.ndarray:
+    r = Aligner(features=features, slow_drift=slow_drift).estimate(stack, progress=False)
     return r.transforms.affines
 
 
@@ -62,11 +62,9 @@ def accuracy(quick: bool) -> list[dict[str, Any]]:
         stack = stack[: (min(n, 40) if quick else n)]
         mis, truth = misalign_stack(stack, 0, profile=profile)
         methods = {
-            f"deepalign-fast blocks {model}, drift linear":
-                lambda s: ours(s, model, "blocks", "linear"),
-            f"deepalign-fast blocks {model}, drift all": lambda s: ours(s, model, "blocks", "all"),
-            f"deepalign-fast sift {model}, drift linear":
-                lambda s: ours(s, model, "sift", "linear"),
+            "deepalign-fast (default)": lambda s: ours(s, "blocks", "keep"),
+            "deepalign-fast --slow-drift follow": lambda s: ours(s, "blocks", "follow"),
+            "deepalign-fast --features sift": lambda s: ours(s, "sift", "keep"),
             f"SIFT+RANSAC chained ({model})": lambda s: sift_chain(s, model),
             f"pystackreg {model} previous": lambda s: pystackreg_chain(s, model),
         }
@@ -110,8 +108,8 @@ def throughput(n: int) -> list[dict[str, Any]]:
         src = Path(tmp) / "big.tif"
         tifffile.imwrite(src, stack, photometric="minisblack")
         runs = {
-            "deepalign-fast align (file -> file, rigid)": lambda: Aligner(
-                model="rigid").align_stack(src, Path(tmp) / "out.tif", progress=False),
+            "deepalign-fast align (file -> file, default options)": lambda: Aligner(
+                ).align_stack(src, Path(tmp) / "out.tif", progress=False),
             "SIFT+RANSAC chained, 8000 keypoints (estimate only)": lambda: sift_chain(
                 stack, "rigid", max_features=8000),
             "pystackreg rigid (estimate only)": lambda: pystackreg_chain(stack, "rigid"),
@@ -133,7 +131,7 @@ def throughput(n: int) -> list[dict[str, Any]]:
 _MEM_SCRIPT = """
 import sys
 from deepalign_fast import Aligner
-Aligner(model="rigid").align_stack(sys.argv[1], sys.argv[2], progress=False)
+Aligner().align_stack(sys.argv[1], sys.argv[2], progress=False)
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 print(int(hwm.split()[1]))
 """

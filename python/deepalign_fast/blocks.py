@@ -194,6 +194,10 @@ class BlockMatcher:
         hundredths of that level's pixel.
     lk_size : int
         See ``finest_level``.
+    lk_block, lk_step : int
+        Block size and grid spacing of the Lucas-Kanade refinement (smaller, denser blocks
+        than the correlation levels: the refinement needs no search window, and more
+        independent blocks average the content's own apparent motion better).
     lk_iterations : int
         Lucas-Kanade passes at the finest level, each re-warping the moving slice with the
         latest estimate (so the remaining per-block shifts, and the linearisation error,
@@ -213,26 +217,28 @@ class BlockMatcher:
     name = "blocks"
 
     def __init__(self, *, block: int = 64, step: int = 40, search: int = 8,
-                 coarse_size: int = 256, finest_level: int | None = None, lk_size: int = 1100,
+                 coarse_size: int = 256, finest_level: int | None = None,
+                 lk_size: int = 1100, lk_block: int = 32, lk_step: int = 16,
                  lk_iterations: int = 3, min_score: float = 0.2, model: str = "affine",
                  threshold: float = 2.0, sigma: float = 1.5, num_threads: int = 0) -> None:
         if block < 8 or step < 1 or search < 1:
             raise ValueError("block must be >= 8 and step, search >= 1")
-        if lk_iterations < 1:
-            raise ValueError("lk_iterations must be >= 1")
+        if lk_iterations < 1 or lk_block < 8 or lk_step < 1:
+            raise ValueError("lk_iterations must be >= 1, lk_block >= 8 and lk_step >= 1")
         if finest_level is not None and finest_level < 0:
             raise ValueError("finest_level must be >= 0")
         self.block, self.step, self.search = block, step, search
         self.coarse_size, self.finest_level = coarse_size, finest_level
         self.lk_size, self.lk_iterations = lk_size, lk_iterations
+        self.lk_block, self.lk_step = lk_block, lk_step
         self.min_score, self.model, self.threshold = min_score, model, threshold
         self.sigma = sigma
         self.num_threads = num_threads
 
     def _lk_block(self, shape: tuple[int, int]) -> tuple[int, int]:
         h, w = shape
-        block = max(16, min(self.block, min(h, w) // 3))
-        step = max(4, min(self.step // 2, min(h, w) // 8))
+        block = max(8, min(self.lk_block, min(h, w) // 3))
+        step = max(4, min(self.lk_step, min(h, w) // 8))
         return block, step
 
     # Per-slice work, done once per slice however many neighbours it is matched with.

@@ -46,9 +46,10 @@ def _align_options(args: argparse.Namespace) -> Any:
     from .pipeline import AlignOptions
 
     try:
-        return AlignOptions(features=args.features, model=args.model, neighbours=args.neighbours,
-                            threshold=args.threshold, drift=args.drift,
-                            drift_window=args.drift_window, canvas=args.canvas,
+        return AlignOptions(features=args.features, model=args.model, offsets=args.offsets,
+                            threshold=args.threshold, regularise=args.regularise,
+                            slow_drift=args.slow_drift, drift_sigma=args.drift_sigma,
+                            canvas=args.canvas,
                             num_threads=args.threads, provider=args.provider, mode=args.mode,
                             masks=None if args.masks is None else str(args.masks),
                             max_folding=args.max_folding)
@@ -95,25 +96,43 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  time per stage: {stages}")
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+
+
 def _add_align_arguments(p: argparse.ArgumentParser) -> None:
     from .estimate import MODELS
-    from .pipeline import CANVAS, DRIFT, FEATURES, MODES, AlignOptions
+    from .pipeline import CANVAS, FEATURES, MODES, AlignOptions
+    from .solve import SLOW_DRIFT
 
     d = AlignOptions()
     p.add_argument("--features", choices=FEATURES, default=d.features,
                    help="matching: dense NCC blocks, raw SIFT, or learned features "
                         "(default %(default)s)")
     p.add_argument("--model", choices=MODELS, default=d.model,
-                   help="transform model per slice (default %(default)s)")
-    p.add_argument("--neighbours", type=int, default=d.neighbours,
-                   help="match each slice to this many predecessors (default %(default)s)")
+                   help="transform model per slice; affine is regularised toward rigid by "
+                        "--regularise (default %(default)s)")
+    p.add_argument("--offsets", type=_int_tuple, default=d.offsets,
+                   help="match each slice with its predecessors at these ranks, comma-"
+                        "separated; all pairs enter one global solve (default "
+                        + ",".join(map(str, d.offsets)) + ")")
+    p.add_argument("--regularise", type=float, default=d.regularise,
+                   help="strength of the per-slice prior toward a rigid map for --model affine "
+                        "(0 = free affine; default %(default)s)")
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help="inlier threshold in pixels (default %(default)s)")
-    p.add_argument("--drift", choices=DRIFT, default=d.drift,
-                   help="drift model: remove the low-frequency trend of rotation/scale/shear "
-                        "(linear), of everything (all), or nothing (default %(default)s)")
-    p.add_argument("--drift-window", type=int, default=d.drift_window,
-                   help="slices over which the drift trend is fitted (default %(default)s)")
+    p.add_argument("--slow-drift", choices=SLOW_DRIFT, default=d.slow_drift,
+                   help="motion slower than --drift-sigma slices: keep the input's (an aligned "
+                        "stack stays put; jitter is removed) or follow what the matches see "
+                        "(also corrects slow stage drift, but follows the apparent motion of "
+                        "oblique anatomy) (default %(default)s)")
+    p.add_argument("--drift-sigma", type=float, default=d.drift_sigma,
+                   help="Gaussian sigma in slices separating slow motion from jitter "
+                        "(default %(default)s)")
     p.add_argument("--canvas", choices=CANVAS, default=d.canvas,
                    help="output frame: first slice's, or union of all (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")

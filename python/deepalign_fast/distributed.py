@@ -7,21 +7,21 @@ Data flow (the input is never shipped through the scheduler: every worker opens 
     work folder <output>.work (manifest)       prepare(z)          -> prepared slice (stays on
                                                                       the workers)
     solve slice by slice, in order  <-------   match(z', z, init)  -> affine + correspondences
-      (the same _Solver as Aligner.estimate)                          (cached in the work folder)
-    drift model, canvas, transforms file
+      (the same StackMatcher as Aligner)                          (cached in the work folder)
+    global solve, canvas, transforms file
     <output>.partial (ZarrStackWriter)         render(z)           -> warps slice z and writes
     mark_written(z) as each render returns                            its chunks into the store
     publish <output>, delete the work folder
 
 **Same result as one machine.** The workers run the same back-end (``prepare``, ``match``) and
-the client runs the same solver (:func:`~deepalign_fast.pipeline._match_neighbours` for the
-pairwise part, :func:`~deepalign_fast.pipeline._solve_slice` for the joint fit, then the drift
-model and canvas of :meth:`Aligner.estimate`), on the same float64 inputs, so the transforms
+the client runs the same matcher (:class:`~deepalign_fast.pipeline.StackMatcher` for the
+pairwise part, :func:`~deepalign_fast.solve.solve_stack` for the global solve and the canvas
+of :meth:`Aligner.transform_set`), on the same float64 inputs, so the transforms
 are the single-machine ones bit for bit (the tests allow 1e-9 px) and so is the output.
 
 **What runs in parallel.** Preparing slices and matching each slice with its predecessor
 (``init=None``) do not depend on the solve; they are submitted up to a window of slices ahead
-of it and run on all workers. Matches with farther neighbours (``neighbours >= 2``) start from
+of it and run on all workers. Matches with farther neighbours (``offsets`` beyond 1) start from
 a prediction built from already solved transforms, exactly as in :meth:`Aligner.estimate`, so
 the client submits them in slice order as the solve reaches each slice, at high priority. That
 chain of finest-level matches is the part that does not speed up with more workers.
@@ -70,10 +70,10 @@ from .pipeline import (
     Aligner,
     AlignOptions,
     AlignResult,
-    _is_blank,
-    _make_backend,
-    _Progress,
-    _Solver,
+    Progress,
+    StackMatcher,
+    is_blank,
+    make_backend,
 )
 from .transforms import TransformSet
 
@@ -105,14 +105,14 @@ def _backend(opts: dict[str, Any]) -> Any:
     key = json.dumps(opts, sort_keys=True)
     backend = _BACKENDS.get(key)
     if backend is None:
-        backend = _BACKENDS[key] = _make_backend(AlignOptions(**opts))
+        backend = _BACKENDS[key] = make_backend(AlignOptions(**opts))
     return backend
 
 
 def _prepare_task(path: str, opts: dict[str, Any], z: int) -> Any:
     """Read slice z and prepare it for matching; None for a blank slice."""
     image = _reader(path).read(z)
-    return None if _is_blank(image) else _backend(opts).prepare(image)
+    return None if is_blank(image) else _backend(opts).prepare(image)
 
 
 def _is_none(state: Any) -> bool:
@@ -424,7 +424,6 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     if transforms_path is not None and Path(transforms_path).exists() and not overwrite:
         raise DeepAlignError(f"{transforms_path}: transforms file already exists; pass "
                              "--overwrite (API: overwrite=True) or choose another name.")
-
     if not out.parent.is_dir():
         raise DeepAlignError(f"{output}: output folder {out.parent} does not exist.")
     with open_stack(src) as reader:
@@ -501,8 +500,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             fut.release()
             return result
 
-        solver = _Solver(opts, match=match)
-        bar = _Progress(n, "estimate (dask)", progress)
+        solver = StackMatcher(opts, match=match, shape=(h, w))
+        bar = Progress(n, "estimate (dask)", progress)
         t0 = time.perf_counter()
         try:
             for z in range(n):
@@ -528,14 +527,14 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             blank_futs.clear()
             pair_futs.clear()
         t_est = time.perf_counter() - t0
-        ts: TransformSet = aligner._transform_set(solver, (n, h, w))
+        ts: TransformSet = aligner.transform_set(solver, (n, h, w))
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
         writer = ZarrStackWriter(out, (n, oh, ow), dtype, resume=True, overwrite=overwrite)
         done = writer.completed()
         counts["render_skipped"] = len(done)
-        bar = _Progress(n - len(done), "render (dask)", progress)
+        bar = Progress(n - len(done), "render (dask)", progress)
         futs = [client.submit(_render_task, path, z, ts.affines[z], (oh, ow),
                               str(writer.array_path), "linear", opts.num_threads,
                               key=f"da-render-{tok}-{z}", priority=-z)

@@ -1,27 +1,26 @@
-"""Stack alignment: estimate one affine per slice, then render every slice once.
+"""Stack alignment: match every slice with several neighbours, solve all transforms at once,
+then render every slice once.
 
 Data flow (each stage overlaps the next through small bounded queues, so memory does not grow
 with the stack depth)::
 
-    read slice z -> prepare (features / pyramids) -> match with slices z-1..z-K
-      -> joint robust fit of slice z's transform -> [drift model] -> render -> write
+    read slice z -> prepare (features / pyramids) -> match with slices z-1, z-2, z-4, ...
+      -> pair moments -> one global robust solve (deepalign_fast.solve) -> render -> write
 
-**Joint fit over several neighbours.** Each slice is matched to up to ``neighbours``
-predecessors. Every correspondence ``(p in slice z-k, q in slice z)`` is lifted to the
-output frame through the already-solved transform of slice z-k, so all of them constrain
-slice z's transform ``A_z`` (output -> slice z) directly: one weighted least-squares fit
-over the union, after dropping correspondences that disagree with the consensus. One bad
-pair therefore cannot break the stack, and errors do not simply add up along the chain.
+**Matching.** Slice z is matched with its predecessors at the ranks in ``offsets`` (1, 2, 4,
+8 by default; rank 1 is the nearest slice that is not blank). The nearest pair is matched
+from scratch (coarse to fine); farther pairs start from the prediction given by the chain of
+nearest-pair estimates and are refined at the finest level only. Each pair contributes its
+correspondences, summarised as moments, to the solve; together the offsets tie every slice to
+neighbours on both sides.
 
-**Drift model.** Chaining pairwise estimates accumulates error as a random walk. Physical
-stage drift in FIB-SEM is a translation, so by default (``drift="linear"``) the low-frequency
-trend of the *linear* part (rotation, scale, shear) of the solved transforms is removed: each
-slice's linear part is divided by its moving average over ``drift_window`` slices. Translation
-drift is kept (it is real). ``drift="all"`` also removes the translation trend (for stacks
-known to have no real drift, e.g. already drift-corrected acquisitions); ``drift="none"``
-keeps the raw chain.
+**Solve.** :func:`deepalign_fast.solve.solve_stack`: one weighted least-squares problem over
+all pairs with a robust (IRLS) pair weighting, a per-slice prior toward a rigid map, the
+gauge fixed by the mean of all slices, and an explicit choice for slow motion
+(``slow_drift``): by default the input's slow motion is kept, because slow stage drift and
+the apparent motion of oblique anatomy cannot be told apart (see the module's docstring).
 
-**Failed slices.** A blank slice, or one with too few consistent matches, is flagged, gets a
+**Failed slices.** A blank slice, or one without trusted matches, is flagged, gets a
 transform interpolated from its neighbours, and is reported; later slices match against the
 last good ones, so the run never stops.
 
@@ -39,25 +38,26 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from ._errors import DeepAlignError
 from .blocks import BlockMatcher, Correspondences
-from .estimate import MODELS, estimate_transform, fit_transform
+from .estimate import MODELS, estimate_transform
 from .features import FeatureExtractor, SiftExtractor, match_features
 from .geometry import compose, invert
+from .solve import SLOW_DRIFT, PairMoments, pair_moments, solve_stack
 from .transforms import FieldStore, TransformSet
 from .warp import warp_affine, warp_displacement
 
-__all__ = ["AlignOptions", "AlignResult", "Aligner"]
+__all__ = ["AlignOptions", "AlignResult", "Aligner", "MatchBackend", "Progress",
+           "StackMatcher", "is_blank", "make_backend"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 FEATURES = ("blocks", "sift", "learned")
-DRIFT = ("linear", "all", "none")
 MODES = ("affine", "expected-affine", "elastic")
 CANVAS = ("reference", "union")
 
@@ -72,17 +72,27 @@ class AlignOptions:
         How slices are matched: dense NCC block matching on the raw slices (default),
         SIFT keypoints on the raw slices, or keypoints on the learned feature maps.
     model : {"translation", "rigid", "similarity", "affine"}
-        Transform model of each slice.
-    neighbours : int
-        Each slice is matched to this many predecessors (>= 1).
+        Transform model of each slice; ``"affine"`` (default) is regularised toward rigid by
+        ``regularise``, the others are enforced.
+    offsets : tuple of int
+        Slice z is matched with its predecessors at these ranks (1 = nearest non-blank
+        slice); all pairs enter one global solve. More and farther offsets average out
+        per-pair noise and tie each slice to both sides; each costs one finest-level match.
     threshold : float
-        Inlier threshold in pixels for RANSAC and the joint fit.
+        Inlier threshold in pixels of the per-pair RANSAC.
     min_matches : int
-        A slice with fewer consistent correspondences is flagged.
-    drift : {"linear", "all", "none"}
-        Drift model (see module docstring).
-    drift_window : int
-        Moving-average window (slices) of the drift model.
+        A pair with fewer consistent correspondences is not used.
+    regularise : float
+        Strength of the per-slice prior toward a rigid map (``model="affine"``), relative to
+        a slice's match weight: 0 = free affine per slice; larger values trust the matches'
+        scale/shear less.
+    slow_drift : {"keep", "follow"}
+        Motion slower than ``drift_sigma`` slices: ``"keep"`` the input's (default; an
+        aligned stack stays where it is, jitter and per-slice errors are removed) or
+        ``"follow"`` what the matches see (corrects slow stage drift too, but also follows
+        the apparent motion of oblique anatomy: several px over hundreds of slices).
+    drift_sigma : float
+        Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``.
     canvas : {"reference", "union"}
         Output frame: that of the first slice (same shape as the input), or the bounding box
         of all aligned slices.
@@ -109,11 +119,12 @@ class AlignOptions:
 
     features: str = "blocks"
     model: str = "affine"
-    neighbours: int = 2
+    offsets: tuple[int, ...] = (1, 2, 4, 8)
     threshold: float = 2.0
     min_matches: int = 12
-    drift: str = "linear"
-    drift_window: int = 64
+    regularise: float = 0.05
+    slow_drift: str = "keep"
+    drift_sigma: float = 16.0
     canvas: str = "reference"
     num_threads: int = 0
     provider: str = "cpu"
@@ -125,16 +136,22 @@ class AlignOptions:
     def __post_init__(self) -> None:
         checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
                   ("mode", self.mode, MODES),
-                  ("drift", self.drift, DRIFT), ("canvas", self.canvas, CANVAS)]
+                  ("slow_drift", self.slow_drift, SLOW_DRIFT), ("canvas", self.canvas, CANVAS)]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.neighbours < 1:
-            raise ValueError(f"neighbours must be >= 1, got {self.neighbours}")
-        if self.threshold <= 0:
-            raise ValueError(f"threshold must be > 0, got {self.threshold}")
-        if self.drift_window < 2:
-            raise ValueError(f"drift_window must be >= 2, got {self.drift_window}")
+        offsets = tuple(int(k) for k in self.offsets)
+        if not offsets or min(offsets) < 1 or len(set(offsets)) != len(offsets):
+            raise ValueError(f"offsets must be distinct integers >= 1, got {self.offsets!r}")
+        object.__setattr__(self, "offsets", tuple(sorted(offsets)))
+        for name in ("threshold", "drift_sigma"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not (np.isfinite(self.regularise) and self.regularise >= 0):
+            raise ValueError(f"regularise must be a finite number >= 0, got {self.regularise}")
+        if self.min_matches < 3:
+            raise ValueError(f"min_matches must be >= 3, got {self.min_matches}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         if not 0 <= self.max_folding < 1:
@@ -177,7 +194,21 @@ class AlignResult:
 # --------------------------------------------------------------------------------------------
 
 
-class _KeypointBackend:
+class MatchBackend(Protocol):
+    """What the stack matcher needs of a matcher: per-slice preparation, pairwise matching.
+
+    ``match(ref, mov, init)`` returns the reference -> moving affine (None when the pair
+    cannot be registered) and the inlier correspondences; ``init`` is a prediction of that
+    affine, which lets the back-end skip its coarse search.
+    """
+
+    def prepare(self, image: np.ndarray) -> Any: ...
+
+    def match(self, ref: Any, mov: Any, init: np.ndarray | None = None
+              ) -> tuple[np.ndarray | None, Correspondences]: ...
+
+
+class KeypointBackend:
     """Keypoints + descriptors (SIFT or learned) -> mutual-NN matches -> RANSAC."""
 
     def __init__(self, extractor: FeatureExtractor, opts: AlignOptions) -> None:
@@ -202,7 +233,7 @@ class _KeypointBackend:
         return fit.matrix, Correspondences(src[keep], dst[keep], np.ones(int(keep.sum())))
 
 
-class _BlockBackend:
+class BlockBackend:
     def __init__(self, opts: AlignOptions) -> None:
         self.matcher = BlockMatcher(model=opts.model, threshold=opts.threshold,
                                     num_threads=opts.num_threads)
@@ -215,14 +246,15 @@ class _BlockBackend:
         return self.matcher.match(ref, mov, init)
 
 
-def _make_backend(opts: AlignOptions) -> Any:
+def make_backend(opts: AlignOptions) -> MatchBackend:
+    """The matching back-end that ``opts.features`` names."""
     if opts.features == "blocks":
-        return _BlockBackend(opts)
+        return BlockBackend(opts)
     if opts.features == "sift":
-        return _KeypointBackend(SiftExtractor(), opts)
+        return KeypointBackend(SiftExtractor(), opts)
     from .learned import LearnedExtractor  # onnxruntime is imported only when asked for
 
-    return _KeypointBackend(LearnedExtractor(provider=opts.provider,
+    return KeypointBackend(LearnedExtractor(provider=opts.provider,
                                              num_threads=opts.num_threads), opts)
 
 
@@ -231,24 +263,10 @@ def _make_backend(opts: AlignOptions) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_blank(image: np.ndarray) -> bool:
+def is_blank(image: np.ndarray) -> bool:
+    """Whether a slice holds no structure at all (a constant image, e.g. a missing section)."""
     sample = image[:: max(1, image.shape[0] // 128), :: max(1, image.shape[1] // 128)]
     return bool(np.ptp(sample) == 0)
-
-
-@dataclass(frozen=True)
-class _Pair:
-    """One neighbour's match for slice z: the pairwise-correspondence part of the solve.
-
-    ``rank`` is 1 for the nearest accepted predecessor, 2 for the next, ...; ``a_ref`` is that
-    predecessor's solved transform (output -> slice), ``matrix`` the estimated
-    predecessor -> slice z affine and ``corr`` its correspondences.
-    """
-
-    rank: int
-    a_ref: np.ndarray
-    matrix: np.ndarray
-    corr: Correspondences
 
 
 # (z_ref, state_ref, z_mov, state_mov, init) -> (matrix or None, correspondences). The slice
@@ -257,210 +275,99 @@ MatchFn = Callable[[int, Any, int, Any, "np.ndarray | None"],
                    tuple["np.ndarray | None", Correspondences]]
 
 
-def _match_neighbours(history: Iterable[tuple[int, Any, np.ndarray]], z: int, state: Any,
-                      match: MatchFn) -> list[_Pair]:
-    """Match slice ``z`` against its accepted predecessors, nearest first.
+class StackMatcher:
+    """Matches each new slice with its predecessors at ``opts.offsets`` and keeps the pairs.
 
-    ``history`` is oldest first, as kept by :class:`_Solver`. The nearest neighbour is matched
-    from scratch; farther ones start from the prediction (slice z-k -> slice z) given by the
-    nearest one that matched, so they skip the coarse levels. That makes each far match depend
-    on already solved transforms, so the matches of one slice are issued in this order.
-    """
-    pairs: list[_Pair] = []
-    predicted: np.ndarray | None = None  # A_z from the nearest neighbour that matched
-    for k, (z_k, state_k, a_k) in enumerate(reversed(list(history)), start=1):
-        init = None if predicted is None else compose(predicted, invert(a_k))
-        m, corr = match(z_k, state_k, z, state, init)
-        if m is None or len(corr) < 3:
-            continue
-        if predicted is None:
-            predicted = compose(m, a_k)
-        pairs.append(_Pair(k, a_k, m, corr))
-    return pairs
+    State is bounded: the ``max(offsets)`` most recent prepared slices and, per pair, 36
+    numbers of moments. ``match`` defaults to the local back-end's ``match``; a distributed
+    driver passes its own (remote, cached) function and opaque ``state`` handles instead of
+    prepared slices.
 
-
-def _residuals(a: np.ndarray, x: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(x @ a[:, :2].T + a[:, 2] - q, axis=1)
-
-
-def _solve_slice(pairs: list[_Pair], opts: AlignOptions
-                 ) -> tuple[np.ndarray, float, int] | None:
-    """Joint weighted least-squares fit of one slice's transform from its neighbours' matches.
-
-    Every correspondence ``(p in slice z-k, q in slice z)`` is lifted to the output frame
-    through ``A_{z-k}^-1``; the consensus candidate selects inliers, then the transform is
-    refitted three times. Returns ``(A_z, rms_px, inliers)``, or None when the slice must be
-    flagged (no pairs, or fewer than ``opts.min_matches`` consistent correspondences).
-    """
-    if not pairs:
-        return None
-    lifted_src, lifted_dst, weights, candidates = [], [], [], []
-    for pair in pairs:
-        # x = A_k^-1(p) is the output-frame position of correspondence (p, q).
-        a_k_inv = invert(pair.a_ref)
-        lifted_src.append(pair.corr.src @ a_k_inv[:, :2].T + a_k_inv[:, 2])
-        lifted_dst.append(pair.corr.dst)
-        weights.append(pair.corr.weights / pair.rank)
-        candidates.append((len(pair.corr), compose(pair.matrix, pair.a_ref)))
-    x = np.concatenate(lifted_src)
-    q = np.concatenate(lifted_dst)
-    w = np.concatenate(weights)
-    # Consensus: the candidate transform that most correspondences agree with.
-    best = max(candidates,
-               key=lambda c: int(np.sum(_residuals(c[1], x, q) < opts.threshold)))[1]
-    keep = _residuals(best, x, q) < 2.0 * opts.threshold
-    a_z = None
-    for _ in range(3):  # refit, re-select inliers
-        if keep.sum() < max(3, opts.min_matches):
-            break
-        a_z = fit_transform(x[keep], q[keep], opts.model, weights=w[keep])
-        if a_z is None:
-            break
-        keep = _residuals(a_z, x, q) < opts.threshold
-    if a_z is None or keep.sum() < opts.min_matches:
-        return None
-    rms = float(np.sqrt(np.mean(_residuals(a_z, x[keep], q[keep]) ** 2)))
-    return a_z, rms, int(keep.sum())
-
-
-class _Solver:
-    """Causal multi-neighbour solver: one call per slice, bounded state (K prepared slices).
-
-    ``match`` defaults to the local back-end's ``match``; a distributed driver passes its own
-    (remote, cached) function and opaque ``state`` handles instead of prepared slices. The
-    pairwise part (:func:`_match_neighbours`) and the solve (:func:`_solve_slice`) are the same
-    functions either way.
+    Attributes
+    ----------
+    pairs : list of PairMoments
+        Every pair matched so far.
+    history : deque of (z, state, pose)
+        Recent non-blank slices, oldest first, with their chained pose (output -> slice, from
+        the nearest-pair estimates; used only to predict far pairs).
+    blank, failed : list of int
+        Blank slices, and slices that matched none of their predecessors.
+    matches : list of int
+        Inlier correspondences of each slice with its nearest matched predecessor.
     """
 
-    def __init__(self, opts: AlignOptions, match: MatchFn | None = None) -> None:
+    def __init__(self, opts: AlignOptions, match: MatchFn | None = None,
+                 shape: tuple[int, int] | None = None) -> None:
         self.opts = opts
         if match is None:
-            self.backend = _make_backend(opts)
+            self.backend = make_backend(opts)
             backend = self.backend
             match = lambda _zr, ref, _zm, mov, init: backend.match(ref, mov, init)  # noqa: E731
         self._match = match
-        self.history: deque[tuple[int, Any, np.ndarray]] = deque(maxlen=opts.neighbours)
-        self.raw: list[np.ndarray] = []  # raw chained transforms, output -> slice
-        self.flagged: list[int] = []
-        self.residuals: list[float | None] = []
+        self.shape = shape
+        self.history: deque[tuple[int, Any, np.ndarray]] = deque(maxlen=max(opts.offsets))
+        self.pairs: list[PairMoments] = []
+        self.blank: list[int] = []
+        self.failed: list[int] = []
         self.matches: list[int] = []
-        self.times = _StageTimes()
+        self.count = 0
+        self.times = StageTimes()
 
-    def add(self, z: int, state: Any | None) -> np.ndarray:
-        """Solve slice z (``state`` None = blank slice); returns its raw transform."""
+    def add(self, z: int, state: Any | None) -> None:
+        """Match slice z (``state`` None = blank slice) with its predecessors."""
+        if self.shape is None:
+            raise ValueError("StackMatcher needs the slice shape")
+        self.count = max(self.count, z + 1)
         ident = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         if state is None:
-            return self._flag(z, self.raw[-1] if self.raw else ident)
-        if not self.history:  # first usable slice defines the frame
-            first = ident if not self.raw else self.raw[-1]
-            self._accept(z, state, first, None, 0)
-            return first
+            self.blank.append(z)
+            self.matches.append(0)
+            return
         t0 = time.perf_counter()
-        pairs = _match_neighbours(self.history, z, state, self._match)
-        t0 = self.times.add("match", t0)
-        fit = _solve_slice(pairs, self.opts)
-        self.times.add("solve", t0)
-        if fit is None:
-            return self._flag(z, self.raw[-1])
-        a_z, rms, n = fit
-        self._accept(z, state, a_z, rms, n)
-        return a_z
-
-    def _accept(self, z: int, state: Any, a_z: np.ndarray, rms: float | None, n: int) -> None:
-        self.history.append((z, state, a_z))
-        self.raw.append(a_z)
-        self.residuals.append(rms)
-        self.matches.append(n)
-
-    def _flag(self, z: int, a_z: np.ndarray) -> np.ndarray:
-        self.flagged.append(z)
-        self.raw.append(a_z)
-        self.residuals.append(None)
-        self.matches.append(0)
-        return a_z
-
-
-def _interpolate_flagged(affines: np.ndarray, flagged: list[int]) -> np.ndarray:
-    """Linear interpolation of the parameters of flagged slices between good neighbours."""
-    n = len(affines)
-    good = np.setdiff1d(np.arange(n), flagged)
-    if good.size == 0 or len(flagged) == 0:
-        return affines
-    out = affines.copy()
-    flat = affines.reshape(n, 6)
-    for j in range(6):
-        out.reshape(n, 6)[flagged, j] = np.interp(flagged, good, flat[good, j])
-    return out
-
-
-def _local_linear_trend(values: np.ndarray, window: int, *, causal: bool) -> np.ndarray:
-    """Trend of ``values`` (axis 0 = z) by a local linear fit over ``window`` slices.
-
-    A straight-line fit, rather than a plain moving average, follows a steady ramp (the usual
-    shape of accumulated drift) right up to the ends of the stack without bias. ``causal``
-    uses only the current and past slices (streaming).
-    """
-    n = len(values)
-    flat = values.reshape(n, -1)
-    out = np.empty_like(flat)
-    half = window // 2
-    for z in range(n):
-        lo, hi = (max(0, z - window + 1), z + 1) if causal else (max(0, z - half),
-                                                                 min(n, z + half + 1))
-        zs = np.arange(lo, hi, dtype=np.float64)
-        seg = flat[lo:hi]
-        if len(zs) < 3:
-            out[z] = seg.mean(axis=0)
-            continue
-        zc = zs - zs.mean()
-        slope = (zc[:, None] * (seg - seg.mean(axis=0))).sum(axis=0) / (zc**2).sum()
-        out[z] = seg.mean(axis=0) + slope * (z - zs.mean())
-    return out.reshape(values.shape)
-
-
-def remove_drift(affines: np.ndarray, shape: tuple[int, int], mode: str, window: int,
-                 *, causal: bool = False) -> np.ndarray:
-    """Apply the drift model (see module docstring) to ``(n, 2, 3)`` output->input affines.
-
-    The correction acts about the frame centre ``c``: the linear part ``L_z`` becomes
-    ``L_z @ inv(trend(L)_z)`` while ``A_z(c)`` is kept (``mode="linear"``); ``mode="all"``
-    also replaces the trend of ``A_z(c)`` by its value at the first slice.
-    """
-    if mode == "none" or len(affines) < 2:
-        return affines
-    c = np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0])
-    lin = affines[:, :, :2]
-    centre = lin @ c + affines[:, :, 2]
-    lin_trend = _local_linear_trend(lin, window, causal=causal)
-    new_lin = lin @ np.linalg.inv(lin_trend)
-    if mode == "all":
-        trend = _local_linear_trend(centre, window, causal=causal)
-        centre = centre - trend + trend[0]
-    out = np.empty_like(affines)
-    out[:, :, :2] = new_lin
-    out[:, :, 2] = centre - new_lin @ c
-    return out
+        ranked = list(reversed(self.history))  # nearest first
+        pose: np.ndarray | None = None
+        nearest_n = 0
+        wanted = set(self.opts.offsets)
+        for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
+            if rank not in wanted and pose is not None:
+                continue
+            init = None if pose is None else compose(pose, invert(pose_k))
+            m, corr = self._match(z_k, state_k, z, state, init)
+            if m is None or len(corr) < self.opts.min_matches or not np.all(np.isfinite(m)):
+                continue
+            if pose is None:
+                pose = compose(m, pose_k)
+                nearest_n = len(corr)
+            # Content changes with distance along z, so a far pair says less about the
+            # relative position than a near one: weight 1 / slice distance (independent
+            # increments).
+            self.pairs.append(pair_moments(z_k, z, corr.src, corr.dst,
+                                           corr.weights / (z - z_k), self.shape))
+        self.times.add("match", t0)
+        if ranked and pose is None:
+            self.failed.append(z)
+            pose = ranked[0][2]
+        self.matches.append(nearest_n)
+        self.history.append((z, state, ident if pose is None else pose))
 
 
 def _canvas(affines: np.ndarray, in_shape: tuple[int, int], mode: str
             ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Re-gauge so slice 0 defines the frame; for "union", grow the canvas to fit all slices."""
-    a0_inv = invert(affines[0])
-    gauged = np.stack([compose(a, a0_inv) for a in affines])
+    """Output frame: the input's shape ("reference") or the bounding box of all slices."""
     h, w = in_shape
     if mode == "reference":
-        return gauged, (h, w)
+        return affines, (h, w)
     corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], np.float64)
     pts = []
-    for a in gauged:
+    for a in affines:
         inv = invert(a)
         pts.append(corners @ inv[:, :2].T + inv[:, 2])
     allp = np.concatenate(pts)
     lo = np.floor(allp.min(axis=0))
     hi = np.ceil(allp.max(axis=0))
     shift = np.array([[1.0, 0.0, lo[0]], [0.0, 1.0, lo[1]]])
-    return np.stack([compose(a, shift) for a in gauged]), (int(hi[1] - lo[1] + 1),
-                                                           int(hi[0] - lo[0] + 1))
+    return np.stack([compose(a, shift) for a in affines]), (int(hi[1] - lo[1] + 1),
+                                                            int(hi[0] - lo[0] + 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,7 +387,7 @@ def _prefetch(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor
         yield pending.popleft().result()
 
 
-class _StageTimes:
+class StageTimes:
     """Seconds spent per stage, summed over the threads that ran it (stages overlap, so the
     sum can exceed the wall time; the wall time is reported separately as ``total``)."""
 
@@ -507,7 +414,7 @@ def _peak_memory_mb() -> float | None:
     return None
 
 
-class _Progress:
+class Progress:
     """A one-line progress indicator on stderr, silent when stderr is not a terminal."""
 
     def __init__(self, total: int | None, label: str, enabled: bool | None = None) -> None:
@@ -559,6 +466,9 @@ class Aligner:
         if options is not None and kwargs:
             raise TypeError("pass either an AlignOptions or keyword options, not both")
         self.options = options or AlignOptions(**kwargs)
+        #: Of the last :meth:`stream`: flagged slices and the emitted transforms.
+        self.flagged: list[int] = []
+        self.transforms: list[np.ndarray] = []
 
     # -- estimation -----------------------------------------------------------------------
     def estimate(self, stack: Any, *, progress: bool | None = None) -> AlignResult:
@@ -571,44 +481,44 @@ class Aligner:
             n, h, w = reader.shape
             if n < 1:
                 raise DeepAlignError(f"{reader.path}: the stack has no slices")
-            solver = _Solver(opts)
-            bar = _Progress(n, "estimate", progress)
-
-            times = solver.times
+            matcher = StackMatcher(opts, shape=(h, w))
+            bar = Progress(n, "estimate", progress)
+            times = matcher.times
 
             def load(z: int) -> tuple[int, Any]:
                 t0 = time.perf_counter()
                 img = reader.read(z)
                 t0 = times.add("read", t0)
-                state = None if _is_blank(img) else solver.backend.prepare(img)
+                state = None if is_blank(img) else matcher.backend.prepare(img)
                 times.add("features", t0)
                 return z, state
 
             t_prep0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=2) as pool:
                 for z, state in _prefetch(load, range(n), pool, depth=2):
-                    solver.add(z, state)
+                    matcher.add(z, state)
                     bar.step()
             bar.close()
             t_est = time.perf_counter() - t_prep0
-        ts = self._transform_set(solver, (n, h, w))
-        timings = {**solver.times.seconds, "estimate": t_est,
+        ts = self.transform_set(matcher, (n, h, w))
+        timings = {**matcher.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
-        return AlignResult(ts, list(solver.matches), timings)
+        return AlignResult(ts, list(matcher.matches), timings)
 
-    def _transform_set(self, solver: _Solver, shape: tuple[int, int, int]) -> TransformSet:
-        """Flagged-slice interpolation, drift model and canvas over a finished solve."""
+    def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
+                      ) -> TransformSet:
+        """The global solve and the canvas over a finished :class:`StackMatcher`."""
         n, h, w = shape
-        affines = self._finish(np.stack(solver.raw), solver.flagged, (h, w), causal=False)
-        affines, out_shape = _canvas(affines, (h, w), self.options.canvas)
-        return TransformSet(affines, (n, h, w), out_shape, list(solver.flagged),
-                            list(solver.residuals), asdict(self.options))
-
-    def _finish(self, raw: np.ndarray, flagged: list[int], shape: tuple[int, int],
-                *, causal: bool) -> np.ndarray:
-        affines = _interpolate_flagged(raw, flagged)
-        return remove_drift(affines, shape, self.options.drift, self.options.drift_window,
-                            causal=causal)
+        opts = self.options
+        t0 = time.perf_counter()
+        solved = solve_stack(n, matcher.pairs, (h, w), model=opts.model,
+                             regularise=opts.regularise, slow_drift=opts.slow_drift,
+                             drift_sigma=opts.drift_sigma, blank=matcher.blank)
+        matcher.times.add("solve", t0)
+        flagged = sorted(set(solved.flagged) | set(matcher.failed))
+        residuals = [None if z in flagged else r for z, r in enumerate(solved.residuals)]
+        affines, out_shape = _canvas(solved.affines, (h, w), opts.canvas)
+        return TransformSet(affines, (n, h, w), out_shape, flagged, residuals, asdict(opts))
 
     # -- rendering ------------------------------------------------------------------------
     def render(self, stack: Any, transforms: TransformSet, output: str | os.PathLike[str], *,
@@ -648,11 +558,11 @@ class Aligner:
             from .io import check_slice_size
 
             check_slice_size(output, (h, w), reader.dtype)
-            bar = _Progress(len(reader), "render", progress)
+            bar = Progress(len(reader), "render", progress)
             threads = self.options.num_threads
             fields_out = _fields_path(output) if fields_path is None else Path(fields_path)
 
-            times = _StageTimes()
+            times = StageTimes()
             refine: Any = None
             store: FieldStore | None = None
             if self.options.mode == "elastic":
@@ -771,36 +681,89 @@ class Aligner:
         return result
 
     # -- streaming ------------------------------------------------------------------------
-    def stream(self, slices: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Align slices as they arrive; yields each aligned slice as soon as it is solved.
+    def stream(self, slices: Iterable[np.ndarray], *, lookahead: int = 8
+               ) -> Iterator[np.ndarray]:
+        """Align slices as they arrive; yields aligned slice z once slice z + ``lookahead`` has
+        arrived (or the input ended).
 
-        Memory stays flat: only the last ``neighbours`` prepared slices and the transforms are
-        kept. The drift model runs causally (trend over the past ``drift_window`` slices), and
-        the frame is that of the first slice (``canvas="reference"``), so results can differ
-        slightly from :meth:`align_stack`, which sees the whole stack. Blank slices are
-        flagged (see :attr:`flagged`) and rendered with their predecessor's transform.
+        ``lookahead`` is the trade-off between latency and accuracy: slice z is solved with
+        the matches of the ``lookahead`` slices after it and of about ``3 * drift_sigma``
+        slices before it (a window of the global solve), so with ``lookahead`` >= the largest
+        offset every slice is tied to neighbours on both sides. Memory stays flat: the last
+        ``max(offsets)`` prepared slices, ``lookahead`` raw slices and the pair moments.
+        Flagged slices are listed in :attr:`flagged`; :attr:`transforms` holds the emitted
+        transforms. Results differ slightly from :meth:`align_stack`, which sees the whole
+        stack.
         """
-        opts = self.options
-        solver = _Solver(opts)
-        self.flagged = solver.flagged
-        self.transforms: list[np.ndarray] = []
-        window: deque[np.ndarray] = deque(maxlen=opts.drift_window)
-        a0_inv: np.ndarray | None = None
-        shape: tuple[int, int] | None = None
-        dtype = None
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        state = _StreamState(self, lookahead)
         for z, image in enumerate(slices):
-            image = np.asarray(image)
-            if shape is None:
-                shape, dtype = image.shape[:2], image.dtype
-            elif image.shape != shape or image.dtype != dtype:
-                raise DeepAlignError(f"stream slice {z}: shape {image.shape} {image.dtype} "
-                                     f"differs from the first slice's {shape} {dtype}")
-            raw = solver.add(z, None if _is_blank(image) else solver.backend.prepare(image))
-            window.append(raw)
-            hist = np.stack(window)
-            a = remove_drift(hist, shape, opts.drift, opts.drift_window, causal=True)[-1]
-            if a0_inv is None:
-                a0_inv = invert(a)
-            a = compose(a, a0_inv)
-            self.transforms.append(a)
-            yield warp_affine(image, a, shape, num_threads=opts.num_threads)
+            yield from state.push(z, np.asarray(image))
+        yield from state.finish()
+
+
+class _StreamState:
+    """The state of one :meth:`Aligner.stream` call (kept off the Aligner)."""
+
+    def __init__(self, aligner: Aligner, lookahead: int) -> None:
+        self.aligner = aligner
+        self.opts = aligner.options
+        self.lookahead = lookahead
+        self.back = int(np.ceil(3 * self.opts.drift_sigma)) + max(self.opts.offsets)
+        self.matcher: StackMatcher | None = None
+        self.pending: deque[tuple[int, np.ndarray]] = deque()
+        self.shape: tuple[int, int] | None = None
+        self.dtype: Any = None
+        self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
+        aligner.flagged = []
+        aligner.transforms = []
+
+    def push(self, z: int, image: np.ndarray) -> Iterator[np.ndarray]:
+        if self.shape is None:
+            if image.ndim != 2:
+                raise DeepAlignError(f"stream slice {z}: expected a 2-D slice, got shape "
+                                     f"{image.shape}")
+            self.shape, self.dtype = (int(image.shape[0]), int(image.shape[1])), image.dtype
+            self.matcher = StackMatcher(self.opts, shape=self.shape)
+        elif image.shape != self.shape or image.dtype != self.dtype:
+            raise DeepAlignError(f"stream slice {z}: shape {image.shape} {image.dtype} "
+                                 f"differs from the first slice's {self.shape} {self.dtype}")
+        if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+            raise DeepAlignError(f"stream slice {z}: contains NaN or infinite values")
+        assert self.matcher is not None
+        self.matcher.add(z, None if is_blank(image) else self.matcher.backend.prepare(image))
+        self.pending.append((z, image))
+        while self.pending and self.pending[0][0] + self.lookahead <= z:
+            yield self._emit(z + 1)
+
+    def finish(self) -> Iterator[np.ndarray]:
+        while self.pending:
+            yield self._emit(self.pending[-1][0] + 1)
+
+    def _emit(self, seen: int) -> np.ndarray:
+        assert self.matcher is not None and self.shape is not None
+        z, image = self.pending.popleft()
+        lo = max(0, z - self.back)
+        # Drop pairs that can no longer enter a window.
+        self.matcher.pairs = [pm for pm in self.matcher.pairs if min(pm.i, pm.j) >= lo]
+        pairs = [PairMoments(pm.i - lo, pm.j - lo, pm.moments, pm.weight, pm.count)
+                 for pm in self.matcher.pairs]
+        blank = [b - lo for b in self.matcher.blank if b >= lo]
+        opts = self.opts
+        solved = solve_stack(seen - lo, pairs, self.shape, model=opts.model,
+                             regularise=opts.regularise, slow_drift=opts.slow_drift,
+                             drift_sigma=opts.drift_sigma, blank=blank)
+        a = solved.affines[z - lo]
+        if opts.slow_drift == "follow":
+            # Each window has its own gauge: carry the previous emitted slice's frame over.
+            b_now = invert(a)
+            if self.previous is not None and z - 1 - lo >= 0:
+                b_prev_win = invert(solved.affines[z - 1 - lo])
+                b_now = compose(self.previous, invert(b_prev_win), b_now)
+            self.previous = b_now
+            a = invert(b_now)
+        if z - lo in solved.flagged or z in self.matcher.failed:
+            self.aligner.flagged.append(z)
+        self.aligner.transforms.append(a)
+        return warp_affine(image, a, self.shape, num_threads=opts.num_threads)

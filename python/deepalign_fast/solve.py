@@ -175,11 +175,12 @@ def _solve_banded(n: int, pairs: Sequence[PairMoments], weights: NDArray[np.floa
         idx = np.r_[6 * pm.i:6 * pm.i + 6, 6 * pm.j:6 * pm.j + 6]
         _add_block(ab, u, idx, h)
         b[idx] -= h @ theta_i
-    own = prior.T @ prior
+    outer = np.einsum("ci,cj->cij", prior, prior)  # one 6x6 block per prior row
     ridge = 1e-4 * eps * np.eye(6)  # tiny: makes the matrix positive definite
     diff = eps * np.block([[np.eye(6), -np.eye(6)], [-np.eye(6), np.eye(6)]])
     for z in range(n):
-        _add_block(ab, u, np.arange(6 * z, 6 * z + 6), strength[z] * own + ridge)
+        own = np.einsum("c,cij->ij", strength[z], outer)
+        _add_block(ab, u, np.arange(6 * z, 6 * z + 6), own + ridge)
         if z + 1 < n:
             _add_block(ab, u, np.arange(6 * z, 6 * z + 12), diff)
     chol = cholesky_banded(ab, lower=False)
@@ -295,9 +296,17 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         per_slice[pm.j] += pm.weight
     typical = float(np.median(per_slice[per_slice > 0])) if np.any(per_slice > 0) else 1.0
     prior = _nonrigid_rows(model, regularise)
+    soft = np.array([0 < np.abs(r).max() < np.sqrt(_HARD) * 0.5 for r in prior])
+    unit = np.linalg.norm(prior, axis=1)  # component value = row . delta / unit
+    unit[unit == 0] = 1.0
     # The prior of each slice scales with its own match weight, so that it means the same at
-    # the ends of the stack (fewer pairs) as in the middle.
-    strength = np.where(per_slice > 0, per_slice, typical)
+    # the ends of the stack (fewer pairs) as in the middle. It is robust (Huber): once a
+    # component exceeds what half a pixel at the frame's edge allows, its pull stops growing,
+    # so a real deformation (a compressed section) is followed with a bounded bias instead of
+    # being shrunk in proportion.
+    base = np.where(per_slice > 0, per_slice, typical)
+    strength = np.repeat(base[:, None], len(prior), axis=1)
+    huber = 0.5 / radius * np.sqrt(2.0)  # prior rows carry a factor 1/sqrt(2)
     eps = 1e-6 * typical
     w = raw_w.copy()
     theta = np.tile(_IDENTITY, (n, 1))
@@ -306,6 +315,9 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         theta = delta + _IDENTITY
         if not pairs or it == iterations - 1:
             break
+        comp = np.abs(delta @ prior.T) / unit  # (n, 4) prior components
+        mult = np.minimum(1.0, huber / np.maximum(comp, 1e-15))
+        strength = np.where(soft[None, :], base[:, None] * mult, base[:, None])
         rms = np.array([_pair_rms(pm, theta) for pm in pairs]) * radius  # px
         # Cauchy weights around the typical pair residual (floor: 0.25 px, the precision of a
         # good pair), so wrong pairs and slices lose their influence.

@@ -24,7 +24,7 @@ from deepalign_fast.synth import misalign_stack  # noqa: E402
 # Same arithmetic on both paths: the transforms agree to rounding of the JSON/npz round trips
 # (exactly, in practice).
 TOL_PX = 1e-9
-OPTS = AlignOptions(model="rigid", neighbours=2, num_threads=1)
+OPTS = AlignOptions(model="rigid", offsets=(1, 2), num_threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def _spread(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def test_follow_recovers_jitter_and_per_slice_affines_exactly():
     rng = np.random.default_rng(0)
     truth = _random_affines(30, rng)
-    res = solve_stack(30, _pairs(truth, rng), SHAPE, slow_drift="none", regularise=0.0)  # nothing is "slow" at this sigma
+    res = solve_stack(30, _pairs(truth, rng), SHAPE, slow_drift="none", regularise=0.0)
     assert _spread(res.affines, truth).max() < 1e-3
     assert res.flagged == []
 
