@@ -43,3 +43,20 @@ def test_peer_recovers_known_motion(peer: str, rotate: bool) -> None:
                                 mis.shape[1:])
     assert nothing.tre_median > 2
     assert score.tre_p95 < 0.25, (peer, score.per_slice_tre)
+
+
+def test_bench_exact_option_sets() -> None:
+    from benchmarks.bench_exact import main, parse_ours
+
+    assert parse_ours("default") == ("default", {})
+    assert parse_ours("r:model=rigid,threshold=1.5,neighbours=3") == (
+        "r", {"model": "rigid", "threshold": 1.5, "neighbours": 3})
+    assert parse_ours("offsets=1/2/4") == ("offsets=1/2/4", {"offsets": (1, 2, 4)})
+    with pytest.raises(SystemExit, match="not key=value"):
+        parse_ours("x:model")
+    with pytest.raises(SystemExit, match="--ours bad"):  # checked before any stack is built
+        main(["--quick", "--ours", "bad:no_such_option=1", "--peers", "none"])
+    with pytest.raises(SystemExit, match="unknown case"):
+        main(["--cases", "nope"])
+    with pytest.raises(SystemExit, match="unknown peer"):
+        main(["--quick", "--peers", "nope"])
