@@ -266,6 +266,20 @@ inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has && !force_portable_kernels().load(std::memory_order_relaxed);
 }
+
+// Tests set this to run the AVX2 kernels where AVX-512 ones exist, to compare both with the
+// portable ones; production code never sets it.
+inline std::atomic<bool>& force_no_avx512() {
+  static std::atomic<bool> force{false};
+  return force;
+}
+
+// AVX-512 F/BW/VL/DQ/CD (x86-64-v4) with VBMI (byte permutes): the uint8 affine interior.
+inline bool cpu_has_avx512_vbmi() {
+  static const bool has = __builtin_cpu_supports("x86-64-v4") &&
+                          __builtin_cpu_supports("avx512vbmi");
+  return has && cpu_has_avx2() && !force_no_avx512().load(std::memory_order_relaxed);
+}
 #endif
 
 // Software prefetch of the source: a warp reads each source row in short runs (a rotated map

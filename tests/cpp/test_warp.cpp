@@ -175,7 +175,8 @@ TEST_CASE(bad_arguments_throw) {
   CHECK(dst.px[0] == 0.0f);
 }
 
-// The AVX2 kernels (where the CPU has them) must give exactly the portable kernels' output:
+// The AVX-512 and AVX2 kernels (where the CPU has them) must give exactly the portable kernels'
+// output:
 // random images and affines (rotations, shears, flips, scales), odd sizes so that blocks end
 // in partial vectors, maps that leave the source (constant and replicate borders), and a
 // source view with a stride larger than its width.
@@ -189,12 +190,16 @@ TEST_CASE(simd_kernels_match_portable_kernels) {
     const std::int64_t stride = sw + 5;
     Image<T> buf = random_image<T>(sh_, stride, 255.0, seed);
     const ImageView<const T> src{buf.px.data(), sh_, sw, stride};
-    Image<T> simd(dh, dw), portable(dh, dw);
+    Image<T> simd(dh, dw), avx2(dh, dw), portable(dh, dw);
     warp_affine<T>(src, simd.view(), m, Interpolation::Linear, b, 17.0, 1);
+    deepalign::detail::force_no_avx512() = true;  // the AVX2 kernels where AVX-512 ones exist
+    warp_affine<T>(src, avx2.view(), m, Interpolation::Linear, b, 17.0, 1);
+    deepalign::detail::force_no_avx512() = false;
     deepalign::detail::force_portable_kernels() = true;
     warp_affine<T>(src, portable.view(), m, Interpolation::Linear, b, 17.0, 1);
     deepalign::detail::force_portable_kernels() = false;
     CHECK(simd.px == portable.px);
+    CHECK(avx2.px == portable.px);
   };
   for (int trial = 0; trial < 24; ++trial) {
     const double th = ang(gen), s = sc(gen), flip = (trial % 5 == 4) ? -1.0 : 1.0;
@@ -216,8 +221,17 @@ TEST_CASE(simd_kernels_match_portable_kernels) {
     compare(std::uint8_t{}, m, b, 41 + trial, 29 + 13 * trial, 37, 23 + 11 * trial, 400u + trial);
     compare(float{}, m, b, 41 + trial, 29 + 13 * trial, 37, 23 + 11 * trial, 500u + trial);
   }
-  // Near-identity (the EM case) on a larger image.
+  // Near-identity (the EM case) on a larger image, in all four directions of the monotone
+  // window placement (a < 0 and/or c < 0), and a steep map that does not fit the windows.
   const double near[6] = {1.0001, -0.026, 3.3, 0.026, 1.0001, -2.7};
   compare(std::uint8_t{}, near, Border::Constant, 300, 301, 299, 333, 7);
   compare(float{}, near, Border::Constant, 300, 301, 299, 333, 8);
+  const double flip_x[6] = {-1.0001, -0.026, 310.3, 0.026, 1.0001, -2.7};
+  const double flip_y[6] = {1.0001, 0.026, 3.3, -0.026, -1.0001, 297.7};
+  const double flip_xy[6] = {-1.0001, 0.026, 310.3, -0.026, -1.0001, 297.7};
+  const double steep[6] = {3.7, 0.4, 5.0, 1.9, 0.3, 2.0};
+  for (const double* mm : {flip_x, flip_y, flip_xy, steep}) {
+    compare(std::uint8_t{}, mm, Border::Constant, 300, 301, 299, 333, 9);
+    compare(std::uint8_t{}, mm, Border::Replicate, 300, 301, 299, 333, 10);
+  }
 }
