@@ -129,73 +129,89 @@ def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
     return np.stack([stretch * ws[0], shear * ws[1], scale * ws[2], rotation * ws[3]])
 
 
+_IX = np.array([0, 1, 2, 6, 7, 8])     # a, b, tx of slice i; a, b, tx of slice j
+_IY = np.array([3, 4, 5, 9, 10, 11])   # c, d, ty of slice i; c, d, ty of slice j
+
+
 def _expand(m6: NDArray[np.float64]) -> NDArray[np.float64]:
-    """The pair's 12x12 normal matrix over ``(slice i params, slice j params)`` from its 6x6
-    moments (x and y rows share the moments)."""
-    out = np.zeros((12, 12))
-    ix = [0, 1, 2, 6, 7, 8]     # a, b, tx of i; a, b, tx of j
-    iy = [3, 4, 5, 9, 10, 11]   # c, d, ty of i; c, d, ty of j
-    out[np.ix_(ix, ix)] = m6
-    out[np.ix_(iy, iy)] = m6
+    """The pairs' 12x12 normal matrices over ``(slice i params, slice j params)`` from their
+    ``(P, 6, 6)`` moments (x and y rows share the moments)."""
+    out = np.zeros((len(m6), 12, 12))
+    out[:, _IX[:, None], _IX[None, :]] = m6
+    out[:, _IY[:, None], _IY[None, :]] = m6
     return out
 
 
 _IDENTITY = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
 
-def _add_block(ab: NDArray[np.float64], u: int, rows: NDArray[np.intp],
-               block: NDArray[np.float64]) -> None:
-    """Add a dense symmetric ``block`` at global indices ``rows`` to upper banded storage."""
-    gr, gc = np.meshgrid(rows, rows, indexing="ij")
-    upper = gr <= gc
-    np.add.at(ab, (u + gr[upper] - gc[upper], gc[upper]), block[upper])
+def _add_blocks(ab: NDArray[np.float64], u: int, rows: NDArray[np.intp],
+                blocks: NDArray[np.float64]) -> None:
+    """Add dense symmetric ``blocks`` ``(B, k, k)`` at global indices ``rows`` ``(B, k)`` to
+    upper banded storage (LAPACK layout: ``ab[u + r - c, c] = a[r, c]`` for ``r <= c``)."""
+    k = rows.shape[1]
+    iu, ju = np.triu_indices(k)
+    gr, gc = rows[:, iu], rows[:, ju]
+    lo, hi = np.minimum(gr, gc), np.maximum(gr, gc)
+    np.add.at(ab, (u + lo - hi, hi), blocks[:, iu, ju])
 
 
-def _solve_banded(n: int, pairs: Sequence[PairMoments], weights: NDArray[np.float64],
-                  prior: NDArray[np.float64], strength: NDArray[np.float64],
-                  eps: float) -> NDArray[np.float64]:
-    """Minimise the weighted problem for ``delta = theta - identity`` under ``sum delta = 0``.
+class _System:
+    """The parts of the normal equations that do not change between IRLS iterations."""
 
-    The normal matrix is banded (a pair couples slices at most ``max |i - j|`` apart) and
-    positive definite (the small first-difference and ridge terms); the gauge is added by
-    Lagrange multipliers through a 6x6 Schur complement, so the cost is linear in ``n``.
-    """
-    from scipy.linalg import cho_solve_banded, cholesky_banded
+    def __init__(self, n: int, pairs: Sequence[PairMoments], prior: NDArray[np.float64],
+                 eps: float) -> None:
+        self.n = n
+        self.ij = np.array([(pm.i, pm.j) for pm in pairs], np.intp).reshape(-1, 2)
+        self.h = _expand(np.array([pm.moments for pm in pairs]).reshape(-1, 6, 6))
+        self.weight = np.array([pm.weight for pm in pairs], np.float64)
+        span = int(np.abs(self.ij[:, 0] - self.ij[:, 1]).max()) if len(pairs) else 1
+        self.u = 6 * (max(span, 1) + 1) - 1
+        six = np.arange(6)
+        self.rows = np.concatenate([6 * self.ij[:, :1] + six, 6 * self.ij[:, 1:] + six], axis=1)
+        self.outer = np.einsum("ci,cj->cij", prior, prior)  # one 6x6 block per prior row
+        self.eps = eps
 
-    size = 6 * n
-    span = max([abs(pm.i - pm.j) for pm in pairs] + [1])
-    u = 6 * (span + 1) - 1
-    ab = np.zeros((u + 1, size))
-    b = np.zeros(size)
-    theta_i = np.concatenate([_IDENTITY, _IDENTITY])
-    for pm, c in zip(pairs, weights, strict=True):
-        if c <= 0:
-            continue
-        h = c * _expand(pm.moments)
-        idx = np.r_[6 * pm.i:6 * pm.i + 6, 6 * pm.j:6 * pm.j + 6]
-        _add_block(ab, u, idx, h)
-        b[idx] -= h @ theta_i
-    outer = np.einsum("ci,cj->cij", prior, prior)  # one 6x6 block per prior row
-    ridge = 1e-4 * eps * np.eye(6)  # tiny: makes the matrix positive definite
-    diff = eps * np.block([[np.eye(6), -np.eye(6)], [-np.eye(6), np.eye(6)]])
-    for z in range(n):
-        own = np.einsum("c,cij->ij", strength[z], outer)
-        _add_block(ab, u, np.arange(6 * z, 6 * z + 6), own + ridge)
-        if z + 1 < n:
-            _add_block(ab, u, np.arange(6 * z, 6 * z + 12), diff)
-    chol = cholesky_banded(ab, lower=False)
-    c_t = np.tile(np.eye(6), (n, 1))  # gauge: C = [I I ... I]
-    sol = cho_solve_banded((chol, False), np.column_stack([b, c_t]))
-    x, y = sol[:, 0], sol[:, 1:]
-    mu = np.linalg.solve(c_t.T @ y, c_t.T @ x)
-    return (x - y @ mu).reshape(n, 6)
+    def solve(self, weights: NDArray[np.float64],
+              strength: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Minimise the weighted problem for ``delta = theta - identity`` under
+        ``sum delta = 0``.
 
+        The normal matrix is banded (a pair couples slices at most ``max |i - j|`` apart) and
+        positive definite (the small first-difference and ridge terms); the gauge is added by
+        Lagrange multipliers through a 6x6 Schur complement, so the cost is linear in ``n``.
+        """
+        from scipy.linalg import cho_solve_banded, cholesky_banded
 
-def _pair_rms(pm: PairMoments, theta: NDArray[np.float64]) -> float:
-    """Weighted RMS residual (normalised units) of a pair under parameters ``theta``."""
-    t = np.concatenate([theta[pm.i], theta[pm.j]])
-    e = float(t @ _expand(pm.moments) @ t)
-    return float(np.sqrt(max(e, 0.0) / max(pm.weight, 1e-12)))
+        n, u, eps = self.n, self.u, self.eps
+        size = 6 * n
+        ab = np.zeros((u + 1, size))
+        b = np.zeros(size)
+        if len(self.h):
+            h = weights[:, None, None] * self.h
+            _add_blocks(ab, u, self.rows, h)
+            theta_i = np.concatenate([_IDENTITY, _IDENTITY])
+            np.add.at(b, self.rows, -(h @ theta_i))
+        own = np.einsum("zc,cij->zij", strength, self.outer) + 1e-4 * eps * np.eye(6)
+        _add_blocks(ab, u, 6 * np.arange(n)[:, None] + np.arange(6), own)
+        if n > 1:
+            diff = eps * np.block([[np.eye(6), -np.eye(6)], [-np.eye(6), np.eye(6)]])
+            rows = 6 * np.arange(n - 1)[:, None] + np.arange(12)
+            _add_blocks(ab, u, rows, np.broadcast_to(diff, (n - 1, 12, 12)))
+        chol = cholesky_banded(ab, lower=False)
+        c_t = np.tile(np.eye(6), (n, 1))  # gauge: C = [I I ... I]
+        sol = cho_solve_banded((chol, False), np.column_stack([b, c_t]))
+        x, y = sol[:, 0], sol[:, 1:]
+        mu = np.linalg.solve(c_t.T @ y, c_t.T @ x)
+        return (x - y @ mu).reshape(n, 6)
+
+    def pair_rms(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Weighted RMS residual (normalised units) of every pair under ``theta``."""
+        if not len(self.h):
+            return np.zeros(0)
+        t = np.concatenate([theta[self.ij[:, 0]], theta[self.ij[:, 1]]], axis=1)
+        e = np.einsum("pi,pij,pj->p", t, self.h, t)
+        return np.sqrt(np.maximum(e, 0.0) / np.maximum(self.weight, 1e-12))
 
 
 def _to_pixels(theta: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.float64]:
@@ -289,7 +305,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         raise ValueError("n must be >= 1")
     pairs = [pm for pm in pairs if pm.i != pm.j and 0 <= pm.i < n and 0 <= pm.j < n]
     _, radius = _normaliser(shape)
-    raw_w = np.array([1.0 for _ in pairs])
+    raw_w = np.ones(len(pairs))
     per_slice = np.zeros(n)
     for pm in pairs:
         per_slice[pm.i] += pm.weight
@@ -309,23 +325,24 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     huber = 0.5 / radius * np.sqrt(2.0)  # prior rows carry a factor 1/sqrt(2)
     eps = 1e-6 * typical
     w = raw_w.copy()
+    system = _System(n, pairs, prior, eps)
     theta = np.tile(_IDENTITY, (n, 1))
     for it in range(max(1, iterations)):
-        delta = _solve_banded(n, pairs, w, prior, strength, eps) if n > 1 else np.zeros((1, 6))
+        delta = system.solve(w, strength) if n > 1 else np.zeros((1, 6))
         theta = delta + _IDENTITY
         if not pairs or it == iterations - 1:
             break
         comp = np.abs(delta @ prior.T) / unit  # (n, 4) prior components
         mult = np.minimum(1.0, huber / np.maximum(comp, 1e-15))
         strength = np.where(soft[None, :], base[:, None] * mult, base[:, None])
-        rms = np.array([_pair_rms(pm, theta) for pm in pairs]) * radius  # px
+        rms = system.pair_rms(theta) * radius  # px
         # Cauchy weights around the typical pair residual (floor: 0.25 px, the precision of a
         # good pair), so wrong pairs and slices lose their influence.
         scale = max(0.25, 1.4826 * float(np.median(rms))) * 2.0
         w = 1.0 / (1.0 + (rms / scale) ** 2)
         w[w < 0.01] = 0.0  # clearly wrong pairs: out, so they cannot pull at all
 
-    rms_px = np.array([_pair_rms(pm, theta) for pm in pairs]) * radius if pairs else np.zeros(0)
+    rms_px = system.pair_rms(theta) * radius
     num = np.zeros(n)
     den = np.zeros(n)
     support = np.zeros(n, int)  # pairs that agree with the solution
