@@ -201,7 +201,9 @@ class BlockMatcher:
     lk_iterations : int
         Lucas-Kanade passes at the finest level, each re-warping the moving slice with the
         latest estimate (so the remaining per-block shifts, and the linearisation error,
-        shrink toward zero).
+        shrink toward zero). 0 = correlation with a search window at the finest level too:
+        slower, but it finds blocks that move several pixels away from the fitted affine
+        (what the expected-affine method needs on either side of a fold).
     min_score : float
         Blocks whose correlation is below this are discarded.
     model : str
@@ -223,8 +225,8 @@ class BlockMatcher:
                  threshold: float = 2.0, sigma: float = 1.5, num_threads: int = 0) -> None:
         if block < 8 or step < 1 or search < 1:
             raise ValueError("block must be >= 8 and step, search >= 1")
-        if lk_iterations < 1 or lk_block < 8 or lk_step < 1:
-            raise ValueError("lk_iterations must be >= 1, lk_block >= 8 and lk_step >= 1")
+        if lk_iterations < 0 or lk_block < 8 or lk_step < 1:
+            raise ValueError("lk_iterations must be >= 0, lk_block >= 8 and lk_step >= 1")
         if finest_level is not None and finest_level < 0:
             raise ValueError("finest_level must be >= 0")
         self.block, self.step, self.search = block, step, search
@@ -237,7 +239,7 @@ class BlockMatcher:
 
     def _lk_block(self, shape: tuple[int, int]) -> tuple[int, int]:
         h, w = shape
-        block = max(8, min(self.lk_block, min(h, w) // 3))
+        block = max(8, min(self.lk_block, min(h, w) // 3)) // 2 * 2  # even: centred boxes
         step = max(4, min(self.lk_step, min(h, w) // 8))
         return block, step
 
@@ -281,16 +283,20 @@ class BlockMatcher:
             # Coarse start: whole-frame translation at the top level, then every level down.
             sx, sy = phase_correlation(ref_p[top], mov_p[top])
             current = _scale_affine(np.array([[1.0, 0.0, sx], [0.0, 1.0, sy]]), 1.0 / 2**top)
-            levels = list(range(top, finest, -1))
+            levels = list(range(top, finest - (self.lk_iterations == 0), -1))
         else:
             # A prediction (e.g. from other pairs): straight to the refinement; if that fails
             # (the prediction was off by more than its basin), one correlation pass just
             # above the finest level first.
             current = np.asarray(init, np.float64)
-            m, corr = self._refine(reference, moving, current, finest)
-            if m is not None or finest + 1 > top:
-                return m, corr
-            levels = [finest + 1]
+            if self.lk_iterations == 0:
+                levels = [finest]
+            else:
+                m, corr = self._refine(reference, moving, current, finest)
+                if m is not None or finest + 1 > top:
+                    return m, corr
+                levels = [finest + 1]
+        corr = Correspondences.empty()
         for lev in levels:
             factor = float(2**lev)
             m_lev = _scale_affine(current, factor)
@@ -300,6 +306,12 @@ class BlockMatcher:
             if fit is None:
                 return None, Correspondences.empty()
             current = _scale_affine(fit[0], 1.0 / factor)
+            off = (factor - 1.0) / 2.0
+            keep = fit[1]
+            corr = Correspondences(corr_lev.src[keep] * factor + off,
+                                   corr_lev.dst[keep] * factor + off, corr_lev.weights[keep])
+        if self.lk_iterations == 0:
+            return current, corr
         return self._refine(reference, moving, current, finest)
 
     def _fit(self, corr: Correspondences, seed: int

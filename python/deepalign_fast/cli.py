@@ -49,6 +49,7 @@ def _align_options(args: argparse.Namespace) -> Any:
         return AlignOptions(features=args.features, model=args.model, offsets=args.offsets,
                             threshold=args.threshold, regularise=args.regularise,
                             slow_drift=args.slow_drift, drift_sigma=args.drift_sigma,
+                            min_pair_score=args.min_pair_score,
                             canvas=args.canvas,
                             num_threads=args.threads, provider=args.provider, mode=args.mode,
                             masks=None if args.masks is None else str(args.masks),
@@ -125,6 +126,9 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
                         "(0 = free affine; default %(default)s)")
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help="inlier threshold in pixels (default %(default)s)")
+    p.add_argument("--min-pair-score", type=float, default=d.min_pair_score,
+                   help="pairs whose median block correlation is below this are not used "
+                        "(0 = every plausible pair is used) (default %(default)s)")
     p.add_argument("--slow-drift", choices=SLOW_DRIFT, default=d.slow_drift,
                    help="motion slower than --drift-sigma slices: keep the input's (an aligned "
                         "stack stays put; jitter is removed) or follow what the matches see "

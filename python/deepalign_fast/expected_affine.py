@@ -242,7 +242,10 @@ def match_pair(reference: np.ndarray, moving: np.ndarray, *, mask: np.ndarray | 
         from .blocks import BlockMatcher
         # A loose final threshold keeps the blocks on both sides of a fold (the global fit is
         # only the prediction the blocks are searched around).
-        bm = BlockMatcher(step=32, search=16, threshold=25.0, num_threads=num_threads)
+        # Correlation with a search window down to the finest level: the blocks on each side
+        # of a fold move several pixels away from any single affine.
+        bm = BlockMatcher(step=32, search=16, threshold=25.0, finest_level=0, lk_iterations=0,
+                          num_threads=num_threads)
         _, corr = bm.match(bm.prepare(reference), bm.prepare(moving))
         pr, pm = corr.src.astype(np.float64), corr.dst.astype(np.float64)
         reach = bm.block // 2

@@ -82,6 +82,10 @@ class AlignOptions:
         Inlier threshold in pixels of the per-pair RANSAC.
     min_matches : int
         A pair with fewer consistent correspondences is not used.
+    min_pair_score : float
+        A pair whose median block correlation (after alignment) is below this is not used
+        (0 = all plausible pairs are used). Neighbouring FIB-SEM slices correlate at
+        0.8-0.95, thick or 50-nm sections at 0.3-0.4.
     regularise : float
         Strength of the per-slice prior toward a rigid map (``model="affine"``), relative to
         a slice's match weight: 0 = free affine per slice; larger values trust the matches'
@@ -122,6 +126,7 @@ class AlignOptions:
     offsets: tuple[int, ...] = (1, 2, 4, 8)
     threshold: float = 2.0
     min_matches: int = 12
+    min_pair_score: float = 0.0
     regularise: float = 0.05
     slow_drift: str = "keep"
     drift_sigma: float = 16.0
@@ -152,6 +157,8 @@ class AlignOptions:
             raise ValueError(f"regularise must be a finite number >= 0, got {self.regularise}")
         if self.min_matches < 3:
             raise ValueError(f"min_matches must be >= 3, got {self.min_matches}")
+        if not (np.isfinite(self.min_pair_score) and -1 <= self.min_pair_score <= 1):
+            raise ValueError(f"min_pair_score must be in [-1, 1], got {self.min_pair_score}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         if not 0 <= self.max_folding < 1:
@@ -313,6 +320,17 @@ class StackMatcher:
         self.count = 0
         self.times = StageTimes()
 
+    def _trusted(self, m: np.ndarray | None, corr: Correspondences) -> bool:
+        """Whether a pair's match is good enough to enter the solve: enough correspondences,
+        a plausible map (scale within 0.8-1.25 in every direction) and a median block
+        correlation of at least ``min_pair_score``."""
+        if m is None or len(corr) < self.opts.min_matches or not np.all(np.isfinite(m)):
+            return False
+        sv = np.linalg.svd(m[:, :2], compute_uv=False)
+        if sv.min() < 0.8 or sv.max() > 1.25:
+            return False
+        return bool(np.median(corr.weights) >= self.opts.min_pair_score)
+
     def add(self, z: int, state: Any | None) -> None:
         """Match slice z (``state`` None = blank slice) with its predecessors."""
         if self.shape is None:
@@ -329,11 +347,13 @@ class StackMatcher:
         nearest_n = 0
         wanted = set(self.opts.offsets)
         for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
+            if pose is None and rank > 2:
+                break  # neither of the two nearest slices matched: this slice fails
             if rank not in wanted and pose is not None:
                 continue
             init = None if pose is None else compose(pose, invert(pose_k))
             m, corr = self._match(z_k, state_k, z, state, init)
-            if m is None or len(corr) < self.opts.min_matches or not np.all(np.isfinite(m)):
+            if m is None or not self._trusted(m, corr):
                 continue
             if pose is None:
                 pose = compose(m, pose_k)

@@ -205,6 +205,24 @@ class _System:
         mu = np.linalg.solve(c_t.T @ y, c_t.T @ x)
         return (x - y @ mu).reshape(n, 6)
 
+    def pair_excess(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
+        """How far (RMS, normalised units) each pair's correspondences are from the solution
+        *beyond* what the pair's own best fit leaves: the pair's disagreement with the rest
+        of the stack, without the scatter of its blocks (the anatomy's local motion)."""
+        if not len(self.h):
+            return np.zeros(0)
+        t_i, t_j = theta[self.ij[:, 0]], theta[self.ij[:, 1]]
+        t = np.concatenate([t_i, t_j], axis=1)
+        e = np.einsum("pi,pij,pj->p", t, self.h, t)
+        h_ii, h_ij, h_jj = self.h[:, :6, :6], self.h[:, :6, 6:], self.h[:, 6:, 6:]
+        # Best slice-j parameters for the given slice i: the pair alone.
+        rhs = -np.einsum("pji,pj->pi", h_ij, t_i)
+        t_best = np.linalg.solve(h_jj + 1e-12 * np.eye(6), rhs[..., None])[..., 0]
+        e_min = (np.einsum("pi,pij,pj->p", t_i, h_ii, t_i)
+                 + 2 * np.einsum("pi,pij,pj->p", t_i, h_ij, t_best)
+                 + np.einsum("pi,pij,pj->p", t_best, h_jj, t_best))
+        return np.sqrt(np.maximum(e - e_min, 0.0) / np.maximum(self.weight, 1e-12))
+
     def pair_rms(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
         """Weighted RMS residual (normalised units) of every pair under ``theta``."""
         if not len(self.h):
@@ -335,11 +353,13 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         comp = np.abs(delta @ prior.T) / unit  # (n, 4) prior components
         mult = np.minimum(1.0, huber / np.maximum(comp, 1e-15))
         strength = np.where(soft[None, :], base[:, None] * mult, base[:, None])
-        rms = system.pair_rms(theta) * radius  # px
-        # Cauchy weights around the typical pair residual (floor: 0.25 px, the precision of a
-        # good pair), so wrong pairs and slices lose their influence.
-        scale = max(0.25, 1.4826 * float(np.median(rms))) * 2.0
-        w = 1.0 / (1.0 + (rms / scale) ** 2)
+        excess = system.pair_excess(theta) * radius  # px
+        # Cauchy weights on each pair's disagreement with the others, around the typical one
+        # (between 0.5 and 2 px: a stack whose pairs disagree by many pixels everywhere, as
+        # 50-nm sections whose anatomy moves between sections, is not taken at its word), so
+        # wrong pairs and slices lose their influence.
+        scale = float(np.clip(2.0 * 1.4826 * np.median(excess), 0.5, 2.0))
+        w = 1.0 / (1.0 + (excess / scale) ** 2)
         w[w < 0.01] = 0.0  # clearly wrong pairs: out, so they cannot pull at all
 
     rms_px = system.pair_rms(theta) * radius
@@ -355,9 +375,10 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
             available[z] += 1
     residuals: list[float | None] = [float(np.sqrt(num[z] / den[z])) if den[z] > 0 else None
                                      for z in range(n)]
-    # A slice is trusted when enough of its pairs agree with the solution: one agreeing pair
-    # among several disagreeing ones cannot tell which is right.
-    flagged = sorted({z for z in range(n) if support[z] < min(2, available[z])
+    # A slice is trusted when enough of its pairs agree with the solution: a chain of single
+    # pairs has nothing to be checked against, and one agreeing pair among several
+    # disagreeing ones cannot tell which is right.
+    flagged = sorted({z for z in range(n) if support[z] < min(3, available[z])
                       or support[z] == 0} | set(blank))
     if n == 1:
         flagged = sorted(set(blank))

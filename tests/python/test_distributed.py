@@ -180,7 +180,7 @@ def test_cli_scheduler_address(cluster: Any, data: dict[str, Any], tmp_path: Pat
     lc, _ = cluster
     out = tmp_path / "cli.ome.zarr"
     rc = main(["align", str(data["input"]), "-o", str(out), "--model", "rigid", "--threads", "1",
-               "--scheduler", lc.scheduler_address, "--json", "--quiet"])
+               "--offsets", "1,2", "--scheduler", lc.scheduler_address, "--json", "--quiet"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["flagged"] == [5] and summary["tasks"]["render"] == summary["slices"]
