@@ -2,7 +2,11 @@
 
     python -m benchmarks.bench_exact --quick                  # 3 small cases, a few minutes
     python -m benchmarks.bench_exact --cases xz-drift --ours default \\
-        --ours "rigid-all:model=rigid,drift=all" --peers all --write-results
+        --ours "rigid:model=rigid" --peers all --write-results    # one full case
+    python -m benchmarks.bench_exact --seed 2,3 --set jitter=1.5  # other seeds / magnitudes
+
+Full list: ``--cases`` with any of ``CASES`` (the elastix peer takes minutes per case, so run
+the cases one process at a time to stay within a few minutes each).
 
 Stacks (all with an exact truth):
 
@@ -304,6 +308,59 @@ def write_results(name: str, markdown: str) -> None:
     RESULTS.write_text(text)
 
 
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    if "error" in row:
+        return "failed"
+    return f"{row['tre_median']:.2f} / {row['jitter_median']:.2f}"
+
+
+def summary_markdown(cases: list[dict[str, Any]]) -> str:
+    """One line per case: median TRE / median jitter of nothing, each option set of ours,
+    and the best peer (lowest median TRE) with its name."""
+    ours_names: list[str] = []
+    for c in cases:
+        ours_names += [r["tool"] for r in c["rows"]
+                       if r["tool"].startswith("ours:") and r["tool"] not in ours_names]
+    head = ["case", "slices", "nothing", *ours_names, "best peer"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cases:
+        by_tool = {r["tool"]: r for r in c["rows"]}
+        peers = [r for r in c["rows"] if r["tool"] != "nothing"
+                 and not r["tool"].startswith("ours:") and "error" not in r]
+        best = min(peers, key=lambda r: float(r["tre_median"])) if peers else None
+        name = c["case"] + (f" (seed {c['seed']})" if c.get("seed", 1) != 1 else "")
+        cells = [name, str(c["slices"]), _cell(by_tool.get("nothing")),
+                 *(_cell(by_tool.get(t)) for t in ours_names),
+                 f"{_cell(best)} ({best['tool']})" if best else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarize(paths: list[Path], write: bool) -> int:
+    """Print (and with ``write`` store in RESULTS.md) the summary of ``--json`` outputs."""
+    cases: list[dict[str, Any]] = []
+    commands: list[str] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"{path}: not a bench_exact --json file ({exc})") from None
+        cases += data.get("cases", [])
+        commands.append(f"`{data.get('command', '?')}` (code {data.get('code', '?')})")
+    order = [*CASES, *QUICK]
+    cases.sort(key=lambda c: (order.index(c["case"]) if c["case"] in order else len(order),
+                              c.get("seed", 1)))
+    md = ("Median TRE / median jitter error (px) per case; best peer = lowest median TRE. "
+          "From the runs:\n" + "\n".join(f"- {c}" for c in dict.fromkeys(commands)) + "\n\n"
+          + summary_markdown(cases))
+    print(md)
+    if write:
+        write_results("summary", md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -335,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
                          "the imported deepalign_fast, '+changes' when its tree differs)")
     ap.add_argument("--write-results", action="store_true",
                     help="replace each case's table in benchmarks/RESULTS.md")
+    ap.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="only summarise earlier --json outputs in one table (with "
+                         "--write-results: into RESULTS.md)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, args.write_results)
     cv2.setNumThreads(2)
 
     pool = QUICK if args.quick else CASES
