@@ -580,8 +580,10 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("-o", "--output", required=True, metavar="REPORT_HTML")
     p.add_argument("--transforms", metavar="TRANSFORMS_JSON")
     p.add_argument("--title", default="")
-    p.add_argument("--z-scale", type=float, default=1.0,
-                   help="slice spacing / pixel size, for true reslice proportions")
+    p.add_argument("--z-scale", type=float, default=None,
+                   help="slice spacing / pixel size, for true reslice proportions (default: "
+                        "from BEFORE's metadata; if unknown, short stacks get a labelled "
+                        "display stretch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.set_defaults(func=_run_report)
 
@@ -589,7 +591,8 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _report_plan(args: argparse.Namespace) -> Any:
     from .outputs import OutputPlan
 
-    _finite(args.z_scale, "--z-scale")
+    if args.z_scale is not None:
+        _finite(args.z_scale, "--z-scale")
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.before, "BEFORE").input(args.after, "AFTER")
     plan.input(args.transforms, "--transforms").output(Path(args.output), "-o")
@@ -599,16 +602,19 @@ def _report_plan(args: argparse.Namespace) -> Any:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .evaluate import load_transforms
+    from .evaluate import load_options, load_transforms
     from .io import open_stack
     from .report import write_report
 
     plan = _report_plan(args)
     transforms = None if args.transforms is None else load_transforms(args.transforms)
+    options = None if args.transforms is None else load_options(args.transforms)
+    # --z-scale is the true ratio slice spacing / pixel size, in pixels.
+    voxel = None if args.z_scale is None else (args.z_scale, 1.0, 1.0)
     with _lock(plan), open_stack(args.before) as before, open_stack(args.after) as after:
         plan.check()
         out = write_report(args.output, before=before, after=after, transforms=transforms,
-                           title=args.title, z_scale=args.z_scale)
+                           title=args.title, voxel_size=voxel, unit="px", options=options)
     print(f"wrote {out}")
     return 0
 

@@ -58,6 +58,7 @@ __all__ = [
     "equal_interpolation_similarity",
     "estimate_slice_transform",
     "evaluate_alignment",
+    "load_options",
     "load_transforms",
     "make_benchmark",
     "read_stack",
@@ -111,6 +112,19 @@ def load_transforms(path: str | os.PathLike[str]) -> list[NDArray[np.float64] | 
             raise DeepAlignError(f"{path}: transform {z} has shape {arr.shape}, expected (2, 3)")
         out.append(arr)
     return out
+
+
+def load_options(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The aligner options recorded in a transforms file (``"options"``), or ``None``.
+
+    Files without options (e.g. a benchmark's ``ground_truth.json``) give ``None``.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeepAlignError(f"{path}: cannot read transforms JSON: {exc}") from exc
+    opts = data.get("options") if isinstance(data, dict) else None
+    return dict(opts) if isinstance(opts, dict) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ def test_report_command(bench, tmp_path, capsys):
                  str(html), "--transforms", str(out / "ground_truth.json")]) == 0
     text = html.read_text()
     assert "id='reslices'" in text and "id='transforms'" in text
+    assert "display stretch" in text  # no voxel size in the files, none given
+    assert main(["report", str(out / "misaligned.tif"), str(tmp_path / "al.tif"), "-o",
+                 str(html), "--transforms", str(out / "ground_truth.json"), "--z-scale", "2",
+                 "--overwrite"]) == 0
+    assert "z aspect 2" in html.read_text()
 
 
 def test_cli_errors(tmp_path, capsys):
