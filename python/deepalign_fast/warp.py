@@ -76,7 +76,7 @@ def warp_affine(
 
     Notes
     -----
-    Source coordinates are exact float64 per pixel (OpenCV quantises them to 1/32 pixel).
+    Source coordinates are exact float64 per pixel (OpenCV 4.x quantises them to 1/32 pixel).
     Bilinear weights are float32 for ``float32``/``uint16`` and 1/2048-pixel fixed point for
     ``uint8``; integer results are rounded to nearest and saturated.
 
