@@ -71,16 +71,31 @@ def _normalise(image: np.ndarray, sigma: float) -> np.ndarray:
     return f
 
 
+def _tukey(n: int, alpha: float = 0.3) -> np.ndarray:
+    """Tukey (tapered cosine) window: flat in the middle, so a large shift between the two
+    slices still leaves their overlap visible (a Hann window hides shifts beyond about a
+    quarter of the frame)."""
+    if n < 3:
+        return np.ones(n)
+    x = np.linspace(0.0, 1.0, n)
+    w = np.ones(n)
+    edge = alpha / 2
+    lo, hi = x < edge, x > 1 - edge
+    w[lo] = 0.5 * (1 + np.cos(np.pi * (x[lo] / edge - 1)))
+    w[hi] = 0.5 * (1 + np.cos(np.pi * ((x[hi] - 1) / edge + 1)))
+    return w
+
+
 def phase_correlation(reference: np.ndarray, moving: np.ndarray) -> tuple[float, float]:
     """Translation ``(dx, dy)`` such that ``moving(p + d) ~ reference(p)``.
 
-    Whole-frame phase correlation with a Hann window and parabolic sub-pixel peak refinement.
+    Whole-frame phase correlation with a Tukey window and parabolic sub-pixel peak refinement.
     (Implemented here with numpy's FFT because ``cv2.phaseCorrelate`` in OpenCV 5.0 returned
     different shifts for identical inputs on repeated calls.)
     """
     h = min(reference.shape[0], moving.shape[0])
     w = min(reference.shape[1], moving.shape[1])
-    win = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
+    win = np.outer(_tukey(h), _tukey(w)).astype(np.float32)
     a = reference[:h, :w].astype(np.float32)
     b = moving[:h, :w].astype(np.float32)
     fa = np.fft.rfft2((a - a.mean()) * win)

@@ -268,6 +268,17 @@ def _local_linear(values: NDArray[np.float64], sigma: float) -> NDArray[np.float
     return out.reshape(values.shape)
 
 
+def _jumps(positions: NDArray[np.float64], *, floor: float = 5.0) -> NDArray[np.float64]:
+    """The step part of a sequence of positions ``(n, 2)``: the cumulative sum of the steps
+    between consecutive slices that stand out (larger than ``floor`` px and than 8 times the
+    median step), zero elsewhere."""
+    steps = np.diff(positions, axis=0)
+    size = np.linalg.norm(steps, axis=1)
+    limit = max(floor, 8.0 * float(np.median(size)) if len(size) else floor)
+    jump = np.where((size > limit)[:, None], steps, 0.0)
+    return np.concatenate([np.zeros((1, 2)), np.cumsum(jump, axis=0)])
+
+
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                     sigma: float) -> NDArray[np.float64]:
     """Slow component of a sequence of 2x3 affines (Gaussian of ``sigma`` slices along z).
@@ -392,11 +403,15 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
             flat = trend_src.reshape(n, 6)
             for k in range(6):
                 flat[:, k] = np.interp(np.arange(n), good, b_pix.reshape(n, 6)[good, k])
+        # Sudden jumps (a stage jump, a re-acquired frame) are fast motion however slow the
+        # rest is: take them out of the signal the trend is fitted to, so the trend does not
+        # smear them into a ramp over the neighbouring slices.
+        centre, _ = _normaliser(shape)
+        trend_src[:, :, 2] -= _jumps(trend_src[:, :, :2] @ centre + trend_src[:, :, 2])
         trend = lowpass_affines(trend_src, shape, drift_sigma)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.
-            centre, _ = _normaliser(shape)
             trend[:, :, 2] = centre - trend[:, :, :2] @ centre
         final = compose(invert(trend), b_pix)
     return SolveResult(invert(final), residuals, flagged,

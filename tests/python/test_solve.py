@@ -185,3 +185,13 @@ def test_bad_arguments():
         solve_stack(0, [], SHAPE)
     res = solve_stack(1, [], SHAPE)
     assert np.allclose(res.affines[0], np.eye(2, 3))
+
+
+def test_keep_treats_a_jump_as_fast_motion():
+    """A 30 px step between two slices is corrected whole: the slow trend must not smear it
+    into a ramp over the neighbouring slices."""
+    n = 60
+    jumpy = np.tile(np.eye(2, 3), (n, 1, 1))
+    jumpy[30:, 0, 2] += 30.0
+    res = solve_stack(n, _pairs(jumpy, np.random.default_rng(10), (1, 2, 4, 8), 0.05), SHAPE)
+    assert _spread(res.affines, jumpy).max() < 0.1
