@@ -387,3 +387,8 @@ class FieldStore:
             shutil.rmtree(final)
         os.replace(self.path, final)
         self.path = final
+        # The open array still points at the old (moved) location: reopen it, so the store
+        # in memory reads what is on disk (the QC report draws from it).
+        import zarr
+
+        self._array = zarr.open_array(str(final), mode="r")

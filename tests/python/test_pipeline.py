@@ -298,3 +298,25 @@ def test_stage_jump_is_reacquired() -> None:
     tx = result.transforms.affines[:, 0, 2]
     assert np.abs(tx[:8] - np.median(tx[:8])).max() < 0.5
     assert np.abs(tx[8:] - tx[:8].mean() + jump).max() < 1.0
+
+
+def test_elastic_result_holds_its_fields_in_memory(tmp_path: Path) -> None:
+    """After an elastic run the in-memory transforms read the committed field store (they
+    used to point at the moved ``.partial`` store and return None for every slice)."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    big = cv2.GaussianBlur((rng.random((200, 200)) * 255).astype(np.float32), (0, 0), 2.0)
+    stack = np.stack([np.roll(big, (z % 3, -(z % 2)), axis=(0, 1))[10:-10, 10:-10]
+                      for z in range(6)]).astype(np.uint8)
+    result = Aligner(mode="elastic").align_stack(stack, tmp_path / "o.tif",
+                                                 transforms_path=tmp_path / "o.transforms.json")
+    fields = result.transforms.fields
+    assert fields is not None
+    got = [fields.get(z) for z in range(len(stack))]
+    assert sum(f is not None for f in got) >= len(stack) - 1
+    on_disk = TransformSet.load(tmp_path / "o.transforms.json").fields
+    assert on_disk is not None
+    for z, f in enumerate(got):
+        if f is not None:
+            np.testing.assert_array_equal(f, on_disk.get(z))
