@@ -35,10 +35,16 @@ case "${1:-}" in
     ;;
   test)
     venv
-    # The CPU build of torch, installed explicitly first from PyTorch's CPU wheel index: the
-    # export/ tests train and export a tiny network. From PyPI, `pip install torch` on Linux
-    # pulls the CUDA build (several GB of nvidia-* wheels).
-    python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    # torch, installed explicitly first: the export/ tests train and export a tiny network.
+    # From PyPI, `pip install torch` on Linux pulls the CUDA build (several GB of nvidia-*
+    # wheels); set DEEPALIGN_TORCH_INDEX=https://download.pytorch.org/whl/cpu to take the
+    # CPU build from PyTorch's index instead (machines that provide a local CPU wheel of
+    # torch 2.13.0 need nothing).
+    if [ -n "${DEEPALIGN_TORCH_INDEX:-}" ]; then
+      python -m pip install -q torch==2.13.0 --index-url "$DEEPALIGN_TORCH_INDEX"
+    else
+      python -m pip install -q torch==2.13.0
+    fi
     install_project "[test,export]"
     # C++ unit tests (the core library alone, no Python).
     cmake -S . -B build/ctest -DBUILD_TESTING=ON -DDEEPALIGN_PYTHON=OFF -DDEEPALIGN_WERROR=ON
