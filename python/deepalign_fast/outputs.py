@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ._errors import DeepAlignError, EnvironmentFailure
 
 __all__ = [
@@ -504,6 +506,45 @@ class Checkpoint:
             tmp.unlink(missing_ok=True)
             raise
 
+    @property
+    def matches_path(self) -> Path:
+        """``.NAME.deepalign.matches.npz``: the pairwise matches of an unfinished estimation."""
+        return self.path.with_name(self.path.name.replace(".resume.json", ".matches.npz"))
+
+    def save_matches(self, state: dict[str, np.ndarray]) -> None:
+        """Save the matcher state of an unfinished estimation (atomically), tagged with this
+        run's key so that another input or other options never reuse it."""
+        fd, tmp = create_temp(self.matches_path, ".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                arrays: dict[str, Any] = {"key": np.array(json.dumps(self.key, sort_keys=True)),
+                                          **state}
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.matches_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise os_error(exc, self.matches_path, "cannot save the estimation checkpoint") \
+                from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def load_matches(self) -> dict[str, np.ndarray] | None:
+        """The matcher state saved by :meth:`save_matches` for this run, else None."""
+        p = self.matches_path
+        try:
+            if p.is_symlink() or not p.is_file():
+                return None
+            with np.load(p, allow_pickle=False) as data:
+                if str(data["key"]) != json.dumps(self.key, sort_keys=True):
+                    return None
+                return {k: np.asarray(data[k]) for k in data.files if k != "key"}
+        except (OSError, ValueError, KeyError):
+            return None
+
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, self.matches_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

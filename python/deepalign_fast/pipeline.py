@@ -58,6 +58,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 FEATURES = ("blocks", "sift", "learned")
+#: Seconds between saves of the estimation checkpoint (``Aligner.estimate(checkpoint=...)``).
+CHECKPOINT_SECONDS = 5.0
 MODES = ("affine", "expected-affine", "elastic")
 CANVAS = ("reference", "union")
 
@@ -320,6 +322,38 @@ class StackMatcher:
         self.count = 0
         self.times = StageTimes()
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue matching later except the prepared slices (plain
+        arrays, for a checkpoint): see :meth:`restore`."""
+        pairs = self.pairs
+        return {
+            "count": np.array(self.count),
+            "pair_ij": np.array([(pm.i, pm.j) for pm in pairs], np.int64).reshape(-1, 2),
+            "pair_moments": np.array([pm.moments for pm in pairs]).reshape(-1, 6, 6),
+            "pair_weight": np.array([pm.weight for pm in pairs], np.float64),
+            "pair_count": np.array([pm.count for pm in pairs], np.int64),
+            "blank": np.array(self.blank, np.int64),
+            "failed": np.array(self.failed, np.int64),
+            "matches": np.array(self.matches, np.int64),
+            "history_z": np.array([z for z, _, _ in self.history], np.int64),
+            "history_pose": np.array([p for _, _, p in self.history]).reshape(-1, 2, 3),
+        }
+
+    def restore(self, saved: dict[str, np.ndarray], prepare: Callable[[int], Any]) -> int:
+        """Continue from :meth:`state`; ``prepare(z)`` re-prepares the slices still needed as
+        neighbours. Returns the first slice still to be added."""
+        self.count = int(saved["count"])
+        self.pairs = [PairMoments(int(i), int(j), m, float(w), int(c)) for (i, j), m, w, c in
+                      zip(saved["pair_ij"], saved["pair_moments"], saved["pair_weight"],
+                          saved["pair_count"], strict=True)]
+        self.blank = [int(z) for z in saved["blank"]]
+        self.failed = [int(z) for z in saved["failed"]]
+        self.matches = [int(m) for m in saved["matches"]]
+        self.history.clear()
+        for z, pose in zip(saved["history_z"], saved["history_pose"], strict=True):
+            self.history.append((int(z), prepare(int(z)), np.asarray(pose, np.float64)))
+        return self.count
+
     def _trusted(self, m: np.ndarray | None, corr: Correspondences) -> bool:
         """Whether a pair's match is good enough to enter the solve: enough correspondences,
         a plausible map (scale within 0.8-1.25 in every direction) and a median block
@@ -491,8 +525,15 @@ class Aligner:
         self.transforms: list[np.ndarray] = []
 
     # -- estimation -----------------------------------------------------------------------
-    def estimate(self, stack: Any, *, progress: bool | None = None) -> AlignResult:
-        """Estimate the per-slice transforms of ``stack`` (path, array or stack reader)."""
+    def estimate(self, stack: Any, *, progress: bool | None = None,
+                 checkpoint: Any = None) -> AlignResult:
+        """Estimate the per-slice transforms of ``stack`` (path, array or stack reader).
+
+        ``checkpoint`` (an :class:`deepalign_fast.outputs.Checkpoint`, as ``align_stack``
+        passes) saves the pairwise matches every few seconds and continues from them when
+        it finds a state of the same run: a killed estimation restarts where it stopped, with
+        the same result as an uninterrupted one.
+        """
         from .io import as_reader
 
         opts = self.options
@@ -513,11 +554,21 @@ class Aligner:
                 times.add("features", t0)
                 return z, state
 
+            start = 0
+            saved = checkpoint.load_matches() if checkpoint is not None else None
+            if saved is not None:
+                start = matcher.restore(saved, lambda z: load(z)[1])
+                bar.done = start
             t_prep0 = time.perf_counter()
+            last_save = time.perf_counter()
             with ThreadPoolExecutor(max_workers=2) as pool:
-                for z, state in _prefetch(load, range(n), pool, depth=2):
+                for z, state in _prefetch(load, range(start, n), pool, depth=2):
                     matcher.add(z, state)
                     bar.step()
+                    if checkpoint is not None and \
+                            time.perf_counter() - last_save > CHECKPOINT_SECONDS:
+                        checkpoint.save_matches(matcher.state())
+                        last_save = time.perf_counter()
             bar.close()
             t_est = time.perf_counter() - t_prep0
         ts = self.transform_set(matcher, (n, h, w))
@@ -673,7 +724,7 @@ class Aligner:
                 result = AlignResult(ts, [int(m) for m in saved["matches"]],
                                      {str(k): float(v) for k, v in saved["timings"].items()})
             else:
-                result = self.estimate(reader, progress=progress)
+                result = self.estimate(reader, progress=progress, checkpoint=ckpt)
                 if ckpt is not None:
                     ckpt.save(result.transforms.to_json(), list(result.matches),
                               dict(result.timings))

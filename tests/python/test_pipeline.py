@@ -320,3 +320,54 @@ def test_elastic_result_holds_its_fields_in_memory(tmp_path: Path) -> None:
     for z, f in enumerate(got):
         if f is not None:
             np.testing.assert_array_equal(f, on_disk.get(z))
+
+
+def test_killed_estimation_resumes_from_its_matches(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill during estimation loses nothing: the rerun continues from the saved pairwise
+    matches (re-preparing only the few slices still needed as neighbours) and gives exactly
+    the transforms of an uninterrupted run."""
+    import cv2
+    from deepalign_fast import blocks, pipeline
+    from deepalign_fast.outputs import Checkpoint
+
+    rng = np.random.default_rng(4)
+    big = cv2.GaussianBlur((rng.random((160, 180)) * 255).astype(np.float32), (0, 0), 2.0)
+    shifts = rng.integers(-4, 5, (24, 2))
+    stack = np.stack([np.roll(big, tuple(s), axis=(0, 1))[12:-12, 12:-12] for s in shifts])
+    src = tmp_path / "s.tif"
+    tifffile.imwrite(src, stack.astype(np.uint8))
+    reference = Aligner().estimate(src, progress=False)
+
+    monkeypatch.setattr(pipeline, "CHECKPOINT_SECONDS", 0.0)
+    ckpt = Checkpoint.for_run(src, tmp_path / "out.tif", stack.shape, Aligner().options.__dict__)
+    assert ckpt is not None
+    prepared: list[int] = []
+    real_prepare = blocks.BlockMatcher.prepare
+
+    def prepare(self, image):  # type: ignore[no-untyped-def]
+        prepared.append(1)
+        if len(prepared) == 15:
+            raise KeyboardInterrupt  # killed while preparing the 15th slice
+        return real_prepare(self, image)
+
+    monkeypatch.setattr(blocks.BlockMatcher, "prepare", prepare)
+    with pytest.raises(KeyboardInterrupt):
+        Aligner().estimate(src, progress=False, checkpoint=ckpt)
+    assert ckpt.matches_path.exists()
+    monkeypatch.setattr(blocks.BlockMatcher, "prepare", real_prepare)
+    counted: list[int] = []
+
+    def counting(self, image):  # type: ignore[no-untyped-def]
+        counted.append(1)
+        return real_prepare(self, image)
+
+    monkeypatch.setattr(blocks.BlockMatcher, "prepare", counting)
+    saved = ckpt.load_matches()
+    assert saved is not None and int(saved["count"]) >= 8
+    resumed = Aligner().estimate(src, progress=False, checkpoint=ckpt)
+    # Only the neighbours still needed and the slices not yet matched are prepared again.
+    assert len(counted) <= len(saved["history_z"]) + len(stack) - int(saved["count"])
+    np.testing.assert_allclose(resumed.transforms.affines, reference.transforms.affines,
+                               atol=1e-9)
+    assert resumed.flagged == reference.flagged
