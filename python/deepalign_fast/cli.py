@@ -368,9 +368,10 @@ def _add_bench(sub: Any) -> None:
                    choices=("blocks", "sift", "learned"))
     p.add_argument("--providers", nargs="+", default=None, choices=("cpu", "cuda", "tensorrt"),
                    help="providers for learned features (default: all available)")
-    p.add_argument("--model", default="rigid")
+    p.add_argument("--model", default="affine")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON rows")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -386,7 +387,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(args.stack, slices=args.slices, size=args.size,
                      features=tuple(args.features),
                      providers=tuple(args.providers) if args.providers else None,
-                     model=args.model, threads=args.threads)
+                     model=args.model, threads=args.threads,
+                     progress=False if args.quiet else None)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -560,6 +562,7 @@ def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--labels", metavar="ALIGNED_LABELS",
                    help="misaligned_labels.tif carried through the same alignment")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_eval)
 
 
@@ -568,7 +571,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from .evaluate import evaluate_alignment, summarize
 
-    result = evaluate_alignment(args.aligned, args.ground_truth_dir, aligned_labels=args.labels)
+    result = evaluate_alignment(args.aligned, args.ground_truth_dir, aligned_labels=args.labels,
+                                progress=False if args.quiet else None)
     print(json.dumps(result, indent=1) if args.json else summarize(result))
     return 0
 
@@ -585,6 +589,7 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                         "from BEFORE's metadata; if unknown, short stacks get a labelled "
                         "display stretch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_report)
 
 
@@ -614,7 +619,8 @@ def _run_report(args: argparse.Namespace) -> int:
     with _lock(plan), open_stack(args.before) as before, open_stack(args.after) as after:
         plan.check()
         out = write_report(args.output, before=before, after=after, transforms=transforms,
-                           title=args.title, voxel_size=voxel, unit="px", options=options)
+                           title=args.title, voxel_size=voxel, unit="px", options=options,
+                           progress=False if args.quiet else None)
     print(f"wrote {out}")
     return 0
 

@@ -70,11 +70,11 @@ from .pipeline import (
     Aligner,
     AlignOptions,
     AlignResult,
-    Progress,
     StackMatcher,
     is_blank,
     make_backend,
 )
+from .progress import Progress
 from .transforms import TransformSet
 
 __all__ = ["DistributedResult", "align_distributed", "connect"]

@@ -246,6 +246,7 @@ def evaluate_alignment(
     *,
     aligned_labels: str | os.PathLike[str] | NDArray[Any] | None = None,
     grid: int = 16,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Score an aligned stack against a benchmark folder written by :func:`make_benchmark`.
 
@@ -260,6 +261,8 @@ def evaluate_alignment(
         The benchmark's ``misaligned_labels.tif`` carried through the same alignment.
     grid : int
         TRE lattice size per axis.
+    progress : bool or None
+        Show progress on stderr (None: when it is a terminal).
 
     Returns
     -------
@@ -282,7 +285,13 @@ def evaluate_alignment(
             f"aligned stack has {len(al)} slices, benchmark {bdir} has {len(truth)}"
         )
     out_shape = (int(al.shape[1]), int(al.shape[2]))
-    est = [estimate_slice_transform(al[z], mis[z]) for z in range(len(al))]
+    from .progress import Progress
+
+    est = []
+    with Progress(len(al), "eval: registering slices", progress) as bar:
+        for z in range(len(al)):
+            est.append(estimate_slice_transform(al[z], mis[z]))
+            bar.step()
     if all(e is None for e in est):
         raise DeepAlignError(f"no aligned slice could be matched to {bdir / 'misaligned.tif'}")
     tre = target_registration_error(est, truth, out_shape, grid=grid)

@@ -30,7 +30,6 @@ See :mod:`deepalign_fast.transforms` for the transform convention.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -47,11 +46,12 @@ from .blocks import BlockMatcher, Correspondences
 from .estimate import MODELS, estimate_transform
 from .features import FeatureExtractor, SiftExtractor, match_features
 from .geometry import compose, invert
+from .progress import Progress
 from .solve import SLOW_DRIFT, PairMoments, pair_moments, solve_stack
 from .transforms import FieldStore, TransformSet
 from .warp import warp_affine, warp_displacement
 
-__all__ = ["AlignOptions", "AlignResult", "Aligner", "MatchBackend", "Progress",
+__all__ = ["AlignOptions", "AlignResult", "Aligner", "MatchBackend",
            "StackMatcher", "is_blank", "make_backend"]
 
 T = TypeVar("T")
@@ -468,29 +468,6 @@ def _peak_memory_mb() -> float | None:
     return None
 
 
-class Progress:
-    """A one-line progress indicator on stderr, silent when stderr is not a terminal."""
-
-    def __init__(self, total: int | None, label: str, enabled: bool | None = None) -> None:
-        self.total, self.label = total, label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.t0 = time.perf_counter()
-        self.done = 0
-
-    def step(self) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        rate = self.done / max(1e-9, time.perf_counter() - self.t0)
-        tot = f"/{self.total}" if self.total else ""
-        sys.stderr.write(f"\r{self.label}: {self.done}{tot} slices ({rate:.1f}/s)")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -558,7 +535,7 @@ class Aligner:
             saved = checkpoint.load_matches() if checkpoint is not None else None
             if saved is not None:
                 start = matcher.restore(saved, lambda z: load(z)[1])
-                bar.done = start
+                bar.resume_at(start)
             t_prep0 = time.perf_counter()
             last_save = time.perf_counter()
             with ThreadPoolExecutor(max_workers=2) as pool:

@@ -188,9 +188,13 @@ def equal_interpolation_ncc(before: Any, after: Any,
 
 def _equal_interpolation(before: Any, after: Any,
                          transforms: Sequence[ArrayLike | None] | NDArray[np.float64],
-                         cb: _Collector | None, ca: _Collector | None,
+                         cb: _Collector | None, ca: _Collector | None, *,
+                         progress: bool | None = False,
                          ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    from .progress import Progress
+
     n = len(before)
+    bar = Progress(n, "report", progress)
     sb = np.full(max(n - 1, 0), np.nan)
     sa = np.full(max(n - 1, 0), np.nan)
     prev_a: NDArray[Any] | None = None
@@ -218,6 +222,8 @@ def _equal_interpolation(before: Any, after: Any,
                 sb[z - 1] = ncc(prev_a, moved, mask)
                 sa[z - 1] = ncc(prev_a, a, mask)
         prev_a, prev_m, prev_valid = a, m, valid
+        bar.step()
+    bar.close()
     return sb, sa
 
 
@@ -548,6 +554,7 @@ def write_report(
     unit: str = "\u00b5m",
     options: Mapping[str, Any] | None = None,
     source: str | os.PathLike[str] | None = None,
+    progress: bool | None = False,
 ) -> Path:
     """Write a self-contained HTML quality-control report.
 
@@ -618,7 +625,8 @@ def write_report(
     fair = transforms is not None and nb == na and len(transforms) == nb
     eq_before = eq_after = np.zeros(0)
     if transforms is not None and fair:
-        eq_before, eq_after = _equal_interpolation(before, after, transforms, cb, ca)
+        eq_before, eq_after = _equal_interpolation(before, after, transforms, cb, ca,
+                                                   progress=progress)
     else:
         for z in range(nb):
             cb.add(z, _slice(before, z))
