@@ -586,7 +586,7 @@ class Aligner:
         its finished slices. Returns the seconds spent reading, rendering and writing (summed
         over threads).
         """
-        from .io import as_reader, check_distinct, open_writer, reader_path
+        from .io import as_reader, check_distinct, open_writer, reader_path, voxel_size_of
 
         with as_reader(stack) as reader:
             if len(reader) != len(transforms):
@@ -652,8 +652,12 @@ class Aligner:
                 if before_publish is not None:
                     before_publish()
 
-            with open_writer(output, (len(reader), h, w), reader.dtype,
-                             **(writer_options or {})) as writer, \
+            options_w = dict(writer_options or {})
+            physical = voxel_size_of(reader)
+            if physical is not None and "voxel_size" not in options_w:
+                # The output keeps the input's voxel size and unit (Fiji, napari, neuroglancer)
+                options_w.update(voxel_size=physical[0], unit=physical[1])
+            with open_writer(output, (len(reader), h, w), reader.dtype, **options_w) as writer, \
                     ThreadPoolExecutor(max_workers=2) as pool:
                 done = writer.completed() if hasattr(writer, "completed") else set()
                 todo = [z for z in range(len(reader)) if z not in done]

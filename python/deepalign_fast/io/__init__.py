@@ -24,7 +24,8 @@ file and slice for truncated or corrupt data and for NaN/inf in float data.
 Writers (:func:`open_writer`) produce a TIFF (ImageJ hyperstack when uncompressed and < 3.9 GiB,
 BigTIFF beyond) or an OME-Zarr (NGFF 0.4) store, slice by slice. The output appears at its final
 name only when complete: TIFFs are written to a hidden temporary file and renamed; Zarr stores to
-``<name>.partial``, which records finished slices and can be resumed after a crash.
+``<name>.partial``, which records finished slices and can be resumed after a crash. Both carry
+the voxel size and unit given to them (:func:`voxel_size_of` reads them from an input).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ._readers import (
     open_stack,
     read_image,
 )
+from ._units import imagej_unit, ome_unit, voxel_size_of
 from ._writers import (
     StackWriter,
     TiffStackWriter,
@@ -71,6 +73,9 @@ __all__ = [
     "open_stack",
     "open_writer",
     "read_image",
+    "imagej_unit",
+    "ome_unit",
+    "voxel_size_of",
 ]
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from .._errors import DeepAlignError
 from ..outputs import create_temp, os_error
 from ._common import SUPPORTED_DTYPES
+from ._units import ome_unit
 
 _BIGTIFF_LIMIT = int(3.9 * 2**30)  # classic TIFF offsets are 32-bit; keep a margin for tags
 PROGRESS_FILE = "deepalign_progress.json"
@@ -159,6 +160,11 @@ class TiffStackWriter(StackWriter):
         JSON-serialisable items stored in the shaped description.
     overwrite : bool
         Replace an existing file at ``path`` (only once the new stack is complete).
+    voxel_size : tuple of float, optional
+        ``(z, y, x)`` in ``unit``: written as the X/Y resolution tags and, for ImageJ output,
+        ImageJ's ``spacing`` and ``unit`` (what Fiji reads as the voxel size).
+    unit : str, optional
+        Unit of ``voxel_size`` (``"\u00b5m"``, ``"nm"``, ...).
 
     Notes
     -----
@@ -177,8 +183,12 @@ class TiffStackWriter(StackWriter):
         compression: str | None = None,
         metadata: dict[str, Any] | None = None,
         overwrite: bool = False,
+        voxel_size: tuple[float, float, float] | None = None,
+        unit: str | None = None,
     ) -> None:
         import tifffile
+
+        from ._units import imagej_unit
 
         self.path = Path(path)
         self.shape, self.dtype = _check_layout(self.path, shape, dtype)
@@ -193,6 +203,17 @@ class TiffStackWriter(StackWriter):
         self.bigtiff = nbytes > _BIGTIFF_LIMIT if bigtiff is None else bool(bigtiff)
         self.imagej = not self.bigtiff and compression is None
         md: dict[str, Any] = {"axes": "ZYX", **(metadata or {})}
+        resolution = None
+        if voxel_size is not None:
+            vz, vy, vx = (float(v) for v in voxel_size)
+            if not all(math.isfinite(v) and v > 0 for v in (vz, vy, vx)):
+                raise DeepAlignError(f"{self.path}: voxel size must be positive, got "
+                                     f"{voxel_size!r}")
+            resolution = (1.0 / vx, 1.0 / vy)  # pixels per unit, as TIFF and ImageJ read it
+            if self.imagej:
+                md.update(spacing=vz, unit=imagej_unit(unit or "pixel"))
+            else:
+                md.update(voxel_size=[vz, vy, vx], unit=unit or "pixel")
         self._next = 0
         self._done = False
         self._error: BaseException | None = None
@@ -214,6 +235,8 @@ class TiffStackWriter(StackWriter):
             "compression": compression,
             "metadata": md,
         }
+        if resolution is not None:
+            kwargs["resolution"] = resolution
         self._thread = threading.Thread(
             target=self._run, args=(kwargs,), name="deepalign-tiff-writer", daemon=True
         )
@@ -376,7 +399,8 @@ class ZarrStackWriter(StackWriter):
     voxel_size : tuple of float, optional
         ``(z, y, x)`` voxel size for the OME scale transform (default 1, 1, 1).
     unit : str, optional
-        OME space unit for the axes, e.g. ``"nanometer"``.
+        Unit of ``voxel_size`` (``"micrometer"``, ``"\u00b5m"``, ``"nm"``, ...), written as the
+        OME-NGFF axis unit; a unit NGFF does not know is left out.
     """
 
     def __init__(
@@ -462,8 +486,9 @@ class ZarrStackWriter(StackWriter):
         axes: list[dict[str, str]] = []
         for name in "zyx":
             axis = {"name": name, "type": "space"}
-            if unit:
-                axis["unit"] = unit
+            ngff_unit = ome_unit(unit) if unit else None
+            if ngff_unit:
+                axis["unit"] = ngff_unit
             axes.append(axis)
         group = zarr.open_group(str(self.partial), mode="w-", zarr_format=2)
         arr = group.create_array(

@@ -1,0 +1,58 @@
+"""Physical units survive alignment: voxel size and unit from the input to every output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from deepalign_fast import Aligner
+from deepalign_fast.io import imagej_unit, ome_unit, voxel_size_of
+
+
+def _stack() -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    big = cv2.GaussianBlur((rng.random((120, 140)) * 255).astype(np.float32), (0, 0), 2.0)
+    return np.stack([np.roll(big, (z % 3, 0), axis=(0, 1))[8:-8, 8:-8]
+                     for z in range(5)]).astype(np.uint8)
+
+
+@pytest.fixture
+def imagej_input(tmp_path: Path) -> Path:
+    path = tmp_path / "in.tif"
+    tifffile.imwrite(path, _stack(), imagej=True, resolution=(1 / 0.005, 1 / 0.004),
+                     metadata={"spacing": 0.01, "unit": "micron", "axes": "ZYX"})
+    return path
+
+
+def test_imagej_tiff_to_tiff_and_ome_zarr_and_back(imagej_input: Path, tmp_path: Path) -> None:
+    expected = ((0.01, 0.004, 0.005), "\u00b5m")
+    assert voxel_size_of(imagej_input) == expected
+    Aligner().align_stack(imagej_input, tmp_path / "out.tif")
+    got = voxel_size_of(tmp_path / "out.tif")
+    assert got is not None and np.allclose(got[0], expected[0]) and got[1] == expected[1]
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:  # what Fiji reads
+        assert tif.imagej_metadata["unit"] == "micron"
+        assert tif.imagej_metadata["spacing"] == pytest.approx(0.01)
+    Aligner().align_stack(imagej_input, tmp_path / "out.ome.zarr")
+    got = voxel_size_of(tmp_path / "out.ome.zarr")
+    assert got is not None and np.allclose(got[0], expected[0]) and got[1] == expected[1]
+    Aligner().align_stack(tmp_path / "out.ome.zarr", tmp_path / "back.tif")
+    got = voxel_size_of(tmp_path / "back.tif")
+    assert got is not None and np.allclose(got[0], expected[0]) and got[1] == expected[1]
+
+
+def test_no_metadata_gives_no_invented_units(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "plain.tif", _stack())
+    assert voxel_size_of(tmp_path / "plain.tif") is None
+    Aligner().align_stack(tmp_path / "plain.tif", tmp_path / "out.ome.zarr")
+    assert voxel_size_of(tmp_path / "out.ome.zarr") is None
+
+
+def test_unit_names() -> None:
+    assert imagej_unit("\u00b5m") == "micron" and imagej_unit("nanometer") == "nm"
+    assert ome_unit("micron") == "micrometer" and ome_unit("nm") == "nanometer"
+    assert ome_unit("furlong") is None
