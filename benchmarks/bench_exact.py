@@ -120,12 +120,14 @@ def _load(source: str) -> np.ndarray:
     return np.asarray(loader())
 
 
-def build(case: Case, seed: int, overrides: dict[str, float] | None = None,
+def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
+          snr: float = 1.5, artifact_strength: float = 1.5,
           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The case's input stack, its truth (input -> clean pull maps) and a description.
 
     ``overrides`` replace drift-profile parameters (lengths in px of the clean slices before
-    any upsampling)."""
+    any upsampling); ``snr`` and ``artifact_strength`` set the artifacts of an artifacts case
+    (``synth.fibsem_artifacts``)."""
     clean = reslice(_load(case.source), case.plane)
     if case.planes is not None and case.planes < len(clean):
         start = (len(clean) - case.planes) // 2
@@ -147,7 +149,9 @@ def build(case: Case, seed: int, overrides: dict[str, float] | None = None,
     full = drift_transforms(n, (h, w), rng, profile=case.profile, **params)
     mis, truth = misalign_stack(clean, full)
     if case.artifacts:
-        mis = fibsem_artifacts(mis, int(rng.integers(2**31)))
+        mis = fibsem_artifacts(mis, int(rng.integers(2**31)), snr=snr,
+                               strength=artifact_strength)
+        info["artifacts"] = {"snr": snr, "strength": artifact_strength}
     return mis, truth.transforms, {**info, "shape": list(mis.shape[1:]), "margin": truth.margin}
 
 
@@ -214,9 +218,9 @@ HEADERS = ["tool", "median TRE (px)", "p95 TRE (px)", "slope (px/100 slices)",
 
 def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]],
              peers: list[str], overrides: dict[str, float] | None = None,
-             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             **artifacts: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t0 = time.perf_counter()
-    stack, truth, info = build(case, seed, overrides)
+    stack, truth, info = build(case, seed, overrides, **artifacts)
     info["build_s"] = time.perf_counter() - t0
     print(f"\n== {case.name}: {info['description']}, {info['slices']} slices of "
           f"{info['shape'][0]}x{info['shape'][1]}, seed {seed}", flush=True)
@@ -257,7 +261,9 @@ def case_markdown(info: dict[str, Any], rows: list[dict[str, Any]], command: str
             f"{info['shape'][0]}x{info['shape'][1]} (clean {info['clean_shape'][0]}x"
             f"{info['clean_shape'][1]}, margin {info['margin']}), seed {info['seed']}"
             + (", " + ", ".join(f"{k} {v:g}" for k, v in info["params"].items())
-               if "params" in info else "") + ".\n"
+               if "params" in info else "")
+            + (f"; artifacts SNR {info['artifacts']['snr']:g}, strength "
+               f"{info['artifacts']['strength']:g}" if "artifacts" in info else "") + ".\n"
             f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, code {code}).\n\n"
             f"{head}\n{body}")
 
@@ -383,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", default=None, metavar="k=v,...",
                     help="override drift-profile parameters of every misaligned case, in px of "
                          f"the clean slices (keys: {', '.join(DRIFT_PROFILES['mild'])})")
+    ap.add_argument("--snr", type=float, default=1.5,
+                    help="signal-to-noise ratio of the artifacts cases (default 1.5)")
+    ap.add_argument("--artifact-strength", type=float, default=1.5,
+                    help="curtaining/charging amplitude multiplier of the artifacts cases "
+                         "(default 1.5)")
     ap.add_argument("--planes", type=int, default=None,
                     help="number of contiguous planes of the XZ/YZ reslice cases")
     ap.add_argument("--json", type=Path, default=None, help="write all rows and per-slice "
@@ -454,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"meta": metadata(), "command": command, "code": code, "cases": []}
     for case, seed in [(c, s) for s in seeds for c in cases]:
         try:
-            info, rows = run_case(case, seed, ours_specs, usable, overrides)
+            info, rows = run_case(case, seed, ours_specs, usable, overrides, snr=args.snr,
+                                  artifact_strength=args.artifact_strength)
         except datasets.DataUnavailable as exc:
             print(f"skip {case.name}: {exc}", flush=True)
             continue
@@ -462,8 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + md, flush=True)
         out["cases"].append({**info, "rows": rows})
         if args.write_results:  # other seeds and magnitudes get their own tables
+            artifacts = (args.snr, args.artifact_strength) != (1.5, 1.5) and case.artifacts
             write_results(case.name + (f"@seed{seed}" if seed != 1 else "")
-                          + (f"@{args.set}" if overrides else ""), md)
+                          + (f"@{args.set}" if overrides else "")
+                          + (f"@snr{args.snr:g},strength{args.artifact_strength:g}"
+                             if artifacts else ""), md)
         if args.json is not None:  # rewritten after every case: a long run keeps what it has
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(out, indent=1))
