@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import deepalign_fast
 import numpy as np
 import pytest
 import tifffile
@@ -33,7 +34,10 @@ from deepalign_fast.outputs import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)])}
+# Child processes import the same deepalign_fast as this one (the installed package in CI, an
+# in-place build during development), never a source tree without its compiled core.
+_PACKAGE_PARENT = Path(deepalign_fast.__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_PACKAGE_PARENT), str(ROOT)])}
 
 
 def _stack(n: int = 6, size: int = 96, seed: int = 0) -> np.ndarray:
