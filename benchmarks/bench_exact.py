@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -269,13 +270,15 @@ def case_markdown(info: dict[str, Any], rows: list[dict[str, Any]], command: str
 
 
 def _drop_label(argv: list[str]) -> list[str]:
+    """The arguments without ``--label`` and ``--json`` (a local output path), for the
+    command recorded with the results."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--label":
+        elif a in ("--label", "--json"):
             skip = True
-        elif not a.startswith("--label="):
+        elif not a.startswith(("--label=", "--json=")):
             out.append(a)
     return out
 
@@ -354,12 +357,15 @@ def summarize(paths: list[Path], write: bool) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             raise SystemExit(f"{path}: not a bench_exact --json file ({exc})") from None
         cases += data.get("cases", [])
-        commands.append(f"`{data.get('command', '?')}` (code {data.get('code', '?')})")
+        command = re.sub(r" --json(=| )\S+", "", str(data.get("command", "?")))
+        command = re.sub(r"--cases(=| )\S+", "--cases CASE", command)
+        commands.append(f"`{command}` (code {data.get('code', '?')})")
     order = [*CASES, *QUICK]
     cases.sort(key=lambda c: (order.index(c["case"]) if c["case"] in order else len(order),
                               c.get("seed", 1)))
     md = ("Median TRE / median jitter error (px) per case; best peer = lowest median TRE. "
-          "From the runs:\n" + "\n".join(f"- {c}" for c in dict.fromkeys(commands)) + "\n\n"
+          "From the per-case runs (CASE = each case):\n"
+          + "\n".join(f"- {c}" for c in dict.fromkeys(commands)) + "\n\n"
           + summary_markdown(cases))
     print(md)
     if write:
