@@ -25,6 +25,7 @@ except ImportError as exc:  # pragma: no cover - only hit in a broken install
         "with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
     ) from exc
 
+from .api import align, estimate_transforms  # noqa: E402
 from .estimate import MODELS, RansacResult, estimate_transform, fit_transform  # noqa: E402
 from .fields import (  # noqa: E402
     compose_affine_displacement,
@@ -47,6 +48,8 @@ __all__ = [
     "AlignOptions",
     "AlignResult",
     "Aligner",
+    "align",
+    "estimate_transforms",
     "TransformSet",
     "open_stack",
     "DeepAlignError",

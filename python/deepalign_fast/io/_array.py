@@ -15,10 +15,15 @@ from ._common import SUPPORTED_DTYPES, StackReader, finish_slice
 
 
 class ArrayStackReader(StackReader):
-    """A ``(z, y, x)`` numpy array (or memmap) seen through the reader interface."""
+    """A ``(z, y, x)`` array seen through the reader interface.
 
-    def __init__(self, array: np.ndarray, *, name: str = "<array>") -> None:
-        arr = np.asarray(array)
+    numpy arrays and memmaps are used as they are. Other array-likes with ``shape``,
+    ``dtype`` and slice indexing (dask, zarr, h5py arrays) stay lazy: one slice is
+    materialised per :meth:`read` (``.compute()`` for dask).
+    """
+
+    def __init__(self, array: Any, *, name: str = "<array>") -> None:
+        arr = array if _is_lazy(array) else np.asarray(array)
         if arr.ndim != 3:
             raise DeepAlignError(f"{name}: expected a (z, y, x) stack, got an array of shape "
                                  f"{arr.shape}")
@@ -36,12 +41,21 @@ class ArrayStackReader(StackReader):
         return f"{self.path}, slice {i}"
 
     def _read(self, i: int) -> np.ndarray:
-        return np.ascontiguousarray(self._array[i])
+        item = self._array[i]
+        if hasattr(item, "compute"):  # dask
+            item = item.compute()
+        return np.ascontiguousarray(item)
 
     def read(self, i: int) -> np.ndarray:
         j = self._index(i)
         return finish_slice(self._read(j), shape=self.shape[1:], dtype=self.dtype,
                             where=self.describe(j))
+
+
+def _is_lazy(array: Any) -> bool:
+    """An array-like that is not numpy but has a shape, a dtype and indexing (dask, zarr)."""
+    return (not isinstance(array, np.ndarray) and hasattr(array, "shape")
+            and hasattr(array, "dtype") and hasattr(array, "__getitem__"))
 
 
 def reader_path(reader: StackReader) -> Path | None:
@@ -60,8 +74,8 @@ def as_reader(stack: Any) -> Iterator[StackReader]:
     elif isinstance(stack, (str, os.PathLike)):
         with open_stack(stack) as reader:
             yield reader
-    elif isinstance(stack, np.ndarray):
+    elif isinstance(stack, np.ndarray) or _is_lazy(stack):
         yield ArrayStackReader(stack)
     else:
-        raise TypeError(f"expected a path, a (z, y, x) array or a StackReader, got "
-                        f"{type(stack).__name__}")
+        raise TypeError(f"expected a path, a (z, y, x) array (numpy, dask, zarr) or a "
+                        f"StackReader, got {type(stack).__name__}")

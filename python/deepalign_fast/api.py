@@ -1,0 +1,72 @@
+"""One-call, in-memory alignment: the pystackreg-style entry points.
+
+========================================  ==============================================
+pystackreg                                deepalign-fast
+========================================  ==============================================
+``sr.register_stack(stack)``              ``estimate_transforms(stack)`` -> ``(n, 2, 3)``
+``sr.register_transform_stack(stack)``    ``align(stack)`` -> ``(aligned, transforms)``
+``sr.transform_stack(other)``             ``TransformSet`` + ``deepalign-fast apply`` or
+                                          ``warp_affine(other[z], transforms.affines[z])``
+========================================  ==============================================
+
+Inputs are numpy arrays, or lazy array-likes (dask, zarr): those are read one slice at a
+time, and a dask input gives back a lazy dask array that renders each slice when computed.
+The transforms follow the package convention (output -> input pull maps, see
+:mod:`deepalign_fast`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .pipeline import Aligner
+from .transforms import TransformSet
+from .warp import warp_affine
+
+__all__ = ["align", "estimate_transforms"]
+
+
+def estimate_transforms(stack: Any, **options: Any) -> np.ndarray:
+    """Per-slice transforms of a ``(z, y, x)`` stack, as ``(n, 2, 3)`` pull maps.
+
+    ``options`` are :class:`~deepalign_fast.AlignOptions` fields. Flagged slices get
+    transforms interpolated from their neighbours (see ``align`` for the list).
+    """
+    return Aligner(**options).estimate(stack, progress=False).transforms.affines
+
+
+def align(stack: Any, **options: Any) -> tuple[Any, TransformSet]:
+    """Align a ``(z, y, x)`` stack in memory; returns ``(aligned, transforms)``.
+
+    ``aligned`` is a numpy array, or a lazy dask array when ``stack`` is one (each slice is
+    warped when computed); ``transforms.flagged`` lists the slices that could not be aligned.
+    Only ``mode="affine"`` renders in memory: elastic and expected-affine refinement write
+    their fields beside a file, so use :meth:`Aligner.align_stack` with an output path.
+    """
+    aligner = Aligner(**options)
+    if aligner.options.mode != "affine":
+        raise ValueError(f"mode={aligner.options.mode!r} renders through files: use "
+                         "Aligner(...).align_stack(stack, output_path)")
+    ts = aligner.estimate(stack, progress=False).transforms
+    h, w = ts.output_shape
+    threads = aligner.options.num_threads
+
+    if hasattr(stack, "map_blocks") and hasattr(stack, "rechunk"):  # dask: stay lazy
+        import dask.array as da
+
+        def render(block: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
+            z = block_info[0]["array-location"][0][0] if block_info else 0
+            return warp_affine(np.ascontiguousarray(block[0]), ts.affines[z], (h, w),
+                               num_threads=threads)[None]
+
+        src = stack.rechunk((1, -1, -1))
+        out = da.map_blocks(render, src, chunks=((1,) * len(ts), (h,), (w,)),  # type: ignore[no-untyped-call]
+                            dtype=stack.dtype)
+        return out, ts
+    aligned = np.empty((len(ts), h, w), np.dtype(stack.dtype))
+    for z in range(len(ts)):
+        aligned[z] = warp_affine(np.ascontiguousarray(np.asarray(stack[z])), ts.affines[z],
+                                 (h, w), num_threads=threads)
+    return aligned, ts
