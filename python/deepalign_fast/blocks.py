@@ -31,7 +31,7 @@ from .features import to_uint8
 from .geometry import compose, invert
 from .warp import warp_affine
 
-__all__ = ["BlockMatcher", "Correspondences", "phase_correlation"]
+__all__ = ["BlockMatcher", "Correspondences", "coarse_shift", "phase_correlation"]
 
 
 @dataclass(frozen=True)
@@ -86,16 +86,20 @@ def _tukey(n: int, alpha: float = 0.3) -> np.ndarray:
     return w
 
 
-def phase_correlation(reference: np.ndarray, moving: np.ndarray) -> tuple[float, float]:
+def phase_correlation(reference: np.ndarray, moving: np.ndarray, *,
+                      window: str = "hann") -> tuple[float, float]:
     """Translation ``(dx, dy)`` such that ``moving(p + d) ~ reference(p)``.
 
-    Whole-frame phase correlation with a Tukey window and parabolic sub-pixel peak refinement.
+    Whole-frame phase correlation with a Hann (default) or Tukey window and parabolic sub-pixel
+    peak refinement. The Hann window is the robust choice; the flat-topped Tukey window still
+    sees shifts of nearly half the frame, where the Hann window has tapered the overlap away.
     (Implemented here with numpy's FFT because ``cv2.phaseCorrelate`` in OpenCV 5.0 returned
     different shifts for identical inputs on repeated calls.)
     """
     h = min(reference.shape[0], moving.shape[0])
     w = min(reference.shape[1], moving.shape[1])
-    win = np.outer(_tukey(h), _tukey(w)).astype(np.float32)
+    taper = {"hann": np.hanning, "tukey": _tukey}[window]
+    win = np.outer(taper(h), taper(w)).astype(np.float32)
     a = reference[:h, :w].astype(np.float32)
     b = moving[:h, :w].astype(np.float32)
     fa = np.fft.rfft2((a - a.mean()) * win)
@@ -114,6 +118,34 @@ def phase_correlation(reference: np.ndarray, moving: np.ndarray) -> tuple[float,
     sy = py + dy if py <= h // 2 else py + dy - h
     sx = px + dx if px <= w // 2 else px + dx - w
     return float(sx), float(sy)
+
+
+def _overlap_ncc(reference: np.ndarray, moving: np.ndarray, dx: float, dy: float) -> float:
+    """Correlation of ``reference(p)`` and ``moving(p + d)`` over their overlap (whole px)."""
+    h, w = reference.shape
+    ix, iy = int(round(dx)), int(round(dy))
+    x0, x1 = max(0, -ix), min(w, w - ix)
+    y0, y1 = max(0, -iy), min(h, h - iy)
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return -1.0
+    a = reference[y0:y1, x0:x1].astype(np.float64)
+    b = moving[y0 + iy:y1 + iy, x0 + ix:x1 + ix].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else -1.0
+
+
+def coarse_shift(reference: np.ndarray, moving: np.ndarray) -> tuple[float, float]:
+    """The whole-frame translation that starts a pair's match: phase correlation with a Hann
+    and with a Tukey window; where they disagree (a shift beyond about a third of the frame,
+    or a weak, ambiguous peak), the one whose overlap correlates better wins."""
+    hann = phase_correlation(reference, moving, window="hann")
+    tukey = phase_correlation(reference, moving, window="tukey")
+    if max(abs(hann[0] - tukey[0]), abs(hann[1] - tukey[1])) <= 2.0:
+        return hann
+    if _overlap_ncc(reference, moving, *tukey) > _overlap_ncc(reference, moving, *hann):
+        return tukey
+    return hann
 
 
 def _subpixel(r: np.ndarray, px: int, py: int) -> tuple[float, float]:
@@ -296,7 +328,7 @@ class BlockMatcher:
         finest = min(reference.lk_level, top)
         if init is None:
             # Coarse start: whole-frame translation at the top level, then every level down.
-            sx, sy = phase_correlation(ref_p[top], mov_p[top])
+            sx, sy = coarse_shift(ref_p[top], mov_p[top])
             current = _scale_affine(np.array([[1.0, 0.0, sx], [0.0, 1.0, sy]]), 1.0 / 2**top)
             levels = list(range(top, finest - (self.lk_iterations == 0), -1))
         else:
