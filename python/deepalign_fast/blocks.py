@@ -21,6 +21,7 @@ Procedure for a (reference, moving) pair:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -98,7 +99,9 @@ def phase_correlation(reference: np.ndarray, moving: np.ndarray, *,
     """
     h = min(reference.shape[0], moving.shape[0])
     w = min(reference.shape[1], moving.shape[1])
-    taper = {"hann": np.hanning, "tukey": _tukey}[window]
+    if window not in ("hann", "tukey"):
+        raise ValueError(f"window must be 'hann' or 'tukey', got {window!r}")
+    taper: Callable[[int], np.ndarray] = np.hanning if window == "hann" else _tukey
     win = np.outer(taper(h), taper(w)).astype(np.float32)
     a = reference[:h, :w].astype(np.float32)
     b = moving[:h, :w].astype(np.float32)
