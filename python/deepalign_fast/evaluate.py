@@ -47,10 +47,10 @@ from .metrics import (
 )
 from .synth import (
     GroundTruth,
-    _warp_affine,
     add_artifacts,
     misalign_labels,
     misalign_stack,
+    render_affine,
 )
 from .warp import warp_affine
 
@@ -304,7 +304,7 @@ def evaluate_alignment(
     # compare aligned neighbours only where both hold data: the fill border an aligner adds
     # would otherwise count as perfectly similar
     ones = np.ones(truth.shape, np.uint8)
-    masks = [None if e is None else _warp_affine(ones, e, out_shape, nearest=True) > 0
+    masks = [None if e is None else render_affine(ones, e, out_shape, nearest=True) > 0
              for e in est]
     for name in ("ncc", "ssim"):
         before, after = equal_interpolation_similarity(al, mis, est, masks, name)
@@ -396,9 +396,9 @@ def _label_scores(alab: NDArray[Any], clab: NDArray[Any], mlab: NDArray[Any],
     for z in range(len(alab)):
         for key, lab, g in (("", alab[z], gauge), ("_before", mlab[z], crop)):
             shape = (int(lab.shape[0]), int(lab.shape[1]))
-            ref = _warp_affine(clab[z], g, shape, nearest=True)
+            ref = render_affine(clab[z], g, shape, nearest=True)
             # only pixels whose G-image lies inside the clean frame have a reference label
-            valid = _warp_affine(ones_clean, g, shape, nearest=True) > 0
+            valid = render_affine(ones_clean, g, shape, nearest=True) > 0
             scores["dice" + key].append(cast(float, dice(lab[valid], ref[valid], labels=labels)))
             scores["iou" + key].append(cast(float, iou(lab[valid], ref[valid], labels=labels)))
     return {

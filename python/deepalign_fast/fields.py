@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from . import _core
 from ._errors import DeepAlignError
-from .warp import _BORDER, _affine, _field, _option, _out, _threads
+from .checks import BORDER, check_affine, check_field, check_out, check_threads, option_code
 
 __all__ = [
     "compose_affine_displacement",
@@ -76,15 +76,15 @@ def compose_affine_displacement(
     For ``(id + u) o A`` (affine first) sample ``u`` at ``A(p)``: that is
     :func:`compose_displacements` with ``second = compose_affine_displacement(A, zeros)``.
     """
-    m = _affine(affine, "affine")
-    u = _field(displacement, "displacement")
-    nt = _threads(num_threads)
+    m = check_affine(affine, "affine")
+    u = check_field(displacement, "displacement")
+    nt = check_threads(num_threads)
     if out is not None and isinstance(out, np.ndarray) and out is u:
         res = out  # in place
         if not (res.flags.c_contiguous and res.flags.writeable):
             raise ValueError("out: must be C-contiguous and writeable")
     else:
-        res = _out(out, np.dtype(np.float32), u.shape, u)
+        res = check_out(out, np.dtype(np.float32), u.shape, u)
     _core.compose_affine_displacement(m, u, res, nt)
     return res
 
@@ -123,10 +123,10 @@ def compose_displacements(
     ndarray, shape (2, H, W), float32
         ``v`` (NaN where ``p + u2(p)`` is not finite).
     """
-    u1 = _field(first, "first")
-    u2 = _field(second, "second")
-    border_code = _option(_BORDER, border, "border")
-    nt = _threads(num_threads)
+    u1 = check_field(first, "first")
+    u2 = check_field(second, "second")
+    border_code = option_code(BORDER, border, "border")
+    nt = check_threads(num_threads)
     if out is not None and isinstance(out, np.ndarray) and out is u2:
         if np.shares_memory(out, u1):
             raise ValueError("out: must not overlap first")
@@ -134,7 +134,7 @@ def compose_displacements(
         if not (res.flags.c_contiguous and res.flags.writeable):
             raise ValueError("out: must be C-contiguous and writeable")
     else:
-        res = _out(out, np.dtype(np.float32), u2.shape, u1, u2)
+        res = check_out(out, np.dtype(np.float32), u2.shape, u1, u2)
     _core.compose_displacements(u1, u2, res, border_code, nt)
     return res
 
@@ -175,8 +175,8 @@ def jacobian_determinant(
         The determinant, dtype of the field. Values ``<= 0`` mean folding.
     """
     u = _jacobian_field(displacement)
-    nt = _threads(num_threads)
-    res = _out(out, u.dtype, u.shape[1:], u)
+    nt = check_threads(num_threads)
+    res = check_out(out, u.dtype, u.shape[1:], u)
     _core.jacobian_determinant(u, res, nt)
     return res
 
@@ -211,7 +211,7 @@ def nonpositive_jacobian_fraction(
         If the mask selects no pixel (a ``ValueError``, as every bad input here).
     """
     u = _jacobian_field(displacement)
-    nt = _threads(num_threads)
+    nt = check_threads(num_threads)
     m = None
     if mask is not None:
         m = np.asarray(mask)

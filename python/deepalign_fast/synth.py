@@ -64,9 +64,10 @@ _apply = apply_affine
 
 
 # --------------------------------------------------------------------------------------------
-# the one warp used by the QC code; swap for the C++ kernel when it lands
+# the warp that renders synthetic misalignments (OpenCV, so the benchmark's stacks do not
+# depend on the kernel under test)
 # --------------------------------------------------------------------------------------------
-def _warp_affine(
+def render_affine(
     image: NDArray[Any], transform: NDArray[np.float64], shape: tuple[int, int], *,
     nearest: bool = False, border_value: float = 0.0, replicate: bool = False,
 ) -> NDArray[Any]:
@@ -375,7 +376,7 @@ def misalign_stack(
     transforms = compose(full, offset)
     out = np.empty((n, out_h, out_w), dtype=stack.dtype)
     for z in range(n):
-        out[z] = _warp_affine(stack[z], transforms[z], (out_h, out_w), replicate=True)
+        out[z] = render_affine(stack[z], transforms[z], (out_h, out_w), replicate=True)
     truth = GroundTruth(
         transforms=transforms, shape=(out_h, out_w), clean_shape=(h, w),
         profile=used_profile, params=used_params, margin=int(margin), seed=seed,
@@ -405,7 +406,7 @@ def misalign_labels(labels: NDArray[Any], truth: GroundTruth) -> NDArray[Any]:
         )
     out = np.empty((len(labels),) + truth.shape, dtype=labels.dtype)
     for z in range(len(labels)):
-        out[z] = _warp_affine(labels[z], truth.transforms[z], truth.shape, nearest=True,
+        out[z] = render_affine(labels[z], truth.transforms[z], truth.shape, nearest=True,
                               replicate=True)
     return out
 

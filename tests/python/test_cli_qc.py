@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 from deepalign_fast.cli import main
-from deepalign_fast.synth import GroundTruth, _warp_affine, compose, invert, misalign_stack
+from deepalign_fast.synth import GroundTruth, compose, invert, misalign_stack, render_affine
 
 
 def _clean(rng, n=6, h=150, w=180):
@@ -57,8 +57,8 @@ def _align_perfectly(out, shape=(170, 200)):
     th = np.deg2rad(1.5)
     g = np.array([[np.cos(th), -np.sin(th), -8.0], [np.sin(th), np.cos(th), -6.0]])
     est = [compose(invert(t), g) for t in truth.transforms]
-    al = np.stack([_warp_affine(m, e, shape) for m, e in zip(mis, est, strict=False)])
-    alab = np.stack([_warp_affine(m, e, shape, nearest=True)
+    al = np.stack([render_affine(m, e, shape) for m, e in zip(mis, est, strict=False)])
+    alab = np.stack([render_affine(m, e, shape, nearest=True)
                      for m, e in zip(mlab, est, strict=False)])
     return al, alab, g
 
