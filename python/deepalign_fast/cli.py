@@ -516,7 +516,14 @@ def _add_make_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("clean_stack", metavar="CLEAN_STACK", help="aligned stack: TIFF or folder")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--profile", choices=["sstem", "fibsem", "jitter"], default="sstem")
+    p.add_argument("--profile", default="sstem",
+                   choices=["sstem", "fibsem", "jitter", "drift-mild", "drift-strong",
+                            "drift-sstem"],
+                   help="misalignment: drift-* add random-walk and smooth stage drift, jitter "
+                        "and per-slice rotation/scale/shear to every slice (default %(default)s)")
+    p.add_argument("--reslice", choices=["xy", "xz", "yz"], default="xy",
+                   help="misalign the XZ or YZ reslice of an isotropic volume: neighbouring "
+                        "planes are exactly aligned, so the truth is exact (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", metavar="LABELS", help="label stack of CLEAN_STACK")
     p.add_argument("--artifacts", action="store_true",
@@ -544,7 +551,8 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
     with _lock(plan):
         plan.check()
         truth = make_benchmark(args.clean_stack, args.out_dir, profile=args.profile,
-                               seed=args.seed, labels=args.labels, artifacts=args.artifacts)
+                               seed=args.seed, labels=args.labels, artifacts=args.artifacts,
+                               reslice=args.reslice)
     print(f"wrote {len(truth)} slices of {truth.shape[0]}x{truth.shape[1]} (margin "
           f"{truth.margin} px, profile {truth.profile}) to {args.out_dir}")
     return 0

@@ -41,6 +41,7 @@ __all__ = [
     "misalign_stack",
     "random_transforms",
     "reslice",
+    "reslice_stack",
 ]
 
 #: Default parameters of each misalignment profile (all overridable by keyword).
@@ -505,6 +506,11 @@ def reslice(volume: NDArray[Any], plane: str) -> NDArray[Any]:
     if plane not in axes:
         raise DeepAlignError(f"unknown plane {plane!r}; choose one of {sorted(axes)}")
     return np.ascontiguousarray(vol.transpose(axes[plane]))
+
+
+def reslice_stack(stack: NDArray[Any], plane: str) -> NDArray[Any]:
+    """:func:`reslice`, with ``"xy"`` returning ``stack`` itself (no copy)."""
+    return stack if plane == "xy" else reslice(stack, plane)
 
 
 def _smooth_curve(n: int, rng: np.random.Generator, amplitude: float) -> NDArray[np.float64]:
