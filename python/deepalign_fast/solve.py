@@ -21,9 +21,10 @@ offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
   cannot shrink (a free scale would let every residual vanish).
 - The tiny first-difference term only matters for slices without matches (blank or failed):
   they get the transform interpolated between their neighbours.
-- Robustness: iteratively reweighted least squares on the pairs (``c_ij``): a pair whose
-  residual is far above the typical one loses its weight (Cauchy), so a wrong match or a bad
-  slice cannot drag its neighbours. A slice left with little weight is flagged.
+- Robustness: iteratively reweighted least squares on the pairs (``c_ij``): a pair that
+  disagrees with the rest of the stack (its residual beyond what its own best fit leaves) far
+  more than the typical pair loses its weight (Cauchy), so a wrong match or a bad slice
+  cannot drag its neighbours. A slice with fewer than three agreeing pairs is flagged.
 
 Each pair enters only through the 6x6 second moments of its weighted correspondences, so the
 solve needs O(pairs) memory and a banded linear system of 6 x n unknowns: it is cheap for
@@ -298,7 +299,7 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
 
 
 def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
-                model: str = "affine", regularise: float = 1.0, slow_drift: str = "keep",
+                model: str = "affine", regularise: float = 0.05, slow_drift: str = "keep",
                 drift_sigma: float = 16.0, blank: Sequence[int] = (),
                 iterations: int = 6) -> SolveResult:
     """Solve one transform per slice from the pairs' moments (see module docstring).
@@ -334,7 +335,6 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         raise ValueError("n must be >= 1")
     pairs = [pm for pm in pairs if pm.i != pm.j and 0 <= pm.i < n and 0 <= pm.j < n]
     _, radius = _normaliser(shape)
-    raw_w = np.ones(len(pairs))
     per_slice = np.zeros(n)
     for pm in pairs:
         per_slice[pm.i] += pm.weight
@@ -353,7 +353,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     strength = np.repeat(base[:, None], len(prior), axis=1)
     huber = 0.5 / radius * np.sqrt(2.0)  # prior rows carry a factor 1/sqrt(2)
     eps = 1e-6 * typical
-    w = raw_w.copy()
+    w = np.ones(len(pairs))
     system = _System(n, pairs, prior, eps)
     theta = np.tile(_IDENTITY, (n, 1))
     for it in range(max(1, iterations)):
