@@ -133,7 +133,7 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
                    help="motion slower than --drift-sigma slices: keep the input's (an aligned "
                         "stack stays put; jitter is removed) or follow what the matches see "
                         "(also corrects slow stage drift, but follows the apparent motion of "
-                        "oblique anatomy) (default %(default)s)")
+                        "oblique anatomy); none = the raw solve (default %(default)s)")
     p.add_argument("--drift-sigma", type=float, default=d.drift_sigma,
                    help="Gaussian sigma in slices separating slow motion from jitter "
                         "(default %(default)s)")
