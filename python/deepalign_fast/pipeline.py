@@ -657,6 +657,9 @@ class Aligner:
             if physical is not None and "voxel_size" not in options_w:
                 # The output keeps the input's voxel size and unit (Fiji, napari, neuroglancer)
                 options_w.update(voxel_size=physical[0], unit=physical[1])
+            if Path(output).suffix.lower() == ".zarr":  # labels: the pyramid never blends
+                options_w.setdefault("downsample",
+                                     "nearest" if interpolation == "nearest" else "mean")
             with open_writer(output, (len(reader), h, w), reader.dtype, **options_w) as writer, \
                     ThreadPoolExecutor(max_workers=2) as pool:
                 done = writer.completed() if hasattr(writer, "completed") else set()

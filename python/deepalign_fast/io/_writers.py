@@ -386,8 +386,9 @@ class ZarrStackWriter(StackWriter):
     chunks : tuple of int
         ``(1, cy, cx)``; the z chunk must be 1. Clipped to the shape.
     ome : bool
-        True: OME-Zarr (NGFF 0.4, Zarr v2 format) group with one multiscales level ``"0"`` and
-        axes z/y/x. False: a bare Zarr v3 array with dimension names z/y/x.
+        True: OME-Zarr (NGFF 0.4, Zarr v2 format) group: level ``"0"`` and a pyramid of 2x
+        levels in y/x (``"1"``, ``"2"``, ...; :meth:`level_shapes`) with their scales, axes
+        z/y/x. False: a bare Zarr v3 array with dimension names z/y/x.
     resume : bool
         Continue an existing ``<path>.partial`` store (its shape, dtype and chunks must match).
     overwrite : bool
@@ -401,6 +402,8 @@ class ZarrStackWriter(StackWriter):
     unit : str, optional
         Unit of ``voxel_size`` (``"micrometer"``, ``"\u00b5m"``, ``"nm"``, ...), written as the
         OME-NGFF axis unit; a unit NGFF does not know is left out.
+    downsample : {"mean", "nearest"}
+        How the pyramid levels are made: 2x2 means (images) or every second pixel (labels).
     """
 
     def __init__(
@@ -416,9 +419,14 @@ class ZarrStackWriter(StackWriter):
         restart: bool = False,
         voxel_size: tuple[float, float, float] | None = None,
         unit: str | None = None,
+        downsample: str = "mean",
     ) -> None:
         import zarr
 
+        if downsample not in ("mean", "nearest"):
+            raise DeepAlignError(f"downsample must be 'mean' or 'nearest', got {downsample!r}")
+        self.downsample = downsample
+        self._levels: list[Any] = []
         self.path = Path(path)
         self.shape, self.dtype = _check_layout(self.path, shape, dtype)
         ch = tuple(int(c) for c in chunks)
@@ -461,6 +469,19 @@ class ZarrStackWriter(StackWriter):
             shutil.rmtree(self.partial, ignore_errors=True)
             raise os_error(exc, self.path, "cannot create the output store") from exc
 
+    def level_shapes(self) -> list[tuple[int, int, int]]:
+        """Shapes of the pyramid levels below level 0 (OME output): each halves y and x
+        (rounding up) while the longer side stays >= 256 px; z is never downsampled (EM
+        slices are thin)."""
+        if not self.ome:
+            return []
+        n, h, w = self.shape
+        out = []
+        while max(h, w) // 2 >= 256:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            out.append((n, h, w))
+        return out
+
     def _layout(self) -> dict[str, Any]:
         return {
             "shape": list(self.shape),
@@ -499,14 +520,27 @@ class ZarrStackWriter(StackWriter):
             fill_value=0,
             chunk_key_encoding={"name": "v2", "separator": "/"},  # NGFF 0.4 nested chunks
         )
+        datasets: list[dict[str, Any]] = [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]
+        for k, shape in enumerate(self.level_shapes(), start=1):
+            f = float(2**k)
+            self._levels.append(group.create_array(
+                str(k), shape=shape,
+                chunks=(1, min(self.chunks[1], shape[1]), min(self.chunks[2], shape[2])),
+                dtype=self.dtype, fill_value=0,
+                chunk_key_encoding={"name": "v2", "separator": "/"}))
+            # A level-k pixel covers 2^k level-0 pixels; its centre sits (2^k - 1) / 2 level-0
+            # pixels from theirs (pixel centres at integer coordinates).
+            datasets.append({"path": str(k), "coordinateTransformations": [
+                {"type": "scale", "scale": [scale[0], scale[1] * f, scale[2] * f]},
+                {"type": "translation",
+                 "translation": [0.0, scale[1] * (f - 1) / 2, scale[2] * (f - 1) / 2]}]})
         group.attrs["multiscales"] = [
             {
                 "version": "0.4",
                 "name": self.path.name.removesuffix(".zarr").removesuffix(".ome"),
                 "axes": axes,
-                "datasets": [
-                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-                ],
+                "datasets": datasets,
             }
         ]
         return arr
@@ -528,7 +562,10 @@ class ZarrStackWriter(StackWriter):
             )
         self._completed = {i for a, b in info.get("completed", []) for i in range(a, b)}
         node = zarr.open_group(str(self.partial), mode="r+") if self.ome else None
-        return node["0"] if node is not None else zarr.open_array(str(self.partial), mode="r+")
+        if node is None:
+            return zarr.open_array(str(self.partial), mode="r+")
+        self._levels = [node[str(k)] for k in range(1, len(self.level_shapes()) + 1)]
+        return node["0"]
 
     def _save_progress(self) -> None:
         info = {**self._layout(), "completed": _ranges(self._completed)}
@@ -559,12 +596,22 @@ class ZarrStackWriter(StackWriter):
             raise DeepAlignError(
                 f"{self.path}, slice {i}: index out of range for {self.shape[0]} slices."
             )
-        with self._lock:
-            self._completed.add(j)
-            try:
+        try:
+            if self._levels:  # the pyramid of a slice written by another process
+                self._write_levels(j, np.asarray(self._arr[j]))
+            with self._lock:
+                self._completed.add(j)
                 self._save_progress()
-            except OSError as exc:
-                raise os_error(exc, self.path, f"recording slice {j} failed") from exc
+        except OSError as exc:
+            raise os_error(exc, self.path, f"recording slice {j} failed") from exc
+
+    def _write_levels(self, j: int, data: np.ndarray) -> None:
+        """Slice ``j`` of every pyramid level, each from the level above (2x2 mean, or every
+        second pixel for labels), so no second pass over the stack is needed."""
+        level = data
+        for arr in self._levels:
+            level = _halve(level, self.downsample)
+            arr[j] = level
 
     def write(self, i: int, data: np.ndarray) -> None:
         """Write slice ``i`` (any order; rewriting a slice replaces it). Thread-safe.
@@ -584,6 +631,7 @@ class ZarrStackWriter(StackWriter):
         arr = self._check_slice(j, data)
         try:
             self._arr[j] = arr
+            self._write_levels(j, arr)
             with self._lock:
                 self._completed.add(j)
                 self._save_progress()
@@ -637,6 +685,20 @@ class ZarrStackWriter(StackWriter):
 
 def _is_zarr_path(p: Path) -> bool:
     return p.suffix.lower() == ".zarr"
+
+
+def _halve(image: np.ndarray, how: str) -> np.ndarray:
+    """Half-size slice (odd sizes round up): 2x2 block means, rounded for integer types, or
+    every second pixel (``how="nearest"``, for labels)."""
+    if how == "nearest":
+        return np.ascontiguousarray(image[::2, ::2])
+    h, w = image.shape
+    padded = np.pad(image.astype(np.float32), ((0, h % 2), (0, w % 2)), mode="edge")
+    mean = padded.reshape((h + 1) // 2, 2, (w + 1) // 2, 2).mean(axis=(1, 3))
+    if image.dtype.kind == "f":
+        return mean.astype(image.dtype)
+    info = np.iinfo(image.dtype)
+    return np.clip(np.rint(mean), info.min, info.max).astype(image.dtype)
 
 
 def open_writer(

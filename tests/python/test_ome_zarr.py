@@ -1,0 +1,58 @@
+"""OME-Zarr output: a multiscale pyramid that validates against the NGFF 0.4 model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from deepalign_fast import Aligner
+from deepalign_fast.io import ZarrStackWriter, open_stack
+
+
+def _stack(h: int = 600, w: int = 530, n: int = 4) -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(2)
+    big = cv2.GaussianBlur((rng.random((h + 20, w + 20)) * 255).astype(np.float32), (0, 0), 3)
+    return np.stack([np.roll(big, (z, -z), axis=(0, 1))[10:-10, 10:-10]
+                     for z in range(n)]).astype(np.uint8)
+
+
+def test_pyramid_levels_and_ngff_metadata(tmp_path: Path) -> None:
+    models = pytest.importorskip("ome_zarr_models.v04.image")
+    stack = _stack()
+    out = tmp_path / "a.ome.zarr"
+    Aligner().align_stack(stack, out)
+    group = zarr.open_group(str(out), mode="r")
+    image = models.Image.from_zarr(group)  # validates the multiscales metadata and arrays
+    datasets = image.attributes.multiscales[0].datasets
+    assert [d.path for d in datasets] == ["0", "1"]  # 600 -> 300 (>= 256) -> stop
+    assert group["1"].shape == (4, 300, 265)
+    scale1 = datasets[1].coordinateTransformations[0].scale
+    assert list(scale1) == [1.0, 2.0, 2.0]
+    level0 = np.asarray(group["0"])
+    expected = level0.astype(np.float32).reshape(4, 300, 2, 265, 2).mean(axis=(2, 4))
+    assert np.abs(np.asarray(group["1"]).astype(np.float32) - expected).max() <= 0.5
+    with open_stack(out) as reader:  # readers take level 0
+        assert reader.shape == (4, 600, 530)
+
+
+def test_label_pyramid_never_blends(tmp_path: Path) -> None:
+    labels = (np.arange(4 * 600 * 530).reshape(4, 600, 530) % 7).astype(np.uint8)
+    out = tmp_path / "l.ome.zarr"
+    with ZarrStackWriter(out, labels.shape, labels.dtype, downsample="nearest") as writer:
+        for z, lab in enumerate(labels):
+            writer.write(z, lab)
+    level1 = np.asarray(zarr.open_group(str(out), mode="r")["1"])
+    np.testing.assert_array_equal(level1, labels[:, ::2, ::2])
+
+
+def test_small_stacks_have_one_level_and_bad_option(tmp_path: Path) -> None:
+    out = tmp_path / "s.ome.zarr"
+    w = ZarrStackWriter(out, (2, 200, 300), np.uint8)
+    assert w.level_shapes() == []
+    w.abort()
+    with pytest.raises(Exception, match="downsample"):
+        ZarrStackWriter(tmp_path / "t.ome.zarr", (2, 8, 8), np.uint8, downsample="max")
