@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One entry point for the project's routine jobs on a fresh machine (Python >= 3.10, a C++17
+# One entry point for the project's routine jobs on a fresh machine (Python >= 3.11, a C++17
 # compiler, cmake). Each job creates ./.venv on first use and installs what it needs into it.
 #
 #   tools/dev.sh demo    install, then align the bundled real FIB-SEM sample + QC report
 #                        (into demo_out/, replacing the files of an earlier demo run)
 #   tools/dev.sh test    install with test extras (+ CPU torch), build and run ctest, run pytest
+#   tools/dev.sh test-oldest  pytest against the oldest supported dependency versions
 #   tools/dev.sh bench   install, run the kernel benchmarks (benchmarks/run.py; writes
 #                        benchmarks/out/*.json; `tools/dev.sh bench --help` for options)
 #
@@ -64,13 +65,31 @@ case "${1:-}" in
     fi
     exit "$rc"
     ;;
+  test-oldest)
+    # The same tests against the oldest supported dependency versions
+    # (tools/oldest-requirements.txt), in their own venv. A machine that cannot install those
+    # pinned wheels skips this job with a message; a test that fails on them fails it.
+    OLD="${DEEPALIGN_OLDEST_VENV:-.venv-oldest}"
+    [ -x "$OLD/bin/python" ] || python3 -m venv "$OLD"
+    if ! "$OLD/bin/python" -m pip install -q -r tools/oldest-requirements.txt; then
+      echo "test-oldest: could not install the pinned oldest versions; skipped" >&2
+      exit 0
+    fi
+    "$OLD/bin/python" -m pip install -q --no-deps .
+    set +e
+    "$OLD/bin/python" -m pytest "${@:2}"
+    rc=$?
+    set -e
+    [ "$rc" -eq 5 ] && rc=0
+    exit "$rc"
+    ;;
   bench)
     venv
     install_project "[test]"
     python -m benchmarks.run "${@:2}"
     ;;
   *)
-    sed -n '2,11p' "$0"
+    sed -n '2,12p' "$0"
     exit 2
     ;;
 esac
