@@ -4,6 +4,8 @@ Readers (:func:`open_stack`) take
 
 - a multi-page TIFF, BigTIFF or ImageJ hyperstack: uncompressed contiguous data is
   memory-mapped read-only, anything else is decoded one page at a time;
+- an MRC/IMOD stack (``.mrc``, ``.st``, ``.ali``, ``.rec``), memory-mapped, with its voxel
+  size (needs the optional ``mrcfile`` package);
 - a folder of 2-D ``.tif``/``.tiff``/``.png`` slices, in natural order (``2.png`` before
   ``10.png``); every file's header is checked at open, without decoding pixels;
 - a Zarr v2/v3 array or an OME-Zarr group (multiscales level 0, or ``key=``).
@@ -38,6 +40,7 @@ from ._common import (
     check_slice_size,
     max_slice_pixels,
 )
+from ._mrc import MrcStackReader
 from ._readers import (
     FolderStackReader,
     TiffStackReader,
@@ -63,6 +66,7 @@ __all__ = [
     "as_reader",
     "reader_path",
     "FolderStackReader",
+    "MrcStackReader",
     "StackReader",
     "StackWriter",
     "TiffStackReader",

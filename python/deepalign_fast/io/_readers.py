@@ -20,6 +20,7 @@ from ._common import (
     png_header,
     png_is_complete,
 )
+from ._mrc import MRC_SUFFIXES, MrcStackReader
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -402,7 +403,8 @@ def open_stack(
     ----------
     path : str or os.PathLike
         A multi-page TIFF / BigTIFF / ImageJ hyperstack (``.tif``, ``.tiff``, ``.btf``), a folder
-        of 2-D ``.tif``/``.tiff``/``.png`` slices (natural order), or a Zarr v2/v3 array or
+        of 2-D ``.tif``/``.tiff``/``.png`` slices (natural order), an MRC/IMOD stack (``.mrc``,
+        ``.st``, ``.ali``, ``.rec``; needs ``mrcfile``), or a Zarr v2/v3 array or
         OME-Zarr group (a directory with ``zarr.json``, ``.zarray`` or ``.zgroup``).
     key : str, optional
         Zarr only: the array inside a group. Default: the OME-Zarr multiscales level 0.
@@ -451,13 +453,15 @@ def _open_stack(p: Path, key: str | None, allow_single: bool) -> StackReader:
     suffix = p.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         return TiffStackReader(p, allow_single=allow_single)
+    if suffix in MRC_SUFFIXES:
+        return MrcStackReader(p, allow_single=allow_single)
     if suffix == ".png":
         if not allow_single:
             raise _single_error(p)
         return _SingleImageReader(p)
     raise DeepAlignError(
-        f"{p}: unsupported stack format {suffix!r}; use a multi-page TIFF, a folder of "
-        ".tif/.png slices, or a Zarr / OME-Zarr store."
+        f"{p}: unsupported stack format {suffix!r}; use a multi-page TIFF, an MRC stack "
+        "(.mrc/.st/.ali/.rec), a folder of .tif/.png slices, or a Zarr / OME-Zarr store."
     )
 
 

@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._errors import DeepAlignError
+from ._mrc import MRC_SUFFIXES, mrc_voxel_size
+
 __all__ = ["imagej_unit", "ome_unit", "voxel_size_of"]
 
 _TO_SHORT = {"micron": "\u00b5m", "um": "\u00b5m", "micrometer": "\u00b5m", "\u00b5m": "\u00b5m",
@@ -46,8 +49,10 @@ def voxel_size_of(stack: Any) -> tuple[tuple[float, float, float], str] | None:
             return _tiff_voxel_size(p)
         if p.is_dir() and ((p / ".zattrs").is_file() or (p / "zarr.json").is_file()):
             return _zarr_voxel_size(p)
+        if p.suffix.lower() in MRC_SUFFIXES and p.is_file():
+            return mrc_voxel_size(p)
     except (OSError, ValueError, KeyError, TypeError, IndexError, ZeroDivisionError,
-            StopIteration, AttributeError):
+            StopIteration, AttributeError, DeepAlignError):
         return None
     return None
 
