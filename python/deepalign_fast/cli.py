@@ -97,6 +97,28 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  time per stage: {stages}")
 
 
+def _voxel_size(args: argparse.Namespace) -> tuple[float, float, float] | None:
+    """``--pixel-size X[,Y[,Z]]`` as a ``(z, y, x)`` voxel size, checked."""
+    if args.pixel_size is None:
+        if args.unit is not None:
+            raise DeepAlignError("--unit needs --pixel-size")
+        return None
+    try:
+        values = [float(v) for v in str(args.pixel_size).split(",")]
+    except ValueError:
+        raise DeepAlignError(f"--pixel-size: expected X[,Y[,Z]] numbers, got "
+                             f"{args.pixel_size!r}") from None
+    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise DeepAlignError(f"--pixel-size: expected 1-3 positive numbers, got "
+                             f"{args.pixel_size!r}")
+    x = values[0]
+    y = values[1] if len(values) > 1 else x
+    z = values[2] if len(values) > 2 else y
+    if args.unit is None:
+        args.unit = "nm"
+    return (z, y, x)
+
+
 def _int_tuple(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -137,6 +159,11 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drift-sigma", type=float, default=d.drift_sigma,
                    help="Gaussian sigma in slices separating slow motion from jitter "
                         "(default %(default)s)")
+    p.add_argument("--pixel-size", metavar="X[,Y[,Z]]", default=None,
+                   help="physical pixel size (and slice spacing) to record in the output, "
+                        "overriding the input's metadata; Y defaults to X and Z to Y")
+    p.add_argument("--unit", default=None,
+                   help="unit of --pixel-size, e.g. nm or um (default: the input's, else nm)")
     p.add_argument("--canvas", choices=CANVAS, default=d.canvas,
                    help="output frame: first slice's, or union of all (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
@@ -240,7 +267,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         else:
             result = Aligner(options).align_stack(
                 args.input, args.output, transforms_path=transforms_path, progress=progress,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, voxel_size=_voxel_size(args), unit=args.unit)
         summary = result.summary()
         summary["output"] = str(args.output)
         summary["transforms"] = str(transforms_path)

@@ -675,8 +675,13 @@ class Aligner:
 
     def align_stack(self, stack: Any, output: str | os.PathLike[str], *,
                     transforms_path: str | os.PathLike[str] | None = None,
-                    progress: bool | None = None, overwrite: bool = False) -> AlignResult:
+                    progress: bool | None = None, overwrite: bool = False,
+                    voxel_size: tuple[float, float, float] | None = None,
+                    unit: str | None = None) -> AlignResult:
         """Estimate, then render ``stack`` into ``output`` (TIFF or OME-Zarr by suffix).
+
+        ``voxel_size`` ``(z, y, x)`` and ``unit`` override the physical size the output
+        records (default: the input's, when its file states one).
 
         The output and the transforms file are published together once both are complete
         (the transforms file just before the output is renamed into place); an exclusive lock
@@ -713,6 +718,9 @@ class Aligner:
                     ckpt.save(result.transforms.to_json(), list(result.matches),
                               dict(result.timings))
             writer_options: dict[str, Any] = {"overwrite": overwrite}
+            if voxel_size is not None:
+                writer_options.update(voxel_size=tuple(float(v) for v in voxel_size),
+                                      unit=unit or "pixel")
             if is_zarr:
                 resume = saved is not None and self.options.mode == "affine"
                 writer_options.update(resume=resume, restart=saved is not None)

@@ -56,3 +56,23 @@ def test_unit_names() -> None:
     assert imagej_unit("\u00b5m") == "micron" and imagej_unit("nanometer") == "nm"
     assert ome_unit("micron") == "micrometer" and ome_unit("nm") == "nanometer"
     assert ome_unit("furlong") is None
+
+
+def test_pixel_size_override_from_the_cli(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from deepalign_fast.cli import main
+
+    tifffile.imwrite(tmp_path / "plain.tif", _stack())
+    assert main(["align", str(tmp_path / "plain.tif"), "-o", str(tmp_path / "o.ome.zarr"),
+                 "--pixel-size", "4,4,30", "--unit", "nm", "--quiet"]) == 0
+    assert voxel_size_of(tmp_path / "o.ome.zarr") == ((30.0, 4.0, 4.0), "nm")
+    assert main(["align", str(tmp_path / "plain.tif"), "-o", str(tmp_path / "o2.tif"),
+                 "--pixel-size", "5", "--quiet"]) == 0
+    got = voxel_size_of(tmp_path / "o2.tif")
+    assert got is not None and np.allclose(got[0], (5.0, 5.0, 5.0)) and got[1] == "nm"
+    capsys.readouterr()
+    for bad in (["--pixel-size", "-1"], ["--pixel-size", "a,b"], ["--unit", "nm"]):
+        assert main(["align", str(tmp_path / "plain.tif"), "-o", str(tmp_path / "x.tif"),
+                     *bad, "--quiet"]) == 2
+        assert "--pixel-size" in capsys.readouterr().err
+    assert not (tmp_path / "x.tif").exists()
