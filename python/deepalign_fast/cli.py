@@ -97,6 +97,22 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  time per stage: {stages}")
 
 
+def _add_compression(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default=None,
+                   help="TIFF output compression: zlib stays an ImageJ hyperstack (Fiji opens "
+                        "it natively), zstd needs Bio-Formats in Fiji (default none)")
+
+
+def _compression(args: argparse.Namespace) -> str | None:
+    """``--compression``, refused for OME-Zarr output (its chunks are always compressed)."""
+    if args.compression is None:
+        return None
+    if Path(args.output).suffix.lower() == ".zarr":
+        raise DeepAlignError("--compression applies to TIFF output; OME-Zarr chunks are "
+                             "always compressed")
+    return str(args.compression)
+
+
 def _voxel_size(args: argparse.Namespace) -> tuple[float, float, float] | None:
     """``--pixel-size X[,Y[,Z]]`` as a ``(z, y, x)`` voxel size, checked."""
     if args.pixel_size is None:
@@ -203,6 +219,7 @@ def _add_align(sub: Any) -> None:
                         "(default OUTPUT.work; the tool's files are deleted after success)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (once the new ones are complete)")
+    _add_compression(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_align)
@@ -249,6 +266,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         raise DeepAlignError(f"{args.output}: (-o) cannot tell the output format from suffix "
                              f"{suffix!r}; use .tif/.tiff or .zarr/.ome.zarr")
     options = _align_options(args)
+    compression, voxel_size = _compression(args), _voxel_size(args)  # checked before any work
     transforms_path = args.transforms or _default_transforms_path(args.output)
     plan = _align_plan(args, transforms_path)
     plan.check()
@@ -267,7 +285,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
         else:
             result = Aligner(options).align_stack(
                 args.input, args.output, transforms_path=transforms_path, progress=progress,
-                overwrite=args.overwrite, voxel_size=_voxel_size(args), unit=args.unit)
+                overwrite=args.overwrite, voxel_size=voxel_size, unit=args.unit,
+                compression=compression)
         summary = result.summary()
         summary["output"] = str(args.output)
         summary["transforms"] = str(transforms_path)
@@ -324,6 +343,7 @@ def _add_apply(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (once the new one is complete)")
+    _add_compression(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_apply)
 
@@ -355,7 +375,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         Aligner(num_threads=args.threads).render(
             args.input, ts, args.output, interpolation=args.interpolation,
             progress=False if args.quiet else None,
-            writer_options={"overwrite": args.overwrite})
+            writer_options={"overwrite": args.overwrite,
+                            **({} if (c := _compression(args)) is None else {"compression": c})})
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     return 0
 

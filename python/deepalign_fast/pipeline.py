@@ -677,11 +677,12 @@ class Aligner:
                     transforms_path: str | os.PathLike[str] | None = None,
                     progress: bool | None = None, overwrite: bool = False,
                     voxel_size: tuple[float, float, float] | None = None,
-                    unit: str | None = None) -> AlignResult:
+                    unit: str | None = None, compression: str | None = None) -> AlignResult:
         """Estimate, then render ``stack`` into ``output`` (TIFF or OME-Zarr by suffix).
 
         ``voxel_size`` ``(z, y, x)`` and ``unit`` override the physical size the output
-        records (default: the input's, when its file states one).
+        records (default: the input's, when its file states one). ``compression`` ("zlib",
+        "zstd", "none") applies to TIFF output (OME-Zarr chunks are always compressed).
 
         The output and the transforms file are published together once both are complete
         (the transforms file just before the output is renamed into place); an exclusive lock
@@ -721,6 +722,8 @@ class Aligner:
             if voxel_size is not None:
                 writer_options.update(voxel_size=tuple(float(v) for v in voxel_size),
                                       unit=unit or "pixel")
+            if compression is not None:
+                writer_options["compression"] = compression
             if is_zarr:
                 resume = saved is not None and self.options.mode == "affine"
                 writer_options.update(resume=resume, restart=saved is not None)

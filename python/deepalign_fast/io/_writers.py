@@ -154,7 +154,9 @@ class TiffStackWriter(StackWriter):
     bigtiff : bool, optional
         Default: BigTIFF when the uncompressed data exceeds about 3.9 GiB.
     compression : str, optional
-        A tifffile compression name ("zlib", "zstd", "lzw", ...); default uncompressed.
+        A tifffile compression name ("zlib", "zstd", "lzw", ...; "none" or None: uncompressed,
+        the default). Uncompressed and zlib output stay ImageJ hyperstacks (Fiji opens both
+        natively); other codecs give a plain (shaped) TIFF that Fiji opens with Bio-Formats.
     metadata : dict, optional
         Extra metadata: ImageJ keys (``spacing``, ``unit``, ...) for ImageJ output, otherwise
         JSON-serialisable items stored in the shaped description.
@@ -201,7 +203,16 @@ class TiffStackWriter(StackWriter):
             )
         nbytes = math.prod(self.shape) * self.dtype.itemsize
         self.bigtiff = nbytes > _BIGTIFF_LIMIT if bigtiff is None else bool(bigtiff)
-        self.imagej = not self.bigtiff and compression is None
+        if compression == "none":
+            compression = None
+        if compression == "zstd":
+            try:
+                import imagecodecs  # noqa: F401  # tifffile's zstd codec
+            except ImportError:
+                raise DeepAlignError(f"{self.path}: zstd compression needs the imagecodecs "
+                                     "package (pip install imagecodecs), or use zlib") from None
+        # ImageJ/Fiji read uncompressed and zlib ("ZIP") hyperstacks natively.
+        self.imagej = not self.bigtiff and compression in (None, "zlib")
         md: dict[str, Any] = {"axes": "ZYX", **(metadata or {})}
         resolution = None
         if voxel_size is not None:
