@@ -359,9 +359,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                              f"{MAX_CANVAS_GROWTH}, got {args.scale:g}")
     if args.threads < 0:
         raise DeepAlignError(f"--threads must be >= 0, got {args.threads}")
+    from .io import label_target, prepare_label_group, register_label
+
+    target = label_target(args.output)  # -o IMAGE.ome.zarr/labels/NAME: an NGFF label image
+    if target is not None:
+        prepare_label_group(target[0])
+    is_zarr = args.output.suffix.lower() == ".zarr" or target is not None
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.transforms, "TRANSFORMS").input(args.input, "INPUT")
-    plan.output(args.output, "-o", folder=args.output.suffix.lower() == ".zarr")
+    plan.output(args.output, "-o", folder=is_zarr)
     plan.check()
     ts = TransformSet.load(args.transforms)
     if ts.fields is not None:
@@ -377,6 +383,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             progress=False if args.quiet else None,
             writer_options={"overwrite": args.overwrite,
                             **({} if (c := _compression(args)) is None else {"compression": c})})
+        if target is not None:
+            register_label(*target)
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     return 0
 

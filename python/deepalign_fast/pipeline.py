@@ -586,7 +586,14 @@ class Aligner:
         its finished slices. Returns the seconds spent reading, rendering and writing (summed
         over threads).
         """
-        from .io import as_reader, check_distinct, open_writer, reader_path, voxel_size_of
+        from .io import (
+            as_reader,
+            check_distinct,
+            is_zarr_output,
+            open_writer,
+            reader_path,
+            voxel_size_of,
+        )
 
         with as_reader(stack) as reader:
             if len(reader) != len(transforms):
@@ -657,7 +664,7 @@ class Aligner:
             if physical is not None and "voxel_size" not in options_w:
                 # The output keeps the input's voxel size and unit (Fiji, napari, neuroglancer)
                 options_w.update(voxel_size=physical[0], unit=physical[1])
-            if Path(output).suffix.lower() == ".zarr":  # labels: the pyramid never blends
+            if is_zarr_output(output):  # labels: the pyramid never blends
                 options_w.setdefault("downsample",
                                      "nearest" if interpolation == "nearest" else "mean")
             with open_writer(output, (len(reader), h, w), reader.dtype, **options_w) as writer, \

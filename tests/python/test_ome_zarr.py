@@ -56,3 +56,30 @@ def test_small_stacks_have_one_level_and_bad_option(tmp_path: Path) -> None:
     w.abort()
     with pytest.raises(Exception, match="downsample"):
         ZarrStackWriter(tmp_path / "t.ome.zarr", (2, 8, 8), np.uint8, downsample="max")
+
+
+def test_apply_labels_into_the_image_group(tmp_path: Path) -> None:
+    """`apply ... -o IMAGE.ome.zarr/labels/NAME` writes an NGFF label image that validates
+    and is listed in the image's labels group."""
+    pytest.importorskip("ome_zarr_models.v04.image")
+    import tifffile
+    from deepalign_fast.cli import main
+    from ome_zarr_models.v04.image import Image
+    from ome_zarr_models.v04.image_label import ImageLabel
+
+    stack = _stack(h=300, w=280)
+    labels = (stack > 128).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
+    image = tmp_path / "a.ome.zarr"
+    assert main(["align", str(tmp_path / "s.tif"), "-o", str(image), "--quiet"]) == 0
+    out = image / "labels" / "mito"
+    assert main(["apply", str(image) + ".transforms.json", str(tmp_path / "lab.tif"),
+                 "-o", str(out), "--quiet"]) == 0
+    group = zarr.open_group(str(image), mode="r")
+    img = Image.from_zarr(group)
+    assert img.labels is not None and list(img.labels.attributes.labels) == ["mito"]
+    label = ImageLabel.from_zarr(zarr.open_group(str(out), mode="r"))
+    assert label.attributes.image_label is not None
+    carried = np.asarray(zarr.open_group(str(out), mode="r")["0"])
+    assert set(np.unique(carried)) <= {0, 1}  # nearest: never blended

@@ -40,6 +40,7 @@ from ._common import (
     check_slice_size,
     max_slice_pixels,
 )
+from ._labels import label_target, prepare_label_group, register_label
 from ._mrc import MrcStackReader
 from ._readers import (
     FolderStackReader,
@@ -54,6 +55,7 @@ from ._writers import (
     TiffStackWriter,
     ZarrStackWriter,
     check_distinct,
+    is_zarr_output,
     open_writer,
 )
 
@@ -67,6 +69,9 @@ __all__ = [
     "reader_path",
     "FolderStackReader",
     "MrcStackReader",
+    "label_target",
+    "prepare_label_group",
+    "register_label",
     "StackReader",
     "StackWriter",
     "TiffStackReader",
@@ -76,6 +81,7 @@ __all__ = [
     "check_distinct",
     "open_stack",
     "open_writer",
+    "is_zarr_output",
     "read_image",
     "imagej_unit",
     "ome_unit",

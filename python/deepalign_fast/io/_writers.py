@@ -695,7 +695,9 @@ class ZarrStackWriter(StackWriter):
 
 
 def _is_zarr_path(p: Path) -> bool:
-    return p.suffix.lower() == ".zarr"
+    """``NAME.zarr`` / ``NAME.ome.zarr``, or ``IMAGE.zarr/labels/NAME`` (an NGFF label image)."""
+    return p.suffix.lower() == ".zarr" or (
+        p.parent.name == "labels" and p.parent.parent.suffix.lower() == ".zarr")
 
 
 def _halve(image: np.ndarray, how: str) -> np.ndarray:
@@ -710,6 +712,11 @@ def _halve(image: np.ndarray, how: str) -> np.ndarray:
         return mean.astype(image.dtype)
     info = np.iinfo(image.dtype)
     return np.clip(np.rint(mean), info.min, info.max).astype(image.dtype)
+
+
+def is_zarr_output(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a Zarr output (see :func:`open_writer`)."""
+    return _is_zarr_path(Path(path))
 
 
 def open_writer(

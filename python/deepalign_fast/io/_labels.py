@@ -1,0 +1,72 @@
+"""OME-NGFF (0.4) label images inside an image's OME-Zarr group: ``IMAGE/labels/NAME``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .._errors import DeepAlignError
+from ..outputs import create_temp
+
+__all__ = ["label_target", "prepare_label_group", "register_label"]
+
+
+def _attrs(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((path / ".zattrs").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = create_temp(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def label_target(output: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """``(image_group, name)`` when ``output`` is ``IMAGE/labels/NAME`` inside an OME-Zarr
+    image group (NGFF 0.4, Zarr v2), else None."""
+    out = Path(output)
+    if out.parent.name != "labels":
+        return None
+    image = out.parent.parent
+    if "multiscales" not in _attrs(image):
+        return None
+    return image, out.name
+
+
+def prepare_label_group(image: Path) -> None:
+    """Create ``IMAGE/labels`` as a Zarr group if it is not there yet."""
+    labels = image / "labels"
+    try:
+        labels.mkdir(exist_ok=True)
+        if not (labels / ".zgroup").exists():
+            _write_json(labels / ".zgroup", {"zarr_format": 2})
+        if not (labels / ".zattrs").exists():
+            _write_json(labels / ".zattrs", {"labels": []})
+    except OSError as exc:
+        raise DeepAlignError(f"{labels}: cannot create the labels group: {exc}") from exc
+
+
+def register_label(image: Path, name: str) -> None:
+    """Mark ``IMAGE/labels/NAME`` as an image-label of ``IMAGE`` and list it in
+    ``IMAGE/labels`` (both updated atomically)."""
+    label = image / "labels" / name
+    attrs = _attrs(label)
+    attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
+    _write_json(label / ".zattrs", attrs)
+    group = _attrs(image / "labels")
+    names = [n for n in group.get("labels", []) if isinstance(n, str)]
+    if name not in names:
+        names.append(name)
+    group["labels"] = names
+    _write_json(image / "labels" / ".zattrs", group)
