@@ -22,6 +22,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from types import FrameType
@@ -45,8 +46,11 @@ def _flag(name: str) -> str:
 def _align_options(args: argparse.Namespace) -> Any:
     from .pipeline import AlignOptions
 
+    extra = {k: v for k, v in getattr(args, "config_options", {}).items()
+             if k in ("min_matches", "field_stride")}  # options without a flag
     try:
-        return AlignOptions(features=args.features, model=args.model, offsets=args.offsets,
+        return AlignOptions(**extra, features=args.features, model=args.model,
+                            offsets=args.offsets,
                             threshold=args.threshold, regularise=args.regularise,
                             slow_drift=args.slow_drift, drift_sigma=args.drift_sigma,
                             min_pair_score=args.min_pair_score,
@@ -220,6 +224,9 @@ def _add_align(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (once the new ones are complete)")
     _add_compression(p)
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="take the align options from FILE (JSON or YAML; a transforms file "
+                        "re-runs with that run's options); flags given here override it")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_align)
@@ -458,6 +465,62 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# AlignOptions fields whose CLI flag has another name.
+_OPTION_DEST = {"num_threads": "threads"}
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """AlignOptions fields from a config file: JSON (a transforms file's ``options``, or a
+    plain object of fields, as ``deepalign-fast config --defaults`` prints), or YAML (needs
+    PyYAML). Unknown keys are an error naming them."""
+    from .pipeline import AlignOptions
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DeepAlignError(f"{path}: (--config) cannot read: {exc.strerror or exc}") from None
+    data: Any
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise DeepAlignError(f"{path}: (--config) YAML needs PyYAML (pip install pyyaml); "
+                                 "or use JSON") from None
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise DeepAlignError(f"{path}: (--config) not valid JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):
+        data = data["options"]  # a transforms file: the options of that run
+    if not isinstance(data, dict):
+        raise DeepAlignError(f"{path}: (--config) expected an object of align options")
+    fields = {f.name for f in dataclass_fields(AlignOptions)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise DeepAlignError(f"{path}: (--config) unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(fields))}")
+    if isinstance(data.get("offsets"), list):
+        data["offsets"] = tuple(data["offsets"])
+    return dict(data)
+
+
+def _add_config(sub: Any) -> None:
+    p = sub.add_parser("config", help="print align options as a config file",
+                       description="Print the align options as JSON, for `align --config`.")
+    p.add_argument("--defaults", action="store_true", required=True,
+                   help="the default options")
+    p.set_defaults(func=_cmd_config)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from .pipeline import AlignOptions
+
+    print(json.dumps(asdict(AlignOptions()), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepalign-fast",
@@ -475,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_bench(sub)
     _add_register(sub)
+    _add_config(sub)
     for command in sub.choices.values():  # --debug also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the Python traceback of an error")
@@ -726,6 +790,18 @@ def _error(msg: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        try:
+            config = load_config(args.config)
+        except DeepAlignError as exc:
+            _error(str(exc))
+            return 2
+        align = next(a for a in parser._actions
+                     if isinstance(a, argparse._SubParsersAction)).choices["align"]
+        flags = {_OPTION_DEST.get(k, k): v for k, v in config.items()}
+        align.set_defaults(**flags)  # the file's values; flags on the command line win
+        args = parser.parse_args(argv)
+        args.config_options = config
     if args.command is None:
         parser.print_help()
         return 0

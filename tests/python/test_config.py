@@ -1,0 +1,65 @@
+"""align --config: options from a config file or an earlier run's transforms file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from deepalign_fast import TransformSet
+from deepalign_fast.cli import main
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    import cv2
+
+    rng = np.random.default_rng(3)
+    big = cv2.GaussianBlur((rng.random((100, 120)) * 255).astype(np.float32), (0, 0), 2.0)
+    stack = np.stack([np.roll(big, (z % 3, 0), axis=(0, 1))[8:-8, 8:-8] for z in range(6)])
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, stack.astype(np.uint8), photometric="minisblack")
+    return path
+
+
+def _options(transforms: Path) -> dict:
+    return TransformSet.load(transforms).options
+
+
+def test_defaults_round_trip_and_flags_win(src: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--defaults"]) == 0
+    defaults = json.loads(capsys.readouterr().out)
+    assert defaults["slow_drift"] == "keep" and defaults["offsets"] == [1, 2, 4, 8]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**defaults, "slow_drift": "follow", "offsets": [1, 2],
+                               "min_matches": 9}))
+    assert main(["align", str(src), "-o", str(tmp_path / "a.tif"), "--config", str(cfg),
+                 "--quiet"]) == 0
+    used = _options(tmp_path / "a.transforms.json")
+    assert used["slow_drift"] == "follow" and list(used["offsets"]) == [1, 2]
+    assert used["min_matches"] == 9
+    assert main(["align", str(src), "-o", str(tmp_path / "b.tif"), "--config", str(cfg),
+                 "--slow-drift", "keep", "--quiet"]) == 0
+    assert _options(tmp_path / "b.transforms.json")["slow_drift"] == "keep"
+    # Re-run from the first run's transforms file: the same options, the same transforms.
+    assert main(["align", str(src), "-o", str(tmp_path / "c.tif"), "--config",
+                 str(tmp_path / "a.transforms.json"), "--quiet"]) == 0
+    assert _options(tmp_path / "c.transforms.json") == used
+    np.testing.assert_allclose(TransformSet.load(tmp_path / "c.transforms.json").affines,
+                               TransformSet.load(tmp_path / "a.transforms.json").affines)
+
+
+def test_bad_config_files(src: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    for name, text, expect in [("u.json", '{"drift": "all"}', "unknown option"),
+                               ("j.json", "{not json", "not valid JSON"),
+                               ("l.json", "[1, 2]", "expected an object")]:
+        (tmp_path / name).write_text(text)
+        assert main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--config",
+                     str(tmp_path / name), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert expect in err and name in err
+    assert not (tmp_path / "o.tif").exists()
