@@ -506,6 +506,36 @@ def load_config(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export-transforms", help="write the transforms for another tool",
+                       description="One ITK transform file per slice (FOLDER/slice_0000.tfm, "
+                                   "...), re-appliable with ITK/SimpleITK, 3D Slicer or ANTs.")
+    p.add_argument("transforms", type=Path, help="transforms file written by `align`")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FOLDER")
+    p.add_argument("--format", choices=("itk",), default="itk")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .outputs import OutputPlan
+    from .transforms import TransformSet, export_itk
+
+    ts = TransformSet.load(args.transforms)
+    if ts.fields is not None:
+        raise DeepAlignError(f"{args.transforms}: holds displacement fields (--mode elastic); "
+                             "an affine per slice cannot carry them")
+    plan = OutputPlan(overwrite=args.overwrite)
+    plan.input(args.transforms, "TRANSFORMS")
+    width = max(4, len(str(len(ts) - 1)))
+    for z in range(len(ts)):
+        plan.output(args.output / f"slice_{z:0{width}d}.tfm", "-o")
+    plan.check()
+    files = export_itk(ts, args.output)
+    print(f"wrote {len(files)} ITK transform files to {args.output}")
+    return 0
+
+
 def _add_config(sub: Any) -> None:
     p = sub.add_parser("config", help="print align options as a config file",
                        description="Print the align options as JSON, for `align --config`.")
@@ -539,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_register(sub)
     _add_config(sub)
+    _add_export(sub)
     for command in sub.choices.values():  # --debug also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the Python traceback of an error")

@@ -44,7 +44,7 @@ import numpy as np
 
 from ._errors import DeepAlignError
 
-__all__ = ["SCHEMA", "FieldStore", "TransformSet"]
+__all__ = ["SCHEMA", "FieldStore", "TransformSet", "export_itk"]
 
 SCHEMA = "deepalign-fast/transforms"
 VERSION = 2  # written when fields are present; version 1 otherwise
@@ -392,3 +392,40 @@ class FieldStore:
         import zarr
 
         self._array = zarr.open_array(str(final), mode="r")
+
+
+def export_itk(transforms: TransformSet, folder: str | os.PathLike[str]) -> list[Path]:
+    """Write one ITK transform file per slice: ``FOLDER/slice_0000.tfm``, ...
+
+    Each is an ``AffineTransform_double_2_2`` in ITK's text format (read by ITK/SimpleITK,
+    3D Slicer, ANTs, elastix's ITK interface). ITK, like this package, maps output (fixed)
+    points to input (moving) points, and pixel ``(i, j)`` at spacing 1 and origin 0 sits at
+    physical ``(i, j)``, the centre-of-pixel convention used here, so the matrices are written
+    as they are: ``Parameters: a b c d tx ty`` with center 0. Files are written atomically.
+    """
+    from .outputs import create_temp
+
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeepAlignError(f"{out}: cannot create the folder: {exc.strerror or exc}") from None
+    written = []
+    width = max(4, len(str(len(transforms) - 1)))
+    for z, a in enumerate(transforms.affines):
+        params = " ".join(repr(float(v)) for v in (a[0, 0], a[0, 1], a[1, 0], a[1, 1],
+                                                    a[0, 2], a[1, 2]))
+        text = ("#Insight Transform File V1.0\n#Transform 0\n"
+                "Transform: AffineTransform_double_2_2\n"
+                f"Parameters: {params}\nFixedParameters: 0 0\n")
+        path = out / f"slice_{z:0{width}d}.tfm"
+        fd, tmp = create_temp(path)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        written.append(path)
+    return written
