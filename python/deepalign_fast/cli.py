@@ -536,6 +536,48 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_watch(sub: Any) -> None:
+    p = sub.add_parser("watch", help="align slices as they appear in a folder (acquisition)",
+                       description="Poll FOLDER for slice files, align each once LOOKAHEAD "
+                                   "later slices have arrived, append it to an OME-Zarr; stop "
+                                   "on FOLDER/STOP or after --idle-timeout. Rerun to continue "
+                                   "after a kill.")
+    p.add_argument("folder", type=Path, metavar="FOLDER")
+    p.add_argument("-o", "--output", type=Path, required=True, help=".zarr/.ome.zarr")
+    p.add_argument("--lookahead", type=int, default=8,
+                   help="slices after z awaited before z is aligned (default %(default)s)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks")
+    p.add_argument("--idle-timeout", type=float, default=600.0,
+                   help="stop after this many seconds without a new slice (default %(default)s)")
+    p.add_argument("--stop-file", default="STOP", help="stop when FOLDER/NAME appears")
+    p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
+    p.add_argument("--quiet", action="store_true", help="no per-slice messages")
+    p.set_defaults(func=_cmd_watch)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .pipeline import AlignOptions
+    from .watch import watch_folder
+
+    for value, flag in ((args.poll, "--poll"), (args.idle_timeout, "--idle-timeout")):
+        _finite(value, flag)
+    if args.lookahead < 0:
+        raise DeepAlignError(f"--lookahead must be >= 0, got {args.lookahead}")
+
+    def report(z: int) -> None:
+        if not args.quiet:
+            print(f"slice {z} aligned", file=sys.stderr, flush=True)
+
+    result = watch_folder(args.folder, args.output,
+                          options=AlignOptions(num_threads=args.threads),
+                          lookahead=args.lookahead, poll=args.poll,
+                          idle_timeout=args.idle_timeout, stop_file=args.stop_file,
+                          on_slice=report)
+    print(f"wrote {result.written} slices to {args.output}; flagged: "
+          f"{len(result.flagged)} {result.flagged}")
+    return 0
+
+
 def _add_config(sub: Any) -> None:
     p = sub.add_parser("config", help="print align options as a config file",
                        description="Print the align options as JSON, for `align --config`.")
@@ -570,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub)
     _add_config(sub)
     _add_export(sub)
+    _add_watch(sub)
     for command in sub.choices.values():  # --debug also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the Python traceback of an error")

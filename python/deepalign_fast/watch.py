@@ -1,0 +1,198 @@
+"""Live acquisition: align slices as the microscope writes them into a folder.
+
+``watch_folder(FOLDER, OUTPUT.ome.zarr)`` polls FOLDER for slice files (``.tif``, ``.tiff``,
+``.png``; natural order), takes a file once it is complete (non-empty, size and modification
+time unchanged between two polls, and decodable), feeds it to :meth:`Aligner.stream` and
+appends every aligned slice to an OME-Zarr (NGFF 0.4) whose z axis grows. Memory stays flat.
+The latency of slice z is the arrival of slice z + ``lookahead``.
+
+Beside the output, ``OUTPUT.watch.json`` is replaced atomically after every slice: the files
+taken so far, the slices written, the flagged slices and their residuals (a live QC record).
+A watch stops when FOLDER holds the stop file (``STOP`` by default) or after ``idle_timeout``
+seconds without a new file; it then aligns the slices still waiting for their look-ahead.
+
+Restart after a kill: rerunning the same call continues. The slices already taken are aligned
+again (alignment of slice z depends only on slices up to z + ``lookahead``, so the result is
+the same) but not written again; a slice cut off while being written is rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._errors import DeepAlignError
+from .outputs import create_temp
+from .pipeline import Aligner, AlignOptions
+
+__all__ = ["WatchResult", "watch_folder"]
+
+SUFFIXES = (".tif", ".tiff", ".png")
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class WatchResult:
+    """What a watch did: files taken (in order), slices written, flagged slices."""
+
+    files: list[str] = field(default_factory=list)
+    written: int = 0
+    flagged: list[int] = field(default_factory=list)
+
+
+def _state_path(output: Path) -> Path:
+    return output.with_name(output.name + ".watch.json")
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    fd, tmp = create_temp(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(state, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written: int) -> Any:
+    """The growing level-0 array of the OME-Zarr (created, or reopened and cut to
+    ``written`` slices)."""
+    import zarr
+
+    h, w = shape
+    if output.exists():
+        arr: Any = zarr.open_group(str(output), mode="r+")["0"]
+        if arr.shape[1:] != (h, w) or arr.dtype != dtype:
+            raise DeepAlignError(f"{output}: holds {arr.shape[1:]} {arr.dtype} slices, the "
+                                 f"folder {(h, w)} {dtype}")
+        arr.resize((written, h, w))
+        return arr
+    group = zarr.open_group(str(output), mode="w-", zarr_format=2)
+    arr = group.create_array("0", shape=(0, h, w), chunks=(1, h, w), dtype=dtype, fill_value=0,
+                             chunk_key_encoding={"name": "v2", "separator": "/"})
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "name": output.name.removesuffix(".zarr").removesuffix(".ome"),
+        "axes": [{"name": a, "type": "space"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]
+    return arr
+
+
+def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                 options: AlignOptions | None = None, lookahead: int = 8, poll: float = 1.0,
+                 idle_timeout: float = 60.0, stop_file: str = "STOP",
+                 on_slice: Callable[[int], None] | None = None) -> WatchResult:
+    """Align the slices appearing in ``folder`` into ``output`` (OME-Zarr) until stopped.
+
+    Parameters
+    ----------
+    folder : path
+        Where the microscope writes one file per slice.
+    output : path
+        ``.zarr`` / ``.ome.zarr`` store, grown slice by slice; rerunning the same call after a
+        kill continues it (see module docstring).
+    options : AlignOptions, optional
+        Alignment options (defaults otherwise).
+    lookahead : int
+        Slices after z that must have arrived before z is aligned (latency vs accuracy).
+    poll : float
+        Seconds between looks at the folder.
+    idle_timeout : float
+        Stop after this many seconds without a new complete file.
+    stop_file : str
+        Stop when a file of this name appears in ``folder``.
+    on_slice : callable, optional
+        Called with z after slice z is written (progress, tests).
+    """
+    from .io import read_image
+
+    src, out = Path(folder), Path(output)
+    if not src.is_dir():
+        raise DeepAlignError(f"{src}: not a folder to watch")
+    if out.suffix.lower() != ".zarr":
+        raise DeepAlignError(f"{out}: (-o) watch writes OME-Zarr (.zarr/.ome.zarr)")
+    if out.resolve().is_relative_to(src.resolve()):
+        raise DeepAlignError(f"{out}: (-o) must not lie inside the watched folder {src}")
+    state_path = _state_path(out)
+    state: dict[str, Any] = {"folder": str(src.resolve()), "files": [], "written": 0,
+                             "flagged": [], "lookahead": lookahead}
+    if out.exists():
+        try:
+            saved = json.loads(state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise DeepAlignError(f"{out}: exists and is not a watch of this tool to continue "
+                                 "(no readable .watch.json beside it); choose another "
+                                 "output") from None
+        if saved.get("folder") != state["folder"] or saved.get("lookahead") != lookahead:
+            raise DeepAlignError(f"{out}: continues a watch of another folder or look-ahead; "
+                                 "choose another output")
+        state.update(saved)
+    known: list[str] = list(state["files"])
+    written = int(state["written"])
+    result = WatchResult(files=known, written=written)
+    seen_sizes: dict[str, tuple[int, int]] = {}
+
+    def source() -> Iterator[np.ndarray]:
+        for name in list(known):  # a restart: the slices taken before, again
+            yield read_image(src / name)
+        last_new = time.monotonic()
+        while True:
+            # The stop file means the acquisition is over: every file present is complete.
+            stopping = (src / stop_file).exists()
+            fresh = sorted((p for p in src.iterdir() if p.suffix.lower() in SUFFIXES
+                            and p.name not in known and p.is_file()),
+                           key=lambda p: _natural(p.name))
+            took = False
+            for p in fresh:
+                st = p.stat()
+                sig = (st.st_size, st.st_mtime_ns)
+                if not stopping and (st.st_size == 0 or seen_sizes.get(p.name) != sig):
+                    seen_sizes[p.name] = sig
+                    break  # not yet stable: keep the natural order, look again
+                try:
+                    image = read_image(p)
+                except DeepAlignError:
+                    if stopping:
+                        raise
+                    break  # still being written
+                known.append(p.name)
+                took = True
+                last_new = time.monotonic()
+                yield image
+            if stopping:
+                return
+            if not took:
+                if time.monotonic() - last_new > idle_timeout:
+                    return
+                time.sleep(poll)
+
+    aligner = Aligner(options or AlignOptions())
+    arr = None
+    for z, aligned in enumerate(aligner.stream(source(), lookahead=lookahead)):
+        if z < written:
+            continue  # written before the restart: identical, so kept
+        if arr is None:
+            arr = _open_output(out, aligned.shape, aligned.dtype, written)
+            _save_state(state_path, state)  # the store is ours from its first slice on
+        arr.resize((z + 1,) + aligned.shape)
+        arr[z] = aligned
+        result.written = z + 1
+        result.flagged = list(aligner.flagged)
+        state.update(files=known[:], written=z + 1, flagged=result.flagged)
+        _save_state(state_path, state)
+        if on_slice is not None:
+            on_slice(z)
+    result.files = known
+    return result
