@@ -40,6 +40,9 @@ def test_imagej_tiff_to_tiff_and_ome_zarr_and_back(imagej_input: Path, tmp_path:
     Aligner().align_stack(imagej_input, tmp_path / "out.ome.zarr")
     got = voxel_size_of(tmp_path / "out.ome.zarr")
     assert got is not None and np.allclose(got[0], expected[0]) and got[1] == expected[1]
+    Aligner().align_stack(tmp_path / "out.ome.zarr", tmp_path / "again.ome.zarr")
+    got = voxel_size_of(tmp_path / "again.ome.zarr")  # OME-Zarr -> OME-Zarr
+    assert got is not None and np.allclose(got[0], expected[0]) and got[1] == expected[1]
     Aligner().align_stack(tmp_path / "out.ome.zarr", tmp_path / "back.tif")
     got = voxel_size_of(tmp_path / "back.tif")
     assert got is not None and np.allclose(got[0], expected[0]) and got[1] == expected[1]
