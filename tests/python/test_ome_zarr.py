@@ -83,3 +83,22 @@ def test_apply_labels_into_the_image_group(tmp_path: Path) -> None:
     assert label.attributes.image_label is not None
     carried = np.asarray(zarr.open_group(str(out), mode="r")["0"])
     assert set(np.unique(carried)) <= {0, 1}  # nearest: never blended
+
+
+def test_reads_ngff_05_input(tmp_path: Path) -> None:
+    """NGFF 0.5 (Zarr v3, metadata under "ome"): level 0 found by its path, units read."""
+    from deepalign_fast.io import voxel_size_of
+
+    path = tmp_path / "v05.ome.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    arr = group.create_array("s0", shape=(3, 40, 50), chunks=(1, 40, 50), dtype="uint8")
+    data = (np.arange(3 * 40 * 50).reshape(3, 40, 50) % 251).astype(np.uint8)
+    arr[:] = data
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"],
+        "datasets": [{"path": "s0", "coordinateTransformations": [
+            {"type": "scale", "scale": [30.0, 4.0, 4.0]}]}]}]}
+    with open_stack(path) as reader:
+        assert reader.shape == (3, 40, 50)
+        np.testing.assert_array_equal(reader.read(1), data[1])
+    assert voxel_size_of(path) == ((30.0, 4.0, 4.0), "nm")
