@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import signal
 import sys
@@ -645,7 +644,7 @@ def _write_image_atomic(path: Path, image: Any) -> None:
     """Encode ``image`` by ``path``'s suffix and publish it with an exclusive temp + rename."""
     import cv2
 
-    from .outputs import create_temp, os_error
+    from .outputs import write_atomic
 
     try:
         ok, data = cv2.imencode(path.suffix.lower(), image)
@@ -654,19 +653,7 @@ def _write_image_atomic(path: Path, image: Any) -> None:
     if not ok:
         raise DeepAlignError(f"{path}: (-o) cannot write this image as {path.suffix!r}; use "
                              ".tif or .png")
-    fd, tmp = create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise os_error(exc, path, "cannot write the image") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data.tobytes(), doing="cannot write the image")
 
 
 def _cmd_register(args: argparse.Namespace) -> int:

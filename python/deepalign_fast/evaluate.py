@@ -46,7 +46,7 @@ from .metrics import (
     ssim,
     target_registration_error,
 )
-from .outputs import create_temp
+from .outputs import create_temp, write_atomic
 from .synth import (
     GroundTruth,
     add_artifacts,
@@ -207,14 +207,7 @@ def make_benchmark(
     if lab is not None:
         _write_tiff(out / "misaligned_labels.tif", misalign_labels(lab, truth))
         _write_tiff(out / "clean_labels.tif", lab)
-    fd, tmp = create_temp(out / "ground_truth.json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(truth.to_json())
-        os.replace(tmp, out / "ground_truth.json")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(out / "ground_truth.json", truth.to_json())
     return truth
 
 

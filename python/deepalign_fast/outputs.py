@@ -51,6 +51,7 @@ __all__ = [
     "remove_stale_temps",
     "transforms_path_for",
     "work_dir_for",
+    "write_atomic",
 ]
 
 #: Part of every temporary name this tool creates (``.NAME.deepalign-<random>.tmp``).
@@ -128,6 +129,27 @@ def create_temp(final: str | os.PathLike[str], suffix: str = ".tmp") -> tuple[in
         except OSError as exc:
             raise os_error(exc, final, "cannot create a temporary file beside it") from exc
     raise EnvironmentFailure(f"{final}: cannot create a unique temporary file in its folder")
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes, *,
+                 doing: str = "cannot write the file") -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically: an exclusive temp file beside it
+    (:func:`create_temp`), fsync, rename. OS errors become one-line messages (``doing``); on
+    any failure the temp file is removed and ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise os_error(exc, path, doing) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
@@ -492,19 +514,7 @@ class Checkpoint:
         """Write atomically (exclusive temp file + rename)."""
         text = json.dumps({"key": self.key, "transforms": transforms, "matches": matches,
                            "timings": timings})
-        fd, tmp = create_temp(self.path)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise os_error(exc, self.path, "cannot save the resume checkpoint") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, text, doing="cannot save the resume checkpoint")
 
     @property
     def matches_path(self) -> Path:

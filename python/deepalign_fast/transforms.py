@@ -403,7 +403,7 @@ def export_itk(transforms: TransformSet, folder: str | os.PathLike[str]) -> list
     physical ``(i, j)``, the centre-of-pixel convention used here, so the matrices are written
     as they are: ``Parameters: a b c d tx ty`` with center 0. Files are written atomically.
     """
-    from .outputs import create_temp
+    from .outputs import write_atomic
 
     out = Path(folder)
     try:
@@ -419,13 +419,6 @@ def export_itk(transforms: TransformSet, folder: str | os.PathLike[str]) -> list
                 "Transform: AffineTransform_double_2_2\n"
                 f"Parameters: {params}\nFixedParameters: 0 0\n")
         path = out / f"slice_{z:0{width}d}.tfm"
-        fd, tmp = create_temp(path)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, text, doing="cannot write the ITK transform file")
         written.append(path)
     return written

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import DeepAlignError
-from .outputs import create_temp
+from .outputs import write_atomic
 from .pipeline import Aligner, AlignOptions
 
 __all__ = ["WatchResult", "watch_folder"]
@@ -56,14 +56,7 @@ def _state_path(output: Path) -> Path:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    fd, tmp = create_temp(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(state, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(state, indent=1), doing="cannot save the watch record")
 
 
 def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written: int) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import DeepAlignError
-from ..outputs import create_temp
+from ..outputs import write_atomic
 
 __all__ = ["label_target", "prepare_label_group", "register_label"]
 
@@ -22,14 +22,7 @@ def _attrs(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = create_temp(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=1), doing="cannot write the label metadata")
 
 
 def label_target(output: str | os.PathLike[str]) -> tuple[Path, str] | None:
