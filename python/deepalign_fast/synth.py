@@ -176,20 +176,26 @@ class GroundTruth:
 # --------------------------------------------------------------------------------------------
 # random transforms
 # --------------------------------------------------------------------------------------------
-def _params(profile: str, overrides: dict[str, float]) -> dict[str, float]:
-    if profile not in PROFILES:
-        raise DeepAlignError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    params = dict(PROFILES[profile])
+def _params(profile: str, overrides: dict[str, float],
+            table: dict[str, dict[str, float]] | None = None,
+            kind: str = "profile") -> dict[str, float]:
+    """A profile's parameters with ``overrides``, checked (``table``: PROFILES by default;
+    ``kind`` names it in messages)."""
+    table = PROFILES if table is None else table
+    if profile not in table:
+        raise DeepAlignError(f"unknown {kind} {profile!r}; choose one of {sorted(table)}")
+    params = dict(table[profile])
     unknown = set(overrides) - set(params)
     if unknown:
         raise DeepAlignError(
-            f"unknown parameter(s) {sorted(unknown)} for profile {profile!r}; "
+            f"unknown parameter(s) {sorted(unknown)} for {kind} {profile!r}; "
             f"valid: {sorted(params)}"
         )
     params.update({k: float(v) for k, v in overrides.items()})
     for k, v in params.items():
         if not math.isfinite(v) or v < 0:
-            raise DeepAlignError(f"profile parameter {k}={v} must be finite and >= 0")
+            name = kind.replace(" profile", "") + " parameter"  # "drift parameter", ...
+            raise DeepAlignError(f"{name} {k}={v} must be finite and >= 0")
     return params
 
 
@@ -563,19 +569,7 @@ def drift_transforms(
     """
     if n < 1:
         raise DeepAlignError(f"need at least one slice, got n={n}")
-    if profile not in DRIFT_PROFILES:
-        raise DeepAlignError(
-            f"unknown drift profile {profile!r}; choose one of {sorted(DRIFT_PROFILES)}")
-    p = dict(DRIFT_PROFILES[profile])
-    unknown = set(params) - set(p)
-    if unknown:
-        raise DeepAlignError(
-            f"unknown parameter(s) {sorted(unknown)} for drift profile {profile!r}; "
-            f"valid: {sorted(p)}")
-    p.update({k: float(v) for k, v in params.items()})
-    for k, v in p.items():
-        if not math.isfinite(v) or v < 0:
-            raise DeepAlignError(f"drift parameter {k}={v} must be finite and >= 0")
+    p = _params(profile, params, DRIFT_PROFILES, "drift profile")
     slow = np.cumsum(rng.normal(scale=p["walk"], size=(n, 2)), axis=0)
     slow = slow + _smooth_curve(n, rng, p["smooth"]) if n > 1 else slow
     slow -= slow.mean(axis=0)
