@@ -22,8 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 from deepalign_fast import Aligner, datasets
-from deepalign_fast.metrics import target_registration_error
-from deepalign_fast.synth import misalign_stack
+from deepalign_fast.qc.metrics import target_registration_error
+from deepalign_fast.qc.synth import misalign_stack
 
 from benchmarks._timing import markdown_table, save_json, update_results
 from benchmarks.peers import elastix_chain, pystackreg_chain, sift_chain

@@ -35,7 +35,7 @@ import numpy as np
 from deepalign_fast import Aligner, AlignOptions
 from deepalign_fast.datasets import sample_stack_path
 from deepalign_fast.io import open_stack, open_writer
-from deepalign_fast.synth import misalign_stack
+from deepalign_fast.qc.synth import misalign_stack
 
 from benchmarks._timing import markdown_table, save_json
 
@@ -58,8 +58,8 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 
 
 def overheads(client: Any, src: Path, opts: AlignOptions, root: Path) -> dict[str, Any]:
-    from deepalign_fast.distributed import _match_task, _noop, _prepare_task
-    from deepalign_fast.pipeline import _make_backend
+    from deepalign_fast.alignment import _make_backend
+    from deepalign_fast.alignment.distributed import _match_task, _noop, _prepare_task
 
     out: dict[str, Any] = {}
     for i in range(20):  # warm-up
@@ -105,12 +105,12 @@ def overheads(client: Any, src: Path, opts: AlignOptions, root: Path) -> dict[st
 
 def _warm() -> None:
     import cv2  # noqa: F401
-    import deepalign_fast.distributed  # noqa: F401
+    import deepalign_fast.alignment.distributed  # noqa: F401
     import zarr  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deepalign_fast.distributed import align_distributed, connect
+    from deepalign_fast.alignment.distributed import align_distributed, connect
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--slices", type=int, default=32)

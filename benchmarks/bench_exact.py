@@ -16,12 +16,12 @@ Stacks (all with an exact truth):
 - lucchi XY itself, isbi2012 (30 x 512^2) and drosophila (20 x 1024^2, upsampled to 2048^2),
   which are aligned already;
 - on each, seeded misalignment on every slice, the first included
-  (``deepalign_fast.synth.drift_transforms``: random-walk drift, smooth stage drift, i.i.d.
+  (``deepalign_fast.qc.synth.drift_transforms``: random-walk drift, smooth stage drift, i.i.d.
   jitter, i.i.d. rotation/scale/shear), rendered from a larger frame so no border shows; the
   unchanged stack as a control (identity truth); and strong FIB-SEM artifacts (curtaining,
   charging, SNR 1.5) applied after the misalignment.
 
-Scoring uses transforms only (``deepalign_fast.metrics.exact_truth_score``): every tool
+Scoring uses transforms only (``deepalign_fast.qc.metrics.exact_truth_score``): every tool
 returns one 2x3 pull map per slice (output -> input); ``C_z = truth_z o estimate_z`` minus ONE
 global affine fitted over all slices is the residual; ``TRE_z`` is its mean norm over a 16 x 16
 grid. Reported: median and p95 of ``TRE_z`` over slices, its slope along z (px per 100
@@ -53,8 +53,8 @@ from typing import Any
 import cv2
 import numpy as np
 from deepalign_fast import Aligner, datasets
-from deepalign_fast.metrics import exact_truth_score
-from deepalign_fast.synth import (
+from deepalign_fast.qc.metrics import exact_truth_score
+from deepalign_fast.qc.synth import (
     DRIFT_PROFILES,
     drift_transforms,
     fibsem_artifacts,

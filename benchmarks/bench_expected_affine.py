@@ -9,7 +9,8 @@ SIFT matches), expected affine (same matches, fold mask, path distances), and Op
 optical flow (preset MEDIUM) from the reference to the globally aligned section.
 
 Speed: a 2048 x 2048 crop of ZW7L18: the KNN / expected-affine field and its warp, C++ core
-(2 threads) against the numpy/scipy reference (``_expected_affine_ref``: cKDTree or csgraph
+(2 threads) against the numpy/scipy reference
+(``tests/python/oracles/expected_affine.py``: cKDTree or csgraph
 Dijkstra, numpy field, ``map_coordinates`` warp), Euclidean and path distances; and the whole
 ``register_pair`` (SIFT extraction and matching included).
 
@@ -24,15 +25,16 @@ import time
 import cv2
 import numpy as np
 from deepalign_fast import _core
-from deepalign_fast._expected_affine_ref import (
+from deepalign_fast.datasets import load_damaged_pair
+from deepalign_fast.qc.metrics import ncc, ssim
+from deepalign_fast.refine.expected_affine import register_pair, warp_affine_field
+from deepalign_fast.warp import warp_affine
+
+from tests.python.oracles.expected_affine import (
     expected_affine_field_ref,
     knn_grid_ref,
     warp_affine_field_ref,
 )
-from deepalign_fast.datasets import load_damaged_pair
-from deepalign_fast.expected_affine import register_pair, warp_affine_field
-from deepalign_fast.metrics import ncc, ssim
-from deepalign_fast.warp import warp_affine
 
 from ._timing import markdown_table, measure, save_json
 

@@ -38,9 +38,9 @@ import time
 import cv2
 import numpy as np
 from deepalign_fast import datasets
-from deepalign_fast.artifacts import ArtifactParams, apply_artifacts
-from deepalign_fast.features import FeatureExtractor, SiftExtractor, match_features
-from deepalign_fast.learned import LearnedExtractor
+from deepalign_fast.match.keypoints import FeatureExtractor, SiftExtractor, match_features
+from deepalign_fast.match.learned import LearnedExtractor
+from deepalign_fast.qc.artifacts import ArtifactParams, apply_artifacts
 
 from ._timing import markdown_table, measure, save_json
 

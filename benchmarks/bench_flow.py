@@ -16,7 +16,7 @@ Scenarios:
 * ``neighbour``: fixed = clean slice z, moving = deformed slice z + 1 (the real case: anatomy
   changes between sections).
 * ``neighbour+art``: as ``neighbour``, both slices also corrupted with synthetic EM artifacts
-  (``deepalign_fast.artifacts``, strength 1, independent seeds).
+  (``deepalign_fast.qc.artifacts``, strength 1, independent seeds).
 
 Scores, computed in the frame minus a 16 px border (mean over pairs):
 
@@ -30,7 +30,7 @@ Scores, computed in the frame minus a 16 px border (mean over pairs):
 * ``%J<=0``: percentage of pixels whose Jacobian determinant is <= 0 (folding).
 
 Methods: ``none`` (identity), ``affine`` (C++ RANSAC affine on ``blocks.BlockMatcher``
-matches), ``flow-deepsim`` / ``flow-ncc`` (``deepalign_fast.flow.FlowPredictor`` with the two
+matches), ``flow-deepsim`` / ``flow-ncc`` (``deepalign_fast.refine.flow.FlowPredictor`` with the two
 ONNX models, on the raw pair), ``affine+flow-*`` (the pipeline's order: the flow predicted on
 the affinely aligned pair, composed with the affine), ``dis`` (``cv2.DISOpticalFlow``, preset
 MEDIUM), ``farneback`` (``cv2.calcOpticalFlowFarneback``). Then inference time per 512^2
@@ -49,11 +49,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 from deepalign_fast import datasets, warp_affine
-from deepalign_fast.artifacts import apply_artifacts
-from deepalign_fast.blocks import BlockMatcher
-from deepalign_fast.features import to_uint8
-from deepalign_fast.flow import FlowPredictor, _warp_displacement
-from deepalign_fast.metrics import dice, iou, nonpositive_jacobian_fraction
+from deepalign_fast.fields import nonpositive_jacobian_fraction
+from deepalign_fast.match.blocks import BlockMatcher
+from deepalign_fast.match.keypoints import to_uint8
+from deepalign_fast.qc.artifacts import apply_artifacts
+from deepalign_fast.qc.metrics import dice, iou
+from deepalign_fast.refine.flow import FlowPredictor
+from deepalign_fast.warp import warp_displacement
 
 from export.flow_data import invert_field, random_smooth_field, remap
 
@@ -163,7 +165,7 @@ def run_accuracy(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str
                 inner = (slice(BORDER, h - BORDER), slice(BORDER, w - BORDER))
                 for meth, fn in methods.items():
                     u = fn(fixed, moving)
-                    back = _warp_displacement(mlab, u, interpolation="nearest")
+                    back = warp_displacement(mlab, u, interpolation="nearest")
                     s = scores[(sc, meth)]
                     s["dice"].append(dice(back[inner], lab[src][inner], labels=labels))
                     s["iou"].append(iou(back[inner], lab[src][inner], labels=labels))

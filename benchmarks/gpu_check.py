@@ -24,7 +24,7 @@ would start after ``--budget-s`` seconds are listed as skipped):
    (onnxruntime I/O binding: inputs and outputs stay on the GPU, the compute ceiling); fp32,
    and fp16 (CUDA: the model converted to fp16 inside, fp32 I/O; TensorRT: ``trt_fp16_enable``),
    each with its parity against the CPU output (fp16 tolerances).
-5. ``bench``: ``deepalign-fast bench`` (``deepalign_fast.bench.run_bench``) for
+5. ``bench``: ``deepalign-fast bench`` (``deepalign_fast.qc.bench.run_bench``) for
    ``--features blocks learned`` x the active providers on one synthetic ``--slices`` x
    ``--size``^2 stack: slices/s, Mpx/s, seconds per stage, peak host memory, plus peak device
    memory sampled with nvidia-smi.
@@ -56,11 +56,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import tifffile
-from deepalign_fast.bench import make_synthetic_stack, run_bench
 from deepalign_fast.datasets import sample_stack_path
-from deepalign_fast.flow import FlowPredictor
-from deepalign_fast.learned import LearnedExtractor, default_model_path, normalise_slice
-from deepalign_fast.onnx_session import PROVIDERS, create_session
+from deepalign_fast.match.learned import LearnedExtractor, default_model_path, normalise_slice
+from deepalign_fast.onnx.session import PROVIDERS, create_session
+from deepalign_fast.qc.bench import make_synthetic_stack, run_bench
+from deepalign_fast.refine.flow import FlowPredictor
 
 from benchmarks._timing import markdown_table, measure, metadata
 

@@ -3,10 +3,10 @@
     python -m export.export_flow_onnx runs/flow_deepsim/flow.pt \\
         python/deepalign_fast/models/flow.onnx
 
-Contract of the file (checked again at load time by ``deepalign_fast.flow.FlowPredictor``):
+Contract of the file (checked again at load time by ``deepalign_fast.refine.flow.FlowPredictor``):
 
 * opset :data:`OPSET`; inputs ``fixed`` and ``moving`` ``(N, 1, H, W)`` float32, each slice
-  normalised with ``deepalign_fast._norm.normalise_slice``; H and W multiples of
+  normalised with ``deepalign_fast.onnx.normalise.normalise_slice``; H and W multiples of
   :data:`~export.flow_models.MULTIPLE` (16); N, H, W dynamic;
 * output ``flow`` ``(N, 2, H, W)`` float32: displacement in pixels, ``dx`` then ``dy``, pull
   convention ``aligned(p) = moving(p + flow(p))`` (scaling-and-squaring integration, if the

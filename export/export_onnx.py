@@ -2,10 +2,10 @@
 
     python -m export.export_onnx runs/ssl/ssl_unet.pt python/deepalign_fast/models/ssl_encoder.onnx
 
-Contract of the file (checked again at load time by ``deepalign_fast.onnx_session``):
+Contract of the file (checked again at load time by ``deepalign_fast.onnx.session``):
 
 * opset :data:`OPSET`; input ``image`` ``(N, 1, H, W)`` float32, normalised with
-  ``deepalign_fast._norm.normalise_slice``; H and W multiples of 4; N, H, W dynamic;
+  ``deepalign_fast.onnx.normalise.normalise_slice``; H and W multiples of 4; N, H, W dynamic;
 * output ``features`` ``(N, C, H/4, W/4)`` float32, unit L2 norm along C;
 * metadata props: model version, normalisation, stride, channels, training data, date, ...
 """

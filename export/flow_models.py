@@ -1,7 +1,7 @@
 """Lightweight VoxelMorph-like 2-D registration network and a differentiable warp.
 
 :class:`FlowUNet` takes a (fixed, moving) pair of slices, both normalised with
-``deepalign_fast._norm.normalise_slice`` and stacked as 2 channels ``(N, 2, H, W)``, and
+``deepalign_fast.onnx.normalise.normalise_slice`` and stacked as 2 channels ``(N, 2, H, W)``, and
 returns a dense displacement field ``(N, 2, H, W)`` float32 in pixels, ``dx`` then ``dy``,
 in the package's **pull** convention: ``warped(p) = moving(p + u(p))`` aligns ``moving`` to
 ``fixed``. Points are ``(x, y)`` with the origin at the centre of the top-left pixel.

@@ -7,7 +7,8 @@ in neighbouring sections. Alignment only uses the encoder (:class:`SslEncoder`),
 ``export/export_onnx.py`` writes to ONNX.
 
 Input: ``(N, 1, H, W)`` float32, normalised with
-``deepalign_fast.learned.normalise_slice`` (percentiles 0.5/99.5 -> 0/1, then (x - 0.5) / 0.25).
+``deepalign_fast.onnx.normalise.normalise_slice`` (percentiles 0.5/99.5 -> 0/1, then
+(x - 0.5) / 0.25).
 H and W must be multiples of :data:`STRIDE` (the runtime pads).
 Features: ``(N, C, H/4, W/4)`` float32, unit L2 norm along C. Feature cell ``(i, j)`` covers
 pixels ``4i..4i+3`` x ``4j..4j+3``; its centre is pixel ``(4j + 1.5, 4i + 1.5)`` (x, y).

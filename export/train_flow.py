@@ -11,7 +11,7 @@ With ``--same-prob`` (default 0.3) the moving crop is instead the fixed slice it
 synthetic deformation: without such pairs the first models (neighbours only) predicted a
 0.2 px field for two identical slices and recovered only about 60 % of a known deformation.
 With ``--artifact-prob`` each crop independently gets synthetic EM artifacts
-(``deepalign_fast.artifacts``), so that the network learns to register through them. The last
+(``deepalign_fast.qc.artifacts``), so that the network learns to register through them. The last
 ``--val-fraction`` (20 %) of the slices of every stack is held out: no training pair touches
 them (they are the benchmark's slices).
 
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from deepalign_fast._norm import NORMALISATION, normalise_slice
-from deepalign_fast.artifacts import ARTIFACT_KINDS, apply_artifacts
+from deepalign_fast.onnx.normalise import NORMALISATION, normalise_slice
+from deepalign_fast.qc.artifacts import ARTIFACT_KINDS, apply_artifacts
 
 from .flow_data import random_smooth_field, remap
 from .flow_models import MULTIPLE, FlowConfig, FlowUNet, smoothness, warp

@@ -6,7 +6,7 @@ Each training sample is a clean crop ``A`` of a real EM slice and a second view 
 same place under a small random affine (rotation, scale, shear, shift), taken from the same
 slice or (with ``--neighbour-prob``) from the neighbouring section of the already-aligned
 stack. Both views get *different* random synthetic artifacts
-(``deepalign_fast.artifacts.apply_artifacts``). Losses:
+(``deepalign_fast.qc.artifacts.apply_artifacts``). Losses:
 
 * restoration: L1 between the decoder's output and the clean (normalised) view, for A and B;
 * agreement: InfoNCE over sampled positions: the encoder feature at a point of A must be
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from deepalign_fast import datasets
-from deepalign_fast._norm import NORMALISATION, normalise_slice
-from deepalign_fast.artifacts import ARTIFACT_KINDS, apply_artifacts
+from deepalign_fast.onnx.normalise import NORMALISATION, normalise_slice
+from deepalign_fast.qc.artifacts import ARTIFACT_KINDS, apply_artifacts
 
 from .models import STRIDE, SslUNet, UNetConfig
 

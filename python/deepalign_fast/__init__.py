@@ -25,6 +25,7 @@ except ImportError as exc:  # pragma: no cover - only hit in a broken install
         "with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
     ) from exc
 
+from .alignment import Aligner, AlignOptions, AlignResult  # noqa: E402
 from .api import align, estimate_transforms  # noqa: E402
 from .estimate import MODELS, RansacResult, estimate_transform, fit_transform  # noqa: E402
 from .fields import (  # noqa: E402
@@ -34,7 +35,6 @@ from .fields import (  # noqa: E402
     nonpositive_jacobian_fraction,
 )
 from .io import open_stack  # noqa: E402
-from .pipeline import Aligner, AlignOptions, AlignResult  # noqa: E402
 from .transforms import TransformSet  # noqa: E402
 from .warp import warp_affine, warp_displacement  # noqa: E402
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .pipeline import Aligner
+from .alignment import Aligner
 from .transforms import TransformSet
 from .warp import warp_affine
 

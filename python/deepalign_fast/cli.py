@@ -31,7 +31,7 @@ from . import __version__
 from ._errors import DeepAlignError, EnvironmentFailure
 
 if TYPE_CHECKING:
-    from .pipeline import AlignResult
+    from .alignment import AlignResult
 
 
 _FLAG_NAMES = {"num_threads": "--threads"}
@@ -43,7 +43,7 @@ def _flag(name: str) -> str:
 
 
 def _align_options(args: argparse.Namespace) -> Any:
-    from .pipeline import AlignOptions
+    from .alignment import AlignOptions
 
     extra = {k: v for k, v in getattr(args, "config_options", {}).items()
              if k in ("min_matches", "field_stride")}  # options without a flag
@@ -147,9 +147,9 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def _add_align_arguments(p: argparse.ArgumentParser) -> None:
+    from .alignment.options import CANVAS, FEATURES, MODES, AlignOptions
+    from .alignment.solve import SLOW_DRIFT
     from .estimate import MODELS
-    from .pipeline import CANVAS, FEATURES, MODES, AlignOptions
-    from .solve import SLOW_DRIFT
 
     d = AlignOptions()
     p.add_argument("--features", choices=FEATURES, default=d.features,
@@ -251,7 +251,7 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from .pipeline import Aligner
+    from .alignment import Aligner
 
     _finite(args.threshold, "--threshold")
     if args.masks is not None and args.mode != "expected-affine":
@@ -282,7 +282,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     with _lock(plan):
         plan.check()  # again under the lock: a run that just finished may have published
         if args.scheduler is not None:
-            from .distributed import align_distributed
+            from .alignment.distributed import align_distributed
 
             result = align_distributed(args.input, args.output, scheduler=args.scheduler,
                                        options=options, transforms_path=transforms_path,
@@ -311,7 +311,7 @@ def _default_transforms_path(output: Path) -> Path:
 
 def _write_report(before: Path, after: Path, result: Any, path: Path) -> None:
     from .io import open_stack
-    from .report import write_report
+    from .qc.report import write_report
 
     ts = result.transforms
     maps = None
@@ -355,8 +355,8 @@ def _add_apply(sub: Any) -> None:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from .alignment import Aligner
     from .outputs import OutputPlan
-    from .pipeline import Aligner
     from .transforms import MAX_CANVAS_GROWTH, TransformSet
 
     _finite(args.scale, "--scale")
@@ -438,7 +438,7 @@ def _add_bench(sub: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import STAGES, run_bench
+    from .qc.bench import STAGES, run_bench
 
     if args.stack is None and (args.slices < 2 or args.size < 64):
         raise DeepAlignError(f"--slices must be >= 2 and --size >= 64 (got {args.slices} and "
@@ -472,7 +472,7 @@ def load_config(path: Path) -> dict[str, Any]:
     """AlignOptions fields from a config file: JSON (a transforms file's ``options``, or a
     plain object of fields, as ``deepalign-fast config --defaults`` prints), or YAML (needs
     PyYAML). Unknown keys are an error naming them."""
-    from .pipeline import AlignOptions
+    from .alignment import AlignOptions
 
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -555,7 +555,7 @@ def _add_watch(sub: Any) -> None:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from .pipeline import AlignOptions
+    from .alignment import AlignOptions
     from .watch import watch_folder
 
     for value, flag in ((args.poll, "--poll"), (args.idle_timeout, "--idle-timeout")):
@@ -586,7 +586,7 @@ def _add_config(sub: Any) -> None:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from .pipeline import AlignOptions
+    from .alignment import AlignOptions
 
     print(json.dumps(asdict(AlignOptions()), indent=1))
     return 0
@@ -657,9 +657,9 @@ def _write_image_atomic(path: Path, image: Any) -> None:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from .expected_affine import register_pair
     from .io import read_image
     from .outputs import OutputPlan
+    from .refine.expected_affine import register_pair
 
     if args.output.suffix.lower() not in (".tif", ".tiff", ".png"):
         raise DeepAlignError(f"{args.output}: (-o) unsupported image suffix "
@@ -714,8 +714,8 @@ def _add_make_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _run_make_benchmark(args: argparse.Namespace) -> int:
-    from .evaluate import make_benchmark
     from .outputs import OutputPlan
+    from .qc.evaluate import make_benchmark
 
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
@@ -758,7 +758,7 @@ def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate import evaluate_alignment, summarize
+    from .qc.evaluate import evaluate_alignment, summarize
 
     result = evaluate_alignment(args.aligned, args.ground_truth_dir, aligned_labels=args.labels,
                                 progress=False if args.quiet else None)
@@ -796,9 +796,9 @@ def _report_plan(args: argparse.Namespace) -> Any:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .evaluate import load_options, load_transforms
     from .io import open_stack
-    from .report import write_report
+    from .qc.evaluate import load_options, load_transforms
+    from .qc.report import write_report
 
     plan = _report_plan(args)
     transforms = None if args.transforms is None else load_transforms(args.transforms)

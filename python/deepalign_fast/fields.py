@@ -24,7 +24,7 @@ Functions
   interpolation, for "warp by ``u1``, then by ``u2``".
 - :func:`jacobian_determinant`: ``det(I + grad u)``; :func:`nonpositive_jacobian_fraction`:
   the share of pixels where it is ``<= 0`` (the map folds there; the design target is
-  < 0.1 %). These are THE implementation: :mod:`deepalign_fast.metrics` delegates here.
+  < 0.1 %). These are THE implementation: :mod:`deepalign_fast.qc.metrics` delegates here.
 """
 
 from __future__ import annotations

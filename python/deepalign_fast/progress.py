@@ -7,10 +7,11 @@ clean; every command's ``--quiet`` turns it off.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from types import TracebackType
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "StageTimes"]
 
 
 def _clock(seconds: float) -> str:
@@ -88,3 +89,18 @@ class Progress:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class StageTimes:
+    """Seconds spent per stage, summed over the threads that ran it (stages overlap, so the
+    sum can exceed the wall time; the wall time is reported separately as ``total``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + now - t0
+        return now

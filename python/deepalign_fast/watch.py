@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from ._errors import DeepAlignError
+from .alignment import Aligner, AlignOptions
 from .outputs import write_atomic
-from .pipeline import Aligner, AlignOptions
 
 __all__ = ["WatchResult", "watch_folder"]
 

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from deepalign_fast import datasets
+
+# Test helpers shared by several test modules (oracles/: exact references) import as
+# top-level modules.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

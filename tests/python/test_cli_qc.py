@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 from deepalign_fast.cli import main
-from deepalign_fast.synth import GroundTruth, compose, invert, misalign_stack, render_affine
+from deepalign_fast.qc.synth import GroundTruth, compose, invert, misalign_stack, render_affine
 
 
 def _clean(rng, n=6, h=150, w=180):
@@ -114,7 +114,7 @@ def test_eval_half_pixel_shift_scores_no_improvement(lucchi, tmp_path, capsys):
     half pixel) scores no improvement in eval's N_NCC / N_SSIM, although the shift alone raises
     the raw neighbour NCC a lot."""
     from deepalign_fast import warp_affine
-    from deepalign_fast.evaluate import make_benchmark
+    from deepalign_fast.qc.evaluate import make_benchmark
 
     image, _ = lucchi
     clean = np.ascontiguousarray(image[40:50, 40:240, 60:300])

@@ -10,7 +10,6 @@ from deepalign_fast import (
     compose_affine_displacement,
     compose_displacements,
     jacobian_determinant,
-    metrics,
     nonpositive_jacobian_fraction,
     warp_affine,
     warp_displacement,
@@ -170,10 +169,6 @@ def test_jacobian_matches_numpy_exactly(rng, num_threads, dtype):
         np.count_nonzero(ref[mask] <= 0) / mask.sum())
     assert nonpositive_jacobian_fraction(u, mask=mask.astype(np.float64) * 2) == (
         nonpositive_jacobian_fraction(u, mask=mask))
-    # metrics is the same implementation
-    np.testing.assert_array_equal(metrics.jacobian_determinant(u), det)
-    assert metrics.nonpositive_jacobian_fraction(u, mask=mask) == (
-        nonpositive_jacobian_fraction(u, mask=mask))
 
 
 def test_jacobian_two_by_two_and_affine_field():
@@ -246,3 +241,26 @@ def test_read_only_and_noncontiguous_inputs(rng):
     out.flags.writeable = False
     with pytest.raises(ValueError):
         warp_displacement(img, u, out=out)
+
+
+def test_jacobian_affine_and_folding():
+    h, w = 30, 40
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    a = np.array([[1.2, 0.3], [-0.1, 0.8]])
+    u = np.stack([(a[0, 0] - 1) * xs + a[0, 1] * ys + 5, a[1, 0] * xs + (a[1, 1] - 1) * ys - 2])
+    det = jacobian_determinant(u.astype(np.float32))
+    np.testing.assert_allclose(det, np.linalg.det(a), atol=1e-5)
+    assert nonpositive_jacobian_fraction(u.astype(np.float32)) == 0.0
+    # a fold: x -> x + 6 sin(x / 3) has d/dx = 1 + 2 cos(x/3) < 0 where cos < -1/2
+    fold = np.stack([6 * np.sin(xs / 3.0), np.zeros_like(xs)])
+    det = jacobian_determinant(fold)
+    inner = det[:, 1:-1]
+    expect = 1 + 2 * np.cos(xs[:, 1:-1] / 3.0)
+    # central differences of a sine: 1 + 6 sin(1/3) cos(x/3) / 1 (exact discrete derivative)
+    np.testing.assert_allclose(inner, 1 + 6 * np.sin(1 / 3) * np.cos(xs[:, 1:-1] / 3), atol=1e-9)
+    assert (inner < 0).any()
+    frac = nonpositive_jacobian_fraction(fold)
+    assert 0.2 < frac < 0.45
+    assert abs(frac - (expect <= 0).mean()) < 0.1
+    assert nonpositive_jacobian_fraction(fold, mask=np.zeros((h, w)) + (xs < 3)) == pytest.approx(
+        ((det <= 0) & (xs < 3)).sum() / (xs < 3).sum())

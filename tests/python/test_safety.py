@@ -151,7 +151,7 @@ def test_existing_output_refused_before_any_work(src: Path, tmp_path: Path,
     assert _align(str(src), "-o", str(out)) == 0
     tpath = transforms_path_for(out)
     old = (out.read_bytes(), tpath.read_bytes())
-    from deepalign_fast.pipeline import Aligner
+    from deepalign_fast.alignment import Aligner
 
     def no_estimate(*a: Any, **k: Any) -> Any:
         raise AssertionError("estimated before refusing")
@@ -396,7 +396,7 @@ def test_apply_refuses_a_stack_of_another_size(src: Path, tmp_path: Path,
 
 def test_nan_flow_is_flagged_and_rendered_affine_only() -> None:
     pytest.importorskip("onnxruntime")
-    from deepalign_fast.elastic import ElasticRefiner
+    from deepalign_fast.refine.elastic import ElasticRefiner
 
     ident = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     stack = _stack(n=3)
@@ -439,7 +439,7 @@ def test_tiff_without_pages(tmp_path: Path) -> None:
 
 _SLOW_RENDER = """
 import os, sys, time
-import deepalign_fast.pipeline as pl
+import deepalign_fast.alignment.aligner as pl
 real = pl.warp_affine
 def slow(image, *a, **k):
     out = real(image, *a, **k)
@@ -517,8 +517,8 @@ def test_sigkill_then_rerun_resumes(src: Path, tmp_path: Path, suffix: str,
 
 def _rerun_resumes(src: Path, out: Path, ref: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same command again: no estimation, (Zarr) only the missing slices, same output."""
+    from deepalign_fast.alignment import Aligner
     from deepalign_fast.io import ZarrStackWriter
-    from deepalign_fast.pipeline import Aligner
 
     def no_estimate(*a: Any, **k: Any) -> Any:
         raise AssertionError("estimated again instead of resuming")

@@ -1,0 +1,514 @@
+"""Stack alignment: match every slice with several neighbours, solve all transforms at once,
+then render every slice once.
+
+Data flow (each stage overlaps the next through small bounded queues, so memory does not grow
+with the stack depth)::
+
+    read slice z -> prepare (features / pyramids) -> match with slices z-1, z-2, z-4, ...
+      -> pair moments -> one global robust solve (deepalign_fast.alignment.solve) -> render -> write
+
+**Matching.** Slice z is matched with its predecessors at the ranks in ``offsets`` (1, 2, 4,
+8 by default; rank 1 is the nearest slice that is not blank). The nearest pair is matched
+from scratch (coarse to fine); farther pairs start from the prediction given by the chain of
+nearest-pair estimates and are refined at the finest level only. Each pair contributes its
+correspondences, summarised as moments, to the solve; together the offsets tie every slice to
+neighbours on both sides.
+
+**Solve.** :func:`deepalign_fast.alignment.solve.solve_stack`: one weighted least-squares
+problem over all pairs with a robust (IRLS) pair weighting, a per-slice prior toward a rigid
+map, the gauge fixed by the mean of all slices, and an explicit choice for slow motion
+(``slow_drift``): by default the input's slow motion is kept, because slow stage drift and
+the apparent motion of oblique anatomy cannot be told apart (see the module's docstring).
+
+**Failed slices.** A blank slice, or one without trusted matches, is flagged, gets a
+transform interpolated from its neighbours, and is reported; later slices match against the
+last good ones, so the run never stops.
+
+See :mod:`deepalign_fast.transforms` for the transform convention.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .._errors import DeepAlignError
+from ..geometry import compose, invert
+from ..progress import Progress, StageTimes
+from ..transforms import FieldStore, TransformSet
+from ..warp import warp_affine, warp_displacement
+from .matcher import StackMatcher, is_blank
+from .options import AlignOptions
+from .solve import PairMoments, solve_stack
+
+__all__ = ["AlignResult", "Aligner"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Seconds between saves of the estimation checkpoint (``Aligner.estimate(checkpoint=...)``).
+CHECKPOINT_SECONDS = 5.0
+
+
+@dataclass
+class AlignResult:
+    """What :meth:`Aligner.estimate` found, with a summary of the run."""
+
+    transforms: TransformSet
+    matches: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flagged(self) -> list[int]:
+        return self.transforms.flagged
+
+    def summary(self) -> dict[str, Any]:
+        res = [r for r in self.transforms.residuals if r is not None]
+        n = len(self.transforms)
+        total = self.timings.get("total", 0.0)
+        return {
+            "slices": n,
+            "flagged": list(self.flagged),
+            "residual_median_px": float(np.median(res)) if res else None,
+            "residual_max_px": float(np.max(res)) if res else None,
+            "matches_median": float(np.median(self.matches)) if self.matches else 0.0,
+            "time_s": total,
+            "slices_per_s": n / total if total > 0 else None,
+            "timings_s": dict(self.timings),
+            "peak_memory_mb": _peak_memory_mb(),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Estimation
+# --------------------------------------------------------------------------------------------
+
+
+def _canvas(affines: np.ndarray, in_shape: tuple[int, int], mode: str
+            ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Output frame: the input's shape ("reference") or the bounding box of all slices."""
+    h, w = in_shape
+    if mode == "reference":
+        return affines, (h, w)
+    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], np.float64)
+    pts = []
+    for a in affines:
+        inv = invert(a)
+        pts.append(corners @ inv[:, :2].T + inv[:, 2])
+    allp = np.concatenate(pts)
+    lo = np.floor(allp.min(axis=0))
+    hi = np.ceil(allp.max(axis=0))
+    shift = np.array([[1.0, 0.0, lo[0]], [0.0, 1.0, lo[1]]])
+    return np.stack([compose(a, shift) for a in affines]), (int(hi[1] - lo[1] + 1),
+                                                            int(hi[0] - lo[0] + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage overlap
+# --------------------------------------------------------------------------------------------
+
+
+def _prefetch(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor,
+              depth: int) -> Iterator[R]:
+    """``map(fn, items)`` computed up to ``depth`` items ahead on ``pool``, in order."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _peak_memory_mb() -> float | None:
+    """Peak resident memory of this process (Linux ``VmHWM``), None where unavailable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _fields_path(path: str | os.PathLike[str]) -> Path:
+    """The field store of a transforms file (``*.json``) or of an output's default transforms
+    file (names: :mod:`deepalign_fast.outputs`)."""
+    from ..outputs import fields_path_for, transforms_path_for
+
+    p = Path(path)
+    return fields_path_for(p if p.name.endswith(".json") else transforms_path_for(p))
+
+
+class Aligner:
+    """Align volume-EM stacks; see :class:`AlignOptions` for the options.
+
+    Examples
+    --------
+    >>> aligner = Aligner(model="rigid")                       # doctest: +SKIP
+    >>> result = aligner.align_stack("stack.tif", "aligned.tif")  # doctest: +SKIP
+    >>> for aligned in aligner.stream(microscope_slices()):      # doctest: +SKIP
+    ...     save(aligned)
+    """
+
+    def __init__(self, options: AlignOptions | None = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("pass either an AlignOptions or keyword options, not both")
+        self.options = options or AlignOptions(**kwargs)
+        #: Of the last :meth:`stream`: flagged slices and the emitted transforms.
+        self.flagged: list[int] = []
+        self.transforms: list[np.ndarray] = []
+
+    # -- estimation -----------------------------------------------------------------------
+    def estimate(self, stack: Any, *, progress: bool | None = None,
+                 checkpoint: Any = None) -> AlignResult:
+        """Estimate the per-slice transforms of ``stack`` (path, array or stack reader).
+
+        ``checkpoint`` (an :class:`deepalign_fast.outputs.Checkpoint`, as ``align_stack``
+        passes) saves the pairwise matches every few seconds and continues from them when
+        it finds a state of the same run: a killed estimation restarts where it stopped, with
+        the same result as an uninterrupted one.
+        """
+        from ..io import as_reader
+
+        opts = self.options
+        t_start = time.perf_counter()
+        with as_reader(stack) as reader:
+            n, h, w = reader.shape
+            if n < 1:
+                raise DeepAlignError(f"{reader.path}: the stack has no slices")
+            matcher = StackMatcher(opts, shape=(h, w))
+            bar = Progress(n, "estimate", progress)
+            times = matcher.times
+
+            def load(z: int) -> tuple[int, Any]:
+                t0 = time.perf_counter()
+                img = reader.read(z)
+                t0 = times.add("read", t0)
+                state = None if is_blank(img) else matcher.backend.prepare(img)
+                times.add("features", t0)
+                return z, state
+
+            start = 0
+            saved = checkpoint.load_matches() if checkpoint is not None else None
+            if saved is not None:
+                start = matcher.restore(saved, lambda z: load(z)[1])
+                bar.resume_at(start)
+            t_prep0 = time.perf_counter()
+            last_save = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for z, state in _prefetch(load, range(start, n), pool, depth=2):
+                    matcher.add(z, state)
+                    bar.step()
+                    if checkpoint is not None and \
+                            time.perf_counter() - last_save > CHECKPOINT_SECONDS:
+                        checkpoint.save_matches(matcher.state())
+                        last_save = time.perf_counter()
+            bar.close()
+            t_est = time.perf_counter() - t_prep0
+        ts = self.transform_set(matcher, (n, h, w))
+        timings = {**matcher.times.seconds, "estimate": t_est,
+                   "total": time.perf_counter() - t_start}
+        return AlignResult(ts, list(matcher.matches), timings)
+
+    def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
+                      ) -> TransformSet:
+        """The global solve and the canvas over a finished :class:`StackMatcher`."""
+        n, h, w = shape
+        opts = self.options
+        t0 = time.perf_counter()
+        solved = solve_stack(n, matcher.pairs, (h, w), model=opts.model,
+                             regularise=opts.regularise, slow_drift=opts.slow_drift,
+                             drift_sigma=opts.drift_sigma, blank=matcher.blank)
+        matcher.times.add("solve", t0)
+        flagged = sorted(set(solved.flagged) | set(matcher.failed))
+        residuals = [None if z in flagged else r for z, r in enumerate(solved.residuals)]
+        affines, out_shape = _canvas(solved.affines, (h, w), opts.canvas)
+        return TransformSet(affines, (n, h, w), out_shape, flagged, residuals, asdict(opts))
+
+    # -- rendering ------------------------------------------------------------------------
+    def render(self, stack: Any, transforms: TransformSet, output: str | os.PathLike[str], *,
+               interpolation: str = "linear", progress: bool | None = None,
+               writer_options: dict[str, Any] | None = None,
+               fields_path: str | os.PathLike[str] | None = None,
+               before_publish: Callable[[], None] | None = None) -> dict[str, float]:
+        """Warp every slice of ``stack`` once with ``transforms`` and write ``output``.
+
+        Transforms that carry displacement fields are applied with them. With
+        ``mode="elastic"`` the fields are computed here, kept in ``transforms.fields`` and
+        written to ``fields_path`` (default: next to ``output``); a slice whose flow is not
+        finite keeps its affine and is added to ``transforms.flagged``. The output (and the
+        field store) appear only when complete; ``before_publish`` runs just before the
+        output is renamed into place (``align_stack`` writes the transforms file there).
+        ``writer_options={"resume": True}`` continues an unfinished Zarr output, skipping
+        its finished slices. Returns the seconds spent reading, rendering and writing (summed
+        over threads).
+        """
+        from ..io import (
+            as_reader,
+            check_distinct,
+            is_zarr_output,
+            open_writer,
+            reader_path,
+            voxel_size_of,
+        )
+
+        with as_reader(stack) as reader:
+            if len(reader) != len(transforms):
+                raise DeepAlignError(
+                    f"{reader.path}: {len(reader)} slices but the transforms have "
+                    f"{len(transforms)}")
+            if tuple(reader.shape[1:]) != tuple(transforms.input_shape[1:]):
+                ty, tx = transforms.input_shape[1:]
+                raise DeepAlignError(
+                    f"{reader.path}: slices are {reader.shape[1]} x {reader.shape[2]} (y, x), but "
+                    f"the transforms were made for {ty} x {tx}; use the matching stack, or "
+                    "--scale (API: TransformSet.rescaled) for a binned or finer copy")
+            source = reader_path(reader)
+            if source is not None:
+                check_distinct(source, output)
+            h, w = transforms.output_shape
+            from ..io import check_slice_size
+
+            check_slice_size(output, (h, w), reader.dtype)
+            bar = Progress(len(reader), "render", progress)
+            threads = self.options.num_threads
+            fields_out = _fields_path(output) if fields_path is None else Path(fields_path)
+
+            times = StageTimes()
+            refine: Any = None
+            store: FieldStore | None = None
+            if self.options.mode == "elastic":
+                from ..refine.elastic import ElasticRefiner
+
+                store = FieldStore.create(fields_out, len(reader), (h, w),
+                                          stride=self.options.field_stride)
+                refine = ElasticRefiner((h, w), store=store, provider=self.options.provider,
+                                        num_threads=threads,
+                                        max_folding=self.options.max_folding)
+            elif self.options.mode == "expected-affine":
+                from ..refine.expected_affine import StackRefiner
+                refine = StackRefiner(self.options.masks, (h, w), num_slices=len(reader),
+                                      num_threads=threads)
+
+            def warp(z: int) -> np.ndarray:
+                t0 = time.perf_counter()
+                image = reader.read(z)
+                t0 = times.add("read", t0)
+                field = None if transforms.fields is None or refine is not None else \
+                    transforms.fields.get(z, num_threads=threads)
+                if refine is not None:
+                    out = refine(z, image, transforms.affines[z])
+                elif field is not None:
+                    out = warp_displacement(image, field, affine=transforms.affines[z],
+                                            interpolation=interpolation, num_threads=threads)
+                else:
+                    out = warp_affine(image, transforms.affines[z], (h, w),
+                                      interpolation=interpolation, num_threads=threads)
+                times.add("render", t0)
+                return out
+
+            def publish() -> None:
+                if store is not None:
+                    store.commit(fields_out)
+                    transforms.fields = store
+                    transforms.folding = list(refine.folding)
+                    transforms.flagged = sorted(set(transforms.flagged) | set(refine.failed))
+                if before_publish is not None:
+                    before_publish()
+
+            options_w = dict(writer_options or {})
+            physical = voxel_size_of(reader)
+            if physical is not None and "voxel_size" not in options_w:
+                # The output keeps the input's voxel size and unit (Fiji, napari, neuroglancer)
+                options_w.update(voxel_size=physical[0], unit=physical[1])
+            if is_zarr_output(output):  # labels: the pyramid never blends
+                options_w.setdefault("downsample",
+                                     "nearest" if interpolation == "nearest" else "mean")
+            with open_writer(output, (len(reader), h, w), reader.dtype, **options_w) as writer, \
+                    ThreadPoolExecutor(max_workers=2) as pool:
+                done = writer.completed() if hasattr(writer, "completed") else set()
+                todo = [z for z in range(len(reader)) if z not in done]
+                for z, aligned in zip(todo, _prefetch(warp, todo, pool, depth=2), strict=True):
+                    t0 = time.perf_counter()
+                    writer.write(z, aligned)
+                    times.add("write", t0)
+                    bar.step()
+                writer.close(before_publish=publish)
+            bar.close()
+        return times.seconds
+
+    def align_stack(self, stack: Any, output: str | os.PathLike[str], *,
+                    transforms_path: str | os.PathLike[str] | None = None,
+                    progress: bool | None = None, overwrite: bool = False,
+                    voxel_size: tuple[float, float, float] | None = None,
+                    unit: str | None = None, compression: str | None = None) -> AlignResult:
+        """Estimate, then render ``stack`` into ``output`` (TIFF or OME-Zarr by suffix).
+
+        ``voxel_size`` ``(z, y, x)`` and ``unit`` override the physical size the output
+        records (default: the input's, when its file states one). ``compression`` ("zlib",
+        "zstd", "none") applies to TIFF output (OME-Zarr chunks are always compressed).
+
+        The output and the transforms file are published together once both are complete
+        (the transforms file just before the output is renamed into place); an exclusive lock
+        keeps a second run off the same output. For a file or folder input the finished
+        estimation is checkpointed beside the output: rerunning the same call after a kill or
+        a failure while rendering skips the estimation and, for Zarr in ``mode="affine"``,
+        renders only the slices not yet written. ``overwrite`` replaces existing outputs
+        (once the new ones are complete) and discards an unfinished one from another run.
+        """
+        from ..io import as_reader, reader_path
+        from ..outputs import Checkpoint, output_lock
+
+        t0 = time.perf_counter()
+        out = Path(output)
+        is_zarr = out.suffix.lower() == ".zarr"
+        locked = [out] + ([Path(transforms_path)] if transforms_path is not None else [])
+        with output_lock(locked), as_reader(stack) as reader:
+            if transforms_path is not None and Path(transforms_path).exists() and not overwrite:
+                raise DeepAlignError(f"{transforms_path}: transforms file already exists; pass "
+                                     "--overwrite (API: overwrite=True) or choose another name.")
+            if out.exists() and not overwrite:
+                raise DeepAlignError(f"{out}: output already exists; pass --overwrite (API: "
+                                     "overwrite=True) or choose another name.")
+            ckpt = Checkpoint.for_run(reader_path(reader), out, reader.shape,
+                                      asdict(self.options))
+            saved = ckpt.load() if ckpt is not None else None
+            if saved is not None and ckpt is not None:
+                ts = TransformSet.from_json(saved["transforms"], source=str(ckpt.path))
+                result = AlignResult(ts, [int(m) for m in saved["matches"]],
+                                     {str(k): float(v) for k, v in saved["timings"].items()})
+            else:
+                result = self.estimate(reader, progress=progress, checkpoint=ckpt)
+                if ckpt is not None:
+                    ckpt.save(result.transforms.to_json(), list(result.matches),
+                              dict(result.timings))
+            writer_options: dict[str, Any] = {"overwrite": overwrite}
+            if voxel_size is not None:
+                writer_options.update(voxel_size=tuple(float(v) for v in voxel_size),
+                                      unit=unit or "pixel")
+            if compression is not None:
+                writer_options["compression"] = compression
+            if is_zarr:
+                resume = saved is not None and self.options.mode == "affine"
+                writer_options.update(resume=resume, restart=saved is not None)
+            fields_path = None
+            if self.options.mode == "elastic":
+                fields_path = _fields_path(transforms_path if transforms_path is not None
+                                           else output)
+
+            def publish() -> None:
+                if transforms_path is not None:
+                    result.transforms.save(transforms_path)
+
+            stages = self.render(reader, result.transforms, output, progress=progress,
+                                 fields_path=fields_path, writer_options=writer_options,
+                                 before_publish=publish)
+            if ckpt is not None:
+                ckpt.remove()
+        for stage, seconds in stages.items():
+            result.timings[stage] = result.timings.get(stage, 0.0) + seconds
+        result.timings["total"] = time.perf_counter() - t0
+        return result
+
+    # -- streaming ------------------------------------------------------------------------
+    def stream(self, slices: Iterable[np.ndarray], *, lookahead: int = 8
+               ) -> Iterator[np.ndarray]:
+        """Align slices as they arrive; yields aligned slice z once slice z + ``lookahead`` has
+        arrived (or the input ended).
+
+        ``lookahead`` is the trade-off between latency and accuracy: slice z is solved with
+        the matches of the ``lookahead`` slices after it and of about ``3 * drift_sigma``
+        slices before it (a window of the global solve), so with ``lookahead`` >= the largest
+        offset every slice is tied to neighbours on both sides. Memory stays flat: the last
+        ``max(offsets)`` prepared slices, ``lookahead`` raw slices and the pair moments.
+        Flagged slices are listed in :attr:`flagged`; :attr:`transforms` holds the emitted
+        transforms. Results differ slightly from :meth:`align_stack`, which sees the whole
+        stack.
+        """
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        state = _StreamState(self, lookahead)
+        for z, image in enumerate(slices):
+            yield from state.push(z, np.asarray(image))
+        yield from state.finish()
+
+
+class _StreamState:
+    """The state of one :meth:`Aligner.stream` call (kept off the Aligner)."""
+
+    def __init__(self, aligner: Aligner, lookahead: int) -> None:
+        self.aligner = aligner
+        self.opts = aligner.options
+        self.lookahead = lookahead
+        self.back = int(np.ceil(3 * self.opts.drift_sigma)) + max(self.opts.offsets)
+        self.matcher: StackMatcher | None = None
+        self.pending: deque[tuple[int, np.ndarray]] = deque()
+        self.shape: tuple[int, int] | None = None
+        self.dtype: Any = None
+        self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
+        aligner.flagged = []
+        aligner.transforms = []
+
+    def push(self, z: int, image: np.ndarray) -> Iterator[np.ndarray]:
+        if self.shape is None:
+            if image.ndim != 2:
+                raise DeepAlignError(f"stream slice {z}: expected a 2-D slice, got shape "
+                                     f"{image.shape}")
+            self.shape, self.dtype = (int(image.shape[0]), int(image.shape[1])), image.dtype
+            self.matcher = StackMatcher(self.opts, shape=self.shape)
+        elif image.shape != self.shape or image.dtype != self.dtype:
+            raise DeepAlignError(f"stream slice {z}: shape {image.shape} {image.dtype} "
+                                 f"differs from the first slice's {self.shape} {self.dtype}")
+        if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+            raise DeepAlignError(f"stream slice {z}: contains NaN or infinite values")
+        assert self.matcher is not None
+        self.matcher.add(z, None if is_blank(image) else self.matcher.backend.prepare(image))
+        self.pending.append((z, image))
+        while self.pending and self.pending[0][0] + self.lookahead <= z:
+            yield self._emit(z + 1)
+
+    def finish(self) -> Iterator[np.ndarray]:
+        while self.pending:
+            yield self._emit(self.pending[-1][0] + 1)
+
+    def _emit(self, seen: int) -> np.ndarray:
+        assert self.matcher is not None and self.shape is not None
+        z, image = self.pending.popleft()
+        lo = max(0, z - self.back)
+        # Drop pairs that can no longer enter a window.
+        self.matcher.pairs = [pm for pm in self.matcher.pairs if min(pm.i, pm.j) >= lo]
+        pairs = [PairMoments(pm.i - lo, pm.j - lo, pm.moments, pm.weight, pm.count)
+                 for pm in self.matcher.pairs]
+        blank = [b - lo for b in self.matcher.blank if b >= lo]
+        opts = self.opts
+        solved = solve_stack(seen - lo, pairs, self.shape, model=opts.model,
+                             regularise=opts.regularise, slow_drift=opts.slow_drift,
+                             drift_sigma=opts.drift_sigma, blank=blank)
+        a = solved.affines[z - lo]
+        if opts.slow_drift == "follow":
+            # Each window has its own gauge: carry the previous emitted slice's frame over.
+            b_now = invert(a)
+            if self.previous is not None and z - 1 - lo >= 0:
+                b_prev_win = invert(solved.affines[z - 1 - lo])
+                b_now = compose(self.previous, invert(b_prev_win), b_now)
+            self.previous = b_now
+            a = invert(b_now)
+        if z - lo in solved.flagged or z in self.matcher.failed:
+            self.aligner.flagged.append(z)
+        self.aligner.transforms.append(a)
+        return warp_affine(image, a, self.shape, num_threads=opts.num_threads)

@@ -1,0 +1,165 @@
+"""The pairwise part of an alignment: each new slice matched with its predecessors.
+
+Slice z is matched with its predecessors at the ranks in ``offsets`` (1, 2, 4, 8 by default;
+rank 1 is the nearest slice that is not blank). The nearest pair is matched from scratch
+(coarse to fine); farther pairs start from the prediction given by the chain of nearest-pair
+estimates and are refined at the finest level only. Each pair contributes its
+correspondences, summarised as moments (:func:`~deepalign_fast.alignment.solve.pair_moments`),
+to the global solve.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..geometry import compose, invert
+from ..match import Correspondences, make_backend
+from ..progress import StageTimes
+from .options import AlignOptions
+from .solve import PairMoments, pair_moments
+
+__all__ = ["MatchFn", "StackMatcher", "is_blank", "backend_for"]
+
+
+def backend_for(opts: AlignOptions) -> Any:
+    """The matching back-end of ``opts`` (``features``, ``model``, ``threshold``, ...)."""
+    return make_backend(opts.features, model=opts.model, threshold=opts.threshold,
+                        num_threads=opts.num_threads, provider=opts.provider)
+
+
+def is_blank(image: np.ndarray) -> bool:
+    """Whether a slice holds no structure at all (a constant image, e.g. a missing section)."""
+    sample = image[:: max(1, image.shape[0] // 128), :: max(1, image.shape[1] // 128)]
+    return bool(np.ptp(sample) == 0)
+
+
+# (z_ref, state_ref, z_mov, state_mov, init) -> (matrix or None, correspondences). The slice
+# indices let a distributed driver find a cached or remote result; the local one ignores them.
+MatchFn = Callable[[int, Any, int, Any, "np.ndarray | None"],
+                   tuple["np.ndarray | None", Correspondences]]
+
+
+class StackMatcher:
+    """Matches each new slice with its predecessors at ``opts.offsets`` and keeps the pairs.
+
+    State is bounded: the ``max(offsets)`` most recent prepared slices and, per pair, 36
+    numbers of moments. ``match`` defaults to the local back-end's ``match``; a distributed
+    driver passes its own (remote, cached) function and opaque ``state`` handles instead of
+    prepared slices.
+
+    Attributes
+    ----------
+    pairs : list of PairMoments
+        Every pair matched so far.
+    history : deque of (z, state, pose)
+        Recent non-blank slices, oldest first, with their chained pose (output -> slice, from
+        the nearest-pair estimates; used only to predict far pairs).
+    blank, failed : list of int
+        Blank slices, and slices that matched none of their predecessors.
+    matches : list of int
+        Inlier correspondences of each slice with its nearest matched predecessor.
+    """
+
+    def __init__(self, opts: AlignOptions, match: MatchFn | None = None,
+                 shape: tuple[int, int] | None = None) -> None:
+        self.opts = opts
+        if match is None:
+            self.backend = backend_for(opts)
+            backend = self.backend
+            match = lambda _zr, ref, _zm, mov, init: backend.match(ref, mov, init)  # noqa: E731
+        self._match = match
+        self.shape = shape
+        self.history: deque[tuple[int, Any, np.ndarray]] = deque(maxlen=max(opts.offsets))
+        self.pairs: list[PairMoments] = []
+        self.blank: list[int] = []
+        self.failed: list[int] = []
+        self.matches: list[int] = []
+        self.count = 0
+        self.times = StageTimes()
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue matching later except the prepared slices (plain
+        arrays, for a checkpoint): see :meth:`restore`."""
+        pairs = self.pairs
+        return {
+            "count": np.array(self.count),
+            "pair_ij": np.array([(pm.i, pm.j) for pm in pairs], np.int64).reshape(-1, 2),
+            "pair_moments": np.array([pm.moments for pm in pairs]).reshape(-1, 6, 6),
+            "pair_weight": np.array([pm.weight for pm in pairs], np.float64),
+            "pair_count": np.array([pm.count for pm in pairs], np.int64),
+            "blank": np.array(self.blank, np.int64),
+            "failed": np.array(self.failed, np.int64),
+            "matches": np.array(self.matches, np.int64),
+            "history_z": np.array([z for z, _, _ in self.history], np.int64),
+            "history_pose": np.array([p for _, _, p in self.history]).reshape(-1, 2, 3),
+        }
+
+    def restore(self, saved: dict[str, np.ndarray], prepare: Callable[[int], Any]) -> int:
+        """Continue from :meth:`state`; ``prepare(z)`` re-prepares the slices still needed as
+        neighbours. Returns the first slice still to be added."""
+        self.count = int(saved["count"])
+        self.pairs = [PairMoments(int(i), int(j), m, float(w), int(c)) for (i, j), m, w, c in
+                      zip(saved["pair_ij"], saved["pair_moments"], saved["pair_weight"],
+                          saved["pair_count"], strict=True)]
+        self.blank = [int(z) for z in saved["blank"]]
+        self.failed = [int(z) for z in saved["failed"]]
+        self.matches = [int(m) for m in saved["matches"]]
+        self.history.clear()
+        for z, pose in zip(saved["history_z"], saved["history_pose"], strict=True):
+            self.history.append((int(z), prepare(int(z)), np.asarray(pose, np.float64)))
+        return self.count
+
+    def _trusted(self, m: np.ndarray | None, corr: Correspondences) -> bool:
+        """Whether a pair's match is good enough to enter the solve: enough correspondences,
+        a plausible map (scale within 0.8-1.25 in every direction) and a median block
+        correlation of at least ``min_pair_score``."""
+        if m is None or len(corr) < self.opts.min_matches or not np.all(np.isfinite(m)):
+            return False
+        sv = np.linalg.svd(m[:, :2], compute_uv=False)
+        if sv.min() < 0.8 or sv.max() > 1.25:
+            return False
+        return bool(np.median(corr.weights) >= self.opts.min_pair_score)
+
+    def add(self, z: int, state: Any | None) -> None:
+        """Match slice z (``state`` None = blank slice) with its predecessors."""
+        if self.shape is None:
+            raise ValueError("StackMatcher needs the slice shape")
+        self.count = max(self.count, z + 1)
+        ident = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        if state is None:
+            self.blank.append(z)
+            self.matches.append(0)
+            return
+        t0 = time.perf_counter()
+        ranked = list(reversed(self.history))  # nearest first
+        pose: np.ndarray | None = None
+        nearest_n = 0
+        wanted = set(self.opts.offsets)
+        for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
+            if pose is None and rank > 2:
+                break  # neither of the two nearest slices matched: this slice fails
+            if rank not in wanted and pose is not None:
+                continue
+            init = None if pose is None else compose(pose, invert(pose_k))
+            m, corr = self._match(z_k, state_k, z, state, init)
+            if m is None or not self._trusted(m, corr):
+                continue
+            if pose is None:
+                pose = compose(m, pose_k)
+                nearest_n = len(corr)
+            # Content changes with distance along z, so a far pair says less about the
+            # relative position than a near one: weight 1 / slice distance (independent
+            # increments).
+            self.pairs.append(pair_moments(z_k, z, corr.src, corr.dst,
+                                           corr.weights / (z - z_k), self.shape))
+        self.times.add("match", t0)
+        if ranked and pose is None:
+            self.failed.append(z)
+            pose = ranked[0][2]
+        self.matches.append(nearest_n)
+        self.history.append((z, state, ident if pose is None else pose))

@@ -1,0 +1,418 @@
+"""Global stack solve: one transform per slice from all pairwise matches at once.
+
+Conventions (see :mod:`deepalign_fast.transforms`): points are ``(x, y)`` pixels, origin at
+the centre of the top-left pixel; the solved transforms are pull maps ``A_z`` (output ->
+slice z). Internally the solve works with their inverses ``B_z = A_z^-1`` (slice z -> output),
+because a correspondence ``(p in slice i, q in slice j)`` then gives a constraint that is
+*linear* in the unknowns: ``B_i(p) = B_j(q)``.
+
+**The problem.** For every matched pair ``(i, j)`` (slice ``i`` matched to slice ``j`` at
+offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
+
+    minimise   sum_pairs  c_ij * sum_k w_k |B_i(p_k) - B_j(q_k)|^2          (data)
+             + lam * sum_z |nonrigid(B_z)|^2                                  (per-slice prior)
+             + eps * sum_z |B_z - B_{z+1}|^2                                  (interpolation)
+    subject to mean_z B_z = identity                                          (gauge)
+
+- The per-slice prior pulls each slice's scale, anisotropic stretch and shear toward a rigid
+  map, as an *independent* per-slice error (the usual kind in FIB-SEM and serial sections),
+  never as a trend. ``model`` other than ``"affine"`` makes the prior (nearly) hard.
+- The gauge fixes the mean of all slices, not slice 0, so no slice is special and the solution
+  cannot shrink (a free scale would let every residual vanish).
+- The tiny first-difference term only matters for slices without matches (blank or failed):
+  they get the transform interpolated between their neighbours.
+- Robustness: iteratively reweighted least squares on the pairs (``c_ij``): a pair that
+  disagrees with the rest of the stack (its residual beyond what its own best fit leaves) far
+  more than the typical pair loses its weight (Cauchy), so a wrong match or a bad slice
+  cannot drag its neighbours. A slice with fewer than three agreeing pairs is flagged.
+
+Each pair enters only through the 6x6 second moments of its weighted correspondences, so the
+solve needs O(pairs) memory and a banded linear system of 6 x n unknowns: it is cheap for
+stacks of any depth.
+
+**Slow drift.** Neighbouring slices that are exactly aligned still appear to move by about
+0.1 px per slice (oblique anatomy); slow stage drift looks the same. No image-based method can
+tell them apart, so the slow component is a decision (``slow_drift``):
+
+- ``"keep"`` (default): the output keeps the input's slow motion (everything slower than a
+  Gaussian of ``drift_sigma`` slices) and removes everything faster: jitter, per-slice
+  rotation/scale/shear errors, sudden jumps. An aligned stack stays where it is.
+- ``"follow"``: the output follows the slow translation the matches see (stage drift), and
+  still keeps the input's slow rotation, scale and shear (never physical drift); use it for
+  stacks known to drift. Over hundreds of slices it also follows the apparent motion of the
+  anatomy (several pixels).
+- ``"none"``: the raw solve, gauged by the mean: follows slow translation *and* slow
+  rotation, scale and shear (for tests, and stacks where both are known to be real).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..geometry import compose, invert
+
+__all__ = ["SLOW_DRIFT", "PairMoments", "SolveResult", "lowpass_affines", "pair_moments",
+           "solve_stack"]
+
+SLOW_DRIFT = ("keep", "follow", "none")
+
+# Strength of the prior on the components a restricted model excludes ("hard" constraint).
+_HARD = 1e6
+
+
+@dataclass(frozen=True)
+class PairMoments:
+    """Weighted second moments of one pair's correspondences in normalised coordinates.
+
+    ``i`` is the reference slice and ``j`` the moving one; ``moments`` is the 6x6 matrix
+    ``sum_k w_k v_k v_k^T`` with ``v_k = (p'_k, 1, -q'_k, -1)`` (``p'``, ``q'`` normalised as
+    in :func:`pair_moments`); ``weight`` the sum of the weights and ``count`` the number of
+    correspondences.
+    """
+
+    i: int
+    j: int
+    moments: NDArray[np.float64]
+    weight: float
+    count: int
+
+
+def _normaliser(shape: tuple[int, int]) -> tuple[NDArray[np.float64], float]:
+    h, w = shape
+    centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    radius = max(1.0, 0.5 * float(np.hypot(w, h)))
+    return centre, radius
+
+
+def pair_moments(i: int, j: int, src: NDArray[np.float64], dst: NDArray[np.float64],
+                 weights: NDArray[np.float64], shape: tuple[int, int]) -> PairMoments:
+    """Summarise correspondences ``src`` (slice ``i``) -> ``dst`` (slice ``j``) for the solve.
+
+    Coordinates are centred on the frame and divided by half its diagonal, which keeps the
+    normal equations well conditioned; ``shape`` is the slice shape ``(h, w)``.
+    """
+    centre, radius = _normaliser(shape)
+    p = (np.asarray(src, np.float64) - centre) / radius
+    q = (np.asarray(dst, np.float64) - centre) / radius
+    wt = np.asarray(weights, np.float64)
+    ones = np.ones((len(p), 1))
+    v = np.hstack([p, ones, -q, -ones])
+    mom = (v * wt[:, None]).T @ v
+    return PairMoments(i, j, mom, float(wt.sum()), int(len(p)))
+
+
+@dataclass
+class SolveResult:
+    """Per-slice transforms (pull maps, pixels) and what the solve learnt about each slice."""
+
+    affines: NDArray[np.float64]  # (n, 2, 3) output -> slice
+    residuals: list[float | None]  # weighted RMS residual of the slice's pairs, px
+    flagged: list[int]  # slices without enough trusted matches
+    pair_weights: dict[tuple[int, int], float] = field(default_factory=dict)  # final IRLS
+
+
+def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
+    """Rows acting on one slice's parameters ``(a, b, tx, c, d, ty)`` that measure the
+    deviation from the model, each scaled by the square root of its prior weight (relative
+    to the slice's own match weight)."""
+    stretch = np.array([0.5, 0, 0, 0, -0.5, 0])    # (a - d) / 2
+    shear = np.array([0, 0.5, 0, 0.5, 0, 0])       # (b + c) / 2
+    scale = np.array([0.5, 0, 0, 0, 0.5, 0])       # (a + d) / 2 - 1 (about the gauge)
+    rotation = np.array([0, -0.5, 0, 0.5, 0, 0])   # (c - b) / 2
+    soft, hard = np.sqrt(lam), np.sqrt(_HARD)
+    weights = {"affine": (soft, soft, soft, 0.0), "similarity": (hard, hard, soft, 0.0),
+               "rigid": (hard, hard, hard, 0.0), "translation": (hard, hard, hard, hard)}
+    ws = weights[model]
+    return np.stack([stretch * ws[0], shear * ws[1], scale * ws[2], rotation * ws[3]])
+
+
+_IX = np.array([0, 1, 2, 6, 7, 8])     # a, b, tx of slice i; a, b, tx of slice j
+_IY = np.array([3, 4, 5, 9, 10, 11])   # c, d, ty of slice i; c, d, ty of slice j
+
+
+def _expand(m6: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The pairs' 12x12 normal matrices over ``(slice i params, slice j params)`` from their
+    ``(P, 6, 6)`` moments (x and y rows share the moments)."""
+    out = np.zeros((len(m6), 12, 12))
+    out[:, _IX[:, None], _IX[None, :]] = m6
+    out[:, _IY[:, None], _IY[None, :]] = m6
+    return out
+
+
+_IDENTITY = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+
+
+def _add_blocks(ab: NDArray[np.float64], u: int, rows: NDArray[np.intp],
+                blocks: NDArray[np.float64]) -> None:
+    """Add dense symmetric ``blocks`` ``(B, k, k)`` at global indices ``rows`` ``(B, k)`` to
+    upper banded storage (LAPACK layout: ``ab[u + r - c, c] = a[r, c]`` for ``r <= c``)."""
+    k = rows.shape[1]
+    iu, ju = np.triu_indices(k)
+    gr, gc = rows[:, iu], rows[:, ju]
+    lo, hi = np.minimum(gr, gc), np.maximum(gr, gc)
+    np.add.at(ab, (u + lo - hi, hi), blocks[:, iu, ju])
+
+
+class _System:
+    """The parts of the normal equations that do not change between IRLS iterations."""
+
+    def __init__(self, n: int, pairs: Sequence[PairMoments], prior: NDArray[np.float64],
+                 eps: float) -> None:
+        self.n = n
+        self.ij = np.array([(pm.i, pm.j) for pm in pairs], np.intp).reshape(-1, 2)
+        self.h = _expand(np.array([pm.moments for pm in pairs]).reshape(-1, 6, 6))
+        self.weight = np.array([pm.weight for pm in pairs], np.float64)
+        span = int(np.abs(self.ij[:, 0] - self.ij[:, 1]).max()) if len(pairs) else 1
+        self.u = 6 * (max(span, 1) + 1) - 1
+        six = np.arange(6)
+        self.rows = np.concatenate([6 * self.ij[:, :1] + six, 6 * self.ij[:, 1:] + six], axis=1)
+        self.outer = np.einsum("ci,cj->cij", prior, prior)  # one 6x6 block per prior row
+        self.eps = eps
+
+    def solve(self, weights: NDArray[np.float64],
+              strength: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Minimise the weighted problem for ``delta = theta - identity`` under
+        ``sum delta = 0``.
+
+        The normal matrix is banded (a pair couples slices at most ``max |i - j|`` apart) and
+        positive definite (the small first-difference and ridge terms); the gauge is added by
+        Lagrange multipliers through a 6x6 Schur complement, so the cost is linear in ``n``.
+        """
+        from scipy.linalg import cho_solve_banded, cholesky_banded
+
+        n, u, eps = self.n, self.u, self.eps
+        size = 6 * n
+        ab = np.zeros((u + 1, size))
+        b = np.zeros(size)
+        if len(self.h):
+            h = weights[:, None, None] * self.h
+            _add_blocks(ab, u, self.rows, h)
+            theta_i = np.concatenate([_IDENTITY, _IDENTITY])
+            np.add.at(b, self.rows, -(h @ theta_i))
+        own = np.einsum("zc,cij->zij", strength, self.outer) + 1e-4 * eps * np.eye(6)
+        _add_blocks(ab, u, 6 * np.arange(n)[:, None] + np.arange(6), own)
+        if n > 1:
+            diff = eps * np.block([[np.eye(6), -np.eye(6)], [-np.eye(6), np.eye(6)]])
+            rows = 6 * np.arange(n - 1)[:, None] + np.arange(12)
+            _add_blocks(ab, u, rows, np.broadcast_to(diff, (n - 1, 12, 12)))
+        chol = cholesky_banded(ab, lower=False)
+        c_t = np.tile(np.eye(6), (n, 1))  # gauge: C = [I I ... I]
+        sol = cho_solve_banded((chol, False), np.column_stack([b, c_t]))
+        x, y = sol[:, 0], sol[:, 1:]
+        mu = np.linalg.solve(c_t.T @ y, c_t.T @ x)
+        return (x - y @ mu).reshape(n, 6)
+
+    def pair_excess(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
+        """How far (RMS, normalised units) each pair's correspondences are from the solution
+        *beyond* what the pair's own best fit leaves: the pair's disagreement with the rest
+        of the stack, without the scatter of its blocks (the anatomy's local motion)."""
+        if not len(self.h):
+            return np.zeros(0)
+        t_i, t_j = theta[self.ij[:, 0]], theta[self.ij[:, 1]]
+        t = np.concatenate([t_i, t_j], axis=1)
+        e = np.einsum("pi,pij,pj->p", t, self.h, t)
+        h_ii, h_ij, h_jj = self.h[:, :6, :6], self.h[:, :6, 6:], self.h[:, 6:, 6:]
+        # Best slice-j parameters for the given slice i: the pair alone.
+        rhs = -np.einsum("pji,pj->pi", h_ij, t_i)
+        t_best = np.linalg.solve(h_jj + 1e-12 * np.eye(6), rhs[..., None])[..., 0]
+        e_min = (np.einsum("pi,pij,pj->p", t_i, h_ii, t_i)
+                 + 2 * np.einsum("pi,pij,pj->p", t_i, h_ij, t_best)
+                 + np.einsum("pi,pij,pj->p", t_best, h_jj, t_best))
+        return np.sqrt(np.maximum(e - e_min, 0.0) / np.maximum(self.weight, 1e-12))
+
+    def pair_rms(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Weighted RMS residual (normalised units) of every pair under ``theta``."""
+        if not len(self.h):
+            return np.zeros(0)
+        t = np.concatenate([theta[self.ij[:, 0]], theta[self.ij[:, 1]]], axis=1)
+        e = np.einsum("pi,pij,pj->p", t, self.h, t)
+        return np.sqrt(np.maximum(e, 0.0) / np.maximum(self.weight, 1e-12))
+
+
+def _to_pixels(theta: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.float64]:
+    """Normalised slice -> output maps ``(n, 6)`` as pixel pull maps ``A_z = B_z^-1``."""
+    centre, radius = _normaliser(shape)
+    to_norm = np.array([[1 / radius, 0, -centre[0] / radius], [0, 1 / radius, -centre[1] / radius]])
+    from_norm = invert(to_norm)
+    b_norm = theta.reshape(-1, 2, 3)
+    b_pix = compose(from_norm, b_norm, to_norm)
+    return invert(b_pix)
+
+
+def _local_linear(values: NDArray[np.float64], sigma: float) -> NDArray[np.float64]:
+    """Gaussian-weighted local straight-line fit along axis 0 (the slow component).
+
+    Inside the stack this is a Gaussian smoothing of ``sigma`` slices; unlike a plain
+    Gaussian it keeps straight lines exactly and, at the first and last slices, fits a line
+    through the nearby slices instead of pinning (or flattening) the end values.
+    """
+    n = len(values)
+    if n < 3 or sigma <= 0:
+        return values.copy()
+    flat = values.reshape(n, -1)
+    radius = max(2, int(np.ceil(3 * sigma)))
+    out = np.empty_like(flat)
+    for z in range(n):
+        lo, hi = max(0, z - radius), min(n, z + radius + 1)
+        k = np.arange(lo, hi, dtype=np.float64) - z
+        w = np.exp(-0.5 * (k / sigma) ** 2)
+        sw, swk, swkk = w.sum(), (w * k).sum(), (w * k * k).sum()
+        sy = w @ flat[lo:hi]
+        syk = (w * k) @ flat[lo:hi]
+        det = sw * swkk - swk * swk
+        # Value of the weighted line at k = 0.
+        out[z] = (swkk * sy - swk * syk) / det if det > 1e-12 * sw * sw else sy / sw
+    return out.reshape(values.shape)
+
+
+def _jumps(positions: NDArray[np.float64], *, floor: float = 5.0) -> NDArray[np.float64]:
+    """The step part of a sequence of positions ``(n, 2)``: the cumulative sum of the steps
+    between consecutive slices that stand out (larger than ``floor`` px and than 8 times the
+    median step), zero elsewhere."""
+    steps = np.diff(positions, axis=0)
+    size = np.linalg.norm(steps, axis=1)
+    limit = max(floor, 8.0 * float(np.median(size)) if len(size) else floor)
+    jump = np.where((size > limit)[:, None], steps, 0.0)
+    return np.concatenate([np.zeros((1, 2)), np.cumsum(jump, axis=0)])
+
+
+def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
+                    sigma: float) -> NDArray[np.float64]:
+    """Slow component of a sequence of 2x3 affines (Gaussian of ``sigma`` slices along z).
+
+    The linear parts and the image of the frame centre are smoothed separately, so rotation
+    about the centre does not leak into translation.
+    """
+    centre, _ = _normaliser(shape)
+    lin = affines[:, :, :2]
+    ctr = lin @ centre + affines[:, :, 2]
+    lin_s = _local_linear(lin, sigma)
+    ctr_s = _local_linear(ctr, sigma)
+    out = np.empty_like(affines)
+    out[:, :, :2] = lin_s
+    out[:, :, 2] = ctr_s - lin_s @ centre
+    return out
+
+
+def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
+                model: str = "affine", regularise: float = 0.05, slow_drift: str = "keep",
+                drift_sigma: float = 16.0, blank: Sequence[int] = (),
+                iterations: int = 6) -> SolveResult:
+    """Solve one transform per slice from the pairs' moments (see module docstring).
+
+    Parameters
+    ----------
+    n : int
+        Number of slices.
+    pairs : sequence of PairMoments
+        The matched pairs (any offsets, either direction).
+    shape : (int, int)
+        Slice shape ``(h, w)``; the output frame has the same shape.
+    model : {"translation", "rigid", "similarity", "affine"}
+        Per-slice model; "affine" regularises toward rigid with strength ``regularise``.
+    regularise : float
+        Strength of the per-slice rigid prior, relative to a slice's typical match weight.
+    slow_drift : {"keep", "follow", "none"}
+        What to do with motion slower than ``drift_sigma`` slices (module docstring).
+    drift_sigma : float
+        Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``.
+    blank : sequence of int
+        Slices known to be blank (flagged whatever their matches).
+    iterations : int
+        IRLS iterations.
+
+    Returns
+    -------
+    SolveResult
+    """
+    if slow_drift not in SLOW_DRIFT:
+        raise ValueError(f"slow_drift must be one of {', '.join(SLOW_DRIFT)}; got {slow_drift!r}")
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    pairs = [pm for pm in pairs if pm.i != pm.j and 0 <= pm.i < n and 0 <= pm.j < n]
+    _, radius = _normaliser(shape)
+    per_slice = np.zeros(n)
+    for pm in pairs:
+        per_slice[pm.i] += pm.weight
+        per_slice[pm.j] += pm.weight
+    typical = float(np.median(per_slice[per_slice > 0])) if np.any(per_slice > 0) else 1.0
+    prior = _nonrigid_rows(model, regularise)
+    soft = np.array([0 < np.abs(r).max() < np.sqrt(_HARD) * 0.5 for r in prior])
+    unit = np.linalg.norm(prior, axis=1)  # component value = row . delta / unit
+    unit[unit == 0] = 1.0
+    # The prior of each slice scales with its own match weight, so that it means the same at
+    # the ends of the stack (fewer pairs) as in the middle. It is robust (Huber): once a
+    # component exceeds what half a pixel at the frame's edge allows, its pull stops growing,
+    # so a real deformation (a compressed section) is followed with a bounded bias instead of
+    # being shrunk in proportion.
+    base = np.where(per_slice > 0, per_slice, typical)
+    strength = np.repeat(base[:, None], len(prior), axis=1)
+    huber = 0.5 / radius * np.sqrt(2.0)  # prior rows carry a factor 1/sqrt(2)
+    eps = 1e-6 * typical
+    w = np.ones(len(pairs))
+    system = _System(n, pairs, prior, eps)
+    theta = np.tile(_IDENTITY, (n, 1))
+    for it in range(max(1, iterations)):
+        delta = system.solve(w, strength) if n > 1 else np.zeros((1, 6))
+        theta = delta + _IDENTITY
+        if not pairs or it == iterations - 1:
+            break
+        comp = np.abs(delta @ prior.T) / unit  # (n, 4) prior components
+        mult = np.minimum(1.0, huber / np.maximum(comp, 1e-15))
+        strength = np.where(soft[None, :], base[:, None] * mult, base[:, None])
+        excess = system.pair_excess(theta) * radius  # px
+        # Cauchy weights on each pair's disagreement with the others, around the typical one
+        # (between 0.5 and 2 px: a stack whose pairs disagree by many pixels everywhere, as
+        # 50-nm sections whose anatomy moves between sections, is not taken at its word), so
+        # wrong pairs and slices lose their influence.
+        scale = float(np.clip(2.0 * 1.4826 * np.median(excess), 0.5, 2.0))
+        w = 1.0 / (1.0 + (excess / scale) ** 2)
+        w[w < 0.01] = 0.0  # clearly wrong pairs: out, so they cannot pull at all
+
+    rms_px = system.pair_rms(theta) * radius
+    num = np.zeros(n)
+    den = np.zeros(n)
+    support = np.zeros(n, int)  # pairs that agree with the solution
+    available = np.zeros(n, int)
+    for pm, wi, r in zip(pairs, w, rms_px, strict=True):
+        for z in (pm.i, pm.j):
+            num[z] += wi * pm.weight * r * r
+            den[z] += wi * pm.weight
+            support[z] += wi > 0.25
+            available[z] += 1
+    residuals: list[float | None] = [float(np.sqrt(num[z] / den[z])) if den[z] > 0 else None
+                                     for z in range(n)]
+    # A slice is trusted when enough of its pairs agree with the solution: a chain of single
+    # pairs has nothing to be checked against, and one agreeing pair among several
+    # disagreeing ones cannot tell which is right.
+    flagged = sorted({z for z in range(n) if support[z] < min(3, available[z])
+                      or support[z] == 0} | set(blank))
+    if n == 1:
+        flagged = sorted(set(blank))
+
+    b_pix = invert(_to_pixels(theta, shape))  # slice -> output, pixels
+    final = b_pix
+    if n > 1 and slow_drift != "none":
+        good = np.setdiff1d(np.arange(n), flagged)
+        trend_src = b_pix.copy()
+        if 0 < good.size < n:  # flagged slices must not bend the trend
+            flat = trend_src.reshape(n, 6)
+            for k in range(6):
+                flat[:, k] = np.interp(np.arange(n), good, b_pix.reshape(n, 6)[good, k])
+        # Sudden jumps (a stage jump, a re-acquired frame) are fast motion however slow the
+        # rest is: take them out of the signal the trend is fitted to, so the trend does not
+        # smear them into a ramp over the neighbouring slices.
+        centre, _ = _normaliser(shape)
+        trend_src[:, :, 2] -= _jumps(trend_src[:, :, :2] @ centre + trend_src[:, :, 2])
+        trend = lowpass_affines(trend_src, shape, drift_sigma)
+        if slow_drift == "follow":
+            # Follow slow translation (stage drift) only: slow rotation, scale and shear are
+            # not physical drift and would accumulate from the anatomy's apparent motion.
+            trend[:, :, 2] = centre - trend[:, :, :2] @ centre
+        final = compose(invert(trend), b_pix)
+    return SolveResult(invert(final), residuals, flagged,
+                       {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)})

@@ -1,0 +1,522 @@
+"""Expected affine: registration of damaged (folded / cracked) sections.
+
+Method (Xin et al. 2022, "Expected affine: a registration method for damaged section in serial
+sections electron microscopy", Front. Neuroinform., doi 10.3389/fninf.2022.944050), as read
+and implemented here:
+
+1. Keypoints of the reference and of the damaged moving section are matched (mutual nearest
+   neighbour; SIFT, or dense NCC blocks). Keypoints inside the damage mask are dropped.
+2. The matched moving keypoints are clustered by K-means (``n_clusters``). With a damage
+   mask, distances are *path* distances through undamaged tissue, so a cluster never spans a
+   fold: points are assigned to the geodesically nearest centre, and a centre moves to the
+   member nearest its members' mean (so it stays on its side of the damage).
+3. Each cluster gets a local affine by RANSAC (C++ core); its inliers are the cluster's
+   evidence. A cluster with fewer than ``min_cluster_matches`` inliers is dropped (reported
+   in ``notes``); if none survives, the result falls back to the global affine and says so.
+4. KNN density estimation: among the ``k`` nearest clustered keypoints of a point q (path
+   distance where a mask is given, else Euclidean), ``k_c`` belong to cluster c, so
+   ``P(c | q) = k_c / k``; the expected affine is ``E(q) = sum_c P(c | q) A_c``.
+5. ``E`` lives in moving coordinates on a coarse grid (``grid_step`` px); the pull field on the
+   output grid (``field_step`` px) takes at output point p the fixed point of
+   ``A <- E(A p)`` started from the global affine (``iterations`` steps), so p takes the
+   affine of the side of the damage its source lies on. The warp interpolates that field
+   bilinearly per pixel (C++ core, one parameter row per output row materialised).
+
+Damaged pixels: as in the authors' code, the damage region of the moving section carries no
+tissue to register; :meth:`ExpectedAffineResult.warp` can blank (``mask_damage=True``) the
+output pixels whose source lies in the mask. Path distances are computed on the coarse grid:
+a node is blocked when damage lies within ``grid_step / 2 + 1`` px of it (so thin cracks never
+leak), and the 8-neighbour metric overestimates straight lengths by at most 8 %.
+
+Conventions: arrays are (y, x); points are (x, y) px with the origin at the centre of the
+top-left pixel; affines are 2x3 float64 pull maps, output (reference) -> input (moving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import _core
+from .._errors import DeepAlignError
+from ..estimate import estimate_transform
+
+__all__ = ["ExpectedAffineResult", "register_pair", "match_pair", "knn_grid",
+           "warp_affine_field"]
+
+_INTERPOLATION = {"nearest": 0, "linear": 1}
+_BORDER = {"constant": 0, "replicate": 1}
+Features = Literal["sift", "learned", "blocks"]
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+
+
+def warp_affine_field(image: npt.ArrayLike, field: npt.ArrayLike, step: float,
+                      output_shape: tuple[int, int], *, interpolation: str = "linear",
+                      border: str = "constant", fill: float = 0.0,
+                      num_threads: int = 0) -> np.ndarray:
+    """Warp a 2-D image with a per-pixel affine pull field.
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W)
+        uint8, uint16 or float32 source (moving) image.
+    field : ndarray, shape (rows, cols, 2, 3)
+        float64 pull affines on a grid of spacing ``step``: node (i, j) is output pixel
+        (x, y) = (j * step, i * step). Must cover ``output_shape``.
+    step : float
+        Grid spacing in pixels.
+    output_shape : (int, int)
+        Output (height, width).
+    interpolation : {"linear", "nearest"}
+    border : {"constant", "replicate"}
+    fill : float
+        Value outside the source with ``border="constant"``.
+    num_threads : int
+        Threads of the C++ kernel (0 = all cores).
+
+    Returns
+    -------
+    ndarray
+        The warped image, same dtype as ``image``.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise DeepAlignError(f"image: expected a 2-D array, got shape {img.shape}")
+    if img.dtype not in _DTYPES:
+        raise DeepAlignError(f"image: expected uint8, uint16 or float32, got {img.dtype}")
+    if interpolation not in _INTERPOLATION or border not in _BORDER:
+        raise DeepAlignError("interpolation must be 'linear'/'nearest', border 'constant'/"
+                             "'replicate'")
+    f = np.ascontiguousarray(field, dtype=np.float64)
+    out = np.empty(tuple(int(s) for s in output_shape), img.dtype)
+    _core.warp_affine_field(np.ascontiguousarray(img), out, f, float(step),
+                            _INTERPOLATION[interpolation], _BORDER[border], float(fill),
+                            int(num_threads))
+    return out
+
+
+def knn_grid(points: npt.ArrayLike, shape: tuple[int, int], *, step: int, k: int,
+             mask: npt.ArrayLike | None = None, num_threads: int = 0
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """k nearest points of every node of a coarse grid over an image of ``shape``.
+
+    Nodes sit at (x, y) = (j * step, i * step). Without ``mask`` distances are Euclidean;
+    with a damage ``mask`` (non-zero = damage, same shape) they are path distances that do not
+    cross the damage (see the module docstring).
+
+    Returns
+    -------
+    dist : ndarray (rows, cols, k) float32
+        Sorted distances in pixels (+inf where fewer than k points are reachable).
+    index : ndarray (rows, cols, k) int32
+        Point indices (-1 where fewer than k).
+    blocked : ndarray (rows, cols) uint8 or None
+        The blocked nodes used (None without a mask).
+    """
+    pts = np.ascontiguousarray(np.asarray(points, np.float64).reshape(-1, 2))
+    h, w = shape
+    rows, cols = _core.grid_size(h, step), _core.grid_size(w, step)
+    blocked = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != (h, w):
+            raise DeepAlignError(f"mask shape {m.shape} != image shape {(h, w)}")
+        blocked = _core.coarsen_mask(np.ascontiguousarray(m != 0, dtype=np.uint8), step,
+                                     num_threads)
+    dist, index, _ = _core.knn_grid(pts, rows, cols, float(step), k, blocked, num_threads)
+    return dist, index, blocked
+
+
+@dataclass
+class ExpectedAffineResult:
+    """Outcome of :func:`register_pair`; falsy when not even a global affine was found.
+
+    Attributes
+    ----------
+    field : ndarray (rows, cols, 2, 3) float64
+        Pull affines (reference -> moving) on the output grid of spacing ``field_step``.
+    field_step : int
+    output_shape : (int, int)
+        Shape of the reference (the output frame).
+    global_affine : ndarray (2, 3)
+        Single RANSAC affine over all matches (the fallback).
+    cluster_affines : ndarray (C, 2, 3)
+        Local affines of the clusters that were kept.
+    cluster_inliers : list of int
+        RANSAC inliers per kept cluster.
+    points_reference, points_moving : ndarray (N, 2)
+        Keypoints used for the density (cluster inliers), with ``labels`` (N,) their cluster.
+    fallback : bool
+        True when the field is the global affine everywhere (see ``reason``).
+    success : bool
+    reason : str
+        Why ``fallback`` or not ``success``; empty otherwise.
+    notes : list of str
+        Everything else worth reporting (dropped clusters, an empty mask, ...).
+    """
+
+    field: np.ndarray
+    field_step: int
+    output_shape: tuple[int, int]
+    global_affine: np.ndarray
+    cluster_affines: np.ndarray
+    cluster_inliers: list[int]
+    points_reference: np.ndarray
+    points_moving: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray | None
+    fallback: bool
+    success: bool
+    reason: str
+    notes: list[str] = dc_field(default_factory=list)
+    num_threads: int = 0
+
+    def __bool__(self) -> bool:
+        return self.success
+
+    def warp(self, image: npt.ArrayLike, *, interpolation: str = "linear", fill: float = 0.0,
+             mask_damage: bool = False) -> np.ndarray:
+        """Warp a moving-frame image (the damaged section, or its labels) onto the reference.
+
+        ``mask_damage=True`` sets to ``fill`` the output pixels whose source lies in the damage
+        mask (they carry no registrable tissue).
+        """
+        out = warp_affine_field(image, self.field, self.field_step, self.output_shape,
+                                interpolation=interpolation, fill=fill,
+                                num_threads=self.num_threads)
+        if mask_damage and self.mask is not None:
+            out[self.damaged_output()] = fill
+        return out
+
+    def damaged_output(self) -> np.ndarray:
+        """Boolean (H, W): output pixels whose source lies in the damage (all False without)."""
+        if self.mask is None:
+            return np.zeros(self.output_shape, bool)
+        m = warp_affine_field((self.mask != 0).astype(np.uint8), self.field, self.field_step,
+                              self.output_shape, interpolation="nearest",
+                              num_threads=self.num_threads)
+        return m != 0
+
+    def displacement(self) -> np.ndarray:
+        """The field as a (2, H, W) float32 displacement (dx, dy): source - output position."""
+        h, w = self.output_shape
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+        f = self.field.reshape(self.field.shape[0], self.field.shape[1], 6)
+        out = np.empty((2, h, w), np.float32)
+        from scipy.ndimage import map_coordinates
+        gy, gx = ys / self.field_step, xs / self.field_step
+        p = [map_coordinates(f[..., c], [gy, gx], order=1, mode="nearest") for c in range(6)]
+        out[0] = p[0] * xs + p[1] * ys + p[2] - xs
+        out[1] = p[3] * xs + p[4] * ys + p[5] - ys
+        return out
+
+
+def match_pair(reference: np.ndarray, moving: np.ndarray, *, mask: np.ndarray | None = None,
+               features: Features = "learned", num_threads: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Matched points ``(reference (N, 2), moving (N, 2))``; moving points avoid the mask.
+
+    ``features``: ``"sift"`` (RootSIFT keypoints, mutual nearest neighbour + ratio test),
+    ``"learned"`` (the shipped self-supervised encoder's keypoints and descriptors, same
+    matching) or ``"blocks"`` (dense NCC blocks over the whole frame; a block whose window
+    in the moving section touches the damage is dropped, since it straddles two sides).
+    """
+    if features in ("sift", "learned"):
+        from ..match.keypoints import SiftExtractor, match_features
+        if features == "sift":
+            ex: Any = SiftExtractor(max_features=4000)
+        else:
+            from ..match.learned import LearnedExtractor
+            ex = LearnedExtractor(max_features=4000, num_threads=num_threads)
+        fr = ex.extract(reference)
+        fm = ex.extract(moving, None if mask is None else (mask == 0).astype(np.uint8))
+        ia, ib = match_features(fr, fm)
+        pr = fr.keypoints[ia].astype(np.float64)
+        pm = fm.keypoints[ib].astype(np.float64)
+        reach = 0
+    elif features == "blocks":
+        from ..match.blocks import BlockMatcher
+        # A loose final threshold keeps the blocks on both sides of a fold (the global fit is
+        # only the prediction the blocks are searched around).
+        # Correlation with a search window down to the finest level: the blocks on each side
+        # of a fold move several pixels away from any single affine.
+        bm = BlockMatcher(step=32, search=16, threshold=25.0, finest_level=0, lk_iterations=0,
+                          num_threads=num_threads)
+        _, corr = bm.match(bm.prepare(reference), bm.prepare(moving))
+        pr, pm = corr.src.astype(np.float64), corr.dst.astype(np.float64)
+        reach = bm.block // 2
+    else:
+        raise DeepAlignError(f"features must be 'sift', 'learned' or 'blocks', got {features!r}")
+    if mask is not None and len(pm):
+        h, w = mask.shape
+        bad = (mask != 0).astype(np.uint8)
+        if reach:
+            import cv2
+            bad = cv2.dilate(bad, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
+        xi = np.clip(np.rint(pm[:, 0]).astype(np.intp), 0, w - 1)
+        yi = np.clip(np.rint(pm[:, 1]).astype(np.intp), 0, h - 1)
+        keep = bad[yi, xi] == 0
+        pr, pm = pr[keep], pm[keep]
+    return np.ascontiguousarray(pr), np.ascontiguousarray(pm)
+
+
+def _kmeans(points: np.ndarray, n_clusters: int, *, seed: int, shape: tuple[int, int],
+            grid_step: int, blocked: np.ndarray | None, num_threads: int,
+            iterations: int = 30) -> np.ndarray:
+    """Cluster labels (N,) of moving keypoints; -1 for points the path metric cannot place."""
+    n = len(points)
+    rng = np.random.default_rng(seed)
+    # k-means++ seeding (Euclidean), deterministic for a seed.
+    centres = [int(rng.integers(n))]
+    d2 = np.sum((points - points[centres[0]]) ** 2, axis=1)
+    for _ in range(1, n_clusters):
+        if d2.sum() <= 0:
+            break
+        centres.append(int(rng.choice(n, p=d2 / d2.sum())))
+        d2 = np.minimum(d2, np.sum((points - points[centres[-1]]) ** 2, axis=1))
+    c = points[centres].copy()
+    labels = np.full(n, -1, np.int64)
+    h, w = shape
+    rows, cols = _core.grid_size(h, grid_step), _core.grid_size(w, grid_step)
+    if blocked is not None:
+        xi = np.clip(np.rint(points[:, 0] / grid_step).astype(np.intp), 0, cols - 1)
+        yi = np.clip(np.rint(points[:, 1] / grid_step).astype(np.intp), 0, rows - 1)
+    for _ in range(iterations):
+        if blocked is None:
+            d = np.linalg.norm(points[:, None, :] - c[None, :, :], axis=2)
+            new = np.argmin(d, axis=1)
+        else:
+            # Geodesic Voronoi of the centres (one 1-nearest multi-source Dijkstra).
+            _, idx, _ = _core.knn_grid(np.ascontiguousarray(c), rows, cols, float(grid_step), 1,
+                                       blocked, num_threads)
+            new = idx[yi, xi, 0].astype(np.int64)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(len(c)):
+            members = points[labels == j]
+            if len(members):
+                mean = members.mean(axis=0)
+                # The member nearest the mean: a centre that stays in tissue on its side.
+                c[j] = members[np.argmin(np.sum((members - mean) ** 2, axis=1))]
+    return labels
+
+
+def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
+                  mask: npt.ArrayLike | None = None, n_clusters: int = 4, k: int = 20,
+                  features: Features = "learned", grid_step: int = 8,
+                  field_step: int = 8, iterations: int = 3, threshold: float = 3.0,
+                  min_cluster_matches: int = 12, seed: int = 0,
+                  matches: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+                  num_threads: int = 0) -> ExpectedAffineResult:
+    """Register a damaged moving section onto a reference with the expected affine.
+
+    Parameters
+    ----------
+    reference, moving : ndarray (H, W)
+        Reference (output frame) and damaged moving section.
+    mask : ndarray (H_m, W_m), optional
+        Damage (fold / crack) mask of the *moving* section, non-zero = damage, same shape as
+        ``moving``. Switches distances to path distances. An all-zero mask means "no damage"
+        (Euclidean, noted). A mask covering the whole section is an error.
+    n_clusters : int
+        K of K-means (number of local affines).
+    k : int
+        Neighbours of the KNN density estimate.
+    features : {"sift", "learned", "blocks"}
+        How matches are found (ignored when ``matches`` is given; see :func:`match_pair`).
+    grid_step : int
+        Spacing (px) of the moving-frame grid of the KNN density and path distances.
+    field_step : int
+        Spacing (px) of the output affine field that the warp interpolates.
+    iterations : int
+        Fixed-point steps of the output field (module docstring, step 5).
+    threshold : float
+        RANSAC inlier threshold (px) of the global and of the cluster affines.
+    min_cluster_matches : int
+        A cluster with fewer RANSAC inliers is dropped.
+    seed : int
+        Seed of K-means++ and RANSAC.
+    matches : (reference points, moving points), optional
+        Precomputed (N, 2) matches (x, y) instead of feature matching.
+    num_threads : int
+        Threads of the C++ kernels (0 = all cores).
+
+    Returns
+    -------
+    ExpectedAffineResult
+        Falsy (``success=False``, identity-free global field of NaN replaced by identity)
+        when no global affine could be estimated; ``fallback=True`` when the field is the
+        global affine (reason given).
+    """
+    ref = np.asarray(reference)
+    mov = np.asarray(moving)
+    if ref.ndim != 2 or mov.ndim != 2:
+        raise DeepAlignError(f"reference and moving must be 2-D, got {ref.shape} and {mov.shape}")
+    if n_clusters < 1 or k < 1 or grid_step < 1 or field_step < 1 or iterations < 1:
+        raise DeepAlignError("n_clusters, k, grid_step, field_step and iterations must be >= 1")
+    notes: list[str] = []
+    m: np.ndarray | None = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != mov.shape:
+            raise DeepAlignError(f"mask shape {m.shape} != moving shape {mov.shape}: the mask "
+                                 "marks damage in the moving section")
+        m = m != 0
+        if m.all():
+            raise DeepAlignError("mask covers the whole moving section: nothing to register")
+        if not m.any():
+            notes.append("mask is empty (no damage): Euclidean distances used")
+            m = None
+    blocked = None
+    if m is not None:
+        blocked = _core.coarsen_mask(np.ascontiguousarray(m, dtype=np.uint8), grid_step,
+                                     num_threads)
+        if blocked.all():
+            raise DeepAlignError(f"mask leaves no undamaged node on the {grid_step}-px grid; "
+                                 "lower grid_step")
+    if matches is not None:
+        pr = np.asarray(matches[0], np.float64).reshape(-1, 2)
+        pm = np.asarray(matches[1], np.float64).reshape(-1, 2)
+        if len(pr) != len(pm):
+            raise DeepAlignError("matches: reference and moving point counts differ")
+        if m is not None and len(pm):
+            xi = np.clip(np.rint(pm[:, 0]).astype(np.intp), 0, mov.shape[1] - 1)
+            yi = np.clip(np.rint(pm[:, 1]).astype(np.intp), 0, mov.shape[0] - 1)
+            keep = ~m[yi, xi]
+            pr, pm = pr[keep], pm[keep]
+    else:
+        pr, pm = match_pair(ref, mov, mask=None if m is None else m.astype(np.uint8),
+                            features=features, num_threads=num_threads)
+    out_shape = (int(ref.shape[0]), int(ref.shape[1]))
+    orows, ocols = _core.grid_size(out_shape[0], field_step), _core.grid_size(out_shape[1],
+                                                                              field_step)
+
+    def constant(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.broadcast_to(a, (orows, ocols, 2, 3)))
+
+    empty = np.zeros((0, 2))
+    glob = estimate_transform(pr, pm, "affine", threshold=threshold, seed=seed,
+                              num_threads=num_threads) if len(pr) >= 3 else None
+    if not glob:
+        why = glob.reason if glob is not None else f"only {len(pr)} matches"
+        return ExpectedAffineResult(constant(np.eye(2, 3)), field_step, out_shape,
+                                    np.full((2, 3), np.nan), np.zeros((0, 2, 3)), [], empty,
+                                    empty, np.zeros(0, np.int32), m, True, False,
+                                    f"no global affine: {why}", notes, num_threads)
+    g = glob.matrix
+    labels = _kmeans(pm, min(n_clusters, len(pm)), seed=seed, shape=mov.shape,
+                     grid_step=grid_step, blocked=blocked, num_threads=num_threads)
+    affs: list[np.ndarray] = []
+    inl: list[int] = []
+    kept_r: list[np.ndarray] = []
+    kept_m: list[np.ndarray] = []
+    kept_l: list[np.ndarray] = []
+    for c in range(int(labels.max()) + 1 if len(labels) else 0):
+        sel = np.flatnonzero(labels == c)
+        if len(sel) < max(3, min_cluster_matches):
+            notes.append(f"cluster {c}: {len(sel)} matches < {min_cluster_matches}, dropped")
+            continue
+        fit = estimate_transform(pr[sel], pm[sel], "affine", threshold=threshold,
+                                 seed=seed + 1 + c, num_threads=num_threads)
+        if not fit or fit.num_inliers < min_cluster_matches:
+            why = fit.reason if not fit else f"{fit.num_inliers} inliers"
+            notes.append(f"cluster {c}: RANSAC failed ({why}), dropped")
+            continue
+        keep = sel[fit.inliers]
+        kept_r.append(pr[keep])
+        kept_m.append(pm[keep])
+        kept_l.append(np.full(len(keep), len(affs), np.int32))
+        affs.append(fit.matrix)
+        inl.append(int(fit.num_inliers))
+    if not affs:
+        return ExpectedAffineResult(constant(g), field_step, out_shape, g, np.zeros((0, 2, 3)),
+                                    [], empty, empty, np.zeros(0, np.int32), m, True, True,
+                                    "no cluster kept enough RANSAC inliers: global affine",
+                                    notes, num_threads)
+    cl_aff = np.ascontiguousarray(np.stack(affs))
+    p_ref, p_mov = np.concatenate(kept_r), np.ascontiguousarray(np.concatenate(kept_m))
+    lab = np.ascontiguousarray(np.concatenate(kept_l))
+    rows, cols = _core.grid_size(mov.shape[0], grid_step), _core.grid_size(mov.shape[1],
+                                                                           grid_step)
+    _, index, _ = _core.knn_grid(p_mov, rows, cols, float(grid_step), k, blocked, num_threads)
+    _, fld = _core.expected_affine_field(index, float(grid_step), lab, cl_aff,
+                                         np.ascontiguousarray(g), blocked, orows, ocols,
+                                         float(field_step), iterations, num_threads)
+    return ExpectedAffineResult(fld, field_step, out_shape, g, cl_aff, inl, p_ref, p_mov, lab,
+                                m, False, True, "", notes, num_threads)
+
+
+class StackRefiner:
+    """Expected-affine refinement of a stack render (``AlignOptions(mode="expected-affine")``).
+
+    Called for every slice in order with its solved affine: the affinely rendered slice is
+    registered with :func:`register_pair` onto the previous *output* slice (damage mask warped
+    into the output frame by the same affine), and the slice is rendered once with the
+    composed per-pixel map ``affine o field``. Slice 0, slices whose registration fails or falls
+    back, keep the plain affine; ``notes`` records which. Calls may come from several threads:
+    each waits for its predecessor (the refinement is sequential by nature).
+
+    Parameters
+    ----------
+    masks : path or None
+        Damage mask stack (any stack :func:`deepalign_fast.io.open_stack` reads: TIFF, folder
+        of slices, Zarr), one mask per slice, non-zero = damage. None = no damage anywhere.
+    shape : (int, int)
+        Output frame.
+    """
+
+    def __init__(self, masks: object | None, shape: tuple[int, int], *, num_slices: int,
+                 features: Features = "learned", num_threads: int = 0) -> None:
+        from ..io import open_stack
+        from .order import InOrder
+        self._masks = None
+        if masks is not None:
+            self._masks = open_stack(masks)  # type: ignore[arg-type]
+            if len(self._masks) != num_slices:
+                raise DeepAlignError(f"{masks}: {len(self._masks)} masks for {num_slices} slices")
+        self.shape = shape
+        self.features = features
+        self.num_threads = num_threads
+        self.notes: dict[int, str] = {}
+        self._prev: np.ndarray | None = None
+        self._order = InOrder()
+
+    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        with self._order.turn(z):
+            out = self._refine(z, image, np.asarray(affine, np.float64))
+            self._prev = out
+            return out
+
+    def _refine(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        from ..warp import warp_affine
+        plain = warp_affine(image, affine, self.shape, num_threads=self.num_threads)
+        if self._prev is None:
+            return plain
+        mask_out = None
+        if self._masks is not None:
+            m = np.asarray(self._masks.read(z))
+            if m.shape != image.shape:
+                raise DeepAlignError(f"mask {z}: shape {m.shape} != slice shape {image.shape}")
+            if m.any():
+                mask_out = warp_affine((m != 0).astype(np.uint8), affine, self.shape,
+                                       interpolation="nearest", num_threads=self.num_threads)
+        try:
+            res = register_pair(self._prev, plain, mask=mask_out, features=self.features,
+                                num_threads=self.num_threads)
+        except DeepAlignError as exc:  # e.g. the warped mask covers the frame
+            self.notes[z] = f"affine kept: {exc}"
+            return plain
+        if not res or res.fallback:
+            self.notes[z] = f"affine kept: {res.reason}"
+            return plain
+        a3 = np.vstack([affine, [0.0, 0.0, 1.0]])
+        f = res.field
+        composed = np.einsum("ij,rcjk->rcik", a3[:2], np.concatenate(
+            [f, np.broadcast_to([0.0, 0.0, 1.0], f.shape[:2] + (1, 3))], axis=2))
+        return warp_affine_field(image, np.ascontiguousarray(composed), res.field_step,
+                                 self.shape, num_threads=self.num_threads)

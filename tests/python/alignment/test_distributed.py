@@ -1,0 +1,230 @@
+"""Distributed alignment on a Dask LocalCluster (2 single-threaded worker processes on
+127.0.0.1): equal to the single-machine result, survives a killed worker, resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+from deepalign_fast import Aligner, AlignOptions, DeepAlignError  # noqa: E402
+from deepalign_fast.alignment.distributed import align_distributed, connect  # noqa: E402
+from deepalign_fast.cli import main  # noqa: E402
+from deepalign_fast.datasets import sample_stack_path  # noqa: E402
+from deepalign_fast.io import open_stack, open_writer  # noqa: E402
+from deepalign_fast.qc.synth import misalign_stack  # noqa: E402
+
+# Same arithmetic on both paths: the transforms agree to rounding of the JSON/npz round trips
+# (exactly, in practice).
+TOL_PX = 1e-9
+OPTS = AlignOptions(model="rigid", offsets=(1, 2), num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as lc, Client(lc, timeout=60) as client:
+        client.wait_for_workers(2, timeout=60)
+        yield lc, client
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A misaligned OME-Zarr input with one blank slice, and the single-machine result."""
+    root = tmp_path_factory.mktemp("dask")
+    with open_stack(sample_stack_path()) as r:
+        clean = np.stack([r.read(i) for i in range(len(r))])
+    stack, _ = misalign_stack(clean, 7, profile="fibsem")
+    stack[5] = 40  # blank: flagged and interpolated, later slices match past it
+    src = root / "input.ome.zarr"
+    with open_writer(src, stack.shape, stack.dtype) as w:
+        for z, sl in enumerate(stack):
+            w.write(z, sl)
+    ref = Aligner(OPTS).align_stack(src, root / "ref.ome.zarr", progress=False)
+    with open_stack(root / "ref.ome.zarr") as r:
+        ref_out = np.stack([r.read(i) for i in range(len(r))])
+    return {"root": root, "input": src, "ref": ref, "ref_out": ref_out}
+
+
+def _check_equal(result: Any, output: Path, data: dict[str, Any]) -> None:
+    ref = data["ref"].transforms
+    got = result.transforms
+    assert np.abs(got.affines - ref.affines).max() <= TOL_PX
+    assert got.flagged == ref.flagged == [5]
+    assert got.output_shape == ref.output_shape
+    assert got.residuals == pytest.approx(ref.residuals, abs=1e-12)
+    with open_stack(output) as r:
+        out = np.stack([r.read(i) for i in range(len(r))])
+    np.testing.assert_array_equal(out, data["ref_out"])
+    assert not output.with_name(output.name + ".partial").exists()
+    assert not output.with_name(output.name + ".work").exists()
+
+
+def test_cluster_is_loopback_only(cluster: Any) -> None:
+    lc, client = cluster
+    addrs = [lc.scheduler_address, *client.scheduler_info()["workers"]]
+    assert addrs and all(a.startswith("tcp://127.0.0.1:") for a in addrs), addrs
+
+
+def test_equals_single_machine(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
+    _, client = cluster
+    out = tmp_path / "out.ome.zarr"
+    tpath = tmp_path / "out.transforms.json"
+    res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                            transforms_path=tpath, progress=False)
+    _check_equal(res, out, data)
+    n = len(res.transforms)
+    assert res.tasks["prepare"] == n and res.tasks["render"] == n
+    assert res.tasks["match_cached"] == 0
+    assert json.loads(tpath.read_text())["flagged"] == [5]
+    assert res.summary()["tasks"]["render_skipped"] == 0
+
+
+def _kill_busy_worker(client: Any, killed: list[tuple[str, list[str]]]) -> None:
+    """SIGKILL the process of a worker (we started it) that has tasks in flight or holds
+    prepared slices that later tasks need."""
+    busy = {w: keys for w, keys in client.processing().items() if keys}
+    if not busy:
+        busy = {w: [k for k in keys if "prepare" in k] for w, keys in client.has_what().items()}
+        busy = {w: keys for w, keys in busy.items() if keys}
+    if not busy:
+        return
+    addr, keys = next(iter(busy.items()))
+    try:
+        pid = client.run(os.getpid, workers=[addr])[addr]
+        os.kill(pid, signal.SIGKILL)
+    except Exception:  # noqa: BLE001 - the worker went away or is restarting: try next call
+        return
+    killed.append((addr, list(keys)))
+
+
+def test_worker_killed_mid_run(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
+    _, client = cluster
+    killed: list[tuple[str, list[str]]] = []
+    stages: set[str] = set()
+
+    def on_progress(stage: str, z: int) -> None:
+        # One kill while estimating (prepared slices and matches in flight), one while
+        # rendering (slices being written).
+        if stage not in stages and z >= 1:
+            before = len(killed)
+            _kill_busy_worker(client, killed)
+            if len(killed) > before:
+                stages.add(stage)
+
+    out = tmp_path / "out.ome.zarr"
+    res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                            on_progress=on_progress, progress=False)
+    assert stages == {"solve", "render"}, killed  # both kills hit a worker with tasks
+    _check_equal(res, out, data)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_interruption(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
+    _, client = cluster
+    out = tmp_path / "out.ome.zarr"
+    work = tmp_path / "out.ome.zarr.work"
+
+    def stop_at(stage: str, at: int) -> Any:
+        def on_progress(s: str, z: int) -> None:
+            if s == stage:
+                on_progress.count += 1  # type: ignore[attr-defined]
+                if on_progress.count >= at:  # type: ignore[attr-defined]
+                    raise _Stop
+        on_progress.count = 0  # type: ignore[attr-defined]
+        return on_progress
+
+    # 1. Interrupted while estimating: the matches done so far are in the work folder.
+    with pytest.raises(_Stop):
+        align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                          on_progress=stop_at("solve", 8), progress=False)
+    n_cached = len(list((work / "pairs").glob("*.npz")))
+    assert n_cached >= 7 and not out.exists()
+
+    # A rerun with other options must not mix results.
+    with pytest.raises(DeepAlignError, match="another input or other options"):
+        align_distributed(data["input"], out, scheduler=client,
+                          options=AlignOptions(model="affine", num_threads=1), progress=False)
+
+    # 2. Resumed, then interrupted while rendering: finished slices are recorded.
+    with pytest.raises(_Stop):
+        align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                          on_progress=stop_at("render", 5), progress=False)
+    assert out.with_name(out.name + ".partial").is_dir()
+
+    # 3. Resumed to the end: cached matches are reused, rendered slices skipped.
+    res = align_distributed(data["input"], out, scheduler=client, options=OPTS, progress=False)
+    n = len(res.transforms)
+    assert res.tasks["match"] == 0 and res.tasks["prepare"] == 0
+    assert res.tasks["match_cached"] >= n - 1
+    assert res.tasks["render_skipped"] >= 5
+    assert res.tasks["render"] + res.tasks["render_skipped"] == n
+    _check_equal(res, out, data)
+
+
+def test_cli_scheduler_address(cluster: Any, data: dict[str, Any], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    lc, _ = cluster
+    out = tmp_path / "cli.ome.zarr"
+    rc = main(["align", str(data["input"]), "-o", str(out), "--model", "rigid", "--threads", "1",
+               "--offsets", "1,2", "--scheduler", lc.scheduler_address, "--json", "--quiet"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["flagged"] == [5] and summary["tasks"]["render"] == summary["slices"]
+    with open_stack(out) as r:
+        np.testing.assert_array_equal(np.stack([r.read(i) for i in range(len(r))]),
+                                      data["ref_out"])
+
+
+def test_refusals(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
+    _, client = cluster
+    with pytest.raises(DeepAlignError, match="Zarr"):
+        align_distributed(data["input"], tmp_path / "out.tif", scheduler=client, options=OPTS)
+    with pytest.raises(TypeError, match="path"):
+        align_distributed(np.zeros((2, 8, 8), np.uint8), tmp_path / "o.zarr",  # type: ignore[arg-type]
+                          scheduler=client)
+    for bad in ("local:0", "local:x", "127.0.0.1:8786"):
+        with pytest.raises(ValueError, match="scheduler"), connect(bad):
+            pass
+
+
+def test_work_dir_never_deletes_user_data(cluster: Any, data: dict[str, Any],
+                                          tmp_path: Path) -> None:
+    """--work-dir pointing at a folder with user files (`.`, the input's folder) is refused
+    before any work and left untouched; an empty existing folder is used and kept; a new one
+    is created and removed with only the tool's files."""
+    _, client = cluster
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(DeepAlignError, match="not created by deepalign-fast"):
+        align_distributed(data["input"], out, scheduler=client, options=OPTS, work_dir=user,
+                          progress=False)
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"] and not out.exists()
+    # The CLI refuses the input's own folder (the work folder would hold the input).
+    rc = main(["align", str(data["input"]), "-o", str(out), "--scheduler", "local:1",
+               "--work-dir", str(data["input"].parent), "--quiet"])
+    assert rc == 2 and data["input"].is_dir() and not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    align_distributed(data["input"], out, scheduler=client, options=OPTS, work_dir=empty,
+                      progress=False)
+    assert out.is_dir() and empty.is_dir() and not any(empty.iterdir())
+    fresh = tmp_path / "fresh.work"
+    align_distributed(data["input"], tmp_path / "o2.ome.zarr", scheduler=client, options=OPTS,
+                      work_dir=fresh, progress=False)
+    assert not fresh.exists()

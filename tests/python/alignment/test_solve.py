@@ -1,0 +1,197 @@
+"""Exact-recovery tests of the global stack solve (synthetic, no external data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from deepalign_fast.alignment.solve import lowpass_affines, pair_moments, solve_stack
+from deepalign_fast.geometry import apply_affine, compose, invert
+
+SHAPE = (240, 320)
+
+
+def _grid() -> np.ndarray:
+    ys, xs = np.mgrid[10:230:20, 10:310:20]
+    return np.c_[xs.ravel(), ys.ravel()].astype(np.float64)
+
+
+def _random_affines(n: int, rng: np.random.Generator, *, shift: float = 3.0,
+                    rot: float = 0.004, aff: float = 0.003) -> np.ndarray:
+    out = []
+    for _ in range(n):
+        th = rng.normal(0, rot)
+        lin = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+        lin = lin @ (np.eye(2) + rng.normal(0, aff, (2, 2)))
+        out.append(np.hstack([lin, rng.normal(0, shift, (2, 1))]))
+    return np.array(out)
+
+
+def _pairs(truth: np.ndarray, rng: np.random.Generator, offsets=(1, 2, 4), noise=0.0):
+    """Correspondences of every pair from the true pull maps (output -> slice)."""
+    x = _grid()
+    pairs = []
+    for j in range(len(truth)):
+        for k in offsets:
+            i = j - k
+            if i < 0:
+                continue
+            p = apply_affine(truth[i], x)
+            q = apply_affine(truth[j], x) + rng.normal(0, noise, x.shape) if noise else \
+                apply_affine(truth[j], x)
+            pairs.append(pair_moments(i, j, p, q, np.ones(len(x)), SHAPE))
+    return pairs
+
+
+def _spread(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-slice error of the composites slice->truth after removing their common mean."""
+    comp = np.array([compose(invert(t), a) for t, a in zip(truth, estimated, strict=True)])
+    x = _grid()
+    mean = apply_affine(comp.mean(axis=0), x)
+    return np.array([np.linalg.norm(apply_affine(c, x) - mean, axis=1).mean() for c in comp])
+
+
+def test_follow_recovers_jitter_and_per_slice_affines_exactly():
+    rng = np.random.default_rng(0)
+    truth = _random_affines(30, rng)
+    res = solve_stack(30, _pairs(truth, rng), SHAPE, slow_drift="none", regularise=0.0)
+    assert _spread(res.affines, truth).max() < 1e-3
+    assert res.flagged == []
+
+
+def test_gauge_is_the_mean_not_slice_zero():
+    rng = np.random.default_rng(1)
+    truth = _random_affines(20, rng)
+    res = solve_stack(20, _pairs(truth, rng), SHAPE, slow_drift="none", regularise=0.0)
+    # slice -> output maps average to the identity
+    b = invert(res.affines)
+    assert np.allclose(b.mean(axis=0), np.eye(2, 3), atol=1e-9)
+    assert not np.allclose(res.affines[0], np.eye(2, 3), atol=1e-3)
+
+
+def test_noise_averages_out_over_offsets():
+    rng = np.random.default_rng(2)
+    truth = _random_affines(40, rng)
+    one = solve_stack(40, _pairs(truth, np.random.default_rng(9), (1,), 0.3), SHAPE,
+                      slow_drift="none", regularise=0.0)
+    many = solve_stack(40, _pairs(truth, np.random.default_rng(9), (1, 2, 4, 8), 0.3), SHAPE,
+                       slow_drift="none", regularise=0.0)
+    assert np.median(_spread(many.affines, truth)) < 0.6 * np.median(_spread(one.affines, truth))
+
+
+def test_aligned_stack_with_slow_apparent_motion_stays_in_place():
+    # Exactly aligned slices whose content appears to move 0.15 px per slice (oblique
+    # anatomy): the default keeps that slow motion, so nothing is moved.
+    n = 80
+    truth = np.tile(np.eye(2, 3), (n, 1, 1))
+    apparent = truth.copy()
+    apparent[:, 0, 2] = 0.15 * np.arange(n)
+    apparent[:, 1, 2] = 2.0 * np.sin(np.arange(n) / n * np.pi)
+    res = solve_stack(n, _pairs(apparent, np.random.default_rng(3), (1, 2, 4, 8), 0.05), SHAPE)
+    x = _grid()
+    moved = [np.linalg.norm(apply_affine(a, x) - x, axis=1).mean() for a in res.affines]
+    # (the local straight-line trend bends less than the sine: a fraction of a pixel is left)
+    assert np.median(moved) < 0.3
+    assert max(moved) < 0.5
+    follow = solve_stack(n, _pairs(apparent, np.random.default_rng(3), (1, 2, 4, 8), 0.05),
+                         SHAPE, slow_drift="follow")
+    moved_f = [np.linalg.norm(apply_affine(a, x) - x, axis=1).mean() for a in follow.affines]
+    assert max(moved_f) > 4.0  # following it drags the ends by ~6 px
+
+
+def test_keep_removes_jitter_but_keeps_slow_drift():
+    n = 120
+    rng = np.random.default_rng(4)
+    slow = np.tile(np.eye(2, 3), (n, 1, 1))
+    slow[:, 0, 2] = 8.0 * np.sin(np.arange(n) / n * 2 * np.pi)
+    jitter = slow.copy()
+    jitter[:, :, 2] += rng.normal(0, 1.5, (n, 2))
+    res = solve_stack(n, _pairs(jitter, rng, (1, 2, 4, 8)), SHAPE, drift_sigma=8.0)
+    # The output keeps only the slow motion: the pull maps are the jitter without the slow
+    # part (what is left is the low-pass of the jitter itself, ~0.4 px at sigma 8).
+    expected = compose(jitter, invert(slow))
+    assert np.median(_spread(res.affines, expected)) < 0.7
+    assert np.median(_spread(np.tile(np.eye(2, 3), (n, 1, 1)), expected)) > 1.5
+
+
+def test_bad_pair_is_down_weighted():
+    rng = np.random.default_rng(5)
+    truth = _random_affines(30, rng)
+    pairs = _pairs(truth, rng, (1, 2, 4))
+    good = solve_stack(30, pairs, SHAPE, slow_drift="none", regularise=0.0)
+    x = _grid()
+    wrong = pair_moments(14, 15, apply_affine(truth[14], x), apply_affine(truth[15], x) + 25.0,
+                         np.ones(len(x)), SHAPE)
+    pairs = [wrong if (pm.i, pm.j) == (14, 15) else pm for pm in pairs]
+    res = solve_stack(30, pairs, SHAPE, slow_drift="none", regularise=0.0)
+    assert res.pair_weights[(14, 15)] < 0.01
+    assert _spread(res.affines, truth).max() < 0.05
+    assert _spread(good.affines, truth).max() < 1e-3
+
+
+def test_bad_slice_is_flagged_and_interpolated():
+    rng = np.random.default_rng(6)
+    truth = _random_affines(30, rng, shift=1.0)
+    x = _grid()
+    pairs = []
+    for pm in _pairs(truth, rng, (1, 2, 4)):
+        if 12 in (pm.i, pm.j):  # every pair of slice 12 is garbage, each in its own way
+            p = apply_affine(truth[pm.i], x)
+            pm = pair_moments(pm.i, pm.j, p, p + rng.normal(0, 30, 2), np.ones(len(x)), SHAPE)
+        pairs.append(pm)
+    res = solve_stack(30, pairs, SHAPE, slow_drift="none", regularise=0.0)
+    assert 12 in res.flagged
+    others = _spread(np.delete(res.affines, 12, axis=0), np.delete(truth, 12, axis=0))
+    assert others.max() < 0.2
+
+
+def test_blank_slice_gets_interpolated_transform():
+    rng = np.random.default_rng(7)
+    n = 20
+    truth = np.tile(np.eye(2, 3), (n, 1, 1))
+    truth[:, 0, 2] = np.linspace(0, 10, n)
+    pairs = [pm for pm in _pairs(truth, rng, (1, 2, 4)) if 7 not in (pm.i, pm.j)]
+    res = solve_stack(n, pairs, SHAPE, slow_drift="none", blank=[7])
+    assert res.flagged == [7]
+    t = invert(res.affines)[:, 0, 2]
+    assert t[7] == pytest.approx(0.5 * (t[6] + t[8]), abs=1e-3)
+
+
+@pytest.mark.parametrize("model", ["translation", "rigid", "similarity"])
+def test_restricted_models_are_enforced(model):
+    rng = np.random.default_rng(8)
+    truth = _random_affines(15, rng, aff=0.01)
+    res = solve_stack(15, _pairs(truth, rng), SHAPE, model=model, slow_drift="none")
+    lin = invert(res.affines)[:, :, :2]
+    a, b, c, d = lin[:, 0, 0], lin[:, 0, 1], lin[:, 1, 0], lin[:, 1, 1]
+    assert np.abs(a - d).max() < 1e-4 and np.abs(b + c).max() < 1e-4
+    if model != "similarity":
+        assert np.abs((a + d) / 2 - 1).max() < 1e-4
+    if model == "translation":
+        assert np.abs(c - b).max() < 1e-4
+
+
+def test_lowpass_keeps_straight_lines_and_constants():
+    n = 50
+    aff = np.tile(np.eye(2, 3), (n, 1, 1))
+    aff[:, 0, 2] = 0.3 * np.arange(n) - 4
+    aff[:, 1, 2] = 2.0
+    assert np.allclose(lowpass_affines(aff, SHAPE, 8.0), aff, atol=1e-9)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="slow_drift"):
+        solve_stack(3, [], SHAPE, slow_drift="sometimes")
+    with pytest.raises(ValueError, match="n must be"):
+        solve_stack(0, [], SHAPE)
+    res = solve_stack(1, [], SHAPE)
+    assert np.allclose(res.affines[0], np.eye(2, 3))
+
+
+def test_keep_treats_a_jump_as_fast_motion():
+    """A 30 px step between two slices is corrected whole: the slow trend must not smear it
+    into a ramp over the neighbouring slices."""
+    n = 60
+    jumpy = np.tile(np.eye(2, 3), (n, 1, 1))
+    jumpy[30:, 0, 2] += 30.0
+    res = solve_stack(n, _pairs(jumpy, np.random.default_rng(10), (1, 2, 4, 8), 0.05), SHAPE)
+    assert _spread(res.affines, jumpy).max() < 0.1
