@@ -27,8 +27,8 @@ import numpy as np
 from deepalign_fast import _core
 from deepalign_fast.datasets import load_damaged_pair
 from deepalign_fast.qc.metrics import ncc, ssim
-from deepalign_fast.refine.expected_affine import register_pair, warp_affine_field
-from deepalign_fast.warp import warp_affine
+from deepalign_fast.refine.expected_affine import register_pair
+from deepalign_fast.warp import warp_affine, warp_affine_field
 
 from tests.python.oracles.expected_affine import (
     expected_affine_field_ref,

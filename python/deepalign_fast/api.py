@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from .alignment import Aligner
+from .render import render_slice
 from .transforms import TransformSet
-from .warp import warp_affine
 
 __all__ = ["align", "estimate_transforms"]
 
@@ -58,8 +58,8 @@ def align(stack: Any, **options: Any) -> tuple[Any, TransformSet]:
 
         def render(block: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
             z = block_info[0]["array-location"][0][0] if block_info else 0
-            return warp_affine(np.ascontiguousarray(block[0]), ts.affines[z], (h, w),
-                               num_threads=threads)[None]
+            return render_slice(np.ascontiguousarray(block[0]), ts.slice_map(z), (h, w),
+                                num_threads=threads)[None]
 
         src = stack.rechunk((1, -1, -1))
         out = da.map_blocks(render, src, chunks=((1,) * len(ts), (h,), (w,)),  # type: ignore[no-untyped-call]
@@ -67,6 +67,6 @@ def align(stack: Any, **options: Any) -> tuple[Any, TransformSet]:
         return out, ts
     aligned = np.empty((len(ts), h, w), np.dtype(stack.dtype))
     for z in range(len(ts)):
-        aligned[z] = warp_affine(np.ascontiguousarray(np.asarray(stack[z])), ts.affines[z],
-                                 (h, w), num_threads=threads)
+        aligned[z] = render_slice(np.ascontiguousarray(np.asarray(stack[z])), ts.slice_map(z),
+                                  (h, w), num_threads=threads)
     return aligned, ts

@@ -25,6 +25,17 @@ grid point)::
 With a field ``u_z`` the pull map of slice ``z`` is ``p -> A_z(p + u_z(p))``; slices without a
 field (NaN-filled chunks) use ``A_z`` alone.
 
+Version 3 names the kind of the fields (``"kind"``, default ``"displacement"``) and adds
+per-pixel affine fields (``align --mode expected-affine``): ``(n, 6, rows, cols)`` float64,
+the 2x3 affine ``F_z`` row by row at grid point ``(i, j)`` = output pixel
+``(j * stride, i * stride)``, ``rows = ceil((H - 1) / stride) + 1`` (the grid covers the last
+pixel), parameters bilinear in between; the pull map is ``p -> A_z F_z(p) p``::
+
+      "fields": {"path": "NAME.fields.zarr", "stride": 8, "kind": "affine"}
+
+Every kind is rendered by :func:`deepalign_fast.render.render_slice` through
+:meth:`TransformSet.slice_map`.
+
 ``affines[z]`` maps OUTPUT (aligned canvas) pixel coordinates ``(x, y, 1)`` to pixel
 coordinates of INPUT slice ``z`` (the pull map a warp samples with); pixel centres are at
 integer coordinates, origin at the centre of the top-left pixel. To carry the alignment to a
@@ -38,16 +49,21 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._errors import DeepAlignError
 
-__all__ = ["SCHEMA", "FieldStore", "TransformSet", "export_itk"]
+if TYPE_CHECKING:
+    from .render import SliceMap
+
+__all__ = ["FIELD_KINDS", "SCHEMA", "FieldStore", "TransformSet", "export_itk"]
 
 SCHEMA = "deepalign-fast/transforms"
-VERSION = 2  # written when fields are present; version 1 otherwise
+VERSION = 3  # written when fields are present; version 1 otherwise (2: displacement only)
+#: What a field store holds: displacements ``u`` or per-pixel affines ``F`` (module docstring).
+FIELD_KINDS = ("displacement", "affine")
 CONVENTION = (
     "affines[z] maps output (aligned canvas) pixel coordinates (x, y, 1) to pixel coordinates of "
     "input slice z; pixel centres at integer coordinates, origin at the centre of the top-left "
@@ -84,13 +100,28 @@ class TransformSet:
     def __len__(self) -> int:
         return int(self.affines.shape[0])
 
+    def slice_map(self, z: int, *, num_threads: int = 0) -> SliceMap:
+        """The pull map of slice ``z`` (its affine, with its field if it has one), for
+        :func:`deepalign_fast.render.render_slice`."""
+        from .render import SliceMap
+
+        a = self.affines[z]
+        if self.fields is None:
+            return SliceMap(a)
+        if self.fields.kind == "affine":
+            grid = self.fields.get_affine(z)
+            return SliceMap(a) if grid is None else SliceMap(a, affine_field=grid,
+                                                             field_step=self.fields.stride)
+        return SliceMap(a, displacement=self.fields.get(z, num_threads=num_threads))
+
     def rescaled(self, factor: float,
                  input_shape: tuple[int, int, int] | None = None) -> TransformSet:
         """The same alignment for a copy whose pixels are ``1/factor`` as large (factor 2 = 2x
         finer), e.g. to apply transforms found on a binned stack to the full-resolution one."""
         if self.fields is not None:
-            raise DeepAlignError("rescaling transforms that carry displacement fields is not "
-                                 "supported yet: align the full-resolution stack instead")
+            raise DeepAlignError("rescaling transforms that carry fields (elastic or "
+                                 "expected-affine) is not supported yet: align the "
+                                 "full-resolution stack instead")
         off = (factor - 1.0) / 2.0
         s = np.array([[factor, 0.0, off], [0.0, factor, off], [0.0, 0.0, 1.0]])
         s_inv = np.linalg.inv(s)
@@ -107,7 +138,7 @@ class TransformSet:
         to it)."""
         data: dict[str, Any] = {
             "schema": SCHEMA,
-            "version": 2 if self.fields is not None else 1,
+            "version": VERSION if self.fields is not None else 1,
             "convention": CONVENTION,
             "input_shape": [int(v) for v in self.input_shape],
             "output_shape": [int(v) for v in self.output_shape],
@@ -119,7 +150,8 @@ class TransformSet:
         if self.fields is not None:
             path = self.fields.path.resolve()
             rel = os.path.relpath(path, base.resolve()) if base is not None else str(path)
-            data["fields"] = {"path": rel, "stride": self.fields.stride}
+            data["fields"] = {"path": rel, "stride": self.fields.stride,
+                              "kind": self.fields.kind}
             data["folding"] = [None if f is None else float(f) for f in self.folding]
         return data
 
@@ -161,7 +193,7 @@ class TransformSet:
         if data.get("schema") != SCHEMA:
             raise DeepAlignError(f"{source}: not a deepalign-fast transforms file "
                                  f"(schema {data.get('schema')!r})")
-        if data.get("version") not in (1, VERSION):
+        if data.get("version") not in (1, 2, VERSION):
             raise DeepAlignError(f"{source}: unsupported transforms version {data.get('version')!r}"
                                  f" (this build reads version {VERSION})")
         for key in ("affines", "input_shape", "output_shape"):
@@ -279,8 +311,10 @@ def _check_output_size(out: list[int], inp: list[int], source: str) -> None:
 def _open_fields(spec: Any, base: Path | None, source: str, n: int,
                  output_shape: tuple[int, int]) -> FieldStore:
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) \
-            or not _is_int(spec.get("stride")) or spec["stride"] < 1:
-        raise DeepAlignError(f"{source}: 'fields' must be {{\"path\": str, \"stride\": int >= 1}}")
+            or not _is_int(spec.get("stride")) or spec["stride"] < 1 \
+            or spec.get("kind", "displacement") not in FIELD_KINDS:
+        raise DeepAlignError(f"{source}: 'fields' must be {{\"path\": str, \"stride\": int >= 1, "
+                             f"\"kind\": {' or '.join(FIELD_KINDS)}}}")
     folder = (base or Path(".")).resolve()
     rel = Path(spec["path"])
     target = (folder / rel).resolve()
@@ -289,48 +323,69 @@ def _open_fields(spec: Any, base: Path | None, source: str, n: int,
             f"{source}: fields.path {spec['path']!r} points outside the transforms file's "
             f"folder; the field store must sit beside the transforms file")
     store = FieldStore.open(target)
-    rows, cols = FieldStore.grid_shape(output_shape, store.stride)
-    if tuple(store.shape) != (n, 2, rows, cols) or store.stride != spec["stride"] \
-            or store.output_shape != output_shape:
+    kind = spec.get("kind", "displacement")
+    want = FieldStore.array_shape(n, output_shape, store.stride, kind)
+    if tuple(store.shape) != want or store.stride != spec["stride"] \
+            or store.output_shape != output_shape or store.kind != kind:
         raise DeepAlignError(
-            f"{target}: the field store has shape {tuple(store.shape)} (stride {store.stride}), "
-            f"but the transforms need {(n, 2, rows, cols)} (stride {spec['stride']}) for "
-            f"{n} slices of {output_shape[0]} x {output_shape[1]}")
+            f"{target}: the field store holds {store.kind} fields of shape "
+            f"{tuple(store.shape)} (stride {store.stride}), but the transforms need {kind} "
+            f"fields of shape {want} (stride {spec['stride']}) for {n} slices of "
+            f"{output_shape[0]} x {output_shape[1]}")
     return store
 
 
 class FieldStore:
-    """Per-slice displacement fields on a coarse grid, in a Zarr array (see module docstring).
+    """Per-slice fields on a coarse grid, in a Zarr array (see module docstring): displacements
+    (``kind="displacement"``, float16) or per-pixel affines (``kind="affine"``, float64).
 
     Written slice by slice into ``PATH.partial`` and renamed by :meth:`commit`, so a crash never
     leaves a half-written store under the final name. Memory does not grow with the stack.
     """
 
-    def __init__(self, path: Path, array: Any, stride: int, output_shape: tuple[int, int]) -> None:
+    def __init__(self, path: Path, array: Any, stride: int, output_shape: tuple[int, int],
+                 kind: str = "displacement") -> None:
         self.path = path
         self._array = array
         self.stride = stride
         self.output_shape = output_shape
+        self.kind = kind
 
     @staticmethod
-    def grid_shape(output_shape: tuple[int, int], stride: int) -> tuple[int, int]:
+    def grid_shape(output_shape: tuple[int, int], stride: int,
+                   kind: str = "displacement") -> tuple[int, int]:
+        """Grid rows and columns: every ``stride`` output pixels, and (affine fields) one
+        more node past the last pixel when ``stride`` does not divide the size."""
+        if kind == "affine":
+            return (-(-(output_shape[0] - 1) // stride) + 1,
+                    -(-(output_shape[1] - 1) // stride) + 1)
         return (output_shape[0] - 1) // stride + 1, (output_shape[1] - 1) // stride + 1
 
     @classmethod
+    def array_shape(cls, n: int, output_shape: tuple[int, int], stride: int,
+                    kind: str) -> tuple[int, int, int, int]:
+        rows, cols = cls.grid_shape(output_shape, stride, kind)
+        return (n, 6 if kind == "affine" else 2, rows, cols)
+
+    @classmethod
     def create(cls, path: str | os.PathLike[str], n: int, output_shape: tuple[int, int],
-               stride: int = 4) -> FieldStore:
+               stride: int = 4, kind: str = "displacement") -> FieldStore:
         import zarr
 
         if stride < 1:
             raise DeepAlignError(f"field stride must be >= 1, got {stride}")
+        if kind not in FIELD_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(FIELD_KINDS)}; got {kind!r}")
         path = Path(path)
         partial = path.with_name(path.name + ".partial")
-        rows, cols = cls.grid_shape(output_shape, stride)
-        arr = zarr.open_array(str(partial), mode="w", shape=(n, 2, rows, cols),
-                              chunks=(1, 2, rows, cols), dtype="f2", fill_value=float("nan"))
+        shape = cls.array_shape(n, output_shape, stride, kind)
+        arr = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1, *shape[1:]),
+                              dtype="f8" if kind == "affine" else "f2",
+                              fill_value=float("nan"))
         arr.attrs["stride"] = stride
         arr.attrs["output_shape"] = list(output_shape)
-        return cls(partial, arr, stride, output_shape)
+        arr.attrs["kind"] = kind
+        return cls(partial, arr, stride, output_shape, kind)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> FieldStore:
@@ -338,20 +393,22 @@ class FieldStore:
 
         path = Path(path)
         if not path.exists():
-            raise DeepAlignError(f"{path}: displacement-field store not found (it is written "
-                                 "next to the transforms file by `align --mode elastic`)")
+            raise DeepAlignError(f"{path}: field store not found (it is written next to the "
+                                 "transforms file by `align --mode elastic` or "
+                                 "`--mode expected-affine`)")
         try:
             arr = zarr.open_array(str(path), mode="r")
             attrs: dict[str, Any] = dict(arr.attrs)
             shape = [int(v) for v in attrs["output_shape"]]
             stride = int(attrs["stride"])
+            kind = str(attrs.get("kind", "displacement"))
         except Exception as exc:  # zarr raises many types for a damaged store
             raise DeepAlignError(f"{path}: not a readable displacement-field store "
                                  f"({type(exc).__name__}: {exc})") from exc
-        if len(arr.shape) != 4 or len(shape) != 2:
-            raise DeepAlignError(f"{path}: displacement-field store has shape {arr.shape}; "
-                                 "expected (slices, 2, rows, cols)")
-        return cls(path, arr, stride, (shape[0], shape[1]))
+        if len(arr.shape) != 4 or len(shape) != 2 or kind not in FIELD_KINDS:
+            raise DeepAlignError(f"{path}: field store of kind {kind!r} has shape {arr.shape}; "
+                                 "expected (slices, 2 or 6, rows, cols)")
+        return cls(path, arr, stride, (shape[0], shape[1]), kind)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -359,11 +416,28 @@ class FieldStore:
         return tuple(int(v) for v in self._array.shape)
 
     def put(self, z: int, displacement: np.ndarray | None) -> None:
-        """Store slice ``z``'s full-resolution field (None: the slice has no field)."""
+        """Store slice ``z``'s full-resolution displacement (None: the slice has none)."""
         if displacement is None:
             return
         s = self.stride
         self._array[z] = displacement[:, ::s, ::s].astype(np.float16)
+
+    def put_affine(self, z: int, field: np.ndarray) -> None:
+        """Store slice ``z``'s per-pixel affine field (``(rows, cols, 2, 3)`` on the grid)."""
+        f = np.asarray(field, np.float64)
+        want = self.array_shape(1, self.output_shape, self.stride, "affine")[2:]
+        if self.kind != "affine" or f.shape != (*want, 2, 3):
+            raise ValueError(f"field: expected a {(*want, 2, 3)} affine field for a store of "
+                             f"kind {self.kind!r}, got {f.shape}")
+        self._array[z] = f.reshape(want[0], want[1], 6).transpose(2, 0, 1)
+
+    def get_affine(self, z: int) -> np.ndarray | None:
+        """Slice ``z``'s per-pixel affine field ``(rows, cols, 2, 3)``, or None if it has none."""
+        grid = np.asarray(self._array[z], np.float64)
+        if np.isnan(grid).any():
+            return None
+        rows, cols = grid.shape[1:]
+        return np.ascontiguousarray(grid.transpose(1, 2, 0).reshape(rows, cols, 2, 3))
 
     def get(self, z: int, *, num_threads: int = 0) -> np.ndarray | None:
         """Slice ``z``'s field at full output resolution, or None if it has none."""

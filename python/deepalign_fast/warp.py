@@ -23,7 +23,7 @@ from .checks import check_out as _out
 from .checks import check_threads as _threads
 from .checks import option_code as _option
 
-__all__ = ["warp_affine", "warp_displacement"]
+__all__ = ["warp_affine", "warp_affine_field", "warp_displacement"]
 
 
 
@@ -236,3 +236,50 @@ def warp_displacement(
     res = _out(out, arr.dtype, u.shape[1:], arr, u)
     _core.warp_displacement(arr, res, u, m, interp_code, border_code, fill_f, nt)
     return res
+
+
+def warp_affine_field(image: npt.ArrayLike, field: npt.ArrayLike, step: float,
+                      output_shape: tuple[int, int], *, interpolation: str = "linear",
+                      border: str = "constant", fill: float = 0.0,
+                      num_threads: int = 0) -> np.ndarray:
+    """Warp a 2-D image with a per-pixel affine pull field (expected affine).
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W)
+        uint8, uint16 or float32 source (moving) image.
+    field : ndarray, shape (rows, cols, 2, 3)
+        float64 pull affines on a grid of spacing ``step``: node (i, j) is output pixel
+        (x, y) = (j * step, i * step); between nodes the affine parameters are interpolated
+        bilinearly and applied to the pixel. Must cover ``output_shape``.
+    step : float
+        Grid spacing in pixels.
+    output_shape : (int, int)
+        Output (height, width).
+    interpolation : {"linear", "nearest"}
+    border : {"constant", "replicate"}
+    fill : float
+        Value outside the source with ``border="constant"``.
+    num_threads : int
+        Threads of the C++ kernel (0 = all cores).
+
+    Returns
+    -------
+    ndarray
+        The warped image, same dtype as ``image``.
+    """
+    img = _image(image, "warp_affine_field")
+    interp = _option(_INTERPOLATION, interpolation, "interpolation")
+    bord = _option(_BORDER, border, "border")
+    nt = _threads(num_threads)
+    f = np.ascontiguousarray(field, dtype=np.float64)
+    if f.ndim != 4 or f.shape[2:] != (2, 3):
+        raise ValueError(f"field: expected shape (rows, cols, 2, 3), got {f.shape}")
+    if not (np.isfinite(step) and step > 0):
+        raise ValueError(f"step: must be a finite number > 0, got {step}")
+    shape = tuple(int(v) for v in output_shape)
+    if len(shape) != 2 or min(shape) <= 0:
+        raise ValueError(f"output_shape: expected two positive ints, got {output_shape}")
+    out = np.empty(shape, img.dtype)
+    _core.warp_affine_field(img, out, f, float(step), interp, bord, float(fill), nt)
+    return out

@@ -42,3 +42,13 @@ def isbi():
 @pytest.fixture(scope="session")
 def drosophila():
     return _loader(datasets.load_drosophila, labels=True)
+
+
+#: The tiny test stack (8 x 224 x 224 uint8, a crop of the bundled sample with known integer
+#: offsets per slice; tests/data/README.md): runs on a clean clone without the shared data.
+TINY_STACK = Path(__file__).resolve().parents[1] / "data" / "tiny_stack.tif"
+
+
+@pytest.fixture
+def tiny_stack() -> Path:
+    return TINY_STACK

@@ -407,7 +407,7 @@ def test_nan_flow_is_flagged_and_rendered_affine_only() -> None:
             return np.full((2, *a.shape), np.nan, np.float32)
 
     refiner.predictor = NanFlow()  # type: ignore[assignment]
-    outs = [refiner(z, s, ident) for z, s in enumerate(stack)]
+    outs = [refiner(z, s, ident)[1] for z, s in enumerate(stack)]
     assert refiner.failed == [1, 2]
     np.testing.assert_array_equal(outs[2], stack[2])  # the affine render, not a black slice
     assert refiner.folding[1] is None
@@ -440,7 +440,7 @@ def test_tiff_without_pages(tmp_path: Path) -> None:
 _SLOW_RENDER = """
 import os, sys, time
 import deepalign_fast.alignment.aligner as pl
-real = pl.warp_affine
+real = pl.render_slice
 def slow(image, *a, **k):
     out = real(image, *a, **k)
     slow.n = getattr(slow, "n", 0) + 1
@@ -449,7 +449,7 @@ def slow(image, *a, **k):
     if slow.n >= 3:
         time.sleep(4)
     return out
-pl.warp_affine = slow
+pl.render_slice = slow
 from deepalign_fast.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,8 +43,9 @@ import numpy as np
 from .._errors import DeepAlignError
 from ..geometry import compose, invert
 from ..progress import Progress, StageTimes
-from ..transforms import FieldStore, TransformSet
-from ..warp import warp_affine, warp_displacement
+from ..refine import Refiner, make_refiner
+from ..render import SliceMap, render_slice
+from ..transforms import TransformSet
 from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
 from .solve import PairMoments, solve_stack
@@ -245,18 +246,24 @@ class Aligner:
                interpolation: str = "linear", progress: bool | None = None,
                writer_options: dict[str, Any] | None = None,
                fields_path: str | os.PathLike[str] | None = None,
-               before_publish: Callable[[], None] | None = None) -> dict[str, float]:
-        """Warp every slice of ``stack`` once with ``transforms`` and write ``output``.
+               before_publish: Callable[[TransformSet], None] | None = None
+               ) -> tuple[TransformSet, dict[str, float]]:
+        """Warp every slice of ``stack`` once and write ``output``.
 
-        Transforms that carry displacement fields are applied with them. With
-        ``mode="elastic"`` the fields are computed here, kept in ``transforms.fields`` and
-        written to ``fields_path`` (default: next to ``output``); a slice whose flow is not
-        finite keeps its affine and is added to ``transforms.flagged``. The output (and the
-        field store) appear only when complete; ``before_publish`` runs just before the
+        Each slice is rendered with its :class:`~deepalign_fast.render.SliceMap` by
+        :func:`~deepalign_fast.render.render_slice`: the maps of ``transforms`` (with their
+        fields, if any), or, with ``mode="elastic"`` / ``"expected-affine"``, the maps the
+        refiner computes here from the affines of ``transforms``; its fields are written to
+        ``fields_path`` (default: next to ``output``) and a slice it could not refine keeps
+        its affine (flagged if the refinement failed). The output (and the field store)
+        appear only when complete; ``before_publish(new_transforms)`` runs just before the
         output is renamed into place (``align_stack`` writes the transforms file there).
         ``writer_options={"resume": True}`` continues an unfinished Zarr output, skipping
-        its finished slices. Returns the seconds spent reading, rendering and writing (summed
-        over threads).
+        its finished slices.
+
+        Returns the transforms of the output (a new :class:`TransformSet`; ``transforms`` is
+        not changed) and the seconds spent reading, rendering and writing (summed over
+        threads).
         """
         from ..io import (
             as_reader,
@@ -290,46 +297,36 @@ class Aligner:
             fields_out = _fields_path(output) if fields_path is None else Path(fields_path)
 
             times = StageTimes()
-            refine: Any = None
-            store: FieldStore | None = None
-            if self.options.mode == "elastic":
-                from ..refine.elastic import ElasticRefiner
-
-                store = FieldStore.create(fields_out, len(reader), (h, w),
-                                          stride=self.options.field_stride)
-                refine = ElasticRefiner((h, w), store=store, provider=self.options.provider,
-                                        num_threads=threads,
-                                        max_folding=self.options.max_folding)
-            elif self.options.mode == "expected-affine":
-                from ..refine.expected_affine import StackRefiner
-                refine = StackRefiner(self.options.masks, (h, w), num_slices=len(reader),
-                                      num_threads=threads)
+            opts = self.options
+            refine, store = make_refiner(
+                opts.mode, (h, w), num_slices=len(reader), fields_path=fields_out,
+                masks=opts.masks, features=opts.features, provider=opts.provider,
+                num_threads=threads,
+                max_folding=opts.max_folding, field_stride=opts.field_stride)
+            new = replace(transforms)
 
             def warp(z: int) -> np.ndarray:
                 t0 = time.perf_counter()
                 image = reader.read(z)
                 t0 = times.add("read", t0)
-                field = None if transforms.fields is None or refine is not None else \
-                    transforms.fields.get(z, num_threads=threads)
                 if refine is not None:
-                    out = refine(z, image, transforms.affines[z])
-                elif field is not None:
-                    out = warp_displacement(image, field, affine=transforms.affines[z],
-                                            interpolation=interpolation, num_threads=threads)
+                    _, out = refine(z, image, transforms.affines[z])
                 else:
-                    out = warp_affine(image, transforms.affines[z], (h, w),
-                                      interpolation=interpolation, num_threads=threads)
+                    out = render_slice(image, transforms.slice_map(z, num_threads=threads),
+                                       (h, w), interpolation=interpolation,
+                                       num_threads=threads)
                 times.add("render", t0)
                 return out
 
             def publish() -> None:
-                if store is not None:
+                nonlocal new
+                if store is not None and refine is not None:
                     store.commit(fields_out)
-                    transforms.fields = store
-                    transforms.folding = list(refine.folding)
-                    transforms.flagged = sorted(set(transforms.flagged) | set(refine.failed))
+                    new = replace(transforms, fields=store,
+                                  folding=list(getattr(refine, "folding", [])),
+                                  flagged=sorted(set(transforms.flagged) | set(refine.failed)))
                 if before_publish is not None:
-                    before_publish()
+                    before_publish(new)
 
             options_w = dict(writer_options or {})
             physical = voxel_size_of(reader)
@@ -350,7 +347,7 @@ class Aligner:
                     bar.step()
                 writer.close(before_publish=publish)
             bar.close()
-        return times.seconds
+        return new, times.seconds
 
     def align_stack(self, stack: Any, output: str | os.PathLike[str], *,
                     transforms_path: str | os.PathLike[str] | None = None,
@@ -407,17 +404,17 @@ class Aligner:
                 resume = saved is not None and self.options.mode == "affine"
                 writer_options.update(resume=resume, restart=saved is not None)
             fields_path = None
-            if self.options.mode == "elastic":
+            if self.options.mode != "affine":
                 fields_path = _fields_path(transforms_path if transforms_path is not None
                                            else output)
 
-            def publish() -> None:
+            def publish(rendered: TransformSet) -> None:
                 if transforms_path is not None:
-                    result.transforms.save(transforms_path)
+                    rendered.save(transforms_path)
 
-            stages = self.render(reader, result.transforms, output, progress=progress,
-                                 fields_path=fields_path, writer_options=writer_options,
-                                 before_publish=publish)
+            result.transforms, stages = self.render(
+                reader, result.transforms, output, progress=progress, fields_path=fields_path,
+                writer_options=writer_options, before_publish=publish)
             if ckpt is not None:
                 ckpt.remove()
         for stage, seconds in stages.items():
@@ -461,6 +458,7 @@ class _StreamState:
         self.shape: tuple[int, int] | None = None
         self.dtype: Any = None
         self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
+        self.refine: Refiner | None = None
         aligner.flagged = []
         aligner.transforms = []
 
@@ -471,6 +469,13 @@ class _StreamState:
                                      f"{image.shape}")
             self.shape, self.dtype = (int(image.shape[0]), int(image.shape[1])), image.dtype
             self.matcher = StackMatcher(self.opts, shape=self.shape)
+            o = self.opts
+            self.refine, _ = make_refiner(o.mode, self.shape, num_slices=None, fields_path=None,
+                                          masks=o.masks, features=o.features,
+                                          provider=o.provider,
+                                          num_threads=o.num_threads,
+                                          max_folding=o.max_folding,
+                                          field_stride=o.field_stride)
         elif image.shape != self.shape or image.dtype != self.dtype:
             raise DeepAlignError(f"stream slice {z}: shape {image.shape} {image.dtype} "
                                  f"differs from the first slice's {self.shape} {self.dtype}")
@@ -511,4 +516,6 @@ class _StreamState:
         if z - lo in solved.flagged or z in self.matcher.failed:
             self.aligner.flagged.append(z)
         self.aligner.transforms.append(a)
-        return warp_affine(image, a, self.shape, num_threads=opts.num_threads)
+        if self.refine is None:
+            return render_slice(image, SliceMap(a), self.shape, num_threads=opts.num_threads)
+        return self.refine(z, image, a)[1]

@@ -104,7 +104,7 @@ def _backend(opts: dict[str, Any]) -> Any:
     return backend
 
 
-def _prepare_task(path: str, opts: dict[str, Any], z: int) -> Any:
+def prepare_task(path: str, opts: dict[str, Any], z: int) -> Any:
     """Read slice z and prepare it for matching; None for a blank slice."""
     image = _reader(path).read(z)
     return None if is_blank(image) else _backend(opts).prepare(image)
@@ -114,7 +114,7 @@ def _is_none(state: Any) -> bool:
     return state is None
 
 
-def _match_task(opts: dict[str, Any], ref: Any, mov: Any, init: np.ndarray | None,
+def match_task(opts: dict[str, Any], ref: Any, mov: Any, init: np.ndarray | None,
                 cache: str) -> tuple[np.ndarray | None, Correspondences]:
     """Match a prepared pair (the back-end's ``match``) and save the result to ``cache``."""
     if ref is None or mov is None:  # a speculative pair with a blank slice: never used
@@ -125,16 +125,16 @@ def _match_task(opts: dict[str, Any], ref: Any, mov: Any, init: np.ndarray | Non
     return m, corr
 
 
-def _render_task(path: str, z: int, affine: np.ndarray, shape: tuple[int, int],
+def render_task(path: str, z: int, affine: np.ndarray, shape: tuple[int, int],
                  array_path: str, interpolation: str, num_threads: int) -> int:
     """Warp slice z into the output frame and write it into the Zarr array (whole chunks)."""
     import zarr
 
-    from ..warp import warp_affine
+    from ..render import SliceMap, render_slice
 
     image = _reader(path).read(z)
-    out = warp_affine(image, affine, shape, interpolation=interpolation,
-                      num_threads=num_threads)
+    out = render_slice(image, SliceMap(affine), shape, interpolation=interpolation,
+                       num_threads=num_threads)
     arr = _ARRAYS.get(array_path)
     if arr is None:
         arr = _ARRAYS[array_path] = zarr.open_array(array_path, mode="r+")
@@ -142,7 +142,7 @@ def _render_task(path: str, z: int, affine: np.ndarray, shape: tuple[int, int],
     return z
 
 
-def _noop(x: Any) -> Any:
+def noop_task(x: Any) -> Any:
     """An empty task (benchmarks measure the round trip with it)."""
     return x
 
@@ -395,6 +395,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
 
     Raises
     ------
+    ValueError
+        ``options.mode`` is not "affine" (refinements run on one machine).
     DeepAlignError
         Output not Zarr, output exists, input unreadable, or a work folder from another run.
     """
@@ -403,6 +405,12 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
 
     t_start = time.perf_counter()
     opts = options or AlignOptions()
+    if opts.mode != "affine":
+        # The refinements are sequential by nature (each slice is refined against the previous
+        # output slice), so a cluster gains nothing; refuse rather than render affines only.
+        raise ValueError(f"distributed runs render one affine per slice; mode={opts.mode!r} "
+                         "runs on one machine (Aligner.align_stack, or align without "
+                         "--scheduler)")
     if not isinstance(stack, (str, os.PathLike)):
         raise TypeError("distributed runs need the input as a path that every worker can open, "
                         f"got {type(stack).__name__}")
@@ -454,14 +462,14 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         def state_of(z: int) -> Any:
             fut = states.get(z)
             if fut is None:
-                fut = states[z] = client.submit(_prepare_task, path, opts_d, z,
+                fut = states[z] = client.submit(prepare_task, path, opts_d, z,
                                                 key=f"da-prepare-{tok}-{z}")
                 counts["prepare"] += 1
             return fut
 
         def submit_match(zr: int, zm: int, init: np.ndarray | None, priority: int) -> Any:
             counts["match"] += 1
-            return client.submit(_match_task, opts_d, state_of(zr), state_of(zm), init,
+            return client.submit(match_task, opts_d, state_of(zr), state_of(zm), init,
                                  str(work.pair_file(zr, zm, init)), priority=priority,
                                  key=f"da-match-{tok}-{zr}-{zm}-{_init_tag(init)}")
 
@@ -530,7 +538,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         done = writer.completed()
         counts["render_skipped"] = len(done)
         bar = Progress(n - len(done), "render (dask)", progress)
-        futs = [client.submit(_render_task, path, z, ts.affines[z], (oh, ow),
+        futs = [client.submit(render_task, path, z, ts.affines[z], (oh, ow),
                               str(writer.array_path), "linear", opts.num_threads,
                               key=f"da-render-{tok}-{z}", priority=-z)
                 for z in range(n) if z not in done]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..fields import nonpositive_jacobian_fraction
-from ..warp import warp_affine, warp_displacement
+from ..render import SliceMap, render_slice
 from .order import InOrder
 
 __all__ = ["ElasticRefiner"]
@@ -58,23 +58,25 @@ class ElasticRefiner:
         self._prev: np.ndarray | None = None
         self._order = InOrder()
 
-    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray
+                 ) -> tuple[SliceMap, np.ndarray]:
         with self._order.turn(z):
-            out, fold = self._refine(z, image, affine)
+            slice_map, out, fold = self._refine(z, image, np.asarray(affine, np.float64))
             self.folding.append(fold)
             self._prev = out
-            return out
+            return slice_map, out
 
     def _refine(self, z: int, image: np.ndarray, affine: np.ndarray
-                ) -> tuple[np.ndarray, float | None]:
-        base = warp_affine(image, affine, self.shape, num_threads=self.num_threads)
+                ) -> tuple[SliceMap, np.ndarray, float | None]:
+        plain_map = SliceMap(affine)
+        base = render_slice(image, plain_map, self.shape, num_threads=self.num_threads)
         if self._prev is None:
-            return base, None
+            return plain_map, base, None
         u = self.predictor.predict(self._prev.astype(np.float32), base.astype(np.float32))
         if not np.isfinite(u).all():
             self.notes[z] = "flow holds NaN or infinite values: kept the affine"
             self.failed.append(z)
-            return base, None
+            return plain_map, base, None
         fold = nonpositive_jacobian_fraction(u, num_threads=self.num_threads)
         scale = 1.0
         while fold > self.max_folding and scale > 0.125:
@@ -83,7 +85,7 @@ class ElasticRefiner:
         if fold > self.max_folding:
             self.notes[z] = (f"flow folds {100 * fold:.3f} % even at 1/8 strength: "
                              "kept the affine")
-            return base, fold
+            return plain_map, base, fold
         if scale < 1.0:
             self.notes[z] = f"flow scaled by {scale:g} to keep folding <= {self.max_folding:g}"
             u = u * scale
@@ -96,5 +98,6 @@ class ElasticRefiner:
             if stored is not None:
                 u = stored
                 fold = nonpositive_jacobian_fraction(u, num_threads=self.num_threads)
-        out = warp_displacement(image, u, affine=affine, num_threads=self.num_threads)
-        return out, fold
+        slice_map = SliceMap(affine, displacement=u)
+        return slice_map, render_slice(image, slice_map, self.shape,
+                                       num_threads=self.num_threads), fold

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -44,59 +44,17 @@ import numpy.typing as npt
 from .. import _core
 from .._errors import DeepAlignError
 from ..estimate import estimate_transform
+from ..warp import warp_affine_field
 
-__all__ = ["ExpectedAffineResult", "register_pair", "match_pair", "knn_grid",
-           "warp_affine_field"]
+if TYPE_CHECKING:
+    from ..render import SliceMap
 
-_INTERPOLATION = {"nearest": 0, "linear": 1}
-_BORDER = {"constant": 0, "replicate": 1}
+__all__ = ["FIELD_STEP", "ExpectedAffineResult", "StackRefiner", "knn_grid", "match_pair",
+           "register_pair"]
+
 Features = Literal["sift", "learned", "blocks"]
-_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
-
-
-def warp_affine_field(image: npt.ArrayLike, field: npt.ArrayLike, step: float,
-                      output_shape: tuple[int, int], *, interpolation: str = "linear",
-                      border: str = "constant", fill: float = 0.0,
-                      num_threads: int = 0) -> np.ndarray:
-    """Warp a 2-D image with a per-pixel affine pull field.
-
-    Parameters
-    ----------
-    image : ndarray, shape (H, W)
-        uint8, uint16 or float32 source (moving) image.
-    field : ndarray, shape (rows, cols, 2, 3)
-        float64 pull affines on a grid of spacing ``step``: node (i, j) is output pixel
-        (x, y) = (j * step, i * step). Must cover ``output_shape``.
-    step : float
-        Grid spacing in pixels.
-    output_shape : (int, int)
-        Output (height, width).
-    interpolation : {"linear", "nearest"}
-    border : {"constant", "replicate"}
-    fill : float
-        Value outside the source with ``border="constant"``.
-    num_threads : int
-        Threads of the C++ kernel (0 = all cores).
-
-    Returns
-    -------
-    ndarray
-        The warped image, same dtype as ``image``.
-    """
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise DeepAlignError(f"image: expected a 2-D array, got shape {img.shape}")
-    if img.dtype not in _DTYPES:
-        raise DeepAlignError(f"image: expected uint8, uint16 or float32, got {img.dtype}")
-    if interpolation not in _INTERPOLATION or border not in _BORDER:
-        raise DeepAlignError("interpolation must be 'linear'/'nearest', border 'constant'/"
-                             "'replicate'")
-    f = np.ascontiguousarray(field, dtype=np.float64)
-    out = np.empty(tuple(int(s) for s in output_shape), img.dtype)
-    _core.warp_affine_field(np.ascontiguousarray(img), out, f, float(step),
-                            _INTERPOLATION[interpolation], _BORDER[border], float(fill),
-                            int(num_threads))
-    return out
+#: Grid spacing (output pixels) of the fields of a stack refinement (and of their store).
+FIELD_STEP = 8
 
 
 def knn_grid(points: npt.ArrayLike, shape: tuple[int, int], *, step: int, k: int,
@@ -456,10 +414,12 @@ class StackRefiner:
 
     Called for every slice in order with its solved affine: the affinely rendered slice is
     registered with :func:`register_pair` onto the previous *output* slice (damage mask warped
-    into the output frame by the same affine), and the slice is rendered once with the
-    composed per-pixel map ``affine o field``. Slice 0, slices whose registration fails or falls
-    back, keep the plain affine; ``notes`` records which. Calls may come from several threads:
-    each waits for its predecessor (the refinement is sequential by nature).
+    into the output frame by the same affine); the slice's map is then the affine plus that
+    per-pixel affine field (:class:`~deepalign_fast.render.SliceMap`, kind ``affine-field``),
+    stored in ``store`` so that ``apply`` reproduces the render, and the slice is rendered once
+    with it. Slice 0, slices whose registration fails or falls back, keep the plain affine;
+    ``notes`` records which. Calls may come from several threads: each waits for its
+    predecessor (the refinement is sequential by nature).
 
     Parameters
     ----------
@@ -468,35 +428,45 @@ class StackRefiner:
         of slices, Zarr), one mask per slice, non-zero = damage. None = no damage anywhere.
     shape : (int, int)
         Output frame.
+    store : FieldStore, optional
+        Of kind ``"affine"`` with stride :data:`FIELD_STEP`: where each slice's field is kept.
     """
 
-    def __init__(self, masks: object | None, shape: tuple[int, int], *, num_slices: int,
-                 features: Features = "learned", num_threads: int = 0) -> None:
+    def __init__(self, masks: object | None, shape: tuple[int, int], *, num_slices: int | None,
+                 features: Features = "blocks", store: Any | None = None,
+                 num_threads: int = 0) -> None:
         from ..io import open_stack
         from .order import InOrder
         self._masks = None
         if masks is not None:
             self._masks = open_stack(masks)  # type: ignore[arg-type]
-            if len(self._masks) != num_slices:
+            if num_slices is not None and len(self._masks) != num_slices:
                 raise DeepAlignError(f"{masks}: {len(self._masks)} masks for {num_slices} slices")
         self.shape = shape
         self.features = features
+        self.store = store
         self.num_threads = num_threads
         self.notes: dict[int, str] = {}
+        self.failed: list[int] = []
         self._prev: np.ndarray | None = None
         self._order = InOrder()
 
-    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray
+                 ) -> tuple[SliceMap, np.ndarray]:
         with self._order.turn(z):
-            out = self._refine(z, image, np.asarray(affine, np.float64))
+            slice_map, out = self._refine(z, image, np.asarray(affine, np.float64))
             self._prev = out
-            return out
+            return slice_map, out
 
-    def _refine(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    def _refine(self, z: int, image: np.ndarray, affine: np.ndarray
+                ) -> tuple[SliceMap, np.ndarray]:
+        from ..render import SliceMap, render_slice
         from ..warp import warp_affine
-        plain = warp_affine(image, affine, self.shape, num_threads=self.num_threads)
+
+        plain_map = SliceMap(affine)
+        plain = render_slice(image, plain_map, self.shape, num_threads=self.num_threads)
         if self._prev is None:
-            return plain
+            return plain_map, plain
         mask_out = None
         if self._masks is not None:
             m = np.asarray(self._masks.read(z))
@@ -507,16 +477,15 @@ class StackRefiner:
                                        interpolation="nearest", num_threads=self.num_threads)
         try:
             res = register_pair(self._prev, plain, mask=mask_out, features=self.features,
-                                num_threads=self.num_threads)
+                                field_step=FIELD_STEP, num_threads=self.num_threads)
         except DeepAlignError as exc:  # e.g. the warped mask covers the frame
             self.notes[z] = f"affine kept: {exc}"
-            return plain
+            return plain_map, plain
         if not res or res.fallback:
             self.notes[z] = f"affine kept: {res.reason}"
-            return plain
-        a3 = np.vstack([affine, [0.0, 0.0, 1.0]])
-        f = res.field
-        composed = np.einsum("ij,rcjk->rcik", a3[:2], np.concatenate(
-            [f, np.broadcast_to([0.0, 0.0, 1.0], f.shape[:2] + (1, 3))], axis=2))
-        return warp_affine_field(image, np.ascontiguousarray(composed), res.field_step,
-                                 self.shape, num_threads=self.num_threads)
+            return plain_map, plain
+        if self.store is not None:
+            self.store.put_affine(z, res.field)
+        slice_map = SliceMap(affine, affine_field=res.field, field_step=res.field_step)
+        return slice_map, render_slice(image, slice_map, self.shape,
+                                       num_threads=self.num_threads)

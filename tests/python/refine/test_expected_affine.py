@@ -6,7 +6,8 @@ import tifffile
 from deepalign_fast import DeepAlignError, _core, datasets
 from deepalign_fast.cli import main
 from deepalign_fast.geometry import apply_affine, invert
-from deepalign_fast.refine.expected_affine import knn_grid, register_pair, warp_affine_field
+from deepalign_fast.refine.expected_affine import knn_grid, register_pair
+from deepalign_fast.warp import warp_affine_field
 from oracles.expected_affine import (
     expected_affine_field_ref,
     knn_grid_ref,

@@ -1,0 +1,142 @@
+"""Every rendering mode on the tiny test stack (tests/data): one render path, reproduced by
+`apply`, kept in memory, streamed, and equal or refused on a cluster. Needs no shared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from deepalign_fast import Aligner, AlignOptions
+from deepalign_fast.cli import main
+from deepalign_fast.datasets import sample_stack_path
+from deepalign_fast.qc.metrics import ncc
+from deepalign_fast.transforms import TransformSet
+
+MODES = ["affine", "elastic", "expected-affine"]
+
+
+@pytest.fixture
+def stack_for(tiny_stack: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The input each mode is exercised on: the tiny stack, except for expected affine, whose
+    clusters need more matches than 224^2 slices give (4 clusters of >= 12): the first 5
+    slices of the bundled sample (384 x 512)."""
+    def pick(mode: str) -> Path:
+        if mode != "expected-affine":
+            return tiny_stack
+        path = tmp_path_factory.mktemp("sample") / "sample5.tif"
+        tifffile.imwrite(path, tifffile.imread(sample_stack_path())[:5])
+        return path
+    return pick
+
+
+def _neighbour_ncc(stack: np.ndarray, margin: int = 12) -> float:
+    c = stack[:, margin:-margin, margin:-margin].astype(np.float64)
+    return float(np.mean([ncc(c[z], c[z + 1]) for z in range(len(c) - 1)]))
+
+
+def test_tiny_stack_is_aligned(tiny_stack: Path, tmp_path: Path) -> None:
+    """The crop offsets (up to 4 px) are taken out: neighbours correlate better, no slice is
+    flagged, and the slow-drift default keeps the offsets' straight-line trend only."""
+    info = json.loads(tiny_stack.with_suffix(".json").read_text())
+    res = Aligner().align_stack(tiny_stack, tmp_path / "out.tif", progress=False)
+    assert res.flagged == []
+    before = tifffile.imread(tiny_stack)
+    after = tifffile.imread(tmp_path / "out.tif")
+    assert _neighbour_ncc(after) > _neighbour_ncc(before) + 0.05
+    # The pull translations move against the crop offsets: correlation close to -1.
+    off = np.array(info["offsets_yx"], np.float64)[:, ::-1]
+    t = res.transforms.affines[:, :, 2]
+    for k in range(2):
+        assert np.corrcoef(t[:, k], off[:, k])[0, 1] < -0.8
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_apply_reproduces_align(mode: str, stack_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`apply` on the input itself gives the aligned output pixel for pixel, in every mode:
+    the transforms file carries the affine and the mode's per-slice fields."""
+    src = stack_for(mode)
+    out, tf = tmp_path / "out.tif", tmp_path / "t.json"
+    assert main(["align", str(src), "-o", str(out), "--transforms", str(tf),
+                 "--mode", mode, "--quiet", "--threads", "1"]) == 0
+    ts = TransformSet.load(tf)
+    kinds = {ts.slice_map(z).kind for z in range(len(ts))}
+    expected = {"affine": "affine", "elastic": "displacement",
+                "expected-affine": "affine-field"}[mode]
+    assert expected in kinds  # the refinement really produced (and persisted) fields
+    again = tmp_path / "again.tif"
+    assert main(["apply", str(tf), str(src), "-o", str(again), "--interpolation", "linear",
+                 "--quiet",
+                 "--threads", "1"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(again), tifffile.imread(out))
+
+
+@pytest.mark.parametrize("mode", ["elastic", "expected-affine"])
+def test_in_memory_transforms_hold_the_fields(mode: str, stack_for,  # type: ignore[no-untyped-def]
+                                              tmp_path: Path) -> None:
+    """After align_stack the returned transforms hold the fields (no reload from disk), and
+    render never changes the transforms it was given."""
+    src = stack_for(mode)
+    aligner = Aligner(mode=mode, num_threads=1)
+    estimated = aligner.estimate(src, progress=False).transforms
+    rendered, _ = aligner.render(src, estimated, tmp_path / "r.tif", progress=False)
+    assert estimated.fields is None and rendered.fields is not None
+    assert any(rendered.slice_map(z).kind != "affine" for z in range(len(rendered)))
+    res = aligner.align_stack(src, tmp_path / "out.tif", progress=False)
+    assert res.transforms.fields is not None
+    assert any(res.transforms.slice_map(z).kind != "affine" for z in range(len(res.transforms)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_every_mode(mode: str, stack_for) -> None:  # type: ignore[no-untyped-def]
+    """A stream renders each slice with the mode's map: refined modes differ from the affine
+    render on some slice, and every slice comes out once, in order."""
+    stack = tifffile.imread(stack_for(mode))
+    out = list(Aligner(mode=mode, num_threads=1).stream(iter(stack), lookahead=2))
+    assert len(out) == len(stack) and all(o.shape == stack[0].shape for o in out)
+    if mode != "affine":
+        plain = list(Aligner(num_threads=1).stream(iter(stack), lookahead=2))
+        assert any(not np.array_equal(a, b) for a, b in zip(out, plain, strict=True))
+
+
+def test_transforms_versions_load(tiny_stack: Path, tmp_path: Path) -> None:
+    """A version 2 file (displacement fields, no "kind") still loads as displacement fields;
+    a field store whose kind contradicts the file is refused."""
+    out, tf = tmp_path / "out.tif", tmp_path / "t.json"
+    Aligner(mode="elastic", num_threads=1).align_stack(tiny_stack, out, transforms_path=tf,
+                                                       progress=False)
+    data = json.loads(tf.read_text())
+    assert data["version"] == 3 and data["fields"]["kind"] == "displacement"
+    data["version"] = 2
+    del data["fields"]["kind"]
+    tf.write_text(json.dumps(data))
+    assert TransformSet.load(tf).slice_map(1).kind == "displacement"
+    data["fields"]["kind"] = "affine"
+    data["version"] = 3
+    tf.write_text(json.dumps(data))
+    from deepalign_fast import DeepAlignError
+
+    with pytest.raises(DeepAlignError, match="holds displacement fields"):
+        TransformSet.load(tf)
+
+
+@pytest.mark.parametrize("mode", ["elastic", "expected-affine"])
+def test_refined_modes_are_refused_on_a_cluster(mode: str, tiny_stack: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Refinement is sequential (each slice against the previous output), so a cluster run
+    of a refined mode is refused before any work, by the CLI and the API alike."""
+    out = tmp_path / "out.ome.zarr"
+    rc = main(["align", str(tiny_stack), "-o", str(out), "--mode", mode,
+               "--scheduler", "local:2", "--quiet"])
+    assert rc == 2
+    assert f"--mode {mode} runs on one machine" in capsys.readouterr().err
+    assert not out.exists()
+    pytest.importorskip("distributed")
+    from deepalign_fast.alignment.distributed import align_distributed
+
+    with pytest.raises(ValueError, match="runs on one machine"):
+        align_distributed(tiny_stack, out, scheduler="local:1",
+                          options=AlignOptions(mode=mode))
+    assert not out.exists()
