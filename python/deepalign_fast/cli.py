@@ -43,20 +43,12 @@ def _flag(name: str) -> str:
 
 
 def _align_options(args: argparse.Namespace) -> Any:
+    """The :class:`AlignOptions` of the parsed ``align`` flags (one flag per field)."""
     from .alignment import AlignOptions
 
-    extra = {k: v for k, v in getattr(args, "config_options", {}).items()
-             if k in ("min_matches", "field_stride")}  # options without a flag
     try:
-        return AlignOptions(**extra, features=args.features, model=args.model,
-                            offsets=args.offsets,
-                            threshold=args.threshold, regularise=args.regularise,
-                            slow_drift=args.slow_drift, drift_sigma=args.drift_sigma,
-                            min_pair_score=args.min_pair_score,
-                            canvas=args.canvas,
-                            num_threads=args.threads, provider=args.provider, mode=args.mode,
-                            masks=None if args.masks is None else str(args.masks),
-                            max_folding=args.max_folding)
+        return AlignOptions(**{f.name: getattr(args, f.name)
+                               for f in dataclass_fields(AlignOptions)})
     except (ValueError, TypeError) as exc:
         names = "|".join(f.name for f in dataclass_fields(AlignOptions))
         msg = re.sub(rf"\b({names})\b", lambda m: _flag(m.group(1)), str(exc))
@@ -147,58 +139,41 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def _add_align_arguments(p: argparse.ArgumentParser) -> None:
-    from .alignment.options import CANVAS, FEATURES, MODES, AlignOptions
-    from .alignment.solve import SLOW_DRIFT
-    from .estimate import MODELS
+    """One flag per :class:`AlignOptions` field (name, default, choices and help from the
+    dataclass and its docstring), then the output flags that are not options."""
+    import typing
 
-    d = AlignOptions()
-    p.add_argument("--features", choices=FEATURES, default=d.features,
-                   help="matching: dense NCC blocks, raw SIFT, or learned features "
-                        "(default %(default)s)")
-    p.add_argument("--model", choices=MODELS, default=d.model,
-                   help="transform model per slice; affine is regularised toward rigid by "
-                        "--regularise (default %(default)s)")
-    p.add_argument("--offsets", type=_int_tuple, default=d.offsets,
-                   help="match each slice with its predecessors at these ranks, comma-"
-                        "separated; all pairs enter one global solve (default "
-                        + ",".join(map(str, d.offsets)) + ")")
-    p.add_argument("--regularise", type=float, default=d.regularise,
-                   help="strength of the per-slice prior toward a rigid map for --model affine "
-                        "(0 = free affine; default %(default)s)")
-    p.add_argument("--threshold", type=float, default=d.threshold,
-                   help="inlier threshold in pixels (default %(default)s)")
-    p.add_argument("--min-pair-score", type=float, default=d.min_pair_score,
-                   help="pairs whose median block correlation is below this are not used "
-                        "(0 = every plausible pair is used) (default %(default)s)")
-    p.add_argument("--slow-drift", choices=SLOW_DRIFT, default=d.slow_drift,
-                   help="motion slower than --drift-sigma slices: keep the input's (an aligned "
-                        "stack stays put; jitter is removed) or follow what the matches see "
-                        "(also corrects slow stage drift, but follows the apparent motion of "
-                        "oblique anatomy); none = the raw solve (default %(default)s)")
-    p.add_argument("--drift-sigma", type=float, default=d.drift_sigma,
-                   help="Gaussian sigma in slices separating slow motion from jitter "
-                        "(default %(default)s)")
+    from .alignment import options as options_module
+    from .alignment.options import AlignOptions, option_docs
+
+    docs = option_docs()
+    hints = typing.get_type_hints(AlignOptions, vars(options_module))
+    names = "|".join(f.name for f in dataclass_fields(AlignOptions))
+    underscored = "|".join(f.name for f in dataclass_fields(AlignOptions) if "_" in f.name)
+    for f in dataclass_fields(AlignOptions):
+        hint = hints[f.name]
+        text = re.sub(rf"\b({names})=\"([\w-]+)\"", lambda m: f"{_flag(m.group(1))} {m.group(2)}",
+                      docs[f.name])
+        text = re.sub(rf"\b({underscored})\b", lambda m: _flag(m.group(1)), text)
+        kw: dict[str, Any] = {"dest": f.name, "default": f.default,
+                              "help": text.replace("%", "%%") + " (default: %(default)s)"}
+        if typing.get_origin(hint) is typing.Literal:
+            kw["choices"] = typing.get_args(hint)
+        elif hint == tuple[int, ...]:
+            kw.update(type=_int_tuple, metavar="N,N,...",
+                      help=kw["help"].replace("%(default)s",
+                                              ",".join(str(v) for v in kw["default"])))
+        elif hint in (int, float):
+            kw["type"] = hint
+        else:  # optional paths
+            kw.update(type=str, metavar="PATH")
+        flags = [_flag(f.name)] + (["--num-threads"] if f.name == "num_threads" else [])
+        p.add_argument(*flags, **kw)
     p.add_argument("--pixel-size", metavar="X[,Y[,Z]]", default=None,
                    help="physical pixel size (and slice spacing) to record in the output, "
                         "overriding the input's metadata; Y defaults to X and Z to Y")
     p.add_argument("--unit", default=None,
                    help="unit of --pixel-size, e.g. nm or um (default: the input's, else nm)")
-    p.add_argument("--canvas", choices=CANVAS, default=d.canvas,
-                   help="output frame: first slice's, or union of all (default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
-    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
-                   help="onnxruntime execution provider for --features learned "
-                        "(default %(default)s)")
-    p.add_argument("--mode", choices=MODES, default=d.mode,
-                   help="render with one affine per slice, refine damaged sections with the "
-                        "expected affine, or refine every slice with the learned flow (elastic) "
-                        "(default %(default)s)")
-    p.add_argument("--max-folding", type=float, default=d.max_folding,
-                   help="--mode elastic: largest accepted fraction of non-positive Jacobian "
-                        "determinants per slice (default %(default)s = 0.1 %%)")
-    p.add_argument("--masks", type=Path, default=None,
-                   help="damage masks for --mode expected-affine (stack or folder, "
-                        "non-zero = fold/crack)")
 
 
 def _add_align(sub: Any) -> None:
@@ -239,7 +214,7 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
     plan.input(args.input, "INPUT").input(args.masks, "--masks")
     plan.output(args.output, "-o", folder=is_zarr)
     plan.output(transforms_path, "--transforms")
-    if args.mode == "elastic":
+    if args.mode != "affine":  # elastic and expected-affine keep their per-slice fields
         plan.output(fields_path_for(transforms_path), "fields", folder=True)
     plan.output(args.report, "--report")
     if is_zarr:
@@ -464,10 +439,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# AlignOptions fields whose CLI flag has another name.
-_OPTION_DEST = {"num_threads": "threads"}
-
-
 def load_config(path: Path) -> dict[str, Any]:
     """AlignOptions fields from a config file: JSON (a transforms file's ``options``, or a
     plain object of fields, as ``deepalign-fast config --defaults`` prints), or YAML (needs
@@ -522,8 +493,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     ts = TransformSet.load(args.transforms)
     if ts.fields is not None:
-        raise DeepAlignError(f"{args.transforms}: holds displacement fields (--mode elastic); "
-                             "an affine per slice cannot carry them")
+        raise DeepAlignError(f"{args.transforms}: holds per-slice fields (--mode elastic or "
+                             "expected-affine); an affine per slice cannot carry them")
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.transforms, "TRANSFORMS")
     width = max(4, len(str(len(ts) - 1)))
@@ -859,10 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         align = next(a for a in parser._actions
                      if isinstance(a, argparse._SubParsersAction)).choices["align"]
-        flags = {_OPTION_DEST.get(k, k): v for k, v in config.items()}
-        align.set_defaults(**flags)  # the file's values; flags on the command line win
+        align.set_defaults(**config)  # the file's values; flags on the command line win
         args = parser.parse_args(argv)
-        args.config_options = config
     if args.command is None:
         parser.print_help()
         return 0

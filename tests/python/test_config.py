@@ -63,3 +63,30 @@ def test_bad_config_files(src: Path, tmp_path: Path,
         err = capsys.readouterr().err
         assert expect in err and name in err
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_align_flags_are_generated_from_the_options() -> None:
+    """Every AlignOptions field is an align flag with the same name (num_threads: --threads)
+    and default, and its help is the field's documentation."""
+    import dataclasses
+
+    from deepalign_fast import AlignOptions
+    from deepalign_fast.alignment.options import option_docs
+    from deepalign_fast.cli import _align_options, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["align", "in.tif", "-o", "out.tif"])
+    assert _align_options(args) == AlignOptions()
+    values = {"min_matches": 20, "field_stride": 8, "drift_sigma": 12.0, "offsets": (1, 3),
+              "slow_drift": "follow", "num_threads": 1, "masks": "m.tif", "mode": "elastic"}
+    argv = ["align", "in.tif", "-o", "out.tif"]
+    for name, value in values.items():
+        flag = "--threads" if name == "num_threads" else "--" + name.replace("_", "-")
+        argv += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    assert _align_options(parser.parse_args(argv)) == AlignOptions(**values)
+    sub = next(a for a in parser._actions if a.dest == "command").choices["align"]
+    helps = {a.dest: a.help or "" for a in sub._actions}
+    for f in dataclasses.fields(AlignOptions):
+        assert f.name in helps
+        words = [w for w in option_docs()[f.name].split() if w.isalpha()]
+        assert max(words, key=len) in helps[f.name], (f.name, helps[f.name])

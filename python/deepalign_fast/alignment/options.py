@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -10,15 +12,26 @@ from ..estimate import MODELS
 from ..match import FEATURES
 from .solve import SLOW_DRIFT
 
-__all__ = ["CANVAS", "FEATURES", "MODES", "AlignOptions"]
+__all__ = ["CANVAS", "FEATURES", "MODES", "PROVIDERS", "AlignOptions", "option_docs"]
 
-MODES = ("affine", "expected-affine", "elastic")
-CANVAS = ("reference", "union")
+Features = Literal["blocks", "sift", "learned"]
+ModelName = Literal["translation", "rigid", "similarity", "affine"]
+SlowDrift = Literal["keep", "follow", "none"]
+Canvas = Literal["reference", "union"]
+Provider = Literal["cpu", "cuda", "tensorrt"]
+Mode = Literal["affine", "expected-affine", "elastic"]
+MODES: tuple[str, ...] = get_args(Mode)
+CANVAS: tuple[str, ...] = get_args(Canvas)
+PROVIDERS: tuple[str, ...] = get_args(Provider)
+assert get_args(Features) == FEATURES and get_args(SlowDrift) == SLOW_DRIFT
+assert get_args(ModelName) == MODELS
 
 
 @dataclass(frozen=True)
 class AlignOptions:
-    """Options of :class:`Aligner` (all keyword; the CLI flags have the same names).
+    """Options of :class:`Aligner` (all keyword). The ``align`` flags are generated from
+    these fields: same names (``--drift-sigma``; ``num_threads`` is ``--threads``), same
+    defaults, and the help below.
 
     Parameters
     ----------
@@ -44,11 +57,12 @@ class AlignOptions:
         Strength of the per-slice prior toward a rigid map (``model="affine"``), relative to
         a slice's match weight: 0 = free affine per slice; larger values trust the matches'
         scale/shear less.
-    slow_drift : {"keep", "follow"}
+    slow_drift : {"keep", "follow", "none"}
         Motion slower than ``drift_sigma`` slices: ``"keep"`` the input's (default; an
-        aligned stack stays where it is, jitter and per-slice errors are removed) or
+        aligned stack stays where it is, jitter and per-slice errors are removed),
         ``"follow"`` what the matches see (corrects slow stage drift too, but also follows
-        the apparent motion of oblique anatomy: several px over hundreds of slices).
+        the apparent motion of oblique anatomy: several px over hundreds of slices), or
+        ``"none"``: the raw solve (follows slow rotation, scale and shear as well).
     drift_sigma : float
         Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``.
     canvas : {"reference", "union"}
@@ -60,12 +74,13 @@ class AlignOptions:
         onnxruntime execution provider for ``features="learned"``; asking for a GPU provider
         that is not installed is an error naming the package to install.
     mode : {"affine", "expected-affine", "elastic"}
-        Rendering: one affine per slice, or (damaged serial sections) each slice refined
-        after the affine solve by an expected-affine field against the previous aligned
-        slice (:class:`deepalign_fast.refine.expected_affine.StackRefiner`; ``render`` only).
-        ``"elastic"``: each slice refined by the learned flow network against the previous
-        output slice (:class:`deepalign_fast.refine.elastic.ElasticRefiner`); the fields are kept in
-        the transforms file so ``apply`` carries labels through them.
+        Rendering: one affine per slice; or (damaged serial sections) each slice refined after
+        the affine solve by an expected-affine field against the previous output slice,
+        matched with ``features``
+        (:class:`deepalign_fast.refine.expected_affine.StackRefiner`); or ``"elastic"``: each
+        slice refined by the learned flow network against the previous output slice
+        (:class:`deepalign_fast.refine.elastic.ElasticRefiner`). The fields of both are kept
+        beside the transforms file, so ``apply`` reproduces the render (labels included).
     masks : path, optional
         Damage masks for ``mode="expected-affine"`` (stack or folder, non-zero = damage).
     max_folding : float
@@ -75,26 +90,26 @@ class AlignOptions:
         ``mode="elastic"``: the fields are stored every ``field_stride`` output pixels.
     """
 
-    features: str = "blocks"
-    model: str = "affine"
+    features: Features = "blocks"
+    model: ModelName = "affine"
     offsets: tuple[int, ...] = (1, 2, 4, 8)
     threshold: float = 2.0
     min_matches: int = 12
     min_pair_score: float = 0.0
     regularise: float = 0.05
-    slow_drift: str = "keep"
+    slow_drift: SlowDrift = "keep"
     drift_sigma: float = 16.0
-    canvas: str = "reference"
+    canvas: Canvas = "reference"
     num_threads: int = 0
-    provider: str = "cpu"
-    mode: str = "affine"
+    provider: Provider = "cpu"
+    mode: Mode = "affine"
     masks: str | None = None
     max_folding: float = 0.001
     field_stride: int = 4
 
     def __post_init__(self) -> None:
         checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
-                  ("mode", self.mode, MODES),
+                  ("mode", self.mode, MODES), ("provider", self.provider, PROVIDERS),
                   ("slow_drift", self.slow_drift, SLOW_DRIFT), ("canvas", self.canvas, CANVAS)]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -119,3 +134,21 @@ class AlignOptions:
             raise ValueError(f"max_folding must be in [0, 1), got {self.max_folding}")
         if self.field_stride < 1:
             raise ValueError(f"field_stride must be >= 1, got {self.field_stride}")
+
+
+def option_docs() -> dict[str, str]:
+    """Each option's description from the :class:`AlignOptions` docstring (plain text, one
+    line): the single source of the CLI's help."""
+    doc = AlignOptions.__doc__ or ""
+    body = doc.split("----------", 1)[1]
+    docs: dict[str, str] = {}
+    name = None
+    for line in body.splitlines():
+        m = re.match(r"^    (\w+) : ", line)
+        if m:
+            name = m.group(1)
+            docs[name] = ""
+        elif name is not None and line.startswith("        "):
+            docs[name] += " " + line.strip()
+    return {k: re.sub(r"``([^`]*)``|:\w+:`~?([^`]*)`", lambda m: m.group(1) or m.group(2),
+                      v).strip() for k, v in docs.items()}
