@@ -58,24 +58,24 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 
 
 def overheads(client: Any, src: Path, opts: AlignOptions, root: Path) -> dict[str, Any]:
-    from deepalign_fast.alignment import _make_backend
-    from deepalign_fast.alignment.distributed import _match_task, _noop, _prepare_task
+    from deepalign_fast.alignment.distributed import match_task, noop_task, prepare_task
+    from deepalign_fast.alignment.matcher import backend_for
 
     out: dict[str, Any] = {}
     for i in range(20):  # warm-up
-        client.submit(_noop, i, pure=False).result()
+        client.submit(noop_task, i, pure=False).result()
     rt = []
     for i in range(200):
         t0 = time.perf_counter()
-        client.submit(_noop, i, pure=False).result()
+        client.submit(noop_task, i, pure=False).result()
         rt.append(time.perf_counter() - t0)
     out["empty_roundtrip_ms"], out["empty_roundtrip_iqr_ms"] = (v * 1e3 for v in _quartiles(rt))
     t0 = time.perf_counter()
-    client.gather(client.map(_noop, range(2000), pure=False))
+    client.gather(client.map(noop_task, range(2000), pure=False))
     out["empty_tasks_per_s"] = 2000 / (time.perf_counter() - t0)
 
     # Per-slice work in-process vs as tasks (one worker, one slice at a time).
-    backend = _make_backend(opts)
+    backend = backend_for(opts)
     od = asdict(opts)
     with open_stack(src) as reader:
         n = len(reader)
@@ -88,11 +88,11 @@ def overheads(client: Any, src: Path, opts: AlignOptions, root: Path) -> dict[st
             local.append(time.perf_counter() - t0)
             prev = cur
         worker = list(client.scheduler_info()["workers"])[:1]
-        prev_f = client.submit(_prepare_task, str(src), od, 0, pure=False, workers=worker)
+        prev_f = client.submit(prepare_task, str(src), od, 0, pure=False, workers=worker)
         for z in range(1, min(n, 9)):
             t0 = time.perf_counter()
-            cur_f = client.submit(_prepare_task, str(src), od, z, pure=False, workers=worker)
-            m = client.submit(_match_task, od, prev_f, cur_f, None,
+            cur_f = client.submit(prepare_task, str(src), od, z, pure=False, workers=worker)
+            m = client.submit(match_task, od, prev_f, cur_f, None,
                               str(root / f"pair{z}.npz"), pure=False, workers=worker)
             m.result()
             remote.append(time.perf_counter() - t0)

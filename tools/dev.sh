@@ -54,6 +54,9 @@ case "${1:-}" in
     # Lint and strict typing of the package (STYLE.md).
     python -m ruff check python tests benchmarks export
     python -m mypy
+    # Import layering (contracts in pyproject.toml: stages import downward, no QC in the
+    # alignment, no torch in the runtime), on the installed package.
+    lint-imports
     # Python tests against the installed package.
     set +e
     python -m pytest "${@:2}"

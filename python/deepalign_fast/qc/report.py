@@ -269,7 +269,7 @@ _COLOURS = [(180, 90, 30), (30, 120, 230), (40, 160, 40), (40, 40, 200), (150, 6
             (90, 90, 90)]
 
 
-def _nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False
+def nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False
                 ) -> tuple[list[float], float]:
     if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
         return ([lo] if math.isfinite(lo) else []), 1.0
@@ -283,7 +283,7 @@ def _nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False
     return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)], step
 
 
-def _fmt(v: float, step: float) -> str:
+def format_tick(v: float, step: float) -> str:
     """Tick label with as many decimals as the tick step needs, so neighbouring ticks differ
     (e.g. scales 0.9996, 0.9998, 1.0000 rather than "1", "1", "1")."""
     if abs(v) < step * 1e-6:
@@ -331,17 +331,18 @@ def _plot(
         return np.stack([u, v], -1).round().astype(np.int32)
 
     font, grey = cv2.FONT_HERSHEY_SIMPLEX, (200, 200, 200)
-    yt, ystep = _nice_ticks(y0, y1)
+    yt, ystep = nice_ticks(y0, y1)
     for t in yt:
         v = int(px(np.array([x0]), np.array([t]))[0, 1])
         cv2.line(canvas, (left, v), (left + pw, v), (235, 235, 235), 1)
-        cv2.putText(canvas, _fmt(t, ystep), (4, v + 4), font, 0.38, (60, 60, 60), 1, cv2.LINE_AA)
-    xt, xstep = _nice_ticks(x0, x1, 8, integer=True)
+        cv2.putText(canvas, format_tick(t, ystep), (4, v + 4), font, 0.38, (60, 60, 60), 1,
+                    cv2.LINE_AA)
+    xt, xstep = nice_ticks(x0, x1, 8, integer=True)
     for t in xt:
         u = int(px(np.array([t]), np.array([y0]))[0, 0])
         cv2.line(canvas, (u, top + ph), (u, top + ph + 4), (60, 60, 60), 1)
-        cv2.putText(canvas, _fmt(t, xstep), (u - 8, top + ph + 16), font, 0.38, (60, 60, 60), 1,
-                    cv2.LINE_AA)
+        cv2.putText(canvas, format_tick(t, xstep), (u - 8, top + ph + 16), font, 0.38,
+                    (60, 60, 60), 1, cv2.LINE_AA)
     for z in flagged:
         if x0 <= z <= x1:
             u = int(px(np.array([float(z)]), np.array([y0]))[0, 0])

@@ -234,9 +234,9 @@ def test_report_records_run_and_true_voxel_aspect(tmp_path):
 
 
 def test_tick_labels_differ():
-    from deepalign_fast.qc.report import _fmt, _nice_ticks
+    from deepalign_fast.qc.report import format_tick, nice_ticks
 
     for lo, hi in ((0.99996, 1.00003), (0.9, 1.1), (1e-7, 3e-7), (-2.5, 2.5), (12000, 12001)):
-        ticks, step = _nice_ticks(lo, hi)
-        labels = [_fmt(t, step) for t in ticks]
+        ticks, step = nice_ticks(lo, hi)
+        labels = [format_tick(t, step) for t in ticks]
         assert len(labels) >= 2 and len(set(labels)) == len(labels), (lo, hi, labels)
