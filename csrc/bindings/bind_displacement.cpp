@@ -48,14 +48,6 @@ void read_affine(const py::array& a, const char* name, double* m) {
   for (int i = 0; i < 6; ++i) m[i] = p[i];
 }
 
-Border read_border(int border) {
-  if (border != 0 && border != 1) {
-    raise_value_error("border: expected 0 (constant) or 1 (replicate), got " +
-                      std::to_string(border));
-  }
-  return static_cast<Border>(border);
-}
-
 template <class T>
 void warp_typed(py::array& src, py::array& dst, const FieldView<const float>& u,
                 const double* affine, Interpolation interp, Border border, double fill,
@@ -98,7 +90,7 @@ void bind_displacement(py::module_& m) {
   m.def(
       "warp_displacement",
       [](py::array src, py::array dst, py::array displacement, std::optional<py::array> affine,
-         int interpolation, int border, double fill, int num_threads) {
+         Interpolation interp, Border bord, double fill, int num_threads) {
         const FieldView<const float> u = as_const(field_view<float>(displacement, "displacement"));
         double mat[6];
         const double* mp = nullptr;
@@ -106,12 +98,6 @@ void bind_displacement(py::module_& m) {
           read_affine(*affine, "affine", mat);
           mp = mat;
         }
-        if (interpolation != 0 && interpolation != 1) {
-          raise_value_error("interpolation: expected 0 (nearest) or 1 (linear), got " +
-                            std::to_string(interpolation));
-        }
-        const auto interp = static_cast<Interpolation>(interpolation);
-        const Border bord = read_border(border);
         if (is_dtype(src, py::dtype::of<std::uint8_t>())) {
           warp_typed<std::uint8_t>(src, dst, u, mp, interp, bord, fill, num_threads);
         } else if (is_dtype(src, py::dtype::of<std::uint16_t>())) {
@@ -126,7 +112,7 @@ void bind_displacement(py::module_& m) {
       py::arg("interpolation"), py::arg("border"), py::arg("fill"), py::arg("num_threads"),
       "dst(p) = src(A(p + u(p))) into the preallocated C-contiguous `dst` (same dtype as `src`, "
       "shape of u); u is (2, H, W) float32 (dx, dy), `affine` a (2, 3) float64 pull map or "
-      "None. interpolation: 0 nearest, 1 linear; border: 0 constant (`fill`), 1 replicate. "
+      "None. interpolation: Interpolation; border: Border (constant uses `fill`); names accepted. "
       "Releases the GIL.");
 
   m.def(
@@ -145,11 +131,10 @@ void bind_displacement(py::module_& m) {
 
   m.def(
       "compose_displacements",
-      [](py::array first, py::array second, py::array out, int border, int num_threads) {
+      [](py::array first, py::array second, py::array out, Border bord, int num_threads) {
         const FieldView<const float> u1 = as_const(field_view<float>(first, "first"));
         const FieldView<const float> u2 = as_const(field_view<float>(second, "second"));
         const FieldView<float> v = field_view<float>(out, "out", /*writeable=*/true);
-        const Border bord = read_border(border);
         py::gil_scoped_release release;  // safe: raw buffers kept alive by the arguments
         compose_displacements(u1, u2, v, bord, num_threads);
       },

@@ -126,16 +126,12 @@ void warp_field_typed(py::array& src, py::array& dst, const double* field, std::
 }
 
 void warp_field_binding(py::array src, py::array dst, py::array field, double step,
-                        int interpolation, int border, double fill, int num_threads) {
+                        Interpolation interp, Border bord, double fill, int num_threads) {
   require_array<double>(field, "field", 4);
   if (field.shape(2) != 2 || field.shape(3) != 3) {
     raise_value_error("field: expected shape (rows, cols, 2, 3), got " + shape_str(field));
   }
-  if (interpolation != 0 && interpolation != 1) raise_value_error("interpolation: expected 0 or 1");
-  if (border != 0 && border != 1) raise_value_error("border: expected 0 or 1");
   const auto* fp = static_cast<const double*>(field.data());
-  const auto interp = static_cast<Interpolation>(interpolation);
-  const auto bord = static_cast<Border>(border);
   const std::int64_t rows = field.shape(0), cols = field.shape(1);
   const py::dtype dt = src.dtype();
   if (dt.equal(py::dtype::of<std::uint8_t>())) {

@@ -33,45 +33,20 @@ py::array_t<double> matrix_array(const double* m) {
   return out;
 }
 
-py::dict ransac_binding(const py::array& src, const py::array& dst, const std::string& model,
-                        double threshold, double confidence, std::int64_t max_iterations,
-                        std::uint64_t seed, int num_threads, bool refine) {
+RansacResult ransac_binding(const py::array& src, const py::array& dst,
+                            const RansacOptions& options) {
   const std::int64_t n_src = require_points(src, "src");
   const std::int64_t n_dst = require_points(dst, "dst");
-  RansacOptions opt;
-  opt.model = parse_model(model);
-  opt.threshold = threshold;
-  opt.confidence = confidence;
-  opt.max_iterations = max_iterations;
-  opt.seed = seed;
-  opt.num_threads = num_threads;
-  opt.refine = refine;
   const auto* ps = static_cast<const double*>(src.data());
   const auto* pd = static_cast<const double*>(dst.data());
-  RansacResult r;
-  {
-    // Safe: the core reads only the two raw buffers, which `src`/`dst` keep alive for the
-    // whole call, and touches no Python object or refcount.
-    py::gil_scoped_release release;
-    r = ransac(ps, n_src, pd, n_dst, opt);
-  }
-  // The mask leaves as a numpy bool array owning the vector's buffer (no copy).
-  auto* mask = new std::vector<std::uint8_t>(std::move(r.inliers));
-  py::capsule owner(mask, [](void* p) { delete static_cast<std::vector<std::uint8_t>*>(p); });
-  py::array inliers(py::dtype("bool"), {static_cast<py::ssize_t>(mask->size())}, {1},
-                    mask->data(), owner);
-  py::dict out;
-  out["success"] = r.success;
-  out["reason"] = r.reason;
-  out["matrix"] = matrix_array(r.matrix.data());
-  out["inliers"] = inliers;
-  out["num_inliers"] = r.num_inliers;
-  out["iterations"] = r.iterations;
-  out["rms"] = r.rms;
-  return out;
+  const RansacOptions opt = options;  // a copy: the caller's object may change meanwhile
+  // Safe: the core reads only the two raw buffers, which `src`/`dst` keep alive for the
+  // whole call, and touches no Python object or refcount.
+  py::gil_scoped_release release;
+  return ransac(ps, n_src, pd, n_dst, opt);
 }
 
-py::object fit_binding(const py::array& src, const py::array& dst, const std::string& model,
+py::object fit_binding(const py::array& src, const py::array& dst, TransformModel model,
                        const std::optional<py::array>& weights) {
   const std::int64_t n = require_points(src, "src");
   if (require_points(dst, "dst") != n) {
@@ -87,7 +62,7 @@ py::object fit_binding(const py::array& src, const py::array& dst, const std::st
     }
     pw = static_cast<const double*>(weights->data());
   }
-  const TransformModel m = parse_model(model);
+  const TransformModel m = model;
   const auto* ps = static_cast<const double*>(src.data());
   const auto* pd = static_cast<const double*>(dst.data());
   double out[6];
@@ -105,10 +80,9 @@ py::object fit_binding(const py::array& src, const py::array& dst, const std::st
 
 void bind_ransac(py::module_& m) {
   m.def("ransac", &ransac_binding, py::arg("src").noconvert(), py::arg("dst").noconvert(),
-        py::arg("model"), py::arg("threshold"), py::arg("confidence"), py::arg("max_iterations"),
-        py::arg("seed"), py::arg("num_threads"), py::arg("refine"),
-        "LO-RANSAC estimate of the 2x3 matrix mapping src (N, 2) to dst (N, 2) float64 points. "
-        "Returns a dict: success, reason, matrix, inliers, num_inliers, iterations, rms.");
+        py::arg("options"),
+        "LO-RANSAC estimate of the 2x3 matrix mapping src (N, 2) to dst (N, 2) float64 points "
+        "with RansacOptions; returns a RansacResult. Releases the GIL.");
   m.def("fit_transform", &fit_binding, py::arg("src").noconvert(), py::arg("dst").noconvert(),
         py::arg("model"), py::arg("weights").noconvert() = py::none(),
         "Weighted least-squares 2x3 matrix mapping src to dst, or None when undetermined.");

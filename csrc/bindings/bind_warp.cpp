@@ -33,7 +33,7 @@ void warp_typed(py::array& src, py::array& dst, const double* matrix, Interpolat
 void bind_warp(py::module_& m) {
   m.def(
       "warp_affine",
-      [](py::array src, py::array dst, py::array matrix, int interpolation, int border,
+      [](py::array src, py::array dst, py::array matrix, Interpolation interp, Border bord,
          double fill, int num_threads) {
         require_array<double>(matrix, "matrix", 2);
         if (matrix.shape(0) != 2 || matrix.shape(1) != 3) {
@@ -42,16 +42,6 @@ void bind_warp(py::module_& m) {
         double mat[6];
         const auto* mp = static_cast<const double*>(matrix.data());
         for (int i = 0; i < 6; ++i) mat[i] = mp[i];
-        if (interpolation != 0 && interpolation != 1) {
-          raise_value_error("interpolation: expected 0 (nearest) or 1 (linear), got " +
-                            std::to_string(interpolation));
-        }
-        if (border != 0 && border != 1) {
-          raise_value_error("border: expected 0 (constant) or 1 (replicate), got " +
-                            std::to_string(border));
-        }
-        const auto interp = static_cast<Interpolation>(interpolation);
-        const auto bord = static_cast<Border>(border);
         const py::dtype dt = src.dtype();
         if (dt.equal(py::dtype::of<std::uint8_t>())) {
           warp_typed<std::uint8_t>(src, dst, mat, interp, bord, fill, num_threads);
@@ -66,8 +56,8 @@ void bind_warp(py::module_& m) {
       py::arg("src"), py::arg("dst"), py::arg("matrix"), py::arg("interpolation"),
       py::arg("border"), py::arg("fill"), py::arg("num_threads"),
       "Warp 2-D `src` into the preallocated C-contiguous `dst` (same dtype) with the 2x3 "
-      "float64 pull map `matrix` (dst (x, y) -> src (x', y')). interpolation: 0 nearest, "
-      "1 linear; border: 0 constant (`fill`), 1 replicate. Releases the GIL.");
+      "float64 pull map `matrix` (dst (x, y) -> src (x', y')). interpolation: Interpolation "
+      "(or its name); border: Border (constant uses `fill`). Releases the GIL.");
 }
 
 }  // namespace deepalign::bindings

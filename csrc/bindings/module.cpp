@@ -7,6 +7,7 @@
 namespace py = pybind11;
 
 namespace deepalign::bindings {
+void bind_types(py::module_& m);  // bind_types.cpp: enums, RansacOptions/RansacResult
 void bind_warp(py::module_& m);    // bind_warp.cpp
 void bind_ransac(py::module_& m);  // bind_ransac.cpp
 void bind_displacement(py::module_& m);  // bind_displacement.cpp
@@ -17,6 +18,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "deepalign-fast C++ core (warping, RANSAC, ...). Use the wrappers in deepalign_fast.";
   m.def("hardware_threads", [] { return std::thread::hardware_concurrency(); },
         "Number of hardware threads num_threads=0 resolves to.");
+  deepalign::bindings::bind_types(m);  // first: the other areas take these types
   deepalign::bindings::bind_warp(m);
   deepalign::bindings::bind_ransac(m);
   deepalign::bindings::bind_displacement(m);

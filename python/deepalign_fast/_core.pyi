@@ -1,5 +1,6 @@
 """Type stubs for the compiled core (hand-written; keep in sync with csrc/bindings)."""
 
+import enum
 from typing import Any
 
 import numpy as np
@@ -7,22 +8,65 @@ import numpy.typing as npt
 
 def hardware_threads() -> int: ...
 
+# bind_types.cpp: enums (their names are accepted wherever one is expected) and RANSAC types
+class Interpolation(enum.Enum):
+    nearest = 0
+    linear = 1
+    def __init__(self, value: int | str) -> None: ...
+
+class Border(enum.Enum):
+    constant = 0
+    replicate = 1
+    def __init__(self, value: int | str) -> None: ...
+
+class TransformModel(enum.Enum):
+    translation = 0
+    rigid = 1
+    similarity = 2
+    affine = 3
+    def __init__(self, value: int | str) -> None: ...
+
+_Interpolation = Interpolation | str
+_Border = Border | str
+_Model = TransformModel | str
+
+class RansacOptions:
+    model: TransformModel
+    threshold: float
+    confidence: float
+    max_iterations: int
+    seed: int
+    num_threads: int
+    refine: bool
+    def __init__(self) -> None: ...
+
+class RansacResult:
+    @property
+    def success(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def num_inliers(self) -> int: ...
+    @property
+    def iterations(self) -> int: ...
+    @property
+    def rms(self) -> float: ...
+    @property
+    def matrix(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def inliers(self) -> npt.NDArray[np.bool_]: ...
+    def __bool__(self) -> bool: ...
+
 # bind_ransac.cpp
 def ransac(
     src: npt.NDArray[np.float64],
     dst: npt.NDArray[np.float64],
-    model: str,
-    threshold: float,
-    confidence: float,
-    max_iterations: int,
-    seed: int,
-    num_threads: int,
-    refine: bool,
-) -> dict[str, Any]: ...
+    options: RansacOptions,
+) -> RansacResult: ...
 def fit_transform(
     src: npt.NDArray[np.float64],
     dst: npt.NDArray[np.float64],
-    model: str,
+    model: _Model,
     weights: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64] | None: ...
 
@@ -31,8 +75,8 @@ def warp_affine(
     src: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
     dst: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
     matrix: npt.NDArray[np.float64],
-    interpolation: int,
-    border: int,
+    interpolation: _Interpolation,
+    border: _Border,
     fill: float,
     num_threads: int,
 ) -> None: ...
@@ -43,8 +87,8 @@ def warp_displacement(
     dst: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32],
     displacement: npt.NDArray[np.float32],
     affine: npt.NDArray[np.float64] | None,
-    interpolation: int,
-    border: int,
+    interpolation: _Interpolation,
+    border: _Border,
     fill: float,
     num_threads: int,
 ) -> None: ...
@@ -58,7 +102,7 @@ def compose_displacements(
     first: npt.NDArray[np.float32],
     second: npt.NDArray[np.float32],
     out: npt.NDArray[np.float32],
-    border: int,
+    border: _Border,
     num_threads: int,
 ) -> None: ...
 def jacobian_determinant(
@@ -89,5 +133,5 @@ def expected_affine_field(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def warp_affine_field(
     src: npt.NDArray[Any], dst: npt.NDArray[Any], field: npt.NDArray[np.float64], step: float,
-    interpolation: int, border: int, fill: float, num_threads: int,
+    interpolation: _Interpolation, border: _Border, fill: float, num_threads: int,
 ) -> None: ...

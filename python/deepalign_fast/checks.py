@@ -6,14 +6,20 @@ silently except where it says so.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import numpy.typing as npt
+
+from . import _core
 
 __all__ = ["BORDER", "DTYPES", "INTERPOLATION", "check_affine", "check_field", "check_image",
            "check_out", "check_threads", "option_code"]
 
-INTERPOLATION = {"nearest": 0, "linear": 1}
-BORDER = {"constant": 0, "replicate": 1}
+#: The bound enums by name (the kernels take the enum; the wrappers accept either).
+INTERPOLATION = {"nearest": _core.Interpolation.nearest, "linear": _core.Interpolation.linear}
+BORDER = {"constant": _core.Border.constant, "replicate": _core.Border.replicate}
+E = TypeVar("E")
 DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
 
@@ -44,7 +50,10 @@ def check_affine(matrix: npt.ArrayLike, name: str) -> np.ndarray:
     return np.ascontiguousarray(m)
 
 
-def option_code(table: dict[str, int], value: object, name: str) -> int:
+def option_code(table: dict[str, E], value: object, name: str) -> E:
+    """The enum member ``value`` names (or ``value`` itself when it is a member)."""
+    if value in table.values():
+        return value  # type: ignore[return-value]
     try:
         return table[value]  # type: ignore[index]
     except (KeyError, TypeError):

@@ -13,53 +13,27 @@ demand: over long stacks, free scale and shear accumulate into drift.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import numpy.typing as npt
 
 from . import _core
 
-__all__ = ["MODELS", "Model", "RansacResult", "estimate_transform", "fit_transform"]
+__all__ = ["MODELS", "Model", "RansacOptions", "RansacResult", "estimate_transform",
+           "fit_transform"]
 
 # Model names; validated at run time, so any str is accepted by the type checker.
 Model = str
 MODELS: tuple[Model, ...] = ("translation", "rigid", "similarity", "affine")
 
 
-@dataclass(frozen=True)
-class RansacResult:
-    """Outcome of :func:`estimate_transform`; falsy when no transform could be estimated.
-
-    Attributes
-    ----------
-    matrix : numpy.ndarray
-        ``(2, 3)`` float64 matrix mapping ``src`` to ``dst`` (all NaN when unsuccessful).
-    inliers : numpy.ndarray
-        ``(N,)`` bool mask of the matches within ``threshold`` of the final model.
-    num_inliers : int
-        ``inliers.sum()``.
-    iterations : int
-        Number of hypotheses (minimal samples) drawn.
-    rms : float
-        Root-mean-square reprojection distance of the inliers, in pixels (NaN if unsuccessful).
-    success : bool
-        Whether a transform was estimated. ``bool(result)`` is the same.
-    reason : str
-        Why ``success`` is False (too few or degenerate points, non-finite coordinates, ...);
-        empty on success.
-    """
-
-    matrix: npt.NDArray[np.float64]
-    inliers: npt.NDArray[np.bool_]
-    num_inliers: int
-    iterations: int
-    rms: float
-    success: bool
-    reason: str
-
-    def __bool__(self) -> bool:
-        return self.success
+#: Outcome of :func:`estimate_transform` (bound from the C++ core); falsy when no transform
+#: could be estimated. Attributes: ``matrix`` ((2, 3) float64 mapping ``src`` to ``dst``, NaN
+#: when unsuccessful), ``inliers`` ((N,) bool), ``num_inliers``, ``iterations`` (hypotheses
+#: drawn), ``rms`` (RMS reprojection distance of the inliers, px; NaN when unsuccessful),
+#: ``success`` (``bool(result)`` is the same) and ``reason`` (why not; empty on success).
+RansacResult = _core.RansacResult
+#: Options of the C++ RANSAC, as a bound class (:func:`estimate_transform` fills it).
+RansacOptions = _core.RansacOptions
 
 
 def _as_points(points: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
@@ -149,19 +123,15 @@ def estimate_transform(
     d = _as_points(dst, "dst")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    out = _core.ransac(
-        s, d, model, float(threshold), float(confidence), int(max_iterations), int(seed),
-        int(num_threads), bool(refine),
-    )
-    return RansacResult(
-        matrix=out["matrix"],
-        inliers=out["inliers"],
-        num_inliers=int(out["num_inliers"]),
-        iterations=int(out["iterations"]),
-        rms=float(out["rms"]),
-        success=bool(out["success"]),
-        reason=str(out["reason"]),
-    )
+    opts = RansacOptions()
+    opts.model = _core.TransformModel(model)
+    opts.threshold = float(threshold)
+    opts.confidence = float(confidence)
+    opts.max_iterations = int(max_iterations)
+    opts.seed = int(seed)
+    opts.num_threads = int(num_threads)
+    opts.refine = bool(refine)
+    return _core.ransac(s, d, opts)
 
 
 def fit_transform(
@@ -204,4 +174,4 @@ def fit_transform(
         w = np.ascontiguousarray(weights, dtype=np.float64)
         if w.shape != (s.shape[0],):
             raise ValueError(f"weights: expected shape ({s.shape[0]},), got {w.shape}")
-    return _core.fit_transform(s, d, model, w)
+    return _core.fit_transform(s, d, _core.TransformModel(model), w)

@@ -105,16 +105,8 @@ def warp_affine(
         raise ValueError("matrix: contains NaN or infinity")
     m = np.ascontiguousarray(m)
 
-    try:
-        interp_code = _INTERPOLATION[interpolation]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"interpolation: expected one of {sorted(_INTERPOLATION)}, got {interpolation!r}"
-        ) from None
-    try:
-        border_code = _BORDER[border]
-    except (KeyError, TypeError):
-        raise ValueError(f"border: expected one of {sorted(_BORDER)}, got {border!r}") from None
+    interp_code = _option(_INTERPOLATION, interpolation, "interpolation")
+    border_code = _option(_BORDER, border, "border")
     if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
         raise ValueError(f"num_threads: expected an int, got {num_threads!r}")
     if num_threads < 0:

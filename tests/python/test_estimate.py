@@ -237,9 +237,31 @@ def test_fit_transform_caller_errors() -> None:
 
 def test_core_rejects_wrong_arrays_naming_the_argument() -> None:
     good = np.zeros((4, 2))
+    opts = _core.RansacOptions()
     with pytest.raises(ValueError, match="src.*dtype"):
-        _core.ransac(good.astype(np.float32), good, "affine", 2.0, 0.99, 10, 0, 1, True)
+        _core.ransac(good.astype(np.float32), good, opts)
     with pytest.raises(ValueError, match="dst.*contiguous"):
-        _core.ransac(good, np.zeros((2, 4)).T, "affine", 2.0, 0.99, 10, 0, 1, True)
+        _core.ransac(good, np.zeros((2, 4)).T, opts)
     with pytest.raises(ValueError, match=r"dst.*\(N, 2\)"):
-        _core.ransac(good, np.zeros((4, 3)), "affine", 2.0, 0.99, 10, 0, 1, True)
+        _core.ransac(good, np.zeros((4, 3)), opts)
+
+
+def test_bound_options_and_result() -> None:
+    """RansacOptions and RansacResult are classes; the model is an enum (its name works)."""
+    rng = np.random.default_rng(0)
+    src = rng.random((30, 2)) * 100
+    dst = src + [3.0, -2.0]
+    opts = _core.RansacOptions()
+    assert opts.model == _core.TransformModel.affine and opts.threshold == 2.0
+    opts.model = _core.TransformModel("translation")
+    opts.seed = 3
+    res = _core.ransac(src, dst, opts)
+    assert isinstance(res, da.RansacResult) and res and res.success and res.reason == ""
+    np.testing.assert_allclose(res.matrix, [[1, 0, 3], [0, 1, -2]], atol=1e-9)
+    assert res.inliers.dtype == np.bool_ and res.inliers.all() and res.num_inliers == 30
+    bad = _core.ransac(src[:0], dst[:0], opts)
+    assert not bad and bad.reason and np.isnan(bad.matrix).all()
+    with pytest.raises(ValueError, match="model"):
+        _core.TransformModel("projective")
+    with pytest.raises(TypeError):
+        opts.model = 2  # type: ignore[assignment]

@@ -190,13 +190,25 @@ def test_core_binding_checks_arrays():
 
     m = np.array([[1.0, 0, 0], [0, 1, 0]])
     src = np.zeros((4, 4), np.uint8)
+    lin, const = _core.Interpolation.linear, _core.Border.constant
     with pytest.raises(ValueError, match="dst: expected dtype uint8"):
-        _core.warp_affine(src, np.zeros((4, 4), np.float32), m, 1, 0, 0.0, 1)
+        _core.warp_affine(src, np.zeros((4, 4), np.float32), m, lin, const, 0.0, 1)
     with pytest.raises(ValueError, match="dst: array is not C-contiguous"):
-        _core.warp_affine(src, np.zeros((4, 4), np.uint8).T, m, 1, 0, 0.0, 1)
+        _core.warp_affine(src, np.zeros((4, 4), np.uint8).T, m, lin, const, 0.0, 1)
     with pytest.raises(ValueError, match="src: expected dtype uint8, uint16 or float32"):
-        _core.warp_affine(np.zeros((4, 4), np.int8), np.zeros((4, 4), np.int8), m, 1, 0, 0.0, 1)
+        _core.warp_affine(np.zeros((4, 4), np.int8), np.zeros((4, 4), np.int8), m, lin, const,
+                          0.0, 1)
     with pytest.raises(ValueError, match="matrix: expected dtype float64"):
-        _core.warp_affine(src, np.zeros((4, 4), np.uint8), m.astype(np.float32), 1, 0, 0.0, 1)
+        _core.warp_affine(src, np.zeros((4, 4), np.uint8), m.astype(np.float32), lin, const,
+                          0.0, 1)
+    # Enums, or their names; never magic integers.
+    out = np.zeros((4, 4), np.uint8)
+    _core.warp_affine(src, out, m, "nearest", "replicate", 0.0, 1)
+    with pytest.raises(ValueError, match="interpolation: expected 'nearest' or 'linear'"):
+        _core.Interpolation("cubic")
+    for interp in ("cubic", 1):  # an unknown name or a bare integer is no interpolation
+        with pytest.raises(TypeError):
+            _core.warp_affine(src, out, m, interp, const, 0.0, 1)
     with pytest.raises(ValueError, match="interpolation"):
-        _core.warp_affine(src, np.zeros((4, 4), np.uint8), m, 3, 0, 0.0, 1)
+        warp_affine(src, m, interpolation="cubic")
+    assert np.array_equal(warp_affine(src, m, interpolation=_core.Interpolation.nearest), src)
