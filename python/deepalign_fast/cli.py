@@ -42,7 +42,7 @@ def _flag(name: str) -> str:
     return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
-def _align_options(args: argparse.Namespace) -> Any:
+def options_from_args(args: argparse.Namespace) -> Any:
     """The :class:`AlignOptions` of the parsed ``align`` flags (one flag per field)."""
     from .alignment import AlignOptions
 
@@ -246,7 +246,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     if suffix not in (".tif", ".tiff", ".btf", ".zarr"):
         raise DeepAlignError(f"{args.output}: (-o) cannot tell the output format from suffix "
                              f"{suffix!r}; use .tif/.tiff or .zarr/.ome.zarr")
-    options = _align_options(args)
+    options = options_from_args(args)
     compression, voxel_size = _compression(args), _voxel_size(args)  # checked before any work
     transforms_path = args.transforms or _default_transforms_path(args.output)
     plan = _align_plan(args, transforms_path)

@@ -72,18 +72,18 @@ def test_align_flags_are_generated_from_the_options() -> None:
 
     from deepalign_fast import AlignOptions
     from deepalign_fast.alignment.options import option_docs
-    from deepalign_fast.cli import _align_options, build_parser
+    from deepalign_fast.cli import options_from_args, build_parser
 
     parser = build_parser()
     args = parser.parse_args(["align", "in.tif", "-o", "out.tif"])
-    assert _align_options(args) == AlignOptions()
+    assert options_from_args(args) == AlignOptions()
     values = {"min_matches": 20, "field_stride": 8, "drift_sigma": 12.0, "offsets": (1, 3),
               "slow_drift": "follow", "num_threads": 1, "masks": "m.tif", "mode": "elastic"}
     argv = ["align", "in.tif", "-o", "out.tif"]
     for name, value in values.items():
         flag = "--threads" if name == "num_threads" else "--" + name.replace("_", "-")
         argv += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    assert _align_options(parser.parse_args(argv)) == AlignOptions(**values)
+    assert options_from_args(parser.parse_args(argv)) == AlignOptions(**values)
     sub = next(a for a in parser._actions if a.dest == "command").choices["align"]
     helps = {a.dest: a.help or "" for a in sub._actions}
     for f in dataclasses.fields(AlignOptions):
