@@ -72,7 +72,7 @@ def test_align_flags_are_generated_from_the_options() -> None:
 
     from deepalign_fast import AlignOptions
     from deepalign_fast.alignment.options import option_docs
-    from deepalign_fast.cli import options_from_args, build_parser
+    from deepalign_fast.cli import build_parser, options_from_args
 
     parser = build_parser()
     args = parser.parse_args(["align", "in.tif", "-o", "out.tif"])
