@@ -8,6 +8,10 @@ Conventions used throughout the package (written once, here):
   pull map a warp samples with, ``out[y, x] = moving[T(x, y)]``.
 - Affines are 2x3 ``float64`` arrays ``[[a, b, tx], [c, d, ty]]`` acting on ``(x, y, 1)``.
 - Displacement fields are ``(2, H, W)`` ``float32`` in pixels, ``dx`` then ``dy``.
+- Errors: a wrong argument (type, shape, option value) raises ``ValueError`` or ``TypeError``
+  naming the argument; bad data or files (an unreadable file, a broken slice, a transforms
+  file that does not match) raise :class:`DeepAlignError` (a ``ValueError``) naming the file,
+  the slice and the problem. The CLI prints either as one line and exits with status 2.
 """
 
 from __future__ import annotations

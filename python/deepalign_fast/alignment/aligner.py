@@ -300,7 +300,7 @@ class Aligner:
             opts = self.options
             refine, store = make_refiner(
                 opts.mode, (h, w), num_slices=len(reader), fields_path=fields_out,
-                masks=opts.masks, features=opts.features, provider=opts.provider,
+                masks=opts.masks, features=opts.refine_features, provider=opts.provider,
                 num_threads=threads,
                 max_folding=opts.max_folding, field_stride=opts.field_stride)
             new = replace(transforms)
@@ -471,7 +471,7 @@ class _StreamState:
             self.matcher = StackMatcher(self.opts, shape=self.shape)
             o = self.opts
             self.refine, _ = make_refiner(o.mode, self.shape, num_slices=None, fields_path=None,
-                                          masks=o.masks, features=o.features,
+                                          masks=o.masks, features=o.refine_features,
                                           provider=o.provider,
                                           num_threads=o.num_threads,
                                           max_folding=o.max_folding,

@@ -76,11 +76,15 @@ class AlignOptions:
     mode : {"affine", "expected-affine", "elastic"}
         Rendering: one affine per slice; or (damaged serial sections) each slice refined after
         the affine solve by an expected-affine field against the previous output slice,
-        matched with ``features``
+        matched with ``refine_features``
         (:class:`deepalign_fast.refine.expected_affine.StackRefiner`); or ``"elastic"``: each
         slice refined by the learned flow network against the previous output slice
         (:class:`deepalign_fast.refine.elastic.ElasticRefiner`). The fields of both are kept
         beside the transforms file, so ``apply`` reproduces the render (labels included).
+    refine_features : {"learned", "blocks", "sift"}
+        Matcher of the expected-affine refinement (``mode="expected-affine"``): learned
+        keypoints (default; the only matcher that beats a single global affine on both real
+        fold pairs), dense blocks (many more matches on small or low-contrast slices) or SIFT.
     masks : path, optional
         Damage masks for ``mode="expected-affine"`` (stack or folder, non-zero = damage).
     max_folding : float
@@ -103,12 +107,14 @@ class AlignOptions:
     num_threads: int = 0
     provider: Provider = "cpu"
     mode: Mode = "affine"
+    refine_features: Features = "learned"
     masks: str | None = None
     max_folding: float = 0.001
     field_stride: int = 4
 
     def __post_init__(self) -> None:
         checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
+                  ("refine_features", self.refine_features, FEATURES),
                   ("mode", self.mode, MODES), ("provider", self.provider, PROVIDERS),
                   ("slow_drift", self.slow_drift, SLOW_DRIFT), ("canvas", self.canvas, CANVAS)]
         for name, value, allowed in checks:

@@ -37,15 +37,15 @@ class Refiner(Protocol):
 
 def make_refiner(mode: str, shape: tuple[int, int], *, num_slices: int | None,
                  fields_path: Path | None,
-                 masks: Any = None, features: str = "blocks", provider: str = "cpu",
+                 masks: Any = None, features: str = "learned", provider: str = "cpu",
                  num_threads: int = 0,
                  max_folding: float = 0.001, field_stride: int = 4
                  ) -> tuple[Refiner | None, FieldStore | None]:
     """The refiner of ``mode`` and the field store it fills (``(None, None)`` for
     ``"affine"``). The store is written to ``fields_path + ".partial"`` until committed; with
     ``fields_path=None`` the maps are not kept (a stream, whose length ``num_slices`` is not
-    known: None). ``features`` names the matcher of the expected-affine registration (as
-    ``AlignOptions.features``)."""
+    known: None). ``features`` names the matcher of the expected-affine registration
+    (``AlignOptions.refine_features``)."""
     from ..transforms import FieldStore
 
     if mode == "affine":

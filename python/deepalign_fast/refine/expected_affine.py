@@ -316,7 +316,7 @@ def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
     if ref.ndim != 2 or mov.ndim != 2:
         raise DeepAlignError(f"reference and moving must be 2-D, got {ref.shape} and {mov.shape}")
     if n_clusters < 1 or k < 1 or grid_step < 1 or field_step < 1 or iterations < 1:
-        raise DeepAlignError("n_clusters, k, grid_step, field_step and iterations must be >= 1")
+        raise ValueError("n_clusters, k, grid_step, field_step and iterations must be >= 1")
     notes: list[str] = []
     m: np.ndarray | None = None
     if mask is not None:
@@ -433,7 +433,7 @@ class StackRefiner:
     """
 
     def __init__(self, masks: object | None, shape: tuple[int, int], *, num_slices: int | None,
-                 features: Features = "blocks", store: Any | None = None,
+                 features: Features = "learned", store: Any | None = None,
                  num_threads: int = 0) -> None:
         from ..io import open_stack
         from .order import InOrder
