@@ -173,7 +173,8 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
 
     aligner = Aligner(options or AlignOptions())
     arr = None
-    for z, aligned in enumerate(aligner.stream(source(), lookahead=lookahead)):
+    stream = aligner.stream(source(), lookahead=lookahead)
+    for z, aligned in enumerate(stream):
         if z < written:
             continue  # written before the restart: identical, so kept
         if arr is None:
@@ -182,7 +183,7 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
         arr.resize((z + 1,) + aligned.shape)
         arr[z] = aligned
         result.written = z + 1
-        result.flagged = list(aligner.flagged)
+        result.flagged = list(stream.flagged)
         state.update(files=known[:], written=z + 1, flagged=result.flagged)
         _save_state(state_path, state)
         if on_slice is not None:

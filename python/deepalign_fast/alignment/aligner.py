@@ -50,7 +50,7 @@ from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
 from .solve import PairMoments, solve_stack
 
-__all__ = ["AlignResult", "Aligner"]
+__all__ = ["AlignResult", "AlignStream", "Aligner"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -170,9 +170,6 @@ class Aligner:
         if options is not None and kwargs:
             raise TypeError("pass either an AlignOptions or keyword options, not both")
         self.options = options or AlignOptions(**kwargs)
-        #: Of the last :meth:`stream`: flagged slices and the emitted transforms.
-        self.flagged: list[int] = []
-        self.transforms: list[np.ndarray] = []
 
     # -- estimation -----------------------------------------------------------------------
     def estimate(self, stack: Any, *, progress: bool | None = None,
@@ -423,34 +420,55 @@ class Aligner:
         return result
 
     # -- streaming ------------------------------------------------------------------------
-    def stream(self, slices: Iterable[np.ndarray], *, lookahead: int = 8
-               ) -> Iterator[np.ndarray]:
-        """Align slices as they arrive; yields aligned slice z once slice z + ``lookahead`` has
-        arrived (or the input ended).
+    def stream(self, slices: Iterable[np.ndarray], *, lookahead: int = 8) -> AlignStream:
+        """Align slices as they arrive: an iterator that yields aligned slice z once slice
+        z + ``lookahead`` has arrived (or the input ended).
 
         ``lookahead`` is the trade-off between latency and accuracy: slice z is solved with
         the matches of the ``lookahead`` slices after it and of about ``3 * drift_sigma``
         slices before it (a window of the global solve), so with ``lookahead`` >= the largest
         offset every slice is tied to neighbours on both sides. Memory stays flat: the last
         ``max(offsets)`` prepared slices, ``lookahead`` raw slices and the pair moments.
-        Flagged slices are listed in :attr:`flagged`; :attr:`transforms` holds the emitted
-        transforms. Results differ slightly from :meth:`align_stack`, which sees the whole
-        stack.
+        The returned :class:`AlignStream` lists the flagged slices (``flagged``) and the
+        emitted transforms (``transforms``) as it goes. Results differ slightly from
+        :meth:`align_stack`, which sees the whole stack.
         """
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
-        state = _StreamState(self, lookahead)
+        return AlignStream(self.options, slices, lookahead)
+
+
+class AlignStream(Iterator[np.ndarray]):
+    """One :meth:`Aligner.stream`: iterate for the aligned slices; ``flagged`` and
+    ``transforms`` (the emitted slices' affines) grow as slices come out."""
+
+    def __init__(self, options: AlignOptions, slices: Iterable[np.ndarray],
+                 lookahead: int) -> None:
+        self._state = _StreamState(options, lookahead)
+        self._out = self._run(iter(slices))
+
+    @property
+    def flagged(self) -> list[int]:
+        return self._state.flagged
+
+    @property
+    def transforms(self) -> list[np.ndarray]:
+        return self._state.transforms
+
+    def _run(self, slices: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         for z, image in enumerate(slices):
-            yield from state.push(z, np.asarray(image))
-        yield from state.finish()
+            yield from self._state.push(z, np.asarray(image))
+        yield from self._state.finish()
+
+    def __next__(self) -> np.ndarray:
+        return next(self._out)
 
 
 class _StreamState:
-    """The state of one :meth:`Aligner.stream` call (kept off the Aligner)."""
+    """The state of one :class:`AlignStream`: the window solve and the pending slices."""
 
-    def __init__(self, aligner: Aligner, lookahead: int) -> None:
-        self.aligner = aligner
-        self.opts = aligner.options
+    def __init__(self, options: AlignOptions, lookahead: int) -> None:
+        self.opts = options
         self.lookahead = lookahead
         self.back = int(np.ceil(3 * self.opts.drift_sigma)) + max(self.opts.offsets)
         self.matcher: StackMatcher | None = None
@@ -459,8 +477,8 @@ class _StreamState:
         self.dtype: Any = None
         self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
         self.refine: Refiner | None = None
-        aligner.flagged = []
-        aligner.transforms = []
+        self.flagged: list[int] = []
+        self.transforms: list[np.ndarray] = []
 
     def push(self, z: int, image: np.ndarray) -> Iterator[np.ndarray]:
         if self.shape is None:
@@ -514,8 +532,8 @@ class _StreamState:
             self.previous = b_now
             a = invert(b_now)
         if z - lo in solved.flagged or z in self.matcher.failed:
-            self.aligner.flagged.append(z)
-        self.aligner.transforms.append(a)
+            self.flagged.append(z)
+        self.transforms.append(a)
         if self.refine is None:
             return render_slice(image, SliceMap(a), self.shape, num_threads=opts.num_threads)
         return self.refine(z, image, a)[1]

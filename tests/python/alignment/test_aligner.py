@@ -59,22 +59,24 @@ def test_already_aligned_stack_stays_put(lucchi) -> None:
     assert score.tre_p95 < 2.0
 
 
-def test_stream_matches_batch(lucchi) -> None:
-    image, _ = lucchi
-    mis, truth = misalign_stack(image[:16], 5, profile="jitter")
+def test_stream_matches_batch(tiny_stack: Path) -> None:
+    mis = tifffile.imread(tiny_stack)
     aligner = Aligner()
     batch = aligner.estimate(mis, progress=False)
     # With a look-ahead as long as the stack, each slice is solved with every match.
-    out = list(aligner.stream(iter(mis), lookahead=len(mis)))
+    stream = aligner.stream(iter(mis), lookahead=len(mis))
+    out = list(stream)
     assert len(out) == len(mis) and out[0].shape == mis.shape[1:]
     assert out[3].dtype == mis.dtype
-    streamed = np.stack(aligner.transforms)
+    streamed = np.stack(stream.transforms)
     assert np.abs(streamed - batch.transforms.affines).max() < 1e-6
+    assert stream.flagged == batch.flagged
     # A short look-ahead is an approximation of the batch solve.
-    list(aligner.stream(iter(mis), lookahead=4))
+    short = aligner.stream(iter(mis), lookahead=4)
+    list(short)
     h, w = mis.shape[1:]
     corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], float)
-    diff = np.einsum("zij,kj->zki", np.stack(aligner.transforms) - batch.transforms.affines,
+    diff = np.einsum("zij,kj->zki", np.stack(short.transforms) - batch.transforms.affines,
                      corners)
     assert np.median(np.linalg.norm(diff, axis=-1)) < 0.5
 
