@@ -377,7 +377,9 @@ class FieldStore:
         if kind not in FIELD_KINDS:
             raise ValueError(f"kind must be one of {', '.join(FIELD_KINDS)}; got {kind!r}")
         path = Path(path)
-        partial = path.with_name(path.name + ".partial")
+        from .outputs import partial_path_for
+
+        partial = partial_path_for(path)
         shape = cls.array_shape(n, output_shape, stride, kind)
         arr = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1, *shape[1:]),
                               dtype="f8" if kind == "affine" else "f2",

@@ -66,6 +66,7 @@ import numpy as np
 
 from .._errors import DeepAlignError
 from ..match import Correspondences
+from ..outputs import partial_path_for, work_dir_for
 from ..progress import Progress
 from ..transforms import TransformSet
 from .aligner import Aligner, AlignResult
@@ -211,7 +212,7 @@ class _WorkDir:
         text = json.dumps(manifest, sort_keys=True, indent=1)
         self.token = hashlib.sha1(text.encode()).hexdigest()[:12]
         mfile = root / "manifest.json"
-        partial = output.with_name(output.name + ".partial")
+        partial = partial_path_for(output)
         if root.is_symlink() or (root.exists() and not root.is_dir()):
             raise DeepAlignError(f"{root}: the work folder is a file or a symbolic link; give "
                                  "--work-dir a new folder name (it is created).")
@@ -342,10 +343,6 @@ class DistributedResult(AlignResult):
         return {**super().summary(), "tasks": dict(self.tasks)}
 
 
-def _default_work_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".work")
-
-
 def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[str], *,
                       scheduler: Any, options: AlignOptions | None = None,
                       transforms_path: str | os.PathLike[str] | None = None,
@@ -437,7 +434,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     opts_d = asdict(opts)
     manifest = {"version": MANIFEST_VERSION, "input": str(src), "shape": [n, h, w],
                 "dtype": np.dtype(dtype).name, "options": opts_d}
-    work_root = Path(work_dir).absolute() if work_dir else _default_work_dir(out)
+    work_root = Path(work_dir).absolute() if work_dir else work_dir_for(out)
     # The work folder must not be, hold or sit inside the input or the output.
     OutputPlan(overwrite=True).input(src, "INPUT").output(out, "-o", folder=True).output(
         work_root, "--work-dir", folder=True, may_exist=True).check()

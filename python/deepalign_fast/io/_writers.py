@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import DeepAlignError
-from ..outputs import create_temp, os_error
+from ..outputs import create_temp, os_error, partial_path_for
 from ._common import SUPPORTED_DTYPES
 from ._units import ome_unit
 
@@ -447,7 +447,7 @@ class ZarrStackWriter(StackWriter):
             )
         self.chunks = (1, min(ch[1], self.shape[1]), min(ch[2], self.shape[2]))
         self.ome = bool(ome)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial_path_for(self.path)
         self._overwrite = overwrite
         self._lock = threading.Lock()
         self._done = False
