@@ -10,7 +10,7 @@ optical flow (preset MEDIUM) from the reference to the globally aligned section.
 
 Speed: a 2048 x 2048 crop of ZW7L18: the KNN / expected-affine field and its warp, C++ core
 (2 threads) against the numpy/scipy reference
-(``tests/python/oracles/expected_affine.py``: cKDTree or csgraph
+(``tests/python/oracles/expected_affine_oracle.py``: cKDTree or csgraph
 Dijkstra, numpy field, ``map_coordinates`` warp), Euclidean and path distances; and the whole
 ``register_pair`` (SIFT extraction and matching included).
 
@@ -30,7 +30,7 @@ from deepalign_fast.qc.metrics import ncc, ssim
 from deepalign_fast.refine.expected_affine import register_pair
 from deepalign_fast.warp import warp_affine, warp_affine_field
 
-from tests.python.oracles.expected_affine import (
+from tests.python.oracles.expected_affine_oracle import (
     expected_affine_field_ref,
     knn_grid_ref,
     warp_affine_field_ref,

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from deepalign_fast import datasets
 
-# Test helpers shared by several test modules (oracles/: exact references) import as
-# top-level modules.
-sys.path.insert(0, str(Path(__file__).parent))
+# The exact references in oracles/ import as top-level modules (only that folder goes on the
+# path: the test folders are named like packages, e.g. onnx/, and must not shadow them).
+sys.path.insert(0, str(Path(__file__).parent / "oracles"))
 
 
 @pytest.fixture

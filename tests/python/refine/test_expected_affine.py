@@ -8,7 +8,7 @@ from deepalign_fast.cli import main
 from deepalign_fast.geometry import apply_affine, invert
 from deepalign_fast.refine.expected_affine import knn_grid, register_pair
 from deepalign_fast.warp import warp_affine_field
-from oracles.expected_affine import (
+from expected_affine_oracle import (
     expected_affine_field_ref,
     knn_grid_ref,
     warp_affine_field_ref,
