@@ -154,7 +154,7 @@ EOF
 # 5. Parity tests (pass/fail), then the measurements. Each keeps its results if the other fails.
 say "parity tests"
 rc=0
-timeout 150 "$PY" -m pytest tests/python/test_gpu_parity.py -q -p no:cacheprovider \
+timeout 150 "$PY" -m pytest tests/python/onnx/test_gpu_parity.py -q -p no:cacheprovider \
   --junitxml "$OUT/parity_junit.xml" || rc=$?
 say "parity tests exit $rc"
 timeout "${CHECK_TIMEOUT:-300}" "$PY" -m benchmarks.gpu_check --out "$OUT" "$@" || rc2=$?
