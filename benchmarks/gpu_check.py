@@ -3,7 +3,8 @@ CUDA and TensorRT providers, against the CPU provider.
 
 On a GPU machine run it through ``benchmarks/gpu_check.sh``, which installs onnxruntime-gpu in
 a venv of its own (never beside the CPU ``onnxruntime``), runs
-``tests/python/onnx/test_gpu_parity.py`` and then this module. On a CPU machine the same code runs as a dry run of every step:
+``tests/python/onnx/test_gpu_parity.py`` and then this module. On a CPU machine the same
+code runs as a dry run of every step:
 
     PYTHONPATH=python:. python -m benchmarks.gpu_check --providers cpu --quick --out OUT_DIR
 
