@@ -71,7 +71,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# stack I/O (small, private-ish; to be replaced by io.open_stack)
+# stack and transforms I/O (through io.open_stack and TransformSet.load)
 # --------------------------------------------------------------------------------------------
 def read_stack(path: str | os.PathLike[str]) -> NDArray[Any]:
     """Read a whole stack ``(z, y, x)`` (any format :func:`deepalign_fast.io.open_stack` takes)."""
@@ -97,15 +97,21 @@ def _write_tiff(path: Path, data: NDArray[Any]) -> None:
 def load_transforms(path: str | os.PathLike[str]) -> list[NDArray[np.float64] | None]:
     """Read per-slice 2x3 transforms from JSON.
 
-    Accepts a list of 2x3 nested lists (``null`` for failed slices) or an object with a
-    ``"transforms"`` list (as written by the aligner and by :meth:`GroundTruth.to_json`).
+    A deepalign-fast transforms file is read (and checked) by
+    :meth:`~deepalign_fast.transforms.TransformSet.load`. Other tools' results may be a list of
+    2x3 nested lists (``null`` for failed slices) or an object with a ``"transforms"`` list
+    (as :meth:`GroundTruth.to_json` writes).
     """
+    from ..transforms import SCHEMA, TransformSet
+
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DeepAlignError(f"{path}: cannot read transforms JSON: {exc}") from exc
-    if isinstance(data, dict):  # aligner transforms file ("affines") or GroundTruth ("transforms")
-        rows = data.get("affines", data.get("transforms"))
+    if isinstance(data, dict) and data.get("schema") == SCHEMA:
+        return list(TransformSet.load(path).affines)
+    if isinstance(data, dict):  # GroundTruth ("transforms")
+        rows = data.get("transforms")
     else:
         rows = data
     if not isinstance(rows, list):
