@@ -36,7 +36,12 @@ tell them apart, so the slow component is a decision (``slow_drift``):
 
 - ``"keep"`` (default): the output keeps the input's slow motion (everything slower than a
   Gaussian of ``drift_sigma`` slices) and removes everything faster: jitter, per-slice
-  rotation/scale/shear errors, sudden jumps. An aligned stack stays where it is.
+  rotation/scale/shear errors, sudden jumps. An aligned stack stays where it is. For the
+  rotation, scale and shear the scale of "slow" is chosen from the data, at most
+  ``drift_sigma`` (:func:`lowpass_affines` with ``adaptive_linear``): the slowly wandering
+  part of the solved linear maps is mostly the anatomy's apparent deformation summed along
+  the chain, and the smoothing that best predicts each slice from its neighbours separates
+  it from independent per-slice errors.
 - ``"follow"``: the output follows the slow translation the matches see (stage drift), and
   still keeps the input's slow rotation, scale and shear (never physical drift); use it for
   stacks known to drift. Over hundreds of slices it also follows the apparent motion of the
@@ -280,17 +285,72 @@ def _jumps(positions: NDArray[np.float64], *, floor: float = 5.0) -> NDArray[np.
     return np.concatenate([np.zeros((1, 2)), np.cumsum(jump, axis=0)])
 
 
+def _loo_error(values: NDArray[np.float64], sigma: float) -> float:
+    """Mean squared error of predicting each of ``values`` (n,) from its neighbours, itself
+    left out, by the Gaussian-weighted local straight-line fit of :func:`_local_linear`."""
+    n = len(values)
+    radius = max(2, int(np.ceil(3 * sigma)))
+    sw, swk, swkk, sy, syk = (np.zeros(n) for _ in range(5))
+    for k in range(-radius, radius + 1):
+        lo, hi = max(0, -k), min(n, n - k)  # slices z in [lo, hi) have a neighbour z + k
+        if k == 0 or hi <= lo:
+            continue
+        wk = np.exp(-0.5 * (k / sigma) ** 2)
+        y = values[lo + k:hi + k]
+        sw[lo:hi] += wk
+        swk[lo:hi] += wk * k
+        swkk[lo:hi] += wk * k * k
+        sy[lo:hi] += wk * y
+        syk[lo:hi] += wk * k * y
+    det = sw * swkk - swk * swk
+    ok = det > 1e-12 * sw * sw
+    pred = np.where(ok, (swkk * sy - swk * syk) / np.where(ok, det, 1.0), sy / sw)
+    return float(np.mean((values - pred) ** 2))
+
+
+# The linear part (a, b, c, d) as stretch, shear, scale and rotation components, and back.
+_TO_COMPONENTS = 0.5 * np.array([[1, 0, 0, -1], [0, 1, 1, 0], [1, 0, 0, 1], [0, -1, 1, 0]])
+_FROM_COMPONENTS = np.linalg.inv(_TO_COMPONENTS)
+_TREND_SIGMAS = (2.0, 3.0, 4.0, 6.0, 8.0, 11.0, 16.0, 24.0, 32.0)
+
+
+def _trend_sigma(values: NDArray[np.float64], cap: float) -> float:
+    """The smoothing (sigma in slices, at most ``cap``) of the slow part of one linear
+    component: the one whose leave-one-out prediction of ``values`` is best.
+
+    A per-slice linear error of the slices is independent from slice to slice; the error
+    the matches add (the anatomy's apparent rotation, scale and shear, summed along the
+    chain) wanders slowly. The smoothing that predicts each slice best from its neighbours
+    is the one that best follows the wandering part and ignores the independent one: short
+    where the wander dominates (an aligned stack: its linear parts are left nearly as they
+    are), up to ``cap`` where the per-slice part does.
+    """
+    if len(values) < 8:
+        return cap
+    cands = [s for s in _TREND_SIGMAS if s < cap] + [cap]
+    errs = [_loo_error(values, s) for s in cands]
+    return cands[int(np.argmin(errs))]
+
+
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
-                    sigma: float) -> NDArray[np.float64]:
+                    sigma: float, *, adaptive_linear: bool = False) -> NDArray[np.float64]:
     """Slow component of a sequence of 2x3 affines (Gaussian of ``sigma`` slices along z).
 
     The linear parts and the image of the frame centre are smoothed separately, so rotation
-    about the centre does not leak into translation.
+    about the centre does not leak into translation. With ``adaptive_linear``, each component
+    of the linear part (stretch, shear, scale, rotation) is smoothed over its own scale, at
+    most ``sigma``, chosen by leave-one-out prediction (:func:`_trend_sigma`).
     """
     centre, _ = _normaliser(shape)
     lin = affines[:, :, :2]
     ctr = lin @ centre + affines[:, :, 2]
-    lin_s = _local_linear(lin, sigma)
+    if adaptive_linear and len(affines) >= 3 and sigma > 0:
+        comp = lin.reshape(-1, 4) @ _TO_COMPONENTS.T
+        comp_s = np.stack([_local_linear(comp[:, k], _trend_sigma(comp[:, k], sigma))
+                           for k in range(4)], axis=1)
+        lin_s = (comp_s @ _FROM_COMPONENTS.T).reshape(lin.shape)
+    else:
+        lin_s = _local_linear(lin, sigma)
     ctr_s = _local_linear(ctr, sigma)
     out = np.empty_like(affines)
     out[:, :, :2] = lin_s
@@ -408,7 +468,11 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         # smear them into a ramp over the neighbouring slices.
         centre, _ = _normaliser(shape)
         trend_src[:, :, 2] -= _jumps(trend_src[:, :, :2] @ centre + trend_src[:, :, 2])
-        trend = lowpass_affines(trend_src, shape, drift_sigma)
+        # Slow rotation, scale and shear come mostly from the matches (the anatomy's apparent
+        # deformation, summed along the chain), not from the stage: their slow part is
+        # separated on the scale that best tells it from per-slice errors (at most
+        # drift_sigma), so it is neither corrected as if it were real nor left in as jitter.
+        trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive_linear=True)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.
