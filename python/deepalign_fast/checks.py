@@ -6,6 +6,7 @@ silently except where it says so.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TypeVar
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy.typing as npt
 from . import _core
 
 __all__ = ["BORDER", "DTYPES", "INTERPOLATION", "check_affine", "check_field", "check_image",
-           "check_out", "check_threads", "option_code"]
+           "check_out", "check_shape", "check_threads", "option_code"]
 
 #: The bound enums by name (the kernels take the enum; the wrappers accept either).
 INTERPOLATION = {"nearest": _core.Interpolation.nearest, "linear": _core.Interpolation.linear}
@@ -58,6 +59,15 @@ def option_code(table: dict[str, E], value: object, name: str) -> E:
         return table[value]  # type: ignore[index]
     except (KeyError, TypeError):
         raise ValueError(f"{name}: expected one of {sorted(table)}, got {value!r}") from None
+
+
+def check_shape(shape: object, name: str = "output_shape") -> tuple[int, int]:
+    """Two positive ints ``(height, width)``."""
+    items = list(shape) if isinstance(shape, Iterable) else []
+    if len(items) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                  for s in items) or min(int(s) for s in items) <= 0:
+        raise ValueError(f"{name}: expected two positive ints (height, width), got {shape}")
+    return int(items[0]), int(items[1])
 
 
 def check_threads(num_threads: object) -> int:

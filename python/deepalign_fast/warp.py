@@ -20,6 +20,7 @@ from .checks import check_affine as _affine
 from .checks import check_field as _field
 from .checks import check_image as _image
 from .checks import check_out as _out
+from .checks import check_shape as _shape
 from .checks import check_threads as _threads
 from .checks import option_code as _option
 
@@ -93,56 +94,18 @@ def warp_affine(
     array([1., 2., 3., 3.], dtype=float32)
     """
     arr = _image(image, "warp_affine")
-
-    m = np.asarray(matrix, dtype=np.float64)
-    if m.shape == (3, 3):
-        if not np.array_equal(m[2], [0.0, 0.0, 1.0]):
-            raise ValueError(f"matrix: a 3x3 affine needs last row [0, 0, 1], got {m[2].tolist()}")
-        m = m[:2]
-    if m.shape != (2, 3):
-        raise ValueError(f"matrix: expected shape (2, 3) or (3, 3), got {m.shape}")
-    if not np.all(np.isfinite(m)):
-        raise ValueError("matrix: contains NaN or infinity")
-    m = np.ascontiguousarray(m)
-
+    m = _affine(matrix, "matrix")
     interp_code = _option(_INTERPOLATION, interpolation, "interpolation")
     border_code = _option(_BORDER, border, "border")
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-        raise ValueError(f"num_threads: expected an int, got {num_threads!r}")
-    if num_threads < 0:
-        raise ValueError(f"num_threads: must be >= 0 (0 = all cores), got {num_threads}")
+    nt = _threads(num_threads)
     fill_f = float(fill)
     if np.isnan(fill_f) and arr.dtype != np.float32:
         raise ValueError(f"fill: NaN cannot be stored in a {arr.dtype} image")
-
     if output_shape is None:
-        shape = out.shape if out is not None else arr.shape
-    else:
-        shape = tuple(output_shape)
-    if (
-        len(shape) != 2
-        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape)
-        or min(shape) <= 0
-    ):
-        raise ValueError(f"output_shape: expected two positive ints (height, width), got {shape}")
-    h, w = int(shape[0]), int(shape[1])
-
-    if out is None:
-        out = np.empty((h, w), dtype=arr.dtype)
-    else:
-        if not isinstance(out, np.ndarray):
-            raise ValueError(f"out: expected a numpy array, got {type(out).__name__}")
-        if out.dtype != arr.dtype:
-            raise ValueError(f"out: dtype {out.dtype} differs from the image dtype {arr.dtype}")
-        if out.shape != (h, w):
-            raise ValueError(f"out: shape {out.shape} differs from the output shape {(h, w)}")
-        if not out.flags.c_contiguous:
-            raise ValueError("out: must be C-contiguous (results are never silently copied)")
-        if not out.flags.writeable:
-            raise ValueError("out: is read-only")
-        if np.shares_memory(out, arr):
-            raise ValueError("out: must not overlap the input image")
-    _core.warp_affine(arr, out, m, interp_code, border_code, fill_f, int(num_threads))
+        output_shape = out.shape if isinstance(out, np.ndarray) else arr.shape
+    h, w = _shape(output_shape)
+    out = _out(out, arr.dtype, (h, w), arr)
+    _core.warp_affine(arr, out, m, interp_code, border_code, fill_f, nt)
     return out
 
 
@@ -269,9 +232,6 @@ def warp_affine_field(image: npt.ArrayLike, field: npt.ArrayLike, step: float,
         raise ValueError(f"field: expected shape (rows, cols, 2, 3), got {f.shape}")
     if not (np.isfinite(step) and step > 0):
         raise ValueError(f"step: must be a finite number > 0, got {step}")
-    shape = tuple(int(v) for v in output_shape)
-    if len(shape) != 2 or min(shape) <= 0:
-        raise ValueError(f"output_shape: expected two positive ints, got {output_shape}")
-    out = np.empty(shape, img.dtype)
+    out = np.empty(_shape(output_shape), img.dtype)
     _core.warp_affine_field(img, out, f, float(step), interp, bord, float(fill), nt)
     return out

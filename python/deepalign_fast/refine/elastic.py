@@ -22,12 +22,12 @@ import numpy as np
 
 from ..fields import nonpositive_jacobian_fraction
 from ..render import SliceMap, render_slice
-from .order import InOrder
+from .order import SequentialRefiner
 
 __all__ = ["ElasticRefiner"]
 
 
-class ElasticRefiner:
+class ElasticRefiner(SequentialRefiner):
     """Per-slice flow refinement with folding control (see module docstring).
 
     Parameters
@@ -47,6 +47,7 @@ class ElasticRefiner:
                  max_folding: float = 0.001) -> None:
         from .flow import FlowPredictor
 
+        super().__init__()
         self.shape = shape
         self.store = store
         self.num_threads = num_threads
@@ -55,24 +56,20 @@ class ElasticRefiner:
         self.folding: list[float | None] = []
         self.notes: dict[int, str] = {}
         self.failed: list[int] = []
-        self._prev: np.ndarray | None = None
-        self._order = InOrder()
 
-    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray
-                 ) -> tuple[SliceMap, np.ndarray]:
-        with self._order.turn(z):
-            slice_map, out, fold = self._refine(z, image, np.asarray(affine, np.float64))
-            self.folding.append(fold)
-            self._prev = out
-            return slice_map, out
+    def refine(self, z: int, image: np.ndarray, affine: np.ndarray
+               ) -> tuple[SliceMap, np.ndarray]:
+        slice_map, out, fold = self._refine(z, image, affine)
+        self.folding.append(fold)
+        return slice_map, out
 
     def _refine(self, z: int, image: np.ndarray, affine: np.ndarray
                 ) -> tuple[SliceMap, np.ndarray, float | None]:
         plain_map = SliceMap(affine)
         base = render_slice(image, plain_map, self.shape, num_threads=self.num_threads)
-        if self._prev is None:
+        if self.previous is None:
             return plain_map, base, None
-        u = self.predictor.predict(self._prev.astype(np.float32), base.astype(np.float32))
+        u = self.predictor.predict(self.previous.astype(np.float32), base.astype(np.float32))
         if not np.isfinite(u).all():
             self.notes[z] = "flow holds NaN or infinite values: kept the affine"
             self.failed.append(z)

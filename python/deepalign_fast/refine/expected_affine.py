@@ -45,6 +45,7 @@ from .. import _core
 from .._errors import DeepAlignError
 from ..estimate import estimate_transform
 from ..warp import warp_affine_field
+from .order import SequentialRefiner
 
 if TYPE_CHECKING:
     from ..render import SliceMap
@@ -409,7 +410,7 @@ def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
                                 m, False, True, "", notes, num_threads)
 
 
-class StackRefiner:
+class StackRefiner(SequentialRefiner):
     """Expected-affine refinement of a stack render (``AlignOptions(mode="expected-affine")``).
 
     Called for every slice in order with its solved affine: the affinely rendered slice is
@@ -436,7 +437,8 @@ class StackRefiner:
                  features: Features = "learned", store: Any | None = None,
                  num_threads: int = 0) -> None:
         from ..io import open_stack
-        from .order import InOrder
+
+        super().__init__()
         self._masks = None
         if masks is not None:
             self._masks = open_stack(masks)  # type: ignore[arg-type]
@@ -448,24 +450,15 @@ class StackRefiner:
         self.num_threads = num_threads
         self.notes: dict[int, str] = {}
         self.failed: list[int] = []
-        self._prev: np.ndarray | None = None
-        self._order = InOrder()
 
-    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray
-                 ) -> tuple[SliceMap, np.ndarray]:
-        with self._order.turn(z):
-            slice_map, out = self._refine(z, image, np.asarray(affine, np.float64))
-            self._prev = out
-            return slice_map, out
-
-    def _refine(self, z: int, image: np.ndarray, affine: np.ndarray
-                ) -> tuple[SliceMap, np.ndarray]:
+    def refine(self, z: int, image: np.ndarray, affine: np.ndarray
+               ) -> tuple[SliceMap, np.ndarray]:
         from ..render import SliceMap, render_slice
         from ..warp import warp_affine
 
         plain_map = SliceMap(affine)
         plain = render_slice(image, plain_map, self.shape, num_threads=self.num_threads)
-        if self._prev is None:
+        if self.previous is None:
             return plain_map, plain
         mask_out = None
         if self._masks is not None:
@@ -476,7 +469,7 @@ class StackRefiner:
                 mask_out = warp_affine((m != 0).astype(np.uint8), affine, self.shape,
                                        interpolation="nearest", num_threads=self.num_threads)
         try:
-            res = register_pair(self._prev, plain, mask=mask_out, features=self.features,
+            res = register_pair(self.previous, plain, mask=mask_out, features=self.features,
                                 field_step=FIELD_STEP, num_threads=self.num_threads)
         except DeepAlignError as exc:  # e.g. the warped mask covers the frame
             self.notes[z] = f"affine kept: {exc}"

@@ -5,6 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..render import SliceMap
+
+__all__ = ["InOrder", "SequentialRefiner"]
 
 
 class InOrder:
@@ -26,3 +34,24 @@ class InOrder:
             with self._cond:
                 self._next = z + 1
                 self._cond.notify_all()
+
+
+class SequentialRefiner:
+    """Base of the refiners that register each slice onto the previous *output* slice: calls
+    run in z order (:class:`InOrder`) and the output of each becomes ``previous`` for the
+    next. Subclasses implement ``refine(z, image, affine) -> (SliceMap, rendered)``."""
+
+    def __init__(self) -> None:
+        self.previous: np.ndarray | None = None
+        self._order = InOrder()
+
+    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray
+                 ) -> tuple[SliceMap, np.ndarray]:
+        with self._order.turn(z):
+            slice_map, out = self.refine(z, image, np.asarray(affine, np.float64))
+            self.previous = out
+            return slice_map, out
+
+    def refine(self, z: int, image: np.ndarray, affine: np.ndarray
+               ) -> tuple[SliceMap, np.ndarray]:
+        raise NotImplementedError
