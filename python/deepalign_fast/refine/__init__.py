@@ -62,6 +62,7 @@ def make_refiner(mode: str, shape: tuple[int, int], *, num_slices: int | None,
 
         if features not in ("blocks", "sift", "learned"):
             raise ValueError(f"features must be blocks, sift or learned; got {features!r}")
+        # The refiner first: it checks the masks before anything is created on disk.
         refiner = StackRefiner(masks, shape, num_slices=num_slices,
                                features=cast("Features", features), num_threads=num_threads)
         store = None if fields_path is None or num_slices is None else FieldStore.create(
