@@ -356,9 +356,11 @@ class FieldStore:
                    kind: str = "displacement") -> tuple[int, int]:
         """Grid rows and columns: every ``stride`` output pixels, and (affine fields) one
         more node past the last pixel when ``stride`` does not divide the size."""
-        if kind == "affine":
-            return (-(-(output_shape[0] - 1) // stride) + 1,
-                    -(-(output_shape[1] - 1) // stride) + 1)
+        if kind == "affine":  # the expected-affine kernel's own grid
+            from . import _core
+
+            return (_core.grid_size(output_shape[0], stride),
+                    _core.grid_size(output_shape[1], stride))
         return (output_shape[0] - 1) // stride + 1, (output_shape[1] - 1) // stride + 1
 
     @classmethod

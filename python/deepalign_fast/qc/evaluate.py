@@ -109,7 +109,8 @@ def load_transforms(path: str | os.PathLike[str]) -> list[NDArray[np.float64] | 
     except (OSError, ValueError) as exc:
         raise DeepAlignError(f"{path}: cannot read transforms JSON: {exc}") from exc
     if isinstance(data, dict) and data.get("schema") == SCHEMA:
-        return list(TransformSet.load(path).affines)
+        ts = TransformSet.from_json(data, source=str(path), base=Path(path).parent)
+        return list(ts.affines)
     if isinstance(data, dict):  # GroundTruth ("transforms")
         rows = data.get("transforms")
     else:

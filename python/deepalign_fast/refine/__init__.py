@@ -58,10 +58,11 @@ def make_refiner(mode: str, shape: tuple[int, int], *, num_slices: int | None,
         return ElasticRefiner(shape, store=store, provider=provider, num_threads=num_threads,
                               max_folding=max_folding), store
     if mode == "expected-affine":
+        from ..match import FEATURES
         from .expected_affine import FIELD_STEP, StackRefiner
 
-        if features not in ("blocks", "sift", "learned"):
-            raise ValueError(f"features must be blocks, sift or learned; got {features!r}")
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {', '.join(FEATURES)}; got {features!r}")
         # The refiner first: it checks the masks before anything is created on disk.
         refiner = StackRefiner(masks, shape, num_slices=num_slices,
                                features=cast("Features", features), num_threads=num_threads)

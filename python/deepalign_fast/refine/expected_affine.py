@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -44,11 +44,9 @@ import numpy.typing as npt
 from .. import _core
 from .._errors import DeepAlignError
 from ..estimate import estimate_transform
-from ..warp import warp_affine_field
+from ..render import SliceMap, render_slice
+from ..warp import warp_affine, warp_affine_field
 from .order import SequentialRefiner
-
-if TYPE_CHECKING:
-    from ..render import SliceMap
 
 __all__ = ["FIELD_STEP", "ExpectedAffineResult", "StackRefiner", "knn_grid", "match_pair",
            "register_pair"]
@@ -453,9 +451,6 @@ class StackRefiner(SequentialRefiner):
 
     def refine(self, z: int, image: np.ndarray, affine: np.ndarray
                ) -> tuple[SliceMap, np.ndarray]:
-        from ..render import SliceMap, render_slice
-        from ..warp import warp_affine
-
         plain_map = SliceMap(affine)
         plain = render_slice(image, plain_map, self.shape, num_threads=self.num_threads)
         if self.previous is None:
