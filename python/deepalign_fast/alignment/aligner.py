@@ -379,6 +379,14 @@ class Aligner:
             if out.exists() and not overwrite:
                 raise DeepAlignError(f"{out}: output already exists; pass --overwrite (API: "
                                      "overwrite=True) or choose another name.")
+            fields_path = None
+            if self.options.mode != "affine":  # the refinement's fields, beside the transforms
+                fields_path = _fields_path(transforms_path if transforms_path is not None
+                                           else output)
+                if fields_path.exists() and not overwrite:
+                    raise DeepAlignError(f"{fields_path}: field store already exists; pass "
+                                         "--overwrite (API: overwrite=True) or choose another "
+                                         "name.")
             ckpt = Checkpoint.for_run(reader_path(reader), out, reader.shape,
                                       asdict(self.options))
             saved = ckpt.load() if ckpt is not None else None
@@ -400,10 +408,6 @@ class Aligner:
             if is_zarr:
                 resume = saved is not None and self.options.mode == "affine"
                 writer_options.update(resume=resume, restart=saved is not None)
-            fields_path = None
-            if self.options.mode != "affine":
-                fields_path = _fields_path(transforms_path if transforms_path is not None
-                                           else output)
 
             def publish(rendered: TransformSet) -> None:
                 if transforms_path is not None:

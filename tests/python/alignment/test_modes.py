@@ -142,3 +142,19 @@ def test_refined_modes_are_refused_on_a_cluster(mode: str, tiny_stack: Path, tmp
         align_distributed(tiny_stack, out, scheduler="local:1",
                           options=AlignOptions(mode=mode))
     assert not out.exists()
+
+
+def test_existing_field_store_is_never_replaced_without_overwrite(tiny_stack: Path,
+                                                                  tmp_path: Path) -> None:
+    """A refined run would write NAME.fields.zarr beside the transforms file: an existing one
+    (from an earlier run, or anything of the user's) is refused before any work."""
+    from deepalign_fast import DeepAlignError
+
+    tf = tmp_path / "t.json"
+    store = tmp_path / "t.fields.zarr"
+    store.mkdir()
+    (store / "keep.txt").write_text("mine")
+    with pytest.raises(DeepAlignError, match="field store already exists"):
+        Aligner(mode="elastic", num_threads=1).align_stack(
+            tiny_stack, tmp_path / "out.tif", transforms_path=tf, progress=False)
+    assert (store / "keep.txt").read_text() == "mine" and not (tmp_path / "out.tif").exists()
