@@ -332,26 +332,98 @@ def _trend_sigma(values: NDArray[np.float64], cap: float) -> float:
     return cands[int(np.argmin(errs))]
 
 
+# A random walk of the solved positions faster than this (px per slice: at the frame centre
+# for translation, at the frame's edge for rotation, scale and shear) is more than a stage
+# drifts; the excess is the anatomy's apparent motion and is kept (see _walk_kept).
+STAGE_STEP = 2.0
+_VARIOGRAM_LAGS = (1, 2, 3, 4)
+
+
+def _variogram(values: NDArray[np.float64]) -> tuple[float, float]:
+    """``(white, step)``: the variance of the independent per-slice part of ``values`` (n,)
+    and the step variance of its random-walk part, from the robust variogram
+    ``gamma(k) = 2 white + k step`` at lags 1-4 (medians, so a few bad slices do not count).
+    """
+    lags = np.array([k for k in _VARIOGRAM_LAGS if k < len(values) - 2], np.float64)
+    if len(lags) < 2:
+        return float(np.var(values)), 0.0
+    # median of a squared N(0, s^2) is 0.4549 s^2
+    gamma = np.array([np.median((values[int(k):] - values[:-int(k)]) ** 2) / 0.4549
+                      for k in lags])
+    design = np.stack([np.full_like(lags, 2.0), lags], axis=1)
+    (white, step), *_ = np.linalg.lstsq(design, gamma, rcond=None)
+    if white < 0:
+        return 0.0, float(lags @ gamma / (lags @ lags))
+    if step < 0:
+        return float(gamma.mean() / 2), 0.0
+    return float(white), float(step)
+
+
+def _walk_kept(resid: NDArray[np.float64], stage_step: float, *,
+               variogram: tuple[float, float] | None = None) -> NDArray[np.float64]:
+    """The part of ``resid`` (n,), a component's fast motion, that is the anatomy's random
+    walk and is kept rather than corrected.
+
+    Model: ``resid = jitter + stage walk + anatomy walk``, the jitter independent per slice,
+    the two walks with independent steps. The variogram gives the jitter variance and the
+    total step variance; a stage walks at most ``stage_step`` per slice, the rest of the
+    step variance is the anatomy's. The anatomy walk is then estimated by the Wiener filter
+    ``G(f) = q_a / (4 s^2 sin^2(pi f) + q_s + q_a)`` (``s^2`` jitter, ``q_s``/``q_a`` stage
+    and anatomy step variances), on the mirrored sequence so the ends are not pulled.
+
+    FIB-SEM slices a few nm apart: the anatomy's steps are a fraction of a pixel, nothing is
+    kept and all fast motion is corrected. Serial sections 50 nm thick: the anatomy moves
+    several pixels per section, and correcting that moves an aligned stack by many pixels;
+    only what stands out from the walk (per-section jitter) is corrected.
+
+    ``variogram`` (white, step) replaces the one of ``resid`` (measured on another residual).
+    """
+    n = len(resid)
+    if n < 8:
+        return np.zeros_like(resid)
+    white, step = _variogram(resid) if variogram is None else variogram
+    anatomy = max(0.0, step - stage_step ** 2)
+    if anatomy <= 0:
+        return np.zeros_like(resid)
+    mirrored = np.concatenate([resid, resid[::-1]])
+    f = np.fft.rfftfreq(2 * n)
+    gain = anatomy / (4 * white * np.sin(np.pi * f) ** 2 + step)
+    return np.fft.irfft(gain * np.fft.rfft(mirrored), 2 * n)[:n]
+
+
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
-                    sigma: float, *, adaptive_linear: bool = False) -> NDArray[np.float64]:
+                    sigma: float, *, adaptive: bool = False) -> NDArray[np.float64]:
     """Slow component of a sequence of 2x3 affines (Gaussian of ``sigma`` slices along z).
 
     The linear parts and the image of the frame centre are smoothed separately, so rotation
-    about the centre does not leak into translation. With ``adaptive_linear``, each component
-    of the linear part (stretch, shear, scale, rotation) is smoothed over its own scale, at
-    most ``sigma``, chosen by leave-one-out prediction (:func:`_trend_sigma`).
+    about the centre does not leak into translation. With ``adaptive``:
+
+    - each component of the linear part (stretch, shear, scale, rotation) is smoothed over
+      its own scale, at most ``sigma``, chosen by leave-one-out prediction
+      (:func:`_trend_sigma`);
+    - the random walk of every component (translation included) beyond what a stage drifts
+      (:data:`STAGE_STEP` px per slice) counts as slow too: the anatomy's apparent motion in
+      thick sections (:func:`_walk_kept`).
     """
-    centre, _ = _normaliser(shape)
+    centre, radius = _normaliser(shape)
     lin = affines[:, :, :2]
     ctr = lin @ centre + affines[:, :, 2]
-    if adaptive_linear and len(affines) >= 3 and sigma > 0:
+    ctr_s = _local_linear(ctr, sigma)
+    if adaptive and len(affines) >= 3 and sigma > 0:
         comp = lin.reshape(-1, 4) @ _TO_COMPONENTS.T
-        comp_s = np.stack([_local_linear(comp[:, k], _trend_sigma(comp[:, k], sigma))
-                           for k in range(4)], axis=1)
+        comp_s = np.empty_like(comp)
+        for k in range(4):
+            y = comp[:, k]
+            comp_s[:, k] = _local_linear(y, _trend_sigma(y, sigma))
+            # The walk is measured against the full-scale trend (as for the translation):
+            # the adaptive one has already followed part of it.
+            comp_s[:, k] += _walk_kept(y - comp_s[:, k], STAGE_STEP / radius,
+                                       variogram=_variogram(y - _local_linear(y, sigma)))
         lin_s = (comp_s @ _FROM_COMPONENTS.T).reshape(lin.shape)
+        for k in range(2):
+            ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], STAGE_STEP)
     else:
         lin_s = _local_linear(lin, sigma)
-    ctr_s = _local_linear(ctr, sigma)
     out = np.empty_like(affines)
     out[:, :, :2] = lin_s
     out[:, :, 2] = ctr_s - lin_s @ centre
@@ -472,7 +544,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         # deformation, summed along the chain), not from the stage: their slow part is
         # separated on the scale that best tells it from per-slice errors (at most
         # drift_sigma), so it is neither corrected as if it were real nor left in as jitter.
-        trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive_linear=True)
+        trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.

@@ -122,17 +122,29 @@ def _overlap_ncc(reference: np.ndarray, moving: np.ndarray, dx: float, dy: float
     return float((a * b).sum() / den) if den > 0 else -1.0
 
 
+def _overlap_score(reference: np.ndarray, moving: np.ndarray, shift: tuple[float, float]
+                   ) -> float:
+    """How well a whole-frame shift explains the pair: the overlap's correlation, discounted
+    by the square root of the overlap's share of the frame (a correlation over a small
+    overlap is a noisier, more often spuriously high estimate)."""
+    h, w = reference.shape
+    frac = max(0.0, (w - abs(shift[0])) * (h - abs(shift[1])) / (w * h))
+    return _overlap_ncc(reference, moving, *shift) * float(np.sqrt(frac))
+
+
 def coarse_shift(reference: np.ndarray, moving: np.ndarray) -> tuple[float, float]:
     """The whole-frame translation that starts a pair's match: phase correlation with a Hann
-    and with a Tukey window; where they disagree (a shift beyond about a third of the frame,
-    or a weak, ambiguous peak), the one whose overlap correlates better wins."""
+    and with a Tukey window. Where they disagree (a shift beyond about a third of the frame,
+    or a weak, ambiguous peak, as between 50-nm sections), the candidate that best explains
+    the pair wins (:func:`_overlap_score`), and no shift at all is a candidate too: a weak
+    false peak far out must not beat slices that are nearly in place."""
     hann = phase_correlation(reference, moving, window="hann")
     tukey = phase_correlation(reference, moving, window="tukey")
     if max(abs(hann[0] - tukey[0]), abs(hann[1] - tukey[1])) <= 2.0:
         return hann
-    if _overlap_ncc(reference, moving, *tukey) > _overlap_ncc(reference, moving, *hann):
-        return tukey
-    return hann
+    candidates = [hann, tukey, (0.0, 0.0)]
+    scores = [_overlap_score(reference, moving, c) for c in candidates]
+    return candidates[int(np.argmax(scores))]
 
 
 def _subpixel(r: np.ndarray, px: int, py: int) -> tuple[float, float]:
