@@ -38,10 +38,13 @@ tell them apart, so the slow component is a decision (``slow_drift``):
   Gaussian of ``drift_sigma`` slices) and removes everything faster: jitter, per-slice
   rotation/scale/shear errors, sudden jumps. An aligned stack stays where it is. For the
   rotation, scale and shear the scale of "slow" is chosen from the data, at most
-  ``drift_sigma`` (:func:`lowpass_affines` with ``adaptive_linear``): the slowly wandering
+  ``drift_sigma`` (:func:`lowpass_affines` with ``adaptive``): the slowly wandering
   part of the solved linear maps is mostly the anatomy's apparent deformation summed along
   the chain, and the smoothing that best predicts each slice from its neighbours separates
-  it from independent per-slice errors.
+  it from independent per-slice errors. A random walk of any component faster than a stage
+  walks (:data:`STAGE_STEP`, 2 px per slice) is the content's apparent motion between thick
+  sections and is kept too (:func:`_walk_kept`): 50-nm serial sections whose content walks
+  several pixels per section are not dragged along with it.
 - ``"follow"``: the output follows the slow translation the matches see (stage drift), and
   still keeps the input's slow rotation, scale and shear (never physical drift); use it for
   stacks known to drift. Over hundreds of slices it also follows the apparent motion of the
