@@ -231,7 +231,8 @@ class Aligner:
         t0 = time.perf_counter()
         solved = solve_stack(n, matcher.pairs, (h, w), model=opts.model,
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
-                             drift_sigma=opts.drift_sigma, blank=matcher.blank)
+                             drift_sigma=opts.drift_sigma, blank=matcher.blank,
+                             neighbour_score=matcher.neighbour_score())
         matcher.times.add("solve", t0)
         flagged = sorted(set(solved.flagged) | set(matcher.failed))
         residuals = [None if z in flagged else r for z, r in enumerate(solved.residuals)]
@@ -525,7 +526,8 @@ class _StreamState:
         opts = self.opts
         solved = solve_stack(seen - lo, pairs, self.shape, model=opts.model,
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
-                             drift_sigma=opts.drift_sigma, blank=blank)
+                             drift_sigma=opts.drift_sigma, blank=blank,
+                             neighbour_score=self.matcher.neighbour_score())
         a = solved.affines[z - lo]
         if opts.slow_drift == "follow":
             # Each window has its own gauge: carry the previous emitted slice's frame over.

@@ -79,6 +79,7 @@ class StackMatcher:
         self.blank: list[int] = []
         self.failed: list[int] = []
         self.matches: list[int] = []
+        self.scores: list[float] = []  # median block correlation of each nearest pair
         self.count = 0
         self.times = StageTimes()
 
@@ -95,6 +96,7 @@ class StackMatcher:
             "blank": np.array(self.blank, np.int64),
             "failed": np.array(self.failed, np.int64),
             "matches": np.array(self.matches, np.int64),
+            "scores": np.array(self.scores, np.float64),
             "history_z": np.array([z for z, _, _ in self.history], np.int64),
             "history_pose": np.array([p for _, _, p in self.history]).reshape(-1, 2, 3),
         }
@@ -109,6 +111,7 @@ class StackMatcher:
         self.blank = [int(z) for z in saved["blank"]]
         self.failed = [int(z) for z in saved["failed"]]
         self.matches = [int(m) for m in saved["matches"]]
+        self.scores = [float(v) for v in saved.get("scores", [])]
         self.history.clear()
         for z, pose in zip(saved["history_z"], saved["history_pose"], strict=True):
             self.history.append((int(z), prepare(int(z)), np.asarray(pose, np.float64)))
@@ -124,6 +127,13 @@ class StackMatcher:
         if sv.min() < 0.8 or sv.max() > 1.25:
             return False
         return bool(np.median(corr.weights) >= self.opts.min_pair_score)
+
+    def neighbour_score(self) -> float | None:
+        """The median block correlation of the nearest pairs (how much the content changes
+        from slice to slice), or None where the matcher does not measure it (keypoints)."""
+        if self.opts.features != "blocks" or not self.scores:
+            return None
+        return float(np.median(self.scores))
 
     def add(self, z: int, state: Any | None) -> None:
         """Match slice z (``state`` None = blank slice) with its predecessors."""
@@ -152,6 +162,7 @@ class StackMatcher:
             if pose is None:
                 pose = compose(m, pose_k)
                 nearest_n = len(corr)
+                self.scores.append(float(np.median(corr.weights)))
             # Content changes with distance along z, so a far pair says less about the
             # relative position than a near one: weight 1 / slice distance (independent
             # increments).

@@ -63,8 +63,8 @@ from numpy.typing import NDArray
 
 from ..geometry import compose, invert
 
-__all__ = ["SLOW_DRIFT", "PairMoments", "SolveResult", "lowpass_affines", "pair_moments",
-           "solve_stack"]
+__all__ = ["SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult",
+           "lowpass_affines", "pair_moments", "solve_stack"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 
@@ -339,6 +339,10 @@ def _trend_sigma(values: NDArray[np.float64], cap: float) -> float:
 # for translation, at the frame's edge for rotation, scale and shear) is more than a stage
 # drifts; the excess is the anatomy's apparent motion and is kept (see _walk_kept).
 STAGE_STEP = 2.0
+# Neighbouring slices whose blocks correlate at least this well (FIB-SEM: 0.8-0.95, strong
+# artifacts included; 50-nm sections: 0.3-0.4) hardly change in content, so their content
+# cannot appear to walk far: every walk of such a stack is the stage's and is corrected.
+SIMILAR_CONTENT = 0.6
 _VARIOGRAM_LAGS = (1, 2, 3, 4)
 
 
@@ -395,7 +399,8 @@ def _walk_kept(resid: NDArray[np.float64], stage_step: float, *,
 
 
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
-                    sigma: float, *, adaptive: bool = False) -> NDArray[np.float64]:
+                    sigma: float, *, adaptive: bool = False,
+                    stage_step: float | None = STAGE_STEP) -> NDArray[np.float64]:
     """Slow component of a sequence of 2x3 affines (Gaussian of ``sigma`` slices along z).
 
     The linear parts and the image of the frame centre are smoothed separately, so rotation
@@ -405,8 +410,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
       its own scale, at most ``sigma``, chosen by leave-one-out prediction
       (:func:`_trend_sigma`);
     - the random walk of every component (translation included) beyond what a stage drifts
-      (:data:`STAGE_STEP` px per slice) counts as slow too: the anatomy's apparent motion in
-      thick sections (:func:`_walk_kept`).
+      (``stage_step`` px per slice; None: no such walk is kept) counts as slow too: the
+      anatomy's apparent motion in thick sections (:func:`_walk_kept`).
     """
     centre, radius = _normaliser(shape)
     lin = affines[:, :, :2]
@@ -418,13 +423,15 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
         for k in range(4):
             y = comp[:, k]
             comp_s[:, k] = _local_linear(y, _trend_sigma(y, sigma))
-            # The walk is measured against the full-scale trend (as for the translation):
-            # the adaptive one has already followed part of it.
-            comp_s[:, k] += _walk_kept(y - comp_s[:, k], STAGE_STEP / radius,
-                                       variogram=_variogram(y - _local_linear(y, sigma)))
+            if stage_step is not None:
+                # The walk is measured against the full-scale trend (as for the
+                # translation): the adaptive one has already followed part of it.
+                comp_s[:, k] += _walk_kept(y - comp_s[:, k], stage_step / radius,
+                                           variogram=_variogram(y - _local_linear(y, sigma)))
         lin_s = (comp_s @ _FROM_COMPONENTS.T).reshape(lin.shape)
-        for k in range(2):
-            ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], STAGE_STEP)
+        if stage_step is not None:
+            for k in range(2):
+                ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
     else:
         lin_s = _local_linear(lin, sigma)
     out = np.empty_like(affines)
@@ -436,7 +443,7 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
 def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                 model: str = "affine", regularise: float = 0.05, slow_drift: str = "keep",
                 drift_sigma: float = 16.0, blank: Sequence[int] = (),
-                iterations: int = 6) -> SolveResult:
+                neighbour_score: float | None = None, iterations: int = 6) -> SolveResult:
     """Solve one transform per slice from the pairs' moments (see module docstring).
 
     Parameters
@@ -457,6 +464,11 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``.
     blank : sequence of int
         Slices known to be blank (flagged whatever their matches).
+    neighbour_score : float, optional
+        Typical block correlation of neighbouring slices, where the matcher measures it. At
+        :data:`SIMILAR_CONTENT` or above, ``keep`` corrects every random walk (the content
+        changes too little between slices to appear to walk); below it or unknown, a walk
+        beyond :data:`STAGE_STEP` px per slice is the content's and is kept.
     iterations : int
         IRLS iterations.
 
@@ -547,7 +559,9 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         # deformation, summed along the chain), not from the stage: their slow part is
         # separated on the scale that best tells it from per-slice errors (at most
         # drift_sigma), so it is neither corrected as if it were real nor left in as jitter.
-        trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True)
+        similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
+        trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True,
+                                stage_step=None if similar else STAGE_STEP)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.

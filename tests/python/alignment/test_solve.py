@@ -248,3 +248,23 @@ def test_keep_leaves_thick_sections_in_place_and_still_removes_their_jitter():
                      np.median(_spread(ident, jitter)))
     assert np.mean(moved) < 3.0
     assert np.mean(ratio) < 0.8
+
+
+def test_similar_neighbours_have_every_walk_corrected():
+    """Where the matcher measures that neighbouring slices hardly change (block correlation
+    >= SIMILAR_CONTENT, as FIB-SEM), a fast walk is a stage's and is corrected; measured low
+    (thick sections) or unknown, it is kept."""
+    n = 40
+    rng = np.random.default_rng(12)
+    apparent = np.tile(np.eye(2, 3), (n, 1, 1))
+    apparent[:, :, 2] = _walk(n, 4.0, rng)
+    pairs = _pairs(apparent, rng, (1, 2, 4, 8), 0.05)
+    x = _grid()
+
+    def moved(score):
+        res = solve_stack(n, pairs, SHAPE, neighbour_score=score)
+        return np.median([np.linalg.norm(apply_affine(a, x) - x, axis=1).mean()
+                          for a in res.affines])
+
+    assert moved(0.9) > 2.0 * moved(0.35)
+    assert moved(None) == moved(0.35)
