@@ -63,6 +63,8 @@ class StackMatcher:
         Blank slices, and slices that matched none of their predecessors.
     matches : list of int
         Inlier correspondences of each slice with its nearest matched predecessor.
+    scores : list of float
+        Median block correlation of each such nearest pair (:meth:`neighbour_score`).
     """
 
     def __init__(self, opts: AlignOptions, match: MatchFn | None = None,
