@@ -472,6 +472,11 @@ def _input_identity(path: Path) -> dict[str, Any]:
     return ident
 
 
+# Version of the checkpoint contents: a checkpoint of another version is ignored (the run
+# starts over) rather than resumed with state it lacks (2: the matcher's neighbour scores).
+CHECKPOINT_FORMAT = 2
+
+
 @dataclass
 class Checkpoint:
     """The finished estimation of one ``align`` run, saved before rendering starts.
@@ -491,8 +496,8 @@ class Checkpoint:
         input, which cannot be resumed)."""
         if source is None:
             return None
-        key = {"input": _input_identity(source), "shape": [int(s) for s in shape],
-               "options": json.loads(json.dumps(options))}
+        key = {"format": CHECKPOINT_FORMAT, "input": _input_identity(source),
+               "shape": [int(s) for s in shape], "options": json.loads(json.dumps(options))}
         return cls(checkpoint_path_for(output), key)
 
     def load(self) -> dict[str, Any] | None:

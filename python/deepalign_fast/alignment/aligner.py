@@ -527,7 +527,7 @@ class _StreamState:
         solved = solve_stack(seen - lo, pairs, self.shape, model=opts.model,
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
                              drift_sigma=opts.drift_sigma, blank=blank,
-                             neighbour_score=self.matcher.neighbour_score())
+                             neighbour_score=self.matcher.neighbour_score(lo))
         a = solved.affines[z - lo]
         if opts.slow_drift == "follow":
             # Each window has its own gauge: carry the previous emitted slice's frame over.

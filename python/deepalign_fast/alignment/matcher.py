@@ -64,7 +64,8 @@ class StackMatcher:
     matches : list of int
         Inlier correspondences of each slice with its nearest matched predecessor.
     scores : list of float
-        Median block correlation of each such nearest pair (:meth:`neighbour_score`).
+        Median block correlation of each slice's nearest trusted pair, NaN for a blank or
+        failed slice (:meth:`neighbour_score`).
     """
 
     def __init__(self, opts: AlignOptions, match: MatchFn | None = None,
@@ -81,7 +82,7 @@ class StackMatcher:
         self.blank: list[int] = []
         self.failed: list[int] = []
         self.matches: list[int] = []
-        self.scores: list[float] = []  # median block correlation of each nearest pair
+        self.scores: list[float] = []  # per slice, as matches
         self.count = 0
         self.times = StageTimes()
 
@@ -113,7 +114,7 @@ class StackMatcher:
         self.blank = [int(z) for z in saved["blank"]]
         self.failed = [int(z) for z in saved["failed"]]
         self.matches = [int(m) for m in saved["matches"]]
-        self.scores = [float(v) for v in saved.get("scores", [])]
+        self.scores = [float(v) for v in saved["scores"]]
         self.history.clear()
         for z, pose in zip(saved["history_z"], saved["history_pose"], strict=True):
             self.history.append((int(z), prepare(int(z)), np.asarray(pose, np.float64)))
@@ -130,12 +131,15 @@ class StackMatcher:
             return False
         return bool(np.median(corr.weights) >= self.opts.min_pair_score)
 
-    def neighbour_score(self) -> float | None:
-        """The median block correlation of the nearest pairs (how much the content changes
-        from slice to slice), or None where the matcher does not measure it (keypoints)."""
-        if self.opts.features != "blocks" or not self.scores:
+    def neighbour_score(self, start: int = 0) -> float | None:
+        """The median block correlation of the nearest trusted pairs of slices ``start`` on
+        (how much the content changes from slice to slice), or None where the matcher does
+        not measure it (keypoints) or no such pair exists."""
+        scores = np.asarray(self.scores[start:], np.float64)
+        scores = scores[np.isfinite(scores)]
+        if self.opts.features != "blocks" or not scores.size:
             return None
-        return float(np.median(self.scores))
+        return float(np.median(scores))
 
     def add(self, z: int, state: Any | None) -> None:
         """Match slice z (``state`` None = blank slice) with its predecessors."""
@@ -146,11 +150,13 @@ class StackMatcher:
         if state is None:
             self.blank.append(z)
             self.matches.append(0)
+            self.scores.append(float("nan"))
             return
         t0 = time.perf_counter()
         ranked = list(reversed(self.history))  # nearest first
         pose: np.ndarray | None = None
         nearest_n = 0
+        score = float("nan")
         wanted = set(self.opts.offsets)
         for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
             if pose is None and rank > 2:
@@ -164,7 +170,7 @@ class StackMatcher:
             if pose is None:
                 pose = compose(m, pose_k)
                 nearest_n = len(corr)
-                self.scores.append(float(np.median(corr.weights)))
+                score = float(np.median(corr.weights))
             # Content changes with distance along z, so a far pair says less about the
             # relative position than a near one: weight 1 / slice distance (independent
             # increments).
@@ -175,4 +181,5 @@ class StackMatcher:
             self.failed.append(z)
             pose = ranked[0][2]
         self.matches.append(nearest_n)
+        self.scores.append(score)
         self.history.append((z, state, ident if pose is None else pose))

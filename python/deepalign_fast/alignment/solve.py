@@ -44,7 +44,11 @@ tell them apart, so the slow component is a decision (``slow_drift``):
   it from independent per-slice errors. A random walk of any component faster than a stage
   walks (:data:`STAGE_STEP`, 2 px per slice) is the content's apparent motion between thick
   sections and is kept too (:func:`_walk_kept`): 50-nm serial sections whose content walks
-  several pixels per section are not dragged along with it.
+  several pixels per section are not dragged along with it. Where the matcher measures that
+  neighbouring slices hardly change (``neighbour_score`` >= :data:`SIMILAR_CONTENT`), no
+  walk is taken for the content's. (The split reads from few slices: pure jitter of
+  dissimilar slices is sometimes taken for a walk in part, leaving more of it; measured in
+  benchmarks/RESULTS.md.)
 - ``"follow"``: the output follows the slow translation the matches see (stage drift), and
   still keeps the input's slow rotation, scale and shear (never physical drift); use it for
   stacks known to drift. Over hundreds of slices it also follows the apparent motion of the
@@ -339,9 +343,11 @@ def _trend_sigma(values: NDArray[np.float64], cap: float) -> float:
 # for translation, at the frame's edge for rotation, scale and shear) is more than a stage
 # drifts; the excess is the anatomy's apparent motion and is kept (see _walk_kept).
 STAGE_STEP = 2.0
-# Neighbouring slices whose blocks correlate at least this well (FIB-SEM: 0.8-0.95, strong
-# artifacts included; 50-nm sections: 0.3-0.4) hardly change in content, so their content
-# cannot appear to walk far: every walk of such a stack is the stage's and is corrected.
+# Neighbouring slices whose blocks correlate at least this well hardly change in content, so
+# their content cannot appear to walk far: every walk of such a stack is the stage's and is
+# corrected. Lucchi FIB-SEM (XY, XZ, YZ, strong artifacts included): 0.81-0.93; 50-nm
+# sections: 0.3-0.4; raw, noisy FIB-SEM can score as low as sections (the bundled shale
+# sample: ~0.3), and then gets the walk split like them.
 SIMILAR_CONTENT = 0.6
 _VARIOGRAM_LAGS = (1, 2, 3, 4)
 

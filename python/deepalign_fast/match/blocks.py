@@ -124,12 +124,12 @@ def _overlap_ncc(reference: np.ndarray, moving: np.ndarray, dx: float, dy: float
 
 def _overlap_score(reference: np.ndarray, moving: np.ndarray, shift: tuple[float, float]
                    ) -> float:
-    """How well a whole-frame shift explains the pair: the overlap's correlation, discounted
-    by the square root of the overlap's share of the frame (a correlation over a small
-    overlap is a noisier, more often spuriously high estimate)."""
+    """How well a whole-frame shift explains the pair: the overlap's correlation (0 if
+    negative), discounted by the square root of the overlap's share of the frame (a
+    correlation over a small overlap is a noisier, more often spuriously high estimate)."""
     h, w = reference.shape
-    frac = max(0.0, (w - abs(shift[0])) * (h - abs(shift[1])) / (w * h))
-    return _overlap_ncc(reference, moving, *shift) * float(np.sqrt(frac))
+    frac = max(0.0, w - abs(shift[0])) * max(0.0, h - abs(shift[1])) / (w * h)
+    return max(0.0, _overlap_ncc(reference, moving, *shift)) * float(np.sqrt(frac))
 
 
 def coarse_shift(reference: np.ndarray, moving: np.ndarray) -> tuple[float, float]:

