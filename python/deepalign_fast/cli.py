@@ -83,6 +83,13 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  residual median {res:.3f} px, max {summary['residual_max_px']:.3f} px"
           if res is not None else "  no residuals (single slice?)")
     print(f"  median consistent matches per slice: {summary['matches_median']:.0f}")
+    corr = summary.get("neighbour_correlation")
+    if corr is not None:
+        from .alignment.solve import SIMILAR_CONTENT, STAGE_STEP
+
+        print(f"  neighbour block correlation {corr:.2f}"
+              + (f" (dissimilar slices: apparent walks beyond {STAGE_STEP:g} px per slice "
+                 "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else ""))
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
     if _mostly_flagged(summary):

@@ -66,6 +66,7 @@ class AlignResult:
     transforms: TransformSet
     matches: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    neighbour_score: float | None = None  # StackMatcher.neighbour_score (None: not measured)
 
     @property
     def flagged(self) -> list[int]:
@@ -81,6 +82,7 @@ class AlignResult:
             "residual_median_px": float(np.median(res)) if res else None,
             "residual_max_px": float(np.max(res)) if res else None,
             "matches_median": float(np.median(self.matches)) if self.matches else 0.0,
+            "neighbour_correlation": self.neighbour_score,
             "time_s": total,
             "slices_per_s": n / total if total > 0 else None,
             "timings_s": dict(self.timings),
@@ -221,7 +223,7 @@ class Aligner:
         ts = self.transform_set(matcher, (n, h, w))
         timings = {**matcher.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
-        return AlignResult(ts, list(matcher.matches), timings)
+        return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score())
 
     def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
                       ) -> TransformSet:

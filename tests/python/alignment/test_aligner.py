@@ -127,6 +127,8 @@ def test_cli_summary_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                  "--model", "translation", "--slow-drift", "follow", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["slices"] == 5 and summary["flagged"] == []
+    # one texture shifted slice by slice: neighbours correlate almost perfectly
+    assert 0.9 < summary["neighbour_correlation"] <= 1.0
     ts = TransformSet.load(tmp_path / "a.transforms.json")
     # content moves by (-z, +z) per slice in (x, y): following slow drift, the pull map
     # follows it (gauge: the mean slice)
