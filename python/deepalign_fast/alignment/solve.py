@@ -426,14 +426,15 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
     if adaptive and len(affines) >= 3 and sigma > 0:
         comp = lin.reshape(-1, 4) @ _TO_COMPONENTS.T
         comp_s = np.empty_like(comp)
+        # The walk is measured against the full-scale trend (as for the translation): the
+        # adaptive one has already followed part of it. One pass for all four components.
+        full = _local_linear(comp, sigma) if stage_step is not None else None
         for k in range(4):
             y = comp[:, k]
             comp_s[:, k] = _local_linear(y, _trend_sigma(y, sigma))
-            if stage_step is not None:
-                # The walk is measured against the full-scale trend (as for the
-                # translation): the adaptive one has already followed part of it.
+            if full is not None and stage_step is not None:
                 comp_s[:, k] += _walk_kept(y - comp_s[:, k], stage_step / radius,
-                                           variogram=_variogram(y - _local_linear(y, sigma)))
+                                           variogram=_variogram(y - full[:, k]))
         lin_s = (comp_s @ _FROM_COMPONENTS.T).reshape(lin.shape)
         if stage_step is not None:
             for k in range(2):
