@@ -34,9 +34,15 @@ stacks of any depth.
 0.1 px per slice (oblique anatomy); slow stage drift looks the same. No image-based method can
 tell them apart, so the slow component is a decision (``slow_drift``):
 
-- ``"keep"`` (default): the output keeps the input's slow motion (everything slower than a
-  Gaussian of ``drift_sigma`` slices) and removes everything faster: jitter, per-slice
-  rotation/scale/shear errors, sudden jumps. An aligned stack stays where it is. For the
+- ``"keep"`` (default): the output keeps the input's slow motion and removes everything
+  faster: jitter, per-slice rotation/scale/shear errors, sudden jumps. An aligned stack
+  stays where it is. Where neighbouring slices hardly change (``neighbour_score`` >=
+  :data:`SIMILAR_CONTENT`, FIB-SEM), the slow translation is split from the stage's walk
+  and jitter by a noise model measured on the stack itself (:func:`_anatomy_kept`): the
+  anatomy's apparent motion is smooth (its velocity changes by :data:`ANATOMY_CHANGE` px
+  per slice per slice), a stage walk has independent steps, jitter is independent per
+  slice. A strong walk is then followed over long scales, an aligned stack kept whole.
+  Otherwise the slow translation is a Gaussian of ``drift_sigma`` slices. For the
   rotation, scale and shear the scale of "slow" is chosen from the data, at most
   ``drift_sigma`` (:func:`lowpass_affines` with ``adaptive``): the slowly wandering
   part of the solved linear maps is mostly the anatomy's apparent deformation summed along
@@ -67,8 +73,8 @@ from numpy.typing import NDArray
 
 from ..geometry import compose, invert
 
-__all__ = ["SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult",
-           "lowpass_affines", "pair_moments", "solve_stack"]
+__all__ = ["ANATOMY_CHANGE", "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments",
+           "SolveResult", "lowpass_affines", "pair_moments", "solve_stack"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 
@@ -404,6 +410,78 @@ def _walk_kept(resid: NDArray[np.float64], stage_step: float, *,
     return np.fft.irfft(gain * np.fft.rfft(mirrored), 2 * n)[:n]
 
 
+# The anatomy's apparent motion between slices a few nm apart is smooth: its velocity (about
+# 0.1-0.15 px per slice, oblique structures) changes by about this much per slice. Measured on
+# the exactly aligned lucchi reslices (XZ 0.011-0.013, YZ 0.013-0.026, XY 0.007-0.033, as the
+# velocity random walk of a three-part spectral fit); see benchmarks/RESULTS.md.
+ANATOMY_CHANGE = 0.02
+_MODEL_LAGS = tuple(range(1, 9))
+_ANATOMY_MIN_SLICES = 16  # fewer: too few lags to tell a walk from jitter
+
+
+def _motion_model(values: NDArray[np.float64]) -> tuple[float, float, float]:
+    """``(white, step, velocity)``: the variances of the independent per-slice part of
+    ``values`` (n,), of the steps of its random walk and of its locally constant velocity,
+    from the robust variogram ``gamma(k) = 2 white + k step + k^2 velocity`` at lags 1-8
+    (medians, so a few bad slices do not count; non-negative least squares, the short lags,
+    which are measured from more slices, weighted more)."""
+    from scipy.optimize import nnls
+
+    lags = np.array([k for k in _MODEL_LAGS if k < len(values) - 2], np.float64)
+    if len(lags) < 3:
+        return float(np.var(values)), 0.0, 0.0
+    gamma = np.array([np.median((values[int(k):] - values[:-int(k)]) ** 2) / 0.4549
+                      for k in lags])
+    design = np.stack([np.full_like(lags, 2.0), lags, lags ** 2], axis=1)
+    weight = 1.0 / np.sqrt(lags)
+    (white, step, velocity), _ = nnls(design * weight[:, None], gamma * weight)
+    return float(white), float(step), float(velocity)
+
+
+def _anatomy_kept(values: NDArray[np.float64], change: float = ANATOMY_CHANGE
+                  ) -> NDArray[np.float64]:
+    """The slow part of one translation component ``values`` (n,) of a stack whose content
+    hardly changes between slices: the part that is the anatomy's apparent motion and is
+    kept rather than corrected.
+
+    Model: ``values = anatomy + stage walk + jitter``. The anatomy moves smoothly: its
+    velocity wanders by ``change`` px per slice per slice (an integrated random walk; a
+    straight line costs nothing, as a constant drift looks like oblique anatomy). The
+    stage walk (step variance ``q``) and the jitter (variance ``s^2``) are measured by
+    :func:`_motion_model`. The anatomy is their joint maximum a-posteriori split (the
+    Kalman smoother of this model, solved as one sparse least-squares problem)::
+
+        min  sum (y - a - w)^2 / s^2 + sum (a[z+1] - 2 a[z] + a[z-1])^2 / change^2
+           + sum (w[z+1] - w[z])^2 / q                     (mean of w: zero)
+
+    An aligned stack (no walk, no jitter) is left where it is; jitter is removed down to the
+    scale where the anatomy's motion exceeds it; a stage walk is followed down to the scale
+    where the anatomy's motion exceeds the walk's, so a strong walk is corrected over long
+    scales and a weak one only over short ones. The ends need no extension.
+    """
+    from scipy import sparse
+    from scipy.sparse.linalg import spsolve
+
+    n = len(values)
+    y = values - values[0]
+    z = np.arange(n, dtype=np.float64)
+    white, step, _ = _motion_model(y - np.polyval(np.polyfit(z, y, 1), z))
+    floor = 1e-6 * (change ** 2 + white + step) + 1e-12
+    s2, q = max(white, floor), max(step, floor)
+    eye = sparse.identity(n, format="csr")
+    d1 = sparse.diags([-np.ones(n - 1), np.ones(n - 1)], [0, 1], shape=(n - 1, n))
+    d2 = sparse.diags([np.ones(n - 2), -2 * np.ones(n - 2), np.ones(n - 2)], [0, 1, 2],
+                      shape=(n - 2, n))
+    # A faint pull of the walk toward zero fixes its mean (the gauge: no slice is special);
+    # far below what the walk's steps cost at the stack's longest scale.
+    ridge = 1e-3 * (np.pi / n) ** 2 / q
+    system = sparse.bmat([[eye / s2 + (d2.T @ d2) / change ** 2, eye / s2],
+                          [eye / s2, eye * (1 / s2 + ridge) + (d1.T @ d1) / q]], format="csc")
+    rhs = np.concatenate([y / s2, y / s2])
+    anatomy = spsolve(system, rhs)[:n]
+    return anatomy + values[0]
+
+
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                     sigma: float, *, adaptive: bool = False,
                     stage_step: float | None = STAGE_STEP) -> NDArray[np.float64]:
@@ -416,8 +494,12 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
       its own scale, at most ``sigma``, chosen by leave-one-out prediction
       (:func:`_trend_sigma`);
     - the random walk of every component (translation included) beyond what a stage drifts
-      (``stage_step`` px per slice; None: no such walk is kept) counts as slow too: the
-      anatomy's apparent motion in thick sections (:func:`_walk_kept`).
+      (``stage_step`` px per slice) counts as slow too: the anatomy's apparent motion in
+      thick sections (:func:`_walk_kept`);
+    - ``stage_step`` None means the content hardly changes between slices (FIB-SEM): no walk
+      is the content's, and the slow translation is what the noise model takes for the
+      anatomy's smooth motion (:func:`_anatomy_kept`, for 16 slices or more), not a fixed
+      Gaussian of ``sigma``.
     """
     centre, radius = _normaliser(shape)
     lin = affines[:, :, :2]
@@ -439,6 +521,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
         if stage_step is not None:
             for k in range(2):
                 ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
+        elif len(affines) >= _ANATOMY_MIN_SLICES:
+            ctr_s = np.stack([_anatomy_kept(ctr[:, k]) for k in range(2)], axis=1)
     else:
         lin_s = _local_linear(lin, sigma)
     out = np.empty_like(affines)
@@ -468,7 +552,9 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     slow_drift : {"keep", "follow", "none"}
         What to do with motion slower than ``drift_sigma`` slices (module docstring).
     drift_sigma : float
-        Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``.
+        Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``:
+        the longest trend of rotation, scale and shear, and the translation's trend where
+        the content changes between slices (below :data:`SIMILAR_CONTENT` or unknown).
     blank : sequence of int
         Slices known to be blank (flagged whatever their matches).
     neighbour_score : float, optional
