@@ -31,7 +31,8 @@ neighbour-to-neighbour error (residual of slice z+1 relative to slice z). The JS
 the per-slice errors and the residual drift rate (a per-pair bias, px per 100 slices).
 
 Tools in the same run: ``nothing`` (identity), ours as named option sets
-(``--ours NAME[:key=value,...]``, keywords of ``deepalign_fast.AlignOptions``), and the peers
+(``--ours NAME[:key=value,...]``, keywords of ``deepalign_fast.AlignOptions``; with
+``lookahead=L`` the slices go through ``Aligner.stream`` with that look-ahead), and the peers
 (``benchmarks.peers``: pystackreg, the OpenCV SIFT+RANSAC chain, itk-elastix when installed).
 """
 
@@ -188,8 +189,17 @@ def parse_ours(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def ours(kw: dict[str, Any]) -> Tool:
+    """Our aligner with the option set ``kw``; ``lookahead`` (not an option) streams."""
+    options = {k: v for k, v in kw.items() if k != "lookahead"}
+
     def run(stack: np.ndarray) -> np.ndarray:
-        return np.asarray(Aligner(**kw).estimate(stack, progress=False).transforms.affines)
+        aligner = Aligner(**options)
+        if "lookahead" not in kw:
+            return np.asarray(aligner.estimate(stack, progress=False).transforms.affines)
+        stream = aligner.stream(iter(stack), lookahead=int(kw["lookahead"]))
+        for _ in stream:
+            pass
+        return np.stack(stream.transforms)
     return run
 
 
@@ -444,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     ours_specs = [parse_ours(s) for s in (args.ours or ["default"])]
     for name, kw in ours_specs:  # bad options fail here, before any stack is built
         try:
-            Aligner(**kw)
+            Aligner(**{k: v for k, v in kw.items() if k != "lookahead"})
+            if not isinstance(kw.get("lookahead", 0), int) or kw.get("lookahead", 0) < 0:
+                raise ValueError(f"lookahead must be an integer >= 0, got {kw['lookahead']!r}")
         except (TypeError, ValueError) as exc:
             raise SystemExit(f"--ours {name}: {exc}") from None
     if args.peers is None:

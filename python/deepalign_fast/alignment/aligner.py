@@ -438,7 +438,10 @@ class Aligner:
         ``max(offsets)`` prepared slices, ``lookahead`` raw slices and the pair moments.
         The returned :class:`AlignStream` lists the flagged slices (``flagged``) and the
         emitted transforms (``transforms``) as it goes. Results differ slightly from
-        :meth:`align_stack`, which sees the whole stack.
+        :meth:`align_stack`, which sees the whole stack: the stream keeps the slow
+        translation of a Gaussian trend of ``drift_sigma`` slices, not the whole-stack
+        noise model's split (:func:`~deepalign_fast.alignment.solve.solve_stack`,
+        ``noise_model``), unless one window holds the whole stack.
         """
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
@@ -514,9 +517,9 @@ class _StreamState:
 
     def finish(self) -> Iterator[np.ndarray]:
         while self.pending:
-            yield self._emit(self.pending[-1][0] + 1)
+            yield self._emit(self.pending[-1][0] + 1, ended=True)
 
-    def _emit(self, seen: int) -> np.ndarray:
+    def _emit(self, seen: int, *, ended: bool = False) -> np.ndarray:
         assert self.matcher is not None and self.shape is not None
         z, image = self.pending.popleft()
         lo = max(0, z - self.back)
@@ -529,7 +532,9 @@ class _StreamState:
         solved = solve_stack(seen - lo, pairs, self.shape, model=opts.model,
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
                              drift_sigma=opts.drift_sigma, blank=blank,
-                             neighbour_score=self.matcher.neighbour_score(lo))
+                             neighbour_score=self.matcher.neighbour_score(lo),
+                             # the whole stack in one window: the batch solve's split
+                             noise_model=ended and lo == 0)
         a = solved.affines[z - lo]
         if opts.slow_drift == "follow":
             # Each window has its own gauge: carry the previous emitted slice's frame over.

@@ -58,13 +58,16 @@ class AlignOptions:
         a slice's match weight: 0 = free affine per slice; larger values trust the matches'
         scale/shear less.
     slow_drift : {"keep", "follow", "none"}
-        Motion slower than ``drift_sigma`` slices: ``"keep"`` the input's (default; an
-        aligned stack stays where it is, jitter and per-slice errors are removed),
+        Slow motion: ``"keep"`` the input's (default; an aligned stack stays where it is,
+        jitter and per-slice errors are removed; for FIB-SEM translation what is slow is
+        measured on the stack, otherwise it is what is slower than ``drift_sigma`` slices),
         ``"follow"`` what the matches see (corrects slow stage drift too, but also follows
         the apparent motion of oblique anatomy: several px over hundreds of slices), or
         ``"none"``: the raw solve (follows slow rotation, scale and shear as well).
     drift_sigma : float
-        Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``.
+        Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``
+        (rotation, scale and shear; translation where the content changes between slices,
+        and in ``stream``).
     canvas : {"reference", "union"}
         Output frame: that of the first slice (same shape as the input), or the bounding box
         of all aligned slices.

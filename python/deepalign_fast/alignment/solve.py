@@ -484,7 +484,8 @@ def _anatomy_kept(values: NDArray[np.float64], change: float = ANATOMY_CHANGE
 
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                     sigma: float, *, adaptive: bool = False,
-                    stage_step: float | None = STAGE_STEP) -> NDArray[np.float64]:
+                    stage_step: float | None = STAGE_STEP,
+                    noise_model: bool = True) -> NDArray[np.float64]:
     """Slow component of a sequence of 2x3 affines (Gaussian of ``sigma`` slices along z).
 
     The linear parts and the image of the frame centre are smoothed separately, so rotation
@@ -498,8 +499,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
       thick sections (:func:`_walk_kept`);
     - ``stage_step`` None means the content hardly changes between slices (FIB-SEM): no walk
       is the content's, and the slow translation is what the noise model takes for the
-      anatomy's smooth motion (:func:`_anatomy_kept`, for 16 slices or more), not a fixed
-      Gaussian of ``sigma``.
+      anatomy's smooth motion (:func:`_anatomy_kept`, for 16 slices or more and with
+      ``noise_model``), not a fixed Gaussian of ``sigma``.
     """
     centre, radius = _normaliser(shape)
     lin = affines[:, :, :2]
@@ -521,7 +522,7 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
         if stage_step is not None:
             for k in range(2):
                 ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
-        elif len(affines) >= _ANATOMY_MIN_SLICES:
+        elif noise_model and len(affines) >= _ANATOMY_MIN_SLICES:
             ctr_s = np.stack([_anatomy_kept(ctr[:, k]) for k in range(2)], axis=1)
     else:
         lin_s = _local_linear(lin, sigma)
@@ -534,7 +535,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
 def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                 model: str = "affine", regularise: float = 0.05, slow_drift: str = "keep",
                 drift_sigma: float = 16.0, blank: Sequence[int] = (),
-                neighbour_score: float | None = None, iterations: int = 6) -> SolveResult:
+                neighbour_score: float | None = None, noise_model: bool = True,
+                iterations: int = 6) -> SolveResult:
     """Solve one transform per slice from the pairs' moments (see module docstring).
 
     Parameters
@@ -562,6 +564,11 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         :data:`SIMILAR_CONTENT` or above, ``keep`` corrects every random walk (the content
         changes too little between slices to appear to walk); below it or unknown, a walk
         beyond :data:`STAGE_STEP` px per slice is the content's and is kept.
+    noise_model : bool
+        Split the slow translation of similar slices by the noise model measured on them
+        (the default, a two-sided estimate over the whole stack). False: the Gaussian trend
+        of ``drift_sigma`` slices, for the windows of a stream, whose newest slices have no
+        neighbours after them (the model's split follows them too closely there).
     iterations : int
         IRLS iterations.
 
@@ -654,7 +661,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         # drift_sigma), so it is neither corrected as if it were real nor left in as jitter.
         similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
         trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True,
-                                stage_step=None if similar else STAGE_STEP)
+                                stage_step=None if similar else STAGE_STEP,
+                                noise_model=noise_model)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.
