@@ -441,7 +441,9 @@ class Aligner:
         :meth:`align_stack`, which sees the whole stack: the stream keeps the slow
         translation of a Gaussian trend of ``drift_sigma`` slices, not the whole-stack
         noise model's split (:func:`~deepalign_fast.alignment.solve.solve_stack`,
-        ``noise_model``), unless one window holds the whole stack.
+        ``noise_model``), unless the input ends before the first slice goes out and within
+        one window (``lookahead`` of at least the stack's length): then every slice is the
+        batch result.
         """
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
@@ -516,10 +518,15 @@ class _StreamState:
             yield self._emit(z + 1)
 
     def finish(self) -> Iterator[np.ndarray]:
+        # The input ended before any slice went out and every window starts at slice 0: the
+        # stream is the batch solve (its noise model, decided once for every slice, so no
+        # seam between slices solved one way and the other).
+        whole = not self.transforms and bool(self.pending) and \
+            self.pending[-1][0] <= self.back
         while self.pending:
-            yield self._emit(self.pending[-1][0] + 1, ended=True)
+            yield self._emit(self.pending[-1][0] + 1, whole=whole)
 
-    def _emit(self, seen: int, *, ended: bool = False) -> np.ndarray:
+    def _emit(self, seen: int, *, whole: bool = False) -> np.ndarray:
         assert self.matcher is not None and self.shape is not None
         z, image = self.pending.popleft()
         lo = max(0, z - self.back)
@@ -533,8 +540,7 @@ class _StreamState:
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
                              drift_sigma=opts.drift_sigma, blank=blank,
                              neighbour_score=self.matcher.neighbour_score(lo),
-                             # the whole stack in one window: the batch solve's split
-                             noise_model=ended and lo == 0)
+                             noise_model=whole)
         a = solved.affines[z - lo]
         if opts.slow_drift == "follow":
             # Each window has its own gauge: carry the previous emitted slice's frame over.

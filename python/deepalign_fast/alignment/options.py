@@ -67,7 +67,7 @@ class AlignOptions:
     drift_sigma : float
         Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``
         (rotation, scale and shear; translation where the content changes between slices,
-        and in ``stream``).
+        with fewer than 16 trusted slices, and in ``stream``).
     canvas : {"reference", "union"}
         Output frame: that of the first slice (same shape as the input), or the bounding box
         of all aligned slices.

@@ -419,27 +419,36 @@ _MODEL_LAGS = tuple(range(1, 9))
 _ANATOMY_MIN_SLICES = 16  # fewer: too few lags to tell a walk from jitter
 
 
-def _motion_model(values: NDArray[np.float64]) -> tuple[float, float, float]:
+def _motion_model(values: NDArray[np.float64], good: NDArray[np.bool_] | None = None
+                  ) -> tuple[float, float, float]:
     """``(white, step, velocity)``: the variances of the independent per-slice part of
     ``values`` (n,), of the steps of its random walk and of its locally constant velocity,
     from the robust variogram ``gamma(k) = 2 white + k step + k^2 velocity`` at lags 1-8
     (medians, so a few bad slices do not count; non-negative least squares, the short lags,
-    which are measured from more slices, weighted more)."""
+    which are measured from more slices, weighted more). Only differences between two
+    ``good`` slices count (flagged slices carry interpolated values, without jitter)."""
     from scipy.optimize import nnls
 
-    lags = np.array([k for k in _MODEL_LAGS if k < len(values) - 2], np.float64)
+    ok = np.ones(len(values), bool) if good is None else good
+    lags, gamma = [], []
+    for k in _MODEL_LAGS:
+        both = ok[k:] & ok[:-k]
+        if k >= len(values) - 2 or both.sum() < 3:
+            break
+        diff = (values[k:] - values[:-k])[both]
+        lags.append(float(k))
+        gamma.append(float(np.median(diff ** 2)) / 0.4549)
     if len(lags) < 3:
-        return float(np.var(values)), 0.0, 0.0
-    gamma = np.array([np.median((values[int(k):] - values[:-int(k)]) ** 2) / 0.4549
-                      for k in lags])
-    design = np.stack([np.full_like(lags, 2.0), lags, lags ** 2], axis=1)
-    weight = 1.0 / np.sqrt(lags)
-    (white, step, velocity), _ = nnls(design * weight[:, None], gamma * weight)
+        return float(np.var(values[ok])) if ok.any() else 0.0, 0.0, 0.0
+    lag = np.array(lags)
+    design = np.stack([np.full_like(lag, 2.0), lag, lag ** 2], axis=1)
+    weight = 1.0 / np.sqrt(lag)
+    (white, step, velocity), _ = nnls(design * weight[:, None], np.array(gamma) * weight)
     return float(white), float(step), float(velocity)
 
 
-def _anatomy_kept(values: NDArray[np.float64], change: float = ANATOMY_CHANGE
-                  ) -> NDArray[np.float64]:
+def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = None,
+                  change: float = ANATOMY_CHANGE) -> NDArray[np.float64]:
     """The slow part of one translation component ``values`` (n,) of a stack whose content
     hardly changes between slices: the part that is the anatomy's apparent motion and is
     kept rather than corrected.
@@ -451,8 +460,11 @@ def _anatomy_kept(values: NDArray[np.float64], change: float = ANATOMY_CHANGE
     :func:`_motion_model`. The anatomy is their joint maximum a-posteriori split (the
     Kalman smoother of this model, solved as one sparse least-squares problem)::
 
-        min  sum (y - a - w)^2 / s^2 + sum (a[z+1] - 2 a[z] + a[z-1])^2 / change^2
+        min  sum_good (y - a - w)^2 / s^2 + sum (a[z+1] - 2 a[z] + a[z-1])^2 / change^2
            + sum (w[z+1] - w[z])^2 / q                     (mean of w: zero)
+
+    Slices not ``good`` (flagged: their values are interpolated) are not observations; the
+    priors carry the split across them.
 
     An aligned stack (no walk, no jitter) is left where it is; jitter is removed down to the
     scale where the anatomy's motion exceeds it; a stage walk is followed down to the scale
@@ -463,29 +475,38 @@ def _anatomy_kept(values: NDArray[np.float64], change: float = ANATOMY_CHANGE
     from scipy.sparse.linalg import spsolve
 
     n = len(values)
-    y = values - values[0]
+    ok = np.ones(n, bool) if good is None else good
     z = np.arange(n, dtype=np.float64)
-    white, step, _ = _motion_model(y - np.polyval(np.polyfit(z, y, 1), z))
-    floor = 1e-6 * (change ** 2 + white + step) + 1e-12
+    # The straight line costs nothing in the anatomy: solve for the rest (well scaled).
+    coef = np.polyfit(z[ok], values[ok], 1) if ok.sum() >= 2 else np.array([0.0, values.mean()])
+    line = np.polyval(coef, z)
+    resid = values - line
+    white, step, _ = _motion_model(resid, ok)
+    # (1e-3 px)^2: below any measurement, keeps the system well conditioned for an exactly
+    # aligned stack.
+    floor = 1e-6 + 1e-6 * (change ** 2 + white + step)
     s2, q = max(white, floor), max(step, floor)
-    eye = sparse.identity(n, format="csr")
+    data = sparse.diags(ok.astype(np.float64) / s2)
     d1 = sparse.diags([-np.ones(n - 1), np.ones(n - 1)], [0, 1], shape=(n - 1, n))
     d2 = sparse.diags([np.ones(n - 2), -2 * np.ones(n - 2), np.ones(n - 2)], [0, 1, 2],
                       shape=(n - 2, n))
     # A faint pull of the walk toward zero fixes its mean (the gauge: no slice is special);
     # far below what the walk's steps cost at the stack's longest scale.
-    ridge = 1e-3 * (np.pi / n) ** 2 / q
-    system = sparse.bmat([[eye / s2 + (d2.T @ d2) / change ** 2, eye / s2],
-                          [eye / s2, eye * (1 / s2 + ridge) + (d1.T @ d1) / q]], format="csc")
-    rhs = np.concatenate([y / s2, y / s2])
-    anatomy = spsolve(system, rhs)[:n]
-    return anatomy + values[0]
+    ridge = sparse.identity(n) * (1e-3 * (np.pi / n) ** 2 / q)
+    system = sparse.bmat([[data + (d2.T @ d2) / change ** 2, data],
+                          [data, data + ridge + (d1.T @ d1) / q]], format="csc")
+    rhs = np.concatenate([ok * resid / s2, ok * resid / s2])
+    solved = spsolve(system, rhs)
+    anatomy, walk = solved[:n], solved[n:]
+    # The optimum has a zero-mean walk; put any round-off in its mean back where it belongs.
+    return line + anatomy + walk.mean()
 
 
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                     sigma: float, *, adaptive: bool = False,
                     stage_step: float | None = STAGE_STEP,
-                    noise_model: bool = True) -> NDArray[np.float64]:
+                    noise_model: bool = True,
+                    good: NDArray[np.bool_] | None = None) -> NDArray[np.float64]:
     """Slow component of a sequence of 2x3 affines (Gaussian of ``sigma`` slices along z).
 
     The linear parts and the image of the frame centre are smoothed separately, so rotation
@@ -499,8 +520,9 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
       thick sections (:func:`_walk_kept`);
     - ``stage_step`` None means the content hardly changes between slices (FIB-SEM): no walk
       is the content's, and the slow translation is what the noise model takes for the
-      anatomy's smooth motion (:func:`_anatomy_kept`, for 16 slices or more and with
-      ``noise_model``), not a fixed Gaussian of ``sigma``.
+      anatomy's smooth motion (:func:`_anatomy_kept`, for 16 good slices or more and with
+      ``noise_model``), not a fixed Gaussian of ``sigma``. ``good`` (n,) marks the slices
+      whose values are observations (not interpolated over flagged slices).
     """
     centre, radius = _normaliser(shape)
     lin = affines[:, :, :2]
@@ -522,8 +544,9 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
         if stage_step is not None:
             for k in range(2):
                 ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
-        elif noise_model and len(affines) >= _ANATOMY_MIN_SLICES:
-            ctr_s = np.stack([_anatomy_kept(ctr[:, k]) for k in range(2)], axis=1)
+        elif noise_model and (np.count_nonzero(good) if good is not None
+                              else len(affines)) >= _ANATOMY_MIN_SLICES:
+            ctr_s = np.stack([_anatomy_kept(ctr[:, k], good) for k in range(2)], axis=1)
     else:
         lin_s = _local_linear(lin, sigma)
     out = np.empty_like(affines)
@@ -556,7 +579,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     drift_sigma : float
         Gaussian sigma (slices) separating slow motion from jitter for ``slow_drift="keep"``:
         the longest trend of rotation, scale and shear, and the translation's trend where
-        the content changes between slices (below :data:`SIMILAR_CONTENT` or unknown).
+        the content changes between slices (below :data:`SIMILAR_CONTENT` or unknown), with
+        fewer than 16 trusted slices, or without ``noise_model``.
     blank : sequence of int
         Slices known to be blank (flagged whatever their matches).
     neighbour_score : float, optional
@@ -662,7 +686,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
         trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True,
                                 stage_step=None if similar else STAGE_STEP,
-                                noise_model=noise_model)
+                                noise_model=noise_model and slow_drift == "keep",
+                                good=np.isin(np.arange(n), good))
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.
