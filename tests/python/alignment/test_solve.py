@@ -188,13 +188,16 @@ def test_bad_arguments():
     assert np.allclose(res.affines[0], np.eye(2, 3))
 
 
-def test_keep_treats_a_jump_as_fast_motion():
-    """A 30 px step between two slices is corrected whole: the slow trend must not smear it
-    into a ramp over the neighbouring slices."""
+@pytest.mark.parametrize("score", [None, 0.9], ids=["trend", "noise-model"])
+def test_keep_treats_a_jump_as_fast_motion(score):
+    """A 30 px step between two slices is corrected whole: the slow trend (or the noise
+    model's split, for similar slices) must not smear it into a ramp over the neighbouring
+    slices."""
     n = 60
     jumpy = np.tile(np.eye(2, 3), (n, 1, 1))
     jumpy[30:, 0, 2] += 30.0
-    res = solve_stack(n, _pairs(jumpy, np.random.default_rng(10), (1, 2, 4, 8), 0.05), SHAPE)
+    res = solve_stack(n, _pairs(jumpy, np.random.default_rng(10), (1, 2, 4, 8), 0.05), SHAPE,
+                      neighbour_score=score)
     assert _spread(res.affines, jumpy).max() < 0.1
 
 
