@@ -90,6 +90,11 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         print(f"  neighbour block correlation {corr:.2f}"
               + (f" (dissimilar slices: apparent walks beyond {STAGE_STEP:g} px per slice "
                  "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else ""))
+    motion = summary.get("stage_motion")
+    if motion is not None:
+        print(f"  measured stage walk {motion['stage_walk_px']:.2f} px per slice, jitter "
+              f"{motion['jitter_px']:.2f} px (corrected; the smooth motion beyond them is "
+              "kept as the anatomy's)")
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
     if _mostly_flagged(summary):

@@ -48,7 +48,7 @@ from ..render import SliceMap, render_slice
 from ..transforms import TransformSet
 from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
-from .solve import PairMoments, solve_stack
+from .solve import PairMoments, SolveResult, solve_stack
 
 __all__ = ["AlignResult", "AlignStream", "Aligner"]
 
@@ -67,6 +67,7 @@ class AlignResult:
     matches: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     neighbour_score: float | None = None  # StackMatcher.neighbour_score (None: not measured)
+    motion: dict[str, float] | None = None  # SolveResult.motion (None: not measured)
 
     @property
     def flagged(self) -> list[int]:
@@ -83,6 +84,7 @@ class AlignResult:
             "residual_max_px": float(np.max(res)) if res else None,
             "matches_median": float(np.median(self.matches)) if self.matches else 0.0,
             "neighbour_correlation": self.neighbour_score,
+            "stage_motion": self.motion,
             "time_s": total,
             "slices_per_s": n / total if total > 0 else None,
             "timings_s": dict(self.timings),
@@ -220,14 +222,19 @@ class Aligner:
                         last_save = time.perf_counter()
             bar.close()
             t_est = time.perf_counter() - t_prep0
-        ts = self.transform_set(matcher, (n, h, w))
+        solved = self._solve(matcher, (n, h, w))
+        ts = self._transform_set(solved, matcher, (n, h, w))
         timings = {**matcher.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
-        return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score())
+        return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score(),
+                           solved.motion)
 
     def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
                       ) -> TransformSet:
         """The global solve and the canvas over a finished :class:`StackMatcher`."""
+        return self._transform_set(self._solve(matcher, shape), matcher, shape)
+
+    def _solve(self, matcher: StackMatcher, shape: tuple[int, int, int]) -> SolveResult:
         n, h, w = shape
         opts = self.options
         t0 = time.perf_counter()
@@ -236,6 +243,12 @@ class Aligner:
                              drift_sigma=opts.drift_sigma, blank=matcher.blank,
                              neighbour_score=matcher.neighbour_score())
         matcher.times.add("solve", t0)
+        return solved
+
+    def _transform_set(self, solved: SolveResult, matcher: StackMatcher,
+                       shape: tuple[int, int, int]) -> TransformSet:
+        n, h, w = shape
+        opts = self.options
         flagged = sorted(set(solved.flagged) | set(matcher.failed))
         residuals = [None if z in flagged else r for z, r in enumerate(solved.residuals)]
         affines, out_shape = _canvas(solved.affines, (h, w), opts.canvas)

@@ -131,6 +131,9 @@ class SolveResult:
     residuals: list[float | None]  # weighted RMS residual of the slice's pairs, px
     flagged: list[int]  # slices without enough trusted matches
     pair_weights: dict[tuple[int, int], float] = field(default_factory=dict)  # final IRLS
+    # What the noise model measured where it split the slow translation (keep, similar
+    # slices): {"stage_walk_px": rms step per slice, "jitter_px": rms jitter}, 2-D; else None.
+    motion: dict[str, float] | None = None
 
 
 def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
@@ -420,31 +423,37 @@ _ANATOMY_MIN_SLICES = 16  # fewer: too few lags to tell a walk from jitter
 
 
 def _motion_model(values: NDArray[np.float64], good: NDArray[np.bool_] | None = None
-                  ) -> tuple[float, float, float]:
-    """``(white, step, velocity)``: the variances of the independent per-slice part of
-    ``values`` (n,), of the steps of its random walk and of its locally constant velocity,
-    from the robust variogram ``gamma(k) = 2 white + k step + k^2 velocity`` at lags 1-8
-    (medians, so a few bad slices do not count; non-negative least squares, the short lags,
-    which are measured from more slices, weighted more). Only differences between two
-    ``good`` slices count (flagged slices carry interpolated values, without jitter)."""
+                  ) -> tuple[float, float]:
+    """``(white, step)``: the variances of the independent per-slice part of ``values`` (n,)
+    and of the steps of its random walk.
+
+    From the robust variogram of second differences, ``var(y[z+k] - 2 y[z] + y[z-k]) =
+    6 white + 2 k step`` at lags 1-8: a locally constant velocity (a drift, the anatomy's
+    steady apparent motion) cancels exactly, and the anatomy's slowly changing velocity adds
+    little at these lags. Medians (a few bad slices do not count), non-negative least
+    squares, the short lags (measured from more slices) weighted more. Only differences of
+    three ``good`` slices count (flagged slices carry interpolated values, without jitter).
+    """
     from scipy.optimize import nnls
 
     ok = np.ones(len(values), bool) if good is None else good
     lags, gamma = [], []
     for k in _MODEL_LAGS:
-        both = ok[k:] & ok[:-k]
-        if k >= len(values) - 2 or both.sum() < 3:
+        if 2 * k >= len(values) - 2:
             break
-        diff = (values[k:] - values[:-k])[both]
+        three = ok[2 * k:] & ok[k:-k] & ok[:-2 * k]
+        if three.sum() < 3:
+            break
+        diff = (values[2 * k:] - 2 * values[k:-k] + values[:-2 * k])[three]
         lags.append(float(k))
-        gamma.append(float(np.median(diff ** 2)) / 0.4549)
-    if len(lags) < 3:
-        return float(np.var(values[ok])) if ok.any() else 0.0, 0.0, 0.0
+        gamma.append(float(np.median(diff ** 2)) / 0.4549)  # median of a squared N(0, 1)
+    if len(lags) < 2:
+        return (float(np.var(np.diff(values[ok]))) / 2 if ok.sum() > 2 else 0.0), 0.0
     lag = np.array(lags)
-    design = np.stack([np.full_like(lag, 2.0), lag, lag ** 2], axis=1)
+    design = np.stack([np.full_like(lag, 6.0), 2.0 * lag], axis=1)
     weight = 1.0 / np.sqrt(lag)
-    (white, step, velocity), _ = nnls(design * weight[:, None], np.array(gamma) * weight)
-    return float(white), float(step), float(velocity)
+    (white, step), _ = nnls(design * weight[:, None], np.array(gamma) * weight)
+    return float(white), float(step)
 
 
 def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = None,
@@ -481,7 +490,7 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     coef = np.polyfit(z[ok], values[ok], 1) if ok.sum() >= 2 else np.array([0.0, values.mean()])
     line = np.polyval(coef, z)
     resid = values - line
-    white, step, _ = _motion_model(resid, ok)
+    white, step = _motion_model(resid, ok)
     # (1e-3 px)^2: below any measurement, keeps the system well conditioned for an exactly
     # aligned stack.
     floor = 1e-6 + 1e-6 * (change ** 2 + white + step)
@@ -500,6 +509,23 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     anatomy, walk = solved[:n], solved[n:]
     # The optimum has a zero-mean walk; put any round-off in its mean back where it belongs.
     return line + anatomy + walk.mean()
+
+
+def _stage_motion(affines: NDArray[np.float64], shape: tuple[int, int],
+                  good: NDArray[np.bool_]) -> dict[str, float]:
+    """The stage walk (rms step per slice) and jitter (rms) that :func:`_motion_model`
+    measures in the translation of ``affines`` (slice -> output) at the frame centre, as
+    2-D magnitudes (both axes together)."""
+    centre, _ = _normaliser(shape)
+    ctr = affines[:, :, :2] @ centre + affines[:, :, 2]
+    z = np.arange(len(ctr), dtype=np.float64)
+    white = step = 0.0
+    for k in range(2):
+        y = ctr[:, k]
+        resid = y - np.polyval(np.polyfit(z[good], y[good], 1), z)
+        w, q = _motion_model(resid, good)
+        white, step = white + w, step + q
+    return {"stage_walk_px": float(np.sqrt(step)), "jitter_px": float(np.sqrt(white))}
 
 
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
@@ -667,6 +693,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
 
     b_pix = invert(_to_pixels(theta, shape))  # slice -> output, pixels
     final = b_pix
+    motion = None
     if n > 1 and slow_drift != "none":
         good = np.setdiff1d(np.arange(n), flagged)
         trend_src = b_pix.copy()
@@ -684,14 +711,18 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         # separated on the scale that best tells it from per-slice errors (at most
         # drift_sigma), so it is neither corrected as if it were real nor left in as jitter.
         similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
+        modelled = similar and noise_model and slow_drift == "keep"
+        good_mask = np.isin(np.arange(n), good)
         trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True,
                                 stage_step=None if similar else STAGE_STEP,
-                                noise_model=noise_model and slow_drift == "keep",
-                                good=np.isin(np.arange(n), good))
+                                noise_model=modelled, good=good_mask)
+        if modelled and good.size >= _ANATOMY_MIN_SLICES:
+            motion = _stage_motion(trend_src, shape, good_mask)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.
             trend[:, :, 2] = centre - trend[:, :, :2] @ centre
         final = compose(invert(trend), b_pix)
     return SolveResult(invert(final), residuals, flagged,
-                       {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)})
+                       {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
+                       motion)

@@ -100,6 +100,10 @@ def test_stream_of_similar_slices_has_no_seam() -> None:
     aligner = Aligner()
     batch = aligner.estimate(mis, progress=False)
     assert batch.neighbour_score is not None and batch.neighbour_score > 0.9
+    # the noise model's measurement is reported (true: 2.1 px walk per slice, 1 px jitter;
+    # 40 slices measure it roughly)
+    motion = batch.summary()["stage_motion"]
+    assert 1.0 < motion["stage_walk_px"] < 3.5 and 0.0 <= motion["jitter_px"] < 2.0
     whole = aligner.stream(iter(mis), lookahead=n)
     list(whole)
     assert np.abs(np.stack(whole.transforms) - batch.transforms.affines).max() < 1e-6
@@ -159,6 +163,7 @@ def test_cli_summary_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert summary["slices"] == 5 and summary["flagged"] == []
     # one texture shifted slice by slice: neighbours correlate almost perfectly
     assert 0.9 < summary["neighbour_correlation"] <= 1.0
+    assert summary["stage_motion"] is None  # follow, and five slices: no noise model
     ts = TransformSet.load(tmp_path / "a.transforms.json")
     # content moves by (-z, +z) per slice in (x, y): following slow drift, the pull map
     # follows it (gauge: the mean slice)
@@ -170,6 +175,25 @@ def test_cli_summary_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                  "--model", "translation", "--quiet"]) == 0
     kept = TransformSet.load(tmp_path / "k.transforms.json")
     np.testing.assert_allclose(kept.affines[:, :, 2], 0.0, atol=0.1)
+
+
+def test_cli_summary_text_reports_the_stage_walk(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Similar slices (one texture under a walk): the text summary names the neighbour
+    correlation and the stage walk and jitter the noise model measured."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    base = cv2.GaussianBlur((rng.random((160, 160)) * 255).astype(np.float32), (0, 0), 2.0)
+    full = np.tile(np.eye(2, 3), (20, 1, 1))
+    full[:, :, 2] = np.cumsum(rng.normal(0, 1.0, (20, 2)), axis=0)
+    mis, _ = misalign_stack(np.repeat(base[None], 20, axis=0), full)
+    tifffile.imwrite(tmp_path / "w.tif", mis)
+    assert main(["align", str(tmp_path / "w.tif"), "-o", str(tmp_path / "o.tif"),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "neighbour block correlation" in text
+    assert "measured stage walk" in text and "px per slice, jitter" in text
 
 
 def test_output_equal_to_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -374,3 +374,24 @@ def test_noise_model_ignores_interpolated_slices():
         counted.append(np.std((naive[:, 0, 2] - anatomy)[good]))
     assert np.mean(errors) < 0.18
     assert np.mean(errors) < 0.7 * np.mean(counted)
+
+
+def test_noise_model_reports_the_stage_walk_and_jitter():
+    """What the split measured is reported (2-D rms): a 1 px/slice walk and 0.7 px jitter
+    per axis are 1.41 and 0.99 px; averaged over four stacks of 400 slices it is within 15 %.
+    Nothing is reported where the model is not used (dissimilar slices, follow)."""
+    n = 400
+    walks, jitters = [], []
+    for seed in range(50, 54):
+        rng = np.random.default_rng(seed)
+        seen = np.tile(np.eye(2, 3), (n, 1, 1))
+        seen[:, :, 2] = _walk(n, 1.0, rng) + rng.normal(0, 0.7, (n, 2))
+        pairs = _pairs(seen, rng, (1, 2, 4, 8), 0.05)
+        res = solve_stack(n, pairs, SHAPE, neighbour_score=0.9)
+        assert res.motion is not None
+        walks.append(res.motion["stage_walk_px"])
+        jitters.append(res.motion["jitter_px"])
+    assert abs(np.mean(walks) - np.sqrt(2)) < 0.15 * np.sqrt(2)
+    assert abs(np.mean(jitters) - 0.7 * np.sqrt(2)) < 0.15 * 0.7 * np.sqrt(2)
+    assert solve_stack(n, pairs, SHAPE).motion is None
+    assert solve_stack(n, pairs, SHAPE, neighbour_score=0.9, slow_drift="follow").motion is None
