@@ -442,8 +442,8 @@ def _motion_model(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
         if 2 * k >= len(values) - 2:
             break
         three = ok[2 * k:] & ok[k:-k] & ok[:-2 * k]
-        if three.sum() < 3:
-            break
+        if three.sum() < 3:  # (a periodic pattern of flagged slices can empty one lag only)
+            continue
         diff = (values[2 * k:] - 2 * values[k:-k] + values[:-2 * k])[three]
         lags.append(float(k))
         gamma.append(float(np.median(diff ** 2)) / 0.4549)  # median of a squared N(0, 1)
@@ -716,7 +716,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True,
                                 stage_step=None if similar else STAGE_STEP,
                                 noise_model=modelled, good=good_mask)
-        if modelled and good.size >= _ANATOMY_MIN_SLICES:
+        if modelled and drift_sigma > 0 and good.size >= _ANATOMY_MIN_SLICES:
             motion = _stage_motion(trend_src, shape, good_mask)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are

@@ -103,7 +103,7 @@ def test_stream_of_similar_slices_has_no_seam() -> None:
     # the noise model's measurement is reported (true: 2.1 px walk per slice, 1 px jitter;
     # 40 slices measure it roughly)
     motion = batch.summary()["stage_motion"]
-    assert 1.0 < motion["stage_walk_px"] < 3.5 and 0.0 <= motion["jitter_px"] < 2.0
+    assert 1.0 < motion["stage_walk_px"] < 4.5 and motion["jitter_px"] < 2.0
     whole = aligner.stream(iter(mis), lookahead=n)
     list(whole)
     assert np.abs(np.stack(whole.transforms) - batch.transforms.affines).max() < 1e-6
