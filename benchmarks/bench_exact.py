@@ -188,9 +188,14 @@ def parse_ours(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), kw
 
 
+def _aligner_options(kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` without ``lookahead`` (a stream setting, not an AlignOptions field)."""
+    return {k: v for k, v in kw.items() if k != "lookahead"}
+
+
 def ours(kw: dict[str, Any]) -> Tool:
     """Our aligner with the option set ``kw``; ``lookahead`` (not an option) streams."""
-    options = {k: v for k, v in kw.items() if k != "lookahead"}
+    options = _aligner_options(kw)
 
     def run(stack: np.ndarray) -> np.ndarray:
         aligner = Aligner(**options)
@@ -454,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_specs = [parse_ours(s) for s in (args.ours or ["default"])]
     for name, kw in ours_specs:  # bad options fail here, before any stack is built
         try:
-            Aligner(**{k: v for k, v in kw.items() if k != "lookahead"})
+            Aligner(**_aligner_options(kw))
             if not isinstance(kw.get("lookahead", 0), int) or kw.get("lookahead", 0) < 0:
                 raise ValueError(f"lookahead must be an integer >= 0, got {kw['lookahead']!r}")
         except (TypeError, ValueError) as exc:

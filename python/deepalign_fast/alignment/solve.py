@@ -456,6 +456,24 @@ def _motion_model(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     return float(white), float(step)
 
 
+def _uses_noise_model(good_slices: int, sigma: float) -> bool:
+    """Whether the slow translation of similar slices is split by the noise model: enough
+    trusted slices to measure it, and a trend at all (``sigma`` > 0)."""
+    return good_slices >= _ANATOMY_MIN_SLICES and sigma > 0
+
+
+def _measured(values: NDArray[np.float64], good: NDArray[np.bool_]
+              ) -> tuple[NDArray[np.float64], NDArray[np.float64], float, float]:
+    """``(line, resid, white, step)`` of one translation component: the straight line
+    through its ``good`` slices (free in the anatomy, so split off first, which also keeps
+    the split well scaled), the rest, and what :func:`_motion_model` measures in the rest."""
+    z = np.arange(len(values), dtype=np.float64)
+    line = np.asarray(np.polyval(np.polyfit(z[good], values[good], 1), z), np.float64)
+    resid = values - line
+    white, step = _motion_model(resid, good)
+    return line, resid, white, step
+
+
 def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = None,
                   change: float = ANATOMY_CHANGE) -> NDArray[np.float64]:
     """The slow part of one translation component ``values`` (n,) of a stack whose content
@@ -485,12 +503,7 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
 
     n = len(values)
     ok = np.ones(n, bool) if good is None else good
-    z = np.arange(n, dtype=np.float64)
-    # The straight line costs nothing in the anatomy: solve for the rest (well scaled).
-    coef = np.polyfit(z[ok], values[ok], 1) if ok.sum() >= 2 else np.array([0.0, values.mean()])
-    line = np.polyval(coef, z)
-    resid = values - line
-    white, step = _motion_model(resid, ok)
+    line, resid, white, step = _measured(values, ok)
     # (1e-3 px)^2: below any measurement, keeps the system well conditioned for an exactly
     # aligned stack.
     floor = 1e-6 + 1e-6 * (change ** 2 + white + step)
@@ -518,12 +531,9 @@ def _stage_motion(affines: NDArray[np.float64], shape: tuple[int, int],
     2-D magnitudes (both axes together)."""
     centre, _ = _normaliser(shape)
     ctr = affines[:, :, :2] @ centre + affines[:, :, 2]
-    z = np.arange(len(ctr), dtype=np.float64)
     white = step = 0.0
     for k in range(2):
-        y = ctr[:, k]
-        resid = y - np.polyval(np.polyfit(z[good], y[good], 1), z)
-        w, q = _motion_model(resid, good)
+        _, _, w, q = _measured(ctr[:, k], good)
         white, step = white + w, step + q
     return {"stage_walk_px": float(np.sqrt(step)), "jitter_px": float(np.sqrt(white))}
 
@@ -570,8 +580,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
         if stage_step is not None:
             for k in range(2):
                 ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
-        elif noise_model and (np.count_nonzero(good) if good is not None
-                              else len(affines)) >= _ANATOMY_MIN_SLICES:
+        elif noise_model and _uses_noise_model(
+                int(np.count_nonzero(good)) if good is not None else len(affines), sigma):
             ctr_s = np.stack([_anatomy_kept(ctr[:, k], good) for k in range(2)], axis=1)
     else:
         lin_s = _local_linear(lin, sigma)
@@ -716,7 +726,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True,
                                 stage_step=None if similar else STAGE_STEP,
                                 noise_model=modelled, good=good_mask)
-        if modelled and drift_sigma > 0 and good.size >= _ANATOMY_MIN_SLICES:
+        if modelled and _uses_noise_model(good.size, drift_sigma):
             motion = _stage_motion(trend_src, shape, good_mask)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
