@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from deepalign_fast.cli import main  # noqa: E402
 from deepalign_fast.datasets import sample_stack_path  # noqa: E402
 from deepalign_fast.io import open_stack, open_writer  # noqa: E402
 from deepalign_fast.qc.synth import misalign_stack  # noqa: E402
+from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
 
 # Same arithmetic on both paths: the transforms agree to rounding of the JSON/npz round trips
 # (exactly, in practice).
@@ -107,8 +110,39 @@ def _kill_busy_worker(client: Any, killed: list[tuple[str, list[str]]]) -> None:
     killed.append((addr, list(keys)))
 
 
+class _SlowRender(WorkerPlugin):
+    """A worker plugin that makes each render task take 0.2 s longer, so the render stage
+    still has tasks in flight when the first slice comes back (on a loaded machine the whole
+    stage could otherwise finish before the client sees its first result). Registered with
+    the scheduler, it is set up again on a worker the nanny restarts."""
+
+    name = "deepalign-test-slow-render"
+
+    def setup(self, worker: Any) -> None:
+        from deepalign_fast.alignment import distributed as d
+
+        original = d.render_task
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.2)
+            return original(*args, **kwargs)
+
+        slow.original = original  # type: ignore[attr-defined]
+        d.render_task = slow
+
+    def teardown(self, worker: Any) -> None:
+        from deepalign_fast.alignment import distributed as d
+
+        d.render_task = getattr(d.render_task, "original", d.render_task)
+
+
 def test_worker_killed_mid_run(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
+    import cloudpickle
+
     _, client = cluster
+    # The plugin class lives in this test module, which workers cannot import: send it by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    client.register_plugin(_SlowRender(), name=_SlowRender.name)
     killed: list[tuple[str, list[str]]] = []
     stages: set[str] = set()
 
@@ -122,8 +156,12 @@ def test_worker_killed_mid_run(cluster: Any, data: dict[str, Any], tmp_path: Pat
                 stages.add(stage)
 
     out = tmp_path / "out.ome.zarr"
-    res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
-                            on_progress=on_progress, progress=False)
+    try:
+        res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                                on_progress=on_progress, progress=False)
+    finally:
+        client.unregister_worker_plugin(_SlowRender.name)
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert stages == {"solve", "render"}, killed  # both kills hit a worker with tasks
     _check_equal(res, out, data)
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it
