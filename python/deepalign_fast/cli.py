@@ -92,9 +92,15 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
                  "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else ""))
     motion = summary.get("stage_motion")
     if motion is not None:
+        from .alignment.solve import ANATOMY_SLOPE
+
+        trend = motion["trend_px_per_slice"]
         print(f"  measured stage walk {motion['stage_walk_px']:.2f} px per slice, jitter "
               f"{motion['jitter_px']:.2f} px (corrected; the smooth motion beyond them is "
               "kept as the anatomy's)")
+        print(f"  straight-line trend {trend:.2f} px per slice"
+              + (f" (steeper than the anatomy moves: corrected down to {ANATOMY_SLOPE:g})"
+                 if trend > ANATOMY_SLOPE else " (kept)"))
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
     if _mostly_flagged(summary):

@@ -73,8 +73,8 @@ from numpy.typing import NDArray
 
 from ..geometry import compose, invert
 
-__all__ = ["ANATOMY_CHANGE", "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments",
-           "SolveResult", "lowpass_affines", "pair_moments", "solve_stack"]
+__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP",
+           "PairMoments", "SolveResult", "lowpass_affines", "pair_moments", "solve_stack"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 
@@ -418,6 +418,11 @@ def _walk_kept(resid: NDArray[np.float64], stage_step: float, *,
 # the exactly aligned lucchi reslices (XZ 0.011-0.013, YZ 0.013-0.026, XY 0.007-0.033, as the
 # velocity random walk of a three-part spectral fit); see benchmarks/RESULTS.md.
 ANATOMY_CHANGE = 0.02
+# ... and its mean velocity over a whole stack stays below this (px per slice, both axes
+# together): the exactly aligned lucchi stacks show 0.10-0.11 (XZ, YZ reslices, 120-500
+# planes) and 0.17 (XY). A steeper straight-line trend is a steady stage drift: "keep" corrects
+# its excess (see benchmarks/RESULTS.md).
+ANATOMY_SLOPE = 0.2
 _MODEL_LAGS = tuple(range(1, 9))
 _ANATOMY_MIN_SLICES = 16  # fewer: too few lags to tell a walk from jitter
 
@@ -524,18 +529,40 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     return line + anatomy + walk.mean()
 
 
+def _line_slope(ctr: NDArray[np.float64], good: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """The slope (px per slice, per axis) of the straight line through the ``good`` slices of
+    a translation ``ctr`` (n, 2)."""
+    z = np.flatnonzero(good).astype(np.float64)
+    return np.array([np.polyfit(z, ctr[good, k], 1)[0] for k in range(2)])
+
+
+def _steep_excess(ctr: NDArray[np.float64], good: NDArray[np.bool_],
+                  limit: float = ANATOMY_SLOPE) -> NDArray[np.float64]:
+    """The part of the straight-line trend of ``ctr`` (n, 2) steeper than the anatomy moves
+    (``limit`` px per slice, both axes together): a steady stage drift, zero at the mean of
+    the ``good`` slices (so the gauge does not move). Zeros if the line is not that steep."""
+    slope = _line_slope(ctr, good)
+    norm = float(np.hypot(*slope))
+    z = np.arange(len(ctr), dtype=np.float64)
+    if norm <= limit:
+        return np.zeros_like(ctr)
+    return np.outer(z - z[good].mean(), slope * (1.0 - limit / norm))
+
+
 def _stage_motion(affines: NDArray[np.float64], shape: tuple[int, int],
                   good: NDArray[np.bool_]) -> dict[str, float]:
     """The stage walk (rms step per slice) and jitter (rms) that :func:`_motion_model`
     measures in the translation of ``affines`` (slice -> output) at the frame centre, as
-    2-D magnitudes (both axes together)."""
+    2-D magnitudes (both axes together), and the slope of its straight-line trend (px per
+    slice; what exceeds :data:`ANATOMY_SLOPE` is corrected as a steady stage drift)."""
     centre, _ = _normaliser(shape)
     ctr = affines[:, :, :2] @ centre + affines[:, :, 2]
     white = step = 0.0
     for k in range(2):
         _, _, w, q = _measured(ctr[:, k], good)
         white, step = white + w, step + q
-    return {"stage_walk_px": float(np.sqrt(step)), "jitter_px": float(np.sqrt(white))}
+    return {"stage_walk_px": float(np.sqrt(step)), "jitter_px": float(np.sqrt(white)),
+            "trend_px_per_slice": float(np.hypot(*_line_slope(ctr, good)))}
 
 
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
@@ -582,7 +609,9 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                 ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
         elif noise_model and _uses_noise_model(
                 int(np.count_nonzero(good)) if good is not None else len(affines), sigma):
-            ctr_s = np.stack([_anatomy_kept(ctr[:, k], good) for k in range(2)], axis=1)
+            ok = np.ones(len(affines), bool) if good is None else good
+            ctr_s = np.stack([_anatomy_kept(ctr[:, k], ok) for k in range(2)], axis=1)
+            ctr_s -= _steep_excess(ctr, ok)
     else:
         lin_s = _local_linear(lin, sigma)
     out = np.empty_like(affines)

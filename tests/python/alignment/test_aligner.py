@@ -104,6 +104,9 @@ def test_stream_of_similar_slices_has_no_seam() -> None:
     # 40 slices measure it roughly)
     motion = batch.summary()["stage_motion"]
     assert 1.0 < motion["stage_walk_px"] < 4.5 and motion["jitter_px"] < 2.0
+    zs = np.arange(n)
+    true_slope = np.hypot(*[np.polyfit(zs, full[:, k, 2], 1)[0] for k in range(2)])
+    assert motion["trend_px_per_slice"] == pytest.approx(true_slope, abs=0.05)
     whole = aligner.stream(iter(mis), lookahead=n)
     list(whole)
     assert np.abs(np.stack(whole.transforms) - batch.transforms.affines).max() < 1e-6
@@ -194,6 +197,7 @@ def test_cli_summary_text_reports_the_stage_walk(tmp_path: Path,
     text = capsys.readouterr().out
     assert "neighbour block correlation" in text
     assert "measured stage walk" in text and "px per slice, jitter" in text
+    assert "straight-line trend" in text
 
 
 def test_output_equal_to_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
