@@ -42,6 +42,8 @@ tell them apart, so the slow component is a decision (``slow_drift``):
   anatomy's apparent motion is smooth (its velocity changes by :data:`ANATOMY_CHANGE` px
   per slice per slice), a stage walk has independent steps, jitter is independent per
   slice. A strong walk is then followed over long scales, an aligned stack kept whole.
+  The anatomy's mean motion over the stack stays below :data:`ANATOMY_SLOPE` px per slice:
+  the excess of a steeper straight-line trend is a steady stage drift and is corrected.
   Otherwise the slow translation is a Gaussian of ``drift_sigma`` slices. For the
   rotation, scale and shear the scale of "slow" is chosen from the data, at most
   ``drift_sigma`` (:func:`lowpass_affines` with ``adaptive``): the slowly wandering
