@@ -501,9 +501,9 @@ class Checkpoint:
         return cls(checkpoint_path_for(output), key)
 
     def load(self) -> dict[str, Any] | None:
-        """The saved estimation (``transforms``, ``matches``, ``timings``) when it belongs to
-        this run, else None (a checkpoint of another input or other options is ignored and
-        replaced by the next :meth:`save`)."""
+        """The saved estimation (``transforms``, ``matches``, ``timings``, ``measured``) when
+        it belongs to this run, else None (a checkpoint of another input or other options is
+        ignored and replaced by the next :meth:`save`)."""
         try:
             if self.path.is_symlink() or not self.path.is_file():
                 return None
@@ -515,10 +515,11 @@ class Checkpoint:
         return data if isinstance(data.get("transforms"), dict) else None
 
     def save(self, transforms: dict[str, Any], matches: list[int],
-             timings: dict[str, float]) -> None:
-        """Write atomically (exclusive temp file + rename)."""
+             timings: dict[str, float], measured: dict[str, Any] | None = None) -> None:
+        """Write atomically (exclusive temp file + rename). ``measured``: what the estimation
+        measured for the summary (JSON values), given back by :meth:`load` as ``measured``."""
         text = json.dumps({"key": self.key, "transforms": transforms, "matches": matches,
-                           "timings": timings})
+                           "timings": timings, "measured": measured or {}})
         write_atomic(self.path, text, doing="cannot save the resume checkpoint")
 
     @property

@@ -232,7 +232,13 @@ class Aligner:
     def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
                       ) -> TransformSet:
         """The global solve and the canvas over a finished :class:`StackMatcher`."""
-        return self._transform_set(self._solve(matcher, shape), matcher, shape)
+        return self.solve(matcher, shape)[0]
+
+    def solve(self, matcher: StackMatcher, shape: tuple[int, int, int]
+              ) -> tuple[TransformSet, SolveResult]:
+        """:meth:`transform_set` and the solve's own result (``motion``: what it measured)."""
+        solved = self._solve(matcher, shape)
+        return self._transform_set(solved, matcher, shape), solved
 
     def _solve(self, matcher: StackMatcher, shape: tuple[int, int, int]) -> SolveResult:
         n, h, w = shape
@@ -408,13 +414,21 @@ class Aligner:
             saved = ckpt.load() if ckpt is not None else None
             if saved is not None and ckpt is not None:
                 ts = TransformSet.from_json(saved["transforms"], source=str(ckpt.path))
+                measured = saved.get("measured")
+                measured = measured if isinstance(measured, dict) else {}
+                score, motion = measured.get("neighbour_score"), measured.get("motion")
                 result = AlignResult(ts, [int(m) for m in saved["matches"]],
-                                     {str(k): float(v) for k, v in saved["timings"].items()})
+                                     {str(k): float(v) for k, v in saved["timings"].items()},
+                                     float(score) if isinstance(score, (int, float)) else None,
+                                     {str(k): float(v) for k, v in motion.items()}
+                                     if isinstance(motion, dict) else None)
             else:
                 result = self.estimate(reader, progress=progress, checkpoint=ckpt)
                 if ckpt is not None:
                     ckpt.save(result.transforms.to_json(), list(result.matches),
-                              dict(result.timings))
+                              dict(result.timings),
+                              measured={"neighbour_score": result.neighbour_score,
+                                        "motion": result.motion})
             writer_options: dict[str, Any] = {"overwrite": overwrite}
             if voxel_size is not None:
                 writer_options.update(voxel_size=tuple(float(v) for v in voxel_size),

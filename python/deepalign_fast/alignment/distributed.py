@@ -68,7 +68,6 @@ from .._errors import DeepAlignError
 from ..match import Correspondences
 from ..outputs import partial_path_for, work_dir_for
 from ..progress import Progress
-from ..transforms import TransformSet
 from .aligner import Aligner, AlignResult
 from .matcher import StackMatcher, backend_for, is_blank
 from .options import AlignOptions
@@ -527,7 +526,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             blank_futs.clear()
             pair_futs.clear()
         t_est = time.perf_counter() - t0
-        ts: TransformSet = aligner.transform_set(solver, (n, h, w))
+        ts, solved = aligner.solve(solver, (n, h, w))
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
@@ -564,4 +563,5 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         work.remove()
     timings = {**solver.times.seconds, "estimate": t_est, "render": t_render,
                "total": time.perf_counter() - t_start}
-    return DistributedResult(ts, list(solver.matches), timings, tasks=counts)
+    return DistributedResult(ts, list(solver.matches), timings, solver.neighbour_score(),
+                             solved.motion, tasks=counts)

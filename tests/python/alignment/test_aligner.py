@@ -449,3 +449,50 @@ def test_checkpoint_of_an_older_format_is_ignored(tmp_path: Path) -> None:
     older.save_matches({"count": np.array(2)})
     assert older.load_matches() is not None
     assert ckpt.load_matches() is None
+
+
+def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A run interrupted while rendering resumes from its checkpoint without estimating
+    again; its summary still gives the neighbour correlation and the stage motion the
+    estimation measured (they are saved in the checkpoint), equal to an uninterrupted run's."""
+    import cv2
+    from deepalign_fast.alignment import aligner as aligner_module
+
+    rng = np.random.default_rng(2)
+    base = cv2.GaussianBlur((rng.random((160, 160)) * 255).astype(np.float32), (0, 0), 2.0)
+    full = np.tile(np.eye(2, 3), (20, 1, 1))
+    full[:, :, 2] = np.cumsum(rng.normal(0, 1.0, (20, 2)), axis=0)
+    mis, _ = misalign_stack(np.repeat(base[None], 20, axis=0), full)
+    src = tmp_path / "w.tif"
+    tifffile.imwrite(src, mis)
+    reference = Aligner().align_stack(src, tmp_path / "ref.tif", progress=False).summary()
+    assert reference["stage_motion"] is not None and reference["neighbour_correlation"] > 0.6
+
+    class Stop(Exception):
+        pass
+
+    real = aligner_module.render_slice
+
+    def stop_at_five(*args: object, **kwargs: object) -> np.ndarray:
+        stop_at_five.calls += 1  # type: ignore[attr-defined]
+        if stop_at_five.calls == 5:  # type: ignore[attr-defined]
+            raise Stop
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    stop_at_five.calls = 0  # type: ignore[attr-defined]
+    out = tmp_path / "o.tif"
+    with monkeypatch.context() as m:
+        m.setattr(aligner_module, "render_slice", stop_at_five)
+        with pytest.raises(Stop):
+            Aligner().align_stack(src, out, progress=False)
+
+    def no_estimate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("estimated again instead of resuming")
+
+    with monkeypatch.context() as m:
+        m.setattr(Aligner, "estimate", no_estimate)
+        resumed = Aligner().align_stack(src, out, progress=False).summary()
+    assert resumed["neighbour_correlation"] == reference["neighbour_correlation"]
+    assert resumed["stage_motion"] == reference["stage_motion"]

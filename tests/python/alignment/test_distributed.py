@@ -90,6 +90,11 @@ def test_equals_single_machine(cluster: Any, data: dict[str, Any], tmp_path: Pat
     assert res.tasks["match_cached"] == 0
     assert json.loads(tpath.read_text())["flagged"] == [5]
     assert res.summary()["tasks"]["render_skipped"] == 0
+    # what the solve measured is reported as on one machine
+    ref_summary = data["ref"].summary()
+    assert ref_summary["neighbour_correlation"] is not None
+    for key in ("neighbour_correlation", "stage_motion"):
+        assert res.summary()[key] == ref_summary[key]
 
 
 def _kill_busy_worker(client: Any, killed: list[tuple[str, list[str]]]) -> None:
