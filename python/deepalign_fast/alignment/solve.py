@@ -43,7 +43,8 @@ tell them apart, so the slow component is a decision (``slow_drift``):
   per slice per slice), a stage walk has independent steps, jitter is independent per
   slice. A strong walk is then followed over long scales, an aligned stack kept whole.
   The anatomy's mean motion over the stack stays below :data:`ANATOMY_SLOPE` px per slice:
-  the excess of a steeper straight-line trend is a steady stage drift and is corrected.
+  where the kept motion has a steeper straight-line trend, the excess is a steady stage
+  drift and is corrected.
   Otherwise the slow translation is a Gaussian of ``drift_sigma`` slices. For the
   rotation, scale and shear the scale of "slow" is chosen from the data, at most
   ``drift_sigma`` (:func:`lowpass_affines` with ``adaptive``): the slowly wandering
@@ -540,9 +541,12 @@ def _line_slope(ctr: NDArray[np.float64], good: NDArray[np.bool_]) -> NDArray[np
 
 def _steep_excess(ctr: NDArray[np.float64], good: NDArray[np.bool_],
                   limit: float = ANATOMY_SLOPE) -> NDArray[np.float64]:
-    """The part of the straight-line trend of ``ctr`` (n, 2) steeper than the anatomy moves
-    (``limit`` px per slice, both axes together): a steady stage drift, zero at the mean of
-    the ``good`` slices (so the gauge does not move). Zeros if the line is not that steep."""
+    """The part of the straight-line trend of the kept translation ``ctr`` (n, 2) steeper
+    than the anatomy moves (``limit`` px per slice, both axes together): a steady stage
+    drift, zero at the mean of the ``good`` slices (so the gauge does not move). Zeros if
+    the line is not that steep. (Measured on what the split keeps, not on the input: where
+    the walk takes the curvature of a smooth drift, the anatomy's line runs from end to end
+    of the stack, steeper than the input's straight-line fit.)"""
     slope = _line_slope(ctr, good)
     norm = float(np.hypot(*slope))
     z = np.arange(len(ctr), dtype=np.float64)
@@ -613,7 +617,7 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                 int(np.count_nonzero(good)) if good is not None else len(affines), sigma):
             ok = np.ones(len(affines), bool) if good is None else good
             ctr_s = np.stack([_anatomy_kept(ctr[:, k], ok) for k in range(2)], axis=1)
-            ctr_s -= _steep_excess(ctr, ok)
+            ctr_s -= _steep_excess(ctr_s, ok)
     else:
         lin_s = _local_linear(lin, sigma)
     out = np.empty_like(affines)
