@@ -42,9 +42,10 @@ tell them apart, so the slow component is a decision (``slow_drift``):
   anatomy's apparent motion is smooth (its velocity changes by :data:`ANATOMY_CHANGE` px
   per slice per slice), a stage walk has independent steps, jitter is independent per
   slice. A strong walk is then followed over long scales, an aligned stack kept whole.
-  The anatomy's mean motion over the stack stays below :data:`ANATOMY_SLOPE` px per slice:
-  where the kept motion has a steeper straight-line trend, the excess is a steady stage
-  drift and is corrected.
+  The straight-line trend of the kept motion is shared between the anatomy's mean velocity
+  (prior :data:`ANATOMY_VELOCITY`) and the straight-line part of the measured walk, and
+  never exceeds :data:`ANATOMY_SLOPE` px per slice: the excess of a steeper trend is a
+  steady stage drift and is corrected.
   Otherwise the slow translation is a Gaussian of ``drift_sigma`` slices. For the
   rotation, scale and shear the scale of "slow" is chosen from the data, at most
   ``drift_sigma`` (:func:`lowpass_affines` with ``adaptive``): the slowly wandering
@@ -76,8 +77,9 @@ from numpy.typing import NDArray
 
 from ..geometry import compose, invert
 
-__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP",
-           "PairMoments", "SolveResult", "lowpass_affines", "pair_moments", "solve_stack"]
+__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "SIMILAR_CONTENT",
+           "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult", "lowpass_affines",
+           "pair_moments", "solve_stack"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 
@@ -426,6 +428,10 @@ ANATOMY_CHANGE = 0.02
 # planes) and 0.17 (XY). A steeper straight-line trend is a steady stage drift: "keep" corrects
 # its excess (see benchmarks/RESULTS.md).
 ANATOMY_SLOPE = 0.2
+# The prior of that mean velocity, per axis (rms px per slice; the lucchi stacks: 0.04-0.12,
+# rms 0.08). The kept straight-line trend is shared between it and the straight-line part
+# of the measured stage walk by their variances (maximum a posteriori).
+ANATOMY_VELOCITY = 0.1
 _MODEL_LAGS = tuple(range(1, 9))
 _ANATOMY_MIN_SLICES = 16  # fewer: too few lags to tell a walk from jitter
 
@@ -529,7 +535,17 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     solved = spsolve(system, rhs)
     anatomy, walk = solved[:n], solved[n:]
     # The optimum has a zero-mean walk; put any round-off in its mean back where it belongs.
-    return line + anatomy + walk.mean()
+    kept = line + anatomy + walk.mean()
+    # The kept trend's straight line is free in the model above. It is the anatomy's mean
+    # velocity (prior variance ANATOMY_VELOCITY^2) or the straight-line part of the stage
+    # walk over the stack (the slope of a random walk over m slices has variance
+    # 6 q / (5 m); m spans the good slices, flagged ones between them included): keep the
+    # anatomy's share, follow the walk's.
+    z = np.arange(n, dtype=np.float64)
+    slope = float(np.polyfit(z[ok], kept[ok], 1)[0])
+    span = float(z[ok][-1] - z[ok][0] + 1)
+    share = ANATOMY_VELOCITY ** 2 / (ANATOMY_VELOCITY ** 2 + 1.2 * step / span)
+    return kept - (1.0 - share) * slope * (z - z[ok].mean())
 
 
 def _line_slope(ctr: NDArray[np.float64], good: NDArray[np.bool_]) -> NDArray[np.float64]:
