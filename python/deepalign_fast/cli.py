@@ -98,9 +98,8 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         print(f"  measured stage walk {motion['stage_walk_px']:.2f} px per slice, jitter "
               f"{motion['jitter_px']:.2f} px (corrected; the smooth motion beyond them is "
               "kept as the anatomy's)")
-        print(f"  straight-line trend {trend:.2f} px per slice (kept up to {ANATOMY_SLOPE:g} px "
-              "per slice, the anatomy's limit; a steeper kept trend is corrected as stage "
-              "drift)")
+        print(f"  input's straight-line trend {trend:.2f} px per slice (the output keeps at "
+              f"most {ANATOMY_SLOPE:g} px per slice of a trend, less where the stage walks)")
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
     if _mostly_flagged(summary):

@@ -414,14 +414,10 @@ class Aligner:
             saved = ckpt.load() if ckpt is not None else None
             if saved is not None and ckpt is not None:
                 ts = TransformSet.from_json(saved["transforms"], source=str(ckpt.path))
-                measured = saved.get("measured")
-                measured = measured if isinstance(measured, dict) else {}
-                score, motion = measured.get("neighbour_score"), measured.get("motion")
+                score, motion = _measured_of(saved)
                 result = AlignResult(ts, [int(m) for m in saved["matches"]],
                                      {str(k): float(v) for k, v in saved["timings"].items()},
-                                     float(score) if isinstance(score, (int, float)) else None,
-                                     {str(k): float(v) for k, v in motion.items()}
-                                     if isinstance(motion, dict) else None)
+                                     score, motion)
             else:
                 result = self.estimate(reader, progress=progress, checkpoint=ckpt)
                 if ckpt is not None:
@@ -475,6 +471,22 @@ class Aligner:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         return AlignStream(self.options, slices, lookahead)
+
+
+def _measured_of(saved: dict[str, Any]) -> tuple[float | None, dict[str, float] | None]:
+    """The neighbour score and stage motion a checkpoint kept (``None`` for what is missing or
+    malformed: the summary leaves it out rather than the resume failing)."""
+    measured = saved.get("measured")
+    measured = measured if isinstance(measured, dict) else {}
+    score, motion = measured.get("neighbour_score"), measured.get("motion")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    keys = ("stage_walk_px", "jitter_px", "trend_px_per_slice")
+    return (float(score) if score is not None and number(score) else None,
+            {k: float(motion[k]) for k in keys}
+            if isinstance(motion, dict) and all(number(motion.get(k)) for k in keys) else None)
 
 
 class AlignStream(Iterator[np.ndarray]):

@@ -470,6 +470,13 @@ def _motion_model(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     return float(white), float(step)
 
 
+def _step_noise(white: float, good_slices: int) -> float:
+    """The rms of :func:`_motion_model`'s walk step variance on pure jitter of variance
+    ``white`` over ``good_slices`` slices (simulated: 0.51 white at 16 slices, 0.21 at 32,
+    0.078 at 128, 0.039 at 512; twice it is about the 95th percentile)."""
+    return 3.9 * white * good_slices ** -0.74
+
+
 def _uses_noise_model(good_slices: int, sigma: float) -> bool:
     """Whether the slow translation of similar slices is split by the noise model: enough
     trusted slices to measure it, and a trend at all (``sigma`` > 0)."""
@@ -540,11 +547,14 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     # velocity (prior variance ANATOMY_VELOCITY^2) or the straight-line part of the stage
     # walk over the stack (the slope of a random walk over m slices has variance
     # 6 q / (5 m); m spans the good slices, flagged ones between them included): keep the
-    # anatomy's share, follow the walk's.
+    # anatomy's share, follow the walk's. Only the walk that stands out of the estimate's
+    # own noise (three times its rms): on jitter alone the estimate is positive about half
+    # the time.
     z = np.arange(n, dtype=np.float64)
     slope = float(np.polyfit(z[ok], kept[ok], 1)[0])
     span = float(z[ok][-1] - z[ok][0] + 1)
-    share = ANATOMY_VELOCITY ** 2 / (ANATOMY_VELOCITY ** 2 + 1.2 * step / span)
+    walk_step = max(0.0, step - 3.0 * _step_noise(white, int(ok.sum())))
+    share = ANATOMY_VELOCITY ** 2 / (ANATOMY_VELOCITY ** 2 + 1.2 * walk_step / span)
     return kept - (1.0 - share) * slope * (z - z[ok].mean())
 
 

@@ -496,3 +496,18 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
         resumed = Aligner().align_stack(src, out, progress=False).summary()
     assert resumed["neighbour_correlation"] == reference["neighbour_correlation"]
     assert resumed["stage_motion"] == reference["stage_motion"]
+
+
+def test_checkpoint_with_malformed_measurements_still_resumes(tmp_path: Path) -> None:
+    """A checkpoint whose saved measurements are missing or malformed (edited, or from an
+    older version) still resumes: the summary leaves them out instead of the run failing."""
+    from deepalign_fast.alignment.aligner import _measured_of
+
+    motion = {"stage_walk_px": 1.0, "jitter_px": 0.5, "trend_px_per_slice": 0.1}
+    assert _measured_of({"measured": {"neighbour_score": 0.9, "motion": motion}}) == \
+        (0.9, motion)
+    assert _measured_of({}) == (None, None)
+    for bad in ({"neighbour_score": "x", "motion": {**motion, "jitter_px": None}},
+                {"neighbour_score": float("nan"), "motion": {"stage_walk_px": 1.0}},
+                {"neighbour_score": True, "motion": [1, 2]}, "junk"):
+        assert _measured_of({"measured": bad}) == (None, None)

@@ -147,7 +147,6 @@ def test_worker_killed_mid_run(cluster: Any, data: dict[str, Any], tmp_path: Pat
     _, client = cluster
     # The plugin class lives in this test module, which workers cannot import: send it by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    client.register_plugin(_SlowRender(), name=_SlowRender.name)
     killed: list[tuple[str, list[str]]] = []
     stages: set[str] = set()
 
@@ -162,10 +161,13 @@ def test_worker_killed_mid_run(cluster: Any, data: dict[str, Any], tmp_path: Pat
 
     out = tmp_path / "out.ome.zarr"
     try:
-        res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
-                                on_progress=on_progress, progress=False)
+        client.register_plugin(_SlowRender(), name=_SlowRender.name)
+        try:
+            res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                                    on_progress=on_progress, progress=False)
+        finally:
+            client.unregister_worker_plugin(_SlowRender.name)
     finally:
-        client.unregister_worker_plugin(_SlowRender.name)
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert stages == {"solve", "render"}, killed  # both kills hit a worker with tasks
     _check_equal(res, out, data)
