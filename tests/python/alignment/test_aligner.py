@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -451,12 +452,10 @@ def test_checkpoint_of_an_older_format_is_ignored(tmp_path: Path) -> None:
     assert ckpt.load_matches() is None
 
 
-def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
-    """A run interrupted while rendering resumes from its checkpoint without estimating
-    again; its summary still gives the neighbour correlation and the stage motion the
-    estimation measured (they are saved in the checkpoint), equal to an uninterrupted run's."""
+def _interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                     ) -> tuple[Path, Path, dict[str, Any]]:
+    """A 20-slice stack of similar slices under a walk, aligned once whole (its summary) and
+    once interrupted while rendering (its checkpoint left beside ``out``)."""
     import cv2
     from deepalign_fast.alignment import aligner as aligner_module
 
@@ -468,18 +467,17 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
     src = tmp_path / "w.tif"
     tifffile.imwrite(src, mis)
     reference = Aligner().align_stack(src, tmp_path / "ref.tif", progress=False).summary()
-    assert reference["stage_motion"] is not None and reference["neighbour_correlation"] > 0.6
 
     class Stop(Exception):
         pass
 
     real = aligner_module.render_slice
 
-    def stop_at_five(*args: object, **kwargs: object) -> np.ndarray:
+    def stop_at_five(*args: Any, **kwargs: Any) -> np.ndarray:
         stop_at_five.calls += 1  # type: ignore[attr-defined]
         if stop_at_five.calls == 5:  # type: ignore[attr-defined]
             raise Stop
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        return real(*args, **kwargs)
 
     stop_at_five.calls = 0  # type: ignore[attr-defined]
     out = tmp_path / "o.tif"
@@ -487,27 +485,53 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
         m.setattr(aligner_module, "render_slice", stop_at_five)
         with pytest.raises(Stop):
             Aligner().align_stack(src, out, progress=False)
+    return src, out, reference
 
-    def no_estimate(*args: object, **kwargs: object) -> None:
+
+def _resume(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    def no_estimate(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("estimated again instead of resuming")
 
     with monkeypatch.context() as m:
         m.setattr(Aligner, "estimate", no_estimate)
-        resumed = Aligner().align_stack(src, out, progress=False).summary()
+        return Aligner().align_stack(src, out, progress=False).summary()
+
+
+def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A run interrupted while rendering resumes from its checkpoint without estimating
+    again; its summary still gives the neighbour correlation and the stage motion the
+    estimation measured (they are saved in the checkpoint), equal to an uninterrupted run's."""
+    src, out, reference = _interrupted_run(tmp_path, monkeypatch)
+    assert reference["stage_motion"] is not None and reference["neighbour_correlation"] > 0.6
+    resumed = _resume(src, out, monkeypatch)
     assert resumed["neighbour_correlation"] == reference["neighbour_correlation"]
     assert resumed["stage_motion"] == reference["stage_motion"]
 
 
-def test_checkpoint_with_malformed_measurements_still_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("measured", [
+    {"neighbour_score": "x", "motion": {"stage_walk_px": 1.0, "jitter_px": None,
+                                        "trend_px_per_slice": 0.1}},
+    {"neighbour_score": float("nan"), "motion": {"stage_walk_px": 1.0}},
+    {"neighbour_score": True, "motion": [1, 2]},
+    "junk",
+    None,
+])
+def test_checkpoint_with_malformed_measurements_still_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, measured: Any) -> None:
     """A checkpoint whose saved measurements are missing or malformed (edited, or from an
     older version) still resumes: the summary leaves them out instead of the run failing."""
-    from deepalign_fast.alignment.aligner import _measured_of
+    from deepalign_fast.outputs import checkpoint_path_for
 
-    motion = {"stage_walk_px": 1.0, "jitter_px": 0.5, "trend_px_per_slice": 0.1}
-    assert _measured_of({"measured": {"neighbour_score": 0.9, "motion": motion}}) == \
-        (0.9, motion)
-    assert _measured_of({}) == (None, None)
-    for bad in ({"neighbour_score": "x", "motion": {**motion, "jitter_px": None}},
-                {"neighbour_score": float("nan"), "motion": {"stage_walk_px": 1.0}},
-                {"neighbour_score": True, "motion": [1, 2]}, "junk"):
-        assert _measured_of({"measured": bad}) == (None, None)
+    src, out, _ = _interrupted_run(tmp_path, monkeypatch)
+    path = checkpoint_path_for(out)
+    saved = json.loads(path.read_text())
+    if measured is None:
+        del saved["measured"]
+    else:
+        saved["measured"] = measured
+    path.write_text(json.dumps(saved))
+    resumed = _resume(src, out, monkeypatch)
+    assert resumed["neighbour_correlation"] is None and resumed["stage_motion"] is None
+    assert out.is_file()
