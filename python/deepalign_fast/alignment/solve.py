@@ -548,12 +548,12 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     # walk over the stack (the slope of a random walk over m slices has variance
     # 6 q / (5 m); m spans the good slices, flagged ones between them included): keep the
     # anatomy's share, follow the walk's. Only the walk that stands out of the estimate's
-    # own noise (three times its rms): on jitter alone the estimate is positive about half
-    # the time.
+    # own noise (twice its rms, about the 95th percentile on jitter alone, where the
+    # estimate is positive about half the time) counts.
     z = np.arange(n, dtype=np.float64)
     slope = float(np.polyfit(z[ok], kept[ok], 1)[0])
     span = float(z[ok][-1] - z[ok][0] + 1)
-    walk_step = max(0.0, step - 3.0 * _step_noise(white, int(ok.sum())))
+    walk_step = max(0.0, step - 2.0 * _step_noise(white, int(ok.sum())))
     share = ANATOMY_VELOCITY ** 2 / (ANATOMY_VELOCITY ** 2 + 1.2 * walk_step / span)
     return kept - (1.0 - share) * slope * (z - z[ok].mean())
 
