@@ -424,7 +424,7 @@ def _walk_kept(resid: NDArray[np.float64], stage_step: float, *,
 # velocity random walk of a three-part spectral fit); see benchmarks/RESULTS.md.
 ANATOMY_CHANGE = 0.02
 # ... and its mean velocity over a whole stack stays below this (px per slice, both axes
-# together): the exactly aligned lucchi stacks show 0.10-0.11 (XZ, YZ reslices, 120-500
+# together): the exactly aligned lucchi stacks show 0.07-0.11 (XZ, YZ reslices, 120-500
 # planes) and 0.17 (XY). A steeper straight-line trend is a steady stage drift: "keep" corrects
 # its excess (see benchmarks/RESULTS.md).
 ANATOMY_SLOPE = 0.2
