@@ -616,7 +616,9 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
     - ``stage_step`` None means the content hardly changes between slices (FIB-SEM): no walk
       is the content's, and the slow translation is what the noise model takes for the
       anatomy's smooth motion (:func:`_anatomy_kept`, for 16 good slices or more and with
-      ``noise_model``), not a fixed Gaussian of ``sigma``. ``good`` (n,) marks the slices
+      ``noise_model``), not a fixed Gaussian of ``sigma``; with ``noise_model``, the kept
+      translation's straight-line trend never exceeds :data:`ANATOMY_SLOPE`, however few
+      the slices. ``good`` (n,) marks the slices
       whose values are observations (not interpolated over flagged slices).
     """
     centre, radius = _normaliser(shape)
@@ -639,11 +641,12 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
         if stage_step is not None:
             for k in range(2):
                 ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
-        elif noise_model and _uses_noise_model(
-                int(np.count_nonzero(good)) if good is not None else len(affines), sigma):
+        elif noise_model:
             ok = np.ones(len(affines), bool) if good is None else good
-            ctr_s = np.stack([_anatomy_kept(ctr[:, k], ok) for k in range(2)], axis=1)
-            ctr_s -= _steep_excess(ctr_s, ok)
+            if _uses_noise_model(int(np.count_nonzero(ok)), sigma):
+                ctr_s = np.stack([_anatomy_kept(ctr[:, k], ok) for k in range(2)], axis=1)
+            if np.count_nonzero(ok) >= 3 and sigma > 0:  # (fewer than 16: the trend's line)
+                ctr_s -= _steep_excess(ctr_s, ok)
     else:
         lin_s = _local_linear(lin, sigma)
     out = np.empty_like(affines)

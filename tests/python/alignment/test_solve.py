@@ -345,13 +345,14 @@ def _slope(path: np.ndarray) -> np.ndarray:
     return np.array([np.polyfit(z, path[:, k], 1)[0] for k in range(2)])
 
 
-@pytest.mark.parametrize("n", [24, 60, 200])
+@pytest.mark.parametrize("n", [10, 24, 60, 200])
 def test_similar_content_corrects_a_steady_drift_steeper_than_the_anatomy(n):
     """A stage drifting steadily 0.6 / -0.3 px per slice under 0.5 px jitter (FIB-SEM): the
     anatomy's mean apparent motion stays below ANATOMY_SLOPE (0.2 px per slice), so the
     output keeps a straight-line trend of exactly that slope, in the drift's direction, and
-    corrects the rest (before, the whole line was kept: it is free in the anatomy's model).
-    The measured slope is reported."""
+    corrects the rest (before, the whole line was kept: it is free in the anatomy's model,
+    and below 16 slices the trend kept it). The measured slope is reported where the noise
+    model runs (16 slices or more)."""
     rng = np.random.default_rng(70 + n)
     seen = np.tile(np.eye(2, 3), (n, 1, 1))
     drift = np.outer(np.arange(n) - (n - 1) / 2, [0.6, -0.3])
@@ -365,8 +366,9 @@ def test_similar_content_corrects_a_steady_drift_steeper_than_the_anatomy(n):
     ident = np.tile(np.eye(2, 3), (n, 1, 1))
     assert exact_truth_score(res.affines, truth, SHAPE).tre_median < \
         0.45 * exact_truth_score(ident, truth, SHAPE).tre_median
-    assert res.motion is not None
-    assert res.motion["trend_px_per_slice"] == pytest.approx(np.hypot(0.6, 0.3), abs=0.02)
+    if n >= 16:
+        assert res.motion is not None
+        assert res.motion["trend_px_per_slice"] == pytest.approx(np.hypot(0.6, 0.3), abs=0.02)
 
 
 def test_similar_content_limits_the_kept_trend_of_a_curved_drift():
