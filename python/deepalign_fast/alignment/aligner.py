@@ -48,7 +48,7 @@ from ..render import SliceMap, render_slice
 from ..transforms import TransformSet
 from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
-from .solve import PairMoments, SolveResult, solve_stack
+from .solve import MOTION_KEYS, PairMoments, SolveResult, solve_stack
 
 __all__ = ["AlignResult", "AlignStream", "Aligner"]
 
@@ -483,10 +483,10 @@ def _measured_of(saved: dict[str, Any]) -> tuple[float | None, dict[str, float] 
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
-    keys = ("stage_walk_px", "jitter_px", "trend_px_per_slice")
     return (float(score) if score is not None and number(score) else None,
-            {k: float(motion[k]) for k in keys}
-            if isinstance(motion, dict) and all(number(motion.get(k)) for k in keys) else None)
+            {k: float(motion[k]) for k in MOTION_KEYS}
+            if isinstance(motion, dict) and all(number(motion.get(k)) for k in MOTION_KEYS)
+            else None)
 
 
 class AlignStream(Iterator[np.ndarray]):

@@ -77,11 +77,13 @@ from numpy.typing import NDArray
 
 from ..geometry import compose, invert
 
-__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "SIMILAR_CONTENT",
-           "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult", "lowpass_affines",
-           "pair_moments", "solve_stack"]
+__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "MOTION_KEYS",
+           "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult",
+           "lowpass_affines", "pair_moments", "solve_stack"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
+#: The keys of :attr:`SolveResult.motion`.
+MOTION_KEYS = ("stage_walk_px", "jitter_px", "trend_px_per_slice")
 
 # Strength of the prior on the components a restricted model excludes ("hard" constraint).
 _HARD = 1e6
@@ -137,7 +139,8 @@ class SolveResult:
     flagged: list[int]  # slices without enough trusted matches
     pair_weights: dict[tuple[int, int], float] = field(default_factory=dict)  # final IRLS
     # What the noise model measured where it split the slow translation (keep, similar
-    # slices): {"stage_walk_px": rms step per slice, "jitter_px": rms jitter}, 2-D; else None.
+    # slices), keyed by MOTION_KEYS: rms step per slice and rms jitter (2-D), and the slope of
+    # the straight-line trend (px per slice); else None.
     motion: dict[str, float] | None = None
 
 
@@ -593,8 +596,8 @@ def _stage_motion(affines: NDArray[np.float64], shape: tuple[int, int],
     for k in range(2):
         _, _, w, q = _measured(ctr[:, k], good)
         white, step = white + w, step + q
-    return {"stage_walk_px": float(np.sqrt(step)), "jitter_px": float(np.sqrt(white)),
-            "trend_px_per_slice": float(np.hypot(*_line_slope(ctr, good)))}
+    values = (np.sqrt(step), np.sqrt(white), np.hypot(*_line_slope(ctr, good)))
+    return {k: float(v) for k, v in zip(MOTION_KEYS, values, strict=True)}
 
 
 def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
@@ -618,8 +621,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
       anatomy's smooth motion (:func:`_anatomy_kept`, for 16 good slices or more and with
       ``noise_model``), not a fixed Gaussian of ``sigma``; with ``noise_model``, the kept
       translation's straight-line trend never exceeds :data:`ANATOMY_SLOPE`, however few
-      the slices. ``good`` (n,) marks the slices
-      whose values are observations (not interpolated over flagged slices).
+      the slices. ``good`` (n,) marks the slices whose values are observations (not
+      interpolated over flagged slices).
     """
     centre, radius = _normaliser(shape)
     lin = affines[:, :, :2]
@@ -643,9 +646,10 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                 ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
         elif noise_model:
             ok = np.ones(len(affines), bool) if good is None else good
-            if _uses_noise_model(int(np.count_nonzero(ok)), sigma):
+            n_good = int(np.count_nonzero(ok))
+            if _uses_noise_model(n_good, sigma):
                 ctr_s = np.stack([_anatomy_kept(ctr[:, k], ok) for k in range(2)], axis=1)
-            if np.count_nonzero(ok) >= 3 and sigma > 0:  # (fewer than 16: the trend's line)
+            if n_good >= 3 and sigma > 0:  # (fewer than 16 slices: the trend's line)
                 ctr_s -= _steep_excess(ctr_s, ok)
     else:
         lin_s = _local_linear(lin, sigma)

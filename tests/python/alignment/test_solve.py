@@ -205,6 +205,14 @@ def _walk(n: int, step: float, rng: np.random.Generator) -> np.ndarray:
     return np.cumsum(rng.normal(0, step, (n, 2)), axis=0)
 
 
+def _walking(n: int, step: float, jitter: float, rng: np.random.Generator) -> np.ndarray:
+    """Pure shifts (n, 2, 3): a stage random walk of ``step`` px per slice and axis plus
+    i.i.d. jitter of ``jitter`` px."""
+    seen = np.tile(np.eye(2, 3), (n, 1, 1))
+    seen[:, :, 2] = _walk(n, step, rng) + rng.normal(0, jitter, (n, 2))
+    return seen
+
+
 def test_adaptive_lowpass_keeps_a_fast_anatomy_walk_but_not_a_stage_walk():
     """A random walk of 6 px per slice (the apparent motion of 50-nm sections) counts as slow
     and is kept (ten stacks: without the walk split, the trend misses it by > 4 px); a walk
@@ -324,8 +332,7 @@ def test_similar_content_follows_a_strong_stage_walk():
     jitter, fixed, tre, nothing = [], [], [], []
     for seed in range(30, 35):
         rng = np.random.default_rng(seed)
-        seen = ident.copy()
-        seen[:, :, 2] = _walk(n, 2.5, rng) + rng.normal(0, 0.7, (n, 2))
+        seen = _walking(n, 2.5, 0.7, rng)
         truth = invert(seen)  # input slice -> clean
         res = solve_stack(n, _pairs(seen, rng, (1, 2, 4, 8), 0.05), SHAPE, neighbour_score=0.9)
         score = exact_truth_score(res.affines, truth, SHAPE)
@@ -408,8 +415,7 @@ def test_similar_content_follows_the_straight_line_of_a_strong_walk(monkeypatch)
         tre = []
         for seed in range(90, 95):
             rng = np.random.default_rng(seed)
-            seen = np.tile(np.eye(2, 3), (n, 1, 1))
-            seen[:, :, 2] = _walk(n, 1.5, rng) + rng.normal(0, 0.5, (n, 2))
+            seen = _walking(n, 1.5, 0.5, rng)
             res = solve_stack(n, _pairs(seen, rng, (1, 2, 4, 8), 0.05), SHAPE,
                               neighbour_score=0.9)
             tre.append(exact_truth_score(res.affines, invert(seen), SHAPE).tre_median)
@@ -505,8 +511,7 @@ def test_noise_model_reports_the_stage_walk_and_jitter():
     walks, jitters = [], []
     for seed in range(50, 54):
         rng = np.random.default_rng(seed)
-        seen = np.tile(np.eye(2, 3), (n, 1, 1))
-        seen[:, :, 2] = _walk(n, 1.0, rng) + rng.normal(0, 0.7, (n, 2))
+        seen = _walking(n, 1.0, 0.7, rng)
         pairs = _pairs(seen, rng, (1, 2, 4, 8), 0.05)
         res = solve_stack(n, pairs, SHAPE, neighbour_score=0.9)
         assert res.motion is not None
@@ -526,8 +531,7 @@ def test_noise_model_measures_around_periodically_flagged_slices():
     walks = []
     for seed in range(60, 63):
         rng = np.random.default_rng(seed)
-        seen = np.tile(np.eye(2, 3), (n, 1, 1))
-        seen[:, :, 2] = _walk(n, 1.0, rng) + rng.normal(0, 0.7, (n, 2))
+        seen = _walking(n, 1.0, 0.7, rng)
         res = solve_stack(n, _pairs(seen, rng, (1, 2, 4, 8), 0.05), SHAPE,
                           blank=list(range(0, n, 3)), neighbour_score=0.9)
         assert res.motion is not None
