@@ -87,7 +87,7 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     if corr is not None:
         from .alignment.solve import SIMILAR_CONTENT, STAGE_STEP
 
-        print(f"  neighbour block correlation {corr:.2f}"
+        print(f"  neighbour correlation {corr:.2f}, noise discounted"
               + (f" (dissimilar slices: apparent walks beyond {STAGE_STEP:g} px per slice "
                  "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else ""))
     motion = summary.get("stage_motion")

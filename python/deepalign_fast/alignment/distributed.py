@@ -170,7 +170,8 @@ def _save_pair(path: Path, init: np.ndarray | None, m: np.ndarray | None,
         with open(tmp, "wb") as fh:
             np.savez(fh, init=np.zeros((0,)) if init is None else np.asarray(init, np.float64),
                      matrix=np.zeros((0,)) if m is None else np.asarray(m, np.float64),
-                     src=corr.src, dst=corr.dst, weights=corr.weights)
+                     src=corr.src, dst=corr.dst, weights=corr.weights,
+                     correlation=np.float64(corr.correlation))
 
     _atomic_write(path, write)
 
@@ -186,7 +187,9 @@ def _load_pair(path: Path, init: np.ndarray | None
             if not same:
                 return None
             m = None if f["matrix"].size == 0 else f["matrix"].copy()
-            return m, Correspondences(f["src"].copy(), f["dst"].copy(), f["weights"].copy())
+            correlation = float(f["correlation"]) if "correlation" in f else float("nan")
+            return m, Correspondences(f["src"].copy(), f["dst"].copy(), f["weights"].copy(),
+                                      correlation)
     except (OSError, ValueError, KeyError):
         return None
 

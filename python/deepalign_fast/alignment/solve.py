@@ -358,14 +358,17 @@ def _trend_sigma(values: NDArray[np.float64], cap: float) -> float:
 
 # A random walk of the solved positions faster than this (px per slice: at the frame centre
 # for translation, at the frame's edge for rotation, scale and shear) is more than a stage
-# drifts; the excess is the anatomy's apparent motion and is kept (see _walk_kept).
-STAGE_STEP = 2.0
-# Neighbouring slices whose blocks correlate at least this well hardly change in content, so
-# their content cannot appear to walk far: every walk of such a stack is the stage's and is
-# corrected. Lucchi FIB-SEM (XY, XZ, YZ, strong artifacts included): 0.81-0.93; 50-nm
-# sections: 0.3-0.4; raw, noisy FIB-SEM can score as low as sections (the bundled shale
-# sample: ~0.3), and then gets the walk split like them.
-SIMILAR_CONTENT = 0.6
+# drifts; the excess is the anatomy's apparent motion and is kept (see _walk_kept). It
+# applies only to slices whose content changes (below SIMILAR_CONTENT: serial sections, whose
+# content walks 3-8 px per section); 2 px moved an aligned isbi stack by 1.70 px, 1 px by 1.19
+# (benchmarks/RESULTS.md).
+STAGE_STEP = 1.0
+# Neighbouring slices whose content correlates at least this well, noise discounted
+# (StackMatcher.neighbour_score), hardly change, so their content cannot appear to walk far:
+# every walk of such a stack is the stage's and is corrected. Lucchi FIB-SEM (XY, XZ, YZ,
+# artifacts down to an SNR of 0.3 included): 0.89-0.94; raw shale FIB-SEM 0.77 (its 224^2
+# test crop 0.60); 50-nm sections 0.01-0.06, binned 2x 0.24-0.25 (benchmarks/RESULTS.md).
+SIMILAR_CONTENT = 0.5
 _VARIOGRAM_LAGS = (1, 2, 3, 4)
 
 

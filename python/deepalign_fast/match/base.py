@@ -23,6 +23,9 @@ class Correspondences:
     src: np.ndarray  # (N, 2) float64, (x, y) in reference-slice pixels
     dst: np.ndarray  # (N, 2) float64, (x, y) in moving-slice pixels
     weights: np.ndarray  # (N,) float64 in (0, 1]
+    # Median correlation of all the textured blocks of the pair once aligned (inliers or not,
+    # however weak): how alike the two slices are; NaN where the back-end does not measure it.
+    correlation: float = float("nan")
 
     def __len__(self) -> int:
         return int(self.src.shape[0])

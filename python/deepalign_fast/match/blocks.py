@@ -424,9 +424,11 @@ class BlockMatcher:
             if fit is None:
                 return None, Correspondences.empty()
             m_lev, keep = fit
+            measured = textured & inside & np.isfinite(score)
             corr = Correspondences(level_corr.src[keep] * factor + off,
                                    level_corr.dst[keep] * factor + off,
-                                   level_corr.weights[keep])
+                                   level_corr.weights[keep],
+                                   float(np.median(score[measured])))
         return _scale_affine(m_lev, 1.0 / factor), corr
 
     def _match_level(self, ref: np.ndarray, mov: np.ndarray, m: np.ndarray,

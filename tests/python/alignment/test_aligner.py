@@ -201,7 +201,7 @@ def test_cli_summary_text_reports_the_stage_walk(tmp_path: Path,
     assert main(["align", str(tmp_path / "w.tif"), "-o", str(tmp_path / "o.tif"),
                  "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "neighbour block correlation" in text
+    assert "neighbour correlation" in text
     assert "measured stage walk" in text and "px per slice, jitter" in text
     assert "straight-line trend" in text
 
