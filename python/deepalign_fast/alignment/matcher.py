@@ -21,13 +21,14 @@ from ..geometry import compose, invert
 from ..match import Correspondences, make_backend
 from ..progress import StageTimes
 from .options import AlignOptions
-from .solve import PairMoments, pair_moments
+from .solve import SIMILAR_CONTENT, PairMoments, pair_moments
 
 __all__ = ["MatchFn", "StackMatcher", "is_blank", "backend_for"]
 
 # Nearest pairs whose blocks correlate less than this (median) say too little for the noise
 # to be discounted (see StackMatcher.neighbour_score).
 _MEASURABLE = 0.05
+_RECENT = 32  # slices whose pairs tell what the stack's usual neighbours look like
 
 
 def backend_for(opts: AlignOptions) -> Any:
@@ -143,6 +144,23 @@ class StackMatcher:
             return False
         return bool(np.median(corr.weights) >= self.opts.min_pair_score)
 
+    def _unlike(self, corr: Correspondences) -> bool:
+        """Whether a slice's nearest pair, trusted, is still too unlike the stack's usual
+        neighbours for its map to predict the farther pairs: where the content persists from
+        slice to slice (noise-discounted neighbour score >= SIMILAR_CONTENT over the recent
+        slices), a nearest pair that correlates at less than half the recent median (a slice
+        of noise, a damaged slice). A farther pair refined from a wrong prediction finds no
+        structure to move it and confirms the prediction; matched from scratch, it finds the
+        true position, and the solve then sees the disagreement."""
+        recent = np.asarray(self.alike[-_RECENT:], np.float64).reshape(-1, 2)
+        near, far = recent[np.isfinite(recent[:, 0]), 0], recent[np.isfinite(recent[:, 1]), 1]
+        if not np.isfinite(corr.correlation) or near.size < 3 or far.size < 3:
+            return False
+        typical = float(np.median(near))
+        if typical < _MEASURABLE or np.median(far) / typical < SIMILAR_CONTENT:
+            return False
+        return corr.correlation < 0.5 * typical
+
     def neighbour_score(self, start: int = 0) -> float | None:
         """How alike the content of neighbouring slices is, noise discounted (slices
         ``start`` on), or None where the matcher does not measure it (keypoints) or no
@@ -185,22 +203,29 @@ class StackMatcher:
         nearest_n = 0
         score = float("nan")
         alike = [float("nan"), float("nan")]
+        unlike = 0  # nearest pairs that matched but are too unlike the stack's (_unlike)
         wanted = set(self.opts.offsets)
         for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
-            if pose is None and rank > 2:
-                break  # neither of the two nearest slices matched: this slice fails
+            if pose is None and rank > 2 + min(unlike, 1):
+                break  # none of the nearest slices matched: this slice fails
             if rank not in wanted and pose is not None:
                 continue
             init = None if pose is None else compose(pose, invert(pose_k))
             m, corr = self._match(z_k, state_k, z, state, init)
             if m is None or not self._trusted(m, corr):
                 continue
+            if pose is None:
+                if not unlike:
+                    nearest_n = len(corr)
+                    score = float(np.median(corr.weights))
+                if self._unlike(corr):
+                    # Left out, and the next slice back is matched from scratch: a slice of
+                    # noise (or its neighbour) must not place this one, nor predict its pairs.
+                    unlike += 1
+                    continue
+                pose = compose(m, pose_k)
             if rank <= 2:
                 alike[rank - 1] = corr.correlation
-            if pose is None:
-                pose = compose(m, pose_k)
-                nearest_n = len(corr)
-                score = float(np.median(corr.weights))
             # Content changes with distance along z, so a far pair says less about the
             # relative position than a near one: weight 1 / slice distance (independent
             # increments).
