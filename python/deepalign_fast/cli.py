@@ -457,40 +457,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """AlignOptions fields from a config file: JSON (a transforms file's ``options``, or a
-    plain object of fields, as ``deepalign-fast config --defaults`` prints), or YAML (needs
-    PyYAML). Unknown keys are an error naming them."""
-    from .alignment import AlignOptions
+    """AlignOptions fields from a config file (:func:`~deepalign_fast.alignment.options.
+    load_options_file`)."""
+    from .alignment.options import load_options_file
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DeepAlignError(f"{path}: (--config) cannot read: {exc.strerror or exc}") from None
-    data: Any
-    if Path(path).suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise DeepAlignError(f"{path}: (--config) YAML needs PyYAML (pip install pyyaml); "
-                                 "or use JSON") from None
-        data = yaml.safe_load(text)
-    else:
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise DeepAlignError(f"{path}: (--config) not valid JSON: {exc}") from None
-    if isinstance(data, dict) and isinstance(data.get("options"), dict):
-        data = data["options"]  # a transforms file: the options of that run
-    if not isinstance(data, dict):
-        raise DeepAlignError(f"{path}: (--config) expected an object of align options")
-    fields = {f.name for f in dataclass_fields(AlignOptions)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise DeepAlignError(f"{path}: (--config) unknown option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(fields))}")
-    if isinstance(data.get("offsets"), list):
-        data["offsets"] = tuple(data["offsets"])
-    return dict(data)
+    return load_options_file(path)
 
 
 def _add_export(sub: Any) -> None:
