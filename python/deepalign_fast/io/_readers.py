@@ -92,6 +92,8 @@ class TiffStackReader(StackReader):
         if not tif.series or not len(tif.pages):
             raise DeepAlignError(f"{self.path}: the TIFF holds no images (zero pages); is the "
                                  "file complete?")
+        if self._setup_pagewise():
+            return
         series = tif.series[0]
         axes: str = series.axes
         shape = tuple(int(s) for s in series.shape)
@@ -142,6 +144,54 @@ class TiffStackReader(StackReader):
                         shape=(self._n_mapped, *slice_shape),
                     )
         self._pages = series.pages if not self._truncated else tif.pages
+
+    def _setup_pagewise(self) -> bool:
+        """Open a file whose pages tifffile splits into several series as one slice per
+        page, in file order; False (nothing set) for any other file.
+
+        ``tifffile.TiffWriter.write`` called once per slice gives each page its own series
+        (each with "shaped" metadata of one 2-D image), and pages of another size or dtype
+        split a plain file into series too: series[0] alone would be one slice, or the stack
+        without the odd page. Files with reduced-resolution pages (thumbnails, pyramids),
+        OME and ImageJ files keep their series.
+        """
+        tif = self._tif
+        if len(tif.series) < 2 or tif.is_ome or tif.is_imagej:
+            return False
+        pages = list(tif.pages)
+        if sum(len(s.pages) for s in tif.series) != len(pages) or any(
+                getattr(p, "is_reduced", False) or getattr(p, "is_subsampled", False)
+                for p in pages):
+            return False
+        first = pages[0]
+
+        def layout(page: Any) -> tuple[int, int, int, np.dtype]:
+            return (int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel),
+                    np.dtype(page.dtype))
+
+        ny, nx, samples, dtype = layout(first)
+        for z, page in enumerate(pages[1:], 1):
+            py, px, ps, pdt = layout(page)
+            if (py, px, ps) != (ny, nx, samples):
+                got = f"{py} x {px} pixels" + (f", {ps} samples" if ps != samples else "")
+                want = f"{ny} x {nx}" + (f", {samples} samples" if ps != samples else "")
+                raise DeepAlignError(
+                    f"{self.describe(z)} (page {z}): {got}, but the stack's slices are "
+                    f"{want} (slice 0); all slices of a stack must have one size. Crop or pad "
+                    "that page, or remove it."
+                )
+            if pdt != dtype:
+                raise DeepAlignError(
+                    f"{self.describe(z)} (page {z}): pixel type {pdt}, but slice 0 is "
+                    f"{dtype}; all slices of a stack must have one pixel type. Convert the "
+                    "file to one type."
+                )
+        self.file_dtype = dtype
+        self.dtype = output_dtype(dtype, str(self.path))
+        self.shape = (len(pages), ny, nx)
+        self._truncated = False
+        self._pages = pages
+        return True
 
     def _expected_slices(self, ny: int, nx: int, samples: int) -> int | None:
         """Slice count promised by ImageJ or tifffile ("shaped") metadata, if any."""

@@ -115,6 +115,37 @@ def test_tiff_written_by_tifffile_and_hyperstack(tmp_path, rng):
         open_stack(tmp_path / "zc.tif")
 
 
+@pytest.mark.parametrize("metadata", [{}, None])
+def test_tiff_written_page_by_page(tmp_path, rng, metadata):
+    """One TiffWriter.write per slice: every page is a slice, in file order (tifffile gives
+    each page its own "shaped" series; was: 'holds a single 2-D image')."""
+    data = _stack(rng, np.uint16, (6, 20, 24))
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        for s in data:
+            tw.write(s, photometric="minisblack", metadata=metadata)
+    _check_roundtrip(tmp_path / "p.tif", data)
+
+
+@pytest.mark.parametrize("metadata", [{}, None])
+def test_tiff_page_of_another_size_is_named(tmp_path, rng, metadata):
+    """A page of another size: the slice (page), its size and the expected one (was: 'holds
+    a single 2-D image', or without metadata a stack silently missing that page)."""
+    data = _stack(rng, np.uint8, (6, 30, 40))
+    with tifffile.TiffWriter(tmp_path / "m.tif") as tw:
+        for z, s in enumerate(data):
+            tw.write(s[:10, :10] if z == 3 else s, photometric="minisblack", metadata=metadata)
+    with pytest.raises(DeepAlignError, match=r"m\.tif, slice 3 \(page 3\): 10 x 10 pixels, "
+                                             r"but the stack's slices are 30 x 40"):
+        open_stack(tmp_path / "m.tif")
+    with tifffile.TiffWriter(tmp_path / "d.tif") as tw:
+        for z, s in enumerate(data):
+            tw.write(s.astype(np.uint16) if z == 4 else s, photometric="minisblack",
+                     metadata=metadata)
+    with pytest.raises(DeepAlignError, match=r"slice 4 \(page 4\): pixel type uint16, but "
+                                             r"slice 0 is uint8"):
+        open_stack(tmp_path / "d.tif")
+
+
 def test_converted_dtypes(tmp_path, rng):
     i16 = rng.integers(-3000, 3000, size=(3, 8, 9)).astype(np.int16)
     tifffile.imwrite(tmp_path / "i16.tif", i16, photometric="minisblack")
