@@ -28,10 +28,12 @@ _SPATIAL = ("Y", "X", "S")
 
 
 def _single_error(path: Path) -> DeepAlignError:
+    # The API's way out is in "(API: ...)", which the CLI leaves out of its message.
     return DeepAlignError(
-        f"{path}: holds a single 2-D image, but a stack of slices is needed here. Pass the "
-        "multi-page file or the folder of slices; or, if a one-slice stack is really meant, "
-        "open it with allow_single=True (use read_image for single images)."
+        f"{path}: holds a single 2-D image (one slice), but a stack of several slices is "
+        "needed here: one slice has no neighbour to align to. Pass the whole stack (the "
+        "multi-page file, the folder of slices or the Zarr store) (API: allow_single=True "
+        "opens a one-slice stack; read_image reads a single image)."
     )
 
 
@@ -295,8 +297,13 @@ class FolderStackReader(StackReader):
         return _read_slice_file(self.files[i])
 
 
-def _slice_header(f: Path) -> tuple[tuple[int, int], np.dtype]:
-    """(height, width) and dtype of a slice file from its header alone."""
+_IN_FOLDER = "a folder of slices needs one 2-D image per file"
+_ONE_IMAGE = "a single 2-D image is needed here"
+
+
+def _slice_header(f: Path, *, one_image: str = _IN_FOLDER) -> tuple[tuple[int, int], np.dtype]:
+    """(height, width) and dtype of a slice file from its header alone; ``one_image`` says
+    why a multi-page file is refused."""
     if f.suffix.lower() == ".png":
         shape, dtype, _ = png_header(f)
         return shape, dtype
@@ -314,8 +321,11 @@ def _slice_header(f: Path) -> tuple[tuple[int, int], np.dtype]:
         raise DeepAlignError(f"{f}: not a readable TIFF ({type(exc).__name__}: {exc}).") from exc
     if n_pages > 1:
         raise DeepAlignError(
-            f"{f}: holds more than one page, but a folder of slices needs one 2-D image per "
-            "file. Open the multi-page file itself as the stack."
+            f"{f}: holds {n_pages} slices (pages), but {one_image}. " + (
+                "Open the multi-page file itself as the stack." if one_image == _IN_FOLDER else
+                "Pass a single slice (e.g. Fiji: Image > Duplicate; tifffile.imread(path, "
+                "key=0))."
+            )
         )
     return shape, dtype
 
@@ -495,7 +505,8 @@ def _open_stack(p: Path, key: str | None, allow_single: bool) -> StackReader:
         if len(reader) == 1 and not allow_single:
             raise DeepAlignError(
                 f"{p}: folder holds a single slice ({reader.files[0].name}); a stack needs "
-                "several. Pass allow_single=True if a one-slice stack is meant."
+                "several: one slice has no neighbour to align to. Add the other slices to the "
+                "folder (API: allow_single=True opens a one-slice stack)."
             )
         return reader
     if key is not None:
@@ -540,7 +551,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise DeepAlignError(f"{p}: no such image file.")
     if p.suffix.lower() not in SLICE_SUFFIXES:
         raise DeepAlignError(f"{p}: unsupported image format; use .png, .tif or .tiff.")
-    shape, file_dtype = _slice_header(p)
+    shape, file_dtype = _slice_header(p, one_image=_ONE_IMAGE)
     dtype = output_dtype(file_dtype, str(p))
     try:
         raw = _read_slice_file(p)

@@ -247,7 +247,7 @@ def test_single_image_where_stack_needed(tmp_path, rng):
     tifffile.imwrite(tmp_path / "one.tif", img)
     cv2.imwrite(str(tmp_path / "one.png"), img)
     for name in ("one.tif", "one.png"):
-        with pytest.raises(DeepAlignError, match="single 2-D image.*allow_single=True"):
+        with pytest.raises(DeepAlignError, match="single 2-D image.*API: allow_single=True"):
             open_stack(tmp_path / name)
         with open_stack(tmp_path / name, allow_single=True) as r:
             assert r.shape == (1, 12, 14)
@@ -258,7 +258,8 @@ def test_single_image_where_stack_needed(tmp_path, rng):
 def test_read_image_refuses_stacks_and_colour(tmp_path, rng):
     multi = _stack(rng, np.uint8, (3, 8, 8))
     tifffile.imwrite(tmp_path / "multi.tif", multi, photometric="minisblack")
-    with pytest.raises(DeepAlignError, match="more than one page"):
+    with pytest.raises(DeepAlignError, match=r"multi\.tif: holds 3 slices \(pages\), but a "
+                                             "single 2-D image is needed here"):
         read_image(tmp_path / "multi.tif")
     rgba = np.zeros((8, 8, 4), np.uint8)
     cv2.imwrite(str(tmp_path / "a.png"), rgba)
@@ -311,15 +312,21 @@ def test_nan_slice_is_reported(tmp_path, rng):
             r.read(3)
 
 
-def test_float64_overflow_reported_as_non_finite(tmp_path):
-    data = np.ones((2, 4, 4))
+def test_float64_overflow_reported_as_beyond_float32(tmp_path):
+    """1e300 is finite: the message says it exceeds float32 (was: 'NaN or infinite')."""
+    data = np.ones((3, 4, 4))
     data[1, 0, 0] = 1e300
+    data[1, 1, 1] = -2e39
+    data[2, 0, 0] = np.inf
     tifffile.imwrite(tmp_path / "f64.tif", data, photometric="minisblack")
     with open_stack(tmp_path / "f64.tif") as r:
         assert r.dtype == np.float32
         assert r.read(0).dtype == np.float32
-        with pytest.raises(DeepAlignError, match="slice 1.*infinite"):
+        with pytest.raises(DeepAlignError, match=r"f64\.tif, slice 1: slice holds 2 value\(s\) "
+                                                 r"beyond the float32 range \(up to 1e\+300"):
             r.read(1)
+        with pytest.raises(DeepAlignError, match=r"slice 2: .*1 NaN or infinite"):
+            r.read(2)
 
 
 def test_missing_and_unknown_paths(tmp_path):
