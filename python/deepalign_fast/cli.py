@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import signal
@@ -25,7 +26,7 @@ from dataclasses import asdict
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from ._errors import DeepAlignError, EnvironmentFailure
@@ -80,8 +81,13 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     rate = summary["slices_per_s"]
     print(f"aligned {summary['slices']} slices in {summary['time_s']:.1f} s"
           + (f" ({rate:.2f} slices/s)" if rate else ""))
-    print(f"  residual median {res:.3f} px, max {summary['residual_max_px']:.3f} px"
-          if res is not None else "  no residuals (single slice?)")
+    if res is not None:
+        print(f"  residual median {res:.3f} px, max {summary['residual_max_px']:.3f} px")
+    elif int(summary["slices"]) <= 1:
+        print("  no residuals (a single slice)")
+    else:
+        print("  no residuals: no slice could be matched to a neighbour"
+              + (" (every slice was flagged)" if len(flagged) >= int(summary["slices"]) else ""))
     print(f"  median consistent matches per slice: {summary['matches_median']:.0f}")
     corr = summary.get("neighbour_correlation")
     if corr is not None:
@@ -139,6 +145,13 @@ def _voxel_size(args: argparse.Namespace) -> tuple[float, float, float] | None:
     if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise DeepAlignError(f"--pixel-size: expected 1-3 positive numbers, got "
                              f"{args.pixel_size!r}")
+    if args.unit is not None:
+        from .io import ome_unit
+
+        if ome_unit(args.unit) is None:
+            raise DeepAlignError(f"--unit {args.unit!r}: not a length unit of OME-NGFF; use "
+                                 "nm, um, mm, angstrom, or an NGFF name (nanometer, "
+                                 "micrometer, meter, ...)")
     x = values[0]
     y = values[1] if len(values) > 1 else x
     z = values[2] if len(values) > 2 else y
@@ -457,40 +470,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """AlignOptions fields from a config file: JSON (a transforms file's ``options``, or a
-    plain object of fields, as ``deepalign-fast config --defaults`` prints), or YAML (needs
-    PyYAML). Unknown keys are an error naming them."""
-    from .alignment import AlignOptions
+    """AlignOptions fields from a config file (:func:`~deepalign_fast.alignment.options.
+    load_options_file`)."""
+    from .alignment.options import load_options_file
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DeepAlignError(f"{path}: (--config) cannot read: {exc.strerror or exc}") from None
-    data: Any
-    if Path(path).suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise DeepAlignError(f"{path}: (--config) YAML needs PyYAML (pip install pyyaml); "
-                                 "or use JSON") from None
-        data = yaml.safe_load(text)
-    else:
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise DeepAlignError(f"{path}: (--config) not valid JSON: {exc}") from None
-    if isinstance(data, dict) and isinstance(data.get("options"), dict):
-        data = data["options"]  # a transforms file: the options of that run
-    if not isinstance(data, dict):
-        raise DeepAlignError(f"{path}: (--config) expected an object of align options")
-    fields = {f.name for f in dataclass_fields(AlignOptions)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise DeepAlignError(f"{path}: (--config) unknown option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(fields))}")
-    if isinstance(data.get("offsets"), list):
-        data["offsets"] = tuple(data["offsets"])
-    return dict(data)
+    return load_options_file(path)
 
 
 def _add_export(sub: Any) -> None:
@@ -580,8 +564,16 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and a pointer to ``--help``, not the usage block (the
+    subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(  # its subcommands get _Parser too
         prog="deepalign-fast",
         description="Fast, artifact-robust alignment of volume-EM image stacks.",
     )
@@ -658,6 +650,18 @@ def _cmd_register(args: argparse.Namespace) -> int:
     plan.check()
     fixed, moving = read_image(args.fixed), read_image(args.moving)
     mask = None if args.mask is None else read_image(args.mask)
+
+    def size(image: Any) -> str:
+        return f"{image.shape[1]} x {image.shape[0]} px"
+
+    if args.features == "blocks" and fixed.shape != moving.shape:
+        raise DeepAlignError(f"{args.moving}: (MOVING) is {size(moving)} but {args.fixed} "
+                             f"(FIXED) is {size(fixed)}; --features blocks matches images of "
+                             "one size: crop or pad one, or use --features sift or learned")
+    if mask is not None and mask.shape != moving.shape:
+        raise DeepAlignError(f"{args.mask}: (--mask) is {size(mask)} but {args.moving} "
+                             f"(MOVING) is {size(moving)}; the mask marks damage in the moving "
+                             "image's pixels")
     res = register_pair(fixed, moving, mask=mask, features=args.features,
                         n_clusters=args.clusters, k=args.k, num_threads=args.threads)
     if not res:
@@ -795,6 +799,15 @@ def _run_report(args: argparse.Namespace) -> int:
     voxel = None if args.z_scale is None else (args.z_scale, 1.0, 1.0)
     with _lock(plan), open_stack(args.before) as before, open_stack(args.after) as after:
         plan.check()
+        if len(after) != len(before):
+            raise DeepAlignError(f"{args.after}: (AFTER) has {len(after)} slices, but "
+                                 f"{args.before} (BEFORE) has {len(before)}; pass the stacks "
+                                 "before and after one alignment")
+        if transforms is not None and len(transforms) != len(before):
+            raise DeepAlignError(f"{args.transforms}: (--transforms) holds {len(transforms)} "
+                                 f"slices' transforms, but {args.before} (BEFORE) has "
+                                 f"{len(before)} slices; pass the transforms file of this "
+                                 "alignment")
         out = write_report(args.output, before=before, after=after, transforms=transforms,
                            title=args.title, voxel_size=voxel, unit="px", options=options,
                            progress=False if args.quiet else None)
@@ -821,6 +834,21 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """tifffile logs what it finds wrong in a file (``invalid page offset``) before our
+    readers raise the one-line error that says the same for the user: keep its log quiet
+    (``--debug`` shows it)."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    if not debug:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _api_words_to_flags(msg: str) -> str:
@@ -854,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     debug = bool(getattr(args, "debug", False))
     try:
-        with _sigterm_unwinds():
+        with _sigterm_unwinds(), _quiet_libraries(debug):
             return int(args.func(args))
     except _Terminated:
         if debug:

@@ -65,6 +65,50 @@ def test_bad_config_files(src: Path, tmp_path: Path,
     assert not (tmp_path / "o.tif").exists()
 
 
+@pytest.mark.parametrize(("text", "words"), [
+    ("threshold: [1, 2]", "threshold must be a number, got [1, 2] (list)"),
+    ("threshold: true", "threshold must be a number, got True (bool)"),
+    ("min_matches: 2.5", "min_matches must be an integer, got 2.5"),
+    ("offsets: 3", "offsets must be a list of integers, got 3"),
+    ("offsets: [1, x]", "offsets must be a list of integers"),
+    ("model: 5", "model must be one of translation, rigid"),
+    ("model: foo", "model must be one of translation, rigid"),
+    ("masks: [m.tif]", "masks must be a path"),
+    ("drift_sigma: -1", "drift_sigma must be a finite number > 0"),
+    ("threshold: [1", "not valid YAML"),
+])
+def test_config_values_of_the_wrong_type(src: Path, tmp_path: Path, text: str, words: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Each value of a config file is checked against its option's type and range: one line
+    naming the file, the option and what it takes (was: 'unexpected TypeError')."""
+    pytest.importorskip("yaml")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text + "\n")
+    assert main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--config", str(cfg),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cfg}: (--config)" in err and words in err, err
+
+
+def test_binary_file_as_config(src: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A TIFF passed as --config: one line (was: a UnicodeDecodeError traceback)."""
+    assert main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--config", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a JSON or YAML config file" in err and src.name in err
+
+
+def test_options_check_types() -> None:
+    from deepalign_fast import AlignOptions
+
+    with pytest.raises(TypeError, match=r"threshold must be a number, got \[1, 2\]"):
+        AlignOptions(threshold=[1, 2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="num_threads must be an integer"):
+        AlignOptions(num_threads=1.5)  # type: ignore[arg-type]
+    assert AlignOptions(offsets=[2, 1], threshold=np.float32(3), min_matches=np.int64(9)) \
+        == AlignOptions(offsets=(1, 2), threshold=3.0, min_matches=9)  # type: ignore[arg-type]
+
+
 def test_align_flags_are_generated_from_the_options() -> None:
     """Every AlignOptions field is an align flag with the same name (num_threads: --threads)
     and default, and its help is the field's documentation."""

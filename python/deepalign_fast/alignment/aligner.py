@@ -521,7 +521,8 @@ class _StreamState:
     def __init__(self, options: AlignOptions, lookahead: int) -> None:
         self.opts = options
         self.lookahead = lookahead
-        self.back = int(np.ceil(3 * self.opts.drift_sigma)) + max(self.opts.offsets)
+        # (min: a drift_sigma of 1e308 is valid but 3 times it is not a finite integer)
+        self.back = int(min(np.ceil(3 * self.opts.drift_sigma), 2**62)) + max(self.opts.offsets)
         self.matcher: StackMatcher | None = None
         self.pending: deque[tuple[int, np.ndarray]] = deque()
         self.shape: tuple[int, int] | None = None

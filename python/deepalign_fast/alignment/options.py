@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import numbers
+import os
 import re
-from dataclasses import dataclass
-from typing import Literal, get_args
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 
+from .._errors import DeepAlignError
 from ..estimate import MODELS
 from ..match import FEATURES
 from .solve import SLOW_DRIFT
 
-__all__ = ["CANVAS", "FEATURES", "MODES", "PROVIDERS", "AlignOptions", "option_docs"]
+__all__ = ["CANVAS", "FEATURES", "MODES", "PROVIDERS", "AlignOptions", "load_options_file",
+           "option_docs"]
 
 Features = Literal["blocks", "sift", "learned"]
 ModelName = Literal["translation", "rigid", "similarity", "affine"]
@@ -116,6 +123,8 @@ class AlignOptions:
     field_stride: int = 4
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name))
         checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
                   ("refine_features", self.refine_features, FEATURES),
                   ("mode", self.mode, MODES), ("provider", self.provider, PROVIDERS),
@@ -143,6 +152,94 @@ class AlignOptions:
             raise ValueError(f"max_folding must be in [0, 1), got {self.max_folding}")
         if self.field_stride < 1:
             raise ValueError(f"field_stride must be >= 1, got {self.field_stride}")
+
+
+def _expected_type(hint: Any) -> tuple[str, Any]:
+    """What a field of type ``hint`` takes, in words, and a test of a value."""
+    def real(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if get_origin(hint) is Literal:
+        choices = get_args(hint)
+        return f"one of {', '.join(choices)}", lambda v: isinstance(v, str)
+    if hint == tuple[int, ...]:
+        return ("a list of integers", lambda v: isinstance(v, (list, tuple))
+                and all(integer(x) for x in v))
+    if hint is int:
+        return "an integer", integer
+    if hint is float:
+        return "a number", real
+    return "a path (text) or null", lambda v: v is None or isinstance(v, (str, os.PathLike))
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return get_type_hints(AlignOptions, globals())
+
+
+def _check_type(name: str, value: Any) -> None:
+    """TypeError naming the option and the type it takes, for a value of another type
+    (a list for a number, a number for a choice, ``true`` for a number: bool is not one)."""
+    expected, ok = _expected_type(_hints()[name])
+    if not ok(value):
+        raise TypeError(f"{name} must be {expected}, got {value!r} "
+                        f"({type(value).__name__})")
+
+
+def load_options_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The :class:`AlignOptions` fields set by a config file, checked.
+
+    The file is JSON (a transforms file, whose ``options`` are that run's, or a plain object
+    of fields, as ``deepalign-fast config --defaults`` prints) or, for ``.yaml``/``.yml``,
+    YAML (needs PyYAML). Any problem (unreadable or binary file, syntax, unknown keys, a value
+    of the wrong type or out of range) is a one-line :class:`DeepAlignError` naming the file
+    and the option.
+    """
+    where = f"{path}: (--config)"
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DeepAlignError(f"{where} cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DeepAlignError(f"{where} not a JSON or YAML config file (binary data, not "
+                             "text); pass the config file, or a transforms file") from None
+    data: Any
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise DeepAlignError(f"{where} YAML needs PyYAML (pip install pyyaml); or use "
+                                 "JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise DeepAlignError(f"{where} not valid YAML: {exc}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise DeepAlignError(f"{where} not valid JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):
+        data = data["options"]  # a transforms file: the options of that run
+    if not isinstance(data, dict):
+        raise DeepAlignError(f"{where} expected an object of align options")
+    known = {f.name for f in fields(AlignOptions)}
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise DeepAlignError(f"{where} unknown option(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+    try:
+        AlignOptions(**data)  # every value's type and range, before any flag overrides it
+    except (TypeError, ValueError) as exc:
+        raise DeepAlignError(f"{where} {exc}") from None
+    if isinstance(data.get("offsets"), list):
+        data["offsets"] = tuple(data["offsets"])
+    return dict(data)
 
 
 def option_docs() -> dict[str, str]:

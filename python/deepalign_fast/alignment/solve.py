@@ -272,6 +272,13 @@ def _to_pixels(theta: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np
     return invert(b_pix)
 
 
+def _radius(sigma: float, n: int) -> int:
+    """Half-width (slices) of the Gaussian window of ``sigma`` slices over ``n`` slices: 3
+    sigma, but never beyond the stack, where no slice lies (a sigma of 1e9 would otherwise
+    loop over 6e9 empty offsets; the result is the same)."""
+    return max(2, int(min(np.ceil(3 * sigma), n)))
+
+
 def _local_linear(values: NDArray[np.float64], sigma: float) -> NDArray[np.float64]:
     """Gaussian-weighted local straight-line fit along axis 0 (the slow component).
 
@@ -283,7 +290,7 @@ def _local_linear(values: NDArray[np.float64], sigma: float) -> NDArray[np.float
     if n < 3 or sigma <= 0:
         return values.copy()
     flat = values.reshape(n, -1)
-    radius = max(2, int(np.ceil(3 * sigma)))
+    radius = _radius(sigma, n)
     out = np.empty_like(flat)
     for z in range(n):
         lo, hi = max(0, z - radius), min(n, z + radius + 1)
@@ -313,7 +320,7 @@ def _loo_error(values: NDArray[np.float64], sigma: float) -> float:
     """Mean squared error of predicting each of ``values`` (n,) from its neighbours, itself
     left out, by the Gaussian-weighted local straight-line fit of :func:`_local_linear`."""
     n = len(values)
-    radius = max(2, int(np.ceil(3 * sigma)))
+    radius = _radius(sigma, n)
     sw, swk, swkk, sy, syk = (np.zeros(n) for _ in range(5))
     for k in range(-radius, radius + 1):
         lo, hi = max(0, -k), min(n, n - k)  # slices z in [lo, hi) have a neighbour z + k

@@ -3,7 +3,8 @@
 Readers (:func:`open_stack`) take
 
 - a multi-page TIFF, BigTIFF or ImageJ hyperstack: uncompressed contiguous data is
-  memory-mapped read-only, anything else is decoded one page at a time;
+  memory-mapped read-only, anything else is decoded one page at a time (a file written page
+  by page, which tifffile splits into one series per page, is one slice per page);
 - an MRC/IMOD stack (``.mrc``, ``.st``, ``.ali``, ``.rec``), memory-mapped, with its voxel
   size (needs the optional ``mrcfile`` package);
 - a folder of 2-D ``.tif``/``.tiff``/``.png`` slices, in natural order (``2.png`` before

@@ -67,7 +67,7 @@ def output_dtype(file_dtype: np.dtype, where: str) -> np.dtype:
 
     uint8, uint16 and float32 are returned as stored. bool (1-bit) becomes uint8 0/255;
     int8, int16, float16 and float64 become float32 (exact for the integers and float16; float64
-    is rounded, and values beyond float32's range are reported as non-finite). Anything else is
+    is rounded, and values beyond float32's range are an error saying so). Anything else is
     refused with a suggested conversion.
     """
     dt = np.dtype(file_dtype).newbyteorder("=")
@@ -125,6 +125,7 @@ def finish_slice(
         )
     if arr.dtype == np.bool_:
         arr = arr.view(np.uint8) * np.uint8(255)
+    source = arr
     if arr.dtype != dtype:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, reported below
             arr = arr.astype(dtype)
@@ -133,6 +134,15 @@ def finish_slice(
         finite = np.isfinite(arr)
         if not finite.all():
             bad = arr.size - int(np.count_nonzero(finite))
+            over = ~finite & np.isfinite(source) if source.dtype != arr.dtype else None
+            if over is not None and over.any():  # float64 beyond float32: not NaN or inf
+                top = float(np.abs(source[over]).max())
+                raise DeepAlignError(
+                    f"{where}: slice holds {int(np.count_nonzero(over))} value(s) beyond the "
+                    f"float32 range (up to {top:.3g}; float32 ends at "
+                    f"{float(np.finfo(np.float32).max):.3g}), which the aligner works in; "
+                    "rescale the data first (e.g. to 0-1, or to uint16)."
+                )
             raise DeepAlignError(
                 f"{where}: slice holds {bad} NaN or infinite value(s); replace them (e.g. "
                 "np.nan_to_num) or mask the slice out before aligning."

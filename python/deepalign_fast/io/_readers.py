@@ -28,10 +28,12 @@ _SPATIAL = ("Y", "X", "S")
 
 
 def _single_error(path: Path) -> DeepAlignError:
+    # The API's way out is in "(API: ...)", which the CLI leaves out of its message.
     return DeepAlignError(
-        f"{path}: holds a single 2-D image, but a stack of slices is needed here. Pass the "
-        "multi-page file or the folder of slices; or, if a one-slice stack is really meant, "
-        "open it with allow_single=True (use read_image for single images)."
+        f"{path}: holds a single 2-D image (one slice), but a stack of several slices is "
+        "needed here: one slice has no neighbour to align to. Pass the whole stack (the "
+        "multi-page file, the folder of slices or the Zarr store) (API: allow_single=True "
+        "opens a one-slice stack; read_image reads a single image)."
     )
 
 
@@ -92,6 +94,8 @@ class TiffStackReader(StackReader):
         if not tif.series or not len(tif.pages):
             raise DeepAlignError(f"{self.path}: the TIFF holds no images (zero pages); is the "
                                  "file complete?")
+        if self._setup_pagewise():
+            return
         series = tif.series[0]
         axes: str = series.axes
         shape = tuple(int(s) for s in series.shape)
@@ -142,6 +146,54 @@ class TiffStackReader(StackReader):
                         shape=(self._n_mapped, *slice_shape),
                     )
         self._pages = series.pages if not self._truncated else tif.pages
+
+    def _setup_pagewise(self) -> bool:
+        """Open a file whose pages tifffile splits into several series as one slice per
+        page, in file order; False (nothing set) for any other file.
+
+        ``tifffile.TiffWriter.write`` called once per slice gives each page its own series
+        (each with "shaped" metadata of one 2-D image), and pages of another size or dtype
+        split a plain file into series too: series[0] alone would be one slice, or the stack
+        without the odd page. Files with reduced-resolution pages (thumbnails, pyramids),
+        OME and ImageJ files keep their series.
+        """
+        tif = self._tif
+        if len(tif.series) < 2 or tif.is_ome or tif.is_imagej:
+            return False
+        pages = list(tif.pages)
+        if sum(len(s.pages) for s in tif.series) != len(pages) or any(
+                getattr(p, "is_reduced", False) or getattr(p, "is_subsampled", False)
+                for p in pages):
+            return False
+        first = pages[0]
+
+        def layout(page: Any) -> tuple[int, int, int, np.dtype]:
+            return (int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel),
+                    np.dtype(page.dtype))
+
+        ny, nx, samples, dtype = layout(first)
+        for z, page in enumerate(pages[1:], 1):
+            py, px, ps, pdt = layout(page)
+            if (py, px, ps) != (ny, nx, samples):
+                got = f"{py} x {px} pixels" + (f", {ps} samples" if ps != samples else "")
+                want = f"{ny} x {nx}" + (f", {samples} samples" if ps != samples else "")
+                raise DeepAlignError(
+                    f"{self.describe(z)} (page {z}): {got}, but the stack's slices are "
+                    f"{want} (slice 0); all slices of a stack must have one size. Crop or pad "
+                    "that page, or remove it."
+                )
+            if pdt != dtype:
+                raise DeepAlignError(
+                    f"{self.describe(z)} (page {z}): pixel type {pdt}, but slice 0 is "
+                    f"{dtype}; all slices of a stack must have one pixel type. Convert the "
+                    "file to one type."
+                )
+        self.file_dtype = dtype
+        self.dtype = output_dtype(dtype, str(self.path))
+        self.shape = (len(pages), ny, nx)
+        self._truncated = False
+        self._pages = pages
+        return True
 
     def _expected_slices(self, ny: int, nx: int, samples: int) -> int | None:
         """Slice count promised by ImageJ or tifffile ("shaped") metadata, if any."""
@@ -245,8 +297,13 @@ class FolderStackReader(StackReader):
         return _read_slice_file(self.files[i])
 
 
-def _slice_header(f: Path) -> tuple[tuple[int, int], np.dtype]:
-    """(height, width) and dtype of a slice file from its header alone."""
+_IN_FOLDER = "a folder of slices needs one 2-D image per file"
+_ONE_IMAGE = "a single 2-D image is needed here"
+
+
+def _slice_header(f: Path, *, one_image: str = _IN_FOLDER) -> tuple[tuple[int, int], np.dtype]:
+    """(height, width) and dtype of a slice file from its header alone; ``one_image`` says
+    why a multi-page file is refused."""
     if f.suffix.lower() == ".png":
         shape, dtype, _ = png_header(f)
         return shape, dtype
@@ -264,8 +321,11 @@ def _slice_header(f: Path) -> tuple[tuple[int, int], np.dtype]:
         raise DeepAlignError(f"{f}: not a readable TIFF ({type(exc).__name__}: {exc}).") from exc
     if n_pages > 1:
         raise DeepAlignError(
-            f"{f}: holds more than one page, but a folder of slices needs one 2-D image per "
-            "file. Open the multi-page file itself as the stack."
+            f"{f}: holds {n_pages} slices (pages), but {one_image}. " + (
+                "Open the multi-page file itself as the stack." if one_image == _IN_FOLDER else
+                "Pass a single slice (e.g. Fiji: Image > Duplicate; tifffile.imread(path, "
+                "key=0))."
+            )
         )
     return shape, dtype
 
@@ -445,7 +505,8 @@ def _open_stack(p: Path, key: str | None, allow_single: bool) -> StackReader:
         if len(reader) == 1 and not allow_single:
             raise DeepAlignError(
                 f"{p}: folder holds a single slice ({reader.files[0].name}); a stack needs "
-                "several. Pass allow_single=True if a one-slice stack is meant."
+                "several: one slice has no neighbour to align to. Add the other slices to the "
+                "folder (API: allow_single=True opens a one-slice stack)."
             )
         return reader
     if key is not None:
@@ -490,7 +551,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise DeepAlignError(f"{p}: no such image file.")
     if p.suffix.lower() not in SLICE_SUFFIXES:
         raise DeepAlignError(f"{p}: unsupported image format; use .png, .tif or .tiff.")
-    shape, file_dtype = _slice_header(p)
+    shape, file_dtype = _slice_header(p, one_image=_ONE_IMAGE)
     dtype = output_dtype(file_dtype, str(p))
     try:
         raw = _read_slice_file(p)

@@ -19,6 +19,13 @@ __all__ = ["imagej_unit", "ome_unit", "voxel_size_of"]
 _TO_SHORT = {"micron": "\u00b5m", "um": "\u00b5m", "micrometer": "\u00b5m", "\u00b5m": "\u00b5m",
              "nanometer": "nm", "nm": "nm", "angstrom": "\u00c5", "millimeter": "mm", "mm": "mm"}
 _TO_OME = {"\u00b5m": "micrometer", "nm": "nanometer", "\u00c5": "angstrom", "mm": "millimeter"}
+#: The space units of the OME-NGFF axes metadata (the UDUNITS-2 names the spec lists).
+NGFF_SPACE_UNITS = (
+    "angstrom", "attometer", "centimeter", "decimeter", "exameter", "femtometer", "foot",
+    "gigameter", "hectometer", "inch", "kilometer", "megameter", "meter", "micrometer", "mile",
+    "millimeter", "nanometer", "parsec", "petameter", "picometer", "terameter", "yard",
+    "yoctometer", "yottameter", "zeptometer", "zettameter",
+)
 
 
 def imagej_unit(unit: str) -> str:
@@ -28,8 +35,10 @@ def imagej_unit(unit: str) -> str:
 
 
 def ome_unit(unit: str) -> str | None:
-    """The unit as an OME-NGFF axis unit (``micrometer``, ``nanometer``, ...), None if unknown."""
-    return _TO_OME.get(_TO_SHORT.get(unit, unit))
+    """The unit as an OME-NGFF axis unit (``micrometer``, ``nanometer``, ...; the short
+    names nm, um, \u00b5m, micron, mm and \u00c5 too), None if NGFF does not know it."""
+    known = _TO_OME.get(_TO_SHORT.get(unit, unit))
+    return known or (unit if unit in NGFF_SPACE_UNITS else None)
 
 
 def voxel_size_of(stack: Any) -> tuple[tuple[float, float, float], str] | None:

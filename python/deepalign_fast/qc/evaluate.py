@@ -198,7 +198,13 @@ def make_benchmark(
     stack = reslice_stack(stack, reslice)
     lab = None if lab is None else reslice_stack(lab, reslice)
     if lab is not None and lab.shape != stack.shape:
-        raise DeepAlignError(f"labels shape {lab.shape} differs from the stack {stack.shape}")
+        def name(x: Any, what: str) -> str:
+            return f"{what} array" if isinstance(x, np.ndarray) else str(x)
+
+        raise DeepAlignError(
+            f"{name(labels, 'labels')}: the label stack has shape {lab.shape} (z, y, x), but the "
+            f"stack {name(clean, 'clean')} has {stack.shape}; the labels must be those of "
+            "this stack, slice for slice")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -305,6 +311,10 @@ def evaluate_alignment(
         truth = GroundTruth.from_json(gt_path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise DeepAlignError(f"{gt_path}: cannot read ground truth: {exc}") from exc
+    except (UnicodeDecodeError, DeepAlignError) as exc:
+        why = str(exc) if isinstance(exc, DeepAlignError) else "not a ground-truth JSON (binary)"
+        raise DeepAlignError(f"{gt_path}: {why}; the folder must be one written by "
+                             "make-benchmark") from exc
     mis = read_stack(bdir / "misaligned.tif")
     al = aligned if isinstance(aligned, np.ndarray) else read_stack(aligned)
     if len(al) != len(truth) or len(mis) != len(truth):

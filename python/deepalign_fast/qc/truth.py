@@ -83,6 +83,8 @@ class GroundTruth:
         """Inverse of :meth:`to_json`."""
         try:
             d = json.loads(text)
+            if not isinstance(d, dict):
+                raise TypeError(f"expected an object, got a {type(d).__name__}")
             return cls(
                 transforms=np.asarray(d["transforms"], dtype=np.float64),
                 shape=tuple(d["shape"]),
@@ -92,5 +94,7 @@ class GroundTruth:
                 margin=int(d.get("margin", 0)),
                 seed=d.get("seed"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise DeepAlignError(f"not a valid ground-truth JSON: no {exc} key") from exc
+        except (TypeError, ValueError, AttributeError) as exc:
             raise DeepAlignError(f"not a valid ground-truth JSON: {exc}") from exc

@@ -197,6 +197,10 @@ def match_pair(reference: np.ndarray, moving: np.ndarray, *, mask: np.ndarray | 
         reach = 0
     elif features == "blocks":
         from ..match.blocks import BlockMatcher
+        if reference.shape != moving.shape:  # its whole-frame search compares like frames
+            raise DeepAlignError(f"features='blocks' matches sections of one size; reference "
+                                 f"is {reference.shape} and moving {moving.shape} (y, x): "
+                                 "crop or pad one, or use features='sift' or 'learned'")
         # A loose final threshold keeps the blocks on both sides of a fold (the global fit is
         # only the prediction the blocks are searched around).
         # Correlation with a search window down to the finest level: the blocks on each side

@@ -179,6 +179,29 @@ def test_lowpass_keeps_straight_lines_and_constants():
     assert np.allclose(lowpass_affines(aff, SHAPE, 8.0), aff, atol=1e-9)
 
 
+def test_a_drift_sigma_beyond_the_stack_costs_nothing():
+    """A Gaussian longer than the stack weighs every slice alike: a sigma of 1e6 (or 1e300)
+    is the whole stack, computed as fast as a normal sigma, and the same as a sigma a
+    hundred times the stack's length."""
+    import time
+
+    rng = np.random.default_rng(5)
+    n = 12
+    truth = _random_affines(n, rng)
+    truth[:, :, 2] += np.cumsum(rng.normal(0, 1.0, (n, 2)), axis=0)  # a walk to keep
+    pairs = _pairs(truth, rng, noise=0.2)
+    t0 = time.perf_counter()
+    huge = [lowpass_affines(truth, SHAPE, s, adaptive=True) for s in (1e6, 1e300)]
+    solved = solve_stack(n, pairs, SHAPE, slow_drift="keep", drift_sigma=1e6).affines
+    assert time.perf_counter() - t0 < 1.5  # was ~15 s: a loop over 6e6 empty offsets
+    np.testing.assert_allclose(huge[1], huge[0], atol=1e-9)
+    near = lowpass_affines(truth, SHAPE, 100.0 * n, adaptive=True)
+    np.testing.assert_allclose(huge[0], near, atol=1e-3)
+    np.testing.assert_allclose(
+        solved, solve_stack(n, pairs, SHAPE, slow_drift="keep", drift_sigma=100.0 * n).affines,
+        atol=1e-3)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="slow_drift"):
         solve_stack(3, [], SHAPE, slow_drift="sometimes")

@@ -115,6 +115,37 @@ def test_tiff_written_by_tifffile_and_hyperstack(tmp_path, rng):
         open_stack(tmp_path / "zc.tif")
 
 
+@pytest.mark.parametrize("metadata", [{}, None])
+def test_tiff_written_page_by_page(tmp_path, rng, metadata):
+    """One TiffWriter.write per slice: every page is a slice, in file order (tifffile gives
+    each page its own "shaped" series; was: 'holds a single 2-D image')."""
+    data = _stack(rng, np.uint16, (6, 20, 24))
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        for s in data:
+            tw.write(s, photometric="minisblack", metadata=metadata)
+    _check_roundtrip(tmp_path / "p.tif", data)
+
+
+@pytest.mark.parametrize("metadata", [{}, None])
+def test_tiff_page_of_another_size_is_named(tmp_path, rng, metadata):
+    """A page of another size: the slice (page), its size and the expected one (was: 'holds
+    a single 2-D image', or without metadata a stack silently missing that page)."""
+    data = _stack(rng, np.uint8, (6, 30, 40))
+    with tifffile.TiffWriter(tmp_path / "m.tif") as tw:
+        for z, s in enumerate(data):
+            tw.write(s[:10, :10] if z == 3 else s, photometric="minisblack", metadata=metadata)
+    with pytest.raises(DeepAlignError, match=r"m\.tif, slice 3 \(page 3\): 10 x 10 pixels, "
+                                             r"but the stack's slices are 30 x 40"):
+        open_stack(tmp_path / "m.tif")
+    with tifffile.TiffWriter(tmp_path / "d.tif") as tw:
+        for z, s in enumerate(data):
+            tw.write(s.astype(np.uint16) if z == 4 else s, photometric="minisblack",
+                     metadata=metadata)
+    with pytest.raises(DeepAlignError, match=r"slice 4 \(page 4\): pixel type uint16, but "
+                                             r"slice 0 is uint8"):
+        open_stack(tmp_path / "d.tif")
+
+
 def test_converted_dtypes(tmp_path, rng):
     i16 = rng.integers(-3000, 3000, size=(3, 8, 9)).astype(np.int16)
     tifffile.imwrite(tmp_path / "i16.tif", i16, photometric="minisblack")
@@ -216,7 +247,7 @@ def test_single_image_where_stack_needed(tmp_path, rng):
     tifffile.imwrite(tmp_path / "one.tif", img)
     cv2.imwrite(str(tmp_path / "one.png"), img)
     for name in ("one.tif", "one.png"):
-        with pytest.raises(DeepAlignError, match="single 2-D image.*allow_single=True"):
+        with pytest.raises(DeepAlignError, match="single 2-D image.*API: allow_single=True"):
             open_stack(tmp_path / name)
         with open_stack(tmp_path / name, allow_single=True) as r:
             assert r.shape == (1, 12, 14)
@@ -227,7 +258,8 @@ def test_single_image_where_stack_needed(tmp_path, rng):
 def test_read_image_refuses_stacks_and_colour(tmp_path, rng):
     multi = _stack(rng, np.uint8, (3, 8, 8))
     tifffile.imwrite(tmp_path / "multi.tif", multi, photometric="minisblack")
-    with pytest.raises(DeepAlignError, match="more than one page"):
+    with pytest.raises(DeepAlignError, match=r"multi\.tif: holds 3 slices \(pages\), but a "
+                                             "single 2-D image is needed here"):
         read_image(tmp_path / "multi.tif")
     rgba = np.zeros((8, 8, 4), np.uint8)
     cv2.imwrite(str(tmp_path / "a.png"), rgba)
@@ -280,15 +312,21 @@ def test_nan_slice_is_reported(tmp_path, rng):
             r.read(3)
 
 
-def test_float64_overflow_reported_as_non_finite(tmp_path):
-    data = np.ones((2, 4, 4))
+def test_float64_overflow_reported_as_beyond_float32(tmp_path):
+    """1e300 is finite: the message says it exceeds float32 (was: 'NaN or infinite')."""
+    data = np.ones((3, 4, 4))
     data[1, 0, 0] = 1e300
+    data[1, 1, 1] = -2e39
+    data[2, 0, 0] = np.inf
     tifffile.imwrite(tmp_path / "f64.tif", data, photometric="minisblack")
     with open_stack(tmp_path / "f64.tif") as r:
         assert r.dtype == np.float32
         assert r.read(0).dtype == np.float32
-        with pytest.raises(DeepAlignError, match="slice 1.*infinite"):
+        with pytest.raises(DeepAlignError, match=r"f64\.tif, slice 1: slice holds 2 value\(s\) "
+                                                 r"beyond the float32 range \(up to 1e\+300"):
             r.read(1)
+        with pytest.raises(DeepAlignError, match=r"slice 2: .*1 NaN or infinite"):
+            r.read(2)
 
 
 def test_missing_and_unknown_paths(tmp_path):

@@ -59,6 +59,7 @@ def test_unit_names() -> None:
     assert imagej_unit("\u00b5m") == "micron" and imagej_unit("nanometer") == "nm"
     assert ome_unit("micron") == "micrometer" and ome_unit("nm") == "nanometer"
     assert ome_unit("furlong") is None
+    assert ome_unit("meter") == "meter" and ome_unit("angstrom") == "angstrom"  # NGFF names
 
 
 def test_pixel_size_override_from_the_cli(tmp_path: Path,

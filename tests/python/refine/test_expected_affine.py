@@ -167,6 +167,15 @@ def test_bad_masks():
     assert res and any("empty" in n for n in res.notes)
 
 
+def test_blocks_need_sections_of_one_size():
+    """was: 'operands could not be broadcast together' from the whole-frame search."""
+    ref, moving, *_ = _crack_pair()
+    with pytest.raises(DeepAlignError, match=r"features='blocks' matches sections of one "
+                                             r"size; reference is \(\d+, \d+\) and moving "
+                                             r"\(16, 16\)"):
+        register_pair(ref, moving[:16, :16], features="blocks")
+
+
 def test_too_few_keypoints_per_cluster_falls_back():
     ref, moving, mask, *_ = _crack_pair()
     res = register_pair(ref, moving, mask=mask, n_clusters=3, min_cluster_matches=100000)

@@ -1,0 +1,153 @@
+"""Bad input on the command line: one line naming the file (and slice) and the problem, no
+usage block, no library log, no silent wrong result."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from deepalign_fast.cli import main
+
+
+def _texture(rng: np.random.Generator, n: int, size: int = 96) -> np.ndarray:
+    import cv2
+
+    big = cv2.GaussianBlur((rng.random((size + 16, size + 16)) * 255).astype(np.float32),
+                           (0, 0), 2.0)
+    return np.stack([np.roll(big, (z % 3, z % 2), axis=(0, 1))[8:-8, 8:-8]
+                     for z in range(n)]).astype(np.uint8)
+
+
+@pytest.fixture
+def src(tmp_path: Path, rng: np.random.Generator) -> Path:
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, _texture(rng, 6), photometric="minisblack")
+    return path
+
+
+def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_usage_error_is_one_line(src: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad choice: the error and where to look, not the 24-line usage block."""
+    with pytest.raises(SystemExit) as exc:
+        main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--model", "foo"])
+    assert exc.value.code == 2
+    err = _one_line(capsys)
+    assert "invalid choice: 'foo'" in err and "deepalign-fast align --help" in err
+    assert "usage:" not in err
+
+
+def test_truncated_tiff_logs_nothing_from_tifffile(tmp_path: Path, rng: np.random.Generator,
+                                                   caplog: pytest.LogCaptureFixture,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """tifffile's own 'invalid page offset' line stays out of stderr (was a second line)."""
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, _texture(rng, 12), photometric="minisblack")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+    with caplog.at_level(logging.DEBUG):
+        assert main(["align", str(path), "-o", str(tmp_path / "o.tif"), "--quiet"]) == 2
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("tifffile")]
+    assert "cut.tif, slice 4: truncated" in _one_line(capsys)
+    assert logging.getLogger("tifffile").level == logging.NOTSET  # restored after the run
+
+
+def test_single_slice_says_what_a_cli_user_can_do(tmp_path: Path, rng: np.random.Generator,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "one.tif"
+    tifffile.imwrite(path, _texture(rng, 1), photometric="minisblack")
+    assert main(["align", str(path), "-o", str(tmp_path / "o.tif")]) == 2
+    err = _one_line(capsys)
+    assert "one.tif: holds a single 2-D image" in err and "Pass the whole stack" in err
+    assert "allow_single" not in err and "read_image" not in err
+
+
+def test_all_flagged_summary_says_no_slice_matched(tmp_path: Path, rng: np.random.Generator,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tiny.tif"
+    tifffile.imwrite(path, rng.integers(0, 255, (6, 8, 8), dtype=np.uint8),
+                     photometric="minisblack")
+    assert main(["align", str(path), "-o", str(tmp_path / "o.tif"), "--quiet"]) == 3
+    out = capsys.readouterr().out
+    assert "no slice could be matched to a neighbour (every slice was flagged)" in out
+    assert "single slice" not in out
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_unknown_unit_is_refused(src: Path, tmp_path: Path, suffix: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--unit furlongs was dropped from the OME-Zarr metadata without a word."""
+    out = tmp_path / f"o{suffix}"
+    assert main(["align", str(src), "-o", str(out), "--pixel-size", "5", "--unit",
+                 "furlongs"]) == 2
+    assert "--unit 'furlongs': not a length unit of OME-NGFF" in _one_line(capsys)
+    assert not out.exists()
+
+
+def test_register_names_both_files_and_sizes(tmp_path: Path, rng: np.random.Generator,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    stack = _texture(rng, 3)
+    fixed, small, many = tmp_path / "fixed.tif", tmp_path / "small.tif", tmp_path / "many.tif"
+    tifffile.imwrite(fixed, stack[0])
+    tifffile.imwrite(small, stack[1, :16, :16])
+    tifffile.imwrite(many, stack, photometric="minisblack")
+    out = str(tmp_path / "o.tif")
+    # was: "operands could not be broadcast together with shapes (93,95) (16,15)"
+    assert main(["register", str(fixed), str(small), "-o", out, "--features", "blocks"]) == 2
+    err = _one_line(capsys)
+    assert "small.tif: (MOVING) is 16 x 16 px" in err and "fixed.tif (FIXED) is 96 x 96 px" \
+        in err
+    assert main(["register", str(fixed), str(fixed), "--mask", str(small), "-o", out]) == 2
+    assert "small.tif: (--mask) is 16 x 16 px but" in _one_line(capsys)
+    # was: "a folder of slices needs one 2-D image per file"
+    assert main(["register", str(fixed), str(many), "-o", out]) == 2
+    err = _one_line(capsys)
+    assert "many.tif: holds 3 slices (pages), but a single 2-D image is needed" in err
+    assert "folder" not in err
+
+
+def test_make_benchmark_and_eval_name_the_file(src: Path, tmp_path: Path,
+                                               rng: np.random.Generator,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    labels = tmp_path / "labels.tif"
+    tifffile.imwrite(labels, np.zeros((2, 96, 96), np.uint8), photometric="minisblack")
+    assert main(["make-benchmark", str(src), str(tmp_path / "b1"), "--labels",
+                 str(labels)]) == 2
+    err = _one_line(capsys)
+    assert "labels.tif: the label stack has shape (2, 96, 96)" in err and "s.tif" in err
+    bench = tmp_path / "b2"
+    assert main(["make-benchmark", str(src), str(bench)]) == 0
+    capsys.readouterr()
+    gt = bench / "ground_truth.json"
+    for text in ('{"x": 1}', "[1]", "garbage"):
+        gt.write_text(text)
+        assert main(["eval", str(src), str(bench), "--quiet"]) == 2
+        err = _one_line(capsys)
+        assert f"{gt}: not a valid ground-truth JSON" in err, err
+
+
+def test_report_refuses_stacks_and_transforms_of_other_runs(
+        src: Path, tmp_path: Path, rng: np.random.Generator,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 0 with the mismatch only inside the HTML was easy to miss."""
+    short = tmp_path / "short.tif"
+    tifffile.imwrite(short, _texture(rng, 4), photometric="minisblack")
+    assert main(["align", str(short), "-o", str(tmp_path / "a.tif"), "--quiet"]) == 0
+    capsys.readouterr()
+    html = tmp_path / "r.html"
+    assert main(["report", str(src), str(short), "-o", str(html), "--quiet"]) == 2
+    assert "short.tif: (AFTER) has 4 slices, but" in _one_line(capsys)
+    assert main(["report", str(src), str(src), "--transforms",
+                 str(tmp_path / "a.transforms.json"), "-o", str(html), "--quiet"]) == 2
+    err = _one_line(capsys)
+    assert "a.transforms.json: (--transforms) holds 4 slices' transforms" in err
+    assert "s.tif (BEFORE) has 6 slices" in err
+    assert not html.exists()
