@@ -229,13 +229,17 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
     is_zarr = args.output.suffix.lower() == ".zarr"
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.input, "INPUT").input(args.masks, "--masks")
-    plan.output(args.output, "-o", folder=is_zarr)
+    plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
     plan.output(transforms_path, "--transforms")
     if args.mode != "affine":  # elastic and expected-affine keep their per-slice fields
-        plan.output(fields_path_for(transforms_path), "fields", folder=True)
+        fields = fields_path_for(transforms_path)
+        plan.output(fields, "fields", folder=True, store=True)
+        plan.output(partial_path_for(fields), "unfinished fields", folder=True, may_exist=True,
+                    store=True)
     plan.output(args.report, "--report")
     if is_zarr:
-        plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True)
+        plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True,
+                    store=True)
     if args.scheduler is not None:
         plan.output(args.work_dir or work_dir_for(args.output), "--work-dir", folder=True,
                     may_exist=True)
@@ -348,7 +352,7 @@ def _add_apply(sub: Any) -> None:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .alignment import Aligner
-    from .outputs import OutputPlan
+    from .outputs import OutputPlan, partial_path_for
     from .transforms import MAX_CANVAS_GROWTH, TransformSet
 
     _finite(args.scale, "--scale")
@@ -365,7 +369,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     is_zarr = args.output.suffix.lower() == ".zarr" or target is not None
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.transforms, "TRANSFORMS").input(args.input, "INPUT")
-    plan.output(args.output, "-o", folder=is_zarr)
+    plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
+    if is_zarr:
+        plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True,
+                    store=True)
     plan.check()
     ts = TransformSet.load(args.transforms)
     if ts.fields is not None:

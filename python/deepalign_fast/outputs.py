@@ -16,6 +16,12 @@ Temporary files (:func:`create_temp`) have unpredictable names, are created excl
 following symbolic links, in the output's folder, and a later run on the same output (holding
 its lock) removes the ones an earlier, killed run left (:func:`remove_stale_temps`).
 
+Zarr stores (``--overwrite`` over a ``.zarr`` output, an unfinished ``NAME.partial``) are
+replaced or deleted only when :func:`store_problem` finds no reason against it: the folder is a
+Zarr store whose top-level metadata carries this tool's mark (:data:`STORE_MARK`, written by
+every store this tool creates) and it holds nothing but Zarr data. A folder of the user's that
+merely ends in ``.zarr`` is never deleted.
+
 Sidecar names are decided here only: :func:`transforms_path_for` and :func:`fields_path_for`.
 """
 
@@ -26,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator, Sequence
@@ -41,6 +48,8 @@ __all__ = [
     "Checkpoint",
     "EnvironmentFailure",
     "OutputPlan",
+    "PROGRESS_FILE",
+    "STORE_MARK",
     "checkpoint_path_for",
     "TEMP_TAG",
     "create_temp",
@@ -49,6 +58,8 @@ __all__ = [
     "output_lock",
     "partial_path_for",
     "remove_stale_temps",
+    "store_mark",
+    "store_problem",
     "transforms_path_for",
     "work_dir_for",
     "write_atomic",
@@ -99,6 +110,77 @@ def work_dir_for(output: str | os.PathLike[str]) -> Path:
     """Default work folder of a distributed run: ``NAME.work``."""
     p = Path(output)
     return p.with_name(p.name + ".work")
+
+
+# --------------------------------------------------------------------------------------------
+# Zarr stores this tool wrote
+# --------------------------------------------------------------------------------------------
+
+#: Attribute in the top-level metadata (``.zattrs``, or ``zarr.json`` ``attributes``) of every
+#: Zarr store this tool writes; only a store carrying it is ever replaced (``--overwrite``).
+STORE_MARK = "deepalign_fast"
+
+#: The progress record of an unfinished Zarr output (``NAME.partial/deepalign_progress.json``).
+PROGRESS_FILE = "deepalign_progress.json"
+
+_ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
+# Files a store of this tool may hold: Zarr metadata, chunks (v2 "0.1.2" or nested digits, v3
+# "c/0/1/2"), Zarr's own temporary files, the progress record and this tool's temporary files.
+_STORE_FILE = re.compile(r"\.zgroup|\.zarray|\.zattrs|\.zmetadata|zarr\.json|\d+(\.\d+)*"
+                         r"|.+\.[0-9a-f]{32}\.partial"
+                         rf"|{re.escape(PROGRESS_FILE)}|\.{re.escape(PROGRESS_FILE)}\.tmp-\d+-\d+"
+                         rf"|\..+{re.escape(TEMP_TAG)}[0-9a-f]{{16}}\.tmp")
+
+
+def store_mark() -> dict[str, Any]:
+    """The value of :data:`STORE_MARK` in a new store's top-level attributes."""
+    return {"writer": "deepalign-fast"}
+
+
+def _store_attrs(path: Path) -> dict[str, Any]:
+    """Top-level attributes of a Zarr v2 (``.zattrs``) or v3 (``zarr.json``) store."""
+    for name, key in ((".zattrs", None), ("zarr.json", "attributes")):
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and key is not None:
+            data = data.get(key)
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def store_problem(path: str | os.PathLike[str], *, unfinished: bool = False) -> str | None:
+    """Why the folder ``path`` must not be replaced or deleted as a Zarr store of this tool,
+    or None when it may.
+
+    It may when it is a folder (not a symbolic link) with Zarr metadata at its top that
+    carries :data:`STORE_MARK` (``unfinished=True``: or the progress record of an unfinished
+    output, :data:`PROGRESS_FILE`), and holds only Zarr files and this tool's own (no
+    symbolic links, nothing else anywhere inside).
+    """
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return "is not a folder"
+    try:
+        top = set(os.listdir(p))
+    except OSError as exc:
+        return f"cannot be listed ({exc.strerror or exc})"
+    if not top & set(_ZARR_METADATA):
+        return "is not a Zarr store (no .zgroup, .zarray or zarr.json at its top)"
+    if STORE_MARK not in _store_attrs(p) and not (unfinished and PROGRESS_FILE in top):
+        return (f"is a Zarr store that deepalign-fast did not write (no {STORE_MARK!r} mark in "
+                "its metadata)")
+    for root, dirs, files in os.walk(p):
+        for name in [*dirs, *files]:
+            entry = Path(root, name)
+            if entry.is_symlink():
+                return f"holds a symbolic link, {entry.relative_to(p)}"
+        for name in files:
+            if not _STORE_FILE.fullmatch(name):
+                return f"holds {Path(root, name).relative_to(p)}, which is not Zarr data"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +371,7 @@ class _Out:
     flag: str
     folder: bool
     may_exist: bool
+    store: bool = False
 
 
 @dataclass
@@ -315,11 +398,13 @@ class OutputPlan:
         return self
 
     def output(self, path: str | os.PathLike[str] | None, flag: str, *, folder: bool = False,
-               may_exist: bool = False) -> OutputPlan:
+               may_exist: bool = False, store: bool = False) -> OutputPlan:
         """Add a path the command writes; ``folder``: a directory (Zarr store, work folder);
-        ``may_exist``: an existing one is reused, not replaced (a resume point)."""
+        ``may_exist``: an existing one is reused, not replaced (a resume point); ``store``: a
+        Zarr store, of which an existing one is replaced (``--overwrite``), reused or deleted
+        only when this tool wrote it (:func:`store_problem`)."""
         if path is not None:
-            self.outputs.append(_Out(Path(path), flag, folder, may_exist))
+            self.outputs.append(_Out(Path(path), flag, folder, may_exist, store))
         return self
 
     def check(self) -> None:
@@ -363,6 +448,19 @@ class OutputPlan:
                     raise DeepAlignError(f"{out.path}: {_flag_text(out.flag)}exists and is "
                                          f"{kind}; {self.overwrite_flag} does not replace it. "
                                          "Remove it or choose another name.")
+                why = store_problem(out.path) if out.store else None
+                if why is not None:
+                    raise DeepAlignError(
+                        f"{out.path}: {_flag_text(out.flag)}exists and {why}; "
+                        f"{self.overwrite_flag} replaces only a Zarr store written by "
+                        "deepalign-fast. Remove it yourself or choose another name.")
+            elif os.path.lexists(out.path) and out.store:
+                why = store_problem(out.path, unfinished=True)
+                if why is not None:
+                    raise DeepAlignError(
+                        f"{out.path}: {_flag_text(out.flag)}exists and {why}, so it is not "
+                        "an unfinished output of deepalign-fast; remove it or choose another "
+                        "name.")
             _check_writable(out.path, out.flag)
 
     def _check_against_input(self, out: _Out, r: Path, ip: Path, iflag: str, ir: Path) -> None:

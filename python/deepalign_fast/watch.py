@@ -31,7 +31,7 @@ import numpy as np
 
 from ._errors import DeepAlignError
 from .alignment import Aligner, AlignOptions
-from .outputs import write_atomic
+from .outputs import STORE_MARK, store_mark, store_problem, write_atomic
 
 __all__ = ["WatchResult", "watch_folder"]
 
@@ -66,13 +66,16 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
 
     h, w = shape
     if output.exists():
+        why = store_problem(output)
+        if why is not None:
+            raise DeepAlignError(f"{output}: (-o) exists and {why}; choose another output")
         arr: Any = zarr.open_group(str(output), mode="r+")["0"]
         if arr.shape[1:] != (h, w) or arr.dtype != dtype:
             raise DeepAlignError(f"{output}: holds {arr.shape[1:]} {arr.dtype} slices, the "
                                  f"folder {(h, w)} {dtype}")
         arr.resize((written, h, w))
         return arr
-    group = zarr.open_group(str(output), mode="w-", zarr_format=2)
+    group = zarr.create_group(str(output), zarr_format=2, attributes={STORE_MARK: store_mark()})
     arr = group.create_array("0", shape=(0, h, w), chunks=(1, h, w), dtype=dtype, fill_value=0,
                              chunk_key_encoding={"name": "v2", "separator": "/"})
     group.attrs["multiscales"] = [{
@@ -178,8 +181,9 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
         if z < written:
             continue  # written before the restart: identical, so kept
         if arr is None:
+            # The record first: a store beside it is this watch's from its creation on.
+            _save_state(state_path, state)
             arr = _open_output(out, aligned.shape, aligned.dtype, written)
-            _save_state(state_path, state)  # the store is ours from its first slice on
         arr.resize((z + 1,) + aligned.shape)
         arr[z] = aligned
         result.written = z + 1

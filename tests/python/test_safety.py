@@ -172,6 +172,66 @@ def test_tif_and_zarr_outputs_have_their_own_sidecars(src: Path, tmp_path: Path)
     assert (tmp_path / "x.ome.zarr.transforms.json").is_file()
 
 
+def _foreign_folders(tmp_path: Path) -> dict[str, Path]:
+    """Folders named like Zarr outputs that deepalign-fast did not write."""
+    import zarr
+
+    plain = tmp_path / "home.zarr"  # not a Zarr store at all
+    (plain / "sub").mkdir(parents=True)
+    (plain / "sub" / "thesis.docx").write_text("years of work")
+    other = tmp_path / "other.zarr"  # a Zarr store of another tool
+    zarr.create_array(other, shape=(2, 8, 8), dtype="u1")
+    return {"plain": plain, "other": other}
+
+
+@pytest.mark.parametrize("kind", ["plain", "other", "ours+docx"])
+def test_overwrite_replaces_only_a_zarr_store_of_this_tool(src: Path, tmp_path: Path,
+                                                           kind: str,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    """--overwrite never deletes a folder that is not a Zarr store written by this tool (align,
+    apply, the API writer), nor a tool's store holding files that are not Zarr data."""
+    if kind == "ours+docx":
+        target = tmp_path / "ours.ome.zarr"
+        assert _align(str(src), "-o", str(target)) == 0
+        (target / "0" / "notes.docx").write_text("mine")
+    else:
+        target = _foreign_folders(tmp_path)[kind]
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(target), "--overwrite") == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(target) in line and "written by deepalign-fast" in line
+    assert main(["apply", str(_aligned(src, tmp_path)), str(src), "-o", str(target),
+                 "--overwrite", "--quiet"]) == 2
+    assert str(target) in _one_line(capsys.readouterr().err)
+    with pytest.raises(DeepAlignError, match="written by deepalign-fast"):
+        open_writer(target, (2, 8, 8), np.uint8, overwrite=True)
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing replaced
+    # The tool's own earlier output is replaced, and so is a watch's store.
+    mine = tmp_path / "mine.ome.zarr"
+    assert _align(str(src), "-o", str(mine)) == 0
+    assert _align(str(src), "-o", str(mine), "--overwrite") == 0
+
+
+def test_a_foreign_folder_at_the_unfinished_name_is_refused(src: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    partial = tmp_path / "o.ome.zarr.partial"
+    partial.mkdir()
+    (partial / "keep.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert _align(str(src), "-o", str(tmp_path / "o.ome.zarr"), *extra) == 2
+        assert "not an unfinished output" in _one_line(capsys.readouterr().err)
+    assert (partial / "keep.txt").read_text() == "mine"
+    fields = tmp_path / "f.fields.zarr"  # the field store of --mode elastic
+    _foreign_folders(tmp_path)["plain"].rename(fields)
+    assert _align(str(src), "-o", str(tmp_path / "f.tif"), "--mode", "elastic",
+                  "--overwrite") == 2
+    assert "fields" in _one_line(capsys.readouterr().err)
+    assert (fields / "sub" / "thesis.docx").is_file()
+
+
 def test_demo_runs_twice_with_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
