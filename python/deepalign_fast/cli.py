@@ -227,7 +227,9 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
     from .outputs import OutputPlan, fields_path_for, partial_path_for, work_dir_for
 
     is_zarr = args.output.suffix.lower() == ".zarr"
-    plan = OutputPlan(overwrite=args.overwrite)
+    # Outputs an interrupted run of this command put in place are accepted: the rerun finishes
+    # that run (the aligner checks that it is the same run).
+    plan = OutputPlan(overwrite=args.overwrite, resumes=args.output)
     plan.input(args.input, "INPUT").input(args.masks, "--masks")
     plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
     plan.output(transforms_path, "--transforms")
@@ -277,23 +279,25 @@ def _cmd_align(args: argparse.Namespace) -> int:
     result: AlignResult
     with _lock(plan):
         plan.check()  # again under the lock: a run that just finished may have published
+        # The report is part of the run: a rerun after a kill while writing it finishes it.
+        report = [] if args.report is None else [
+            (args.report, lambda r: _write_report(args.input, args.output, r, args.report))]
         if args.scheduler is not None:
             from .alignment.distributed import align_distributed
 
             result = align_distributed(args.input, args.output, scheduler=args.scheduler,
                                        options=options, transforms_path=transforms_path,
                                        work_dir=args.work_dir, progress=progress,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, side_outputs=report)
         else:
             result = Aligner(options).align_stack(
                 args.input, args.output, transforms_path=transforms_path, progress=progress,
                 overwrite=args.overwrite, voxel_size=voxel_size, unit=args.unit,
-                compression=compression)
+                compression=compression, side_outputs=report)
         summary = result.summary()
         summary["output"] = str(args.output)
         summary["transforms"] = str(transforms_path)
         if args.report is not None:
-            _write_report(args.input, args.output, result, args.report)
             summary["report"] = str(args.report)
     _print_summary(summary, as_json=args.json)
     return 3 if _mostly_flagged(summary) else 0

@@ -16,6 +16,14 @@ Temporary files (:func:`create_temp`) have unpredictable names, are created excl
 following symbolic links, in the output's folder, and a later run on the same output (holding
 its lock) removes the ones an earlier, killed run left (:func:`remove_stale_temps`).
 
+Every finished output is put in place by :func:`publish` (a rename). While a run records its
+outputs (:meth:`Checkpoint.recording`), ``publish`` first notes in the run's resume record
+which file or folder (device, inode, and for a file its size and modification time) is about
+to appear under which name; a rerun of the same command then knows which outputs that run
+already put in place (:meth:`Checkpoint.committed`), accepts them without ``--overwrite`` and
+writes only the missing ones, so the outputs of one run are completed as a unit. A file at an
+output name that the run did not put there is still refused.
+
 Zarr stores (``--overwrite`` over a ``.zarr`` output, an unfinished ``NAME.partial``) are
 replaced or deleted only when :func:`store_problem` finds no reason against it: the folder is a
 Zarr store whose top-level metadata carries this tool's mark (:data:`STORE_MARK`, written by
@@ -28,6 +36,7 @@ Sidecar names are decided here only: :func:`transforms_path_for` and :func:`fiel
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import json
@@ -51,12 +60,14 @@ __all__ = [
     "PROGRESS_FILE",
     "STORE_MARK",
     "checkpoint_path_for",
+    "committed_outputs",
     "TEMP_TAG",
     "create_temp",
     "os_error",
     "fields_path_for",
     "output_lock",
     "partial_path_for",
+    "publish",
     "remove_stale_temps",
     "store_mark",
     "store_problem",
@@ -225,13 +236,31 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes, *,
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise os_error(exc, path, doing) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+_RECORDING: contextvars.ContextVar[Checkpoint | None] = contextvars.ContextVar(
+    "deepalign_recording", default=None)
+
+
+def publish(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Rename the finished ``staged`` file or ``.partial`` store to ``final`` (replacing a
+    file there), the one way outputs are put in place.
+
+    While a run records its outputs (:meth:`Checkpoint.recording`) and ``final`` is one of
+    them, what is about to appear is noted in the run's record first, so that a kill right
+    after the rename still leaves the output known as this run's (module docstring).
+    """
+    record = _RECORDING.get()
+    if record is not None:
+        record.committing(Path(final), Path(staged))
+    os.replace(staged, final)
 
 
 def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
@@ -384,12 +413,18 @@ class OutputPlan:
         Existing outputs may be replaced (only once the new ones are complete).
     overwrite_flag : str
         How the caller names the permission in messages (``"--overwrite"`` for the CLI).
+    resumes : path, optional
+        The main output of a command that can finish an interrupted run (``align``).
     """
 
     overwrite: bool = False
     overwrite_flag: str = "--overwrite"
     inputs: list[tuple[Path, str]] = field(default_factory=list)
     outputs: list[_Out] = field(default_factory=list)
+    #: An output whose resume record (:func:`checkpoint_path_for`) is checked: existing
+    #: outputs that an interrupted run put in place are accepted, for the command to finish
+    #: the run (it checks that the run is the same before relying on them).
+    resumes: Path | None = None
 
     def input(self, path: str | os.PathLike[str] | None, flag: str) -> OutputPlan:
         """Add an input (file or folder) the command reads; None is ignored."""
@@ -424,6 +459,7 @@ class OutputPlan:
                 raise DeepAlignError(f"{p}: {_flag_text(flag)}does not exist")
             del r
         seen: list[tuple[_Out, Path]] = []
+        done = committed_outputs(self.resumes) if self.resumes is not None else set()
         for out in self.outputs:
             r = _resolve(out.path)
             if os.path.islink(out.path):
@@ -438,7 +474,8 @@ class OutputPlan:
                         f"{out.path}: {_flag_text(out.flag)}collides with "
                         f"{_flag_text(other.flag)}{other.path}; give them different names.")
             seen.append((out, r))
-            if os.path.lexists(out.path) and not out.may_exist:
+            if os.path.lexists(out.path) and not out.may_exist and \
+                    Path(os.path.abspath(out.path)) not in done:
                 if not self.overwrite:
                     raise DeepAlignError(
                         f"{out.path}: {_flag_text(out.flag)}already exists; pass "
@@ -575,17 +612,63 @@ def _input_identity(path: Path) -> dict[str, Any]:
 CHECKPOINT_FORMAT = 2
 
 
+def _identity(path: Path) -> dict[str, int]:
+    """What stays the same when ``path`` is renamed: device and inode, and for a file its size
+    and modification time."""
+    st = os.stat(path, follow_symlinks=False)
+    ident = {"dev": st.st_dev, "ino": st.st_ino}
+    if not stat.S_ISDIR(st.st_mode):
+        ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return ident
+
+
+def _committed_in(record: dict[str, Any]) -> set[Path]:
+    found: set[Path] = set()
+    entries = record.get("committed")
+    for name, ident in (entries.items() if isinstance(entries, dict) else ()):
+        try:
+            if _identity(Path(name)) == ident:
+                found.add(Path(name))
+        except OSError:
+            continue
+    return found
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def committed_outputs(output: str | os.PathLike[str]) -> set[Path]:
+    """The outputs (absolute paths) that an interrupted run on ``output`` put in place and that
+    are still exactly what it put there (:meth:`Checkpoint.committed`, whatever the run)."""
+    record = _read_record(checkpoint_path_for(output))
+    return set() if record is None else _committed_in(record)
+
+
 @dataclass
 class Checkpoint:
-    """The finished estimation of one ``align`` run, saved before rendering starts.
+    """The resume record of one ``align`` run: its finished estimation, saved before rendering
+    starts, and the outputs it has put in place.
 
     A rerun of the same command (same input, unchanged, and the same options) after a kill or
     a failure during rendering loads it instead of estimating again; the output is then
-    identical to an uninterrupted run. It is deleted once the output is published.
+    identical to an uninterrupted run. After a kill while the outputs were being put in place
+    (or a report written), the rerun finds the ones already there in :meth:`committed` and
+    writes only the rest. It is deleted once every output of the run is in place.
+
+    ``outputs``: every path the run writes (set by the caller before :meth:`recording`); only
+    those are recorded.
     """
 
     path: Path
     key: dict[str, Any]
+    outputs: list[Path] = field(default_factory=list)
 
     @classmethod
     def for_run(cls, source: Path | None, output: str | os.PathLike[str],
@@ -602,15 +685,41 @@ class Checkpoint:
         """The saved estimation (``transforms``, ``matches``, ``timings``, ``measured``) when
         it belongs to this run, else None (a checkpoint of another input or other options is
         ignored and replaced by the next :meth:`save`)."""
-        try:
-            if self.path.is_symlink() or not self.path.is_file():
-                return None
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError, RecursionError):
-            return None
-        if not isinstance(data, dict) or data.get("key") != self.key:
+        data = _read_record(self.path)
+        if data is None or data.get("key") != self.key:
             return None
         return data if isinstance(data.get("transforms"), dict) else None
+
+    def committed(self) -> set[Path]:
+        """The outputs (absolute paths) this run has put in place, each still the very file or
+        folder that was renamed there (see :func:`publish`); empty for the record of another
+        run."""
+        data = self.load()
+        return set() if data is None else _committed_in(data)
+
+    def committing(self, final: Path, staged: Path) -> None:
+        """Note (atomically) that ``staged`` is about to be renamed to ``final``, when
+        ``final`` is one of :attr:`outputs` and the record is this run's."""
+        name = Path(os.path.abspath(final))
+        if name not in {Path(os.path.abspath(p)) for p in self.outputs}:
+            return
+        data = self.load()
+        if data is None:
+            return
+        committed = data.get("committed")
+        committed = dict(committed) if isinstance(committed, dict) else {}
+        committed[str(name)] = _identity(staged)
+        data["committed"] = committed
+        write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Within the block, :func:`publish` notes each of :attr:`outputs` it puts in place."""
+        token = _RECORDING.set(self)
+        try:
+            yield
+        finally:
+            _RECORDING.reset(token)
 
     def save(self, transforms: dict[str, Any], matches: list[int],
              timings: dict[str, float], measured: dict[str, Any] | None = None) -> None:

@@ -157,7 +157,7 @@ class TransformSet:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: an exclusive temporary file in the same folder, then a rename."""
-        from .outputs import create_temp, os_error
+        from .outputs import create_temp, os_error, publish
 
         path = Path(path)
         text = json.dumps(self.to_json(path.parent), indent=1)
@@ -168,7 +168,7 @@ class TransformSet:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            publish(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise os_error(exc, path, "cannot write the transforms file") from exc
@@ -466,7 +466,7 @@ class FieldStore:
         wrote it (:func:`deepalign_fast.outputs.store_problem`)."""
         import shutil
 
-        from .outputs import store_problem
+        from .outputs import publish, store_problem
 
         final = Path(path)
         if os.path.lexists(final):
@@ -476,7 +476,7 @@ class FieldStore:
                                      "by deepalign-fast is replaced. Remove it yourself or "
                                      "choose another name.")
             shutil.rmtree(final)
-        os.replace(self.path, final)
+        publish(self.path, final)
         self.path = final
         # The open array still points at the old (moved) location: reopen it, so the store
         # in memory reads what is on disk (the QC report draws from it).

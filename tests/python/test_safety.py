@@ -604,6 +604,86 @@ def _rerun_resumes(src: Path, out: Path, ref: Path, monkeypatch: pytest.MonkeyPa
     assert not checkpoint_path_for(out).exists()
 
 
+_SLOW_REPORT = """
+import os, sys, time
+import deepalign_fast.qc.report as rp
+real = rp.write_report
+def slow(*a, **k):
+    open(os.environ["MARK"], "w").close()
+    time.sleep(30)
+    return real(*a, **k)
+rp.write_report = slow
+from deepalign_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_during_the_report_rerun_finishes_the_run(src: Path, tmp_path: Path, sig: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the image and transforms are in place, while the report is written: the
+    same command again writes the report, keeps what the run put in place, leaves nothing."""
+    out, report = tmp_path / "o.tif", tmp_path / "r.html"
+    argv = ["align", str(src), "-o", str(out), "--report", str(report), "--model",
+            "translation", "--quiet", "--threads", "1"]
+    mark = tmp_path / "mark"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_REPORT, *argv],
+                            env={**ENV, "MARK": str(mark)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not mark.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert out.is_file() and transforms_path_for(out).is_file() and not report.exists()
+    published = {p: (p.stat().st_ino, p.read_bytes()) for p in (out, transforms_path_for(out))}
+    from deepalign_fast.alignment import Aligner
+
+    def no_estimate(*a: Any, **k: Any) -> Any:
+        raise AssertionError("estimated again instead of finishing the run")
+
+    with monkeypatch.context() as m:
+        m.setattr(Aligner, "estimate", no_estimate)
+        assert main(argv) == 0
+    assert report.is_file() and "<html" in report.read_text()
+    assert {p: (p.stat().st_ino, p.read_bytes()) for p in published} == published
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["s.tif", "mark", "o.tif", "o.transforms.json", "r.html"])  # no record, lock or temp
+
+
+def test_rerun_never_takes_a_users_file_for_the_runs_output(src: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    """After an interrupted report, a file the run did not put there is refused, not kept as
+    the run's output nor replaced."""
+    import deepalign_fast.qc.report as rp
+
+    out, report = tmp_path / "o.tif", tmp_path / "r.html"
+    argv = [str(src), "-o", str(out), "--report", str(report)]
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rp, "write_report", interrupted)
+        assert _align(*argv) == 130
+    capsys.readouterr()
+    assert out.is_file() and not report.exists()
+    report.write_text("my own notes")  # the user's file at the report's name
+    assert _align(*argv) == 2
+    assert "r.html" in _one_line(capsys.readouterr().err)
+    assert report.read_text() == "my own notes"
+    report.unlink()
+    out.unlink()
+    out.write_bytes(b"the user's own file")  # the image replaced by the user's file
+    assert _align(*argv) == 2
+    assert "o.tif" in _one_line(capsys.readouterr().err)
+    assert out.read_bytes() == b"the user's own file" and not report.exists()
+
+
 def test_zarr_writer_refuses_unfinished_store_of_another_run(tmp_path: Path) -> None:
     out = tmp_path / "o.zarr"
     with pytest.raises(RuntimeError), open_writer(out, (2, 8, 8), np.uint8) as w:

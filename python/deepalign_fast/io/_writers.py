@@ -23,6 +23,7 @@ from ..outputs import (
     create_temp,
     os_error,
     partial_path_for,
+    publish,
     store_mark,
     store_problem,
 )
@@ -348,7 +349,7 @@ class TiffStackWriter(StackWriter):
         try:
             if before_publish is not None:
                 before_publish()
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
         except OSError as exc:
             self.abort()
             raise os_error(exc, self.path, "cannot finish the output file") from exc
@@ -707,7 +708,7 @@ class ZarrStackWriter(StackWriter):
             (self.partial / PROGRESS_FILE).unlink()
             if replace:
                 shutil.rmtree(self.path)
-            os.replace(self.partial, self.path)
+            publish(self.partial, self.path)
         except OSError as exc:
             raise os_error(exc, self.path, "cannot publish the finished store") from exc
         _fsync_dir(self.path.parent)
