@@ -274,10 +274,9 @@ def _cmd_align(args: argparse.Namespace) -> int:
     transforms_path = args.transforms or _default_transforms_path(args.output)
     plan = _align_plan(args, transforms_path)
     plan.check()
-    plan.prepare()
     progress = False if args.quiet else None
     result: AlignResult
-    with _lock(plan):
+    with plan.prepared(), _lock(plan):  # a failed run removes the (empty) folders it made
         plan.check()  # again under the lock: a run that just finished may have published
         # The report is part of the run: a rerun after a kill while writing it finishes it.
         report = [] if args.report is None else [
@@ -368,8 +367,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .io import label_target, prepare_label_group, register_label
 
     target = label_target(args.output)  # -o IMAGE.ome.zarr/labels/NAME: an NGFF label image
-    if target is not None:
-        prepare_label_group(target[0])
     is_zarr = args.output.suffix.lower() == ".zarr" or target is not None
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.transforms, "TRANSFORMS").input(args.input, "INPUT")
@@ -384,15 +381,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         plan.check()
     if args.scale != 1.0:
         ts = ts.rescaled(args.scale)
-    plan.prepare()
-    with _lock(plan):
+    with plan.prepared(), _lock(plan):
         plan.check()
         Aligner(num_threads=args.threads).render(
             args.input, ts, args.output, interpolation=args.interpolation,
             progress=False if args.quiet else None,
             writer_options={"overwrite": args.overwrite,
                             **({} if (c := _compression(args)) is None else {"compression": c})})
-        if target is not None:
+        if target is not None:  # the labels group's metadata once the label image is in
+            prepare_label_group(target[0])
             register_label(*target)
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     return 0
@@ -674,8 +671,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if not res:
         raise DeepAlignError(f"{args.moving}: registration failed: {res.reason}")
     out = res.warp(moving, mask_damage=args.blank_damage)
-    plan.prepare()
-    with _lock(plan):
+    with plan.prepared(), _lock(plan):
         plan.check()
         _write_image_atomic(args.output, out)
     status = f"fallback to the global affine ({res.reason})" if res.fallback else \
@@ -714,7 +710,7 @@ def _add_make_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _run_make_benchmark(args: argparse.Namespace) -> int:
     from .outputs import OutputPlan
-    from .qc.evaluate import make_benchmark
+    from .qc.evaluate import misalign_benchmark
 
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
@@ -727,12 +723,13 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
     for name in names:
         plan.output(out / name, "OUT_DIR")
     plan.check()
-    plan.prepare()
-    with _lock(plan):
-        plan.check()
-        truth = make_benchmark(args.clean_stack, args.out_dir, profile=args.profile,
-                               seed=args.seed, labels=args.labels, artifacts=args.artifacts,
+    # Everything is read, checked and computed before OUT_DIR is created.
+    bench = misalign_benchmark(args.clean_stack, profile=args.profile, seed=args.seed,
+                               labels=args.labels, artifacts=args.artifacts,
                                reslice=args.reslice)
+    with plan.prepared(), _lock(plan):
+        plan.check()
+        truth = bench.write(out)
     print(f"wrote {len(truth)} slices of {truth.shape[0]}x{truth.shape[1]} (margin "
           f"{truth.margin} px, profile {truth.profile}) to {args.out_dir}")
     return 0
@@ -790,7 +787,6 @@ def _report_plan(args: argparse.Namespace) -> Any:
     plan.input(args.before, "BEFORE").input(args.after, "AFTER")
     plan.input(args.transforms, "--transforms").output(Path(args.output), "-o")
     plan.check()
-    plan.prepare()
     return plan
 
 
@@ -804,7 +800,8 @@ def _run_report(args: argparse.Namespace) -> int:
     options = None if args.transforms is None else load_options(args.transforms)
     # --z-scale is the true ratio slice spacing / pixel size, in pixels.
     voxel = None if args.z_scale is None else (args.z_scale, 1.0, 1.0)
-    with _lock(plan), open_stack(args.before) as before, open_stack(args.after) as after:
+    with open_stack(args.before) as before, open_stack(args.after) as after, \
+            plan.prepared(), _lock(plan):
         plan.check()
         out = write_report(args.output, before=before, after=after, transforms=transforms,
                            title=args.title, voxel_size=voxel, unit="px", options=options,

@@ -516,13 +516,41 @@ class OutputPlan:
             raise DeepAlignError(f"{out.path}: {what}is a hard link to a file of the input "
                                  f"{ip}; write it elsewhere.")
 
-    def prepare(self) -> None:
-        """Create the outputs' missing parent folders (after :meth:`check`)."""
+    def prepare(self, created: list[Path] | None = None) -> list[Path]:
+        """Create the outputs' missing parent folders (after :meth:`check`); returns those it
+        created, outermost first (appended to ``created`` as they are made, if given)."""
+        created = [] if created is None else created
         for out in self.outputs:
-            try:
-                out.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise os_error(exc, out.path, "cannot create its folder") from exc
+            missing = []
+            parent = out.path.parent
+            while not os.path.lexists(parent) and parent != parent.parent:
+                missing.append(parent)
+                parent = parent.parent
+            for folder in reversed(missing):
+                try:
+                    folder.mkdir()
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    raise os_error(exc, out.path, "cannot create its folder") from exc
+                created.append(folder)
+        return created
+
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator[None]:
+        """:meth:`prepare` for the block; when the block fails (an error or an interruption),
+        the folders it created that are still empty are removed again, innermost first (a
+        folder that holds anything, e.g. a resume checkpoint, stays). Enter it before the
+        lock, so that the lock files are gone when it cleans up."""
+        created: list[Path] = []
+        try:
+            self.prepare(created)
+            yield
+        except BaseException:
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+            raise
 
     def primary(self) -> list[Path]:
         return [o.path for o in self.outputs]

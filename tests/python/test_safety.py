@@ -241,6 +241,44 @@ def test_demo_runs_twice_with_overwrite(tmp_path: Path) -> None:
     assert main(["demo", "--out", str(tmp_path / "file")]) == 2
 
 
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    nan = _stack().astype(np.float32)
+    nan[2, 5, 5] = np.nan
+    small = _stack(size=8)
+    paths = {"nan": tmp_path / "nan.tif", "small": tmp_path / "small.tif",
+             "two": tmp_path / "two.tif", "labels": tmp_path / "labels.tif"}
+    for name, data in (("nan", nan), ("small", small), ("two", _stack(n=2)),
+                       ("labels", _stack(size=16))):
+        tifffile.imwrite(paths[name], data, photometric="minisblack")
+    return paths
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["align", "{nan}", "-o", "{new}/o.tif", "--report", "{new}/r/r.html"], "NaN"),
+    (["apply", "{transforms}", "{small}", "-o", "{new}/l.ome.zarr"], "small.tif"),
+    (["make-benchmark", "{src}", "{new}", "--labels", "{labels}"], "labels.tif"),
+    (["make-benchmark", "{nan}", "{new}"], "NaN"),
+    (["make-benchmark", "{small}", "{new}"], "small.tif"),
+    (["make-benchmark", "{two}", "{new}", "--reslice", "xz"], "two.tif"),
+])
+def test_a_failed_run_removes_the_folders_it_created(src: Path, tmp_path: Path,
+                                                     argv: list[str], words: str,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """Missing output folders are created for the run and, when it fails before writing
+    anything there, removed again (only the ones it created, only empty ones)."""
+    names = {"src": str(src), "new": str(tmp_path / "keep" / "new" / "sub"),
+             "transforms": str(_aligned(src, tmp_path)),
+             **{k: str(v) for k, v in _bad_inputs(tmp_path).items()}}
+    (tmp_path / "keep").mkdir()  # an existing folder: never removed
+    capsys.readouterr()
+    before = _snapshot(tmp_path)
+    assert main([a.format(**names) for a in argv] + (["--quiet"] if argv[0] != "make-benchmark"
+                                                     else [])) == 2
+    assert words in _one_line(capsys.readouterr().err)
+    assert _snapshot(tmp_path) == before
+
+
 # --- 3/4. environment failures, temp files, locks --------------------------------------------
 
 
