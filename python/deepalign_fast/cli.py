@@ -263,6 +263,9 @@ def _cmd_align(args: argparse.Namespace) -> int:
         if args.output.suffix.lower() != ".zarr":
             raise DeepAlignError(f"{args.output}: (-o) with --scheduler the output must be "
                                  "(OME-)Zarr (.zarr/.ome.zarr)")
+        from .alignment.distributed import check_scheduler
+
+        check_scheduler(args.scheduler)  # the address's syntax, before anything is created
     from .io import open_writer  # noqa: F401 - fail early on a missing optional dependency
 
     suffix = args.output.suffix.lower()

@@ -420,6 +420,20 @@ def test_option_checks(src: Path, tmp_path: Path, argv: list[str], words: str,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("address", ["foo", "local:0", "local:x", "127.0.0.1:8786",
+                                     "tcp://host:99999", "tcp://"])
+def test_bad_scheduler_address_creates_nothing(src: Path, tmp_path: Path, address: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed --scheduler is refused before anything (work folder, output folder) is
+    created, with one line naming the address."""
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(tmp_path / "new" / "o.ome.zarr"), "--scheduler",
+                  address) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"--scheduler {address!r}" in line
+    assert _snapshot(tmp_path) == before
+
+
 def test_debug_shows_the_traceback(src: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["align", str(src), "-o", str(src), "--debug"]) == 2

@@ -276,6 +276,22 @@ def test_refusals(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
             pass
 
 
+def test_unreachable_scheduler_creates_nothing(data: dict[str, Any], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """No scheduler at the address: one line naming it (exit 1), and no work folder, output
+    folder or record left behind."""
+    import deepalign_fast.alignment.distributed as dist
+
+    monkeypatch.setattr(dist, "CONNECT_TIMEOUT_S", 1.0)
+    rc = main(["align", str(data["input"]), "-o", str(tmp_path / "new" / "o.ome.zarr"),
+               "--scheduler", "tcp://127.0.0.1:1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--scheduler tcp://127.0.0.1:1" in err and "no Dask scheduler answered" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_work_dir_never_deletes_user_data(cluster: Any, data: dict[str, Any],
                                           tmp_path: Path) -> None:
     """--work-dir pointing at a folder with user files (`.`, the input's folder) is refused
