@@ -434,6 +434,45 @@ def test_bad_scheduler_address_creates_nothing(src: Path, tmp_path: Path, addres
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind, words", [
+    ("size", "masks are 16 x 16"), ("count", "2 masks for the 6 slices"),
+    ("corrupt", "masks.tif: (--masks)"), ("bad slice", "slice 3: (--masks)"),
+])
+def test_bad_masks_are_refused_before_any_work(src: Path, tmp_path: Path, kind: str,
+                                               words: str, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--masks is checked (count, size, every mask readable) before the estimation: one line
+    naming the masks file (and slice), no resume record, no field store, no folder."""
+    from deepalign_fast.alignment import Aligner
+
+    masks = tmp_path / "masks.tif"
+    if kind == "size":
+        tifffile.imwrite(masks, np.zeros((6, 16, 16), np.uint8), photometric="minisblack")
+    elif kind == "count":
+        tifffile.imwrite(masks, np.zeros((2, 96, 96), np.uint8), photometric="minisblack")
+    elif kind == "corrupt":
+        masks.write_bytes(b"II*\x00" + bytes(range(256)) * 8)
+    else:  # a compressed stack whose slice 3 does not decode (found only by reading it)
+        tifffile.imwrite(masks, np.tile(np.arange(96, dtype=np.uint8), (6, 96, 1)),
+                         compression="zlib", photometric="minisblack")
+        with tifffile.TiffFile(masks) as t:
+            start, size = t.pages[3].dataoffsets[0], t.pages[3].databytecounts[0]
+        data = bytearray(masks.read_bytes())
+        data[start:start + size] = bytes(size)
+        masks.write_bytes(bytes(data))
+
+    def no_estimate(*a: Any, **k: Any) -> Any:
+        raise AssertionError("estimated before checking the masks")
+
+    monkeypatch.setattr(Aligner, "estimate", no_estimate)
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(tmp_path / "new" / "o.tif"), "--mode", "expected-affine",
+                  "--refine-features", "blocks", "--masks", str(masks)) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert words in line and str(masks) in line
+    assert _snapshot(tmp_path) == before
+
+
 def test_debug_shows_the_traceback(src: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["align", str(src), "-o", str(src), "--debug"]) == 2

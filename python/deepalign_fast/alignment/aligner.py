@@ -417,6 +417,10 @@ class Aligner:
         locked = [out] + ([tpath] if tpath is not None else []) + [p for p, _ in extra]
         stages: dict[str, float] = {}
         with output_lock(locked), as_reader(stack) as reader:
+            if self.options.mode == "expected-affine" and self.options.masks is not None:
+                from ..refine.expected_affine import check_masks
+
+                check_masks(self.options.masks, reader.shape)  # before any work
             ckpt = Checkpoint.for_run(reader_path(reader), out, reader.shape,
                                       asdict(self.options))
             saved = ckpt.load() if ckpt is not None else None
