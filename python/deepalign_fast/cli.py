@@ -240,15 +240,21 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
     from .outputs import OutputPlan, fields_path_for, partial_path_for, work_dir_for
 
     is_zarr = args.output.suffix.lower() == ".zarr"
-    plan = OutputPlan(overwrite=args.overwrite)
+    # Outputs an interrupted run of this command put in place are accepted: the rerun finishes
+    # that run (the aligner checks that it is the same run).
+    plan = OutputPlan(overwrite=args.overwrite, resumes=args.output)
     plan.input(args.input, "INPUT").input(args.masks, "--masks")
-    plan.output(args.output, "-o", folder=is_zarr)
+    plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
     plan.output(transforms_path, "--transforms")
     if args.mode != "affine":  # elastic and expected-affine keep their per-slice fields
-        plan.output(fields_path_for(transforms_path), "fields", folder=True)
+        fields = fields_path_for(transforms_path)
+        plan.output(fields, "fields", folder=True, store=True)
+        plan.output(partial_path_for(fields), "unfinished fields", folder=True, may_exist=True,
+                    store=True)
     plan.output(args.report, "--report")
     if is_zarr:
-        plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True)
+        plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True,
+                    store=True)
     if args.scheduler is not None:
         plan.output(args.work_dir or work_dir_for(args.output), "--work-dir", folder=True,
                     may_exist=True)
@@ -270,6 +276,9 @@ def _cmd_align(args: argparse.Namespace) -> int:
         if args.output.suffix.lower() != ".zarr":
             raise DeepAlignError(f"{args.output}: (-o) with --scheduler the output must be "
                                  "(OME-)Zarr (.zarr/.ome.zarr)")
+        from .alignment.distributed import check_scheduler
+
+        check_scheduler(args.scheduler)  # the address's syntax, before anything is created
     from .io import open_writer  # noqa: F401 - fail early on a missing optional dependency
 
     suffix = args.output.suffix.lower()
@@ -281,28 +290,29 @@ def _cmd_align(args: argparse.Namespace) -> int:
     transforms_path = args.transforms or _default_transforms_path(args.output)
     plan = _align_plan(args, transforms_path)
     plan.check()
-    plan.prepare()
     progress = False if args.quiet else None
     result: AlignResult
-    with _lock(plan):
+    with plan.prepared(), _lock(plan):  # a failed run removes the (empty) folders it made
         plan.check()  # again under the lock: a run that just finished may have published
+        # The report is part of the run: a rerun after a kill while writing it finishes it.
+        report = [] if args.report is None else [
+            (args.report, lambda r: _write_report(args.input, args.output, r, args.report))]
         if args.scheduler is not None:
             from .alignment.distributed import align_distributed
 
             result = align_distributed(args.input, args.output, scheduler=args.scheduler,
                                        options=options, transforms_path=transforms_path,
                                        work_dir=args.work_dir, progress=progress,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, side_outputs=report)
         else:
             result = Aligner(options).align_stack(
                 args.input, args.output, transforms_path=transforms_path, progress=progress,
                 overwrite=args.overwrite, voxel_size=voxel_size, unit=args.unit,
-                compression=compression)
+                compression=compression, side_outputs=report)
         summary = result.summary()
         summary["output"] = str(args.output)
         summary["transforms"] = str(transforms_path)
         if args.report is not None:
-            _write_report(args.input, args.output, result, args.report)
             summary["report"] = str(args.report)
     _print_summary(summary, as_json=args.json)
     return 3 if _mostly_flagged(summary) else 0
@@ -361,7 +371,7 @@ def _add_apply(sub: Any) -> None:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .alignment import Aligner
-    from .outputs import OutputPlan
+    from .outputs import OutputPlan, partial_path_for
     from .transforms import MAX_CANVAS_GROWTH, TransformSet
 
     _finite(args.scale, "--scale")
@@ -373,12 +383,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .io import label_target, prepare_label_group, register_label
 
     target = label_target(args.output)  # -o IMAGE.ome.zarr/labels/NAME: an NGFF label image
-    if target is not None:
-        prepare_label_group(target[0])
     is_zarr = args.output.suffix.lower() == ".zarr" or target is not None
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.transforms, "TRANSFORMS").input(args.input, "INPUT")
-    plan.output(args.output, "-o", folder=is_zarr)
+    plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
+    if is_zarr:
+        plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True,
+                    store=True)
     plan.check()
     ts = TransformSet.load(args.transforms)
     if ts.fields is not None:
@@ -386,15 +397,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         plan.check()
     if args.scale != 1.0:
         ts = ts.rescaled(args.scale)
-    plan.prepare()
-    with _lock(plan):
+    with plan.prepared(), _lock(plan):
         plan.check()
         Aligner(num_threads=args.threads).render(
             args.input, ts, args.output, interpolation=args.interpolation,
             progress=False if args.quiet else None,
             writer_options={"overwrite": args.overwrite,
                             **({} if (c := _compression(args)) is None else {"compression": c})})
-        if target is not None:
+        if target is not None:  # the labels group's metadata once the label image is in
+            prepare_label_group(target[0])
             register_label(*target)
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     return 0
@@ -667,8 +678,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if not res:
         raise DeepAlignError(f"{args.moving}: registration failed: {res.reason}")
     out = res.warp(moving, mask_damage=args.blank_damage)
-    plan.prepare()
-    with _lock(plan):
+    with plan.prepared(), _lock(plan):
         plan.check()
         _write_image_atomic(args.output, out)
     status = f"fallback to the global affine ({res.reason})" if res.fallback else \
@@ -707,7 +717,7 @@ def _add_make_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _run_make_benchmark(args: argparse.Namespace) -> int:
     from .outputs import OutputPlan
-    from .qc.evaluate import make_benchmark
+    from .qc.evaluate import misalign_benchmark
 
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
@@ -720,12 +730,13 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
     for name in names:
         plan.output(out / name, "OUT_DIR")
     plan.check()
-    plan.prepare()
-    with _lock(plan):
-        plan.check()
-        truth = make_benchmark(args.clean_stack, args.out_dir, profile=args.profile,
-                               seed=args.seed, labels=args.labels, artifacts=args.artifacts,
+    # Everything is read, checked and computed before OUT_DIR is created.
+    bench = misalign_benchmark(args.clean_stack, profile=args.profile, seed=args.seed,
+                               labels=args.labels, artifacts=args.artifacts,
                                reslice=args.reslice)
+    with plan.prepared(), _lock(plan):
+        plan.check()
+        truth = bench.write(out)
     print(f"wrote {len(truth)} slices of {truth.shape[0]}x{truth.shape[1]} (margin "
           f"{truth.margin} px, profile {truth.profile}) to {args.out_dir}")
     return 0
@@ -783,7 +794,6 @@ def _report_plan(args: argparse.Namespace) -> Any:
     plan.input(args.before, "BEFORE").input(args.after, "AFTER")
     plan.input(args.transforms, "--transforms").output(Path(args.output), "-o")
     plan.check()
-    plan.prepare()
     return plan
 
 
@@ -797,7 +807,8 @@ def _run_report(args: argparse.Namespace) -> int:
     options = None if args.transforms is None else load_options(args.transforms)
     # --z-scale is the true ratio slice spacing / pixel size, in pixels.
     voxel = None if args.z_scale is None else (args.z_scale, 1.0, 1.0)
-    with _lock(plan), open_stack(args.before) as before, open_stack(args.after) as after:
+    with open_stack(args.before) as before, open_stack(args.after) as after, \
+            plan.prepared(), _lock(plan):
         plan.check()
         if len(after) != len(before):
             raise DeepAlignError(f"{args.after}: (AFTER) has {len(after)} slices, but "

@@ -16,16 +16,32 @@ Temporary files (:func:`create_temp`) have unpredictable names, are created excl
 following symbolic links, in the output's folder, and a later run on the same output (holding
 its lock) removes the ones an earlier, killed run left (:func:`remove_stale_temps`).
 
+Every finished output is put in place by :func:`publish` (a rename). While a run records its
+outputs (:meth:`Checkpoint.recording`), ``publish`` first notes in the run's resume record
+which file or folder (device, inode, and for a file its size and modification time) is about
+to appear under which name; a rerun of the same command then knows which outputs that run
+already put in place (:meth:`Checkpoint.committed`), accepts them without ``--overwrite`` and
+writes only the missing ones, so the outputs of one run are completed as a unit. A file at an
+output name that the run did not put there is still refused.
+
+Zarr stores (``--overwrite`` over a ``.zarr`` output, an unfinished ``NAME.partial``) are
+replaced or deleted only when :func:`store_problem` finds no reason against it: the folder is a
+Zarr store whose top-level metadata carries this tool's mark (:data:`STORE_MARK`, written by
+every store this tool creates) and it holds nothing but Zarr data. A folder of the user's that
+merely ends in ``.zarr`` is never deleted.
+
 Sidecar names are decided here only: :func:`transforms_path_for` and :func:`fields_path_for`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator, Sequence
@@ -41,14 +57,20 @@ __all__ = [
     "Checkpoint",
     "EnvironmentFailure",
     "OutputPlan",
+    "PROGRESS_FILE",
+    "STORE_MARK",
     "checkpoint_path_for",
+    "committed_outputs",
     "TEMP_TAG",
     "create_temp",
     "os_error",
     "fields_path_for",
     "output_lock",
     "partial_path_for",
+    "publish",
     "remove_stale_temps",
+    "store_mark",
+    "store_problem",
     "transforms_path_for",
     "work_dir_for",
     "write_atomic",
@@ -102,6 +124,77 @@ def work_dir_for(output: str | os.PathLike[str]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Zarr stores this tool wrote
+# --------------------------------------------------------------------------------------------
+
+#: Attribute in the top-level metadata (``.zattrs``, or ``zarr.json`` ``attributes``) of every
+#: Zarr store this tool writes; only a store carrying it is ever replaced (``--overwrite``).
+STORE_MARK = "deepalign_fast"
+
+#: The progress record of an unfinished Zarr output (``NAME.partial/deepalign_progress.json``).
+PROGRESS_FILE = "deepalign_progress.json"
+
+_ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
+# Files a store of this tool may hold: Zarr metadata, chunks (v2 "0.1.2" or nested digits, v3
+# "c/0/1/2"), Zarr's own temporary files, the progress record and this tool's temporary files.
+_STORE_FILE = re.compile(r"\.zgroup|\.zarray|\.zattrs|\.zmetadata|zarr\.json|\d+(\.\d+)*"
+                         r"|.+\.[0-9a-f]{32}\.partial"
+                         rf"|{re.escape(PROGRESS_FILE)}|\.{re.escape(PROGRESS_FILE)}\.tmp-\d+-\d+"
+                         rf"|\..+{re.escape(TEMP_TAG)}[0-9a-f]{{16}}\.tmp")
+
+
+def store_mark() -> dict[str, Any]:
+    """The value of :data:`STORE_MARK` in a new store's top-level attributes."""
+    return {"writer": "deepalign-fast"}
+
+
+def _store_attrs(path: Path) -> dict[str, Any]:
+    """Top-level attributes of a Zarr v2 (``.zattrs``) or v3 (``zarr.json``) store."""
+    for name, key in ((".zattrs", None), ("zarr.json", "attributes")):
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and key is not None:
+            data = data.get(key)
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def store_problem(path: str | os.PathLike[str], *, unfinished: bool = False) -> str | None:
+    """Why the folder ``path`` must not be replaced or deleted as a Zarr store of this tool,
+    or None when it may.
+
+    It may when it is a folder (not a symbolic link) with Zarr metadata at its top that
+    carries :data:`STORE_MARK` (``unfinished=True``: or the progress record of an unfinished
+    output, :data:`PROGRESS_FILE`), and holds only Zarr files and this tool's own (no
+    symbolic links, nothing else anywhere inside).
+    """
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return "is not a folder"
+    try:
+        top = set(os.listdir(p))
+    except OSError as exc:
+        return f"cannot be listed ({exc.strerror or exc})"
+    if not top & set(_ZARR_METADATA):
+        return "is not a Zarr store (no .zgroup, .zarray or zarr.json at its top)"
+    if STORE_MARK not in _store_attrs(p) and not (unfinished and PROGRESS_FILE in top):
+        return (f"is a Zarr store that deepalign-fast did not write (no {STORE_MARK!r} mark in "
+                "its metadata)")
+    for root, dirs, files in os.walk(p):
+        for name in [*dirs, *files]:
+            entry = Path(root, name)
+            if entry.is_symlink():
+                return f"holds a symbolic link, {entry.relative_to(p)}"
+        for name in files:
+            if not _STORE_FILE.fullmatch(name):
+                return f"holds {Path(root, name).relative_to(p)}, which is not Zarr data"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # Temp files and locks
 # --------------------------------------------------------------------------------------------
 
@@ -143,13 +236,31 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes, *,
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise os_error(exc, path, doing) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+_RECORDING: contextvars.ContextVar[Checkpoint | None] = contextvars.ContextVar(
+    "deepalign_recording", default=None)
+
+
+def publish(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Rename the finished ``staged`` file or ``.partial`` store to ``final`` (replacing a
+    file there), the one way outputs are put in place.
+
+    While a run records its outputs (:meth:`Checkpoint.recording`) and ``final`` is one of
+    them, what is about to appear is noted in the run's record first, so that a kill right
+    after the rename still leaves the output known as this run's (module docstring).
+    """
+    record = _RECORDING.get()
+    if record is not None:
+        record.committing(Path(final), Path(staged))
+    os.replace(staged, final)
 
 
 def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
@@ -289,6 +400,7 @@ class _Out:
     flag: str
     folder: bool
     may_exist: bool
+    store: bool = False
 
 
 @dataclass
@@ -301,12 +413,18 @@ class OutputPlan:
         Existing outputs may be replaced (only once the new ones are complete).
     overwrite_flag : str
         How the caller names the permission in messages (``"--overwrite"`` for the CLI).
+    resumes : path, optional
+        The main output of a command that can finish an interrupted run (``align``).
     """
 
     overwrite: bool = False
     overwrite_flag: str = "--overwrite"
     inputs: list[tuple[Path, str]] = field(default_factory=list)
     outputs: list[_Out] = field(default_factory=list)
+    #: An output whose resume record (:func:`checkpoint_path_for`) is checked: existing
+    #: outputs that an interrupted run put in place are accepted, for the command to finish
+    #: the run (it checks that the run is the same before relying on them).
+    resumes: Path | None = None
 
     def input(self, path: str | os.PathLike[str] | None, flag: str) -> OutputPlan:
         """Add an input (file or folder) the command reads; None is ignored."""
@@ -315,11 +433,13 @@ class OutputPlan:
         return self
 
     def output(self, path: str | os.PathLike[str] | None, flag: str, *, folder: bool = False,
-               may_exist: bool = False) -> OutputPlan:
+               may_exist: bool = False, store: bool = False) -> OutputPlan:
         """Add a path the command writes; ``folder``: a directory (Zarr store, work folder);
-        ``may_exist``: an existing one is reused, not replaced (a resume point)."""
+        ``may_exist``: an existing one is reused, not replaced (a resume point); ``store``: a
+        Zarr store, of which an existing one is replaced (``--overwrite``), reused or deleted
+        only when this tool wrote it (:func:`store_problem`)."""
         if path is not None:
-            self.outputs.append(_Out(Path(path), flag, folder, may_exist))
+            self.outputs.append(_Out(Path(path), flag, folder, may_exist, store))
         return self
 
     def check(self) -> None:
@@ -339,6 +459,7 @@ class OutputPlan:
                 raise DeepAlignError(f"{p}: {_flag_text(flag)}does not exist")
             del r
         seen: list[tuple[_Out, Path]] = []
+        done = committed_outputs(self.resumes) if self.resumes is not None else set()
         for out in self.outputs:
             r = _resolve(out.path)
             if os.path.islink(out.path):
@@ -353,7 +474,8 @@ class OutputPlan:
                         f"{out.path}: {_flag_text(out.flag)}collides with "
                         f"{_flag_text(other.flag)}{other.path}; give them different names.")
             seen.append((out, r))
-            if os.path.lexists(out.path) and not out.may_exist:
+            if os.path.lexists(out.path) and not out.may_exist and \
+                    Path(os.path.abspath(out.path)) not in done:
                 if not self.overwrite:
                     raise DeepAlignError(
                         f"{out.path}: {_flag_text(out.flag)}already exists; pass "
@@ -363,6 +485,19 @@ class OutputPlan:
                     raise DeepAlignError(f"{out.path}: {_flag_text(out.flag)}exists and is "
                                          f"{kind}; {self.overwrite_flag} does not replace it. "
                                          "Remove it or choose another name.")
+                why = store_problem(out.path) if out.store else None
+                if why is not None:
+                    raise DeepAlignError(
+                        f"{out.path}: {_flag_text(out.flag)}exists and {why}; "
+                        f"{self.overwrite_flag} replaces only a Zarr store written by "
+                        "deepalign-fast. Remove it yourself or choose another name.")
+            elif os.path.lexists(out.path) and out.store:
+                why = store_problem(out.path, unfinished=True)
+                if why is not None:
+                    raise DeepAlignError(
+                        f"{out.path}: {_flag_text(out.flag)}exists and {why}, so it is not "
+                        "an unfinished output of deepalign-fast; remove it or choose another "
+                        "name.")
             _check_writable(out.path, out.flag)
 
     def _check_against_input(self, out: _Out, r: Path, ip: Path, iflag: str, ir: Path) -> None:
@@ -381,13 +516,41 @@ class OutputPlan:
             raise DeepAlignError(f"{out.path}: {what}is a hard link to a file of the input "
                                  f"{ip}; write it elsewhere.")
 
-    def prepare(self) -> None:
-        """Create the outputs' missing parent folders (after :meth:`check`)."""
+    def prepare(self, created: list[Path] | None = None) -> list[Path]:
+        """Create the outputs' missing parent folders (after :meth:`check`); returns those it
+        created, outermost first (appended to ``created`` as they are made, if given)."""
+        created = [] if created is None else created
         for out in self.outputs:
-            try:
-                out.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise os_error(exc, out.path, "cannot create its folder") from exc
+            missing = []
+            parent = out.path.parent
+            while not os.path.lexists(parent) and parent != parent.parent:
+                missing.append(parent)
+                parent = parent.parent
+            for folder in reversed(missing):
+                try:
+                    folder.mkdir()
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    raise os_error(exc, out.path, "cannot create its folder") from exc
+                created.append(folder)
+        return created
+
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator[None]:
+        """:meth:`prepare` for the block; when the block fails (an error or an interruption),
+        the folders it created that are still empty are removed again, innermost first (a
+        folder that holds anything, e.g. a resume checkpoint, stays). Enter it before the
+        lock, so that the lock files are gone when it cleans up."""
+        created: list[Path] = []
+        try:
+            self.prepare(created)
+            yield
+        except BaseException:
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+            raise
 
     def primary(self) -> list[Path]:
         return [o.path for o in self.outputs]
@@ -477,17 +640,63 @@ def _input_identity(path: Path) -> dict[str, Any]:
 CHECKPOINT_FORMAT = 2
 
 
+def _identity(path: Path) -> dict[str, int]:
+    """What stays the same when ``path`` is renamed: device and inode, and for a file its size
+    and modification time."""
+    st = os.stat(path, follow_symlinks=False)
+    ident = {"dev": st.st_dev, "ino": st.st_ino}
+    if not stat.S_ISDIR(st.st_mode):
+        ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return ident
+
+
+def _committed_in(record: dict[str, Any]) -> set[Path]:
+    found: set[Path] = set()
+    entries = record.get("committed")
+    for name, ident in (entries.items() if isinstance(entries, dict) else ()):
+        try:
+            if _identity(Path(name)) == ident:
+                found.add(Path(name))
+        except OSError:
+            continue
+    return found
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def committed_outputs(output: str | os.PathLike[str]) -> set[Path]:
+    """The outputs (absolute paths) that an interrupted run on ``output`` put in place and that
+    are still exactly what it put there (:meth:`Checkpoint.committed`, whatever the run)."""
+    record = _read_record(checkpoint_path_for(output))
+    return set() if record is None else _committed_in(record)
+
+
 @dataclass
 class Checkpoint:
-    """The finished estimation of one ``align`` run, saved before rendering starts.
+    """The resume record of one ``align`` run: its finished estimation, saved before rendering
+    starts, and the outputs it has put in place.
 
     A rerun of the same command (same input, unchanged, and the same options) after a kill or
     a failure during rendering loads it instead of estimating again; the output is then
-    identical to an uninterrupted run. It is deleted once the output is published.
+    identical to an uninterrupted run. After a kill while the outputs were being put in place
+    (or a report written), the rerun finds the ones already there in :meth:`committed` and
+    writes only the rest. It is deleted once every output of the run is in place.
+
+    ``outputs``: every path the run writes (set by the caller before :meth:`recording`); only
+    those are recorded.
     """
 
     path: Path
     key: dict[str, Any]
+    outputs: list[Path] = field(default_factory=list)
 
     @classmethod
     def for_run(cls, source: Path | None, output: str | os.PathLike[str],
@@ -504,15 +713,41 @@ class Checkpoint:
         """The saved estimation (``transforms``, ``matches``, ``timings``, ``measured``) when
         it belongs to this run, else None (a checkpoint of another input or other options is
         ignored and replaced by the next :meth:`save`)."""
-        try:
-            if self.path.is_symlink() or not self.path.is_file():
-                return None
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError, RecursionError):
-            return None
-        if not isinstance(data, dict) or data.get("key") != self.key:
+        data = _read_record(self.path)
+        if data is None or data.get("key") != self.key:
             return None
         return data if isinstance(data.get("transforms"), dict) else None
+
+    def committed(self) -> set[Path]:
+        """The outputs (absolute paths) this run has put in place, each still the very file or
+        folder that was renamed there (see :func:`publish`); empty for the record of another
+        run."""
+        data = self.load()
+        return set() if data is None else _committed_in(data)
+
+    def committing(self, final: Path, staged: Path) -> None:
+        """Note (atomically) that ``staged`` is about to be renamed to ``final``, when
+        ``final`` is one of :attr:`outputs` and the record is this run's."""
+        name = Path(os.path.abspath(final))
+        if name not in {Path(os.path.abspath(p)) for p in self.outputs}:
+            return
+        data = self.load()
+        if data is None:
+            return
+        committed = data.get("committed")
+        committed = dict(committed) if isinstance(committed, dict) else {}
+        committed[str(name)] = _identity(staged)
+        data["committed"] = committed
+        write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Within the block, :func:`publish` notes each of :attr:`outputs` it puts in place."""
+        token = _RECORDING.set(self)
+        try:
+            yield
+        finally:
+            _RECORDING.reset(token)
 
     def save(self, transforms: dict[str, Any], matches: list[int],
              timings: dict[str, float], measured: dict[str, Any] | None = None) -> None:

@@ -157,7 +157,7 @@ class TransformSet:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: an exclusive temporary file in the same folder, then a rename."""
-        from .outputs import create_temp, os_error
+        from .outputs import create_temp, os_error, publish
 
         path = Path(path)
         text = json.dumps(self.to_json(path.parent), indent=1)
@@ -168,7 +168,7 @@ class TransformSet:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            publish(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise os_error(exc, path, "cannot write the transforms file") from exc
@@ -379,16 +379,21 @@ class FieldStore:
         if kind not in FIELD_KINDS:
             raise ValueError(f"kind must be one of {', '.join(FIELD_KINDS)}; got {kind!r}")
         path = Path(path)
-        from .outputs import partial_path_for
+        from .outputs import STORE_MARK, partial_path_for, store_mark, store_problem
 
         partial = partial_path_for(path)
+        if os.path.lexists(partial):  # a store of an earlier run is started again; else refused
+            why = store_problem(partial, unfinished=True)
+            if why is not None:
+                raise DeepAlignError(f"{partial}: {why}, so it is not an unfinished field "
+                                     "store of this tool; remove it or choose another name.")
         shape = cls.array_shape(n, output_shape, stride, kind)
+        # The attributes (this tool's mark among them) go into the array's first metadata.
         arr = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1, *shape[1:]),
                               dtype="f8" if kind == "affine" else "f2",
-                              fill_value=float("nan"))
-        arr.attrs["stride"] = stride
-        arr.attrs["output_shape"] = list(output_shape)
-        arr.attrs["kind"] = kind
+                              fill_value=float("nan"),
+                              attributes={"stride": stride, "output_shape": list(output_shape),
+                                          "kind": kind, STORE_MARK: store_mark()})
         return cls(partial, arr, stride, output_shape, kind)
 
     @classmethod
@@ -457,13 +462,21 @@ class FieldStore:
                          for c in grid])
 
     def commit(self, path: str | os.PathLike[str]) -> None:
-        """Move the finished store to ``path`` (replacing an older one)."""
+        """Move the finished store to ``path``, replacing an older one only when this tool
+        wrote it (:func:`deepalign_fast.outputs.store_problem`)."""
         import shutil
 
+        from .outputs import publish, store_problem
+
         final = Path(path)
-        if final.exists():
+        if os.path.lexists(final):
+            why = store_problem(final)
+            if why is not None:
+                raise DeepAlignError(f"{final}: exists and {why}; only a field store written "
+                                     "by deepalign-fast is replaced. Remove it yourself or "
+                                     "choose another name.")
             shutil.rmtree(final)
-        os.replace(self.path, final)
+        publish(self.path, final)
         self.path = final
         # The open array still points at the old (moved) location: reopen it, so the store
         # in memory reads what is on disk (the QC report draws from it).

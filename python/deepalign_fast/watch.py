@@ -9,7 +9,10 @@ The latency of slice z is the arrival of slice z + ``lookahead``.
 Beside the output, ``OUTPUT.watch.json`` is replaced atomically after every slice: the files
 taken so far, the slices written, the flagged slices and their residuals (a live QC record).
 A watch stops when FOLDER holds the stop file (``STOP`` by default) or after ``idle_timeout``
-seconds without a new file; it then aligns the slices still waiting for their look-ahead.
+seconds without a new file (a file still growing counts as new); it then aligns the slices
+still waiting for their look-ahead. Files are taken in natural order, so a file that never
+becomes readable holds back those after it: at the idle timeout that is an error naming it
+(as an unreadable file is once the stop file is there), never a silent stop.
 
 Restart after a kill: rerunning the same call continues. The slices already taken are aligned
 again (alignment of slice z depends only on slices up to z + ``lookahead``, so the result is
@@ -31,7 +34,7 @@ import numpy as np
 
 from ._errors import DeepAlignError
 from .alignment import Aligner, AlignOptions
-from .outputs import write_atomic
+from .outputs import STORE_MARK, store_mark, store_problem, write_atomic
 
 __all__ = ["WatchResult", "watch_folder"]
 
@@ -66,13 +69,16 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
 
     h, w = shape
     if output.exists():
+        why = store_problem(output)
+        if why is not None:
+            raise DeepAlignError(f"{output}: (-o) exists and {why}; choose another output")
         arr: Any = zarr.open_group(str(output), mode="r+")["0"]
         if arr.shape[1:] != (h, w) or arr.dtype != dtype:
             raise DeepAlignError(f"{output}: holds {arr.shape[1:]} {arr.dtype} slices, the "
                                  f"folder {(h, w)} {dtype}")
         arr.resize((written, h, w))
         return arr
-    group = zarr.open_group(str(output), mode="w-", zarr_format=2)
+    group = zarr.create_group(str(output), zarr_format=2, attributes={STORE_MARK: store_mark()})
     arr = group.create_array("0", shape=(0, h, w), chunks=(1, h, w), dtype=dtype, fill_value=0,
                              chunk_key_encoding={"name": "v2", "separator": "/"})
     group.attrs["multiscales"] = [{
@@ -148,18 +154,27 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
                             and p.name not in known and p.is_file()),
                            key=lambda p: _natural(p.name))
             took = False
+            waiting: tuple[Path, str] | None = None  # the file the watch waits for, and why
             for p in fresh:
-                st = p.stat()
+                try:
+                    st = p.stat()
+                except FileNotFoundError:  # removed since the listing: look again
+                    break
                 sig = (st.st_size, st.st_mtime_ns)
                 if not stopping and (st.st_size == 0 or seen_sizes.get(p.name) != sig):
+                    if seen_sizes.get(p.name) != sig:
+                        last_new = time.monotonic()  # a file arriving or growing: not idle
                     seen_sizes[p.name] = sig
+                    waiting = (p, f"{p}: " + ("is empty" if st.st_size == 0 else
+                                              "is still changing (being written?)"))
                     break  # not yet stable: keep the natural order, look again
                 try:
                     image = read_image(p)
-                except DeepAlignError:
+                except DeepAlignError as exc:
                     if stopping:
                         raise
-                    break  # still being written
+                    waiting = (p, str(exc))
+                    break  # still being written, or unreadable: keep the order, look again
                 known.append(p.name)
                 took = True
                 last_new = time.monotonic()
@@ -168,6 +183,14 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
                 return
             if not took:
                 if time.monotonic() - last_new > idle_timeout:
+                    if waiting is not None:  # never silently drop it and the files after it
+                        p, why = waiting
+                        later = len(fresh) - 1 - fresh.index(p)
+                        raise DeepAlignError(
+                            f"{why.rstrip('.')}; not taken within the idle timeout of "
+                            f"{idle_timeout:g} s, so the watch stops before it ({later} later "
+                            "file(s) wait); fix or remove it and rerun the same command to "
+                            "continue")
                     return
                 time.sleep(poll)
 
@@ -178,8 +201,9 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
         if z < written:
             continue  # written before the restart: identical, so kept
         if arr is None:
+            # The record first: a store beside it is this watch's from its creation on.
+            _save_state(state_path, state)
             arr = _open_output(out, aligned.shape, aligned.dtype, written)
-            _save_state(state_path, state)  # the store is ours from its first slice on
         arr.resize((z + 1,) + aligned.shape)
         arr[z] = aligned
         result.written = z + 1

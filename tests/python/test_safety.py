@@ -172,6 +172,66 @@ def test_tif_and_zarr_outputs_have_their_own_sidecars(src: Path, tmp_path: Path)
     assert (tmp_path / "x.ome.zarr.transforms.json").is_file()
 
 
+def _foreign_folders(tmp_path: Path) -> dict[str, Path]:
+    """Folders named like Zarr outputs that deepalign-fast did not write."""
+    import zarr
+
+    plain = tmp_path / "home.zarr"  # not a Zarr store at all
+    (plain / "sub").mkdir(parents=True)
+    (plain / "sub" / "thesis.docx").write_text("years of work")
+    other = tmp_path / "other.zarr"  # a Zarr store of another tool
+    zarr.create_array(other, shape=(2, 8, 8), dtype="u1")
+    return {"plain": plain, "other": other}
+
+
+@pytest.mark.parametrize("kind", ["plain", "other", "ours+docx"])
+def test_overwrite_replaces_only_a_zarr_store_of_this_tool(src: Path, tmp_path: Path,
+                                                           kind: str,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    """--overwrite never deletes a folder that is not a Zarr store written by this tool (align,
+    apply, the API writer), nor a tool's store holding files that are not Zarr data."""
+    if kind == "ours+docx":
+        target = tmp_path / "ours.ome.zarr"
+        assert _align(str(src), "-o", str(target)) == 0
+        (target / "0" / "notes.docx").write_text("mine")
+    else:
+        target = _foreign_folders(tmp_path)[kind]
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(target), "--overwrite") == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(target) in line and "written by deepalign-fast" in line
+    assert main(["apply", str(_aligned(src, tmp_path)), str(src), "-o", str(target),
+                 "--overwrite", "--quiet"]) == 2
+    assert str(target) in _one_line(capsys.readouterr().err)
+    with pytest.raises(DeepAlignError, match="written by deepalign-fast"):
+        open_writer(target, (2, 8, 8), np.uint8, overwrite=True)
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing replaced
+    # The tool's own earlier output is replaced, and so is a watch's store.
+    mine = tmp_path / "mine.ome.zarr"
+    assert _align(str(src), "-o", str(mine)) == 0
+    assert _align(str(src), "-o", str(mine), "--overwrite") == 0
+
+
+def test_a_foreign_folder_at_the_unfinished_name_is_refused(src: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    partial = tmp_path / "o.ome.zarr.partial"
+    partial.mkdir()
+    (partial / "keep.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert _align(str(src), "-o", str(tmp_path / "o.ome.zarr"), *extra) == 2
+        assert "not an unfinished output" in _one_line(capsys.readouterr().err)
+    assert (partial / "keep.txt").read_text() == "mine"
+    fields = tmp_path / "f.fields.zarr"  # the field store of --mode elastic
+    _foreign_folders(tmp_path)["plain"].rename(fields)
+    assert _align(str(src), "-o", str(tmp_path / "f.tif"), "--mode", "elastic",
+                  "--overwrite") == 2
+    assert "fields" in _one_line(capsys.readouterr().err)
+    assert (fields / "sub" / "thesis.docx").is_file()
+
+
 def test_demo_runs_twice_with_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
@@ -179,6 +239,44 @@ def test_demo_runs_twice_with_overwrite(tmp_path: Path) -> None:
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    nan = _stack().astype(np.float32)
+    nan[2, 5, 5] = np.nan
+    small = _stack(size=8)
+    paths = {"nan": tmp_path / "nan.tif", "small": tmp_path / "small.tif",
+             "two": tmp_path / "two.tif", "labels": tmp_path / "labels.tif"}
+    for name, data in (("nan", nan), ("small", small), ("two", _stack(n=2)),
+                       ("labels", _stack(size=16))):
+        tifffile.imwrite(paths[name], data, photometric="minisblack")
+    return paths
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["align", "{nan}", "-o", "{new}/o.tif", "--report", "{new}/r/r.html"], "NaN"),
+    (["apply", "{transforms}", "{small}", "-o", "{new}/l.ome.zarr"], "small.tif"),
+    (["make-benchmark", "{src}", "{new}", "--labels", "{labels}"], "labels.tif"),
+    (["make-benchmark", "{nan}", "{new}"], "NaN"),
+    (["make-benchmark", "{small}", "{new}"], "small.tif"),
+    (["make-benchmark", "{two}", "{new}", "--reslice", "xz"], "two.tif"),
+])
+def test_a_failed_run_removes_the_folders_it_created(src: Path, tmp_path: Path,
+                                                     argv: list[str], words: str,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """Missing output folders are created for the run and, when it fails before writing
+    anything there, removed again (only the ones it created, only empty ones)."""
+    names = {"src": str(src), "new": str(tmp_path / "keep" / "new" / "sub"),
+             "transforms": str(_aligned(src, tmp_path)),
+             **{k: str(v) for k, v in _bad_inputs(tmp_path).items()}}
+    (tmp_path / "keep").mkdir()  # an existing folder: never removed
+    capsys.readouterr()
+    before = _snapshot(tmp_path)
+    assert main([a.format(**names) for a in argv] + (["--quiet"] if argv[0] != "make-benchmark"
+                                                     else [])) == 2
+    assert words in _one_line(capsys.readouterr().err)
+    assert _snapshot(tmp_path) == before
 
 
 # --- 3/4. environment failures, temp files, locks --------------------------------------------
@@ -320,6 +418,59 @@ def test_option_checks(src: Path, tmp_path: Path, argv: list[str], words: str,
     assert _align(str(src), "-o", str(out), *argv) == 2
     assert words in _one_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("address", ["foo", "local:0", "local:x", "127.0.0.1:8786",
+                                     "tcp://host:99999", "tcp://"])
+def test_bad_scheduler_address_creates_nothing(src: Path, tmp_path: Path, address: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed --scheduler is refused before anything (work folder, output folder) is
+    created, with one line naming the address."""
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(tmp_path / "new" / "o.ome.zarr"), "--scheduler",
+                  address) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"--scheduler {address!r}" in line
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("size", "masks are 16 x 16"), ("count", "2 masks for the 6 slices"),
+    ("corrupt", "masks.tif: (--masks)"), ("bad slice", "slice 3: (--masks)"),
+])
+def test_bad_masks_are_refused_before_any_work(src: Path, tmp_path: Path, kind: str,
+                                               words: str, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--masks is checked (count, size, every mask readable) before the estimation: one line
+    naming the masks file (and slice), no resume record, no field store, no folder."""
+    from deepalign_fast.alignment import Aligner
+
+    masks = tmp_path / "masks.tif"
+    if kind == "size":
+        tifffile.imwrite(masks, np.zeros((6, 16, 16), np.uint8), photometric="minisblack")
+    elif kind == "count":
+        tifffile.imwrite(masks, np.zeros((2, 96, 96), np.uint8), photometric="minisblack")
+    elif kind == "corrupt":
+        masks.write_bytes(b"II*\x00" + bytes(range(256)) * 8)
+    else:  # a compressed stack whose slice 3 does not decode (found only by reading it)
+        tifffile.imwrite(masks, np.tile(np.arange(96, dtype=np.uint8), (6, 96, 1)),
+                         compression="zlib", photometric="minisblack")
+        with tifffile.TiffFile(masks) as t:
+            start, size = t.pages[3].dataoffsets[0], t.pages[3].databytecounts[0]
+        data = bytearray(masks.read_bytes())
+        data[start:start + size] = bytes(size)
+        masks.write_bytes(bytes(data))
+
+    def no_estimate(*a: Any, **k: Any) -> Any:
+        raise AssertionError("estimated before checking the masks")
+
+    monkeypatch.setattr(Aligner, "estimate", no_estimate)
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(tmp_path / "new" / "o.tif"), "--mode", "expected-affine",
+                  "--refine-features", "blocks", "--masks", str(masks)) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert words in line and str(masks) in line
+    assert _snapshot(tmp_path) == before
 
 
 def test_debug_shows_the_traceback(src: Path, tmp_path: Path,
@@ -542,6 +693,86 @@ def _rerun_resumes(src: Path, out: Path, ref: Path, monkeypatch: pytest.MonkeyPa
     tb = json.loads(transforms_path_for(ref).read_text())
     assert ta["affines"] == tb["affines"] and ta["flagged"] == tb["flagged"]
     assert not checkpoint_path_for(out).exists()
+
+
+_SLOW_REPORT = """
+import os, sys, time
+import deepalign_fast.qc.report as rp
+real = rp.write_report
+def slow(*a, **k):
+    open(os.environ["MARK"], "w").close()
+    time.sleep(30)
+    return real(*a, **k)
+rp.write_report = slow
+from deepalign_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_during_the_report_rerun_finishes_the_run(src: Path, tmp_path: Path, sig: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the image and transforms are in place, while the report is written: the
+    same command again writes the report, keeps what the run put in place, leaves nothing."""
+    out, report = tmp_path / "o.tif", tmp_path / "r.html"
+    argv = ["align", str(src), "-o", str(out), "--report", str(report), "--model",
+            "translation", "--quiet", "--threads", "1"]
+    mark = tmp_path / "mark"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_REPORT, *argv],
+                            env={**ENV, "MARK": str(mark)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not mark.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert out.is_file() and transforms_path_for(out).is_file() and not report.exists()
+    published = {p: (p.stat().st_ino, p.read_bytes()) for p in (out, transforms_path_for(out))}
+    from deepalign_fast.alignment import Aligner
+
+    def no_estimate(*a: Any, **k: Any) -> Any:
+        raise AssertionError("estimated again instead of finishing the run")
+
+    with monkeypatch.context() as m:
+        m.setattr(Aligner, "estimate", no_estimate)
+        assert main(argv) == 0
+    assert report.is_file() and "<html" in report.read_text()
+    assert {p: (p.stat().st_ino, p.read_bytes()) for p in published} == published
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["s.tif", "mark", "o.tif", "o.transforms.json", "r.html"])  # no record, lock or temp
+
+
+def test_rerun_never_takes_a_users_file_for_the_runs_output(src: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    """After an interrupted report, a file the run did not put there is refused, not kept as
+    the run's output nor replaced."""
+    import deepalign_fast.qc.report as rp
+
+    out, report = tmp_path / "o.tif", tmp_path / "r.html"
+    argv = [str(src), "-o", str(out), "--report", str(report)]
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rp, "write_report", interrupted)
+        assert _align(*argv) == 130
+    capsys.readouterr()
+    assert out.is_file() and not report.exists()
+    report.write_text("my own notes")  # the user's file at the report's name
+    assert _align(*argv) == 2
+    assert "r.html" in _one_line(capsys.readouterr().err)
+    assert report.read_text() == "my own notes"
+    report.unlink()
+    out.unlink()
+    out.write_bytes(b"the user's own file")  # the image replaced by the user's file
+    assert _align(*argv) == 2
+    assert "o.tif" in _one_line(capsys.readouterr().err)
+    assert out.read_bytes() == b"the user's own file" and not report.exists()
 
 
 def test_zarr_writer_refuses_unfinished_store_of_another_run(tmp_path: Path) -> None:

@@ -85,3 +85,56 @@ def test_watch_refusals(tmp_path: Path) -> None:
     (tmp_path / "other.zarr").mkdir()
     with pytest.raises(DeepAlignError, match="not a watch"):
         watch_folder(folder, tmp_path / "other.zarr", idle_timeout=0.1, poll=0.01)
+
+
+def test_an_unreadable_file_stops_the_watch_with_its_name(tmp_path: Path) -> None:
+    """A junk file among good slices is never dropped silently with the slices after it: at
+    the idle timeout the watch fails naming it; removed, the rerun continues to the end."""
+    from deepalign_fast.cli import main
+
+    slices = _slices(8)
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    for z, s in enumerate(slices):
+        tifffile.imwrite(folder / f"s{z:04d}.tif", s)
+    junk = folder / "s0003b.tif"  # between slices 3 and 4 in natural order
+    junk.write_text("hello, this is not a TIFF")
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(DeepAlignError, match=r"s0003b\.tif.*idle timeout.*4 later file"):
+        watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
+    argv = ["watch", str(folder), "-o", str(out), "--lookahead", "2", "--poll", "0.02",
+            "--idle-timeout", "0.5", "--quiet"]
+    assert main(argv) == 2  # the CLI: non-zero, as with an unreadable file at STOP
+    junk.unlink()
+    assert main(argv) == 0
+    got = np.asarray(zarr.open_group(str(out), mode="r")["0"])
+    np.testing.assert_array_equal(got, np.stack(list(Aligner().stream(iter(slices),
+                                                                      lookahead=2))))
+
+
+def test_a_file_still_being_written_is_waited_for(tmp_path: Path) -> None:
+    """A file that keeps growing is not idleness: the watch waits for it past the idle
+    timeout and takes it once it is complete."""
+    slices = _slices(4)
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    for z, s in enumerate(slices[:3]):
+        tifffile.imwrite(folder / f"s{z}.tif", s)
+    tmp = tmp_path / "whole.tif"
+    tifffile.imwrite(tmp, slices[3])
+    data = tmp.read_bytes()
+    growing = folder / "s3.tif"
+
+    def microscope() -> None:  # writes the last slice slowly, over 3 idle timeouts
+        with open(growing, "wb") as fh:
+            for i in range(0, len(data), len(data) // 12 + 1):
+                fh.write(data[i:i + len(data) // 12 + 1])
+                fh.flush()
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=microscope)
+    thread.start()
+    result = watch_folder(folder, tmp_path / "o.ome.zarr", lookahead=1, poll=0.02,
+                          idle_timeout=0.4)
+    thread.join()
+    assert result.written == 4 and result.files[-1] == "s3.tif"

@@ -29,10 +29,11 @@ See :mod:`deepalign_fast.transforms` for the transform convention.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,7 +51,7 @@ from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
 from .solve import MOTION_KEYS, PairMoments, SolveResult, solve_stack
 
-__all__ = ["AlignResult", "AlignStream", "Aligner"]
+__all__ = ["AlignResult", "AlignStream", "Aligner", "SideOutput", "result_of_checkpoint"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -90,6 +91,11 @@ class AlignResult:
             "timings_s": dict(self.timings),
             "peak_memory_mb": _peak_memory_mb(),
         }
+
+
+#: A file made from the result once the output is in place, as part of the run
+#: (:meth:`Aligner.align_stack`): its path and the function that writes it.
+SideOutput = tuple[str | os.PathLike[str], Callable[[AlignResult], None]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +378,8 @@ class Aligner:
                     transforms_path: str | os.PathLike[str] | None = None,
                     progress: bool | None = None, overwrite: bool = False,
                     voxel_size: tuple[float, float, float] | None = None,
-                    unit: str | None = None, compression: str | None = None) -> AlignResult:
+                    unit: str | None = None, compression: str | None = None,
+                    side_outputs: Sequence[SideOutput] = ()) -> AlignResult:
         """Estimate, then render ``stack`` into ``output`` (TIFF or OME-Zarr by suffix).
 
         ``voxel_size`` ``(z, y, x)`` and ``unit`` override the physical size the output
@@ -381,11 +388,19 @@ class Aligner:
 
         The output and the transforms file are published together once both are complete
         (the transforms file just before the output is renamed into place); an exclusive lock
-        keeps a second run off the same output. For a file or folder input the finished
-        estimation is checkpointed beside the output: rerunning the same call after a kill or
-        a failure while rendering skips the estimation and, for Zarr in ``mode="affine"``,
-        renders only the slices not yet written. ``overwrite`` replaces existing outputs
-        (once the new ones are complete) and discards an unfinished one from another run.
+        keeps a second run off the same output. ``side_outputs``: files made from the result
+        once the output is in place, as part of the run (the CLI's QC report): each
+        ``(path, write)`` is written by ``write(result)``, which puts ``path`` in place with
+        :func:`deepalign_fast.outputs.publish` (as ``write_atomic`` does).
+
+        For a file or folder input the finished estimation is checkpointed beside the output:
+        rerunning the same call after a kill or a failure while rendering skips the estimation
+        and, for Zarr in ``mode="affine"``, renders only the slices not yet written. The
+        checkpoint also records the outputs this run has put in place, so a rerun after a kill
+        while publishing or writing a side output accepts those (without ``overwrite``) and
+        writes only the missing ones; the checkpoint is removed once all are in place.
+        ``overwrite`` replaces existing outputs (once the new ones are complete) and discards
+        an unfinished one from another run.
         """
         from ..io import as_reader, reader_path
         from ..outputs import Checkpoint, output_lock
@@ -393,31 +408,43 @@ class Aligner:
         t0 = time.perf_counter()
         out = Path(output)
         is_zarr = out.suffix.lower() == ".zarr"
-        locked = [out] + ([Path(transforms_path)] if transforms_path is not None else [])
+        tpath = Path(transforms_path) if transforms_path is not None else None
+        fields_path = None
+        if self.options.mode != "affine":  # the refinement's fields, beside the transforms
+            fields_path = _fields_path(tpath if tpath is not None else output)
+        published = [p for p in (fields_path, tpath, out) if p is not None]  # in this order
+        extra = [(Path(path), write) for path, write in side_outputs]
+        locked = [out] + ([tpath] if tpath is not None else []) + [p for p, _ in extra]
+        stages: dict[str, float] = {}
         with output_lock(locked), as_reader(stack) as reader:
-            if transforms_path is not None and Path(transforms_path).exists() and not overwrite:
-                raise DeepAlignError(f"{transforms_path}: transforms file already exists; pass "
-                                     "--overwrite (API: overwrite=True) or choose another name.")
-            if out.exists() and not overwrite:
-                raise DeepAlignError(f"{out}: output already exists; pass --overwrite (API: "
-                                     "overwrite=True) or choose another name.")
-            fields_path = None
-            if self.options.mode != "affine":  # the refinement's fields, beside the transforms
-                fields_path = _fields_path(transforms_path if transforms_path is not None
-                                           else output)
-                if fields_path.exists() and not overwrite:
-                    raise DeepAlignError(f"{fields_path}: field store already exists; pass "
-                                         "--overwrite (API: overwrite=True) or choose another "
-                                         "name.")
+            if self.options.mode == "expected-affine" and self.options.masks is not None:
+                from ..refine.expected_affine import check_masks
+
+                check_masks(self.options.masks, reader.shape)  # before any work
             ckpt = Checkpoint.for_run(reader_path(reader), out, reader.shape,
                                       asdict(self.options))
             saved = ckpt.load() if ckpt is not None else None
+            done = ckpt.committed() if ckpt is not None and saved is not None else set()
+
+            def is_done(p: Path) -> bool:
+                return Path(os.path.abspath(p)) in done
+
+            for p, what in ((tpath, "transforms file"), (out, "output"),
+                            (fields_path, "field store"), *((p, "output") for p, _ in extra)):
+                if p is not None and os.path.lexists(p) and not overwrite and not is_done(p):
+                    raise DeepAlignError(f"{p}: {what} already exists; pass --overwrite (API: "
+                                         "overwrite=True) or choose another name.")
+            if is_done(out) and not all(is_done(p) for p in published):
+                missing = next(p for p in published if not is_done(p))
+                raise DeepAlignError(f"{out}: was put in place by an interrupted run, but "
+                                     f"{missing} is not there; pass --overwrite (API: "
+                                     "overwrite=True) to run again.")
+            if ckpt is not None:
+                ckpt.outputs = [*published, *(p for p, _ in extra)]
             if saved is not None and ckpt is not None:
-                ts = TransformSet.from_json(saved["transforms"], source=str(ckpt.path))
-                score, motion = _measured_of(saved)
-                result = AlignResult(ts, [int(m) for m in saved["matches"]],
-                                     {str(k): float(v) for k, v in saved["timings"].items()},
-                                     score, motion)
+                result = result_of_checkpoint(saved, str(ckpt.path))
+                if is_done(out) and tpath is not None:  # published: the transforms as written
+                    result.transforms = TransformSet.load(tpath)
             else:
                 result = self.estimate(reader, progress=progress, checkpoint=ckpt)
                 if ckpt is not None:
@@ -425,23 +452,30 @@ class Aligner:
                               dict(result.timings),
                               measured={"neighbour_score": result.neighbour_score,
                                         "motion": result.motion})
-            writer_options: dict[str, Any] = {"overwrite": overwrite}
-            if voxel_size is not None:
-                writer_options.update(voxel_size=tuple(float(v) for v in voxel_size),
-                                      unit=unit or "pixel")
-            if compression is not None:
-                writer_options["compression"] = compression
-            if is_zarr:
-                resume = saved is not None and self.options.mode == "affine"
-                writer_options.update(resume=resume, restart=saved is not None)
+            if not is_done(out):
+                writer_options: dict[str, Any] = {"overwrite": overwrite}
+                if voxel_size is not None:
+                    writer_options.update(voxel_size=tuple(float(v) for v in voxel_size),
+                                          unit=unit or "pixel")
+                if compression is not None:
+                    writer_options["compression"] = compression
+                if is_zarr:
+                    resume = saved is not None and self.options.mode == "affine"
+                    writer_options.update(resume=resume, restart=saved is not None)
 
-            def publish(rendered: TransformSet) -> None:
-                if transforms_path is not None:
-                    rendered.save(transforms_path)
+                def publish(rendered: TransformSet) -> None:
+                    if tpath is not None:
+                        rendered.save(tpath)
 
-            result.transforms, stages = self.render(
-                reader, result.transforms, output, progress=progress, fields_path=fields_path,
-                writer_options=writer_options, before_publish=publish)
+                with ckpt.recording() if ckpt is not None else contextlib.nullcontext():
+                    result.transforms, stages = self.render(
+                        reader, result.transforms, output, progress=progress,
+                        fields_path=fields_path, writer_options=writer_options,
+                        before_publish=publish)
+            with ckpt.recording() if ckpt is not None else contextlib.nullcontext():
+                for path, write in extra:
+                    if not is_done(path):
+                        write(result)
             if ckpt is not None:
                 ckpt.remove()
         for stage, seconds in stages.items():
@@ -471,6 +505,14 @@ class Aligner:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         return AlignStream(self.options, slices, lookahead)
+
+
+def result_of_checkpoint(saved: dict[str, Any], source: str) -> AlignResult:
+    """The estimation a checkpoint kept (:meth:`Checkpoint.load`'s dictionary)."""
+    score, motion = _measured_of(saved)
+    return AlignResult(TransformSet.from_json(saved["transforms"], source=source),
+                       [int(m) for m in saved["matches"]],
+                       {str(k): float(v) for k, v in saved["timings"].items()}, score, motion)
 
 
 def _measured_of(saved: dict[str, Any]) -> tuple[float | None, dict[str, float] | None]:

@@ -57,24 +57,29 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._errors import DeepAlignError
+from .._errors import DeepAlignError, EnvironmentFailure
 from ..match import Correspondences
 from ..outputs import partial_path_for, work_dir_for
 from ..progress import Progress
-from .aligner import Aligner, AlignResult
+from ..transforms import TransformSet
+from .aligner import Aligner, AlignResult, SideOutput, result_of_checkpoint
 from .matcher import StackMatcher, backend_for, is_blank
 from .options import AlignOptions
 
-__all__ = ["DistributedResult", "align_distributed", "connect"]
+__all__ = ["CONNECT_TIMEOUT_S", "DistributedResult", "align_distributed", "check_scheduler",
+           "connect"]
 
 MANIFEST_VERSION = 1
+#: Seconds :func:`connect` waits for a scheduler to answer (by default).
+CONNECT_TIMEOUT_S = 60.0
+_TASKS = ("prepare", "match", "match_cached", "render", "render_skipped")
 
 # --------------------------------------------------------------------------------------------
 # Worker side: module-level functions (pickled by reference), per-process caches
@@ -200,18 +205,25 @@ WORK_MARKER = ".deepalign-work"
 class _WorkDir:
     """``<output>.work``: manifest, ``pairs/`` (one .npz per match), ``slices/`` (blank flags).
 
-    The folder carries a marker file (:data:`WORK_MARKER`) naming this tool. :meth:`remove`
+    :meth:`check` checks it and :meth:`create` creates it. The folder carries a marker file
+    (:data:`WORK_MARKER`) naming this tool. :meth:`remove`
     deletes only the files this tool writes there, and the folder itself only when the tool
     created it; an existing folder without the marker is refused unless it is empty, so a
     ``--work-dir`` pointing at user data is never used, let alone deleted.
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any], output: Path) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
         self.pairs = root / "pairs"
         self.slices = root / "slices"
         self.marker = root / WORK_MARKER
-        text = json.dumps(manifest, sort_keys=True, indent=1)
+        self.token = ""
+        self._manifest = ""
+
+    def check(self, manifest: dict[str, Any], output: Path) -> None:
+        """Check that the folder can serve this run (class docstring); creates nothing."""
+        root = self.root
+        text = self._manifest = json.dumps(manifest, sort_keys=True, indent=1)
         self.token = hashlib.sha1(text.encode()).hexdigest()[:12]
         mfile = root / "manifest.json"
         partial = partial_path_for(output)
@@ -239,6 +251,12 @@ class _WorkDir:
             raise DeepAlignError(
                 f"{partial}: an unfinished output without its work folder {root.name} is here; "
                 "delete it to start again.")
+
+    def create(self) -> None:
+        """Create the folder (after :meth:`check`), its marker and manifest if needed."""
+        root, text = self.root, self._manifest
+        mfile = root / "manifest.json"
+        created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         if not self.marker.exists():
             _atomic_write(self.marker, lambda tmp: tmp.write_text(
@@ -292,8 +310,37 @@ class _WorkDir:
 # --------------------------------------------------------------------------------------------
 
 
+_ADDRESS = re.compile(r"(tcp|tls|ws|wss|ucx)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:(\d+))?")
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """Check the syntax of a scheduler address (see :func:`connect`) without connecting.
+
+    Raises
+    ------
+    DeepAlignError
+        Not ``PROTOCOL://HOST[:PORT]`` (tcp, tls, ws, wss, ucx; port 1-65535) or ``local:N``
+        with N >= 1; the message names the address.
+    """
+    if not isinstance(scheduler, str):
+        return  # a Client, used as is
+    spec = scheduler
+    if spec.startswith("local:"):
+        n = spec.split(":", 1)[1]
+        if n.isdigit() and int(n) >= 1:
+            return
+        raise DeepAlignError(f"--scheduler (API: scheduler=) {spec!r}: 'local:N' needs a "
+                             "number of worker processes N >= 1, e.g. local:4")
+    m = _ADDRESS.fullmatch(spec)
+    if m is None or (m.group(4) is not None and not 1 <= int(m.group(4)) <= 65535):
+        raise DeepAlignError(f"--scheduler (API: scheduler=) {spec!r}: expected the address "
+                             "of a running Dask scheduler, tcp://HOST:PORT (e.g. "
+                             "tcp://10.0.0.5:8786), or local:N for N worker processes on this "
+                             "machine")
+
+
 @contextlib.contextmanager
-def connect(scheduler: Any, *, timeout_s: float = 60.0) -> Iterator[Any]:
+def connect(scheduler: Any, *, timeout_s: float | None = None) -> Iterator[Any]:
     """A ``dask.distributed.Client`` for ``scheduler``, closed on exit if opened here.
 
     Parameters
@@ -303,8 +350,15 @@ def connect(scheduler: Any, *, timeout_s: float = 60.0) -> Iterator[Any]:
         dask-kubernetes), ``"local:N"`` (a ``LocalCluster`` of N single-threaded worker
         processes on 127.0.0.1, shut down on exit), or a client, which is used as is and
         left open.
-    timeout_s : float
-        Seconds to wait for the scheduler to answer.
+    timeout_s : float, optional
+        Seconds to wait for the scheduler to answer (default :data:`CONNECT_TIMEOUT_S`).
+
+    Raises
+    ------
+    DeepAlignError
+        A malformed address (:func:`check_scheduler`).
+    EnvironmentFailure
+        No scheduler answered at the address in time; the message names it.
     """
     try:
         from distributed import Client, LocalCluster
@@ -315,23 +369,24 @@ def connect(scheduler: Any, *, timeout_s: float = 60.0) -> Iterator[Any]:
     if isinstance(scheduler, Client):
         yield scheduler
         return
+    timeout = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
     spec = str(scheduler)
+    check_scheduler(spec)
     if spec.startswith("local:"):
-        try:
-            n = int(spec.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"scheduler 'local:N' needs N >= 1 workers, got {spec!r}")
         cluster = LocalCluster(  # type: ignore[no-untyped-call]
-            n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address=None)
-        with cluster, Client(cluster, timeout=timeout_s) as client:  # type: ignore[no-untyped-call]
+            n_workers=int(spec.split(":", 1)[1]), threads_per_worker=1, processes=True,
+            host="127.0.0.1", dashboard_address=None)
+        with cluster, Client(cluster, timeout=timeout) as client:  # type: ignore[no-untyped-call]
             yield client
         return
-    if "://" not in spec:
-        raise ValueError(f"scheduler must be 'tcp://HOST:PORT' or 'local:N', got {spec!r}")
-    with Client(spec, timeout=timeout_s) as client:  # type: ignore[no-untyped-call]
+    try:
+        client = Client(spec, timeout=timeout)  # type: ignore[no-untyped-call]
+    except (OSError, TimeoutError) as exc:
+        raise EnvironmentFailure(
+            f"--scheduler (API: scheduler=) {spec}: no Dask scheduler answered within "
+            f"{timeout:g} s ({type(exc).__name__}: {' '.join(str(exc).split())}); start the "
+            "scheduler or check the address") from None
+    with client:
         yield client
 
 
@@ -352,7 +407,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                       keep_work: bool = False, overwrite: bool = False,
                       window: int | None = None,
                       progress: bool | None = None,
-                      on_progress: Callable[[str, int], None] | None = None
+                      on_progress: Callable[[str, int], None] | None = None,
+                      side_outputs: Sequence[SideOutput] = ()
                       ) -> DistributedResult:
     """Align ``stack`` into the OME-Zarr ``output`` on a Dask cluster (see module docstring).
 
@@ -385,6 +441,10 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         Called on the client as ``on_progress(stage, z)`` after slice ``z`` is solved
         (``"solve"``) or rendered (``"render"``); an exception it raises stops the run, which
         can then be resumed.
+    side_outputs : sequence of (path, callable)
+        Files made from the result once the output is in place, as in
+        :meth:`Aligner.align_stack` (the CLI's QC report); a rerun after a kill while they
+        were written finishes them without connecting to the cluster again.
 
     Returns
     -------
@@ -400,7 +460,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         Output not Zarr, output exists, input unreadable, or a work folder from another run.
     """
     from ..io import ZarrStackWriter, check_distinct, open_stack
-    from ..outputs import OutputPlan
+    from ..outputs import Checkpoint, OutputPlan
 
     t_start = time.perf_counter()
     opts = options or AlignOptions()
@@ -410,6 +470,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         raise ValueError(f"distributed runs render one affine per slice; mode={opts.mode!r} "
                          "runs on one machine (Aligner.align_stack, or align without "
                          "--scheduler)")
+    check_scheduler(scheduler)  # before anything is opened or created
     if not isinstance(stack, (str, os.PathLike)):
         raise TypeError("distributed runs need the input as a path that every worker can open, "
                         f"got {type(stack).__name__}")
@@ -420,12 +481,6 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                              "which workers can fill slice by slice; convert afterwards if "
                              "you need a TIFF.")
     check_distinct(src, out)
-    if out.exists() and not overwrite:
-        raise DeepAlignError(f"{output}: output already exists; pass --overwrite (API: "
-                             "overwrite=True) or choose another name.")
-    if transforms_path is not None and Path(transforms_path).exists() and not overwrite:
-        raise DeepAlignError(f"{transforms_path}: transforms file already exists; pass "
-                             "--overwrite (API: overwrite=True) or choose another name.")
     if not out.parent.is_dir():
         raise DeepAlignError(f"{output}: output folder {out.parent} does not exist.")
     with open_stack(src) as reader:
@@ -434,22 +489,59 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     if n < 1:
         raise DeepAlignError(f"{src}: the stack has no slices")
     opts_d = asdict(opts)
+    # The run's record (as Aligner.align_stack keeps it): the outputs already put in place by
+    # an interrupted run of the same command are finished, not refused.
+    tpath = Path(transforms_path) if transforms_path is not None else None
+    extra = [(Path(p), write) for p, write in side_outputs]
+    ckpt = Checkpoint.for_run(src, out, (n, h, w), opts_d)
+    assert ckpt is not None  # a path input
+    ckpt.outputs = [*(p for p in (tpath, out) if p is not None), *(p for p, _ in extra)]
+    saved = ckpt.load()
+    committed = ckpt.committed() if saved is not None else set()
+
+    def is_done(p: Path) -> bool:
+        return Path(os.path.abspath(p)) in committed
+
+    for p, what in ((out, "output"), (tpath, "transforms file"),
+                    *((p, "output") for p, _ in extra)):
+        if p is not None and os.path.lexists(p) and not overwrite and not is_done(p):
+            raise DeepAlignError(f"{p}: {what} already exists; pass --overwrite (API: "
+                                 "overwrite=True) or choose another name.")
     manifest = {"version": MANIFEST_VERSION, "input": str(src), "shape": [n, h, w],
                 "dtype": np.dtype(dtype).name, "options": opts_d}
     work_root = Path(work_dir).absolute() if work_dir else work_dir_for(out)
+    work = _WorkDir(work_root)
+    if saved is not None and is_done(out) and (tpath is None or is_done(tpath)):
+        # Published before the kill: finish the side outputs, no cluster needed.
+        base = result_of_checkpoint(saved, str(ckpt.path))
+        if tpath is not None:
+            base.transforms = TransformSet.load(tpath)
+        result = DistributedResult(base.transforms, base.matches, base.timings,
+                                   base.neighbour_score, base.motion,
+                                   tasks=dict.fromkeys(_TASKS, 0))
+        if not keep_work:
+            work.remove()
+        with ckpt.recording():
+            for p, write in extra:
+                if not is_done(p):
+                    write(result)
+        ckpt.remove()
+        return result
     # The work folder must not be, hold or sit inside the input or the output.
     OutputPlan(overwrite=True).input(src, "INPUT").output(out, "-o", folder=True).output(
         work_root, "--work-dir", folder=True, may_exist=True).check()
-    work = _WorkDir(work_root, manifest, out)
+    work.check(manifest, out)
     # Task keys are unique per run: after an interrupted run the scheduler may still be
     # cancelling that run's futures, and a rerun reusing their keys would be cancelled too.
     tok = f"{work.token}-{uuid.uuid4().hex[:8]}"
-    counts = {"prepare": 0, "match": 0, "match_cached": 0, "render": 0, "render_skipped": 0}
+    counts = dict.fromkeys(_TASKS, 0)
     aligner = Aligner(opts)
     path = str(src)
 
-    with connect(scheduler) as client:
+    with connect(scheduler) as client:  # connected before anything is created
         from distributed import as_completed
+
+        work.create()
 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         ahead = window if window is not None else max(8, 4 * n_workers)
@@ -530,6 +622,11 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             pair_futs.clear()
         t_est = time.perf_counter() - t0
         ts, solved = aligner.solve(solver, (n, h, w))
+        # The record of this run, before anything is put in place (see above).
+        ckpt.save(ts.to_json(), list(solver.matches),
+                  {**solver.times.seconds, "estimate": t_est},
+                  measured={"neighbour_score": solver.neighbour_score(),
+                            "motion": solved.motion})
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
@@ -560,11 +657,17 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             if transforms_path is not None:
                 ts.save(transforms_path)
 
-        writer.close(before_publish=publish)
+        with ckpt.recording():
+            writer.close(before_publish=publish)
         t_render = time.perf_counter() - t0
     if not keep_work:
         work.remove()
     timings = {**solver.times.seconds, "estimate": t_est, "render": t_render,
                "total": time.perf_counter() - t_start}
-    return DistributedResult(ts, list(solver.matches), timings, solver.neighbour_score(),
-                             solved.motion, tasks=counts)
+    result = DistributedResult(ts, list(solver.matches), timings, solver.neighbour_score(),
+                               solved.motion, tasks=counts)
+    with ckpt.recording():
+        for _, write in extra:
+            write(result)
+    ckpt.remove()
+    return result

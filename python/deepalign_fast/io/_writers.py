@@ -17,12 +17,20 @@ from typing import Any
 import numpy as np
 
 from .._errors import DeepAlignError
-from ..outputs import create_temp, os_error, partial_path_for
+from ..outputs import (
+    PROGRESS_FILE,
+    STORE_MARK,
+    create_temp,
+    os_error,
+    partial_path_for,
+    publish,
+    store_mark,
+    store_problem,
+)
 from ._common import SUPPORTED_DTYPES
 from ._units import ome_unit
 
 _BIGTIFF_LIMIT = int(3.9 * 2**30)  # classic TIFF offsets are 32-bit; keep a margin for tags
-PROGRESS_FILE = "deepalign_progress.json"
 
 
 def _check_layout(path: Path, shape: Any, dtype: Any) -> tuple[tuple[int, int, int], np.dtype]:
@@ -341,7 +349,7 @@ class TiffStackWriter(StackWriter):
         try:
             if before_publish is not None:
                 before_publish()
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
         except OSError as exc:
             self.abort()
             raise os_error(exc, self.path, "cannot finish the output file") from exc
@@ -404,7 +412,9 @@ class ZarrStackWriter(StackWriter):
         Continue an existing ``<path>.partial`` store (its shape, dtype and chunks must match).
     overwrite : bool
         Replace an existing store at ``path`` (at ``close``), and discard a stale ``.partial``
-        store instead of refusing when ``resume`` is False.
+        store instead of refusing when ``resume`` is False. Only a store this tool wrote is
+        ever replaced or discarded (:func:`deepalign_fast.outputs.store_problem`; every store
+        written here carries its mark): anything else at ``path`` is refused at once.
     restart : bool
         Discard an existing ``.partial`` store (when ``resume`` is False) without allowing an
         existing ``path`` to be replaced.
@@ -454,12 +464,18 @@ class ZarrStackWriter(StackWriter):
         self._completed: set[int] = set()
         if not self.path.parent.is_dir():
             raise DeepAlignError(f"{self.path}: output folder {self.path.parent} does not exist.")
-        if self.path.exists() and not overwrite:
-            raise DeepAlignError(
-                f"{self.path}: output already exists; pass --overwrite (API: overwrite=True) "
-                "or choose another name."
-            )
-        if self.partial.exists():
+        if os.path.lexists(self.path):
+            if not overwrite:
+                raise DeepAlignError(
+                    f"{self.path}: output already exists; pass --overwrite (API: "
+                    "overwrite=True) or choose another name."
+                )
+            self._check_replaceable()
+        if os.path.lexists(self.partial):
+            why = store_problem(self.partial, unfinished=True)
+            if why is not None:
+                raise DeepAlignError(f"{self.partial}: {why}, so it is not an unfinished store "
+                                     "of this tool; remove it or choose another name.")
             if resume:
                 self._arr = self._reopen(zarr)
                 return
@@ -469,9 +485,6 @@ class ZarrStackWriter(StackWriter):
                     "the same command (API: resume=True) to continue it, pass --overwrite (API: "
                     "overwrite=True) to discard it, or delete it."
                 )
-            if self.partial.is_symlink() or not self.partial.is_dir():
-                raise DeepAlignError(f"{self.partial}: is not an unfinished store of this "
-                                     "tool (not a folder); remove it.")
             shutil.rmtree(self.partial)
         try:
             self._arr = self._create(zarr, voxel_size, unit)
@@ -479,6 +492,15 @@ class ZarrStackWriter(StackWriter):
         except OSError as exc:
             shutil.rmtree(self.partial, ignore_errors=True)
             raise os_error(exc, self.path, "cannot create the output store") from exc
+
+    def _check_replaceable(self) -> None:
+        """Refuse to replace anything at ``path`` but a Zarr store this tool wrote."""
+        why = store_problem(self.path)
+        if why is not None:
+            raise DeepAlignError(
+                f"{self.path}: exists and {why}; --overwrite (API: overwrite=True) replaces "
+                "only a Zarr store written by deepalign-fast. Remove it yourself or choose "
+                "another name.")
 
     def level_shapes(self) -> list[tuple[int, int, int]]:
         """Shapes of the pyramid levels below level 0 (OME output): each halves y and x
@@ -511,6 +533,7 @@ class ZarrStackWriter(StackWriter):
                 fill_value=0,
                 zarr_format=3,
                 dimension_names=("z", "y", "x"),
+                attributes={STORE_MARK: store_mark()},
             )
         scale = [1.0, 1.0, 1.0] if voxel_size is None else [float(v) for v in voxel_size]
         if len(scale) != 3:
@@ -522,7 +545,10 @@ class ZarrStackWriter(StackWriter):
             if ngff_unit:
                 axis["unit"] = ngff_unit
             axes.append(axis)
-        group = zarr.open_group(str(self.partial), mode="w-", zarr_format=2)
+        # The mark goes into the group's first metadata: a store of ours is recognisable from
+        # its creation on (the only stores --overwrite replaces).
+        group = zarr.create_group(str(self.partial), zarr_format=2,
+                                  attributes={STORE_MARK: store_mark()})
         arr = group.create_array(
             "0",
             shape=self.shape,
@@ -671,14 +697,18 @@ class ZarrStackWriter(StackWriter):
             )
         if before_publish is not None:
             before_publish()
+        replace = os.path.lexists(self.path)
+        if replace and not self._overwrite:
+            raise DeepAlignError(f"{self.path}: appeared while this run wrote "
+                                 f"{self.partial.name}; it is kept, and so is the unfinished "
+                                 "store (pass --overwrite to replace it).")
+        if replace:
+            self._check_replaceable()  # still a store of ours (checked at the start, too)
         try:
             (self.partial / PROGRESS_FILE).unlink()
-            if self.path.exists():  # only reached with overwrite=True
-                if self.path.is_dir() and not self.path.is_symlink():
-                    shutil.rmtree(self.path)
-                else:
-                    self.path.unlink()
-            os.replace(self.partial, self.path)
+            if replace:
+                shutil.rmtree(self.path)
+            publish(self.partial, self.path)
         except OSError as exc:
             raise os_error(exc, self.path, "cannot publish the finished store") from exc
         _fsync_dir(self.path.parent)

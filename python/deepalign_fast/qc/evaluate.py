@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,7 +38,7 @@ from numpy.typing import NDArray
 
 from .._errors import DeepAlignError
 from ..intensity import to_uint8
-from ..outputs import create_temp, write_atomic
+from ..outputs import create_temp, publish, write_atomic
 from ..warp import warp_affine
 from .metrics import (
     dice,
@@ -58,12 +59,14 @@ from .synth import (
 from .truth import GroundTruth
 
 __all__ = [
+    "Benchmark",
     "equal_interpolation_similarity",
     "estimate_slice_transform",
     "evaluate_alignment",
     "load_options",
     "load_transforms",
     "make_benchmark",
+    "misalign_benchmark",
     "read_stack",
     "summarize",
 ]
@@ -88,7 +91,7 @@ def _write_tiff(path: Path, data: NDArray[Any]) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.raw.name = str(tmp)  # type: ignore[attr-defined]  # tifffile wants a path
             tifffile.imwrite(fh, data, compression="zlib" if data.dtype != np.float32 else None)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -147,6 +150,28 @@ def load_options(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 # make a benchmark
 # --------------------------------------------------------------------------------------------
+@dataclass
+class Benchmark:
+    """A misaligned stack and its ground truth, computed in memory
+    (:func:`misalign_benchmark`); :meth:`write` puts it into a benchmark folder."""
+
+    misaligned: NDArray[Any]
+    truth: GroundTruth
+    labels: NDArray[Any] | None = None
+    misaligned_labels: NDArray[Any] | None = None
+
+    def write(self, out_dir: str | os.PathLike[str]) -> GroundTruth:
+        """Write the benchmark folder (created if needed; each file atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_tiff(out / "misaligned.tif", self.misaligned)
+        if self.labels is not None and self.misaligned_labels is not None:
+            _write_tiff(out / "misaligned_labels.tif", self.misaligned_labels)
+            _write_tiff(out / "clean_labels.tif", self.labels)
+        write_atomic(out / "ground_truth.json", self.truth.to_json())
+        return self.truth
+
+
 def make_benchmark(
     clean: str | os.PathLike[str] | NDArray[Any],
     out_dir: str | os.PathLike[str],
@@ -160,12 +185,42 @@ def make_benchmark(
 ) -> GroundTruth:
     """Write a synthetic misalignment benchmark folder (see module docstring).
 
+    Everything is computed (and the inputs checked) before ``out_dir`` is created:
+    :func:`misalign_benchmark`, then :meth:`Benchmark.write`.
+
     Parameters
     ----------
     clean : path or ndarray (z, y, x)
         An already aligned stack (TIFF file or folder of TIFF slices).
     out_dir : path
         Created if needed.
+    profile, seed, labels, artifacts, reslice, **params
+        See :func:`misalign_benchmark`.
+
+    Returns
+    -------
+    GroundTruth
+    """
+    return misalign_benchmark(clean, profile=profile, seed=seed, labels=labels,
+                              artifacts=artifacts, reslice=reslice, **params).write(out_dir)
+
+
+def misalign_benchmark(
+    clean: str | os.PathLike[str] | NDArray[Any],
+    *,
+    profile: str = "sstem",
+    seed: int = 0,
+    labels: str | os.PathLike[str] | NDArray[Any] | None = None,
+    artifacts: bool = False,
+    reslice: str = "xy",
+    **params: float,
+) -> Benchmark:
+    """Misalign a clean stack in memory; nothing is written (:meth:`Benchmark.write` does).
+
+    Parameters
+    ----------
+    clean : path or ndarray (z, y, x)
+        An already aligned stack (TIFF file or folder of TIFF slices).
     profile : str
         ``"sstem"``, ``"fibsem"``, ``"jitter"`` (:data:`deepalign_fast.qc.synth.PROFILES`), or
         ``"drift-mild"``, ``"drift-strong"``, ``"drift-sstem"``: random-walk and smooth stage
@@ -188,7 +243,7 @@ def make_benchmark(
 
     Returns
     -------
-    GroundTruth
+    Benchmark
     """
     from .synth import drift_transforms, reslice_stack
 
@@ -205,25 +260,24 @@ def make_benchmark(
             f"{name(labels, 'labels')}: the label stack has shape {lab.shape} (z, y, x), but the "
             f"stack {name(clean, 'clean')} has {stack.shape}; the labels must be those of "
             "this stack, slice for slice")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    if profile.startswith("drift-"):
-        pulls = drift_transforms(len(stack), stack.shape[1:], rng, profile=profile[6:],
-                                 **params)
-        mis, truth = misalign_stack(stack, pulls)
-        truth.profile = profile
-    else:
-        mis, truth = misalign_stack(stack, rng, profile=profile, **params)  # type: ignore[arg-type]
+    try:
+        if profile.startswith("drift-"):
+            pulls = drift_transforms(len(stack), stack.shape[1:], rng, profile=profile[6:],
+                                     **params)
+            mis, truth = misalign_stack(stack, pulls)
+            truth.profile = profile
+        else:
+            mis, truth = misalign_stack(
+                stack, rng, profile=profile, **params)  # type: ignore[arg-type]
+    except DeepAlignError as exc:  # e.g. slices too small for the profile: name the stack
+        if isinstance(clean, np.ndarray):
+            raise
+        raise DeepAlignError(f"{clean}: {exc}") from None
     truth.seed = seed
     if artifacts:
         mis = fibsem_artifacts(mis, seed, snr=8.0, strength=1.0)
-    _write_tiff(out / "misaligned.tif", mis)
-    if lab is not None:
-        _write_tiff(out / "misaligned_labels.tif", misalign_labels(lab, truth))
-        _write_tiff(out / "clean_labels.tif", lab)
-    write_atomic(out / "ground_truth.json", truth.to_json())
-    return truth
+    return Benchmark(mis, truth, lab, None if lab is None else misalign_labels(lab, truth))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import datetime
 import html
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from numpy.typing import ArrayLike, NDArray
 from .._errors import DeepAlignError
 from ..intensity import to_uint8
 from ..io import voxel_size_of
+from ..outputs import write_atomic
 from ..warp import warp_affine
 from .metrics import ncc
 
@@ -734,13 +734,7 @@ def write_report(
         + "\n".join(parts) + "\n</body></html>\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(doc)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # An exclusive temporary file of this tool (a killed run's is removed by the next run on
+    # this output), then a rename that a resumable run records (deepalign_fast.outputs.publish).
+    write_atomic(path, doc, doing="cannot write the report")
     return path

@@ -34,6 +34,7 @@ top-left pixel; affines are 2x3 float64 pull maps, output (reference) -> input (
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, Literal
@@ -48,8 +49,8 @@ from ..render import SliceMap, render_slice
 from ..warp import warp_affine, warp_affine_field
 from .order import SequentialRefiner
 
-__all__ = ["FIELD_STEP", "ExpectedAffineResult", "StackRefiner", "knn_grid", "match_pair",
-           "register_pair"]
+__all__ = ["FIELD_STEP", "ExpectedAffineResult", "StackRefiner", "check_masks", "knn_grid",
+           "match_pair", "register_pair"]
 
 Features = Literal["sift", "learned", "blocks"]
 #: Grid spacing (output pixels) of the fields of a stack refinement (and of their store).
@@ -412,6 +413,45 @@ def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
                                 m, False, True, "", notes, num_threads)
 
 
+def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> None:
+    """Check a damage-mask stack against the ``(z, y, x)`` shape of the stack it belongs to,
+    before any work: it opens, holds one mask per slice, each of the slice's size, and every
+    mask reads (the whole file is read once, one mask at a time).
+
+    Raises
+    ------
+    DeepAlignError
+        Naming the masks file (``--masks``) and, for a mask that does not read, the slice.
+    """
+    from ..io import open_stack
+
+    def flagged(exc: DeepAlignError) -> DeepAlignError:  # "FILE[, slice Z]: (--masks) ..."
+        head, sep, tail = str(exc).partition(": ")
+        return DeepAlignError(f"{head}: (--masks) {tail}" if sep else f"{masks}: (--masks) {exc}")
+
+    n, h, w = (int(v) for v in shape)
+    try:
+        reader = open_stack(masks)
+    except DeepAlignError as exc:
+        raise flagged(exc) from None
+    with reader:
+        if len(reader) != n:
+            raise DeepAlignError(f"{masks}: (--masks) {len(reader)} masks for the {n} slices of "
+                                 "the stack; give one mask per slice")
+        mh, mw = (int(v) for v in reader.shape[1:])
+        if (mh, mw) != (h, w):
+            raise DeepAlignError(f"{masks}: (--masks) masks are {mh} x {mw} (y, x), the "
+                                 f"slices {h} x {w}; give masks of the input slices' size")
+        for z in range(n):
+            try:
+                mask = reader.read(z)
+            except DeepAlignError as exc:
+                raise flagged(exc) from None
+            if mask.shape != (h, w):
+                raise DeepAlignError(f"{masks}, slice {z}: (--masks) mask shape {mask.shape} "
+                                     f"!= slice shape {(h, w)}")
+
+
 class StackRefiner(SequentialRefiner):
     """Expected-affine refinement of a stack render (``AlignOptions(mode="expected-affine")``).
 
@@ -442,10 +482,12 @@ class StackRefiner(SequentialRefiner):
 
         super().__init__()
         self._masks = None
+        self._masks_path = masks
         if masks is not None:
             self._masks = open_stack(masks)  # type: ignore[arg-type]
             if num_slices is not None and len(self._masks) != num_slices:
-                raise DeepAlignError(f"{masks}: {len(self._masks)} masks for {num_slices} slices")
+                raise DeepAlignError(f"{masks}: (--masks) {len(self._masks)} masks for the "
+                                     f"{num_slices} slices of the stack")
         self.shape = shape
         self.features = features
         self.store = store
@@ -463,7 +505,8 @@ class StackRefiner(SequentialRefiner):
         if self._masks is not None:
             m = np.asarray(self._masks.read(z))
             if m.shape != image.shape:
-                raise DeepAlignError(f"mask {z}: shape {m.shape} != slice shape {image.shape}")
+                raise DeepAlignError(f"{self._masks_path}, slice {z}: (--masks) mask shape "
+                                     f"{m.shape} != slice shape {image.shape}")
             if m.any():
                 mask_out = warp_affine((m != 0).astype(np.uint8), affine, self.shape,
                                        interpolation="nearest", num_threads=self.num_threads)

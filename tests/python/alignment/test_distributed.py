@@ -234,6 +234,36 @@ def test_cli_scheduler_address(cluster: Any, data: dict[str, Any], tmp_path: Pat
                                       data["ref_out"])
 
 
+def test_interrupted_report_is_finished_by_the_rerun(cluster: Any, data: dict[str, Any],
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Interrupted after the output is published, while the report is written: the same
+    command again writes the report without the cluster and without --overwrite."""
+    import deepalign_fast.qc.report as rp
+
+    lc, _ = cluster
+    out, report = tmp_path / "o.ome.zarr", tmp_path / "r.html"
+    argv = ["align", str(data["input"]), "-o", str(out), "--model", "rigid", "--threads", "1",
+            "--offsets", "1,2", "--scheduler", lc.scheduler_address, "--report", str(report),
+            "--json", "--quiet"]
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rp, "write_report", interrupted)
+        assert main(argv) == 130
+    capsys.readouterr()
+    assert out.is_dir() and not report.exists()
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tasks"]["render"] == 0 and summary["flagged"] == [5]
+    assert report.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["o.ome.zarr", "o.ome.zarr.transforms.json", "r.html"])
+
+
 def test_refusals(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
     _, client = cluster
     with pytest.raises(DeepAlignError, match="Zarr"):
@@ -244,6 +274,22 @@ def test_refusals(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
     for bad in ("local:0", "local:x", "127.0.0.1:8786"):
         with pytest.raises(ValueError, match="scheduler"), connect(bad):
             pass
+
+
+def test_unreachable_scheduler_creates_nothing(data: dict[str, Any], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """No scheduler at the address: one line naming it (exit 1), and no work folder, output
+    folder or record left behind."""
+    import deepalign_fast.alignment.distributed as dist
+
+    monkeypatch.setattr(dist, "CONNECT_TIMEOUT_S", 1.0)
+    rc = main(["align", str(data["input"]), "-o", str(tmp_path / "new" / "o.ome.zarr"),
+               "--scheduler", "tcp://127.0.0.1:1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--scheduler tcp://127.0.0.1:1" in err and "no Dask scheduler answered" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_work_dir_never_deletes_user_data(cluster: Any, data: dict[str, Any],
