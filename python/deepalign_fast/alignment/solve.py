@@ -52,7 +52,7 @@ tell them apart, so the slow component is a decision (``slow_drift``):
   part of the solved linear maps is mostly the anatomy's apparent deformation summed along
   the chain, and the smoothing that best predicts each slice from its neighbours separates
   it from independent per-slice errors. A random walk of any component faster than a stage
-  walks (:data:`STAGE_STEP`, 2 px per slice) is the content's apparent motion between thick
+  walks (:data:`STAGE_STEP`, 1 px per slice) is the content's apparent motion between thick
   sections and is kept too (:func:`_walk_kept`): 50-nm serial sections whose content walks
   several pixels per section are not dragged along with it. Where the matcher measures that
   neighbouring slices hardly change (``neighbour_score`` >= :data:`SIMILAR_CONTENT`), no
@@ -698,7 +698,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     blank : sequence of int
         Slices known to be blank (flagged whatever their matches).
     neighbour_score : float, optional
-        Typical block correlation of neighbouring slices, where the matcher measures it. At
+        How alike neighbouring slices are, noise discounted, where the matcher measures it
+        (:meth:`~deepalign_fast.alignment.matcher.StackMatcher.neighbour_score`). At
         :data:`SIMILAR_CONTENT` or above, ``keep`` corrects every random walk (the content
         changes too little between slices to appear to walk); below it or unknown, a walk
         beyond :data:`STAGE_STEP` px per slice is the content's and is kept.
