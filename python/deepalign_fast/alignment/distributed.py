@@ -183,7 +183,8 @@ def _save_pair(path: Path, init: np.ndarray | None, m: np.ndarray | None,
 
 def _load_pair(path: Path, init: np.ndarray | None
                ) -> tuple[np.ndarray | None, Correspondences] | None:
-    """A cached match, or None when absent, unreadable or made from another ``init``."""
+    """A cached match, or None when absent, unreadable, made from another ``init`` or by an
+    older version (no ``correlation``)."""
     try:
         with np.load(path) as f:
             cached_init = f["init"]
@@ -192,9 +193,10 @@ def _load_pair(path: Path, init: np.ndarray | None
             if not same:
                 return None
             m = None if f["matrix"].size == 0 else f["matrix"].copy()
-            correlation = float(f["correlation"]) if "correlation" in f else float("nan")
+            if "correlation" not in f:
+                return None  # written before pairs carried their correlation: match again
             return m, Correspondences(f["src"].copy(), f["dst"].copy(), f["weights"].copy(),
-                                      correlation)
+                                      float(f["correlation"]))
     except (OSError, ValueError, KeyError):
         return None
 

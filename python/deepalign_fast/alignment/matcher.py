@@ -23,12 +23,28 @@ from ..progress import StageTimes
 from .options import AlignOptions
 from .solve import SIMILAR_CONTENT, PairMoments, pair_moments
 
-__all__ = ["MatchFn", "StackMatcher", "is_blank", "backend_for"]
+__all__ = ["MatchFn", "StackMatcher", "backend_for", "is_blank", "persistence"]
 
 # Nearest pairs whose blocks correlate less than this (median) say too little for the noise
 # to be discounted (see StackMatcher.neighbour_score).
 _MEASURABLE = 0.05
-_RECENT = 32  # slices whose pairs tell what the stack's usual neighbours look like
+_RECENT = 32  # slices whose pairs tell whether the stack's content persists
+_BASELINE = 5  # nearest pairs seen last: what the stack's neighbours look like now
+
+
+def persistence(alike: np.ndarray) -> float | None:
+    """How alike the content of neighbouring slices is, noise discounted, from ``alike``
+    (n, 2): per slice the correlation of its nearest and of its second-nearest pair. The
+    median over slices of their ratio (slices whose nearest pair correlates at least
+    :data:`_MEASURABLE`), or None with fewer than three such slices or ratios for fewer than
+    half the slices measured (``offsets`` without 2). Per slice, so that a stack whose noise
+    changes part way through is measured as well as one whose noise does not."""
+    near, far = np.asarray(alike, np.float64).reshape(-1, 2).T
+    measured = np.isfinite(near)
+    both = measured & np.isfinite(far) & (near >= _MEASURABLE)
+    if both.sum() < 3 or 2 * both.sum() < measured.sum():
+        return None
+    return float(np.median(np.clip(far[both] / near[both], -1.0, 1.0)))
 
 
 def backend_for(opts: AlignOptions) -> Any:
@@ -73,7 +89,10 @@ class StackMatcher:
         failed slice (:meth:`neighbour_score`).
     alike : list of (float, float)
         Per slice, :attr:`Correspondences.correlation` of its pairs with the nearest and the
-        second-nearest predecessor (NaN where not trusted or not measured).
+        second-nearest predecessor (NaN where not trusted, left out or not measured).
+    nearest_seen : list of float
+        Per slice, the correlation of its first trusted nearest pair, left out or not (what
+        the stack's neighbours look like now: :meth:`_unlike`).
     """
 
     def __init__(self, opts: AlignOptions, match: MatchFn | None = None,
@@ -92,6 +111,7 @@ class StackMatcher:
         self.matches: list[int] = []
         self.scores: list[float] = []  # per slice, as matches
         self.alike: list[tuple[float, float]] = []  # per slice, as matches
+        self.nearest_seen: list[float] = []  # per slice, as matches
         self.count = 0
         self.times = StageTimes()
 
@@ -110,6 +130,7 @@ class StackMatcher:
             "matches": np.array(self.matches, np.int64),
             "scores": np.array(self.scores, np.float64),
             "alike": np.array(self.alike, np.float64).reshape(-1, 2),
+            "nearest_seen": np.array(self.nearest_seen, np.float64),
             "history_z": np.array([z for z, _, _ in self.history], np.int64),
             "history_pose": np.array([p for _, _, p in self.history]).reshape(-1, 2, 3),
         }
@@ -128,6 +149,8 @@ class StackMatcher:
         # (checkpoints written before the noise-discounted score: not measured)
         alike = saved.get("alike", np.full((len(self.scores), 2), np.nan))
         self.alike = [(float(a), float(b)) for a, b in np.asarray(alike).reshape(-1, 2)]
+        seen = saved.get("nearest_seen", np.full(len(self.scores), np.nan))
+        self.nearest_seen = [float(v) for v in np.asarray(seen).ravel()]
         self.history.clear()
         for z, pose in zip(saved["history_z"], saved["history_pose"], strict=True):
             self.history.append((int(z), prepare(int(z)), np.asarray(pose, np.float64)))
@@ -148,18 +171,20 @@ class StackMatcher:
         """Whether a slice's nearest pair, trusted, is still too unlike the stack's usual
         neighbours for its map to predict the farther pairs: where the content persists from
         slice to slice (noise-discounted neighbour score >= SIMILAR_CONTENT over the recent
-        slices), a nearest pair that correlates at less than half the recent median (a slice
-        of noise, a damaged slice). A farther pair refined from a wrong prediction finds no
-        structure to move it and confirms the prediction; matched from scratch, it finds the
-        true position, and the solve then sees the disagreement."""
-        recent = np.asarray(self.alike[-_RECENT:], np.float64).reshape(-1, 2)
-        near, far = recent[np.isfinite(recent[:, 0]), 0], recent[np.isfinite(recent[:, 1]), 1]
-        if not np.isfinite(corr.correlation) or near.size < 3 or far.size < 3:
+        slices), a nearest pair that correlates at less than half the median of the last
+        :data:`_BASELINE` nearest pairs seen (a slice of noise, a damaged slice; those seen
+        include the ones left out, so a lasting change of the imaging, as a drop of the SNR,
+        becomes the new baseline within a few slices). A farther pair refined from a wrong
+        prediction finds no structure to move it and confirms the prediction; matched from
+        scratch, it finds the true position, and the solve then sees the disagreement."""
+        seen = np.asarray(self.nearest_seen[-_BASELINE:], np.float64)
+        seen = seen[np.isfinite(seen)]
+        if not np.isfinite(corr.correlation) or seen.size < 3:
             return False
-        typical = float(np.median(near))
-        if typical < _MEASURABLE or np.median(far) / typical < SIMILAR_CONTENT:
+        persists = persistence(np.asarray(self.alike[-_RECENT:], np.float64))
+        if persists is None or persists < SIMILAR_CONTENT:
             return False
-        return corr.correlation < 0.5 * typical
+        return corr.correlation < 0.5 * float(np.median(seen))
 
     def neighbour_score(self, start: int = 0) -> float | None:
         """How alike the content of neighbouring slices is, noise discounted (slices
@@ -168,22 +193,21 @@ class StackMatcher:
 
         Noise lowers the correlation of a slice with its nearest and with its second-nearest
         neighbour alike; a change of the content from slice to slice lowers the farther pair
-        more. The median correlation of all blocks of the second-nearest pairs over that of
-        the nearest pairs is therefore the neighbours' correlation without the noise (for a
-        correlation that decays geometrically with distance, exactly): FIB-SEM 0.77-0.94
+        more. The correlation of all blocks of a slice's second-nearest pair over that of its
+        nearest pair (median over slices: :func:`persistence`) is therefore the neighbours'
+        correlation without the noise (for a correlation that decays geometrically with
+        distance, exactly): FIB-SEM 0.77-0.94
         even at an SNR of 0.3, 50-nm sections 0.01-0.25 (benchmarks/RESULTS.md). Where it
         cannot be measured (no second-nearest pairs, or nearest pairs that hardly
-        correlate), the median inlier block correlation of the nearest pairs.
+        correlate, or second-nearest pairs for fewer than half the slices, as with
+        ``offsets`` without 2), the median inlier block correlation of the nearest pairs.
         """
         scores = np.asarray(self.scores[start:], np.float64)
         scores = scores[np.isfinite(scores)]
         if self.opts.features != "blocks" or not scores.size:
             return None
-        near, far = np.asarray(self.alike[start:], np.float64).reshape(-1, 2).T
-        near, far = near[np.isfinite(near)], far[np.isfinite(far)]
-        if near.size and far.size and np.median(near) >= _MEASURABLE:
-            return float(np.clip(np.median(far) / np.median(near), -1.0, 1.0))
-        return float(np.median(scores))
+        persists = persistence(np.asarray(self.alike[start:], np.float64))
+        return float(np.median(scores)) if persists is None else persists
 
     def add(self, z: int, state: Any | None) -> None:
         """Match slice z (``state`` None = blank slice) with its predecessors."""
@@ -196,6 +220,7 @@ class StackMatcher:
             self.matches.append(0)
             self.scores.append(float("nan"))
             self.alike.append((float("nan"), float("nan")))
+            self.nearest_seen.append(float("nan"))
             return
         t0 = time.perf_counter()
         ranked = list(reversed(self.history))  # nearest first
@@ -204,6 +229,7 @@ class StackMatcher:
         score = float("nan")
         alike = [float("nan"), float("nan")]
         unlike = 0  # nearest pairs that matched but are too unlike the stack's (_unlike)
+        seen = float("nan")
         wanted = set(self.opts.offsets)
         for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
             if pose is None and rank > 2 + min(unlike, 1):
@@ -216,14 +242,15 @@ class StackMatcher:
                 continue
             if pose is None:
                 if not unlike:
-                    nearest_n = len(corr)
-                    score = float(np.median(corr.weights))
+                    seen = corr.correlation
                 if self._unlike(corr):
                     # Left out, and the next slice back is matched from scratch: a slice of
                     # noise (or its neighbour) must not place this one, nor predict its pairs.
                     unlike += 1
                     continue
                 pose = compose(m, pose_k)
+                nearest_n = len(corr)
+                score = float(np.median(corr.weights))
             if rank <= 2:
                 alike[rank - 1] = corr.correlation
             # Content changes with distance along z, so a far pair says less about the
@@ -238,4 +265,5 @@ class StackMatcher:
         self.matches.append(nearest_n)
         self.scores.append(score)
         self.alike.append((alike[0], alike[1]))
+        self.nearest_seen.append(seen)
         self.history.append((z, state, ident if pose is None else pose))

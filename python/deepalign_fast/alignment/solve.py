@@ -373,8 +373,8 @@ STAGE_STEP = 1.0
 # Neighbouring slices whose content correlates at least this well, noise discounted
 # (StackMatcher.neighbour_score), hardly change, so their content cannot appear to walk far:
 # every walk of such a stack is the stage's and is corrected. Lucchi FIB-SEM (XY, XZ, YZ,
-# artifacts down to an SNR of 0.3 included): 0.89-0.94; raw shale FIB-SEM 0.77 (its 224^2
-# test crop 0.60); 50-nm sections 0.01-0.12, binned 2x 0.24-0.25 (benchmarks/RESULTS.md).
+# artifacts down to an SNR of 0.3 included): 0.90-0.94; raw shale FIB-SEM 0.80 (its 224^2
+# test crop 0.77); 50-nm sections 0.01-0.11, binned 2x 0.25 (benchmarks/RESULTS.md).
 SIMILAR_CONTENT = 0.5
 _VARIOGRAM_LAGS = (1, 2, 3, 4)
 

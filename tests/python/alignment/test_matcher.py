@@ -75,6 +75,34 @@ def test_neighbour_score_falls_back_to_the_inlier_correlation():
     assert matcher.neighbour_score() == pytest.approx(float(np.nanmedian(matcher.scores)))
 
 
+def test_a_lasting_drop_of_the_snr_becomes_the_baseline():
+    # the content persists, but from slice 10 on every slice is far noisier: its nearest
+    # pairs correlate at a fraction of the earlier ones; within a few slices that is what the
+    # stack's neighbours look like, and later slices are matched as usual, not failed
+    rng = np.random.default_rng(3)
+    base = _field(rng)
+    stack = np.stack([_u8(np.roll(base, (z, 2 * z), axis=(0, 1))) for z in range(24)])
+    noisy = stack.astype(np.float64)
+    noisy[10:] += rng.normal(0, 90, noisy[10:].shape)
+    matcher = _matched(np.clip(noisy, 0, 255).astype(np.uint8))
+    assert all(10 <= z < 15 for z in matcher.failed)
+
+
+def test_one_second_nearest_pair_does_not_make_the_score(tiny_stack):
+    # offsets without 2: a second-nearest pair is matched only after a nearest pair was left
+    # out (a slice of noise); one such pair must not replace the fallback score
+    from deepalign_fast.datasets import sample_stack_path
+
+    stack = tifffile.imread(sample_stack_path())[:, :256, :256]
+    plain = _matched(stack, offsets=(1, 4))
+    noisy = stack.copy()
+    noisy[7] = np.random.default_rng(5).integers(0, 256, noisy[7].shape)
+    matcher = _matched(noisy, offsets=(1, 4))
+    assert np.isfinite(np.asarray(matcher.alike)[:, 1]).sum() <= 2
+    assert matcher.neighbour_score() == pytest.approx(float(np.nanmedian(matcher.scores)))
+    assert abs(matcher.neighbour_score() - plain.neighbour_score()) < 0.1
+
+
 def test_neighbour_score_of_the_raw_shale_sample(tiny_stack):
     # raw, noisy FIB-SEM (the tiny stack): its blocks correlate as little as 50-nm sections
     # do, but its content persists over two slices nearly as over one: FIB-SEM, whose walks
