@@ -155,10 +155,21 @@ class TiffStackReader(StackReader):
         (each with "shaped" metadata of one 2-D image), and pages of another size or dtype
         split a plain file into series too: series[0] alone would be one slice, or the stack
         without the odd page. Files with reduced-resolution pages (thumbnails, pyramids),
-        OME and ImageJ files keep their series.
+        OME and ImageJ files keep their series, and so does a file whose writer-made series
+        are not all single 2-D pages (an image stack plus a label stack, or plus a preview):
+        series[0] is read as before.
         """
         tif = self._tif
         if len(tif.series) < 2 or tif.is_ome or tif.is_imagej:
+            return False
+
+        def single_2d_page(series: Any) -> bool:
+            return len(series.pages) == 1 and int(getattr(series.pages[0], "imagedepth", 1)) == 1
+
+        # "generic" series are tifffile's own grouping of a plain file's pages by size and
+        # type; any other series is what the writer wrote (one TiffWriter.write per series).
+        if not all(str(s.kind).lower() == "generic" for s in tif.series) and not all(
+                single_2d_page(s) for s in tif.series):
             return False
         pages = list(tif.pages)
         if sum(len(s.pages) for s in tif.series) != len(pages) or any(

@@ -146,6 +146,21 @@ def test_tiff_page_of_another_size_is_named(tmp_path, rng, metadata):
         open_stack(tmp_path / "d.tif")
 
 
+@pytest.mark.parametrize("second", ["labels", "preview"])
+def test_tiff_stack_plus_another_series_reads_series0(tmp_path, rng, second):
+    """A stack written in one call plus a label stack of its size, or a small preview stack:
+    series[0] is the stack (was: 20 slices with the labels appended, or the preview refused
+    as 'slice 10 (page 10): 4 x 5 pixels')."""
+    data = _stack(rng, np.uint8, (10, 20, 24))
+    extra = (data > 128).astype(np.uint8) if second == "labels" else data[:2, :4, :5]
+    with tifffile.TiffWriter(tmp_path / "s.tif") as tw:
+        tw.write(data, photometric="minisblack")
+        tw.write(extra, photometric="minisblack")
+    with tifffile.TiffFile(tmp_path / "s.tif") as tf:
+        assert len(tf.series) == 2
+    _check_roundtrip(tmp_path / "s.tif", data)
+
+
 def test_converted_dtypes(tmp_path, rng):
     i16 = rng.integers(-3000, 3000, size=(3, 8, 9)).astype(np.int16)
     tifffile.imwrite(tmp_path / "i16.tif", i16, photometric="minisblack")
