@@ -775,6 +775,43 @@ def test_rerun_never_takes_a_users_file_for_the_runs_output(src: Path, tmp_path:
     assert out.read_bytes() == b"the user's own file" and not report.exists()
 
 
+@pytest.mark.parametrize("name", ["o.tif", "o.zarr"])
+def test_rerun_with_an_output_gone_or_changed_is_no_dead_end(src: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              name: str) -> None:
+    """After an interrupted report, a transforms file that was removed (TIFF) or changed
+    (Zarr) is refused with an accurate message, and --overwrite starts the run over instead
+    of refusing again."""
+    import deepalign_fast.qc.report as rp
+
+    out, report = tmp_path / name, tmp_path / "r.html"
+    tpath = transforms_path_for(out)
+    argv = [str(src), "-o", str(out), "--report", str(report)]
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rp, "write_report", interrupted)
+        assert _align(*argv) == 130
+    capsys.readouterr()
+    assert out.exists() and tpath.is_file() and not report.exists()
+    if out.suffix == ".tif":
+        tpath.unlink()
+        state = "is no longer there"
+    else:
+        st = tpath.stat()
+        os.utime(tpath, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched
+        state = "already exists"  # no longer what the run put there
+    assert _align(*argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert state in err and "--overwrite" in err
+    assert _align(*argv, "--overwrite") == 0
+    assert out.exists() and tpath.is_file() and report.is_file()
+    assert not checkpoint_path_for(out).exists()
+
+
 def test_zarr_writer_refuses_unfinished_store_of_another_run(tmp_path: Path) -> None:
     out = tmp_path / "o.zarr"
     with pytest.raises(RuntimeError), open_writer(out, (2, 8, 8), np.uint8) as w:
