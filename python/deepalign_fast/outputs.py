@@ -18,11 +18,12 @@ its lock) removes the ones an earlier, killed run left (:func:`remove_stale_temp
 
 Every finished output is put in place by :func:`publish` (a rename). While a run records its
 outputs (:meth:`Checkpoint.recording`), ``publish`` first notes in the run's resume record
-which file or folder (device, inode, and for a file its size and modification time) is about
-to appear under which name; a rerun of the same command then knows which outputs that run
-already put in place (:meth:`Checkpoint.committed`), accepts them without ``--overwrite`` and
-writes only the missing ones, so the outputs of one run are completed as a unit. A file at an
-output name that the run did not put there is still refused.
+which file or folder (device, inode; for a file its size and modification time, for a store
+those of its top-level metadata files) is about to appear under which name; a rerun of the
+same command then knows which outputs that run already put in place
+(:meth:`Checkpoint.committed`), accepts them without ``--overwrite`` and writes only the missing
+ones, so the outputs of one run are completed as a unit. A file or store at an output name that
+the run did not put there is still refused.
 
 Zarr stores (``--overwrite`` over a ``.zarr`` output, an unfinished ``NAME.partial``) are
 replaced or deleted only when :func:`store_problem` finds no reason against it: the folder is a
@@ -640,13 +641,24 @@ def _input_identity(path: Path) -> dict[str, Any]:
 CHECKPOINT_FORMAT = 2
 
 
-def _identity(path: Path) -> dict[str, int]:
+def _identity(path: Path) -> dict[str, Any]:
     """What stays the same when ``path`` is renamed: device and inode, and for a file its size
-    and modification time."""
+    and modification time; for a folder (a Zarr store) also the inode, size and modification
+    time of each metadata file at its top, since a folder's inode alone is reused at once
+    by another store copied to the same name."""
     st = os.stat(path, follow_symlinks=False)
-    ident = {"dev": st.st_dev, "ino": st.st_ino}
+    ident: dict[str, Any] = {"dev": st.st_dev, "ino": st.st_ino}
     if not stat.S_ISDIR(st.st_mode):
         ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return ident
+    metadata: dict[str, list[int]] = {}
+    for name in (*_ZARR_METADATA, ".zattrs", ".zmetadata"):
+        try:
+            mst = os.stat(path / name, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        metadata[name] = [mst.st_ino, mst.st_size, mst.st_mtime_ns]
+    ident["metadata"] = metadata
     return ident
 
 

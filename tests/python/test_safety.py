@@ -775,6 +775,80 @@ def test_rerun_never_takes_a_users_file_for_the_runs_output(src: Path, tmp_path:
     assert out.read_bytes() == b"the user's own file" and not report.exists()
 
 
+@pytest.mark.parametrize("name", ["o.tif", "o.zarr"])
+def test_rerun_with_an_output_gone_or_changed_is_no_dead_end(src: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              name: str) -> None:
+    """After an interrupted report, a transforms file that was removed (TIFF) or changed
+    (Zarr) is refused with an accurate message, and --overwrite starts the run over instead
+    of refusing again."""
+    import deepalign_fast.qc.report as rp
+
+    out, report = tmp_path / name, tmp_path / "r.html"
+    tpath = transforms_path_for(out)
+    argv = [str(src), "-o", str(out), "--report", str(report)]
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rp, "write_report", interrupted)
+        assert _align(*argv) == 130
+    capsys.readouterr()
+    assert out.exists() and tpath.is_file() and not report.exists()
+    if out.suffix == ".tif":
+        tpath.unlink()
+        state = "is no longer there"
+    else:
+        st = tpath.stat()
+        os.utime(tpath, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched
+        state = "already exists"  # no longer what the run put there
+    assert _align(*argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert state in err and "--overwrite" in err
+    assert _align(*argv, "--overwrite") == 0
+    assert out.exists() and tpath.is_file() and report.is_file()
+    assert not checkpoint_path_for(out).exists()
+
+
+def test_rerun_never_takes_another_store_for_the_runs_zarr_output(
+        src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """After an interrupted report, another store of this tool put at the output's name, even
+    in the very folder (so its inode is the one the run recorded), is refused, not kept."""
+    import shutil
+
+    import deepalign_fast.qc.report as rp
+
+    other_src = tmp_path / "other.tif"
+    tifffile.imwrite(other_src, _stack(n=4, seed=1), photometric="minisblack")
+    other = tmp_path / "other.zarr"
+    assert _align(str(other_src), "-o", str(other)) == 0
+    out, report = tmp_path / "o.zarr", tmp_path / "r.html"
+    argv = [str(src), "-o", str(out), "--report", str(report)]
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rp, "write_report", interrupted)
+        assert _align(*argv) == 130
+    capsys.readouterr()
+    assert out.is_dir() and not report.exists()
+    ino = out.stat().st_ino
+    for entry in out.iterdir():  # the store's contents replaced by the other store's
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    shutil.copytree(other, out, dirs_exist_ok=True)
+    assert out.stat().st_ino == ino
+    assert _align(*argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "o.zarr" in err and "--overwrite" in err
+    with open_stack(out) as reader:
+        assert reader.shape[0] == 4  # left as it is
+    assert not report.exists()
+
+
 def test_zarr_writer_refuses_unfinished_store_of_another_run(tmp_path: Path) -> None:
     out = tmp_path / "o.zarr"
     with pytest.raises(RuntimeError), open_writer(out, (2, 8, 8), np.uint8) as w:

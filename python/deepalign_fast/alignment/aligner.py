@@ -435,10 +435,15 @@ class Aligner:
                     raise DeepAlignError(f"{p}: {what} already exists; pass --overwrite (API: "
                                          "overwrite=True) or choose another name.")
             if is_done(out) and not all(is_done(p) for p in published):
-                missing = next(p for p in published if not is_done(p))
-                raise DeepAlignError(f"{out}: was put in place by an interrupted run, but "
-                                     f"{missing} is not there; pass --overwrite (API: "
-                                     "overwrite=True) to run again.")
+                if overwrite:  # a fresh run: the interrupted run's outputs are all replaced
+                    done = set()
+                else:
+                    missing = next(p for p in published if not is_done(p))
+                    state = ("has changed since" if os.path.lexists(missing)
+                             else "is no longer there")
+                    raise DeepAlignError(
+                        f"{out}: was put in place by an interrupted run, but {missing} {state}; "
+                        "pass --overwrite (API: overwrite=True) to start the run over.")
             if ckpt is not None:
                 ckpt.outputs = [*published, *(p for p, _ in extra)]
             if saved is not None and ckpt is not None:
