@@ -83,7 +83,7 @@ def test_a_lasting_drop_of_the_snr_becomes_the_baseline():
     base = _field(rng)
     stack = np.stack([_u8(np.roll(base, (z, 2 * z), axis=(0, 1))) for z in range(24)])
     noisy = stack.astype(np.float64)
-    noisy[10:] += rng.normal(0, 90, noisy[10:].shape)
+    noisy[10:] += rng.normal(0, 250, noisy[10:].shape)
     matcher = _matched(np.clip(noisy, 0, 255).astype(np.uint8))
     assert all(10 <= z < 15 for z in matcher.failed)
 
@@ -93,10 +93,10 @@ def test_one_second_nearest_pair_does_not_make_the_score(tiny_stack):
     # out (a slice of noise); one such pair must not replace the fallback score
     from deepalign_fast.datasets import sample_stack_path
 
-    stack = tifffile.imread(sample_stack_path())[:, :256, :256]
+    stack = tifffile.imread(sample_stack_path())
     plain = _matched(stack, offsets=(1, 4))
     noisy = stack.copy()
-    noisy[7] = np.random.default_rng(5).integers(0, 256, noisy[7].shape)
+    noisy[7] = np.random.default_rng(0).integers(0, 255, noisy[7].shape)
     matcher = _matched(noisy, offsets=(1, 4))
     assert np.isfinite(np.asarray(matcher.alike)[:, 1]).sum() <= 2
     assert matcher.neighbour_score() == pytest.approx(float(np.nanmedian(matcher.scores)))
