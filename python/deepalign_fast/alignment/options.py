@@ -18,8 +18,8 @@ from ..estimate import MODELS
 from ..match import FEATURES
 from .solve import SLOW_DRIFT
 
-__all__ = ["CANVAS", "FEATURES", "MODES", "PROVIDERS", "AlignOptions", "load_options_file",
-           "option_docs"]
+__all__ = ["CANVAS", "FEATURES", "MAX_OFFSET", "MODES", "PROVIDERS", "AlignOptions",
+           "load_options_file", "option_docs"]
 
 Features = Literal["blocks", "sift", "learned"]
 ModelName = Literal["translation", "rigid", "similarity", "affine"]
@@ -32,6 +32,9 @@ CANVAS: tuple[str, ...] = get_args(Canvas)
 PROVIDERS: tuple[str, ...] = get_args(Provider)
 assert get_args(Features) == FEATURES and get_args(SlowDrift) == SLOW_DRIFT
 assert get_args(ModelName) == MODELS
+
+#: The farthest offset: the matcher keeps ``max(offsets)`` prepared slices in memory.
+MAX_OFFSET = 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class AlignOptions:
         Slice z is matched with its predecessors at these ranks (1 = nearest non-blank
         slice); all pairs enter one global solve. More and farther offsets average out
         per-pair noise and tie each slice to both sides; each costs one finest-level match.
+        At most :data:`MAX_OFFSET` (the ``max(offsets)`` most recent prepared slices are kept).
     threshold : float
         Inlier threshold in pixels of the per-pair RANSAC.
     min_matches : int
@@ -135,6 +139,9 @@ class AlignOptions:
         offsets = tuple(int(k) for k in self.offsets)
         if not offsets or min(offsets) < 1 or len(set(offsets)) != len(offsets):
             raise ValueError(f"offsets must be distinct integers >= 1, got {self.offsets!r}")
+        if max(offsets) > MAX_OFFSET:
+            raise ValueError(f"offsets must be at most {MAX_OFFSET} (the matcher keeps that many "
+                             f"prepared slices in memory), got {max(offsets)}")
         object.__setattr__(self, "offsets", tuple(sorted(offsets)))
         for name in ("threshold", "drift_sigma"):
             value = getattr(self, name)

@@ -259,6 +259,8 @@ def test_options_are_validated() -> None:
         AlignOptions(model="projective")
     with pytest.raises(ValueError, match="offsets"):
         Aligner(offsets=(0, 1))
+    with pytest.raises(ValueError, match="offsets must be at most"):  # was an OverflowError
+        Aligner(offsets=(1, 2**64))
     with pytest.raises(ValueError, match="slow_drift"):
         Aligner(slow_drift="sometimes")
     with pytest.raises(ValueError, match="threshold"):
