@@ -744,16 +744,10 @@ def test_killed_during_the_report_rerun_finishes_the_run(src: Path, tmp_path: Pa
         ["s.tif", "mark", "o.tif", "o.transforms.json", "r.html"])  # no record, lock or temp
 
 
-def test_rerun_never_takes_a_users_file_for_the_runs_output(src: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]
-                                                            ) -> None:
-    """After an interrupted report, a file the run did not put there is refused, not kept as
-    the run's output nor replaced."""
+def _interrupted_in_the_report(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Run ``align argv`` and interrupt it while the report is written (exit status 130)."""
     import deepalign_fast.qc.report as rp
-
-    out, report = tmp_path / "o.tif", tmp_path / "r.html"
-    argv = [str(src), "-o", str(out), "--report", str(report)]
 
     def interrupted(*a: Any, **k: Any) -> None:
         raise KeyboardInterrupt
@@ -762,6 +756,18 @@ def test_rerun_never_takes_a_users_file_for_the_runs_output(src: Path, tmp_path:
         m.setattr(rp, "write_report", interrupted)
         assert _align(*argv) == 130
     capsys.readouterr()
+
+
+def test_rerun_never_takes_a_users_file_for_the_runs_output(src: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    """After an interrupted report, a file the run did not put there is refused, not kept as
+    the run's output nor replaced."""
+    out, report = tmp_path / "o.tif", tmp_path / "r.html"
+    argv = [str(src), "-o", str(out), "--report", str(report)]
+
+    _interrupted_in_the_report(argv, monkeypatch, capsys)
     assert out.is_file() and not report.exists()
     report.write_text("my own notes")  # the user's file at the report's name
     assert _align(*argv) == 2
@@ -783,19 +789,11 @@ def test_rerun_with_an_output_gone_or_changed_is_no_dead_end(src: Path, tmp_path
     """After an interrupted report, a transforms file that was removed (TIFF) or changed
     (Zarr) is refused with an accurate message, and --overwrite starts the run over instead
     of refusing again."""
-    import deepalign_fast.qc.report as rp
-
     out, report = tmp_path / name, tmp_path / "r.html"
     tpath = transforms_path_for(out)
     argv = [str(src), "-o", str(out), "--report", str(report)]
 
-    def interrupted(*a: Any, **k: Any) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(rp, "write_report", interrupted)
-        assert _align(*argv) == 130
-    capsys.readouterr()
+    _interrupted_in_the_report(argv, monkeypatch, capsys)
     assert out.exists() and tpath.is_file() and not report.exists()
     if out.suffix == ".tif":
         tpath.unlink()
@@ -819,8 +817,6 @@ def test_rerun_never_takes_another_store_for_the_runs_zarr_output(
     in the very folder (so its inode is the one the run recorded), is refused, not kept."""
     import shutil
 
-    import deepalign_fast.qc.report as rp
-
     other_src = tmp_path / "other.tif"
     tifffile.imwrite(other_src, _stack(n=4, seed=1), photometric="minisblack")
     other = tmp_path / "other.zarr"
@@ -828,13 +824,7 @@ def test_rerun_never_takes_another_store_for_the_runs_zarr_output(
     out, report = tmp_path / "o.zarr", tmp_path / "r.html"
     argv = [str(src), "-o", str(out), "--report", str(report)]
 
-    def interrupted(*a: Any, **k: Any) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(rp, "write_report", interrupted)
-        assert _align(*argv) == 130
-    capsys.readouterr()
+    _interrupted_in_the_report(argv, monkeypatch, capsys)
     assert out.is_dir() and not report.exists()
     ino = out.stat().st_ino
     for entry in out.iterdir():  # the store's contents replaced by the other store's

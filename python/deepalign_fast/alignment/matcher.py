@@ -196,8 +196,8 @@ class StackMatcher:
         more. The correlation of all blocks of a slice's second-nearest pair over that of its
         nearest pair (median over slices: :func:`persistence`) is therefore the neighbours'
         correlation without the noise (for a correlation that decays geometrically with
-        distance, exactly): FIB-SEM 0.77-0.94
-        even at an SNR of 0.3, 50-nm sections 0.01-0.25 (benchmarks/RESULTS.md). Where it
+        distance, exactly): FIB-SEM 0.77-0.94 even at an SNR of 0.3, 50-nm sections
+        0.01-0.25 (benchmarks/RESULTS.md). Where it
         cannot be measured (no second-nearest pairs, or nearest pairs that hardly
         correlate, or second-nearest pairs for fewer than half the slices, as with
         ``offsets`` without 2), the median inlier block correlation of the nearest pairs.

@@ -309,14 +309,13 @@ def test_pure_jitter_of_dissimilar_slices_is_still_removed():
     assert np.mean(ratio) < 0.2
 
 
-def test_similar_neighbours_have_every_walk_corrected():
-    """Where the matcher measures that neighbouring slices hardly change (block correlation
-    >= SIMILAR_CONTENT, as FIB-SEM), a fast walk is a stage's and is corrected; measured low
-    (thick sections) or unknown, it is kept."""
+def _aligned_walking_stack_moved(step: float, seed: int):
+    """For an exactly aligned stack of 40 slices whose content appears to walk ``step`` px per
+    slice and axis: neighbour score -> median displacement the default solve gives it."""
     n = 40
-    rng = np.random.default_rng(12)
+    rng = np.random.default_rng(seed)
     apparent = np.tile(np.eye(2, 3), (n, 1, 1))
-    apparent[:, :, 2] = _walk(n, 4.0, rng)
+    apparent[:, :, 2] = _walk(n, step, rng)
     pairs = _pairs(apparent, rng, (1, 2, 4, 8), 0.05)
     x = _grid()
 
@@ -325,6 +324,14 @@ def test_similar_neighbours_have_every_walk_corrected():
         return np.median([np.linalg.norm(apply_affine(a, x) - x, axis=1).mean()
                           for a in res.affines])
 
+    return moved
+
+
+def test_similar_neighbours_have_every_walk_corrected():
+    """Where the matcher measures that neighbouring slices hardly change (block correlation
+    >= SIMILAR_CONTENT, as FIB-SEM), a fast walk is a stage's and is corrected; measured low
+    (thick sections) or unknown, it is kept."""
+    moved = _aligned_walking_stack_moved(4.0, 12)
     assert moved(0.9) > 2.0 * moved(0.35)
     assert moved(None) == moved(0.35)
 
@@ -334,18 +341,7 @@ def test_dissimilar_neighbours_keep_a_walk_beyond_a_stages():
     (less than 50-nm sections do, more than a stage does: STAGE_STEP) is the content's, and
     an aligned stack moves less than half as much as where the same walk between similar
     slices is a stage's and is corrected (2 px per slice allowed: 0.8 times as much)."""
-    n = 40
-    rng = np.random.default_rng(21)
-    apparent = np.tile(np.eye(2, 3), (n, 1, 1))
-    apparent[:, :, 2] = _walk(n, 2.5, rng)
-    pairs = _pairs(apparent, rng, (1, 2, 4, 8), 0.05)
-    x = _grid()
-
-    def moved(score):
-        res = solve_stack(n, pairs, SHAPE, neighbour_score=score)
-        return np.median([np.linalg.norm(apply_affine(a, x) - x, axis=1).mean()
-                          for a in res.affines])
-
+    moved = _aligned_walking_stack_moved(2.5, 21)
     assert moved(0.35) < 0.5 * moved(0.9)
 
 
