@@ -91,21 +91,25 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  median consistent matches per slice: {summary['matches_median']:.0f}")
     corr = summary.get("neighbour_correlation")
     if corr is not None:
-        from .alignment.solve import SIMILAR_CONTENT, STAGE_STEP
+        from .alignment.solve import SIMILAR_CONTENT, STAGE_STEP, slice_spacing
 
+        spacing = slice_spacing(corr)
         print(f"  neighbour correlation {corr:.2f}, noise discounted"
               + (f" (dissimilar slices: apparent walks beyond {STAGE_STEP:g} px per slice "
-                 "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else ""))
+                 "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else
+                 f" (slices about {spacing:.1f} times as far apart as 5-nm FIB-SEM: the "
+                 "anatomy's apparent motion allowed for that)" if spacing > 1.05 else ""))
     motion = summary.get("stage_motion")
     if motion is not None:
-        from .alignment.solve import ANATOMY_SLOPE
+        from .alignment.solve import ANATOMY_SLOPE, slice_spacing
 
         trend = motion["trend_px_per_slice"]
+        limit = ANATOMY_SLOPE * slice_spacing(corr)
         print(f"  measured stage walk {motion['stage_walk_px']:.2f} px per slice, jitter "
               f"{motion['jitter_px']:.2f} px (corrected; the smooth motion beyond them is "
               "kept as the anatomy's)")
         print(f"  input's straight-line trend {trend:.2f} px per slice (the output keeps at "
-              f"most {ANATOMY_SLOPE:g} px per slice of a trend, less where the stage walks)")
+              f"most {limit:.2g} px per slice of a trend, less where the stage walks)")
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
     if _mostly_flagged(summary):

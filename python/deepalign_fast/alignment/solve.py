@@ -42,6 +42,9 @@ tell them apart, so the slow component is a decision (``slow_drift``):
   anatomy's apparent motion is smooth (its velocity changes by :data:`ANATOMY_CHANGE` px
   per slice per slice), a stage walk has independent steps, jitter is independent per
   slice. A strong walk is then followed over long scales, an aligned stack kept whole.
+  These priors are per slice of 5-nm FIB-SEM; slices farther apart (their neighbours
+  correlate less) get them scaled to the spacing that correlation shows
+  (:func:`slice_spacing`): the anatomy appears to move faster per slice there.
   The straight-line trend of the kept motion is shared between the anatomy's mean velocity
   (prior :data:`ANATOMY_VELOCITY`) and the straight-line part of the measured walk, and
   never exceeds :data:`ANATOMY_SLOPE` px per slice: the excess of a steeper trend is a
@@ -78,8 +81,9 @@ from numpy.typing import NDArray
 from ..geometry import compose, invert
 
 __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "MOTION_KEYS",
+           "REFERENCE_CONTENT",
            "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult",
-           "lowpass_affines", "pair_moments", "solve_stack"]
+           "lowpass_affines", "pair_moments", "slice_spacing", "solve_stack"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 #: The keys of :attr:`SolveResult.motion`.
@@ -447,6 +451,30 @@ ANATOMY_SLOPE = 0.2
 ANATOMY_VELOCITY = 0.1
 _MODEL_LAGS = tuple(range(1, 9))
 _ANATOMY_MIN_SLICES = 16  # fewer: too few lags to tell a walk from jitter
+# The three anatomy priors above are per slice of stacks whose neighbours correlate, noise
+# discounted (StackMatcher.neighbour_score), at least this much: the lucchi stacks, 5 nm per
+# slice (XZ 0.93, YZ 0.89, XY 0.90). Farther apart slices correlate less: on the lucchi
+# stacks taking every 2nd / 3rd / 4th plane, -ln(score) grows about as the spacing to the
+# power _CONTENT_DECAY (XZ 0.93 / 0.76 / 0.59 / 0.44, YZ 0.89 / 0.68 / 0.51 / 0.41, XY 0.90 /
+# 0.68 / 0.46 / 0.29; benchmarks/RESULTS.md).
+REFERENCE_CONTENT = 0.89
+_CONTENT_DECAY = 1.75
+
+
+def slice_spacing(neighbour_score: float | None) -> float:
+    """How far apart the slices are, in slices of the stacks the anatomy priors were measured
+    on (:data:`REFERENCE_CONTENT`), from how alike neighbouring slices are: 1 for those or
+    closer (or unknown); the lucchi stacks taking every 2nd / 3rd / 4th plane measure
+    1.6-2.0 / 2.4-3.0 / 3.1-3.9.
+
+    Per slice, the anatomy then appears to move ``spacing`` times as fast (the mean velocity
+    and the steepest trend the anatomy explains scale by it), and its velocity changes by
+    ``spacing ** 1.5`` as much (an integrated random walk sampled ``spacing`` times as
+    sparsely)."""
+    if neighbour_score is None or not 0.0 < neighbour_score < REFERENCE_CONTENT:
+        return 1.0
+    ratio = np.log(neighbour_score) / np.log(REFERENCE_CONTENT)
+    return float(ratio ** (1.0 / _CONTENT_DECAY))
 
 
 def _motion_model(values: NDArray[np.float64], good: NDArray[np.bool_] | None = None
@@ -509,7 +537,8 @@ def _measured(values: NDArray[np.float64], good: NDArray[np.bool_]
 
 
 def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = None,
-                  change: float = ANATOMY_CHANGE) -> NDArray[np.float64]:
+                  change: float = ANATOMY_CHANGE, velocity: float = ANATOMY_VELOCITY
+                  ) -> NDArray[np.float64]:
     """The slow part of one translation component ``values`` (n,) of a stack whose content
     hardly changes between slices: the part that is the anatomy's apparent motion and is
     kept rather than corrected.
@@ -557,7 +586,7 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     # The optimum has a zero-mean walk; put any round-off in its mean back where it belongs.
     kept = line + anatomy + walk.mean()
     # The kept trend's straight line is free in the model above. It is the anatomy's mean
-    # velocity (prior variance ANATOMY_VELOCITY^2) or the straight-line part of the stage
+    # velocity (prior variance ``velocity^2``) or the straight-line part of the stage
     # walk over the stack (the slope of a random walk over m slices has variance
     # 6 q / (5 m); m spans the good slices, flagged ones between them included): keep the
     # anatomy's share, follow the walk's. Only the walk that stands out of the estimate's
@@ -567,7 +596,7 @@ def _anatomy_kept(values: NDArray[np.float64], good: NDArray[np.bool_] | None = 
     slope = float(np.polyfit(z[ok], kept[ok], 1)[0])
     span = float(z[ok][-1] - z[ok][0] + 1)
     walk_step = max(0.0, step - 2.0 * _step_noise(white, int(ok.sum())))
-    share = ANATOMY_VELOCITY ** 2 / (ANATOMY_VELOCITY ** 2 + 1.2 * walk_step / span)
+    share = velocity ** 2 / (velocity ** 2 + 1.2 * walk_step / span)
     return kept - (1.0 - share) * slope * (z - z[ok].mean())
 
 
@@ -614,7 +643,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                     sigma: float, *, adaptive: bool = False,
                     stage_step: float | None = STAGE_STEP,
                     noise_model: bool = True,
-                    good: NDArray[np.bool_] | None = None) -> NDArray[np.float64]:
+                    good: NDArray[np.bool_] | None = None,
+                    spacing: float = 1.0) -> NDArray[np.float64]:
     """Slow component of a sequence of 2x3 affines (Gaussian of ``sigma`` slices along z).
 
     The linear parts and the image of the frame centre are smoothed separately, so rotation
@@ -632,7 +662,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
       ``noise_model``), not a fixed Gaussian of ``sigma``; with ``noise_model``, the kept
       translation's straight-line trend never exceeds :data:`ANATOMY_SLOPE`, however few
       the slices. ``good`` (n,) marks the slices whose values are observations (not
-      interpolated over flagged slices).
+      interpolated over flagged slices). ``spacing`` (:func:`slice_spacing`) scales the
+      anatomy's priors to slices farther apart than those they were measured on.
     """
     centre, radius = _normaliser(shape)
     lin = affines[:, :, :2]
@@ -658,9 +689,11 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
             ok = np.ones(len(affines), bool) if good is None else good
             n_good = int(np.count_nonzero(ok))
             if _uses_noise_model(n_good, sigma):
-                ctr_s = np.stack([_anatomy_kept(ctr[:, k], ok) for k in range(2)], axis=1)
+                change, velocity = ANATOMY_CHANGE * spacing ** 1.5, ANATOMY_VELOCITY * spacing
+                ctr_s = np.stack([_anatomy_kept(ctr[:, k], ok, change, velocity)
+                                  for k in range(2)], axis=1)
             if n_good >= 3 and sigma > 0:  # (fewer than 16 slices: the trend's line)
-                ctr_s -= _steep_excess(ctr_s, ok)
+                ctr_s -= _steep_excess(ctr_s, ok, ANATOMY_SLOPE * spacing)
     else:
         lin_s = _local_linear(lin, sigma)
     out = np.empty_like(affines)
@@ -804,7 +837,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         good_mask = np.isin(np.arange(n), good)
         trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True,
                                 stage_step=None if similar else STAGE_STEP,
-                                noise_model=modelled, good=good_mask)
+                                noise_model=modelled, good=good_mask,
+                                spacing=slice_spacing(neighbour_score) if similar else 1.0)
         if modelled and _uses_noise_model(good.size, drift_sigma):
             motion = _stage_motion(trend_src, shape, good_mask)
         if slow_drift == "follow":
