@@ -77,6 +77,7 @@ class Case:
     source: str  # "lucchi", "isbi", "drosophila"
     plane: str = "xy"  # "xy", "xz", "yz" (reslice of the volume)
     planes: int | None = None  # number of contiguous planes (centred); None = all
+    spacing: int = 1  # every spacing-th plane: slices that far apart (thicker FIB slices)
     profile: str | None = None  # drift profile (synth.DRIFT_PROFILES); None = unchanged control
     artifacts: bool = False  # strong FIB-SEM artifacts after the misalignment
     upsample: int = 1  # integer upsampling of the clean slices (lengths of the profile too)
@@ -86,7 +87,8 @@ class Case:
         what = "unchanged (identity truth)" if self.profile is None else \
             f"profile {self.profile}" + (" + strong artifacts" if self.artifacts else "")
         src = f"{self.source} {self.plane.upper()}" + (
-            f" upsampled x{self.upsample}" if self.upsample > 1 else "")
+            f" upsampled x{self.upsample}" if self.upsample > 1 else "") + (
+            f", one plane in {self.spacing}" if self.spacing > 1 else "")
         return f"{src}, {what}"
 
 
@@ -122,6 +124,14 @@ def _load(source: str) -> np.ndarray:
     return np.asarray(loader())
 
 
+def select_planes(stack: np.ndarray, planes: int | None, spacing: int = 1) -> np.ndarray:
+    """Every ``spacing``-th plane of ``stack``, ``planes`` of them (None: as many as there
+    are), from a centred run of contiguous planes."""
+    span = len(stack) if planes is None else min(len(stack), planes * spacing)
+    start = (len(stack) - span) // 2
+    return stack[start:start + span:spacing]
+
+
 def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
           snr: float = 1.5, artifact_strength: float = 1.5,
           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -130,10 +140,7 @@ def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
     ``overrides`` replace drift-profile parameters (lengths in px of the clean slices before
     any upsampling); ``snr`` and ``artifact_strength`` set the artifacts of an artifacts case
     (``synth.fibsem_artifacts``)."""
-    clean = reslice(_load(case.source), case.plane)
-    if case.planes is not None and case.planes < len(clean):
-        start = (len(clean) - case.planes) // 2
-        clean = clean[start:start + case.planes]
+    clean = select_planes(reslice(_load(case.source), case.plane), case.planes, case.spacing)
     if case.upsample > 1:
         f = case.upsample
         clean = np.stack([cv2.resize(s, (s.shape[1] * f, s.shape[0] * f),
@@ -417,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(default 1.5)")
     ap.add_argument("--planes", type=int, default=None,
                     help="number of contiguous planes of the XZ/YZ reslice cases")
+    ap.add_argument("--spacing", type=int, default=1,
+                    help="take every K-th plane of every lucchi case (slices K times as far "
+                         "apart, as thicker FIB-SEM slices); default 1")
     ap.add_argument("--json", type=Path, default=None, help="write all rows and per-slice "
                                                             "errors here")
     ap.add_argument("--label", default=None,
@@ -442,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         cases = [replace(c, profile=args.profile) if c.profile else c for c in cases]
     if args.planes is not None:
         cases = [replace(c, planes=args.planes) if c.plane != "xy" else c for c in cases]
+    if args.spacing < 1:
+        raise SystemExit(f"--spacing {args.spacing}: give an integer >= 1")
+    if args.spacing > 1:
+        cases = [replace(c, spacing=args.spacing) if c.source == "lucchi" else c for c in cases]
     try:
         seeds = [int(v) for v in str(args.seed).split(",") if v.strip()]
     except ValueError:
@@ -499,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_results:  # other seeds and magnitudes get their own tables
             artifacts = (args.snr, args.artifact_strength) != (1.5, 1.5) and case.artifacts
             write_results(case.name + (f"@seed{seed}" if seed != 1 else "")
+                          + (f"@spacing{case.spacing}" if case.spacing > 1 else "")
                           + (f"@{args.set}" if overrides else "")
                           + (f"@snr{args.snr:g},strength{args.artifact_strength:g}"
                              if artifacts else ""), md)

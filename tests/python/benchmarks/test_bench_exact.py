@@ -53,3 +53,14 @@ def test_bad_reslice_and_profile(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["make-benchmark", str(tmp_path / "vol.tif"), str(tmp_path / "b"),
               "--profile", "drift-wild"])
+
+
+def test_select_planes_takes_every_kth_of_a_centred_run() -> None:
+    from benchmarks.bench_exact import select_planes
+
+    stack = np.arange(20)[:, None, None] * np.ones((1, 2, 2))
+    assert select_planes(stack, None)[:, 0, 0].tolist() == list(range(20))
+    assert select_planes(stack, 4)[:, 0, 0].tolist() == [8, 9, 10, 11]
+    assert select_planes(stack, 4, 3)[:, 0, 0].tolist() == [4, 7, 10, 13]
+    assert select_planes(stack, None, 3)[:, 0, 0].tolist() == [0, 3, 6, 9, 12, 15, 18]
+    assert select_planes(stack, 50, 2)[:, 0, 0].tolist() == list(range(0, 20, 2))
