@@ -77,11 +77,11 @@ class Case:
     source: str  # "lucchi", "isbi", "drosophila"
     plane: str = "xy"  # "xy", "xz", "yz" (reslice of the volume)
     planes: int | None = None  # number of contiguous planes (centred); None = all
-    spacing: int = 1  # every spacing-th plane: slices that far apart (thicker FIB slices)
     profile: str | None = None  # drift profile (synth.DRIFT_PROFILES); None = unchanged control
     artifacts: bool = False  # strong FIB-SEM artifacts after the misalignment
     upsample: int = 1  # integer upsampling of the clean slices (lengths of the profile too)
     model: str = "rigid"  # the peers' model where only one is run (elastix-auto)
+    spacing: int = 1  # one plane in spacing: slices that far apart (thicker FIB slices)
 
     def describe(self) -> str:
         what = "unchanged (identity truth)" if self.profile is None else \

@@ -64,3 +64,14 @@ def test_select_planes_takes_every_kth_of_a_centred_run() -> None:
     assert select_planes(stack, 4, 3)[:, 0, 0].tolist() == [4, 7, 10, 13]
     assert select_planes(stack, None, 3)[:, 0, 0].tolist() == [0, 3, 6, 9, 12, 15, 18]
     assert select_planes(stack, 50, 2)[:, 0, 0].tolist() == list(range(0, 20, 2))
+
+
+def test_cases_are_what_their_names_say() -> None:
+    from benchmarks.bench_exact import CASES, QUICK
+    from deepalign_fast.qc.synth import DRIFT_PROFILES
+
+    for case in [*CASES.values(), *QUICK.values()]:
+        assert case.spacing == 1 and case.upsample >= 1
+        assert (case.profile is None) == case.name.endswith("control")
+        assert case.profile is None or case.profile in DRIFT_PROFILES
+        assert case.describe().startswith(case.source)
