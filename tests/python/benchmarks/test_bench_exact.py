@@ -67,8 +67,9 @@ def test_select_planes_takes_every_kth_of_a_centred_run() -> None:
 
 
 def test_cases_are_what_their_names_say() -> None:
-    from benchmarks.bench_exact import CASES, QUICK
     from deepalign_fast.qc.synth import DRIFT_PROFILES
+
+    from benchmarks.bench_exact import CASES, QUICK
 
     for case in [*CASES.values(), *QUICK.values()]:
         assert case.spacing == 1 and case.upsample >= 1
