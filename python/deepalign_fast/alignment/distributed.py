@@ -73,12 +73,15 @@ from .aligner import Aligner, AlignResult, SideOutput, result_of_checkpoint
 from .matcher import StackMatcher, backend_for, is_blank
 from .options import AlignOptions
 
-__all__ = ["CONNECT_TIMEOUT_S", "DistributedResult", "align_distributed", "check_scheduler",
+__all__ = ["CONNECT_TIMEOUT_S", "LOOPBACK_ANY_PORT", "DistributedResult", "align_distributed",
+           "check_scheduler",
            "connect"]
 
 MANIFEST_VERSION = 1
 #: Seconds :func:`connect` waits for a scheduler to answer (by default).
 CONNECT_TIMEOUT_S = 60.0
+# Where a local cluster's dashboard listens: loopback, a free port.
+LOOPBACK_ANY_PORT = "127.0.0.1:0"
 _TASKS = ("prepare", "match", "match_cached", "render", "render_skipped")
 
 # --------------------------------------------------------------------------------------------
@@ -375,9 +378,11 @@ def connect(scheduler: Any, *, timeout_s: float | None = None) -> Iterator[Any]:
     spec = str(scheduler)
     check_scheduler(spec)
     if spec.startswith("local:"):
+        # The dashboard on a free loopback port: None means the default, 0.0.0.0:8787 with
+        # dask 2024.1 (reachable from the network) and a warning where 8787 is taken.
         cluster = LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=int(spec.split(":", 1)[1]), threads_per_worker=1, processes=True,
-            host="127.0.0.1", dashboard_address=None)
+            host="127.0.0.1", dashboard_address=LOOPBACK_ANY_PORT)
         with cluster, Client(cluster, timeout=timeout) as client:  # type: ignore[no-untyped-call]
             yield client
         return

@@ -17,7 +17,11 @@ import pytest
 pytest.importorskip("distributed")
 
 from deepalign_fast import Aligner, AlignOptions, DeepAlignError  # noqa: E402
-from deepalign_fast.alignment.distributed import align_distributed, connect  # noqa: E402
+from deepalign_fast.alignment.distributed import (  # noqa: E402
+    LOOPBACK_ANY_PORT,
+    align_distributed,
+    connect,
+)
 from deepalign_fast.cli import main  # noqa: E402
 from deepalign_fast.datasets import sample_stack_path  # noqa: E402
 from deepalign_fast.io import open_stack, open_writer  # noqa: E402
@@ -35,7 +39,8 @@ def cluster() -> Any:
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as lc, Client(lc, timeout=60) as client:
+                      dashboard_address=LOOPBACK_ANY_PORT) as lc, \
+            Client(lc, timeout=60) as client:
         client.wait_for_workers(2, timeout=60)
         yield lc, client
 
@@ -76,6 +81,37 @@ def test_cluster_is_loopback_only(cluster: Any) -> None:
     lc, client = cluster
     addrs = [lc.scheduler_address, *client.scheduler_info()["workers"]]
     assert addrs and all(a.startswith("tcp://127.0.0.1:") for a in addrs), addrs
+
+
+def _listening(pid: int) -> list[str]:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return sorted({c.laddr.ip for p in procs for c in p.net_connections(kind="tcp")
+                   if c.status == psutil.CONN_LISTEN})
+
+
+def test_local_cluster_listens_on_loopback_only_even_where_8787_is_taken() -> None:
+    """``local:N`` opens nothing reachable from the network, dashboard included, and starts
+    without a warning where another Dask dashboard holds the default port 8787 (with dask
+    2024.1 the default dashboard listened on 0.0.0.0:8787, and a taken port failed this
+    suite, where warnings are errors)."""
+    import socket
+
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        taken.bind(("127.0.0.1", 8787))
+        taken.listen()
+    except OSError:
+        pass  # already taken by someone else: the case this test is about
+    try:
+        with connect("local:1") as client:
+            assert client.scheduler_info()["workers"]
+            ips = _listening(os.getpid())
+    finally:
+        taken.close()
+    assert ips and set(ips) <= {"127.0.0.1", "::1"}, ips
 
 
 def test_equals_single_machine(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
