@@ -91,20 +91,24 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  median consistent matches per slice: {summary['matches_median']:.0f}")
     corr = summary.get("neighbour_correlation")
     if corr is not None:
-        from .alignment.solve import SIMILAR_CONTENT, STAGE_STEP, slice_spacing
+        from .alignment.solve import SIMILAR_CONTENT, STAGE_STEP
 
-        spacing = slice_spacing(corr)
-        print(f"  neighbour correlation {corr:.2f}, noise discounted"
+        discounted = bool(summary.get("neighbour_noise_discounted"))
+        print(f"  neighbour correlation {corr:.2f}, "
+              + ("noise discounted" if discounted else
+                 "noise included (no second-nearest pairs: --offsets without 2)")
               + (f" (dissimilar slices: apparent walks beyond {STAGE_STEP:g} px per slice "
-                 "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else
-                 f" (slices about {spacing:.1f} times as far apart as 5-nm FIB-SEM: the "
-                 "anatomy's apparent motion allowed for that)" if spacing > 1.05 else ""))
+                 "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else ""))
     motion = summary.get("stage_motion")
     if motion is not None:
-        from .alignment.solve import ANATOMY_SLOPE, slice_spacing
+        from .alignment.solve import ANATOMY_SLOPE
 
         trend = motion["trend_px_per_slice"]
-        limit = ANATOMY_SLOPE * slice_spacing(corr)
+        spacing = motion["slice_spacing"]
+        limit = ANATOMY_SLOPE * spacing
+        if spacing > 1.05:
+            print(f"  slices about {spacing:.1f} times as far apart as 5-nm FIB-SEM: the "
+                  "anatomy's apparent motion allowed for that")
         print(f"  measured stage walk {motion['stage_walk_px']:.2f} px per slice, jitter "
               f"{motion['jitter_px']:.2f} px (corrected; the smooth motion beyond them is "
               "kept as the anatomy's)")

@@ -69,6 +69,9 @@ class AlignResult:
     timings: dict[str, float] = field(default_factory=dict)
     neighbour_score: float | None = None  # StackMatcher.neighbour_score (None: not measured)
     motion: dict[str, float] | None = None  # SolveResult.motion (None: not measured)
+    # Whether neighbour_score has the noise discounted (StackMatcher.noise_discounted), not
+    # the raw fallback.
+    noise_discounted: bool = False
 
     @property
     def flagged(self) -> list[int]:
@@ -85,6 +88,7 @@ class AlignResult:
             "residual_max_px": float(np.max(res)) if res else None,
             "matches_median": float(np.median(self.matches)) if self.matches else 0.0,
             "neighbour_correlation": self.neighbour_score,
+            "neighbour_noise_discounted": self.noise_discounted,
             "stage_motion": self.motion,
             "time_s": total,
             "slices_per_s": n / total if total > 0 else None,
@@ -233,7 +237,7 @@ class Aligner:
         timings = {**matcher.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
         return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score(),
-                           solved.motion)
+                           solved.motion, matcher.noise_discounted())
 
     def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
                       ) -> TransformSet:
@@ -253,7 +257,8 @@ class Aligner:
         solved = solve_stack(n, matcher.pairs, (h, w), model=opts.model,
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
                              drift_sigma=opts.drift_sigma, blank=matcher.blank,
-                             neighbour_score=matcher.neighbour_score())
+                             neighbour_score=matcher.neighbour_score(),
+                             spacing=matcher.slice_spacing())
         matcher.times.add("solve", t0)
         return solved
 
@@ -456,7 +461,8 @@ class Aligner:
                     ckpt.save(result.transforms.to_json(), list(result.matches),
                               dict(result.timings),
                               measured={"neighbour_score": result.neighbour_score,
-                                        "motion": result.motion})
+                                        "motion": result.motion,
+                                        "noise_discounted": result.noise_discounted})
             if not is_done(out):
                 writer_options: dict[str, Any] = {"overwrite": overwrite}
                 if voxel_size is not None:
@@ -514,18 +520,22 @@ class Aligner:
 
 def result_of_checkpoint(saved: dict[str, Any], source: str) -> AlignResult:
     """The estimation a checkpoint kept (:meth:`Checkpoint.load`'s dictionary)."""
-    score, motion = _measured_of(saved)
+    score, motion, discounted = _measured_of(saved)
     return AlignResult(TransformSet.from_json(saved["transforms"], source=source),
                        [int(m) for m in saved["matches"]],
-                       {str(k): float(v) for k, v in saved["timings"].items()}, score, motion)
+                       {str(k): float(v) for k, v in saved["timings"].items()}, score, motion,
+                       discounted)
 
 
-def _measured_of(saved: dict[str, Any]) -> tuple[float | None, dict[str, float] | None]:
-    """The neighbour score and stage motion a checkpoint kept (``None`` for what is missing or
-    malformed: the summary leaves it out rather than the resume failing)."""
+def _measured_of(saved: dict[str, Any]
+                 ) -> tuple[float | None, dict[str, float] | None, bool]:
+    """The neighbour score, stage motion and whether the score had the noise discounted, as a
+    checkpoint kept them (``None`` / False for what is missing or malformed: the summary
+    leaves it out rather than the resume failing)."""
     measured = saved.get("measured")
     measured = measured if isinstance(measured, dict) else {}
     score, motion = measured.get("neighbour_score"), measured.get("motion")
+    discounted = measured.get("noise_discounted") is True
 
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
@@ -533,7 +543,7 @@ def _measured_of(saved: dict[str, Any]) -> tuple[float | None, dict[str, float] 
     return (float(score) if score is not None and number(score) else None,
             {k: float(motion[k]) for k in MOTION_KEYS}
             if isinstance(motion, dict) and all(number(motion.get(k)) for k in MOTION_KEYS)
-            else None)
+            else None, discounted)
 
 
 class AlignStream(Iterator[np.ndarray]):
@@ -627,7 +637,7 @@ class _StreamState:
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
                              drift_sigma=opts.drift_sigma, blank=blank,
                              neighbour_score=self.matcher.neighbour_score(lo),
-                             noise_model=whole)
+                             spacing=self.matcher.slice_spacing(lo), noise_model=whole)
         a = solved.affines[z - lo]
         if opts.slow_drift == "follow":
             # Each window has its own gauge: carry the previous emitted slice's frame over.

@@ -524,7 +524,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         if tpath is not None:
             base.transforms = TransformSet.load(tpath)
         result = DistributedResult(base.transforms, base.matches, base.timings,
-                                   base.neighbour_score, base.motion,
+                                   base.neighbour_score, base.motion, base.noise_discounted,
                                    tasks=dict.fromkeys(_TASKS, 0))
         if not keep_work:
             work.remove()
@@ -633,7 +633,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         ckpt.save(ts.to_json(), list(solver.matches),
                   {**solver.times.seconds, "estimate": t_est},
                   measured={"neighbour_score": solver.neighbour_score(),
-                            "motion": solved.motion})
+                            "motion": solved.motion,
+                            "noise_discounted": solver.noise_discounted()})
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
@@ -672,7 +673,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     timings = {**solver.times.seconds, "estimate": t_est, "render": t_render,
                "total": time.perf_counter() - t_start}
     result = DistributedResult(ts, list(solver.matches), timings, solver.neighbour_score(),
-                               solved.motion, tasks=counts)
+                               solved.motion, solver.noise_discounted(), tasks=counts)
     with ckpt.recording():
         for _, write in extra:
             write(result)

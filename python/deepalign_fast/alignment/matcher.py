@@ -21,7 +21,7 @@ from ..geometry import compose, invert
 from ..match import Correspondences, make_backend
 from ..progress import StageTimes
 from .options import AlignOptions
-from .solve import SIMILAR_CONTENT, PairMoments, pair_moments
+from .solve import SIMILAR_CONTENT, PairMoments, pair_moments, slice_spacing
 
 __all__ = ["MatchFn", "StackMatcher", "backend_for", "is_blank", "persistence"]
 
@@ -208,6 +208,21 @@ class StackMatcher:
             return None
         persists = persistence(np.asarray(self.alike[start:], np.float64))
         return float(np.median(scores)) if persists is None else persists
+
+    def noise_discounted(self, start: int = 0) -> bool:
+        """Whether :meth:`neighbour_score` (slices ``start`` on) has the noise discounted,
+        not the raw fallback."""
+        return self.opts.features == "blocks" and \
+            persistence(np.asarray(self.alike[start:], np.float64)) is not None
+
+    def slice_spacing(self, start: int = 0) -> float:
+        """How far apart the slices are (:func:`~deepalign_fast.alignment.solve.slice_spacing`
+        of the noise-discounted :meth:`neighbour_score`, slices ``start`` on); 1 where the
+        noise could not be discounted, whose lower raw score would read as slices far
+        apart."""
+        if not self.noise_discounted(start):
+            return 1.0
+        return slice_spacing(self.neighbour_score(start))
 
     def add(self, z: int, state: Any | None) -> None:
         """Match slice z (``state`` None = blank slice) with its predecessors."""

@@ -87,7 +87,7 @@ __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "MOTION_KEYS",
 
 SLOW_DRIFT = ("keep", "follow", "none")
 #: The keys of :attr:`SolveResult.motion`.
-MOTION_KEYS = ("stage_walk_px", "jitter_px", "trend_px_per_slice")
+MOTION_KEYS = ("stage_walk_px", "jitter_px", "trend_px_per_slice", "slice_spacing")
 
 # Strength of the prior on the components a restricted model excludes ("hard" constraint).
 _HARD = 1e6
@@ -143,8 +143,9 @@ class SolveResult:
     flagged: list[int]  # slices without enough trusted matches
     pair_weights: dict[tuple[int, int], float] = field(default_factory=dict)  # final IRLS
     # What the noise model measured where it split the slow translation (keep, similar
-    # slices), keyed by MOTION_KEYS: rms step per slice and rms jitter (2-D), and the slope of
-    # the straight-line trend (px per slice); else None.
+    # slices), keyed by MOTION_KEYS: rms step per slice and rms jitter (2-D), the slope of
+    # the straight-line trend (px per slice), and the slice spacing its anatomy priors were
+    # scaled to (1: as measured on 5-nm FIB-SEM); else None.
     motion: dict[str, float] | None = None
 
 
@@ -624,18 +625,19 @@ def _steep_excess(ctr: NDArray[np.float64], good: NDArray[np.bool_],
 
 
 def _stage_motion(affines: NDArray[np.float64], shape: tuple[int, int],
-                  good: NDArray[np.bool_]) -> dict[str, float]:
+                  good: NDArray[np.bool_], spacing: float) -> dict[str, float]:
     """The stage walk (rms step per slice) and jitter (rms) that :func:`_motion_model`
     measures in the translation of ``affines`` (slice -> output) at the frame centre, as
-    2-D magnitudes (both axes together), and the slope of its straight-line trend (px per
-    slice; what exceeds :data:`ANATOMY_SLOPE` is corrected as a steady stage drift)."""
+    2-D magnitudes (both axes together), the slope of its straight-line trend (px per
+    slice; what exceeds :data:`ANATOMY_SLOPE` times ``spacing`` is corrected as a steady
+    stage drift), and ``spacing``."""
     centre, _ = _normaliser(shape)
     ctr = affines[:, :, :2] @ centre + affines[:, :, 2]
     white = step = 0.0
     for k in range(2):
         _, _, w, q = _measured(ctr[:, k], good)
         white, step = white + w, step + q
-    values = (np.sqrt(step), np.sqrt(white), np.hypot(*_line_slope(ctr, good)))
+    values = (np.sqrt(step), np.sqrt(white), np.hypot(*_line_slope(ctr, good)), spacing)
     return {k: float(v) for k, v in zip(MOTION_KEYS, values, strict=True)}
 
 
@@ -663,8 +665,10 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
       translation's straight-line trend never exceeds :data:`ANATOMY_SLOPE`, however few
       the slices. ``good`` (n,) marks the slices whose values are observations (not
       interpolated over flagged slices). ``spacing`` (:func:`slice_spacing`) scales the
-      anatomy's priors to slices farther apart than those they were measured on.
+      anatomy's priors to slices farther apart than those they were measured on (>= 1).
     """
+    if not (np.isfinite(spacing) and spacing >= 1.0):
+        raise ValueError(f"spacing must be a finite number >= 1, got {spacing}")
     centre, radius = _normaliser(shape)
     lin = affines[:, :, :2]
     ctr = lin @ centre + affines[:, :, 2]
@@ -705,8 +709,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
 def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                 model: str = "affine", regularise: float = 0.05, slow_drift: str = "keep",
                 drift_sigma: float = 16.0, blank: Sequence[int] = (),
-                neighbour_score: float | None = None, noise_model: bool = True,
-                iterations: int = 6) -> SolveResult:
+                neighbour_score: float | None = None, spacing: float = 1.0,
+                noise_model: bool = True, iterations: int = 6) -> SolveResult:
     """Solve one transform per slice from the pairs' moments (see module docstring).
 
     Parameters
@@ -736,6 +740,12 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         :data:`SIMILAR_CONTENT` or above, ``keep`` corrects every random walk (the content
         changes too little between slices to appear to walk); below it or unknown, a walk
         beyond :data:`STAGE_STEP` px per slice is the content's and is kept.
+    spacing : float
+        How far apart the slices are, in slices of 5-nm FIB-SEM (>= 1; :func:`slice_spacing`
+        of a noise-discounted neighbour score,
+        :meth:`~deepalign_fast.alignment.matcher.StackMatcher.slice_spacing`): the noise
+        model of similar slices scales the anatomy's priors by it. 1 (the default) where
+        the noise could not be discounted: a noisy score would read as slices far apart.
     noise_model : bool
         Split the slow translation of similar slices by the noise model measured on them
         (the default, a two-sided estimate over the whole stack). False: the Gaussian trend
@@ -752,6 +762,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         raise ValueError(f"slow_drift must be one of {', '.join(SLOW_DRIFT)}; got {slow_drift!r}")
     if n < 1:
         raise ValueError("n must be >= 1")
+    if not (np.isfinite(spacing) and spacing >= 1.0):
+        raise ValueError(f"spacing must be a finite number >= 1, got {spacing}")
     pairs = [pm for pm in pairs if pm.i != pm.j and 0 <= pm.i < n and 0 <= pm.j < n]
     _, radius = _normaliser(shape)
     per_slice = np.zeros(n)
@@ -835,12 +847,12 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
         modelled = similar and noise_model and slow_drift == "keep"
         good_mask = np.isin(np.arange(n), good)
+        apart = spacing if similar else 1.0
         trend = lowpass_affines(trend_src, shape, drift_sigma, adaptive=True,
                                 stage_step=None if similar else STAGE_STEP,
-                                noise_model=modelled, good=good_mask,
-                                spacing=slice_spacing(neighbour_score) if similar else 1.0)
+                                noise_model=modelled, good=good_mask, spacing=apart)
         if modelled and _uses_noise_model(good.size, drift_sigma):
-            motion = _stage_motion(trend_src, shape, good_mask)
+            motion = _stage_motion(trend_src, shape, good_mask, apart)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.

@@ -253,6 +253,32 @@ def test_slices_farther_apart_are_told_and_named(tmp_path: Path,
             assert "keeps at most 0.38 px per slice" in text
     assert scores == [False, True]
     assert max(moved) < 0.3
+    # Following the slow drift uses no anatomy prior: no spacing to name.
+    assert main(["align", str(tmp_path / "half.tif"), "-o", str(tmp_path / "follow.tif"),
+                 "--model", "translation", "--slow-drift", "follow", "--quiet"]) == 0
+    assert "times as far apart" not in capsys.readouterr().out
+
+
+def test_noisy_score_without_second_nearest_pairs_is_not_read_as_spacing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Matched without offset 2, the neighbour score is the raw block correlation, noise
+    included (0.63 for these closely spaced noisy slices). Read as a spacing it would say 2.2
+    and loosen the anatomy priors; it is not read as one, and the summary says the noise is
+    included."""
+    vol = _smooth_volume(32).astype(np.float32) / 255
+    vol += np.random.default_rng(1).normal(0, 0.2 * float(np.ptp(vol)), vol.shape)
+    tifffile.imwrite(tmp_path / "noisy.tif", vol.astype(np.float32))
+    assert main(["align", str(tmp_path / "noisy.tif"), "-o", str(tmp_path / "o.tif"),
+                 "--model", "translation", "--offsets", "1,4", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["neighbour_correlation"] < 0.8
+    assert summary["neighbour_noise_discounted"] is False
+    assert summary["stage_motion"]["slice_spacing"] == 1.0
+    assert main(["align", str(tmp_path / "noisy.tif"), "-o", str(tmp_path / "o.tif"),
+                 "--model", "translation", "--offsets", "1,4", "--overwrite"]) == 0
+    text = capsys.readouterr().out
+    assert "noise included" in text and "noise discounted" not in text
+    assert "times as far apart" not in text
 
 
 def test_output_equal_to_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -564,13 +590,17 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
     resumed = _resume(src, out, monkeypatch)
     assert resumed["neighbour_correlation"] == reference["neighbour_correlation"]
     assert resumed["stage_motion"] == reference["stage_motion"]
+    assert resumed["neighbour_noise_discounted"] is reference["neighbour_noise_discounted"] \
+        is True
 
 
 @pytest.mark.parametrize("measured", [
     {"neighbour_score": "x", "motion": {"stage_walk_px": 1.0, "jitter_px": None,
                                         "trend_px_per_slice": 0.1}},
     {"neighbour_score": float("nan"), "motion": {"stage_walk_px": 1.0}},
-    {"neighbour_score": True, "motion": [1, 2]},
+    {"neighbour_score": True, "motion": [1, 2], "noise_discounted": "yes"},
+    {"neighbour_score": 0.9, "motion": {"stage_walk_px": 1.0, "jitter_px": 0.1,
+                                        "trend_px_per_slice": 0.1}},  # before slice_spacing
     "junk",
     None,
 ])
@@ -589,5 +619,7 @@ def test_checkpoint_with_malformed_measurements_still_resumes(
         saved["measured"] = measured
     path.write_text(json.dumps(saved))
     resumed = _resume(src, out, monkeypatch)
-    assert resumed["neighbour_correlation"] is None and resumed["stage_motion"] is None
+    assert resumed["stage_motion"] is None and resumed["neighbour_noise_discounted"] is False
+    kept = isinstance(measured, dict) and measured["neighbour_score"] == 0.9
+    assert resumed["neighbour_correlation"] == (0.9 if kept else None)
     assert out.is_file()

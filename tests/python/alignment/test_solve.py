@@ -215,6 +215,11 @@ def test_bad_arguments():
         solve_stack(0, [], SHAPE)
     res = solve_stack(1, [], SHAPE)
     assert np.allclose(res.affines[0], np.eye(2, 3))
+    for spacing in (0.5, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="spacing"):
+            solve_stack(3, [], SHAPE, spacing=spacing)
+        with pytest.raises(ValueError, match="spacing"):
+            lowpass_affines(np.tile(np.eye(2, 3), (3, 1, 1)), SHAPE, 8.0, spacing=spacing)
 
 
 @pytest.mark.parametrize("score", [None, 0.9], ids=["trend", "noise-model"])
@@ -509,7 +514,9 @@ def _thick_slices_moved(score: float, jitter: float = 0.0) -> tuple[float, float
     rng = np.random.default_rng(8)
     seen = apparent.copy()
     seen[:, :, 2] += rng.normal(0, jitter, (n, 2))
-    res = solve_stack(n, _pairs(seen, rng, (1, 2, 4, 8), 0.05), SHAPE, neighbour_score=score)
+    res = solve_stack(n, _pairs(seen, rng, (1, 2, 4, 8), 0.05), SHAPE, neighbour_score=score,
+                      spacing=slice_spacing(score))
+    assert res.motion is not None and res.motion["slice_spacing"] == slice_spacing(score)
     score_ = exact_truth_score(res.affines, invert(compose(invert(apparent), seen)), SHAPE)
     return score_.tre_median, float(score_.per_slice_tre.max())
 
