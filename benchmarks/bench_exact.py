@@ -141,6 +141,9 @@ def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
     any upsampling); ``snr`` and ``artifact_strength`` set the artifacts of an artifacts case
     (``synth.fibsem_artifacts``)."""
     clean = select_planes(reslice(_load(case.source), case.plane), case.planes, case.spacing)
+    if case.planes is not None and len(clean) < case.planes:
+        print(f"note: {case.name}: {len(clean)} planes, not {case.planes} (the reslice has too "
+              f"few for one in {case.spacing})", flush=True)
     if case.upsample > 1:
         f = case.upsample
         clean = np.stack([cv2.resize(s, (s.shape[1] * f, s.shape[0] * f),
@@ -423,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="curtaining/charging amplitude multiplier of the artifacts cases "
                          "(default 1.5)")
     ap.add_argument("--planes", type=int, default=None,
-                    help="number of contiguous planes of the XZ/YZ reslice cases")
+                    help="number of planes of the XZ/YZ reslice cases (from a centred run of "
+                         "contiguous planes; with --spacing K, every K-th of K times as many; "
+                         "fewer, with a note, where the reslice is too short)")
     ap.add_argument("--spacing", type=int, default=1,
                     help="take every K-th plane of every lucchi case (slices K times as far "
                          "apart, as thicker FIB-SEM slices); default 1")
