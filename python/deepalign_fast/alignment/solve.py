@@ -289,9 +289,13 @@ def _local_linear(values: NDArray[np.float64], sigma: float) -> NDArray[np.float
 
     Inside the stack this is a Gaussian smoothing of ``sigma`` slices; unlike a plain
     Gaussian it keeps straight lines exactly and, at the first and last slices, fits a line
-    through the nearby slices instead of pinning (or flattening) the end values.
+    through the nearby slices instead of pinning (or flattening) the end values. Two
+    slices give their mean: a line through two points would take all of their difference
+    for slow, and a pair of slices is given to be registered.
     """
     n = len(values)
+    if n == 2 and sigma > 0:
+        return np.broadcast_to(values.mean(axis=0), values.shape).copy()
     if n < 3 or sigma <= 0:
         return values.copy()
     flat = values.reshape(n, -1)

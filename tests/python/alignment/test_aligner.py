@@ -259,6 +259,24 @@ def test_slices_farther_apart_are_told_and_named(tmp_path: Path,
     assert "times as far apart" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("shift", [(5.0, -3.0), (0.4, 0.2)])
+def test_two_slices_are_registered(shift: tuple[float, float]) -> None:
+    """A stack of two slices: the second is registered to the first, however small or large
+    the shift (before, a line through two slices took all of it for slow motion and left
+    the pair as it was)."""
+    from deepalign_fast.qc.metrics import exact_truth_score
+
+    vol = _smooth_volume(4)[1:3].astype(np.float32)
+    vol[1] = vol[0]
+    full = np.tile(np.eye(2, 3), (2, 1, 1))
+    full[1, :, 2] = shift
+    stack, truth = misalign_stack(vol, full, margin=8)
+    res = Aligner().estimate(stack, progress=False)
+    score = exact_truth_score(res.transforms.affines, truth.transforms, stack.shape[1:])
+    assert not res.flagged
+    assert score.tre_median < 0.05
+
+
 def test_noisy_score_without_second_nearest_pairs_is_not_read_as_spacing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Matched without offset 2, the neighbour score is the raw block correlation, noise
