@@ -96,7 +96,8 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         discounted = bool(summary.get("neighbour_noise_discounted"))
         print(f"  neighbour correlation {corr:.2f}, "
               + ("noise discounted" if discounted else
-                 "noise included (no second-nearest pairs: --offsets without 2)")
+                 "noise included (too few slices with a second-nearest pair to discount it: "
+                 "a short stack, --offsets without 2, or neighbours that hardly correlate)")
               + (f" (dissimilar slices: apparent walks beyond {STAGE_STEP:g} px per slice "
                  "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else ""))
     motion = summary.get("stage_motion")

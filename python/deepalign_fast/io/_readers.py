@@ -117,6 +117,15 @@ class TiffStackReader(StackReader):
         n_expected = self._expected_slices(ny, nx, int(page0.samplesperpixel))
         nz = max(n_series, n_expected or 0)
         if nz == 1 and not allow_single:
+            samples = int(page0.samplesperpixel)
+            if samples > 1 and page0.planarconfig == 2:
+                # tifffile.imwrite stores a (3, y, x) or (4, y, x) array this way unless
+                # told photometric="minisblack": often a short stack, not a colour image.
+                raise DeepAlignError(
+                    f"{self.path}: holds one colour image stored plane by plane ({samples} "
+                    f"samples per pixel), not a stack of slices. If these are {samples} "
+                    "slices (tifffile.imwrite writes a (3 or 4, y, x) array so), save them "
+                    "again with photometric='minisblack'.")
             raise _single_error(self.path)
         self.shape = (nz, ny, nx)
         self._truncated = nz > n_series

@@ -270,6 +270,20 @@ def test_single_image_where_stack_needed(tmp_path, rng):
         np.testing.assert_array_equal(read_image(tmp_path / name), img)
 
 
+@pytest.mark.parametrize("n", [3, 4])
+def test_short_stack_saved_as_planar_colour_is_explained(tmp_path, rng, n):
+    """tifffile.imwrite stores a (3, y, x) or (4, y, x) array as one planar RGB(A) image
+    unless told photometric="minisblack": the error says so and how to save it again (was:
+    'holds a single 2-D image (one slice)')."""
+    # What tifffile.imwrite writes by default (and warns about), said explicitly.
+    tifffile.imwrite(tmp_path / "short.tif", _stack(rng, np.uint8, (n, 12, 14)),
+                     photometric="rgb", planarconfig="separate")
+    with pytest.raises(DeepAlignError, match=rf"short\.tif: holds one colour image stored "
+                                             rf"plane by plane \({n} samples per pixel\).*"
+                                             "photometric='minisblack'"):
+        open_stack(tmp_path / "short.tif")
+
+
 def test_read_image_refuses_stacks_and_colour(tmp_path, rng):
     multi = _stack(rng, np.uint8, (3, 8, 8))
     tifffile.imwrite(tmp_path / "multi.tif", multi, photometric="minisblack")
