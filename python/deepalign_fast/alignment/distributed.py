@@ -378,11 +378,13 @@ def connect(scheduler: Any, *, timeout_s: float | None = None) -> Iterator[Any]:
     spec = str(scheduler)
     check_scheduler(spec)
     if spec.startswith("local:"):
-        # The dashboard on a free loopback port: None means the default, 0.0.0.0:8787 with
-        # dask 2024.1 (reachable from the network) and a warning where 8787 is taken.
+        # The dashboards on free loopback ports: None means the defaults, with dask 2024.1
+        # 0.0.0.0:8787 for the scheduler's (a warning where 8787 is taken) and every
+        # interface for each worker's, reachable from the network.
         cluster = LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=int(spec.split(":", 1)[1]), threads_per_worker=1, processes=True,
-            host="127.0.0.1", dashboard_address=LOOPBACK_ANY_PORT)
+            host="127.0.0.1", dashboard_address=LOOPBACK_ANY_PORT,
+            worker_dashboard_address=LOOPBACK_ANY_PORT)
         with cluster, Client(cluster, timeout=timeout) as client:  # type: ignore[no-untyped-call]
             yield client
         return

@@ -39,7 +39,8 @@ def cluster() -> Any:
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=LOOPBACK_ANY_PORT) as lc, \
+                      dashboard_address=LOOPBACK_ANY_PORT,
+                      worker_dashboard_address=LOOPBACK_ANY_PORT) as lc, \
             Client(lc, timeout=60) as client:
         client.wait_for_workers(2, timeout=60)
         yield lc, client
