@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 from deepalign_fast import Aligner, AlignOptions, DeepAlignError, TransformSet
+from deepalign_fast.alignment.solve import ANATOMY_SLOPE
 from deepalign_fast.cli import main
 from deepalign_fast.qc.metrics import target_registration_error
 from deepalign_fast.qc.synth import misalign_stack
@@ -194,12 +195,12 @@ def test_cli_summary_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     np.testing.assert_allclose(t - t.mean(axis=0), [[2 - z, z - 2] for z in range(5)], atol=0.1)
     assert tifffile.imread(tmp_path / "a.tif").dtype == np.float32
     # By default a steady motion is slow motion and kept, up to the anatomy's steepest mean
-    # motion (ANATOMY_SLOPE, 0.2 px per slice): this one, 1.41 px per slice, is a stage drift
+    # motion (ANATOMY_SLOPE, 0.4 px per slice): this one, 1.41 px per slice, is a stage drift
     # and is corrected down to that slope.
     assert main(["align", str(tmp_path / "s.tif"), "-o", str(tmp_path / "k.tif"),
                  "--model", "translation", "--quiet"]) == 0
     kept = TransformSet.load(tmp_path / "k.transforms.json").affines[:, :, 2]
-    corrected = 1.0 - 0.2 / np.sqrt(2.0)
+    corrected = 1.0 - ANATOMY_SLOPE / np.sqrt(2.0)
     np.testing.assert_allclose(kept - kept.mean(axis=0),
                                [[corrected * (2 - z), corrected * (z - 2)] for z in range(5)],
                                atol=0.1)
@@ -250,7 +251,7 @@ def test_slices_farther_apart_are_told_and_named(tmp_path: Path,
                             .affines[:, :, 2]).max())
         if k == 2:
             assert "slices about 1.9 times as far apart" in text
-            assert "keeps at most 0.38 px per slice" in text
+            assert "keeps at most 0.76 px per slice" in text
     assert scores == [False, True]
     assert max(moved) < 0.3
     # Following the slow drift uses no anatomy prior: no spacing to name.
