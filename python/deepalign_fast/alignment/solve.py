@@ -447,7 +447,7 @@ def _walk_kept(resid: NDArray[np.float64], stage_step: float, *,
 ANATOMY_CHANGE = 0.02
 # ... and its mean velocity over a whole stack stays below this (px per slice, both axes
 # together): the exactly aligned lucchi stacks show 0.07-0.17 over their full length (XZ,
-# YZ, XY), but up to 0.41 over 32-256 planes or a 256-px wide part of the frame (a crop
+# YZ, XY), but up to 0.46 over 32-256 planes or a 256-px wide part of the frame (a crop
 # of another region). A steeper straight-line trend is a steady stage drift: "keep"
 # corrects its excess (see benchmarks/RESULTS.md).
 ANATOMY_SLOPE = 0.4
