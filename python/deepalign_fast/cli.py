@@ -93,13 +93,14 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     if corr is not None:
         from .alignment.solve import SIMILAR_CONTENT, STAGE_STEP
 
-        discounted = bool(summary.get("neighbour_noise_discounted"))
-        print(f"  neighbour correlation {corr:.2f}, "
-              + ("noise discounted" if discounted else
-                 "noise included (too few slices with a second-nearest pair to discount it: "
-                 "a short stack, --offsets without 2, or neighbours that hardly correlate)")
-              + (f" (dissimilar slices: apparent walks beyond {STAGE_STEP:g} px per slice "
-                 "are taken for the content's and kept)" if corr < SIMILAR_CONTENT else ""))
+        discounted = summary.get("neighbour_noise_discounted")
+        print(f"  neighbour correlation {corr:.2f}"
+              + (", noise discounted" if discounted is True else
+                 ", noise included (too few slices with a second-nearest pair to discount it: "
+                 "a short stack, --offsets without 2, or neighbours that hardly correlate)"
+                 if discounted is False else "")
+              + (f"; dissimilar slices: apparent walks beyond {STAGE_STEP:g} px per slice "
+                 "are taken for the content's and kept" if corr < SIMILAR_CONTENT else ""))
     motion = summary.get("stage_motion")
     if motion is not None:
         from .alignment.solve import ANATOMY_SLOPE

@@ -637,8 +637,10 @@ def _input_identity(path: Path) -> dict[str, Any]:
 
 
 # Version of the checkpoint contents: a checkpoint of another version is ignored (the run
-# starts over) rather than resumed with state it lacks (2: the matcher's neighbour scores).
-CHECKPOINT_FORMAT = 2
+# starts over) rather than resumed with state it lacks (2: the matcher's neighbour scores;
+# 3: transforms solved with the noise-discounted slice spacing and the 0.4 px per slice
+# anatomy slope, and whether the neighbour score is noise discounted).
+CHECKPOINT_FORMAT = 3
 
 
 def _identity(path: Path) -> dict[str, Any]:

@@ -70,8 +70,8 @@ class AlignResult:
     neighbour_score: float | None = None  # StackMatcher.neighbour_score (None: not measured)
     motion: dict[str, float] | None = None  # SolveResult.motion (None: not measured)
     # Whether neighbour_score has the noise discounted (StackMatcher.noise_discounted), not
-    # the raw fallback.
-    noise_discounted: bool = False
+    # the raw fallback (None: not known).
+    noise_discounted: bool | None = None
 
     @property
     def flagged(self) -> list[int]:
@@ -528,14 +528,15 @@ def result_of_checkpoint(saved: dict[str, Any], source: str) -> AlignResult:
 
 
 def _measured_of(saved: dict[str, Any]
-                 ) -> tuple[float | None, dict[str, float] | None, bool]:
+                 ) -> tuple[float | None, dict[str, float] | None, bool | None]:
     """The neighbour score, stage motion and whether the score had the noise discounted, as a
-    checkpoint kept them (``None`` / False for what is missing or malformed: the summary
-    leaves it out rather than the resume failing)."""
+    checkpoint kept them (``None`` for what is missing or malformed: the summary leaves it
+    out rather than the resume failing)."""
     measured = saved.get("measured")
     measured = measured if isinstance(measured, dict) else {}
     score, motion = measured.get("neighbour_score"), measured.get("motion")
-    discounted = measured.get("noise_discounted") is True
+    flag = measured.get("noise_discounted")
+    discounted = flag if isinstance(flag, bool) else None
 
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)

@@ -262,9 +262,9 @@ def test_slices_farther_apart_are_told_and_named(tmp_path: Path,
 
 @pytest.mark.parametrize("shift", [(5.0, -3.0), (0.4, 0.2)])
 def test_two_slices_are_registered(shift: tuple[float, float]) -> None:
-    """A stack of two slices: the second is registered to the first, however small or large
-    the shift (before, a line through two slices took all of it for slow motion and left
-    the pair as it was)."""
+    """A stack of two slices: the two are registered to each other (both move to their mean
+    frame), however small or large the shift (before, a line through two slices took all of
+    it for slow motion and left the pair as it was)."""
     from deepalign_fast.qc.metrics import exact_truth_score
 
     vol = _smooth_volume(4)[1:3].astype(np.float32)
@@ -551,6 +551,10 @@ def test_checkpoint_of_an_older_format_is_ignored(tmp_path: Path) -> None:
     older.save_matches({"count": np.array(2)})
     assert older.load_matches() is not None
     assert ckpt.load_matches() is None
+    # Format 2: transforms solved with the noisy-score spacing and the 0.2 px slope limit.
+    previous = Checkpoint(ckpt.path, {**ckpt.key, "format": 2})
+    previous.save_matches({"count": np.array(2)})
+    assert ckpt.load_matches() is None
 
 
 def _interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -619,7 +623,7 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
     {"neighbour_score": float("nan"), "motion": {"stage_walk_px": 1.0}},
     {"neighbour_score": True, "motion": [1, 2], "noise_discounted": "yes"},
     {"neighbour_score": 0.9, "motion": {"stage_walk_px": 1.0, "jitter_px": 0.1,
-                                        "trend_px_per_slice": 0.1}},  # before slice_spacing
+                                        "trend_px_per_slice": 0.1}},  # keys missing
     "junk",
     None,
 ])
@@ -638,7 +642,7 @@ def test_checkpoint_with_malformed_measurements_still_resumes(
         saved["measured"] = measured
     path.write_text(json.dumps(saved))
     resumed = _resume(src, out, monkeypatch)
-    assert resumed["stage_motion"] is None and resumed["neighbour_noise_discounted"] is False
+    assert resumed["stage_motion"] is None and resumed["neighbour_noise_discounted"] is None
     kept = isinstance(measured, dict) and measured["neighbour_score"] == 0.9
     assert resumed["neighbour_correlation"] == (0.9 if kept else None)
     assert out.is_file()
