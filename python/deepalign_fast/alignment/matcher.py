@@ -209,20 +209,24 @@ class StackMatcher:
         persists = persistence(np.asarray(self.alike[start:], np.float64))
         return float(np.median(scores)) if persists is None else persists
 
+    def _discounted(self, start: int) -> float | None:
+        """The noise-discounted score of slices ``start`` on (:func:`persistence`), None
+        where it cannot be measured (keypoint features, or too few second-nearest pairs)."""
+        if self.opts.features != "blocks":
+            return None
+        return persistence(np.asarray(self.alike[start:], np.float64))
+
     def noise_discounted(self, start: int = 0) -> bool:
         """Whether :meth:`neighbour_score` (slices ``start`` on) has the noise discounted,
         not the raw fallback."""
-        return self.opts.features == "blocks" and \
-            persistence(np.asarray(self.alike[start:], np.float64)) is not None
+        return self._discounted(start) is not None
 
     def slice_spacing(self, start: int = 0) -> float:
         """How far apart the slices are (:func:`~deepalign_fast.alignment.solve.slice_spacing`
         of the noise-discounted :meth:`neighbour_score`, slices ``start`` on); 1 where the
         noise could not be discounted, whose lower raw score would read as slices far
         apart."""
-        if not self.noise_discounted(start):
-            return 1.0
-        return slice_spacing(self.neighbour_score(start))
+        return slice_spacing(self._discounted(start))
 
     def add(self, z: int, state: Any | None) -> None:
         """Match slice z (``state`` None = blank slice) with its predecessors."""
