@@ -76,3 +76,30 @@ def test_cases_are_what_their_names_say() -> None:
         assert (case.profile is None) == case.name.endswith("control")
         assert case.profile is None or case.profile in DRIFT_PROFILES
         assert case.describe().startswith(case.source)
+
+
+def test_bench_slope_compares_limits_on_the_same_matches(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """benchmarks.bench_slope on a small smooth volume: the specs stay inside the reslices,
+    every stack gets a TRE per limit from one matching, the limit is restored, and a limit
+    that binds moves an aligned stack with a steep apparent slope more than a loose one."""
+    from deepalign_fast.alignment import solve
+
+    from benchmarks import bench_slope
+
+    vol = _volume()
+    n_planes = {"xz": vol.shape[1], "yz": vol.shape[2]}
+    specs = bench_slope.specs_for(24, n_planes)
+    assert specs and all(s[1] + s[2] <= n_planes[s[0]] for s in specs)
+    assert {s[5] for s in specs} == {"none", "mild", "strong"}
+    default = solve.ANATOMY_SLOPE
+    # An aligned stack whose content moves 0.5 px per slice: a limit of 0.1 corrects most of
+    # it as drift, a limit of 1.0 keeps it.
+    shifted = np.stack([np.roll(vol[20], (0, k // 2), axis=(0, 1)) for k in range(24)])
+    shifted = np.ascontiguousarray(shifted[:, 8:-8, 8:-8])
+    monkeypatch.setattr(bench_slope, "build", lambda spec, volume: (
+        shifted, np.tile(np.eye(2, 3), (len(shifted), 1, 1))))
+    row = bench_slope.run(("xz", 0, 24, 0, 0, "none", 0), vol, [0.1, 1.0])
+    assert solve.ANATOMY_SLOPE == default
+    assert row["tre"]["0.1"] > 2.0 > 0.5 > row["tre"]["1.0"]
+    assert "| 24 |" in bench_slope.table([row], [0.1, 1.0])
