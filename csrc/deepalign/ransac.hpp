@@ -7,7 +7,12 @@
 // Determinism: hypothesis k draws its minimal sample from an RNG seeded by (seed, k) alone,
 // hypotheses are scored in fixed batches whose size never depends on the thread count, and the
 // best one is chosen by (more inliers, lower inlier SSE, lower k). The result is therefore
-// identical for a given seed whatever num_threads is.
+// identical for a given seed whatever num_threads is, and whatever the CPU (the AVX2 scoring
+// kernel counts and sums exactly as the portable one).
+//
+// Speed: hypotheses are scored on a float32 copy of the points (each set centred on its mean)
+// in a shuffled order, so a hypothesis that cannot beat the best is dropped after a sample of
+// the points; the local refits and the returned mask and RMS use the float64 input.
 #pragma once
 
 #include <array>

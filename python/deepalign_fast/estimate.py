@@ -71,7 +71,9 @@ def estimate_transform(
     distance ``|M @ src - dst| < threshold``). Whenever a sample beats the best so far, the model
     is refitted by least squares on its inliers until that stops improving (local optimisation),
     and the number of samples still needed is updated from ``confidence`` and the best inlier
-    ratio. The final model is a least-squares fit on all its inliers.
+    ratio. The final model is a least-squares fit on all its inliers. (Samples are scored in
+    float32 on centred points, and one that clearly cannot beat the best is dropped after a
+    random sample of the points; the fits, the inlier mask and ``rms`` are float64.)
 
     Parameters
     ----------
