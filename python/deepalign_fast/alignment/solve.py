@@ -72,8 +72,10 @@ tell them apart, so the slow component is a decision (``slow_drift``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -711,6 +713,36 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
     return out
 
 
+@functools.cache
+def _blas_controller() -> Any:
+    """The process's BLAS libraries (threadpoolctl), found once scipy.linalg has loaded its
+    own."""
+    import scipy.linalg  # noqa: F401  (loads the BLAS the solve uses, so it is found)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _one_blas_thread(func: _F) -> _F:
+    """Run ``func`` with every BLAS library on one thread, restoring the caller's setting.
+
+    The solve's linear algebra is small (a banded Cholesky of 6 unknowns per slice and a band
+    of ~50, a few sparse solves); OpenBLAS's threads on it cost more than they save, and on a
+    busy machine, where they spin waiting for a core, far more: a stream of 64 slices spent
+    152 s in 384 banded Cholesky factorisations with two threads and 1.6 s with one
+    (benchmarks/RESULTS.md). The limit is process-wide while it lasts (threadpoolctl).
+    """
+    @functools.wraps(func)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            return func(*args, **kwargs)
+    return wrapped  # type: ignore[return-value]
+
+
+@_one_blas_thread
 def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                 model: str = "affine", regularise: float = 0.05, slow_drift: str = "keep",
                 drift_sigma: float = 16.0, blank: Sequence[int] = (),
