@@ -416,8 +416,8 @@ RansacResult ransac(const double* src, const double* dst, std::int64_t n,
   const double t2 = options.threshold * options.threshold;
   const int threads = resolve_num_threads(options.num_threads);
   // Keep each thread's share of a batch worth tens of microseconds, so that threads are not
-  // started for less work than they cost (scoring costs a few ns per point).
-  const std::int64_t min_chunk = std::max<std::int64_t>(1, 20000 / std::max<std::int64_t>(n, 1));
+  // started for less work than they cost (scoring costs well under a ns per point).
+  const std::int64_t min_chunk = std::max<std::int64_t>(1, 200000 / std::max<std::int64_t>(n, 1));
 
   struct Hypothesis {
     double m[6];
