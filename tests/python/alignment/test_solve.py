@@ -644,16 +644,18 @@ def test_noise_model_measures_around_periodically_flagged_slices():
 def test_solve_runs_blas_on_one_thread_and_restores_the_callers_setting(monkeypatch):
     # The banded Cholesky of a window is tiny; BLAS threads spinning on a busy machine made a
     # stream of 64 slices take 160 s instead of 14. The solve limits BLAS to one thread while
-    # it runs and gives the caller back its own setting.
+    # it runs and gives the caller back its own setting. (Per library: some, as the OpenBLAS
+    # built into OpenCV 4.8 wheels, are single-threaded whatever one asks.)
     import scipy.linalg
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    def blas_threads() -> set[int]:
-        return {int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"}
+    def blas_threads() -> dict[str, int]:
+        return {i["filepath"]: int(i["num_threads"]) for i in threadpool_info()
+                if i["user_api"] == "blas"}
 
     if not blas_threads():
         pytest.skip("no BLAS library that threadpoolctl can control")
-    seen: list[set[int]] = []
+    seen: list[dict[str, int]] = []
     original = scipy.linalg.cholesky_banded
 
     def recording(*args, **kwargs):
@@ -664,8 +666,11 @@ def test_solve_runs_blas_on_one_thread_and_restores_the_callers_setting(monkeypa
     rng = np.random.default_rng(3)
     truth = _random_affines(12, rng)
     with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
         result = solve_stack(12, _pairs(truth, rng), SHAPE, slow_drift="none", regularise=0.0)
         after = blas_threads()
-    assert seen and all(s == {1} for s in seen)
-    assert after == {2}
     assert _spread(result.affines, truth).max() < 1e-3
+    if 2 not in before.values():
+        pytest.skip("no BLAS library here runs on more than one thread")
+    assert seen and all(set(s.values()) == {1} for s in seen)
+    assert after == before
