@@ -49,13 +49,18 @@ def specs_for(planes: int, n_planes: dict[str, int]) -> list[Spec]:
 
 
 class _Capturing(Aligner):
-    """An aligner that keeps the matcher of its last estimate (its pairs, score, spacing)."""
+    """An aligner that keeps the matcher of its last estimate, so that its solve can be run
+    again on the same pairs (:meth:`solve_again`)."""
 
     matcher: StackMatcher | None = None
 
     def _solve(self, matcher: StackMatcher, shape: tuple[int, int, int]) -> Any:
         self.matcher = matcher
         return super()._solve(matcher, shape)
+
+    def solve_again(self, shape: tuple[int, int, int]) -> Any:
+        assert self.matcher is not None
+        return super()._solve(self.matcher, shape)
 
 
 def build(spec: Spec, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +81,6 @@ def run(spec: Spec, volume: np.ndarray, limits: list[float]) -> dict[str, Any]:
     stack, truth = build(spec, volume)
     aligner = _Capturing()
     aligner.estimate(stack, progress=False)
-    m, opts = aligner.matcher, aligner.options
-    assert m is not None
     shape = stack.shape[1:]
     nothing = exact_truth_score(np.tile(np.eye(2, 3), (len(stack), 1, 1)), truth, shape)
     row: dict[str, Any] = {"spec": list(spec), "nothing": nothing.tre_median, "tre": {}}
@@ -85,11 +88,7 @@ def run(spec: Spec, volume: np.ndarray, limits: list[float]) -> dict[str, Any]:
     try:
         for limit in limits:
             solve.ANATOMY_SLOPE = limit
-            res = solve.solve_stack(len(stack), m.pairs, shape, model=opts.model,
-                                    regularise=opts.regularise, slow_drift=opts.slow_drift,
-                                    drift_sigma=opts.drift_sigma, blank=m.blank,
-                                    neighbour_score=m.neighbour_score(),
-                                    spacing=m.slice_spacing())
+            res = aligner.solve_again(stack.shape)
             row["tre"][str(limit)] = exact_truth_score(res.affines, truth, shape).tre_median
             if res.motion is not None:
                 row["trend"] = res.motion["trend_px_per_slice"]

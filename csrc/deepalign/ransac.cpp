@@ -66,7 +66,17 @@ Score score_exact(const double* m, const double* src, const double* dst, std::in
 // on its mean (so float32 keeps a residual to ~1e-3 px even 10^4 px from the origin),
 // structure of arrays, and in a pseudo-random order fixed by the seed, so that the early
 // rejection below sees a random sample of the points first, not one corner of the frame.
+struct ScoringPoints;
+struct CentredModel;
+// Points [lo, hi) of a scoring (lo a multiple of 8): adds their inlier count to `count` and
+// each inlier's squared residual to lane (i % 8) of `acc`; writes their mask bytes when `mask`
+// is given. The AVX2 kernel gives the portable kernel's bits (same operations, same lanes,
+// no contraction: ransac.cpp is built with -ffp-contract=off).
+using ChunkKernel = void (*)(const ScoringPoints&, std::int64_t, std::int64_t,
+                             const CentredModel&, float, std::int64_t&, float*, std::uint8_t*);
+
 struct ScoringPoints {
+  ChunkKernel kernel = nullptr;  // chosen once per estimate (chunk_kernel)
   std::vector<float> sx, sy, dx, dy;
   std::vector<std::int64_t> order;  // order[i]: the input index of scoring point i
   double cs[2] = {0.0, 0.0}, cd[2] = {0.0, 0.0};  // the means taken off src and dst
@@ -118,13 +128,6 @@ CentredModel centred(const double* m, const ScoringPoints& p) {
                       static_cast<float>(m[3]), static_cast<float>(m[4]),
                       static_cast<float>(m[3] * p.cs[0] + m[4] * p.cs[1] + m[5] - p.cd[1])};
 }
-
-// Points [lo, hi) of a scoring (lo a multiple of 8): adds their inlier count to `count` and
-// each inlier's squared residual to lane (i % 8) of `acc`; writes their mask bytes when `mask`
-// is given. The AVX2 kernel gives the portable kernel's bits (same operations, same lanes,
-// no contraction: ransac.cpp is built with -ffp-contract=off).
-using ChunkKernel = void (*)(const ScoringPoints&, std::int64_t, std::int64_t,
-                             const CentredModel&, float, std::int64_t&, float*, std::uint8_t*);
 
 inline float residual2(const ScoringPoints& p, std::size_t i, const CentredModel& m) {
   const float rx = m.a * p.sx[i] + m.b * p.sy[i] + m.tx - p.dx[i];
@@ -208,7 +211,6 @@ bool checkpoint(std::int64_t k) { return k == 128 || k == 512 || k == 2048; }
 // clearly below `best_ratio` (see kRejectSigmas).
 Score score_model(const double* m6, const ScoringPoints& p, double t2, std::int64_t must_reach,
                   double best_ratio, std::uint8_t* mask) {
-  const ChunkKernel kernel = chunk_kernel();
   const CentredModel m = centred(m6, p);
   const auto t2f = static_cast<float>(t2);
   const std::int64_t n = p.n;
@@ -217,7 +219,7 @@ Score score_model(const double* m6, const ScoringPoints& p, double t2, std::int6
   const double spread = best_ratio * (1.0 - best_ratio);
   for (std::int64_t lo = 0; lo < n; lo += kChunk) {
     const std::int64_t hi = std::min(n, lo + kChunk);
-    kernel(p, lo, hi, m, t2f, count, acc, mask);
+    p.kernel(p, lo, hi, m, t2f, count, acc, mask);
     if (mask != nullptr) continue;
     if (count + (n - hi) < must_reach) return Score{};
     if (best_ratio > 0.0 && hi < n && checkpoint(hi)) {
@@ -430,7 +432,8 @@ RansacResult ransac(const double* src, const double* dst, std::int64_t n,
   Score best_score;
   std::int64_t iterations = 0;
   std::int64_t needed = options.max_iterations;
-  const ScoringPoints points = scoring_points(src, dst, n, options.seed);
+  ScoringPoints points = scoring_points(src, dst, n, options.seed);
+  points.kernel = chunk_kernel();
   RefineBuffers buf;
   bool refined = false;  // best_m is a converged local refit
 
