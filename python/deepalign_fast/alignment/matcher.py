@@ -3,9 +3,11 @@
 Slice z is matched with its predecessors at the ranks in ``offsets`` (1, 2, 4, 8 by default;
 rank 1 is the nearest slice that is not blank). The nearest pair is matched from scratch
 (coarse to fine); farther pairs start from the prediction given by the chain of nearest-pair
-estimates and are refined at the finest level only. Each pair contributes its
-correspondences, summarised as moments (:func:`~deepalign_fast.alignment.solve.pair_moments`),
-to the global solve.
+estimates and are refined at the finest level only, unless the nearest pair has few
+correspondences (a partly blank or damaged slice on either side, :meth:`StackMatcher._few`):
+then every pair is matched from scratch and the pair with the most correspondences places
+the slice. Each pair contributes its correspondences, summarised as moments
+(:func:`~deepalign_fast.alignment.solve.pair_moments`), to the global solve.
 """
 
 from __future__ import annotations
@@ -186,6 +188,18 @@ class StackMatcher:
             return False
         return corr.correlation < 0.5 * float(np.median(seen))
 
+    def _few(self, count: int) -> bool:
+        """Whether a slice's nearest pair has fewer than half the correspondences of the last
+        :data:`_RECENT` matched nearest pairs (the median: a run of damaged slices does not
+        become the baseline), i.e. one of the two slices shows only part of its content (a
+        damaged or partly blank section, a fold). Its map may be wrong, and farther pairs
+        refined from the prediction it gives find no structure to move them: a good slice
+        after a run of damaged ones inherited their error, and every later slice with it.
+        The farther pairs are then matched from scratch too, and the slice is placed by the
+        pair with the most correspondences."""
+        recent = np.asarray([k for k in self.matches[-_RECENT:] if k > 0], np.float64)
+        return recent.size >= 3 and count < 0.5 * float(np.median(recent))
+
     def neighbour_score(self, start: int = 0) -> float | None:
         """How alike the content of neighbouring slices is, noise discounted (slices
         ``start`` on), or None where the matcher does not measure it (keypoints) or no
@@ -250,12 +264,14 @@ class StackMatcher:
         unlike = 0  # nearest pairs that matched but are too unlike the stack's (_unlike)
         seen = float("nan")
         wanted = set(self.opts.offsets)
+        few = False  # the nearest pair has few correspondences (_few): every pair from scratch
+        most = 0  # ... and the pose comes from the pair with the most of them
         for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
             if pose is None and rank > 2 + min(unlike, 1):
                 break  # none of the nearest slices matched: this slice fails
             if rank not in wanted and pose is not None:
                 continue
-            init = None if pose is None else compose(pose, invert(pose_k))
+            init = None if pose is None or few else compose(pose, invert(pose_k))
             m, corr = self._match(z_k, state_k, z, state, init)
             if m is None or not self._trusted(m, corr):
                 continue
@@ -270,6 +286,10 @@ class StackMatcher:
                 pose = compose(m, pose_k)
                 nearest_n = len(corr)
                 score = float(np.median(corr.weights))
+                few = self._few(nearest_n)
+            if few and len(corr) > most:
+                most = len(corr)
+                pose = compose(m, pose_k)
             if rank <= 2:
                 alike[rank - 1] = corr.correlation
             # Content changes with distance along z, so a far pair says less about the
