@@ -132,14 +132,48 @@ def select_planes(stack: np.ndarray, planes: int | None, spacing: int = 1) -> np
     return stack[start:start + span:spacing]
 
 
+def damage(stack: np.ndarray, count: int, keep: float, rng: np.random.Generator
+           ) -> tuple[np.ndarray, list[int]]:
+    """``stack`` with ``count`` slices (drawn by ``rng``) damaged: only a vertical strip of
+    ``keep`` of the width (at a random position) is left, the rest is the slice's median (a
+    partly blank or torn section). Returns the new stack and the damaged slices."""
+    n, _, w = stack.shape
+    if not 0 <= count <= n:
+        raise ValueError(f"cannot damage {count} of {n} slices")
+    if not 0 < keep <= 1:
+        raise ValueError(f"the kept fraction must be in (0, 1], got {keep}")
+    out = stack.copy()
+    slices = sorted(int(z) for z in rng.choice(n, count, replace=False))
+    width = max(1, int(round(w * keep)))
+    for z in slices:
+        x0 = int(rng.integers(0, w - width + 1))
+        out[z] = np.median(stack[z])
+        out[z][:, x0:x0 + width] = stack[z][:, x0:x0 + width]
+    return out, slices
+
+
 def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
-          snr: float = 1.5, artifact_strength: float = 1.5,
+          snr: float = 1.5, artifact_strength: float = 1.5, damaged: int = 0,
+          damaged_keep: float = 0.15,
           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The case's input stack, its truth (input -> clean pull maps) and a description.
 
     ``overrides`` replace drift-profile parameters (lengths in px of the clean slices before
     any upsampling); ``snr`` and ``artifact_strength`` set the artifacts of an artifacts case
-    (``synth.fibsem_artifacts``)."""
+    (``synth.fibsem_artifacts``); ``damaged`` slices keep only ``damaged_keep`` of their
+    width (:func:`damage`, drawn from their own random stream: the misalignment is the same
+    as without)."""
+    stack, truth, info = _build(case, seed, overrides, snr, artifact_strength)
+    if damaged:
+        rng = np.random.default_rng([seed, zlib.crc32(case.name.encode()), 1])
+        stack, slices = damage(stack, damaged, damaged_keep, rng)
+        info["damaged"] = {"slices": slices, "keep": damaged_keep}
+        info["description"] += f", {damaged} slices with {damaged_keep:g} of the width left"
+    return stack, truth, info
+
+
+def _build(case: Case, seed: int, overrides: dict[str, float] | None, snr: float,
+           artifact_strength: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     clean = select_planes(reslice(_load(case.source), case.plane), case.planes, case.spacing)
     if case.planes is not None and len(clean) < case.planes:
         print(f"note: {case.name}: {len(clean)} planes, not {case.planes} (the reslice has too "
@@ -244,9 +278,9 @@ HEADERS = ["tool", "median TRE (px)", "p95 TRE (px)", "slope (px/100 slices)",
 
 def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]],
              peers: list[str], overrides: dict[str, float] | None = None,
-             **artifacts: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             **options: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t0 = time.perf_counter()
-    stack, truth, info = build(case, seed, overrides, **artifacts)
+    stack, truth, info = build(case, seed, overrides, **options)
     info["build_s"] = time.perf_counter() - t0
     print(f"\n== {case.name}: {info['description']}, {info['slices']} slices of "
           f"{info['shape'][0]}x{info['shape'][1]}, seed {seed}", flush=True)
@@ -425,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact-strength", type=float, default=1.5,
                     help="curtaining/charging amplitude multiplier of the artifacts cases "
                          "(default 1.5)")
+    ap.add_argument("--damaged", type=int, default=0, metavar="N",
+                    help="damage N slices of every case (drawn by the seed): only a strip of "
+                         "--damaged-keep of the width is left, the rest is flat (default 0)")
+    ap.add_argument("--damaged-keep", type=float, default=0.15, metavar="F",
+                    help="the fraction of the width a damaged slice keeps (default 0.15)")
     ap.add_argument("--planes", type=int, default=None,
                     help="number of planes of the XZ/YZ reslice cases (from a centred run of "
                          "contiguous planes; with --spacing K, every K-th of K times as many; "
@@ -459,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = [replace(c, planes=args.planes) if c.plane != "xy" else c for c in cases]
     if args.spacing < 1:
         raise SystemExit(f"--spacing {args.spacing}: give an integer >= 1")
+    if args.damaged < 0 or not 0 < args.damaged_keep <= 1:
+        raise SystemExit(f"--damaged {args.damaged} --damaged-keep {args.damaged_keep}: give "
+                         "a count >= 0 and a fraction in (0, 1]")
     if args.spacing > 1:
         cases = [replace(c, spacing=args.spacing) if c.source == "lucchi" else c for c in cases]
     try:
@@ -508,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     for case, seed in [(c, s) for s in seeds for c in cases]:
         try:
             info, rows = run_case(case, seed, ours_specs, usable, overrides, snr=args.snr,
-                                  artifact_strength=args.artifact_strength)
+                                  artifact_strength=args.artifact_strength,
+                                  damaged=args.damaged, damaged_keep=args.damaged_keep)
         except datasets.DataUnavailable as exc:
             print(f"skip {case.name}: {exc}", flush=True)
             continue
@@ -520,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             write_results(case.name + (f"@seed{seed}" if seed != 1 else "")
                           + (f"@spacing{case.spacing}" if case.spacing > 1 else "")
                           + (f"@{args.set}" if overrides else "")
+                          + (f"@damaged{args.damaged},keep{args.damaged_keep:g}"
+                             if args.damaged else "")
                           + (f"@snr{args.snr:g},strength{args.artifact_strength:g}"
                              if artifacts else ""), md)
         if args.json is not None:  # rewritten after every case: a long run keeps what it has

@@ -116,3 +116,17 @@ def test_neighbour_score_of_the_raw_shale_sample(tiny_stack):
 def test_neighbour_score_is_unknown_for_keypoints(tiny_stack):
     stack = tifffile.imread(tiny_stack)
     assert _matched(stack, features="sift").neighbour_score() is None
+
+
+@pytest.mark.parametrize(("alike", "few"), [((0.9, 0.8), True), ((0.3, 0.03), False),
+                                            ((np.nan, np.nan), True)])
+def test_a_nearest_pair_with_few_correspondences_is_matched_again_where_content_persists(
+        alike: tuple[float, float], few: bool) -> None:
+    # FIB-SEM (content persists), serial sections (it changes), not measured yet
+    matcher = StackMatcher(AlignOptions(), shape=(64, 64))
+    matcher.matches = [0, 300, 320, 280, 310, 40, 30, 300]  # a blank slice, two damaged ones
+    matcher.alike = [alike] * len(matcher.matches)
+    assert matcher._few(140) is few  # under half the median of the matched ones (300)
+    assert matcher._few(160) is False
+    matcher.matches = [0, 300, 40]  # too few matched nearest pairs to know what is usual
+    assert matcher._few(10) is False

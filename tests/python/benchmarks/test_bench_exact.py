@@ -103,3 +103,38 @@ def test_bench_slope_compares_limits_on_the_same_matches(monkeypatch: pytest.Mon
     assert solve.ANATOMY_SLOPE == default
     assert row["tre"]["0.1"] > 2.0 > 0.5 > row["tre"]["1.0"]
     assert "| 24 |" in bench_slope.table([row], [0.1, 1.0])
+
+
+def test_damage_leaves_a_strip_of_each_drawn_slice_and_nothing_else() -> None:
+    from benchmarks.bench_exact import damage
+
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 256, (12, 20, 40), dtype=np.uint8)
+    before = stack.copy()
+    out, slices = damage(stack, 4, 0.25, np.random.default_rng(5))
+    assert np.array_equal(stack, before)  # the input is not modified
+    assert len(slices) == 4 and len(set(slices)) == 4
+    for z in range(len(stack)):
+        same = (out[z] == stack[z]).all(axis=0)  # columns left as they were
+        if z not in slices:
+            assert same.all()
+            continue
+        kept = np.flatnonzero(same)
+        assert len(kept) >= 10 and np.all(np.diff(kept) == 1)  # one strip of 10 columns...
+        flat = np.delete(out[z], kept, axis=1)
+        assert np.all(flat == np.median(stack[z]).astype(np.uint8))  # ... the rest flat
+    again, slices2 = damage(stack, 4, 0.25, np.random.default_rng(5))
+    assert slices2 == slices and np.array_equal(again, out)  # a function of the seed
+
+
+def test_damage_rejects_bad_counts_and_fractions() -> None:
+    from benchmarks.bench_exact import damage
+    from benchmarks.bench_exact import main as bench_main
+
+    stack = np.zeros((5, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="cannot damage 6 of 5"):
+        damage(stack, 6, 0.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        damage(stack, 1, 0.0, np.random.default_rng(0))
+    with pytest.raises(SystemExit, match="--damaged-keep"):
+        bench_main(["--cases", "xz-drift", "--damaged", "3", "--damaged-keep", "1.5"])
