@@ -10,10 +10,10 @@ with the stack depth)::
 **Matching.** Slice z is matched with its predecessors at the ranks in ``offsets`` (1, 2, 4,
 8 by default; rank 1 is the nearest slice that is not blank). The nearest pair is matched
 from scratch (coarse to fine); farther pairs start from the prediction given by the chain of
-nearest-pair estimates and are refined at the finest level only (all from scratch after a
-nearest pair with few correspondences: a partly blank or damaged slice). Each pair contributes its
-correspondences, summarised as moments, to the solve; together the offsets tie every slice to
-neighbours on both sides.
+nearest-pair estimates and are refined at the finest level only (from scratch as well after
+a nearest pair with few correspondences: a partly blank, damaged or inverted slice). Each
+pair contributes its correspondences, summarised as moments, to the solve; together the
+offsets tie every slice to neighbours on both sides.
 
 **Solve.** :func:`deepalign_fast.alignment.solve.solve_stack`: one weighted least-squares
 problem over all pairs with a robust (IRLS) pair weighting, a per-slice prior toward a rigid

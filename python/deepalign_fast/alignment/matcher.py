@@ -3,10 +3,11 @@
 Slice z is matched with its predecessors at the ranks in ``offsets`` (1, 2, 4, 8 by default;
 rank 1 is the nearest slice that is not blank). The nearest pair is matched from scratch
 (coarse to fine); farther pairs start from the prediction given by the chain of nearest-pair
-estimates and are refined at the finest level only, unless the nearest pair has few
-correspondences (a partly blank or damaged slice on either side, :meth:`StackMatcher._few`):
-then every pair is matched from scratch and the pair with the most correspondences places
-the slice. Each pair contributes its correspondences, summarised as moments
+estimates and are refined at the finest level only. After a nearest pair with few
+correspondences (a partly blank, damaged or inverted slice on either side,
+:meth:`StackMatcher._few`) each farther pair is also matched from scratch, the one with more
+correspondences kept, and the pair with the most correspondences places the slice. Each pair
+contributes its correspondences, summarised as moments
 (:func:`~deepalign_fast.alignment.solve.pair_moments`), to the global solve.
 """
 
@@ -191,22 +192,17 @@ class StackMatcher:
     def _few(self, count: int) -> bool:
         """Whether a slice's nearest pair has fewer than half the correspondences of the last
         :data:`_RECENT` matched nearest pairs (the median: a run of damaged slices does not
-        become the baseline), i.e. one of the two slices shows only part of its content (a
-        damaged or partly blank section, a fold). Its map may be wrong, and farther pairs
-        refined from the prediction it gives find no structure to move them: a good slice
-        after a run of damaged ones inherited their error, and every later slice with it.
-        The farther pairs are then matched from scratch too, and the slice is placed by the
-        pair with the most correspondences. Not where the content is measured to change
-        from slice to slice (the persistence of :meth:`_unlike` below SIMILAR_CONTENT):
-        between serial sections a farther pair matched from scratch is less reliable than
-        the prediction (an aligned isbi stack with three damaged sections moved 2.0 px
-        instead of 1.35, one good section 14 px). Where it is not measured yet (the first
-        slices; raw FIB-SEM whose damaged slices hardly correlate), it applies."""
+        become the baseline), i.e. one of the two slices shows only part of its content or
+        hardly matches at all (a damaged or partly blank section, a fold, inverted
+        contrast). Its map may be wrong, and farther pairs refined from the prediction it
+        gives find no structure to move them: a good FIB-SEM slice after a run of damaged
+        ones inherited their error, and every later slice with it (63 px); one inverted
+        isbi section moved every other by 35-39 px. Each farther pair is then matched from
+        scratch as well, the match with more correspondences kept (between serial sections a
+        farther pair from scratch can be the worse one), and the slice is placed by the pair
+        with the most correspondences."""
         recent = np.asarray([k for k in self.matches[-_RECENT:] if k > 0], np.float64)
-        if recent.size < 3 or count >= 0.5 * float(np.median(recent)):
-            return False
-        persists = persistence(np.asarray(self.alike[-_RECENT:], np.float64))
-        return persists is None or persists >= SIMILAR_CONTENT
+        return recent.size >= 3 and count < 0.5 * float(np.median(recent))
 
     def neighbour_score(self, start: int = 0) -> float | None:
         """How alike the content of neighbouring slices is, noise discounted (slices
@@ -279,8 +275,13 @@ class StackMatcher:
                 break  # none of the nearest slices matched: this slice fails
             if rank not in wanted and pose is not None:
                 continue
-            init = None if pose is None or few else compose(pose, invert(pose_k))
+            init = None if pose is None else compose(pose, invert(pose_k))
             m, corr = self._match(z_k, state_k, z, state, init)
+            if few:  # the prediction may be wrong: from scratch too, the better one kept
+                m2, corr2 = self._match(z_k, state_k, z, state, None)
+                if self._trusted(m2, corr2) and (not self._trusted(m, corr)
+                                                 or len(corr2) > len(corr)):
+                    m, corr = m2, corr2
             if m is None or not self._trusted(m, corr):
                 continue
             if pose is None:

@@ -168,11 +168,39 @@ def test_a_run_of_partly_blank_slices_is_flagged_and_does_not_move_the_rest(
         damaged[z] = np.median(stack[z])
         damaged[z][:, x0:x0 + width] = stack[z][:, x0:x0 + width]
     result = Aligner().estimate(damaged, progress=False)
-    assert set(run) <= set(result.flagged)
     moved = np.abs(np.asarray(result.transforms.affines)[:, :, 2] - clean[:, :, 2]).max(axis=1)
-    # (the first good slice after the run is tied to the slices before it by farther pairs
-    # only: 0.7 px from the undamaged run's estimate in the first case, 0.4 in the second)
+    # no slice is wrong without being flagged (a damaged slice placed right need not be;
+    # the first good slice after the run is tied to the slices before it by farther pairs
+    # only: 0.7 px from the undamaged run's estimate in the first case, 0.3 in the second),
+    # and not every slice is flagged
     assert np.delete(moved, result.flagged).max() < 1.0
+    assert len(result.flagged) <= len(run) + 1
+
+
+def test_an_inverted_section_is_flagged_and_does_not_move_the_rest(isbi) -> None:
+    # 50-nm serial sections, one with inverted contrast: its pairs hardly match, and before,
+    # the farther pairs of the next sections, refined from the position their nearest pair
+    # with it predicted, confirmed that position: every other section moved by 35-39 px
+    # (the stack is aligned: scored against the identity; its sections' content walks, so
+    # leaving one out moves the solve of its neighbours by 1-3 px, as in the clean run)
+    from deepalign_fast.qc.metrics import exact_truth_score
+
+    image, _ = isbi
+    stack = np.asarray(image)
+    identity = np.tile(np.eye(2, 3), (len(stack), 1, 1))
+
+    def score(s: np.ndarray) -> tuple[list[int], np.ndarray]:
+        result = Aligner().estimate(s, progress=False)
+        return result.flagged, exact_truth_score(result.transforms.affines, identity,
+                                                 s.shape[1:]).per_slice_tre
+
+    _, clean = score(stack)
+    bad = stack.copy()
+    bad[14] = 255 - bad[14]
+    flagged, tre = score(bad)
+    assert 14 in flagged and len(flagged) <= 2
+    assert np.median(tre) < np.median(clean) + 0.3
+    assert np.delete(tre, flagged).max() < clean.max() + 1.0
 
 
 def test_cli_align_apply_labels_dice(lucchi, tmp_path: Path) -> None:
