@@ -21,9 +21,11 @@ map, the gauge fixed by the mean of all slices, and an explicit choice for slow 
 (``slow_drift``): by default the input's slow motion is kept, because slow stage drift and
 the apparent motion of oblique anatomy cannot be told apart (see the module's docstring).
 
-**Failed slices.** A blank slice, or one without trusted matches, is flagged, gets a
-transform interpolated from its neighbours, and is reported; later slices match against the
-last good ones, so the run never stops.
+**Failed slices.** A blank slice, one without trusted matches, or one with too few pairs
+that agree with the solve is flagged and reported, and gets a transform interpolated from its
+neighbours unless its own estimate is an ordinary move for this stack
+(:func:`~deepalign_fast.alignment.solve.place_flagged`); later slices match against the last
+good ones, so the run never stops.
 
 See :mod:`deepalign_fast.transforms` for the transform convention.
 """
@@ -258,6 +260,7 @@ class Aligner:
         solved = solve_stack(n, matcher.pairs, (h, w), model=opts.model,
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
                              drift_sigma=opts.drift_sigma, blank=matcher.blank,
+                             failed=matcher.failed,
                              neighbour_score=matcher.neighbour_score(),
                              spacing=matcher.slice_spacing())
         matcher.times.add("solve", t0)
@@ -634,10 +637,11 @@ class _StreamState:
         pairs = [PairMoments(pm.i - lo, pm.j - lo, pm.moments, pm.weight, pm.count)
                  for pm in self.matcher.pairs]
         blank = [b - lo for b in self.matcher.blank if b >= lo]
+        failed = [f - lo for f in self.matcher.failed if f >= lo]
         opts = self.opts
         solved = solve_stack(seen - lo, pairs, self.shape, model=opts.model,
                              regularise=opts.regularise, slow_drift=opts.slow_drift,
-                             drift_sigma=opts.drift_sigma, blank=blank,
+                             drift_sigma=opts.drift_sigma, blank=blank, failed=failed,
                              neighbour_score=self.matcher.neighbour_score(lo),
                              spacing=self.matcher.slice_spacing(lo), noise_model=whole)
         a = solved.affines[z - lo]

@@ -24,7 +24,9 @@ offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
 - Robustness: iteratively reweighted least squares on the pairs (``c_ij``): a pair that
   disagrees with the rest of the stack (its residual beyond what its own best fit leaves) far
   more than the typical pair loses its weight (Cauchy), so a wrong match or a bad slice
-  cannot drag its neighbours. A slice with fewer than three agreeing pairs is flagged.
+  cannot drag its neighbours. A slice with fewer than three agreeing pairs is flagged, and
+  placed as its trusted neighbours are where its own estimate moves it from them far more
+  than this stack's slices move (:func:`place_flagged`).
 
 Each pair enters only through the 6x6 second moments of its weighted correspondences, so the
 solve needs O(pairs) memory and a banded linear system of 6 x n unknowns: it is cheap for
@@ -82,10 +84,10 @@ from numpy.typing import NDArray
 
 from ..geometry import compose, invert
 
-__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "MOTION_KEYS",
-           "REFERENCE_CONTENT",
+__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FLAGGED_MOVE",
+           "MOTION_KEYS", "REFERENCE_CONTENT",
            "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult",
-           "lowpass_affines", "pair_moments", "slice_spacing", "solve_stack"]
+           "lowpass_affines", "pair_moments", "place_flagged", "slice_spacing", "solve_stack"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 #: The keys of :attr:`SolveResult.motion`.
@@ -713,6 +715,61 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
     return out
 
 
+# A flagged slice keeps its own estimate only if that moves it from its neighbours by at most
+# this many times what the trusted slices typically move (see place_flagged).
+FLAGGED_MOVE = 3.0
+
+
+def _corner_gap(a: NDArray[np.float64], b: NDArray[np.float64],
+                corners: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Largest distance (px) over ``corners`` between the maps ``a`` and ``b`` (n, 2, 3)."""
+    pa = np.einsum("nij,kj->nki", a[:, :, :2], corners) + a[:, None, :, 2]
+    pb = np.einsum("nij,kj->nki", b[:, :, :2], corners) + b[:, None, :, 2]
+    return np.asarray(np.linalg.norm(pa - pb, axis=-1).max(axis=1))
+
+
+def _between(maps: NDArray[np.float64], targets: NDArray[np.intp],
+             known: NDArray[np.intp]) -> NDArray[np.float64]:
+    """``maps`` (n, 2, 3) at slices ``targets``, each parameter interpolated linearly along z
+    from the slices ``known`` (held constant beyond the first and last)."""
+    flat = maps.reshape(len(maps), 6)
+    return np.stack([np.interp(targets, known, flat[known, k]) for k in range(6)],
+                    axis=1).reshape(-1, 2, 3)
+
+
+def place_flagged(final: NDArray[np.float64], raw: NDArray[np.float64],
+                  flagged: Sequence[int], shape: tuple[int, int]) -> NDArray[np.float64]:
+    """Where the flagged slices go (``final``, ``raw``: slice -> output maps (n, 2, 3), after
+    and before the slow-drift decision).
+
+    A flagged slice has too few pairs that agree with the rest of the stack; its own
+    estimate rests on the others, which may be wrong (an inverted or mostly blank slice
+    matches somewhere by chance). It is kept where it moves the slice from the line between
+    its nearest trusted neighbours (frame corners, raw solve) by no more than
+    :data:`FLAGGED_MOVE` times the median of the same measure over the trusted slices (how
+    much this stack's slices move from their neighbours); otherwise the slice is placed as
+    its neighbours are (``final`` interpolated along z), i.e. left with its own
+    misalignment rather than a wrong one.
+    """
+    n = len(final)
+    bad = np.asarray(sorted(set(flagged)), np.intp)
+    good = np.setdiff1d(np.arange(n), bad)
+    if good.size < 3 or not bad.size:
+        return final
+    h, w = shape
+    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
+    inner = good[1:-1]  # each trusted slice against the line through its trusted neighbours
+    line = np.stack([_between(raw, np.array([z]), np.array([a, b]))[0]
+                     for a, z, b in zip(good[:-2], inner, good[2:], strict=True)])
+    typical = float(np.median(_corner_gap(raw[inner], line, corners)))
+    own = _corner_gap(raw[bad], _between(raw, bad, good), corners)
+    out = final.copy()
+    far = bad[own > FLAGGED_MOVE * max(typical, 1e-6)]
+    if far.size:
+        out[far] = _between(final, far, good)
+    return out
+
+
 @functools.cache
 def _blas_controller() -> Any:
     """The process's BLAS libraries (threadpoolctl), found once scipy.linalg has loaded its
@@ -745,7 +802,7 @@ def _one_blas_thread(func: _F) -> _F:
 @_one_blas_thread
 def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                 model: str = "affine", regularise: float = 0.05, slow_drift: str = "keep",
-                drift_sigma: float = 16.0, blank: Sequence[int] = (),
+                drift_sigma: float = 16.0, blank: Sequence[int] = (), failed: Sequence[int] = (),
                 neighbour_score: float | None = None, spacing: float = 1.0,
                 noise_model: bool = True, iterations: int = 6) -> SolveResult:
     """Solve one transform per slice from the pairs' moments (see module docstring).
@@ -771,6 +828,9 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         fewer than 16 trusted slices, or without ``noise_model``.
     blank : sequence of int
         Slices known to be blank (flagged whatever their matches).
+    failed : sequence of int
+        Slices that matched none of their nearest predecessors (flagged whatever their
+        matches with later slices, which were predicted from a guess).
     neighbour_score : float, optional
         How alike neighbouring slices are, noise discounted, where the matcher measures it
         (:meth:`~deepalign_fast.alignment.matcher.StackMatcher.neighbour_score`). At
@@ -858,9 +918,9 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     # pairs has nothing to be checked against, and one agreeing pair among several
     # disagreeing ones cannot tell which is right.
     flagged = sorted({z for z in range(n) if support[z] < min(3, available[z])
-                      or support[z] == 0} | set(blank))
+                      or support[z] == 0} | set(blank) | set(failed))
     if n == 1:
-        flagged = sorted(set(blank))
+        flagged = sorted(set(blank) | set(failed))
 
     b_pix = invert(_to_pixels(theta, shape))  # slice -> output, pixels
     final = b_pix
@@ -895,6 +955,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
             # not physical drift and would accumulate from the anatomy's apparent motion.
             trend[:, :, 2] = centre - trend[:, :, :2] @ centre
         final = compose(invert(trend), b_pix)
+    if flagged and n > 2:
+        final = place_flagged(final, b_pix, flagged, shape)
     return SolveResult(invert(final), residuals, flagged,
                        {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
                        motion)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from deepalign_fast.alignment.solve import (
     ANATOMY_SLOPE,
+    FLAGGED_MOVE,
     REFERENCE_CONTENT,
     lowpass_affines,
     pair_moments,
+    place_flagged,
     slice_spacing,
     solve_stack,
 )
@@ -162,6 +164,38 @@ def test_blank_slice_gets_interpolated_transform():
     assert res.flagged == [7]
     t = invert(res.affines)[:, 0, 2]
     assert t[7] == pytest.approx(0.5 * (t[6] + t[8]), abs=1e-3)
+
+
+def test_a_flagged_slice_far_from_its_neighbours_is_placed_as_they_are():
+    rng = np.random.default_rng(2)
+    n = 30
+    raw = np.tile(np.eye(2, 3), (n, 1, 1))
+    raw[:, :, 2] = rng.normal(0, 0.5, (n, 2)) + np.linspace(0, 20, n)[:, None]  # drift + jitter
+    raw[9, :, 2] += 30.0  # a wrong estimate of a flagged slice
+    raw[20, :, 2] = 0.5 * (raw[19, :, 2] + raw[21, :, 2]) + 0.3  # an ordinary one
+    final = raw.copy()
+    final[:, :, 2] -= np.linspace(0, 20, n)[:, None]  # (the slow-drift decision)
+    out = place_flagged(final, raw, [9, 20], SHAPE)
+    assert np.allclose(out[9], 0.5 * (final[8] + final[10]))  # from its trusted neighbours
+    assert np.array_equal(out[20], final[20])  # kept: within what slices move here
+    assert np.array_equal(np.delete(out, [9], axis=0), np.delete(final, [9], axis=0))
+    # the bound scales with how much this stack's slices move: with 10x the jitter, kept
+    calm = raw.copy()
+    calm[:, :, 2] += rng.normal(0, 5.0, (n, 2))
+    calm[9, :, 2] = 0.5 * (calm[8, :, 2] + calm[10, :, 2]) + 30.0 / FLAGGED_MOVE / 2
+    assert np.array_equal(place_flagged(calm, calm, [9], SHAPE)[9], calm[9])
+    # nothing to go by: unchanged
+    assert np.array_equal(place_flagged(final[:3], raw[:3], [1], SHAPE), final[:3])
+
+
+def test_a_slice_that_failed_to_match_is_flagged_whatever_its_later_pairs():
+    rng = np.random.default_rng(7)
+    n = 20
+    truth = np.tile(np.eye(2, 3), (n, 1, 1))
+    truth[:, 0, 2] = np.linspace(0, 10, n)
+    pairs = _pairs(truth, rng, (1, 2, 4))
+    assert solve_stack(n, pairs, SHAPE, slow_drift="none").flagged == []
+    assert solve_stack(n, pairs, SHAPE, slow_drift="none", failed=[7]).flagged == [7]
 
 
 @pytest.mark.parametrize("model", ["translation", "rigid", "similarity"])
