@@ -152,23 +152,45 @@ def damage(stack: np.ndarray, count: int, keep: float, rng: np.random.Generator
     return out, slices
 
 
+def invert_contrast(stack: np.ndarray, count: int, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, list[int]]:
+    """``stack`` with the contrast of ``count`` slices (drawn by ``rng``) inverted
+    (``min + max - value``, per slice: a detector or acquisition setting gone wrong). Returns
+    the new stack and the inverted slices."""
+    n = len(stack)
+    if not 0 <= count <= n:
+        raise ValueError(f"cannot invert {count} of {n} slices")
+    out = stack.copy()
+    slices = sorted(int(z) for z in rng.choice(n, count, replace=False))
+    for z in slices:
+        lo, hi = stack[z].min(), stack[z].max()
+        out[z] = (hi - stack[z]) + lo
+    return out, slices
+
+
 def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
           snr: float = 1.5, artifact_strength: float = 1.5, damaged: int = 0,
-          damaged_keep: float = 0.15,
+          damaged_keep: float = 0.15, inverted: int = 0,
           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The case's input stack, its truth (input -> clean pull maps) and a description.
 
     ``overrides`` replace drift-profile parameters (lengths in px of the clean slices before
     any upsampling); ``snr`` and ``artifact_strength`` set the artifacts of an artifacts case
     (``synth.fibsem_artifacts``); ``damaged`` slices keep only ``damaged_keep`` of their
-    width (:func:`damage`, drawn from their own random stream: the misalignment is the same
-    as without)."""
+    width (:func:`damage`) and ``inverted`` slices have their contrast inverted
+    (:func:`invert_contrast`), each drawn from its own random stream: the misalignment is
+    the same as without."""
     stack, truth, info = _build(case, seed, overrides, snr, artifact_strength)
     if damaged:
         rng = np.random.default_rng([seed, zlib.crc32(case.name.encode()), 1])
         stack, slices = damage(stack, damaged, damaged_keep, rng)
         info["damaged"] = {"slices": slices, "keep": damaged_keep}
         info["description"] += f", {damaged} slices with {damaged_keep:g} of the width left"
+    if inverted:
+        rng = np.random.default_rng([seed, zlib.crc32(case.name.encode()), 2])
+        stack, slices = invert_contrast(stack, inverted, rng)
+        info["inverted"] = slices
+        info["description"] += f", {inverted} slices with inverted contrast"
     return stack, truth, info
 
 
@@ -464,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                          "--damaged-keep of the width is left, the rest is flat (default 0)")
     ap.add_argument("--damaged-keep", type=float, default=0.15, metavar="F",
                     help="the fraction of the width a damaged slice keeps (default 0.15)")
+    ap.add_argument("--inverted", type=int, default=0, metavar="N",
+                    help="invert the contrast of N slices of every case (drawn by the seed; "
+                         "default 0)")
     ap.add_argument("--planes", type=int, default=None,
                     help="number of planes of the XZ/YZ reslice cases (from a centred run of "
                          "contiguous planes; with --spacing K, every K-th of K times as many; "
@@ -498,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = [replace(c, planes=args.planes) if c.plane != "xy" else c for c in cases]
     if args.spacing < 1:
         raise SystemExit(f"--spacing {args.spacing}: give an integer >= 1")
+    if args.inverted < 0:
+        raise SystemExit(f"--inverted {args.inverted}: give a count >= 0")
     if args.damaged < 0 or not 0 < args.damaged_keep <= 1:
         raise SystemExit(f"--damaged {args.damaged} --damaged-keep {args.damaged_keep}: give "
                          "a count >= 0 and a fraction in (0, 1]")
@@ -551,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             info, rows = run_case(case, seed, ours_specs, usable, overrides, snr=args.snr,
                                   artifact_strength=args.artifact_strength,
-                                  damaged=args.damaged, damaged_keep=args.damaged_keep)
+                                  damaged=args.damaged, damaged_keep=args.damaged_keep,
+                                  inverted=args.inverted)
         except datasets.DataUnavailable as exc:
             print(f"skip {case.name}: {exc}", flush=True)
             continue
@@ -565,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f"@{args.set}" if overrides else "")
                           + (f"@damaged{args.damaged},keep{args.damaged_keep:g}"
                              if args.damaged else "")
+                          + (f"@inverted{args.inverted}" if args.inverted else "")
                           + (f"@snr{args.snr:g},strength{args.artifact_strength:g}"
                              if artifacts else ""), md)
         if args.json is not None:  # rewritten after every case: a long run keeps what it has

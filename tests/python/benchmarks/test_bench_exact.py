@@ -138,3 +138,20 @@ def test_damage_rejects_bad_counts_and_fractions() -> None:
         damage(stack, 1, 0.0, np.random.default_rng(0))
     with pytest.raises(SystemExit, match="--damaged-keep"):
         bench_main(["--cases", "xz-drift", "--damaged", "3", "--damaged-keep", "1.5"])
+
+
+def test_invert_contrast_inverts_the_drawn_slices_only() -> None:
+    from benchmarks.bench_exact import invert_contrast
+
+    stack = np.random.default_rng(1).integers(10, 200, (8, 6, 7), dtype=np.uint8)
+    before = stack.copy()
+    out, slices = invert_contrast(stack, 2, np.random.default_rng(0))
+    assert np.array_equal(stack, before) and len(set(slices)) == 2
+    for z in range(len(stack)):
+        if z in slices:  # value -> min + max - value
+            total = int(stack[z].min()) + int(stack[z].max())
+            assert np.all(out[z].astype(int) + stack[z].astype(int) == total)
+        else:
+            assert np.array_equal(out[z], stack[z])
+    with pytest.raises(ValueError, match="cannot invert 9 of 8"):
+        invert_contrast(stack, 9, np.random.default_rng(0))
