@@ -179,15 +179,21 @@ class StackMatcher:
         include the ones left out, so a lasting change of the imaging, as a drop of the SNR,
         becomes the new baseline within a few slices). A farther pair refined from a wrong
         prediction finds no structure to move it and confirms the prediction; matched from
-        scratch, it finds the true position, and the solve then sees the disagreement."""
+        scratch, it finds the true position, and the solve then sees the disagreement.
+
+        Where the content changes from slice to slice (serial sections), the correlation of
+        neighbours varies more (isbi: 0.57-2 times the recent median), so only a quarter of
+        the median counts as unlike: a section with inverted contrast (0.1 of it) moved by
+        100 px, unflagged, and its neighbours with it."""
         seen = np.asarray(self.nearest_seen[-_BASELINE:], np.float64)
         seen = seen[np.isfinite(seen)]
         if not np.isfinite(corr.correlation) or seen.size < 3:
             return False
         persists = persistence(np.asarray(self.alike[-_RECENT:], np.float64))
-        if persists is None or persists < SIMILAR_CONTENT:
+        if persists is None:
             return False
-        return corr.correlation < 0.5 * float(np.median(seen))
+        share = 0.5 if persists >= SIMILAR_CONTENT else 0.25
+        return corr.correlation < share * float(np.median(seen))
 
     def _few(self, count: int) -> bool:
         """Whether a slice's nearest pair has fewer than half the correspondences of the last
