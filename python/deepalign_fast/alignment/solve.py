@@ -737,19 +737,18 @@ def _between(maps: NDArray[np.float64], targets: NDArray[np.intp],
                     axis=1).reshape(-1, 2, 3)
 
 
-def place_flagged(final: NDArray[np.float64], raw: NDArray[np.float64],
-                  flagged: Sequence[int], shape: tuple[int, int]) -> NDArray[np.float64]:
-    """Where the flagged slices go (``final``, ``raw``: slice -> output maps (n, 2, 3), after
-    and before the slow-drift decision).
+def place_flagged(final: NDArray[np.float64], flagged: Sequence[int],
+                  shape: tuple[int, int]) -> NDArray[np.float64]:
+    """Where the flagged slices go (``final``: the slice -> output maps (n, 2, 3)).
 
     A flagged slice has too few pairs that agree with the rest of the stack; its own
     estimate rests on the others, which may be wrong (an inverted or mostly blank slice
-    matches somewhere by chance). It is kept where it moves the slice from the line between
-    its nearest trusted neighbours (frame corners, raw solve) by no more than
-    :data:`FLAGGED_MOVE` times the median of the same measure over the trusted slices (how
-    much this stack's slices move from their neighbours); otherwise the slice is placed as
-    its neighbours are (``final`` interpolated along z), i.e. left with its own
-    misalignment rather than a wrong one.
+    matches somewhere by chance). It is kept where the output moves it from the line between
+    its nearest trusted neighbours (frame corners) by no more than :data:`FLAGGED_MOVE`
+    times the median of the same measure over the trusted slices (how much the output moves
+    this stack's slices against their neighbours: their jitter, and between serial sections
+    not the content's walk, which is kept); otherwise the slice is placed as its neighbours
+    are (interpolated along z), i.e. left with its own misalignment rather than a wrong one.
     """
     n = len(final)
     bad = np.asarray(sorted(set(flagged)), np.intp)
@@ -759,10 +758,10 @@ def place_flagged(final: NDArray[np.float64], raw: NDArray[np.float64],
     h, w = shape
     corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
     inner = good[1:-1]  # each trusted slice against the line through its trusted neighbours
-    line = np.stack([_between(raw, np.array([z]), np.array([a, b]))[0]
+    line = np.stack([_between(final, np.array([z]), np.array([a, b]))[0]
                      for a, z, b in zip(good[:-2], inner, good[2:], strict=True)])
-    typical = float(np.median(_corner_gap(raw[inner], line, corners)))
-    own = _corner_gap(raw[bad], _between(raw, bad, good), corners)
+    typical = float(np.median(_corner_gap(final[inner], line, corners)))
+    own = _corner_gap(final[bad], _between(final, bad, good), corners)
     out = final.copy()
     far = bad[own > FLAGGED_MOVE * max(typical, 1e-6)]
     if far.size:
@@ -956,7 +955,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
             trend[:, :, 2] = centre - trend[:, :, :2] @ centre
         final = compose(invert(trend), b_pix)
     if flagged and n > 2:
-        final = place_flagged(final, b_pix, flagged, shape)
+        final = place_flagged(final, flagged, shape)
     return SolveResult(invert(final), residuals, flagged,
                        {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
                        motion)
