@@ -274,8 +274,8 @@ class StackMatcher:
         unlike = 0  # nearest pairs that matched but are too unlike the stack's (_unlike)
         seen = float("nan")
         wanted = set(self.opts.offsets)
-        few = False  # the nearest pair has few correspondences (_few): every pair from scratch
-        most = 0  # ... and the pose comes from the pair with the most of them
+        few = False  # the nearest pair has few correspondences (_few): farther pairs are
+        most = 0  # matched from scratch too, and the pair with the most of them places z
         for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
             if pose is None and rank > 2 + min(unlike, 1):
                 break  # none of the nearest slices matched: this slice fails

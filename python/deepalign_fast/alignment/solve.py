@@ -757,9 +757,10 @@ def place_flagged(final: NDArray[np.float64], flagged: Sequence[int],
         return final
     h, w = shape
     corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
-    inner = good[1:-1]  # each trusted slice against the line through its trusted neighbours
-    line = np.stack([_between(final, np.array([z]), np.array([a, b]))[0]
-                     for a, z, b in zip(good[:-2], inner, good[2:], strict=True)])
+    # each trusted slice against the line through its trusted neighbours
+    before, inner, after = good[:-2], good[1:-1], good[2:]
+    t = ((inner - before) / (after - before))[:, None, None]
+    line = (1.0 - t) * final[before] + t * final[after]
     typical = float(np.median(_corner_gap(final[inner], line, corners)))
     own = _corner_gap(final[bad], _between(final, bad, good), corners)
     out = final.copy()
