@@ -132,18 +132,23 @@ def select_planes(stack: np.ndarray, planes: int | None, spacing: int = 1) -> np
     return stack[start:start + span:spacing]
 
 
+def _draw(n: int, count: int, what: str, rng: np.random.Generator) -> list[int]:
+    """``count`` distinct slices of ``n``, drawn by ``rng``, sorted."""
+    if not 0 <= count <= n:
+        raise ValueError(f"cannot {what} {count} of {n} slices")
+    return sorted(int(z) for z in rng.choice(n, count, replace=False))
+
+
 def damage(stack: np.ndarray, count: int, keep: float, rng: np.random.Generator
            ) -> tuple[np.ndarray, list[int]]:
     """``stack`` with ``count`` slices (drawn by ``rng``) damaged: only a vertical strip of
     ``keep`` of the width (at a random position) is left, the rest is the slice's median (a
     partly blank or torn section). Returns the new stack and the damaged slices."""
     n, _, w = stack.shape
-    if not 0 <= count <= n:
-        raise ValueError(f"cannot damage {count} of {n} slices")
     if not 0 < keep <= 1:
         raise ValueError(f"the kept fraction must be in (0, 1], got {keep}")
+    slices = _draw(n, count, "damage", rng)
     out = stack.copy()
-    slices = sorted(int(z) for z in rng.choice(n, count, replace=False))
     width = max(1, int(round(w * keep)))
     for z in slices:
         x0 = int(rng.integers(0, w - width + 1))
@@ -157,11 +162,8 @@ def invert_contrast(stack: np.ndarray, count: int, rng: np.random.Generator
     """``stack`` with the contrast of ``count`` slices (drawn by ``rng``) inverted
     (``min + max - value``, per slice: a detector or acquisition setting gone wrong). Returns
     the new stack and the inverted slices."""
-    n = len(stack)
-    if not 0 <= count <= n:
-        raise ValueError(f"cannot invert {count} of {n} slices")
+    slices = _draw(len(stack), count, "invert", rng)
     out = stack.copy()
-    slices = sorted(int(z) for z in rng.choice(n, count, replace=False))
     for z in slices:
         lo, hi = stack[z].min(), stack[z].max()
         out[z] = (hi - stack[z]) + lo

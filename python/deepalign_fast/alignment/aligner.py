@@ -236,7 +236,7 @@ class Aligner:
             bar.close()
             t_est = time.perf_counter() - t_prep0
         solved = self._solve(matcher, (n, h, w))
-        ts = self._transform_set(solved, matcher, (n, h, w))
+        ts = self._transform_set(solved, (n, h, w))
         timings = {**matcher.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
         return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score(),
@@ -251,7 +251,7 @@ class Aligner:
               ) -> tuple[TransformSet, SolveResult]:
         """:meth:`transform_set` and the solve's own result (``motion``: what it measured)."""
         solved = self._solve(matcher, shape)
-        return self._transform_set(solved, matcher, shape), solved
+        return self._transform_set(solved, shape), solved
 
     def _solve(self, matcher: StackMatcher, shape: tuple[int, int, int]) -> SolveResult:
         n, h, w = shape
@@ -266,11 +266,10 @@ class Aligner:
         matcher.times.add("solve", t0)
         return solved
 
-    def _transform_set(self, solved: SolveResult, matcher: StackMatcher,
-                       shape: tuple[int, int, int]) -> TransformSet:
+    def _transform_set(self, solved: SolveResult, shape: tuple[int, int, int]) -> TransformSet:
         n, h, w = shape
         opts = self.options
-        flagged = sorted(set(solved.flagged) | set(matcher.failed))
+        flagged = solved.flagged  # the matcher's failed slices included (solve_stack(failed=))
         residuals = [None if z in flagged else r for z, r in enumerate(solved.residuals)]
         affines, out_shape = _canvas(solved.affines, (h, w), opts.canvas)
         return TransformSet(affines, (n, h, w), out_shape, flagged, residuals, asdict(opts))
@@ -653,7 +652,7 @@ class _StreamState:
                 b_now = compose(self.previous, invert(b_prev_win), b_now)
             self.previous = b_now
             a = invert(b_now)
-        if z - lo in solved.flagged or z in self.matcher.failed:
+        if z - lo in solved.flagged:  # the matcher's failed slices included
             self.flagged.append(z)
         self.transforms.append(a)
         if self.refine is None:

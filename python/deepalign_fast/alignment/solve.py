@@ -929,9 +929,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         good = np.setdiff1d(np.arange(n), flagged)
         trend_src = b_pix.copy()
         if 0 < good.size < n:  # flagged slices must not bend the trend
-            flat = trend_src.reshape(n, 6)
-            for k in range(6):
-                flat[:, k] = np.interp(np.arange(n), good, b_pix.reshape(n, 6)[good, k])
+            trend_src = _between(b_pix, np.arange(n), good)
         # Sudden jumps (a stage jump, a re-acquired frame) are fast motion however slow the
         # rest is: take them out of the signal the trend is fitted to, so the trend does not
         # smear them into a ramp over the neighbouring slices.
