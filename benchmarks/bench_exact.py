@@ -54,6 +54,7 @@ from typing import Any
 import cv2
 import numpy as np
 from deepalign_fast import Aligner, datasets
+from deepalign_fast.geometry import compose
 from deepalign_fast.qc.metrics import exact_truth_score
 from deepalign_fast.qc.synth import (
     DRIFT_PROFILES,
@@ -170,9 +171,31 @@ def invert_contrast(stack: np.ndarray, count: int, rng: np.random.Generator
     return out, slices
 
 
+def glitch(transforms: np.ndarray, count: int, shift: float, rotation_deg: float,
+           shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    """``transforms`` (n, 2, 3 pull maps misaligned -> clean) with ``count`` slices (drawn by
+    ``rng``) off alone: each moved by ``shift`` px in a random direction and rotated by
+    ``rotation_deg`` degrees (random sign) about the frame centre, on top of its own
+    misalignment (a beam glitch, one slice rotated). Returns the new transforms and the
+    slices."""
+    slices = _draw(len(transforms), count, "glitch", rng)
+    out = transforms.copy()
+    h, w = shape
+    centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    for z in slices:
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        theta = np.deg2rad(rotation_deg) * rng.choice([-1.0, 1.0])
+        lin = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        move = shift * np.array([np.cos(angle), np.sin(angle)])
+        extra = np.hstack([lin, (centre - lin @ centre + move)[:, None]])
+        out[z] = compose(transforms[z][None], extra[None])[0]
+    return out, slices
+
+
 def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
           snr: float = 1.5, artifact_strength: float = 1.5, damaged: int = 0,
           damaged_keep: float = 0.15, inverted: int = 0,
+          glitched: tuple[int, float, float] = (0, 0.0, 0.0),
           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The case's input stack, its truth (input -> clean pull maps) and a description.
 
@@ -180,9 +203,10 @@ def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
     any upsampling); ``snr`` and ``artifact_strength`` set the artifacts of an artifacts case
     (``synth.fibsem_artifacts``); ``damaged`` slices keep only ``damaged_keep`` of their
     width (:func:`damage`) and ``inverted`` slices have their contrast inverted
-    (:func:`invert_contrast`), each drawn from its own random stream: the misalignment is
+    (:func:`invert_contrast`); ``glitched`` = (count, shift px, rotation degrees) slices are
+    off alone (:func:`glitch`). Each is drawn from its own random stream: the misalignment is
     the same as without."""
-    stack, truth, info = _build(case, seed, overrides, snr, artifact_strength)
+    stack, truth, info = _build(case, seed, overrides, snr, artifact_strength, glitched)
     if damaged:
         rng = np.random.default_rng([seed, zlib.crc32(case.name.encode()), 1])
         stack, slices = damage(stack, damaged, damaged_keep, rng)
@@ -197,7 +221,8 @@ def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
 
 
 def _build(case: Case, seed: int, overrides: dict[str, float] | None, snr: float,
-           artifact_strength: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+           artifact_strength: float, glitched: tuple[int, float, float] = (0, 0.0, 0.0),
+           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     clean = select_planes(reslice(_load(case.source), case.plane), case.planes, case.spacing)
     if case.planes is not None and len(clean) < case.planes:
         print(f"note: {case.name}: {len(clean)} planes, not {case.planes} (the reslice has too "
@@ -209,14 +234,24 @@ def _build(case: Case, seed: int, overrides: dict[str, float] | None, snr: float
     n, h, w = clean.shape
     info: dict[str, Any] = {"case": case.name, "description": case.describe(), "seed": seed,
                             "slices": n, "clean_shape": [h, w]}
-    if case.profile is None:
+    if case.profile is None and not glitched[0]:
         return clean, np.tile(np.eye(2, 3), (n, 1, 1)), {**info, "shape": [h, w], "margin": 0}
     rng = np.random.default_rng([seed, zlib.crc32(case.name.encode())])
-    params = {**DRIFT_PROFILES[case.profile], **(overrides or {})}
-    params = {k: v * case.upsample if k in ("walk", "smooth", "jitter") else v
-              for k, v in params.items()}
-    info["params"] = params
-    full = drift_transforms(n, (h, w), rng, profile=case.profile, **params)
+    if case.profile is None:
+        full = np.tile(np.eye(2, 3), (n, 1, 1))
+    else:
+        params = {**DRIFT_PROFILES[case.profile], **(overrides or {})}
+        params = {k: v * case.upsample if k in ("walk", "smooth", "jitter") else v
+                  for k, v in params.items()}
+        info["params"] = params
+        full = drift_transforms(n, (h, w), rng, profile=case.profile, **params)
+    if glitched[0]:
+        count, shift, rotation = glitched
+        full, slices = glitch(full, count, shift * case.upsample, rotation, (h, w),
+                              np.random.default_rng([seed, zlib.crc32(case.name.encode()), 3]))
+        info["glitched"] = slices
+        info["description"] += (f", {count} slices off alone by {shift:g} px and "
+                                f"{rotation:g} degrees")
     mis, truth = misalign_stack(clean, full)
     if case.artifacts:
         mis = fibsem_artifacts(mis, int(rng.integers(2**31)), snr=snr,
@@ -326,10 +361,16 @@ def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]]
             row["nonfinite_slices"] = int(bad.sum())
         score = exact_truth_score(est, truth, (int(stack.shape[1]), int(stack.shape[2])))
         row.update(score.to_dict())
+        if info.get("glitched"):  # what the slices off alone do to the others
+            rest = np.setdiff1d(np.arange(len(est)), info["glitched"])
+            row["jitter_max_rest"] = float(score.per_slice_jitter[rest].max())
+            row["jitter_glitched"] = [float(v) for v in score.per_slice_jitter[info["glitched"]]]
         rows.append(row)
         print(f"   {tool:28s} TRE median {score.tre_median:7.3f} p95 {score.tre_p95:7.3f} "
               f"slope {score.slope_per_100:7.3f}  jitter median {score.jitter_median:6.3f} "
-              f"p95 {score.jitter_p95:6.3f}  {dt:7.1f} s", flush=True)
+              f"p95 {score.jitter_p95:6.3f}  {dt:7.1f} s" + (
+                  f"  jitter max of the rest {row['jitter_max_rest']:6.3f}"
+                  if "jitter_max_rest" in row else ""), flush=True)
     return info, rows
 
 
@@ -491,6 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inverted", type=int, default=0, metavar="N",
                     help="invert the contrast of N slices of every case (drawn by the seed; "
                          "default 0)")
+    ap.add_argument("--glitched", type=int, default=0, metavar="N",
+                    help="put N slices of every case off alone (drawn by the seed): moved by "
+                         "--glitch-shift px and rotated by --glitch-rotation degrees on top of "
+                         "their misalignment, controls included (default 0)")
+    ap.add_argument("--glitch-shift", type=float, default=15.0, metavar="PX",
+                    help="how far a glitched slice is moved, px of the clean slices (default 15)")
+    ap.add_argument("--glitch-rotation", type=float, default=0.0, metavar="DEG",
+                    help="how far a glitched slice is rotated, degrees (default 0)")
     ap.add_argument("--planes", type=int, default=None,
                     help="number of planes of the XZ/YZ reslice cases (from a centred run of "
                          "contiguous planes; with --spacing K, every K-th of K times as many; "
@@ -527,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--spacing {args.spacing}: give an integer >= 1")
     if args.inverted < 0:
         raise SystemExit(f"--inverted {args.inverted}: give a count >= 0")
+    if args.glitched < 0 or not (np.isfinite(args.glitch_shift)
+                                 and np.isfinite(args.glitch_rotation)):
+        raise SystemExit(f"--glitched {args.glitched} --glitch-shift {args.glitch_shift} "
+                         f"--glitch-rotation {args.glitch_rotation}: give a count >= 0 and "
+                         "finite numbers")
     if args.damaged < 0 or not 0 < args.damaged_keep <= 1:
         raise SystemExit(f"--damaged {args.damaged} --damaged-keep {args.damaged_keep}: give "
                          "a count >= 0 and a fraction in (0, 1]")
@@ -581,7 +635,9 @@ def main(argv: list[str] | None = None) -> int:
             info, rows = run_case(case, seed, ours_specs, usable, overrides, snr=args.snr,
                                   artifact_strength=args.artifact_strength,
                                   damaged=args.damaged, damaged_keep=args.damaged_keep,
-                                  inverted=args.inverted)
+                                  inverted=args.inverted,
+                                  glitched=(args.glitched, args.glitch_shift,
+                                            args.glitch_rotation))
         except datasets.DataUnavailable as exc:
             print(f"skip {case.name}: {exc}", flush=True)
             continue
@@ -596,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
                           + (f"@damaged{args.damaged},keep{args.damaged_keep:g}"
                              if args.damaged else "")
                           + (f"@inverted{args.inverted}" if args.inverted else "")
+                          + (f"@glitched{args.glitched},shift{args.glitch_shift:g},"
+                             f"rotation{args.glitch_rotation:g}" if args.glitched else "")
                           + (f"@snr{args.snr:g},strength{args.artifact_strength:g}"
                              if artifacts else ""), md)
         if args.json is not None:  # rewritten after every case: a long run keeps what it has

@@ -155,3 +155,37 @@ def test_invert_contrast_inverts_the_drawn_slices_only() -> None:
             assert np.array_equal(out[z], stack[z])
     with pytest.raises(ValueError, match="cannot invert 9 of 8"):
         invert_contrast(stack, 9, np.random.default_rng(0))
+
+
+def test_glitch_moves_and_rotates_the_drawn_slices_only() -> None:
+    from benchmarks.bench_exact import glitch
+    from benchmarks.bench_exact import main as bench_main
+    from deepalign_fast.geometry import apply_affine
+
+    shape = (40, 60)
+    transforms = np.tile(np.eye(2, 3), (10, 1, 1))
+    transforms[:, :, 2] = np.random.default_rng(2).normal(0, 1, (10, 2))
+    before = transforms.copy()
+    out, slices = glitch(transforms, 3, 12.0, 2.0, shape, np.random.default_rng(4))
+    assert np.array_equal(transforms, before) and len(set(slices)) == 3
+    centre = np.array([[29.5, 19.5]])
+    corner = np.array([[59.0, 39.0]])
+    for z in range(10):
+        if z not in slices:
+            assert np.array_equal(out[z], transforms[z])
+            continue
+        # the centre moves by the shift; the frame turns by the rotation about it
+        moved = apply_affine(out[z], centre) - apply_affine(transforms[z], centre)
+        assert np.isclose(np.linalg.norm(moved), 12.0)
+        turned = np.degrees(np.arctan2(out[z][1, 0], out[z][0, 0]))
+        assert np.isclose(abs(turned), 2.0)
+        arm = apply_affine(out[z], corner) - apply_affine(out[z], centre)
+        assert np.isclose(np.linalg.norm(arm), np.linalg.norm(corner - centre))
+    again, slices2 = glitch(transforms, 3, 12.0, 2.0, shape, np.random.default_rng(4))
+    assert slices2 == slices and np.array_equal(again, out)  # a function of the seed
+    with pytest.raises(ValueError, match="cannot glitch 11 of 10"):
+        glitch(transforms, 11, 1.0, 0.0, shape, np.random.default_rng(0))
+    with pytest.raises(SystemExit, match="--glitched"):
+        bench_main(["--cases", "xz-drift", "--glitched", "-1"])
+    with pytest.raises(SystemExit, match="--glitch-shift"):
+        bench_main(["--cases", "xz-drift", "--glitched", "2", "--glitch-shift", "nan"])
