@@ -158,9 +158,10 @@ def test_invert_contrast_inverts_the_drawn_slices_only() -> None:
 
 
 def test_glitch_moves_and_rotates_the_drawn_slices_only() -> None:
+    from deepalign_fast.geometry import apply_affine
+
     from benchmarks.bench_exact import glitch
     from benchmarks.bench_exact import main as bench_main
-    from deepalign_fast.geometry import apply_affine
 
     shape = (40, 60)
     transforms = np.tile(np.eye(2, 3), (10, 1, 1))
@@ -189,3 +190,4 @@ def test_glitch_moves_and_rotates_the_drawn_slices_only() -> None:
         bench_main(["--cases", "xz-drift", "--glitched", "-1"])
     with pytest.raises(SystemExit, match="--glitch-shift"):
         bench_main(["--cases", "xz-drift", "--glitched", "2", "--glitch-shift", "nan"])
+
