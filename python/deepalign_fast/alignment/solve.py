@@ -975,6 +975,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
         modelled = similar and noise_model and slow_drift == "keep"
         apart = spacing if similar else 1.0
+        centre, _ = _normaliser(shape)
 
         def slow(trusted: NDArray[np.intp]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
             """The slow part of ``b_pix`` fitted to the ``trusted`` slices only, and the
@@ -996,7 +997,6 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                                    noise_model=modelled, good=np.isin(np.arange(n), trusted),
                                    spacing=apart), trend_src
 
-        centre, _ = _normaliser(shape)
         trend, trend_src = slow(good)
         # A trusted slice whose own fast motion (jumps aside) stands far out of the stack's (a
         # beam glitch, one slice rotated by degrees) is corrected by its own estimate, but
