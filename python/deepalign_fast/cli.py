@@ -116,6 +116,10 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
               "kept as the anatomy's)")
         print(f"  input's straight-line trend {trend:.2f} px per slice (the output keeps at "
               f"most {limit:.2g} px per slice of a trend, less where the stage walks)")
+    outliers = summary.get("outliers") or []
+    if outliers:
+        print(f"  slices off alone (a glitch?): {outliers}; each is corrected by its own "
+              "estimate and left out of the slow trend")
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
     if _mostly_flagged(summary):

@@ -75,6 +75,7 @@ class AlignResult:
     # Whether neighbour_score has the noise discounted (StackMatcher.noise_discounted), not
     # the raw fallback (None: not known).
     noise_discounted: bool | None = None
+    outliers: list[int] = field(default_factory=list)  # SolveResult.outliers
 
     @property
     def flagged(self) -> list[int]:
@@ -93,6 +94,7 @@ class AlignResult:
             "neighbour_correlation": self.neighbour_score,
             "neighbour_noise_discounted": self.noise_discounted,
             "stage_motion": self.motion,
+            "outliers": list(self.outliers),
             "time_s": total,
             "slices_per_s": n / total if total > 0 else None,
             "timings_s": dict(self.timings),
@@ -240,7 +242,7 @@ class Aligner:
         timings = {**matcher.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
         return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score(),
-                           solved.motion, matcher.noise_discounted())
+                           solved.motion, matcher.noise_discounted(), list(solved.outliers))
 
     def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
                       ) -> TransformSet:
@@ -465,7 +467,8 @@ class Aligner:
                               dict(result.timings),
                               measured={"neighbour_score": result.neighbour_score,
                                         "motion": result.motion,
-                                        "noise_discounted": result.noise_discounted})
+                                        "noise_discounted": result.noise_discounted,
+                                        "outliers": list(result.outliers)})
             if not is_done(out):
                 writer_options: dict[str, Any] = {"overwrite": overwrite}
                 if voxel_size is not None:
@@ -523,18 +526,18 @@ class Aligner:
 
 def result_of_checkpoint(saved: dict[str, Any], source: str) -> AlignResult:
     """The estimation a checkpoint kept (:meth:`Checkpoint.load`'s dictionary)."""
-    score, motion, discounted = _measured_of(saved)
+    score, motion, discounted, outliers = _measured_of(saved)
     return AlignResult(TransformSet.from_json(saved["transforms"], source=source),
                        [int(m) for m in saved["matches"]],
                        {str(k): float(v) for k, v in saved["timings"].items()}, score, motion,
-                       discounted)
+                       discounted, outliers)
 
 
 def _measured_of(saved: dict[str, Any]
-                 ) -> tuple[float | None, dict[str, float] | None, bool | None]:
-    """The neighbour score, stage motion and whether the score had the noise discounted, as a
-    checkpoint kept them (``None`` for what is missing or malformed: the summary leaves it
-    out rather than the resume failing)."""
+                 ) -> tuple[float | None, dict[str, float] | None, bool | None, list[int]]:
+    """The neighbour score, stage motion, whether the score had the noise discounted and the
+    outlier slices, as a checkpoint kept them (``None`` or no slices for what is missing or
+    malformed: the summary leaves it out rather than the resume failing)."""
     measured = saved.get("measured")
     measured = measured if isinstance(measured, dict) else {}
     score, motion = measured.get("neighbour_score"), measured.get("motion")
@@ -544,10 +547,13 @@ def _measured_of(saved: dict[str, Any]
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
+    odd = measured.get("outliers")
+    outliers = ([int(z) for z in odd] if isinstance(odd, list) and all(
+        isinstance(z, int) and not isinstance(z, bool) for z in odd) else [])
     return (float(score) if score is not None and number(score) else None,
             {k: float(motion[k]) for k in MOTION_KEYS}
             if isinstance(motion, dict) and all(number(motion.get(k)) for k in MOTION_KEYS)
-            else None, discounted)
+            else None, discounted, outliers)
 
 
 class AlignStream(Iterator[np.ndarray]):

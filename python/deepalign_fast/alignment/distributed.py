@@ -527,7 +527,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             base.transforms = TransformSet.load(tpath)
         result = DistributedResult(base.transforms, base.matches, base.timings,
                                    base.neighbour_score, base.motion, base.noise_discounted,
-                                   tasks=dict.fromkeys(_TASKS, 0))
+                                   base.outliers, tasks=dict.fromkeys(_TASKS, 0))
         if not keep_work:
             work.remove()
         with ckpt.recording():
@@ -636,7 +636,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                   {**solver.times.seconds, "estimate": t_est},
                   measured={"neighbour_score": solver.neighbour_score(),
                             "motion": solved.motion,
-                            "noise_discounted": solver.noise_discounted()})
+                            "noise_discounted": solver.noise_discounted(),
+                            "outliers": list(solved.outliers)})
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
@@ -675,7 +676,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     timings = {**solver.times.seconds, "estimate": t_est, "render": t_render,
                "total": time.perf_counter() - t_start}
     result = DistributedResult(ts, list(solver.matches), timings, solver.neighbour_score(),
-                               solved.motion, solver.noise_discounted(), tasks=counts)
+                               solved.motion, solver.noise_discounted(),
+                               list(solved.outliers), tasks=counts)
     with ckpt.recording():
         for _, write in extra:
             write(result)

@@ -156,6 +156,9 @@ class SolveResult:
     # the straight-line trend (px per slice), and the slice spacing its anatomy priors were
     # scaled to (1: as measured on 5-nm FIB-SEM); else None.
     motion: dict[str, float] | None = None
+    # Trusted slices whose own motion stood far out of the stack's (a beam glitch, one slice
+    # rotated): corrected by their own estimates, left out of the slow trend (_outliers).
+    outliers: list[int] = field(default_factory=list)
 
 
 def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
@@ -970,6 +973,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     b_pix = invert(_to_pixels(theta, shape))  # slice -> output, pixels
     final = b_pix
     motion = None
+    outliers: list[int] = []
     if n > 1 and slow_drift != "none":
         good = np.setdiff1d(np.arange(n), flagged)
         similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
@@ -1004,6 +1008,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         # Only where the content hardly changes between slices: between thick sections a
         # section's fast motion may be the content's walk, which the trend keeps.
         odd = _outliers(trend_src, trend, good, shape) if similar else np.zeros(0, np.intp)
+        outliers = [int(z) for z in odd]
         if odd.size:
             good = np.setdiff1d(good, odd)
             trend, trend_src = slow(good)
@@ -1018,4 +1023,4 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         final = place_flagged(final, flagged, shape)
     return SolveResult(invert(final), residuals, flagged,
                        {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
-                       motion)
+                       motion, outliers)

@@ -286,13 +286,16 @@ def test_cli_summary_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_cli_summary_text_reports_the_stage_walk(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """Similar slices (one texture under a walk): the text summary names the neighbour
-    correlation and the stage walk and jitter the noise model measured."""
+    correlation, the stage walk and jitter the noise model measured, and a slice off alone
+    (slice 12, rotated by 4 degrees)."""
     import cv2
 
     rng = np.random.default_rng(1)
     base = cv2.GaussianBlur((rng.random((160, 160)) * 255).astype(np.float32), (0, 0), 2.0)
     full = np.tile(np.eye(2, 3), (20, 1, 1))
     full[:, :, 2] = np.cumsum(rng.normal(0, 1.0, (20, 2)), axis=0)
+    turn = cv2.getRotationMatrix2D((79.5, 79.5), 4.0, 1.0)
+    full[12] = np.vstack([turn, [0.0, 0.0, 1.0]])[:2] @ np.vstack([full[12], [0, 0, 1]])
     mis, _ = misalign_stack(np.repeat(base[None], 20, axis=0), full)
     tifffile.imwrite(tmp_path / "w.tif", mis)
     assert main(["align", str(tmp_path / "w.tif"), "-o", str(tmp_path / "o.tif"),
@@ -301,6 +304,7 @@ def test_cli_summary_text_reports_the_stage_walk(tmp_path: Path,
     assert "neighbour correlation" in text
     assert "measured stage walk" in text and "px per slice, jitter" in text
     assert "straight-line trend" in text
+    assert "slices off alone (a glitch?): [12]" in text
 
 
 def _smooth_volume(planes: int) -> np.ndarray:
@@ -645,6 +649,7 @@ def _interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     base = cv2.GaussianBlur((rng.random((160, 160)) * 255).astype(np.float32), (0, 0), 2.0)
     full = np.tile(np.eye(2, 3), (20, 1, 1))
     full[:, :, 2] = np.cumsum(rng.normal(0, 1.0, (20, 2)), axis=0)
+    full[9, :, 2] += (22.0, -14.0)  # slice 9 off alone (a glitch): the summary names it
     mis, _ = misalign_stack(np.repeat(base[None], 20, axis=0), full)
     src = tmp_path / "w.tif"
     tifffile.imwrite(src, mis)
@@ -683,11 +688,14 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     """A run interrupted while rendering resumes from its checkpoint without estimating
-    again; its summary still gives the neighbour correlation and the stage motion the
-    estimation measured (they are saved in the checkpoint), equal to an uninterrupted run's."""
+    again; its summary still gives the neighbour correlation, the stage motion and the slices
+    off alone the estimation measured (they are saved in the checkpoint), equal to an
+    uninterrupted run's."""
     src, out, reference = _interrupted_run(tmp_path, monkeypatch)
     assert reference["stage_motion"] is not None and reference["neighbour_correlation"] > 0.6
+    assert reference["outliers"] == [9]
     resumed = _resume(src, out, monkeypatch)
+    assert resumed["outliers"] == [9]
     assert resumed["neighbour_correlation"] == reference["neighbour_correlation"]
     assert resumed["stage_motion"] == reference["stage_motion"]
     assert resumed["neighbour_noise_discounted"] is reference["neighbour_noise_discounted"] \
@@ -698,7 +706,9 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
     {"neighbour_score": "x", "motion": {"stage_walk_px": 1.0, "jitter_px": None,
                                         "trend_px_per_slice": 0.1}},
     {"neighbour_score": float("nan"), "motion": {"stage_walk_px": 1.0}},
-    {"neighbour_score": True, "motion": [1, 2], "noise_discounted": "yes"},
+    {"neighbour_score": True, "motion": [1, 2], "noise_discounted": "yes", "outliers": "9"},
+    {"neighbour_score": 0.5, "outliers": [9, "x"]},
+    {"neighbour_score": 0.5, "outliers": [True]},
     {"neighbour_score": 0.9, "motion": {"stage_walk_px": 1.0, "jitter_px": 0.1,
                                         "trend_px_per_slice": 0.1}},  # keys missing
     "junk",
@@ -720,6 +730,7 @@ def test_checkpoint_with_malformed_measurements_still_resumes(
     path.write_text(json.dumps(saved))
     resumed = _resume(src, out, monkeypatch)
     assert resumed["stage_motion"] is None and resumed["neighbour_noise_discounted"] is None
-    kept = isinstance(measured, dict) and measured["neighbour_score"] == 0.9
-    assert resumed["neighbour_correlation"] == (0.9 if kept else None)
+    assert resumed["outliers"] == []
+    kept = isinstance(measured, dict) and measured["neighbour_score"] in (0.9, 0.5)
+    assert resumed["neighbour_correlation"] == (measured["neighbour_score"] if kept else None)
     assert out.is_file()

@@ -130,7 +130,8 @@ def test_equals_single_machine(cluster: Any, data: dict[str, Any], tmp_path: Pat
     # what the solve measured is reported as on one machine
     ref_summary = data["ref"].summary()
     assert ref_summary["neighbour_correlation"] is not None
-    for key in ("neighbour_correlation", "neighbour_noise_discounted", "stage_motion"):
+    for key in ("neighbour_correlation", "neighbour_noise_discounted", "stage_motion",
+                "outliers"):
         assert res.summary()[key] == ref_summary[key]
 
 
