@@ -333,15 +333,20 @@ def jump_offsets(positions: NDArray[np.float64], *, floor: float = 5.0) -> NDArr
     step differs from that of the 3 before by that much too), zero elsewhere.
 
     A slice that is off alone (a glitch: a step out and a step back) is no jump: taken for
-    two, the slices after it would move by the sum of the two steps' own motion."""
+    two, the slices after it would move by the sum of the two steps' own motion. Nor is a
+    step with fewer than 3 slices on either side, which cannot tell a jump from a glitch (a
+    stream's window that starts at a glitch: taken for a jump, every later slice of the
+    window moved by it)."""
     n = len(positions)
     steps = np.diff(positions, axis=0)
     size = np.linalg.norm(steps, axis=1)
     limit = max(floor, 8.0 * float(np.median(size)) if len(size) else floor)
     jump = np.zeros_like(steps)
     for i in np.flatnonzero(size > limit):
-        level = (np.median(positions[i + 1:min(n, i + 4)], axis=0)
-                 - np.median(positions[max(0, i - 2):i + 1], axis=0))
+        if i < 2 or i + 4 > n:  # (fewer than 3 slices before or after the step)
+            continue
+        level = (np.median(positions[i + 1:i + 4], axis=0)
+                 - np.median(positions[i - 2:i + 1], axis=0))
         if np.linalg.norm(level) > limit:
             jump[i] = steps[i]
     return np.concatenate([np.zeros((1, 2)), np.cumsum(jump, axis=0)])
