@@ -777,7 +777,7 @@ OUTLIER_FLOOR = 1.0
 def _outliers(maps: NDArray[np.float64], trend: NDArray[np.float64], good: NDArray[np.intp],
               shape: tuple[int, int]) -> NDArray[np.intp]:
     """The slices of ``good`` whose map (slice -> output) stands out from ``trend`` (see
-    :data:`OUTLIER_SHIFT`), the first and last two aside."""
+    :data:`OUTLIER_SHIFT`)."""
     if good.size < 8:
         return np.zeros(0, np.intp)
     centre, radius = _normaliser(shape)
@@ -787,10 +787,6 @@ def _outliers(maps: NDArray[np.float64], trend: NDArray[np.float64], good: NDArr
     out = shift > max(OUTLIER_FLOOR, OUTLIER_SHIFT * float(np.median(shift)))
     limits = np.maximum(OUTLIER_FLOOR, OUTLIER_LINEAR * np.median(linear, axis=0))
     out |= (linear > limits).any(axis=1)
-    # The first and last two trusted slices have the trend on one side only: their own
-    # motion stands out more by nature (the last of 32 XZ planes: 5.3 times), and left out,
-    # they would take the trend of their neighbour, held flat.
-    out[:2] = out[-2:] = False
     return np.asarray(good[out], np.intp)
 
 

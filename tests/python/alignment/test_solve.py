@@ -315,7 +315,6 @@ def test_a_slice_off_alone_is_corrected_without_moving_its_neighbours(kind, scor
     res = solve_stack(n, _pairs(odd, np.random.default_rng(5), (1, 2, 4, 8), 0.05), SHAPE,
                       neighbour_score=score)
     assert res.flagged == []
-    assert res.outliers == ([30, 61] if score else [])  # named where they are left out
     x = _grid()
     moved = np.array([np.linalg.norm(apply_affine(a, x) - apply_affine(b, x), axis=1).mean()
                       for a, b in zip(res.affines, base.affines, strict=True)])
@@ -328,21 +327,6 @@ def test_a_slice_off_alone_is_corrected_without_moving_its_neighbours(kind, scor
     expect = [compose(base.affines[z][None], invert(seen[z][None]))[0] for z in (30, 61)]
     for f, e in zip(fixed, expect, strict=True):
         assert np.linalg.norm(apply_affine(f, x) - apply_affine(e, x), axis=1).mean() < 0.6
-
-
-def test_the_first_and_last_two_slices_are_never_outliers():
-    """A slice at either end has the trend on one side only; left out, it would take its
-    neighbour's trend held flat. Slices 1 and 94 of 96, 12 px off, stay in; slice 47 is
-    left out."""
-    n = 96
-    rng = np.random.default_rng(8)
-    seen = np.tile(np.eye(2, 3), (n, 1, 1))
-    seen[:, :, 2] = rng.normal(0, 0.5, (n, 2))
-    for z in (1, 47, 94):
-        seen[z, 0, 2] += 12.0
-    res = solve_stack(n, _pairs(seen, np.random.default_rng(2), (1, 2, 4, 8), 0.05), SHAPE,
-                      neighbour_score=0.9)
-    assert res.outliers == [47]
 
 
 def _walk(n: int, step: float, rng: np.random.Generator) -> np.ndarray:
