@@ -121,11 +121,12 @@ def test_stream_of_similar_slices_has_no_seam() -> None:
 
 
 def test_a_glitch_moves_no_other_slice_of_a_stream() -> None:
-    """FIB-SEM-like slices with one slice 15 px off alone (a beam glitch), streamed with a
-    look-ahead of 8: each slice is solved in a window of the slices before it, and the window
-    that starts at the glitch took its step back for a jump (fewer than 3 slices before it
-    to tell), and moved the slice it emitted by 15 px. Every other slice stays within a
-    pixel of the truth's jitter, as the glitched one does."""
+    """FIB-SEM-like slices with two slices 15 px off alone (beam glitches), streamed with a
+    look-ahead of 8: each slice is solved in a window of the slices before it. The window
+    that starts at a glitch took its step back for a jump (fewer than 3 slices before it to
+    tell) and moved the slice it emitted by 15 px. A glitch that has just arrived ends its
+    window; left in the trend there, it pulls the slice 8 before it. Every other slice stays
+    within half a pixel of the truth's jitter."""
     from deepalign_fast.qc.metrics import exact_truth_score
     from scipy import ndimage
 
@@ -135,12 +136,14 @@ def test_a_glitch_moves_no_other_slice_of_a_stream() -> None:
     img = ((img - img.min()) / np.ptp(img) * 255).astype(np.uint8)
     full = np.tile(np.eye(2, 3), (n, 1, 1))
     full[:, :, 2] = np.cumsum(rng.normal(0, 0.3, (n, 2)), axis=0) + rng.normal(0, 0.3, (n, 2))
-    full[6, :, 2] += (12.0, -9.0)
+    full[6, :, 2] += (12.0, -9.0)  # a window starts at it (slice 62's)
+    full[40, :, 2] += (-10.0, 12.0)  # it ends a window when it arrives (slice 32's)
     mis, truth = misalign_stack(np.repeat(img[None], n, axis=0), full)
     stream = Aligner().stream(iter(mis), lookahead=8)
     list(stream)
     score = exact_truth_score(np.stack(stream.transforms), truth.transforms, mis.shape[1:])
-    assert score.per_slice_jitter.max() < 1.0, np.argsort(score.per_slice_jitter)[-3:]
+    others = np.delete(score.per_slice_jitter, [6, 40])
+    assert others.max() < 0.6, np.argsort(others)[-3:]  # (the slices pulled before: 0.78)
 
 
 def test_blank_slice_is_flagged_and_interpolated(lucchi) -> None:
