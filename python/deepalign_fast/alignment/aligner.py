@@ -557,8 +557,8 @@ def _measured_of(saved: dict[str, Any]
 
 
 class AlignStream(Iterator[np.ndarray]):
-    """One :meth:`Aligner.stream`: iterate for the aligned slices; ``flagged`` and
-    ``transforms`` (the emitted slices' affines) grow as slices come out."""
+    """One :meth:`Aligner.stream`: iterate for the aligned slices; ``flagged``, ``outliers``
+    and ``transforms`` (the emitted slices' affines) grow as slices come out."""
 
     def __init__(self, options: AlignOptions, slices: Iterable[np.ndarray],
                  lookahead: int) -> None:
@@ -568,6 +568,12 @@ class AlignStream(Iterator[np.ndarray]):
     @property
     def flagged(self) -> list[int]:
         return self._state.flagged
+
+    @property
+    def outliers(self) -> list[int]:
+        """Emitted slices off alone (``SolveResult.outliers`` of the window that emitted
+        them): corrected by their own estimates, left out of the slow trend."""
+        return self._state.outliers
 
     @property
     def transforms(self) -> list[np.ndarray]:
@@ -597,6 +603,7 @@ class _StreamState:
         self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
         self.refine: Refiner | None = None
         self.flagged: list[int] = []
+        self.outliers: list[int] = []
         self.transforms: list[np.ndarray] = []
 
     def push(self, z: int, image: np.ndarray) -> Iterator[np.ndarray]:
@@ -660,6 +667,8 @@ class _StreamState:
             a = invert(b_now)
         if z - lo in solved.flagged:  # the matcher's failed slices included
             self.flagged.append(z)
+        if z - lo in solved.outliers:
+            self.outliers.append(z)
         self.transforms.append(a)
         if self.refine is None:
             return render_slice(image, SliceMap(a), self.shape, num_threads=opts.num_threads)

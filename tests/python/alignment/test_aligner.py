@@ -112,6 +112,7 @@ def test_stream_of_similar_slices_has_no_seam() -> None:
     whole = aligner.stream(iter(mis), lookahead=n)
     list(whole)
     assert np.abs(np.stack(whole.transforms) - batch.transforms.affines).max() < 1e-6
+    assert whole.outliers == batch.outliers == []  # nothing stands out of a walk and jitter
     for lookahead in (n - 1, n - 10):
         stream = aligner.stream(iter(mis), lookahead=lookahead)
         list(stream)
@@ -144,6 +145,7 @@ def test_a_glitch_moves_no_other_slice_of_a_stream() -> None:
     score = exact_truth_score(np.stack(stream.transforms), truth.transforms, mis.shape[1:])
     others = np.delete(score.per_slice_jitter, [6, 40])
     assert others.max() < 0.6, np.argsort(others)[-3:]  # (the slices pulled before: 0.78)
+    assert stream.outliers == [6, 40]  # named as they come out
 
 
 def test_blank_slice_is_flagged_and_interpolated(lucchi) -> None:
