@@ -39,14 +39,14 @@ tell them apart, so the slow component is a decision (``slow_drift``):
 - ``"keep"`` (default): the output keeps the input's slow motion and removes everything
   faster: jitter, per-slice rotation/scale/shear errors, sudden jumps (a change of level
   that stays, :func:`jump_offsets`; one slice off alone is no jump). An aligned stack
-  stays where it is. Where the content hardly changes between slices, a slice whose fast
-  motion stands far out of the stack's (a beam glitch, one slice rotated by degrees) is
-  corrected by its own estimate but left out of the trend, so it cannot move its
-  neighbours (:data:`OUTLIER_SHIFT`). Where neighbouring slices hardly change
-  (``neighbour_score`` >= :data:`SIMILAR_CONTENT`, FIB-SEM), the slow translation is split
-  from the stage's walk and jitter by a noise model measured on the stack itself
-  (:func:`_anatomy_kept`): the anatomy's apparent motion is smooth (its velocity changes by
-  :data:`ANATOMY_CHANGE` px per slice per slice), a stage walk has independent steps,
+  stays where it is. Where neighbouring slices hardly change (``neighbour_score`` >=
+  :data:`SIMILAR_CONTENT`, FIB-SEM), a slice whose fast motion stands far out of the
+  stack's (a beam glitch, one slice rotated by degrees) is corrected by its own estimate
+  but left out of the trend, so it cannot move its neighbours (:data:`OUTLIER_SHIFT`); and
+  the slow translation is split from the stage's walk and jitter by a noise model measured
+  on the stack itself (:func:`_anatomy_kept`): the anatomy's apparent motion is smooth (its
+  velocity changes by :data:`ANATOMY_CHANGE` px per slice per slice), a stage walk has
+  independent steps,
   jitter is independent per slice. A strong walk is then followed over long scales, an
   aligned stack kept whole.
   These priors are per slice of 5-nm FIB-SEM; slices farther apart (their neighbours

@@ -83,6 +83,21 @@ def test_stream_matches_batch(tiny_stack: Path) -> None:
     assert np.median(np.linalg.norm(diff, axis=-1)) < 0.5
 
 
+def _walking_texture(n: int, size: tuple[int, int], step: float, jitter: float, *,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """FIB-SEM-like slices: one blurred-noise texture repeated ``n`` times, and pull maps of
+    a stage walk of ``step`` px per slice and axis plus ``jitter`` px (drawn from ``seed``)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    img = ndimage.gaussian_filter(rng.normal(size=size), 2.0)
+    img = ((img - img.min()) / np.ptp(img) * 255).astype(np.uint8)
+    full = np.tile(np.eye(2, 3), (n, 1, 1))
+    full[:, :, 2] = (np.cumsum(rng.normal(0, step, (n, 2)), axis=0)
+                     + rng.normal(0, jitter, (n, 2)))
+    return np.repeat(img[None], n, axis=0), full
+
+
 def test_stream_of_similar_slices_has_no_seam() -> None:
     """FIB-SEM-like slices (one texture under a 1.5 px/slice walk and jitter: neighbours
     correlate ~1, so the batch solve splits slow translation by its noise model). With the
@@ -90,15 +105,10 @@ def test_stream_of_similar_slices_has_no_seam() -> None:
     keeps the stream's fixed trend, so no step between slices stands out (solving some
     slices one way and the rest the other left 1.2-2.8 px seams)."""
     from deepalign_fast.qc.metrics import exact_truth_score
-    from scipy import ndimage
 
     n = 40
-    rng = np.random.default_rng(2)
-    img = ndimage.gaussian_filter(rng.normal(size=(192, 192)), 2.0)
-    img = ((img - img.min()) / np.ptp(img) * 255).astype(np.uint8)
-    full = np.tile(np.eye(2, 3), (n, 1, 1))
-    full[:, :, 2] = np.cumsum(rng.normal(0, 1.5, (n, 2)), axis=0) + rng.normal(0, 0.7, (n, 2))
-    mis, truth = misalign_stack(np.repeat(img[None], n, axis=0), full)
+    clean, full = _walking_texture(n, (192, 192), 1.5, 0.7, seed=2)
+    mis, truth = misalign_stack(clean, full)
     aligner = Aligner()
     batch = aligner.estimate(mis, progress=False)
     assert batch.neighbour_score is not None and batch.neighbour_score > 0.9
@@ -129,17 +139,11 @@ def test_a_glitch_moves_no_other_slice_of_a_stream() -> None:
     window; left in the trend there, it pulls the slice 8 before it. Every other slice stays
     within half a pixel of the truth's jitter."""
     from deepalign_fast.qc.metrics import exact_truth_score
-    from scipy import ndimage
 
-    n = 72
-    rng = np.random.default_rng(5)
-    img = ndimage.gaussian_filter(rng.normal(size=(96, 128)), 2.0)
-    img = ((img - img.min()) / np.ptp(img) * 255).astype(np.uint8)
-    full = np.tile(np.eye(2, 3), (n, 1, 1))
-    full[:, :, 2] = np.cumsum(rng.normal(0, 0.3, (n, 2)), axis=0) + rng.normal(0, 0.3, (n, 2))
+    clean, full = _walking_texture(72, (96, 128), 0.3, 0.3, seed=5)
     full[6, :, 2] += (12.0, -9.0)  # a window starts at it (slice 62's)
     full[40, :, 2] += (-10.0, 12.0)  # it ends a window when it arrives (slice 32's)
-    mis, truth = misalign_stack(np.repeat(img[None], n, axis=0), full)
+    mis, truth = misalign_stack(clean, full)
     stream = Aligner().stream(iter(mis), lookahead=8)
     list(stream)
     score = exact_truth_score(np.stack(stream.transforms), truth.transforms, mis.shape[1:])
