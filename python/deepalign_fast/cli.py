@@ -182,6 +182,15 @@ def _int_tuple(text: str) -> tuple[int, ...]:
             f"expected comma-separated integers, got {text!r}") from None
 
 
+def _strength(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "auto" or a number, got {text!r}') from None
+
+
 def _add_align_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`AlignOptions` field (name, default, choices and help from the
     dataclass and its docstring), then the output flags that are not options."""
@@ -209,6 +218,8 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
                                               ",".join(str(v) for v in kw["default"])))
         elif hint in (int, float):
             kw["type"] = hint
+        elif hint == options_module.Strength:
+            kw.update(type=_strength, metavar="auto|X")
         else:  # optional paths
             kw.update(type=str, metavar="PATH")
         flags = [_flag(f.name)] + (["--num-threads"] if f.name == "num_threads" else [])

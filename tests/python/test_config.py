@@ -75,6 +75,8 @@ def test_bad_config_files(src: Path, tmp_path: Path,
     ("model: foo", "model must be one of translation, rigid"),
     ("masks: [m.tif]", "masks must be a path"),
     ("drift_sigma: -1", "drift_sigma must be a finite number > 0"),
+    ("regularise: strong", 'regularise must be "auto" or a number, got \'strong\''),
+    ("regularise: -0.1", 'regularise must be "auto" or a finite number >= 0'),
     ("threshold: [1", "not valid YAML"),
 ])
 def test_config_values_of_the_wrong_type(src: Path, tmp_path: Path, text: str, words: str,
@@ -105,6 +107,10 @@ def test_options_check_types() -> None:
         AlignOptions(threshold=[1, 2])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="num_threads must be an integer"):
         AlignOptions(num_threads=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match='regularise must be "auto" or a number'):
+        AlignOptions(regularise="strong")  # type: ignore[arg-type]
+    assert AlignOptions().regularise == "auto"
+    assert AlignOptions(regularise=0).regularise == 0
     assert AlignOptions(offsets=[2, 1], threshold=np.float32(3), min_matches=np.int64(9)) \
         == AlignOptions(offsets=(1, 2), threshold=3.0, min_matches=9)  # type: ignore[arg-type]
 
@@ -122,15 +128,29 @@ def test_align_flags_are_generated_from_the_options() -> None:
     args = parser.parse_args(["align", "in.tif", "-o", "out.tif"])
     assert options_from_args(args) == AlignOptions()
     values = {"min_matches": 20, "field_stride": 8, "drift_sigma": 12.0, "offsets": (1, 3),
-              "slow_drift": "follow", "num_threads": 1, "masks": "m.tif", "mode": "elastic"}
+              "slow_drift": "follow", "num_threads": 1, "masks": "m.tif", "mode": "elastic",
+              "regularise": 0.01}
     argv = ["align", "in.tif", "-o", "out.tif"]
     for name, value in values.items():
         flag = "--threads" if name == "num_threads" else "--" + name.replace("_", "-")
         argv += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     assert options_from_args(parser.parse_args(argv)) == AlignOptions(**values)
+    auto = parser.parse_args(["align", "in.tif", "-o", "out.tif", "--regularise", "auto"])
+    assert options_from_args(auto).regularise == "auto"
     sub = next(a for a in parser._actions if a.dest == "command").choices["align"]
     helps = {a.dest: a.help or "" for a in sub._actions}
     for f in dataclasses.fields(AlignOptions):
         assert f.name in helps
         words = [w for w in option_docs()[f.name].split() if w.isalpha()]
         assert max(words, key=len) in helps[f.name], (f.name, helps[f.name])
+
+
+def test_regularise_flag_takes_auto_or_a_number(src: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--regularise", "strong"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--regularise: expected \"auto\" or a number, got 'strong'" in err
+    assert err.strip().count("\n") == 0, err
+    assert not (tmp_path / "o.tif").exists()

@@ -27,6 +27,8 @@ SlowDrift = Literal["keep", "follow", "none"]
 Canvas = Literal["reference", "union"]
 Provider = Literal["cpu", "cuda", "tensorrt"]
 Mode = Literal["affine", "expected-affine", "elastic"]
+#: The per-slice rigid prior's strength: a number, or "auto" (measured on the stack).
+Strength = float | Literal["auto"]
 MODES: tuple[str, ...] = get_args(Mode)
 CANVAS: tuple[str, ...] = get_args(Canvas)
 PROVIDERS: tuple[str, ...] = get_args(Provider)
@@ -64,10 +66,12 @@ class AlignOptions:
         A pair whose median block correlation (after alignment) is below this is not used
         (0 = all plausible pairs are used). Neighbouring FIB-SEM slices correlate at
         0.8-0.95, thick or 50-nm sections at 0.3-0.4.
-    regularise : float
+    regularise : float or "auto"
         Strength of the per-slice prior toward a rigid map (``model="affine"``), relative to
         a slice's match weight: 0 = free affine per slice; larger values trust the matches'
-        scale/shear less.
+        scale/shear less. ``"auto"`` (default): measured on the stack, from the spread of
+        scale and shear its slices show (0.05 near slices that cannot measure their own,
+        such as damaged ones, and on stacks of fewer than 16 slices).
     slow_drift : {"keep", "follow", "none"}
         Slow motion: ``"keep"`` the input's (default; an aligned stack stays where it is,
         jitter and per-slice errors are removed; for FIB-SEM translation what is slow is
@@ -114,7 +118,7 @@ class AlignOptions:
     threshold: float = 2.0
     min_matches: int = 12
     min_pair_score: float = 0.0
-    regularise: float = 0.05
+    regularise: Strength = "auto"
     slow_drift: SlowDrift = "keep"
     drift_sigma: float = 16.0
     canvas: Canvas = "reference"
@@ -147,8 +151,10 @@ class AlignOptions:
             value = getattr(self, name)
             if not (np.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if not (np.isfinite(self.regularise) and self.regularise >= 0):
-            raise ValueError(f"regularise must be a finite number >= 0, got {self.regularise}")
+        if self.regularise != "auto" and not (np.isfinite(self.regularise)
+                                               and self.regularise >= 0):
+            raise ValueError(f"regularise must be \"auto\" or a finite number >= 0, "
+                             f"got {self.regularise}")
         if self.min_matches < 3:
             raise ValueError(f"min_matches must be >= 3, got {self.min_matches}")
         if not (np.isfinite(self.min_pair_score) and -1 <= self.min_pair_score <= 1):
@@ -179,6 +185,8 @@ def _expected_type(hint: Any) -> tuple[str, Any]:
         return "an integer", integer
     if hint is float:
         return "a number", real
+    if hint == Strength:
+        return '"auto" or a number', lambda v: v == "auto" or real(v)
     return "a path (text) or null", lambda v: v is None or isinstance(v, (str, os.PathLike))
 
 

@@ -16,7 +16,15 @@ offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
 
 - The per-slice prior pulls each slice's scale, anisotropic stretch and shear toward a rigid
   map, as an *independent* per-slice error (the usual kind in FIB-SEM and serial sections),
-  never as a trend. ``model`` other than ``"affine"`` makes the prior (nearly) hard.
+  never as a trend. ``model`` other than ``"affine"`` makes the prior (nearly) hard. Its
+  strength (``regularise="auto"``) is measured on the stack (empirical Bayes,
+  :func:`prior_spread`): each slice fitted to its own pairs alone shows its per-slice
+  scale, stretch and shear plus a measurement error of known variance, and the spread of
+  the per-slice part sets a Gaussian prior. A fixed strength pulled real per-slice scale
+  and shear toward rigid, most along the axis the matches measure least (the short axis
+  of a reslice). Slices that cannot measure their own (a damaged slice, 10 times worse
+  than the typical one) and the slices their pairs reach keep :data:`FIXED_PRIOR`: with a
+  weak prior there, the damaged slice and its neighbours wandered.
 - The gauge fixes the mean of all slices, not slice 0, so no slice is special and the solution
   cannot shrink (a free scale would let every residual vanish).
 - The tiny first-difference term only matters for slices without matches (blank or failed):
@@ -89,10 +97,11 @@ from numpy.typing import NDArray
 
 from ..geometry import compose, invert
 
-__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FLAGGED_MOVE",
-           "MOTION_KEYS", "REFERENCE_CONTENT",
+__all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FIXED_PRIOR", "FLAGGED_MOVE",
+           "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "REFERENCE_CONTENT",
            "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult",
-           "lowpass_affines", "pair_moments", "place_flagged", "slice_spacing", "solve_stack"]
+           "lowpass_affines", "pair_moments", "place_flagged", "prior_spread", "slice_spacing",
+           "solve_stack"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 #: The keys of :attr:`SolveResult.motion`.
@@ -212,6 +221,7 @@ class _System:
         self.ij = np.array([(pm.i, pm.j) for pm in pairs], np.intp).reshape(-1, 2)
         self.h = _expand(np.array([pm.moments for pm in pairs]).reshape(-1, 6, 6))
         self.weight = np.array([pm.weight for pm in pairs], np.float64)
+        self.count = np.array([pm.count for pm in pairs], np.float64)
         span = int(np.abs(self.ij[:, 0] - self.ij[:, 1]).max()) if len(pairs) else 1
         self.u = 6 * (max(span, 1) + 1) - 1
         six = np.arange(6)
@@ -277,6 +287,38 @@ class _System:
         t = np.concatenate([theta[self.ij[:, 0]], theta[self.ij[:, 1]]], axis=1)
         e = np.einsum("pi,pij,pj->p", t, self.h, t)
         return np.sqrt(np.maximum(e, 0.0) / np.maximum(self.weight, 1e-12))
+
+
+    def own_fits(self, theta: NDArray[np.float64], weights: NDArray[np.float64]
+                 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+        """Each slice's parameters fitted to its own pairs alone, its partners held at
+        ``theta``: ``(fits (n, 6), information matrices (n, 6, 6), ok (n,))``; ``ok`` marks
+        the slices whose information can be inverted."""
+        n = self.n
+        info = np.zeros((n, 6, 6))
+        rhs = np.zeros((n, 6))
+        if len(self.h):
+            h = weights[:, None, None] * self.h
+            i, j = self.ij[:, 0], self.ij[:, 1]
+            np.add.at(info, i, h[:, :6, :6])
+            np.add.at(info, j, h[:, 6:, 6:])
+            np.add.at(rhs, i, -np.einsum("pij,pj->pi", h[:, :6, 6:], theta[j]))
+            np.add.at(rhs, j, -np.einsum("pij,pj->pi", h[:, 6:, :6], theta[i]))
+        size = np.maximum(np.einsum("zii->z", info), 1e-300)
+        ok = np.linalg.cond(info / size[:, None, None]) < 1e10
+        fits = theta.copy()
+        fits[ok] = np.linalg.solve(info[ok], rhs[ok][..., None])[..., 0]
+        return fits, info, ok
+
+    def noise_variance(self, theta: NDArray[np.float64], weights: NDArray[np.float64]
+                       ) -> float:
+        """Variance of one coordinate of a correspondence of unit weight (normalised units)
+        under ``theta``: the pairs' weighted squared residuals over their correspondences."""
+        if not len(self.h):
+            return 1.0
+        t = np.concatenate([theta[self.ij[:, 0]], theta[self.ij[:, 1]]], axis=1)
+        e = np.maximum(np.einsum("pi,pij,pj->p", t, self.h, t), 0.0)
+        return float(np.sum(weights * e) / max(2.0 * float(np.sum(weights * self.count)), 1.0))
 
 
 def _to_pixels(theta: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.float64]:
@@ -738,6 +780,77 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
     return out
 
 
+# The soft components of the rigid prior (stretch, shear, scale) as rows over one slice's
+# parameters (a, b, tx, c, d, ty).
+_SOFT_ROWS = 0.5 * np.array([[1, 0, 0, 0, -1, 0], [0, 1, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0]],
+                            np.float64)
+_SPREAD_GRID = np.geomspace(1e-5, 0.2, 161)
+#: The per-slice rigid prior's strength where it is not measured on the stack, relative to a
+#: slice's match weight (``regularise="auto"`` on stacks where some slices cannot measure
+#: their own scale and shear, and near those slices).
+FIXED_PRIOR = 0.05
+# A slice whose fit to its own pairs measures one of its stretch, shear or scale this many
+# times worse (variance) than the typical slice's cannot measure its own (a damaged or
+# partly blank slice): it and the slices within its pairs' reach keep FIXED_PRIOR.
+POOR_MEASURE = 10.0
+# The measured strength needs this many slices with a measure of their own.
+MEASURED_SLICES = 16
+
+
+def prior_spread(fits: NDArray[np.float64], info: NDArray[np.float64],
+                 use: NDArray[np.bool_], noise: float) -> NDArray[np.float64]:
+    """The spread (standard deviation, normalised units) of the stack's independent
+    per-slice stretch, shear and scale, measured on the stack (empirical Bayes).
+
+    ``fits`` (n, 6) are the slices' parameters (slice -> output, normalised) fitted to their
+    own pairs alone, ``info`` their information matrices and ``noise`` the variance of a
+    correspondence of unit weight. Each slice's component is then its own per-slice error
+    plus a measurement error of known variance. The slow part (the anatomy's apparent
+    deformation along the chain) is removed by the slice's neighbours (a leave-one-out
+    Gaussian of 3 slices). The spread is the maximum-likelihood one over the ``use`` slices,
+    each slice weighted by its own measurement variance; squared deviations beyond 16
+    variances count as 16, so a few wild slices cannot inflate it.
+    """
+    idx = np.flatnonzero(use)
+    if idx.size < 3:
+        return np.full(3, _SPREAD_GRID[0])
+    x = (fits[idx] - _IDENTITY) @ _SOFT_ROWS.T  # (m, 3)
+    var = noise * np.einsum("ci,mij,cj->mc", _SOFT_ROWS, np.linalg.inv(info[idx]), _SOFT_ROWS)
+    lag = idx[None, :] - idx[:, None]
+    g = np.exp(-0.5 * (lag / 3.0) ** 2) * (lag != 0) * (np.abs(lag) <= 9)
+    g /= np.maximum(g.sum(axis=1, keepdims=True), 1e-300)
+    fast = x - g @ x
+    var = var + (g * g) @ var
+    gain = 1.0 + np.sum(g * g, axis=1)  # a per-slice error enters through the neighbours too
+    total = _SPREAD_GRID[:, None, None] ** 2 * gain[None, :, None] + var[None]  # (grid, m, 3)
+    nll = np.sum(np.log(total) + np.minimum(fast[None] ** 2 / total, 16.0), axis=1)
+    return np.asarray(_SPREAD_GRID[np.argmin(nll, axis=0)])
+
+
+def _measured_strength(system: _System, theta: NDArray[np.float64], w: NDArray[np.float64],
+                       fixed: NDArray[np.float64], reach: int
+                       ) -> NDArray[np.float64] | None:
+    """The per-slice prior strengths (n, 3) measured on the stack (:func:`prior_spread`,
+    in the units of ``fixed``, the :data:`FIXED_PRIOR` strengths), or None where too few
+    slices measure their own scale and shear."""
+    fits, info, ok = system.own_fits(theta, w)
+    n = len(fits)
+    if np.count_nonzero(ok) < MEASURED_SLICES:
+        return None
+    measure = np.full((n, 3), np.inf)
+    measure[ok] = np.einsum("ci,zij,cj->zc", _SOFT_ROWS, np.linalg.inv(info[ok]), _SOFT_ROWS)
+    poor = (measure > POOR_MEASURE * np.median(measure[ok], axis=0)).any(axis=1) & ok
+    near = np.zeros(n, bool)
+    for z in np.flatnonzero(poor):
+        near[max(0, z - reach):z + reach + 1] = True
+    noise = system.noise_variance(theta, w)
+    spread = prior_spread(fits, info, ok & ~poor, noise)
+    # Gaussian prior of that spread: noise / spread^2 in the data term's units, which the
+    # prior rows carry scaled by sqrt(FIXED_PRIOR).
+    measured = np.broadcast_to(noise / spread ** 2 / FIXED_PRIOR, (n, 3))
+    return np.where(near[:, None], fixed, measured)
+
+
 # A flagged slice keeps its own estimate only if that moves it from its neighbours by at most
 # this many times what the trusted slices typically move (see place_flagged).
 FLAGGED_MOVE = 3.0
@@ -854,7 +967,8 @@ def _one_blas_thread(func: _F) -> _F:
 
 @_one_blas_thread
 def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
-                model: str = "affine", regularise: float = 0.05, slow_drift: str = "keep",
+                model: str = "affine", regularise: float | str = "auto",
+                slow_drift: str = "keep",
                 drift_sigma: float = 16.0, blank: Sequence[int] = (), failed: Sequence[int] = (),
                 neighbour_score: float | None = None, spacing: float = 1.0,
                 noise_model: bool = True, iterations: int = 6) -> SolveResult:
@@ -870,8 +984,12 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         Slice shape ``(h, w)``; the output frame has the same shape.
     model : {"translation", "rigid", "similarity", "affine"}
         Per-slice model; "affine" regularises toward rigid with strength ``regularise``.
-    regularise : float
-        Strength of the per-slice rigid prior, relative to a slice's typical match weight.
+    regularise : float or "auto"
+        Strength of the per-slice rigid prior (``model="affine"``), relative to a slice's
+        match weight. ``"auto"``: measured on the stack (:func:`prior_spread`, a Gaussian
+        prior of the spread the slices' own fits show), :data:`FIXED_PRIOR` near slices that
+        cannot measure their own scale and shear, and on stacks with fewer than
+        :data:`MEASURED_SLICES` slices that can.
     slow_drift : {"keep", "follow", "none"}
         What to do with motion slower than ``drift_sigma`` slices (module docstring).
     drift_sigma : float
@@ -912,6 +1030,11 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         raise ValueError(f"slow_drift must be one of {', '.join(SLOW_DRIFT)}; got {slow_drift!r}")
     if n < 1:
         raise ValueError("n must be >= 1")
+    measured = regularise == "auto"
+    if not measured and not (isinstance(regularise, (int, float)) and np.isfinite(regularise)
+                             and regularise >= 0):
+        raise ValueError(f"regularise must be 'auto' or a finite number >= 0, got {regularise!r}")
+    lam = FIXED_PRIOR if measured else float(regularise)
     if not (np.isfinite(spacing) and spacing >= 1.0):
         raise ValueError(f"spacing must be a finite number >= 1, got {spacing}")
     pairs = [pm for pm in pairs if pm.i != pm.j and 0 <= pm.i < n and 0 <= pm.j < n]
@@ -921,7 +1044,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         per_slice[pm.i] += pm.weight
         per_slice[pm.j] += pm.weight
     typical = float(np.median(per_slice[per_slice > 0])) if np.any(per_slice > 0) else 1.0
-    prior = _nonrigid_rows(model, regularise)
+    prior = _nonrigid_rows(model, lam)
     soft = np.array([0 < np.abs(r).max() < np.sqrt(_HARD) * 0.5 for r in prior])
     unit = np.linalg.norm(prior, axis=1)  # component value = row . delta / unit
     unit[unit == 0] = 1.0
@@ -934,25 +1057,44 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     strength = np.repeat(base[:, None], len(prior), axis=1)
     huber = 0.5 / radius * np.sqrt(2.0)  # prior rows carry a factor 1/sqrt(2)
     eps = 1e-6 * typical
-    w = np.ones(len(pairs))
     system = _System(n, pairs, prior, eps)
-    theta = np.tile(_IDENTITY, (n, 1))
-    for it in range(max(1, iterations)):
-        delta = system.solve(w, strength) if n > 1 else np.zeros((1, 6))
-        theta = delta + _IDENTITY
-        if not pairs or it == iterations - 1:
-            break
-        comp = np.abs(delta @ prior.T) / unit  # (n, 4) prior components
-        mult = np.minimum(1.0, huber / np.maximum(comp, 1e-15))
-        strength = np.where(soft[None, :], base[:, None] * mult, base[:, None])
-        excess = system.pair_excess(theta) * radius  # px
-        # Cauchy weights on each pair's disagreement with the others, around the typical one
-        # (between 0.5 and 2 px: a stack whose pairs disagree by many pixels everywhere, as
-        # 50-nm sections whose anatomy moves between sections, is not taken at its word), so
-        # wrong pairs and slices lose their influence.
-        scale = float(np.clip(2.0 * 1.4826 * np.median(excess), 0.5, 2.0))
-        w = 1.0 / (1.0 + (excess / scale) ** 2)
-        w[w < 0.01] = 0.0  # clearly wrong pairs: out, so they cannot pull at all
+
+    def irls(base: NDArray[np.float64], w: NDArray[np.float64], iterations: int
+             ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Solve with per-slice prior strengths ``base`` (n, 4), reweighting the pairs
+        ``iterations - 1`` times from ``w``."""
+        strength = base
+        theta = np.tile(_IDENTITY, (n, 1))
+        for it in range(max(1, iterations)):
+            delta = system.solve(w, strength) if n > 1 else np.zeros((1, 6))
+            theta = delta + _IDENTITY
+            if not pairs or it == iterations - 1:
+                break
+            comp = np.abs(delta @ prior.T) / unit  # (n, 4) prior components
+            mult = np.minimum(1.0, huber / np.maximum(comp, 1e-15))
+            strength = np.where(soft[None, :], base * mult, base)
+            excess = system.pair_excess(theta) * radius  # px
+            # Cauchy weights on each pair's disagreement with the others, around the typical
+            # one (between 0.5 and 2 px: a stack whose pairs disagree by many pixels
+            # everywhere, as 50-nm sections whose anatomy moves between sections, is not
+            # taken at its word), so wrong pairs and slices lose their influence.
+            scale = float(np.clip(2.0 * 1.4826 * np.median(excess), 0.5, 2.0))
+            w = 1.0 / (1.0 + (excess / scale) ** 2)
+            w[w < 0.01] = 0.0  # clearly wrong pairs: out, so they cannot pull at all
+        return theta, w
+
+    theta, w = irls(strength, np.ones(len(pairs)), iterations)
+    if measured and model == "affine" and pairs:
+        # The fixed strength pulls real per-slice scale and shear toward rigid, and more
+        # where the matches measure them less (the short axis of a reslice): measure the
+        # stack's spread of them and solve once more with that prior, the pairs' weights
+        # kept.
+        reach = int(np.abs(system.ij[:, 0] - system.ij[:, 1]).max())
+        own = _measured_strength(system, theta, w, strength[:, :3], reach)
+        if own is not None:
+            again = strength.copy()
+            again[:, :3] = own
+            theta, w = irls(again, w, 1)
 
     rms_px = system.pair_rms(theta) * radius
     num = np.zeros(n)

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 from deepalign_fast.alignment.solve import (
     ANATOMY_SLOPE,
+    FIXED_PRIOR,
     FLAGGED_MOVE,
+    MEASURED_SLICES,
     REFERENCE_CONTENT,
     jump_offsets,
     lowpass_affines,
     pair_moments,
     place_flagged,
+    prior_spread,
     slice_spacing,
     solve_stack,
 )
@@ -768,3 +771,137 @@ def test_solve_runs_blas_on_one_thread_and_restores_the_callers_setting(monkeypa
         pytest.skip("no BLAS library here runs on more than one thread")
     assert seen and all(set(s.values()) == {1} for s in seen)
     assert after == before
+
+
+# -- the rigid prior's strength measured on the stack (regularise="auto") -------------------
+WIDE = (64, 320)  # the short axis of a reslice measures its scale and shear poorly
+
+
+def _wide_grid() -> np.ndarray:
+    ys, xs = np.mgrid[4:64:12, 8:320:16]
+    return np.c_[xs.ravel(), ys.ravel()].astype(np.float64)
+
+
+def _wide_stack(n: int, spread: float, rng: np.random.Generator) -> np.ndarray:
+    """Pull maps with independent per-slice scale, stretch and shear (linear entries of
+    standard deviation ``spread``, rotation removed) and 1 px jitter."""
+    out = np.tile(np.eye(2, 3), (n, 1, 1))
+    out[:, :, :2] += rng.normal(0, spread, (n, 2, 2))
+    out[:, :, :2] -= (out[:, 0, 1] - out[:, 1, 0])[:, None, None] / 2 * np.array([[0, 1], [-1, 0]])
+    out[:, :, 2] = rng.normal(0, 1.0, (n, 2))
+    return out
+
+
+def _wide_pairs(truth: np.ndarray, rng: np.random.Generator, noise: float,
+                strip: dict[int, float] | None = None) -> list:
+    x = _wide_grid()
+    pairs = []
+    for j in range(len(truth)):
+        for k in (1, 2, 4, 8):
+            i = j - k
+            if i < 0:
+                continue
+            keep = np.ones(len(x), bool)
+            for z, width in (strip or {}).items():
+                if z in (i, j):  # a slice with only a strip of its width left
+                    keep &= np.abs(x[:, 0] - WIDE[1] / 2) < width * WIDE[1] / 2
+            p = apply_affine(truth[i], x[keep])
+            q = apply_affine(truth[j], x[keep]) + rng.normal(0, noise, (keep.sum(), 2))
+            pairs.append(pair_moments(i, j, p, q, np.ones(keep.sum()), WIDE))
+    return pairs
+
+
+def _wide_error(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    comp = np.array([compose(invert(t), a) for t, a in zip(truth, estimated, strict=True)])
+    x = _wide_grid()
+    mean = apply_affine(comp.mean(axis=0), x)
+    return np.array([np.linalg.norm(apply_affine(c, x) - mean, axis=1).mean() for c in comp])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_measured_prior_follows_real_per_slice_scale_and_shear(seed):
+    # Slices with independent 1 % scale and shear on a frame whose short axis measures them
+    # poorly: the fixed prior pulls them toward rigid (0.11-0.15 px median error), the
+    # measured one follows them as a free affine would.
+    rng = np.random.default_rng(seed)
+    truth = _wide_stack(60, 0.01, rng)
+    pairs = _wide_pairs(truth, rng, 0.3)
+    err = {reg: _wide_error(solve_stack(60, pairs, WIDE, slow_drift="none",
+                                        regularise=reg).affines, truth)
+           for reg in ("auto", 0.05, 0.0)}
+    assert np.median(err["auto"]) < 0.4 * np.median(err[0.05])
+    assert np.median(err["auto"]) < 1.2 * np.median(err[0.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_measured_prior_keeps_rigid_slices_rigid(seed):
+    # No per-slice scale or shear: the measured spread is small, the prior as strong as the
+    # fixed one, and the matches' noise is not taken for scale and shear (a free affine is).
+    rng = np.random.default_rng(seed)
+    truth = _wide_stack(60, 0.0, rng)
+    pairs = _wide_pairs(truth, rng, 0.3)
+    err = {reg: _wide_error(solve_stack(60, pairs, WIDE, slow_drift="none",
+                                        regularise=reg).affines, truth)
+           for reg in ("auto", 0.05, 0.0)}
+    assert np.median(err["auto"]) < 1.1 * np.median(err[0.05])
+    assert np.median(err["auto"]) < 0.8 * np.median(err[0.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_slice_that_cannot_measure_its_scale_keeps_the_fixed_prior(seed):
+    # Slice 30 has only 15 % of its width left: its scale and shear along the long axis are
+    # barely measured. It keeps the fixed prior (a free one would wander).
+    rng = np.random.default_rng(seed)
+    truth = _wide_stack(60, 0.0, rng)
+    pairs = _wide_pairs(truth, rng, 0.3, {30: 0.15})
+    err = {reg: _wide_error(solve_stack(60, pairs, WIDE, slow_drift="none",
+                                        regularise=reg).affines, truth)
+           for reg in ("auto", 0.05, 0.0)}
+    assert err["auto"][30] < 1.15 * err[0.05][30] + 0.02
+    assert err[0.0][30] > 1.2 * err[0.05][30]  # (the fixture does make it wander)
+    assert np.median(err["auto"]) < 1.1 * np.median(err[0.05])
+
+
+def test_a_short_stack_keeps_the_fixed_prior():
+    rng = np.random.default_rng(3)
+    truth = _wide_stack(MEASURED_SLICES - 1, 0.01, rng)
+    pairs = _wide_pairs(truth, rng, 0.3)
+    auto = solve_stack(len(truth), pairs, WIDE, slow_drift="none")  # the default: "auto"
+    fixed = solve_stack(len(truth), pairs, WIDE, slow_drift="none", regularise=FIXED_PRIOR)
+    assert np.allclose(auto.affines, fixed.affines, atol=1e-12)
+
+
+@pytest.mark.parametrize("spread", [0.002, 0.01, 0.03])
+def test_prior_spread_recovers_the_spread_under_measurement_noise(spread):
+    # Slices' own fits: a per-slice stretch/shear/scale of known spread plus a measurement
+    # error whose variance (noise x inverse information) differs from slice to slice.
+    rng = np.random.default_rng(11)
+    n = 400
+    info = np.tile(np.eye(6), (n, 1, 1)) * rng.uniform(2e4, 2e5, n)[:, None, None]
+    noise = 1.0
+    comp = rng.normal(0, spread, (n, 3))
+    fits = np.tile(np.array([1.0, 0, 0, 0, 1.0, 0]), (n, 1))
+    fits[:, 0] += comp[:, 0] + comp[:, 2]  # a = 1 + stretch + scale
+    fits[:, 4] += -comp[:, 0] + comp[:, 2]  # d = 1 - stretch + scale
+    fits[:, 1] += comp[:, 1]  # b, c: shear, no rotation
+    fits[:, 3] += comp[:, 1]
+    cov = noise * np.linalg.inv(info)
+    fits += np.einsum("nij,nj->ni", np.linalg.cholesky(cov), rng.normal(size=(n, 6)))
+    fits[:, 0] += 0.05 * np.sin(np.arange(n) / 40)  # a slow part: the anatomy's, not counted
+    got = prior_spread(fits, info, np.ones(n, bool), noise)
+    assert np.allclose(got, spread, rtol=0.2), got
+
+
+def test_prior_spread_ignores_slices_it_is_not_given():
+    rng = np.random.default_rng(12)
+    n = 200
+    info = np.tile(np.eye(6), (n, 1, 1)) * 1e6
+    fits = np.tile(np.array([1.0, 0, 0, 0, 1.0, 0]), (n, 1))
+    fits[:, 1] += rng.normal(0, 0.005, n)
+    fits[:, 3] += fits[:, 1]
+    use = np.ones(n, bool)
+    use[::10] = False
+    fits[~use, 1] += 0.5  # wild slices, left out
+    fits[~use, 3] += 0.5
+    got = prior_spread(fits, info, use, 1.0)
+    assert got[1] == pytest.approx(0.005, rel=0.2)
