@@ -24,7 +24,10 @@ offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
   and shear toward rigid, most along the axis the matches measure least (the short axis
   of a reslice). Slices that cannot measure their own (a damaged slice, 10 times worse
   than the typical one) and the slices their pairs reach keep :data:`FIXED_PRIOR`: with a
-  weak prior there, the damaged slice and its neighbours wandered.
+  weak prior there, the damaged slice and its neighbours wandered. So do stacks whose
+  neighbouring slices differ (``neighbour_score`` below :data:`SIMILAR_CONTENT`, serial
+  sections): there the content's own change between sections shows as per-section scale
+  and shear, and a prior weakened by it followed the content.
 - The gauge fixes the mean of all slices, not slice 0, so no slice is special and the solution
   cannot shrink (a free scale would let every residual vanish).
 - The tiny first-difference term only matters for slices without matches (blank or failed):
@@ -987,9 +990,10 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     regularise : float or "auto"
         Strength of the per-slice rigid prior (``model="affine"``), relative to a slice's
         match weight. ``"auto"``: measured on the stack (:func:`prior_spread`, a Gaussian
-        prior of the spread the slices' own fits show), :data:`FIXED_PRIOR` near slices that
-        cannot measure their own scale and shear, and on stacks with fewer than
-        :data:`MEASURED_SLICES` slices that can.
+        prior of the spread the slices' own fits show) where neighbouring slices hardly
+        change (``neighbour_score`` >= :data:`SIMILAR_CONTENT`); :data:`FIXED_PRIOR` near
+        slices that cannot measure their own scale and shear, on stacks with fewer than
+        :data:`MEASURED_SLICES` slices that can, and between dissimilar slices.
     slow_drift : {"keep", "follow", "none"}
         What to do with motion slower than ``drift_sigma`` slices (module docstring).
     drift_sigma : float
@@ -1084,11 +1088,14 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         return theta, w
 
     theta, w = irls(strength, np.ones(len(pairs)), iterations)
-    if measured and model == "affine" and pairs:
+    similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
+    if measured and model == "affine" and pairs and similar:
         # The fixed strength pulls real per-slice scale and shear toward rigid, and more
         # where the matches measure them less (the short axis of a reslice): measure the
         # stack's spread of them and solve once more with that prior, the pairs' weights
-        # kept.
+        # kept. Only where neighbouring slices hardly change (FIB-SEM): between thick
+        # sections the content's own change shows as per-section scale and shear too, and
+        # a prior weakened by it follows the content.
         reach = int(np.abs(system.ij[:, 0] - system.ij[:, 1]).max())
         own = _measured_strength(system, theta, w, strength[:, :3], reach)
         if own is not None:
@@ -1123,7 +1130,6 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     outliers: list[int] = []
     if n > 1 and slow_drift != "none":
         good = np.setdiff1d(np.arange(n), flagged)
-        similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
         modelled = similar and noise_model and slow_drift == "keep"
         apart = spacing if similar else 1.0
         centre, _ = _normaliser(shape)

@@ -775,6 +775,7 @@ def test_solve_runs_blas_on_one_thread_and_restores_the_callers_setting(monkeypa
 
 # -- the rigid prior's strength measured on the stack (regularise="auto") -------------------
 WIDE = (64, 320)  # the short axis of a reslice measures its scale and shear poorly
+FIBSEM = 0.9  # a neighbour score of similar slices (>= SIMILAR_CONTENT)
 
 
 def _wide_grid() -> np.ndarray:
@@ -827,7 +828,7 @@ def test_the_measured_prior_follows_real_per_slice_scale_and_shear(seed):
     truth = _wide_stack(60, 0.01, rng)
     pairs = _wide_pairs(truth, rng, 0.3)
     err = {reg: _wide_error(solve_stack(60, pairs, WIDE, slow_drift="none",
-                                        regularise=reg).affines, truth)
+                                        regularise=reg, neighbour_score=FIBSEM).affines, truth)
            for reg in ("auto", 0.05, 0.0)}
     assert np.median(err["auto"]) < 0.4 * np.median(err[0.05])
     assert np.median(err["auto"]) < 1.2 * np.median(err[0.0])
@@ -841,7 +842,7 @@ def test_the_measured_prior_keeps_rigid_slices_rigid(seed):
     truth = _wide_stack(60, 0.0, rng)
     pairs = _wide_pairs(truth, rng, 0.3)
     err = {reg: _wide_error(solve_stack(60, pairs, WIDE, slow_drift="none",
-                                        regularise=reg).affines, truth)
+                                        regularise=reg, neighbour_score=FIBSEM).affines, truth)
            for reg in ("auto", 0.05, 0.0)}
     assert np.median(err["auto"]) < 1.1 * np.median(err[0.05])
     assert np.median(err["auto"]) < 0.8 * np.median(err[0.0])
@@ -855,20 +856,27 @@ def test_a_slice_that_cannot_measure_its_scale_keeps_the_fixed_prior(seed):
     truth = _wide_stack(60, 0.0, rng)
     pairs = _wide_pairs(truth, rng, 0.3, {30: 0.15})
     err = {reg: _wide_error(solve_stack(60, pairs, WIDE, slow_drift="none",
-                                        regularise=reg).affines, truth)
+                                        regularise=reg, neighbour_score=FIBSEM).affines, truth)
            for reg in ("auto", 0.05, 0.0)}
     assert err["auto"][30] < 1.15 * err[0.05][30] + 0.02
     assert err[0.0][30] > 1.2 * err[0.05][30]  # (the fixture does make it wander)
     assert np.median(err["auto"]) < 1.1 * np.median(err[0.05])
 
 
-def test_a_short_stack_keeps_the_fixed_prior():
+@pytest.mark.parametrize(("n", "score"), [(MEASURED_SLICES - 1, FIBSEM), (60, 0.4), (60, None)])
+def test_short_stacks_and_serial_sections_keep_the_fixed_prior(n, score):
+    # Between thick sections (neighbour score below SIMILAR_CONTENT, or unknown) the content's
+    # own change shows as per-section scale and shear: the prior is not weakened by it.
     rng = np.random.default_rng(3)
-    truth = _wide_stack(MEASURED_SLICES - 1, 0.01, rng)
+    truth = _wide_stack(n, 0.01, rng)
     pairs = _wide_pairs(truth, rng, 0.3)
-    auto = solve_stack(len(truth), pairs, WIDE, slow_drift="none")  # the default: "auto"
-    fixed = solve_stack(len(truth), pairs, WIDE, slow_drift="none", regularise=FIXED_PRIOR)
+    auto = solve_stack(n, pairs, WIDE, slow_drift="none", neighbour_score=score)  # default
+    fixed = solve_stack(n, pairs, WIDE, slow_drift="none", regularise=FIXED_PRIOR,
+                        neighbour_score=score)
     assert np.allclose(auto.affines, fixed.affines, atol=1e-12)
+    if n > MEASURED_SLICES:  # (the same stack between similar slices: measured)
+        similar = solve_stack(n, pairs, WIDE, slow_drift="none", neighbour_score=FIBSEM)
+        assert not np.allclose(similar.affines, fixed.affines, atol=1e-3)
 
 
 @pytest.mark.parametrize("spread", [0.002, 0.01, 0.03])
