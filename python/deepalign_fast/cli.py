@@ -116,6 +116,11 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
               "kept as the anatomy's)")
         print(f"  input's straight-line trend {trend:.2f} px per slice (the output keeps at "
               f"most {limit:.2g} px per slice of a trend, less where the stage walks)")
+    spread = summary.get("per_slice_affine_pct")
+    if spread is not None:
+        print(f"  per-slice scale and shear measured: stretch {spread['stretch']:.2g} %, shear "
+              f"{spread['shear']:.2g} %, scale {spread['scale']:.2g} % (they set how hard each "
+              "slice is pulled toward rigid)")
     outliers = summary.get("outliers") or []
     if outliers:
         print(f"  slices off alone (a glitch?): {outliers}; each is corrected by its own "

@@ -52,7 +52,7 @@ from ..render import SliceMap, render_slice
 from ..transforms import TransformSet
 from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
-from .solve import MOTION_KEYS, PairMoments, SolveResult, solve_stack
+from .solve import MOTION_KEYS, PRIOR_KEYS, PairMoments, SolveResult, solve_stack
 
 __all__ = ["AlignResult", "AlignStream", "Aligner", "SideOutput", "result_of_checkpoint"]
 
@@ -76,6 +76,7 @@ class AlignResult:
     # the raw fallback (None: not known).
     noise_discounted: bool | None = None
     outliers: list[int] = field(default_factory=list)  # SolveResult.outliers
+    prior_spread: dict[str, float] | None = None  # SolveResult.prior_spread
 
     @property
     def flagged(self) -> list[int]:
@@ -95,6 +96,7 @@ class AlignResult:
             "neighbour_noise_discounted": self.noise_discounted,
             "stage_motion": self.motion,
             "outliers": list(self.outliers),
+            "per_slice_affine_pct": self.prior_spread,
             "time_s": total,
             "slices_per_s": n / total if total > 0 else None,
             "timings_s": dict(self.timings),
@@ -242,7 +244,8 @@ class Aligner:
         timings = {**matcher.times.seconds, "estimate": t_est,
                    "total": time.perf_counter() - t_start}
         return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score(),
-                           solved.motion, matcher.noise_discounted(), list(solved.outliers))
+                           solved.motion, matcher.noise_discounted(), list(solved.outliers),
+                           solved.prior_spread)
 
     def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
                       ) -> TransformSet:
@@ -468,7 +471,8 @@ class Aligner:
                               measured={"neighbour_score": result.neighbour_score,
                                         "motion": result.motion,
                                         "noise_discounted": result.noise_discounted,
-                                        "outliers": list(result.outliers)})
+                                        "outliers": list(result.outliers),
+                                        "prior_spread": result.prior_spread})
             if not is_done(out):
                 writer_options: dict[str, Any] = {"overwrite": overwrite}
                 if voxel_size is not None:
@@ -526,18 +530,20 @@ class Aligner:
 
 def result_of_checkpoint(saved: dict[str, Any], source: str) -> AlignResult:
     """The estimation a checkpoint kept (:meth:`Checkpoint.load`'s dictionary)."""
-    score, motion, discounted, outliers = _measured_of(saved)
+    score, motion, discounted, outliers, spread = _measured_of(saved)
     return AlignResult(TransformSet.from_json(saved["transforms"], source=source),
                        [int(m) for m in saved["matches"]],
                        {str(k): float(v) for k, v in saved["timings"].items()}, score, motion,
-                       discounted, outliers)
+                       discounted, outliers, spread)
 
 
 def _measured_of(saved: dict[str, Any]
-                 ) -> tuple[float | None, dict[str, float] | None, bool | None, list[int]]:
-    """The neighbour score, stage motion, whether the score had the noise discounted and the
-    outlier slices, as a checkpoint kept them (``None`` or no slices for what is missing or
-    malformed: the summary leaves it out rather than the resume failing)."""
+                 ) -> tuple[float | None, dict[str, float] | None, bool | None, list[int],
+                            dict[str, float] | None]:
+    """The neighbour score, stage motion, whether the score had the noise discounted, the
+    outlier slices and the measured spread of per-slice scale and shear, as a checkpoint
+    kept them (``None`` or no slices for what is missing or malformed: the summary leaves it
+    out rather than the resume failing)."""
     measured = saved.get("measured")
     measured = measured if isinstance(measured, dict) else {}
     score, motion = measured.get("neighbour_score"), measured.get("motion")
@@ -550,10 +556,14 @@ def _measured_of(saved: dict[str, Any]
     odd = measured.get("outliers")
     outliers = ([int(z) for z in odd] if isinstance(odd, list) and all(
         isinstance(z, int) and not isinstance(z, bool) for z in odd) else [])
+    spread = measured.get("prior_spread")
     return (float(score) if score is not None and number(score) else None,
             {k: float(motion[k]) for k in MOTION_KEYS}
             if isinstance(motion, dict) and all(number(motion.get(k)) for k in MOTION_KEYS)
-            else None, discounted, outliers)
+            else None, discounted, outliers,
+            {k: float(spread[k]) for k in PRIOR_KEYS}
+            if isinstance(spread, dict) and all(number(spread.get(k)) for k in PRIOR_KEYS)
+            else None)
 
 
 class AlignStream(Iterator[np.ndarray]):

@@ -527,7 +527,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             base.transforms = TransformSet.load(tpath)
         result = DistributedResult(base.transforms, base.matches, base.timings,
                                    base.neighbour_score, base.motion, base.noise_discounted,
-                                   base.outliers, tasks=dict.fromkeys(_TASKS, 0))
+                                   base.outliers, base.prior_spread,
+                                   tasks=dict.fromkeys(_TASKS, 0))
         if not keep_work:
             work.remove()
         with ckpt.recording():
@@ -637,7 +638,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                   measured={"neighbour_score": solver.neighbour_score(),
                             "motion": solved.motion,
                             "noise_discounted": solver.noise_discounted(),
-                            "outliers": list(solved.outliers)})
+                            "outliers": list(solved.outliers),
+                            "prior_spread": solved.prior_spread})
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
@@ -677,7 +679,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                "total": time.perf_counter() - t_start}
     result = DistributedResult(ts, list(solver.matches), timings, solver.neighbour_score(),
                                solved.motion, solver.noise_discounted(),
-                               list(solved.outliers), tasks=counts)
+                               list(solved.outliers), solved.prior_spread, tasks=counts)
     with ckpt.recording():
         for _, write in extra:
             write(result)

@@ -101,7 +101,7 @@ from numpy.typing import NDArray
 from ..geometry import compose, invert
 
 __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FIXED_PRIOR", "FLAGGED_MOVE",
-           "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "REFERENCE_CONTENT",
+           "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "PRIOR_KEYS", "REFERENCE_CONTENT",
            "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult",
            "lowpass_affines", "pair_moments", "place_flagged", "prior_spread", "slice_spacing",
            "solve_stack"]
@@ -109,6 +109,8 @@ __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FIXED_PRIOR",
 SLOW_DRIFT = ("keep", "follow", "none")
 #: The keys of :attr:`SolveResult.motion`.
 MOTION_KEYS = ("stage_walk_px", "jitter_px", "trend_px_per_slice", "slice_spacing")
+#: The keys of :attr:`SolveResult.prior_spread`.
+PRIOR_KEYS = ("stretch", "shear", "scale")
 
 # Strength of the prior on the components a restricted model excludes ("hard" constraint).
 _HARD = 1e6
@@ -171,6 +173,10 @@ class SolveResult:
     # Trusted slices whose own motion stood far out of the stack's (a beam glitch, one slice
     # rotated): corrected by their own estimates, left out of the slow trend (_outliers).
     outliers: list[int] = field(default_factory=list)
+    # The spread of the slices' own stretch, shear and scale (percent, keyed by PRIOR_KEYS)
+    # that set the rigid prior's strength (regularise="auto"); None where the fixed strength
+    # was used.
+    prior_spread: dict[str, float] | None = None
 
 
 def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
@@ -832,10 +838,11 @@ def prior_spread(fits: NDArray[np.float64], info: NDArray[np.float64],
 
 def _measured_strength(system: _System, theta: NDArray[np.float64], w: NDArray[np.float64],
                        fixed: NDArray[np.float64], reach: int
-                       ) -> NDArray[np.float64] | None:
-    """The per-slice prior strengths (n, 3) measured on the stack (:func:`prior_spread`,
-    in the units of ``fixed``, the :data:`FIXED_PRIOR` strengths), or None where too few
-    slices measure their own scale and shear."""
+                       ) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
+    """The per-slice prior strengths (n, 3) measured on the stack (in the units of
+    ``fixed``, the :data:`FIXED_PRIOR` strengths) and the spread they come from
+    (:func:`prior_spread`), or None where too few slices measure their own scale and
+    shear."""
     fits, info, ok = system.own_fits(theta, w)
     n = len(fits)
     if np.count_nonzero(ok) < MEASURED_SLICES:
@@ -851,7 +858,7 @@ def _measured_strength(system: _System, theta: NDArray[np.float64], w: NDArray[n
     # Gaussian prior of that spread: noise / spread^2 in the data term's units, which the
     # prior rows carry scaled by sqrt(FIXED_PRIOR).
     measured = np.broadcast_to(noise / spread ** 2 / FIXED_PRIOR, (n, 3))
-    return np.where(near[:, None], fixed, measured)
+    return np.where(near[:, None], fixed, measured), spread
 
 
 # A flagged slice keeps its own estimate only if that moves it from its neighbours by at most
@@ -1088,6 +1095,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         return theta, w
 
     theta, w = irls(strength, np.ones(len(pairs)), iterations)
+    prior_spread = None
     similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
     if measured and model == "affine" and pairs and similar:
         # The fixed strength pulls real per-slice scale and shear toward rigid, and more
@@ -1100,8 +1108,9 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         own = _measured_strength(system, theta, w, strength[:, :3], reach)
         if own is not None:
             again = strength.copy()
-            again[:, :3] = own
+            again[:, :3] = own[0]
             theta, w = irls(again, w, 1)
+            prior_spread = {k: float(100 * v) for k, v in zip(PRIOR_KEYS, own[1], strict=True)}
 
     rms_px = system.pair_rms(theta) * radius
     num = np.zeros(n)
@@ -1176,4 +1185,4 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         final = place_flagged(final, flagged, shape)
     return SolveResult(invert(final), residuals, flagged,
                        {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
-                       motion, outliers)
+                       motion, outliers, prior_spread)

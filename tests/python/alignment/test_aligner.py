@@ -337,6 +337,25 @@ def test_cli_summary_text_reports_the_stage_walk(tmp_path: Path,
     assert "measured stage walk" in text and "px per slice, jitter" in text
     assert "straight-line trend" in text
     assert "slices off alone (a glitch?): [12]" in text
+    assert "per-slice scale and shear measured: stretch" in text  # 20 similar slices
+
+
+def test_summary_reports_the_measured_prior_or_none(tmp_path: Path) -> None:
+    """The summary gives the per-slice scale and shear spread that set the rigid prior
+    (``regularise="auto"``), and None where a fixed strength was used."""
+    import cv2
+
+    rng = np.random.default_rng(4)
+    base = cv2.GaussianBlur((rng.random((160, 160)) * 255).astype(np.float32), (0, 0), 2.0)
+    full = np.tile(np.eye(2, 3), (24, 1, 1))
+    full[:, :, 2] = rng.normal(0, 1.0, (24, 2))
+    full[:, :, :2] += rng.normal(0, 0.01, (24, 2, 2))  # 1 % per-slice scale and shear
+    mis, _ = misalign_stack(np.repeat(base[None], 24, axis=0), full)
+    measured = Aligner().estimate(mis, progress=False).summary()["per_slice_affine_pct"]
+    assert set(measured) == {"stretch", "shear", "scale"}
+    assert 0.3 < measured["scale"] < 1.5 and 0.3 < measured["stretch"] < 1.5
+    fixed = Aligner(regularise=0.05).estimate(mis, progress=False).summary()
+    assert fixed["per_slice_affine_pct"] is None
 
 
 def _smooth_volume(planes: int) -> np.ndarray:
@@ -728,6 +747,8 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
     assert reference["outliers"] == [9]
     resumed = _resume(src, out, monkeypatch)
     assert resumed["outliers"] == [9]
+    assert reference["per_slice_affine_pct"] is not None
+    assert resumed["per_slice_affine_pct"] == reference["per_slice_affine_pct"]
     assert resumed["neighbour_correlation"] == reference["neighbour_correlation"]
     assert resumed["stage_motion"] == reference["stage_motion"]
     assert resumed["neighbour_noise_discounted"] is reference["neighbour_noise_discounted"] \
@@ -741,6 +762,8 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
     {"neighbour_score": True, "motion": [1, 2], "noise_discounted": "yes", "outliers": "9"},
     {"neighbour_score": 0.5, "outliers": [9, "x"]},
     {"neighbour_score": 0.5, "outliers": [True]},
+    {"neighbour_score": 0.5, "prior_spread": {"stretch": 0.1, "shear": "x", "scale": 0.2}},
+    {"neighbour_score": 0.5, "prior_spread": [0.1, 0.1, 0.2]},
     {"neighbour_score": 0.9, "motion": {"stage_walk_px": 1.0, "jitter_px": 0.1,
                                         "trend_px_per_slice": 0.1}},  # keys missing
     "junk",
@@ -762,7 +785,7 @@ def test_checkpoint_with_malformed_measurements_still_resumes(
     path.write_text(json.dumps(saved))
     resumed = _resume(src, out, monkeypatch)
     assert resumed["stage_motion"] is None and resumed["neighbour_noise_discounted"] is None
-    assert resumed["outliers"] == []
+    assert resumed["outliers"] == [] and resumed["per_slice_affine_pct"] is None
     kept = isinstance(measured, dict) and measured["neighbour_score"] in (0.9, 0.5)
     assert resumed["neighbour_correlation"] == (measured["neighbour_score"] if kept else None)
     assert out.is_file()

@@ -131,7 +131,7 @@ def test_equals_single_machine(cluster: Any, data: dict[str, Any], tmp_path: Pat
     ref_summary = data["ref"].summary()
     assert ref_summary["neighbour_correlation"] is not None
     for key in ("neighbour_correlation", "neighbour_noise_discounted", "stage_motion",
-                "outliers"):
+                "outliers", "per_slice_affine_pct"):
         assert res.summary()[key] == ref_summary[key]
 
 

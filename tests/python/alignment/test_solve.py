@@ -827,11 +827,16 @@ def test_the_measured_prior_follows_real_per_slice_scale_and_shear(seed):
     rng = np.random.default_rng(seed)
     truth = _wide_stack(60, 0.01, rng)
     pairs = _wide_pairs(truth, rng, 0.3)
-    err = {reg: _wide_error(solve_stack(60, pairs, WIDE, slow_drift="none",
-                                        regularise=reg, neighbour_score=FIBSEM).affines, truth)
-           for reg in ("auto", 0.05, 0.0)}
+    solved = {reg: solve_stack(60, pairs, WIDE, slow_drift="none", regularise=reg,
+                               neighbour_score=FIBSEM) for reg in ("auto", 0.05, 0.0)}
+    err = {reg: _wide_error(res.affines, truth) for reg, res in solved.items()}
     assert np.median(err["auto"]) < 0.4 * np.median(err[0.05])
     assert np.median(err["auto"]) < 1.2 * np.median(err[0.0])
+    # the spread it measured: each linear entry 1 %, so each component 1 / sqrt(2) %
+    spread = solved["auto"].prior_spread
+    assert spread is not None and set(spread) == {"stretch", "shear", "scale"}
+    assert all(0.5 < v < 0.9 for v in spread.values()), spread
+    assert solved[0.05].prior_spread is None and solved[0.0].prior_spread is None
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
