@@ -1095,7 +1095,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         return theta, w
 
     theta, w = irls(strength, np.ones(len(pairs)), iterations)
-    prior_spread = None
+    spread_pct = None
     similar = neighbour_score is not None and neighbour_score >= SIMILAR_CONTENT
     if measured and model == "affine" and pairs and similar:
         # The fixed strength pulls real per-slice scale and shear toward rigid, and more
@@ -1109,8 +1109,13 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         if own is not None:
             again = strength.copy()
             again[:, :3] = own[0]
+            # (robust as in the first solve: a component beyond the Huber limit there pulls
+            # no harder, so a real deformation keeps a bounded bias)
+            comp = np.abs((theta - _IDENTITY) @ prior.T) / unit
+            again = np.where(soft[None, :], again * np.minimum(1.0, huber / np.maximum(
+                comp, 1e-15)), again)
             theta, w = irls(again, w, 1)
-            prior_spread = {k: float(100 * v) for k, v in zip(PRIOR_KEYS, own[1], strict=True)}
+            spread_pct = {k: float(100 * v) for k, v in zip(PRIOR_KEYS, own[1], strict=True)}
 
     rms_px = system.pair_rms(theta) * radius
     num = np.zeros(n)
@@ -1185,4 +1190,4 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         final = place_flagged(final, flagged, shape)
     return SolveResult(invert(final), residuals, flagged,
                        {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
-                       motion, outliers, prior_spread)
+                       motion, outliers, spread_pct)

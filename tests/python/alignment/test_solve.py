@@ -918,3 +918,18 @@ def test_prior_spread_ignores_slices_it_is_not_given():
     fits[~use, 3] += 0.5
     got = prior_spread(fits, info, use, 1.0)
     assert got[1] == pytest.approx(0.005, rel=0.2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_measured_prior_follows_one_compressed_section(seed):
+    # One slice really stretched by 5 % and compressed by 3 % among nearly rigid ones: the
+    # prior measured on the others is strong, but robust, so the slice is still followed.
+    rng = np.random.default_rng(seed)
+    truth = _wide_stack(60, 0.002, rng)
+    truth[30, :, :2] = np.diag([1.05, 0.97]) @ truth[30, :, :2]
+    pairs = _wide_pairs(truth, rng, 0.3)
+    err = {reg: _wide_error(solve_stack(60, pairs, WIDE, slow_drift="none", regularise=reg,
+                                        neighbour_score=FIBSEM).affines, truth)
+           for reg in ("auto", 0.05)}
+    assert err["auto"][30] < 0.7 * err[0.05][30]
+    assert err["auto"][30] < 0.05
