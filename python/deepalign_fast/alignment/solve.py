@@ -277,9 +277,8 @@ class _System:
         of the stack, without the scatter of its blocks (the anatomy's local motion)."""
         if not len(self.h):
             return np.zeros(0)
-        t_i, t_j = theta[self.ij[:, 0]], theta[self.ij[:, 1]]
-        t = np.concatenate([t_i, t_j], axis=1)
-        e = np.einsum("pi,pij,pj->p", t, self.h, t)
+        t_i = theta[self.ij[:, 0]]
+        e = self.pair_energy(theta)
         h_ii, h_ij, h_jj = self.h[:, :6, :6], self.h[:, :6, 6:], self.h[:, 6:, 6:]
         # Best slice-j parameters for the given slice i: the pair alone.
         rhs = -np.einsum("pji,pj->pi", h_ij, t_i)
@@ -289,13 +288,17 @@ class _System:
                  + np.einsum("pi,pij,pj->p", t_best, h_jj, t_best))
         return np.sqrt(np.maximum(e - e_min, 0.0) / np.maximum(self.weight, 1e-12))
 
+    def pair_energy(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Weighted sum of squared residuals (normalised units) of every pair under
+        ``theta``."""
+        t = np.concatenate([theta[self.ij[:, 0]], theta[self.ij[:, 1]]], axis=1)
+        return np.maximum(np.einsum("pi,pij,pj->p", t, self.h, t), 0.0)
+
     def pair_rms(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
         """Weighted RMS residual (normalised units) of every pair under ``theta``."""
         if not len(self.h):
             return np.zeros(0)
-        t = np.concatenate([theta[self.ij[:, 0]], theta[self.ij[:, 1]]], axis=1)
-        e = np.einsum("pi,pij,pj->p", t, self.h, t)
-        return np.sqrt(np.maximum(e, 0.0) / np.maximum(self.weight, 1e-12))
+        return np.sqrt(self.pair_energy(theta) / np.maximum(self.weight, 1e-12))
 
 
     def own_fits(self, theta: NDArray[np.float64], weights: NDArray[np.float64]
@@ -325,8 +328,7 @@ class _System:
         under ``theta``: the pairs' weighted squared residuals over their correspondences."""
         if not len(self.h):
             return 1.0
-        t = np.concatenate([theta[self.ij[:, 0]], theta[self.ij[:, 1]]], axis=1)
-        e = np.maximum(np.einsum("pi,pij,pj->p", t, self.h, t), 0.0)
+        e = self.pair_energy(theta)
         return float(np.sum(weights * e) / max(2.0 * float(np.sum(weights * self.count)), 1.0))
 
 
@@ -1070,6 +1072,13 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     eps = 1e-6 * typical
     system = _System(n, pairs, prior, eps)
 
+    def robust(base: NDArray[np.float64], delta: NDArray[np.float64]) -> NDArray[np.float64]:
+        """``base`` strengths whose soft components stop pulling harder beyond the Huber
+        limit under ``delta`` (theta - identity)."""
+        comp = np.abs(delta @ prior.T) / unit  # (n, 4) prior components
+        return np.where(soft[None, :], base * np.minimum(1.0, huber / np.maximum(comp, 1e-15)),
+                        base)
+
     def irls(base: NDArray[np.float64], w: NDArray[np.float64], iterations: int
              ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """Solve with per-slice prior strengths ``base`` (n, 4), reweighting the pairs
@@ -1081,9 +1090,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
             theta = delta + _IDENTITY
             if not pairs or it == iterations - 1:
                 break
-            comp = np.abs(delta @ prior.T) / unit  # (n, 4) prior components
-            mult = np.minimum(1.0, huber / np.maximum(comp, 1e-15))
-            strength = np.where(soft[None, :], base * mult, base)
+            strength = robust(base, delta)
             excess = system.pair_excess(theta) * radius  # px
             # Cauchy weights on each pair's disagreement with the others, around the typical
             # one (between 0.5 and 2 px: a stack whose pairs disagree by many pixels
@@ -1111,10 +1118,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
             again[:, :3] = own[0]
             # (robust as in the first solve: a component beyond the Huber limit there pulls
             # no harder, so a real deformation keeps a bounded bias)
-            comp = np.abs((theta - _IDENTITY) @ prior.T) / unit
-            again = np.where(soft[None, :], again * np.minimum(1.0, huber / np.maximum(
-                comp, 1e-15)), again)
-            theta, w = irls(again, w, 1)
+            theta, w = irls(robust(again, theta - _IDENTITY), w, 1)
             spread_pct = {k: float(100 * v) for k, v in zip(PRIOR_KEYS, own[1], strict=True)}
 
     rms_px = system.pair_rms(theta) * radius

@@ -56,10 +56,12 @@ def _pairs(truth: np.ndarray, rng: np.random.Generator, offsets=(1, 2, 4), noise
     return pairs
 
 
-def _spread(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per-slice error of the composites slice->truth after removing their common mean."""
+def _spread(estimated: np.ndarray, truth: np.ndarray, x: np.ndarray | None = None
+            ) -> np.ndarray:
+    """Per-slice error of the composites slice->truth after removing their common mean, over
+    the points ``x`` (default: the grid of SHAPE)."""
     comp = np.array([compose(invert(t), a) for t, a in zip(truth, estimated, strict=True)])
-    x = _grid()
+    x = _grid() if x is None else x
     mean = apply_affine(comp.mean(axis=0), x)
     return np.array([np.linalg.norm(apply_affine(c, x) - mean, axis=1).mean() for c in comp])
 
@@ -813,10 +815,7 @@ def _wide_pairs(truth: np.ndarray, rng: np.random.Generator, noise: float,
 
 
 def _wide_error(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    comp = np.array([compose(invert(t), a) for t, a in zip(truth, estimated, strict=True)])
-    x = _wide_grid()
-    mean = apply_affine(comp.mean(axis=0), x)
-    return np.array([np.linalg.norm(apply_affine(c, x) - mean, axis=1).mean() for c in comp])
+    return _spread(estimated, truth, _wide_grid())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
