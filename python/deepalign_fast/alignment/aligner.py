@@ -556,14 +556,13 @@ def _measured_of(saved: dict[str, Any]
     odd = measured.get("outliers")
     outliers = ([int(z) for z in odd] if isinstance(odd, list) and all(
         isinstance(z, int) and not isinstance(z, bool) for z in odd) else [])
-    spread = measured.get("prior_spread")
+    def numbers(d: Any, keys: tuple[str, ...]) -> dict[str, float] | None:
+        return ({k: float(d[k]) for k in keys}
+                if isinstance(d, dict) and all(number(d.get(k)) for k in keys) else None)
+
     return (float(score) if score is not None and number(score) else None,
-            {k: float(motion[k]) for k in MOTION_KEYS}
-            if isinstance(motion, dict) and all(number(motion.get(k)) for k in MOTION_KEYS)
-            else None, discounted, outliers,
-            {k: float(spread[k]) for k in PRIOR_KEYS}
-            if isinstance(spread, dict) and all(number(spread.get(k)) for k in PRIOR_KEYS)
-            else None)
+            numbers(motion, MOTION_KEYS), discounted, outliers,
+            numbers(measured.get("prior_spread"), PRIOR_KEYS))
 
 
 class AlignStream(Iterator[np.ndarray]):
