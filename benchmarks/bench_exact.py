@@ -330,9 +330,10 @@ def tools_for(case: Case, ours_specs: list[tuple[str, dict[str, Any]]],
 # running and reporting
 # --------------------------------------------------------------------------------------------
 COLUMNS = ["tool", "tre_median", "tre_p95", "slope_per_100", "jitter_median", "jitter_p95",
-           "pair_median", "seconds"]
+           "linear_median", "pair_median", "seconds"]
 HEADERS = ["tool", "median TRE (px)", "p95 TRE (px)", "slope (px/100 slices)",
-           "median jitter (px)", "p95 jitter (px)", "median neighbour error (px)", "seconds"]
+           "median jitter (px)", "p95 jitter (px)", "median linear part (px)",
+           "median neighbour error (px)", "seconds"]
 
 
 def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]],
@@ -368,7 +369,7 @@ def run_case(case: Case, seed: int, ours_specs: list[tuple[str, dict[str, Any]]]
         rows.append(row)
         print(f"   {tool:28s} TRE median {score.tre_median:7.3f} p95 {score.tre_p95:7.3f} "
               f"slope {score.slope_per_100:7.3f}  jitter median {score.jitter_median:6.3f} "
-              f"p95 {score.jitter_p95:6.3f}  {dt:7.1f} s" + (
+              f"p95 {score.jitter_p95:6.3f}  linear {score.linear_median:6.3f}  {dt:7.1f} s" + (
                   f"  jitter max of the rest {row['jitter_max_rest']:6.3f}"
                   if "jitter_max_rest" in row else ""), flush=True)
     return info, rows

@@ -398,6 +398,8 @@ def evaluate_alignment(
         score = exact_truth_score(np.stack([np.asarray(e) for e in est]), truth.transforms,
                                   out_shape, grid=grid)
         result["jitter"] = {"median": score.jitter_median, "p95": score.jitter_p95}
+        # Of that, what the slices' rotation, scale and shear leave (not forgiven when slow).
+        result["linear"] = {"median": score.linear_median, "p95": score.linear_p95}
     # compare aligned neighbours only where both hold data: the fill border an aligner adds
     # would otherwise count as perfectly similar
     ones = np.ones(truth.shape, np.uint8)
@@ -517,6 +519,10 @@ def summarize(result: dict[str, Any]) -> str:
         j = result["jitter"]
         lines.append(f"jitter error (px, slow drift forgiven): median {j['median']:.3f}  "
                      f"p95 {j['p95']:.3f}")
+    if "linear" in result:
+        lin = result["linear"]
+        lines.append(f"of which rotation/scale/shear (px, about the frame centre): median "
+                     f"{lin['median']:.3f}  p95 {lin['p95']:.3f}")
     for name in ("ncc", "ssim"):
         s = result[f"neighbour_{name}"]
         lines.append(f"neighbour {name.upper()} (equal interpolation): before "

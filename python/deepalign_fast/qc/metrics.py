@@ -466,6 +466,13 @@ class ExactTruthScore:
     drift_per_100 : ndarray, shape (2,)
         Least-squares slope of the slice-mean residual ``(x, y)`` along ``z``, in px per 100
         slices: a per-pair bias that a chain adds up.
+    per_slice_linear : ndarray, shape (n,)
+        The part of the error a slice's rotation, scale and shear make: mean over the grid of
+        ``|r_z(p) - mean_p r_z(p)|`` (the residual about the frame centre, its translation
+        taken out). Slow rotation, scale and shear are not forgiven by the jitter error, so
+        this tells how much of it the linear parts leave.
+    linear_median, linear_p95 : float
+        Median and 95th percentile of ``per_slice_linear``.
     """
 
     per_slice_tre: NDArray[np.float64]
@@ -479,6 +486,9 @@ class ExactTruthScore:
     per_pair_error: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     pair_median: float = 0.0
     drift_per_100: NDArray[np.float64] = field(default_factory=lambda: np.zeros(2))
+    per_slice_linear: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    linear_median: float = 0.0
+    linear_p95: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
@@ -489,6 +499,8 @@ class ExactTruthScore:
             "slope_per_100": self.slope_per_100, "jitter_median": self.jitter_median,
             "jitter_p95": self.jitter_p95, "per_slice_tre": self.per_slice_tre.tolist(),
             "per_slice_jitter": self.per_slice_jitter.tolist(), "gauge": self.gauge.tolist(),
+            "linear_median": self.linear_median, "linear_p95": self.linear_p95,
+            "per_slice_linear": self.per_slice_linear.tolist(),
         }
 
 
@@ -632,6 +644,9 @@ def exact_truth_score(
     res, gauge = gauge_residuals(compose(t, est), shape, grid=grid)
     tre = np.linalg.norm(res, axis=-1).mean(axis=1)
     jit = jitter_error(res, sigma)
+    # The grid is symmetric about the frame centre, so the slice-mean residual is the
+    # residual translation at the centre; what is left is the linear part's.
+    lin = np.linalg.norm(res - res.mean(axis=1, keepdims=True), axis=-1).mean(axis=1)
     n = len(tre)
     z = np.arange(n, dtype=np.float64)
     slope = float(np.polyfit(z, tre, 1)[0] * 100) if n > 1 else 0.0
@@ -643,5 +658,6 @@ def exact_truth_score(
         per_slice_tre=tre, per_slice_jitter=jit, tre_median=float(np.median(tre)),
         tre_p95=float(np.percentile(tre, 95)), slope_per_100=slope,
         jitter_median=float(np.median(jit)), jitter_p95=float(np.percentile(jit, 95)),
-        gauge=gauge,
+        gauge=gauge, per_slice_linear=lin, linear_median=float(np.median(lin)),
+        linear_p95=float(np.percentile(lin, 95)),
     )

@@ -247,6 +247,41 @@ def test_slow_curved_drift_scores_almost_no_jitter():
     assert s.jitter_p95 < 0.01 * 10
 
 
+def test_linear_part_error_is_the_rotation_about_the_centre_not_the_translation():
+    n, shape = 40, (64, 96)
+    h, w = shape
+    centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    angle = np.deg2rad(0.5 * (-1.0) ** np.arange(n))  # +-0.5 degrees about the centre
+    est = np.empty((n, 2, 3))
+    est[:, 0, 0] = est[:, 1, 1] = np.cos(angle)
+    est[:, 0, 1], est[:, 1, 0] = -np.sin(angle), np.sin(angle)
+    est[:, :, 2] = centre - est[:, :, :2] @ centre + np.stack([3.0 * np.arange(n), 0 * angle], -1)
+    s = exact_truth_score(est, np.tile(np.eye(2, 3), (n, 1, 1)), shape)
+    # exact: the global affine is the mean of R(+a) and R(-a), cos(a) I, so each slice is
+    # left R(+-a) - cos(a) I, which moves a point at radius r by r sin(a); the slices'
+    # straight-line drift is translation, which this part leaves out
+    xs, ys = np.meshgrid(np.linspace(0, w - 1, 16), np.linspace(0, h - 1, 16))
+    r = np.hypot(xs - centre[0], ys - centre[1]).mean()
+    expect = r * np.sin(np.deg2rad(0.5))
+    np.testing.assert_allclose(s.per_slice_linear, expect, rtol=1e-9)
+    np.testing.assert_allclose([s.linear_median, s.linear_p95], expect, rtol=1e-9)
+    assert expect > 0.1 and s.tre_median > 10
+    # a translation error of any size leaves no linear part
+    moved = exact_truth_score(_translations(np.random.default_rng(0).normal(size=(n, 2)) * 5),
+                              np.tile(np.eye(2, 3), (n, 1, 1)), shape)
+    assert moved.tre_median > 1 and moved.linear_p95 < 1e-9
+
+
+def test_linear_part_is_part_of_every_slices_error(rng):
+    from deepalign_fast.qc.synth import drift_transforms
+
+    # |t + A q| + |t - A q| >= 2 |A q| over a grid symmetric about the centre
+    truth = drift_transforms(50, (80, 120), rng, profile="sstem")
+    s = exact_truth_score(np.tile(np.eye(2, 3), (50, 1, 1)), truth, (80, 120))
+    assert s.linear_median > 0.1
+    assert np.all(s.per_slice_linear <= s.per_slice_tre + 1e-12)
+
+
 def test_pure_jitter_scores_its_magnitude(rng):
     n = 400
     # alternating +-d along x: no slow part at all, so every slice errs by exactly d
