@@ -83,6 +83,8 @@ def test_eval_perfect_and_unaligned(bench, tmp_path, capsys):
     text = capsys.readouterr().out
     med = float(text.split("median ")[1].split()[0])
     assert med > 3.0
+    linear = float(text.split("of which rotation/scale/shear")[1].split("median ")[1].split()[0])
+    assert 0 < linear <= med
     assert abs(float(text.split("N_SSIM ")[1].split()[0])) < 0.02
 
 
