@@ -296,6 +296,21 @@ def _aligner_options(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if k != "lookahead"}
 
 
+def parse_overrides(text: str) -> dict[str, float]:
+    """``--set k=v,...``: drift-profile overrides (SystemExit naming a bad item)."""
+    overrides: dict[str, float] = {}
+    for item in filter(None, (v.strip() for v in text.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq or key not in DRIFT_PROFILES["mild"]:
+            raise SystemExit(f"--set {item!r}: expected k=v with k one of "
+                             f"{', '.join(DRIFT_PROFILES['mild'])}")
+        try:
+            overrides[key] = float(val)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {val!r} is not a number") from None
+    return overrides
+
+
 def ours(kw: dict[str, Any]) -> Tool:
     """Our aligner with the option set ``kw``; ``lookahead`` (not an option) streams."""
     options = _aligner_options(kw)
@@ -591,16 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(v) for v in str(args.seed).split(",") if v.strip()]
     except ValueError:
         raise SystemExit(f"--seed {args.seed!r}: give integers, comma-separated") from None
-    overrides: dict[str, float] = {}
-    for item in filter(None, (v.strip() for v in (args.set or "").split(","))):
-        key, eq, val = item.partition("=")
-        if not eq or key not in DRIFT_PROFILES["mild"]:
-            raise SystemExit(f"--set {item!r}: expected k=v with k one of "
-                             f"{', '.join(DRIFT_PROFILES['mild'])}")
-        try:
-            overrides[key] = float(val)
-        except ValueError:
-            raise SystemExit(f"--set {item!r}: {val!r} is not a number") from None
+    overrides = parse_overrides(args.set or "")
     ours_specs = [parse_ours(s) for s in (args.ours or ["default"])]
     for name, kw in ours_specs:  # bad options fail here, before any stack is built
         try:
