@@ -26,13 +26,17 @@ from ..progress import StageTimes
 from .options import AlignOptions
 from .solve import SIMILAR_CONTENT, PairMoments, pair_moments, slice_spacing
 
-__all__ = ["MatchFn", "StackMatcher", "backend_for", "is_blank", "persistence"]
+__all__ = ["TURNS", "MatchFn", "StackMatcher", "backend_for", "is_blank", "persistence"]
 
 # Nearest pairs whose blocks correlate less than this (median) say too little for the noise
 # to be discounted (see StackMatcher.neighbour_score).
 _MEASURABLE = 0.05
 _RECENT = 32  # slices whose pairs tell whether the stack's content persists
 _BASELINE = 5  # nearest pairs seen last: what the stack's neighbours look like now
+#: Turned starts (degrees) of a pair matched from scratch that failed (StackMatcher._turned).
+TURNS = (3.0, -3.0, 6.0, -6.0)
+# How much better a turned match must correlate than a first one that held.
+_TURN_GAIN = 0.1
 
 
 def persistence(alike: np.ndarray) -> float | None:
@@ -210,6 +214,39 @@ class StackMatcher:
         recent = np.asarray([k for k in self.matches[-_RECENT:] if k > 0], np.float64)
         return recent.size >= 3 and count < 0.5 * float(np.median(recent))
 
+    def _turned(self, z_k: int, state_k: Any, z: int, state: Any, m: np.ndarray | None,
+                corr: Correspondences) -> tuple[np.ndarray | None, Correspondences]:
+        """A pair matched from scratch that failed or came out unlike the stack's usual
+        neighbours (:meth:`_unlike`), matched again from starts turned by
+        :data:`TURNS` degrees about the frame centre; the best turned match (highest block
+        correlation, then refined once more from itself) replaces it where it is trusted
+        and correlates better by :data:`_TURN_GAIN` (or the first did not hold at all).
+
+        The correlation levels search translation only: on a small frame (the short side of
+        an XZ/YZ reslice: no coarser level) two slices a few degrees apart leave the frame's
+        edges beyond the refinement's reach, and the pair was lost (2 degrees of per-slice
+        rotation: 5-17 of 191-255 nearest pairs)."""
+        h, w = self.shape or (0, 0)
+        centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+        best: tuple[np.ndarray, Correspondences] | None = None
+        for degrees in TURNS:
+            t = np.deg2rad(degrees)
+            turn = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+            start = np.hstack([turn, (centre - turn @ centre)[:, None]])
+            m2, corr2 = self._match(z_k, state_k, z, state, start)
+            if self._trusted(m2, corr2) and (best is None
+                                             or corr2.correlation > best[1].correlation):
+                best = (np.asarray(m2), corr2)
+        if best is None:
+            return m, corr
+        m2, corr2 = self._match(z_k, state_k, z, state, best[0])  # from closer: converge
+        if not self._trusted(m2, corr2) or corr2.correlation < best[1].correlation:
+            m2, corr2 = best
+        held = self._trusted(m, corr) and np.isfinite(corr.correlation)
+        if held and corr2.correlation < corr.correlation + _TURN_GAIN:
+            return m, corr
+        return m2, corr2
+
     def neighbour_score(self, start: int = 0) -> float | None:
         """How alike the content of neighbouring slices is, noise discounted (slices
         ``start`` on), or None where the matcher does not measure it (keypoints) or no
@@ -283,6 +320,8 @@ class StackMatcher:
                 continue
             init = None if pose is None else compose(pose, invert(pose_k))
             m, corr = self._match(z_k, state_k, z, state, init)
+            if init is None and (not self._trusted(m, corr) or self._unlike(corr)):
+                m, corr = self._turned(z_k, state_k, z, state, m, corr)
             if few:  # the prediction may be wrong: from scratch too, the better one kept
                 m2, corr2 = self._match(z_k, state_k, z, state, None)
                 if self._trusted(m2, corr2) and (not self._trusted(m, corr)
