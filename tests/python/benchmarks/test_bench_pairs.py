@@ -11,8 +11,8 @@ from deepalign_fast.qc.synth import misalign_stack
 
 def test_pair_errors_show_the_refinement_running_until_still() -> None:
     """Six copies of one real FIB-SEM slice (exactly aligned), one of them scaled by 6.3 %
-    about the centre: with three refinement passes its two pairs are far off or lost; run
-    until still, every pair is exact to a few hundredths of a pixel."""
+    about the centre: with three refinement passes a pair of it is far off or lost; run until
+    still, every pair is exact to a few hundredths of a pixel."""
     from benchmarks.bench_pairs import pair_errors
 
     base = tifffile.imread(sample_stack_path())[3][:200, :480]
@@ -26,8 +26,9 @@ def test_pair_errors_show_the_refinement_running_until_still() -> None:
     three = pair_errors(stack, truth.transforms, 3)
     still = pair_errors(stack, truth.transforms, None)
     assert three["pairs"] == still["pairs"] == 5
-    assert three["lost"] >= 1 or three["max"] > 1.0
     assert still["lost"] == 0 and still["max"] < 0.05
+    # three passes: lost, or far off (1.6 px with OpenCV 5.1, 0.9 with the oldest supported)
+    assert three["lost"] >= 1 or three["max"] > 0.3
 
 
 def test_bad_cases_and_overrides_are_refused() -> None:
