@@ -2,9 +2,10 @@
 
 Slice z is matched with its predecessors at the ranks in ``offsets`` (1, 2, 4, 8 by default;
 rank 1 is the nearest slice that is not blank). The nearest pair is matched from scratch
-(coarse to fine); farther pairs start from the prediction given by the chain of nearest-pair
-estimates and are refined at the finest level only. After a nearest pair with few
-correspondences (a partly blank, damaged or inverted slice on either side,
+(coarse to fine; where that fails or the pair correlates at less than half the usual, again
+from starts turned by :data:`TURNS` degrees); farther pairs start from the prediction given by
+the chain of nearest-pair estimates and are refined at the finest level only. After a nearest
+pair with few correspondences (a partly blank, damaged or inverted slice on either side,
 :meth:`StackMatcher._few`) each farther pair is also matched from scratch, the one with more
 correspondences kept, and the pair with the most correspondences places the slice. Each pair
 contributes its correspondences, summarised as moments

@@ -431,8 +431,9 @@ class BlockMatcher:
         before = m_lev
         scores: list[float] = []  # the blocks' median correlation at each pass
         for it in range(most):
+            gained = scores[-1] - scores[-3] if len(scores) >= 3 else np.inf
             if it >= self.lk_iterations and (
-                    it < 2 or scores[-1] - scores[-3] < _STILL_GAINING
+                    gained < _STILL_GAINING
                     or _moved(frame, before, m_lev) * factor < self.lk_tolerance):
                 break
             before = m_lev
