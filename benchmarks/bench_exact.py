@@ -296,6 +296,14 @@ def _aligner_options(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if k != "lookahead"}
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seed 1,2,...`` (SystemExit where one is not an integer)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--seed {text!r}: give integers, comma-separated") from None
+
+
 def parse_overrides(text: str) -> dict[str, float]:
     """``--set k=v,...``: drift-profile overrides (SystemExit naming a bad item)."""
     overrides: dict[str, float] = {}
@@ -602,10 +610,7 @@ def main(argv: list[str] | None = None) -> int:
                          "a count >= 0 and a fraction in (0, 1]")
     if args.spacing > 1:
         cases = [replace(c, spacing=args.spacing) if c.source == "lucchi" else c for c in cases]
-    try:
-        seeds = [int(v) for v in str(args.seed).split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"--seed {args.seed!r}: give integers, comma-separated") from None
+    seeds = parse_seeds(str(args.seed))
     overrides = parse_overrides(args.set or "")
     ours_specs = [parse_ours(s) for s in (args.ours or ["default"])]
     for name, kw in ours_specs:  # bad options fail here, before any stack is built

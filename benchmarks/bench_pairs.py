@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--cases: unknown {', '.join(unknown)}; known: "
                          f"{', '.join(bench_exact.CASES)}")
-    try:
-        seeds = [int(v) for v in args.seed.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"--seed {args.seed!r}: give integers, comma-separated") from None
+    seeds = bench_exact.parse_seeds(args.seed)
     print("| case | seed | refinement | pairs | lost | median error (px) | mean of the kept "
           "(px) | p99 (px) | max (px) | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|")

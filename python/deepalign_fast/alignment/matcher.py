@@ -227,7 +227,8 @@ class StackMatcher:
         an XZ/YZ reslice: no coarser level) two slices a few degrees apart leave the frame's
         edges beyond the refinement's reach, and the pair was lost (2 degrees of per-slice
         rotation: 5-17 of 191-255 nearest pairs)."""
-        h, w = self.shape or (0, 0)
+        assert self.shape is not None  # (add checked it)
+        h, w = self.shape
         centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
         best: tuple[np.ndarray, Correspondences] | None = None
         for degrees in TURNS:
