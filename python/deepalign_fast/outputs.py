@@ -639,8 +639,9 @@ def _input_identity(path: Path) -> dict[str, Any]:
 # Version of the checkpoint contents: a checkpoint of another version is ignored (the run
 # starts over) rather than resumed with state it lacks (2: the matcher's neighbour scores;
 # 3: transforms solved with the noise-discounted slice spacing and the 0.4 px per slice
-# anatomy slope, and whether the neighbour score is noise discounted).
-CHECKPOINT_FORMAT = 3
+# anatomy slope, and whether the neighbour score is noise discounted; 4: each pair's block
+# correlation, by which the solve flags a slice that matched nothing it resembles).
+CHECKPOINT_FORMAT = 4
 
 
 def _identity(path: Path) -> dict[str, Any]:

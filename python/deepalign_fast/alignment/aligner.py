@@ -655,7 +655,8 @@ class _StreamState:
         lo = max(0, z - self.back)
         # Drop pairs that can no longer enter a window.
         self.matcher.pairs = [pm for pm in self.matcher.pairs if min(pm.i, pm.j) >= lo]
-        pairs = [PairMoments(pm.i - lo, pm.j - lo, pm.moments, pm.weight, pm.count)
+        pairs = [PairMoments(pm.i - lo, pm.j - lo, pm.moments, pm.weight, pm.count,
+                             pm.correlation)
                  for pm in self.matcher.pairs]
         blank = [b - lo for b in self.matcher.blank if b >= lo]
         failed = [f - lo for f in self.matcher.failed if f >= lo]

@@ -133,6 +133,7 @@ class StackMatcher:
             "pair_moments": np.array([pm.moments for pm in pairs]).reshape(-1, 6, 6),
             "pair_weight": np.array([pm.weight for pm in pairs], np.float64),
             "pair_count": np.array([pm.count for pm in pairs], np.int64),
+            "pair_correlation": np.array([pm.correlation for pm in pairs], np.float64),
             "blank": np.array(self.blank, np.int64),
             "failed": np.array(self.failed, np.int64),
             "matches": np.array(self.matches, np.int64),
@@ -147,9 +148,10 @@ class StackMatcher:
         """Continue from :meth:`state`; ``prepare(z)`` re-prepares the slices still needed as
         neighbours. Returns the first slice still to be added."""
         self.count = int(saved["count"])
-        self.pairs = [PairMoments(int(i), int(j), m, float(w), int(c)) for (i, j), m, w, c in
+        self.pairs = [PairMoments(int(i), int(j), m, float(w), int(c), float(r))
+                      for (i, j), m, w, c, r in
                       zip(saved["pair_ij"], saved["pair_moments"], saved["pair_weight"],
-                          saved["pair_count"], strict=True)]
+                          saved["pair_count"], saved["pair_correlation"], strict=True)]
         self.blank = [int(z) for z in saved["blank"]]
         self.failed = [int(z) for z in saved["failed"]]
         self.matches = [int(m) for m in saved["matches"]]
@@ -211,9 +213,15 @@ class StackMatcher:
         isbi section moved every other by 35-39 px. Each farther pair is then matched from
         scratch as well, the match with more correspondences kept (between serial sections a
         farther pair from scratch can be the worse one), and the slice is placed by the pair
-        with the most correspondences."""
+        with the most correspondences.
+
+        Until three nearest pairs have matched, the stack's usual count is not known and
+        every pair counts as few: a slice among the first three that is off alone (a beam
+        glitch, a slice of noise) matched its neighbour at a false position, the farther
+        pairs predicted through it confirmed that position, and every later slice moved with
+        it (by up to 39 px; the solve flags the slice itself, ``solve.unlike_slices``)."""
         recent = np.asarray([k for k in self.matches[-_RECENT:] if k > 0], np.float64)
-        return recent.size >= 3 and count < 0.5 * float(np.median(recent))
+        return recent.size < 3 or count < 0.5 * float(np.median(recent))
 
     def _turned(self, z_k: int, state_k: Any, z: int, state: Any, m: np.ndarray | None,
                 corr: Correspondences) -> tuple[np.ndarray | None, Correspondences]:
@@ -352,7 +360,8 @@ class StackMatcher:
             # relative position than a near one: weight 1 / slice distance (independent
             # increments).
             self.pairs.append(pair_moments(z_k, z, corr.src, corr.dst,
-                                           corr.weights / (z - z_k), self.shape))
+                                           corr.weights / (z - z_k), self.shape,
+                                           corr.correlation))
         self.times.add("match", t0)
         if ranked and pose is None:
             self.failed.append(z)

@@ -35,7 +35,9 @@ offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
 - Robustness: iteratively reweighted least squares on the pairs (``c_ij``): a pair that
   disagrees with the rest of the stack (its residual beyond what its own best fit leaves) far
   more than the typical pair loses its weight (Cauchy), so a wrong match or a bad slice
-  cannot drag its neighbours. A slice with fewer than three agreeing pairs is flagged, and
+  cannot drag its neighbours. A slice with fewer than three agreeing pairs is flagged, as is
+  one none of whose pairs correlates at half the stack's usual where the content persists
+  (:func:`unlike_slices`: pairs that agree with each other at a false position), and
   placed as its trusted neighbours are where its own estimate moves it from them far more
   than this stack's slices move (:func:`place_flagged`).
 
@@ -102,9 +104,9 @@ from ..geometry import compose, invert
 
 __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FIXED_PRIOR", "FLAGGED_MOVE",
            "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "PRIOR_KEYS", "REFERENCE_CONTENT",
-           "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "PairMoments", "SolveResult",
-           "lowpass_affines", "pair_moments", "place_flagged", "prior_spread", "slice_spacing",
-           "solve_stack"]
+           "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "UNLIKE_SHARE", "PairMoments",
+           "SolveResult", "lowpass_affines", "pair_moments", "place_flagged", "prior_spread",
+           "slice_spacing", "solve_stack", "unlike_slices"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 #: The keys of :attr:`SolveResult.motion`.
@@ -122,8 +124,9 @@ class PairMoments:
 
     ``i`` is the reference slice and ``j`` the moving one; ``moments`` is the 6x6 matrix
     ``sum_k w_k v_k v_k^T`` with ``v_k = (p'_k, 1, -q'_k, -1)`` (``p'``, ``q'`` normalised as
-    in :func:`pair_moments`); ``weight`` the sum of the weights and ``count`` the number of
-    correspondences.
+    in :func:`pair_moments`); ``weight`` the sum of the weights, ``count`` the number of
+    correspondences and ``correlation`` the median correlation of all the pair's measured
+    blocks once aligned (NaN where not measured, as for keypoint matches).
     """
 
     i: int
@@ -131,6 +134,7 @@ class PairMoments:
     moments: NDArray[np.float64]
     weight: float
     count: int
+    correlation: float = float("nan")
 
 
 def _normaliser(shape: tuple[int, int]) -> tuple[NDArray[np.float64], float]:
@@ -141,11 +145,13 @@ def _normaliser(shape: tuple[int, int]) -> tuple[NDArray[np.float64], float]:
 
 
 def pair_moments(i: int, j: int, src: NDArray[np.float64], dst: NDArray[np.float64],
-                 weights: NDArray[np.float64], shape: tuple[int, int]) -> PairMoments:
+                 weights: NDArray[np.float64], shape: tuple[int, int],
+                 correlation: float = float("nan")) -> PairMoments:
     """Summarise correspondences ``src`` (slice ``i``) -> ``dst`` (slice ``j``) for the solve.
 
     Coordinates are centred on the frame and divided by half its diagonal, which keeps the
-    normal equations well conditioned; ``shape`` is the slice shape ``(h, w)``.
+    normal equations well conditioned; ``shape`` is the slice shape ``(h, w)``;
+    ``correlation`` the median block correlation of the pair (:class:`PairMoments`).
     """
     centre, radius = _normaliser(shape)
     p = (np.asarray(src, np.float64) - centre) / radius
@@ -154,7 +160,7 @@ def pair_moments(i: int, j: int, src: NDArray[np.float64], dst: NDArray[np.float
     ones = np.ones((len(p), 1))
     v = np.hstack([p, ones, -q, -ones])
     mom = (v * wt[:, None]).T @ v
-    return PairMoments(i, j, mom, float(wt.sum()), int(len(p)))
+    return PairMoments(i, j, mom, float(wt.sum()), int(len(p)), float(correlation))
 
 
 @dataclass
@@ -948,6 +954,35 @@ def place_flagged(final: NDArray[np.float64], flagged: Sequence[int],
     return out
 
 
+# A slice none of whose pairs correlates at this share of the stack's usual nearest pair
+# (where the content persists from slice to slice) matched nothing it resembles.
+UNLIKE_SHARE = 0.5
+
+
+def unlike_slices(n: int, pairs: Sequence[PairMoments]) -> list[int]:
+    """Slices none of whose pairs correlates at :data:`UNLIKE_SHARE` of the stack's usual
+    nearest pair (the median :attr:`PairMoments.correlation` of the pairs at the shortest
+    distance); pairs without a measured correlation do not count.
+
+    The matcher leaves such a nearest pair out once it knows the stack's usual correlation
+    (``StackMatcher._unlike``), but not among the first slices. A slice there that is off
+    alone (a beam glitch 30 px and 5 degrees off on a 67-px high reslice, a slice of noise)
+    matched its neighbours at a false position (block correlation 0.05 against the
+    stack's 0.91); the farther pairs predicted from that position confirmed it, and it was
+    left 20-145 px off, unflagged. For slices whose content persists (FIB-SEM)."""
+    measured = [pm for pm in pairs if np.isfinite(pm.correlation)]
+    if not measured:
+        return []
+    dist = np.array([abs(pm.j - pm.i) for pm in measured])
+    corr = np.array([pm.correlation for pm in measured])
+    usual = float(np.median(corr[dist == dist.min()]))
+    best = np.full(n, -np.inf)
+    for pm, c in zip(measured, corr, strict=True):
+        best[pm.i] = max(best[pm.i], c)
+        best[pm.j] = max(best[pm.j], c)
+    return [int(z) for z in np.flatnonzero(np.isfinite(best) & (best < UNLIKE_SHARE * usual))]
+
+
 @functools.cache
 def _blas_controller() -> Any:
     """The process's BLAS libraries (threadpoolctl), found once scipy.linalg has loaded its
@@ -1138,7 +1173,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     # pairs has nothing to be checked against, and one agreeing pair among several
     # disagreeing ones cannot tell which is right.
     flagged = sorted({z for z in range(n) if support[z] < min(3, available[z])
-                      or support[z] == 0} | set(blank) | set(failed))
+                      or support[z] == 0} | set(blank) | set(failed)
+                     | (set(unlike_slices(n, pairs)) if similar else set()))
     if n == 1:
         flagged = sorted(set(blank) | set(failed))
 

@@ -123,8 +123,11 @@ def test_a_nearest_pair_with_few_correspondences_is_recognised() -> None:
     matcher.matches = [0, 300, 320, 280, 310, 40, 30, 300]  # a blank slice, two damaged ones
     assert matcher._few(140)  # under half the median of the matched ones (300)
     assert not matcher._few(160)
-    matcher.matches = [0, 300, 40]  # too few matched nearest pairs to know what is usual
-    assert not matcher._few(10)
+    # too few matched nearest pairs to know what is usual: any count may be few (farther
+    # pairs are matched from scratch too, and the pair with the most correspondences places
+    # the slice)
+    matcher.matches = [0, 300, 40]
+    assert matcher._few(10) and matcher._few(1000)
 
 
 def _turned_stack(degrees: float) -> tuple[np.ndarray, np.ndarray]:

@@ -201,6 +201,39 @@ def test_a_slice_that_failed_to_match_is_flagged_whatever_its_later_pairs():
     assert solve_stack(n, pairs, SHAPE, slow_drift="none", failed=[7]).flagged == [7]
 
 
+@pytest.mark.parametrize("z", [0, 2, 9])
+def test_a_slice_none_of_whose_pairs_correlates_is_flagged_where_content_persists(z):
+    # slice z matched every neighbour at a false position that its pairs agree on (as the
+    # farther pairs predicted from a wrong nearest pair do): only their block correlation
+    # tells, 0.05-0.3 against the stack's usual 0.9
+    from dataclasses import replace
+
+    from deepalign_fast.alignment.solve import UNLIKE_SHARE, unlike_slices
+
+    rng = np.random.default_rng(11)
+    n = 20
+    truth = np.tile(np.eye(2, 3), (n, 1, 1))
+    false = truth.copy()
+    false[z, :, 2] += (25.0, -18.0)
+    pairs = [replace(pm, correlation=(rng.uniform(0.05, 0.3) if z in (pm.i, pm.j)
+                                      else rng.uniform(0.85, 0.95) / abs(pm.j - pm.i) ** 0.1))
+             for pm in _pairs(false, rng, (1, 2, 4, 8))]
+    assert unlike_slices(n, pairs) == [z]
+    keep = solve_stack(n, pairs, SHAPE, neighbour_score=0.9)
+    assert keep.flagged == [z]
+    # where the content changes between slices (sections), or not measured: not this rule
+    assert solve_stack(n, pairs, SHAPE, neighbour_score=0.3).flagged == []
+    assert solve_stack(n, pairs, SHAPE).flagged == []
+    unmeasured = [replace(pm, correlation=float("nan")) for pm in pairs]
+    assert unlike_slices(n, unmeasured) == []
+    # one pair at the usual correlation is enough, and the baseline is the nearest pairs'
+    one = [replace(pm, correlation=0.9) if (pm.i, pm.j) == (max(z - 1, 0), max(z - 1, 0) + 1)
+           else pm for pm in pairs]
+    assert unlike_slices(n, one) == []
+    assert unlike_slices(n, [replace(pm, correlation=UNLIKE_SHARE * 0.9 - 0.01)
+                             for pm in pairs]) == []
+
+
 @pytest.mark.parametrize("model", ["translation", "rigid", "similarity"])
 def test_restricted_models_are_enforced(model):
     rng = np.random.default_rng(8)
