@@ -34,6 +34,10 @@ def label_target(output: str | os.PathLike[str]) -> tuple[Path, str] | None:
     image = out.parent.parent
     if "multiscales" not in _attrs(image):
         return None
+    if out.suffix.lower() in (".tif", ".tiff", ".btf"):
+        raise DeepAlignError(f"{out}: a label image inside the OME-Zarr image {image} is a "
+                             f"Zarr group, not a TIFF; name it without the suffix "
+                             f"({out.with_suffix('')}) or write the TIFF elsewhere")
     return image, out.name
 
 

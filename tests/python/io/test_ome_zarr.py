@@ -83,6 +83,11 @@ def test_apply_labels_into_the_image_group(tmp_path: Path) -> None:
     assert label.attributes.image_label is not None
     carried = np.asarray(zarr.open_group(str(out), mode="r")["0"])
     assert set(np.unique(carried)) <= {0, 1}  # nearest: never blended
+    # a TIFF name there is refused in one line, before anything is written (it crashed)
+    before = sorted(p.relative_to(image) for p in image.rglob("*"))
+    assert main(["apply", str(image) + ".transforms.json", str(tmp_path / "lab.tif"),
+                 "-o", str(image / "labels" / "x.tif"), "--quiet"]) == 2
+    assert sorted(p.relative_to(image) for p in image.rglob("*")) == before
 
 
 def test_reads_ngff_05_input(tmp_path: Path) -> None:
