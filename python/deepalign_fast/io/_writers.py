@@ -477,9 +477,16 @@ class ZarrStackWriter(StackWriter):
                 raise DeepAlignError(f"{self.partial}: {why}, so it is not an unfinished store "
                                      "of this tool; remove it or choose another name.")
             if resume:
-                self._arr = self._reopen(zarr)
-                return
-            if not (overwrite or restart):
+                try:
+                    reopened = self._reopen(zarr)
+                except DeepAlignError:
+                    if not overwrite:
+                        raise
+                    reopened = None  # --overwrite: what cannot be continued is discarded
+                if reopened is not None:
+                    self._arr = reopened
+                    return
+            elif not (overwrite or restart):
                 raise DeepAlignError(
                     f"{self.partial}: an unfinished output from an earlier run is here; rerun "
                     "the same command (API: resume=True) to continue it, pass --overwrite (API: "
@@ -583,7 +590,14 @@ class ZarrStackWriter(StackWriter):
         return arr
 
     def _reopen(self, zarr: Any) -> Any:
+        """The array of the unfinished store, its finished slices read from the progress
+        record; None where the store has no record yet (a run stopped while creating it,
+        before any slice: nothing to keep, it is made again)."""
         progress = self.partial / PROGRESS_FILE
+        metadata = {".zarray", ".zgroup", ".zattrs", "zarr.json"}
+        if not progress.exists() and all(p.name in metadata or p.name.startswith(".")
+                                         for p in self.partial.rglob("*") if p.is_file()):
+            return None
         try:
             info = json.loads(progress.read_text())
         except (OSError, ValueError) as exc:

@@ -484,6 +484,33 @@ def test_zarr_resume_keeps_finished_slices(tmp_path, rng):
     _check_roundtrip(path, data)
 
 
+@pytest.mark.parametrize("ome", [True, False])
+def test_zarr_store_stopped_while_being_created_is_made_again(tmp_path, rng, ome):
+    # killed after the store's metadata and before its progress record: no slice can be in
+    # it; rerunning the same command (resume) refused it for ever, --overwrite included
+    data = _stack(rng, np.uint8)
+    path = tmp_path / ("c.ome.zarr" if ome else "c.zarr")
+    w = ZarrStackWriter(path, data.shape, data.dtype, ome=ome)
+    (w.partial / "deepalign_progress.json").unlink()
+    with ZarrStackWriter(path, data.shape, data.dtype, ome=ome, resume=True) as w:
+        assert w.completed() == set()
+        for i in range(len(data)):
+            w.write(i, data[i])
+    _check_roundtrip(path, data)
+    # a store with slices but no record is not discarded without --overwrite
+    w = ZarrStackWriter(tmp_path / "d.zarr", data.shape, data.dtype)
+    w.write(0, data[0])
+    (w.partial / "deepalign_progress.json").unlink()
+    with pytest.raises(DeepAlignError, match="cannot resume.*missing"):
+        ZarrStackWriter(tmp_path / "d.zarr", data.shape, data.dtype, resume=True)
+    with ZarrStackWriter(tmp_path / "d.zarr", data.shape, data.dtype, resume=True,
+                         overwrite=True) as w:
+        assert w.completed() == set()
+        for i in range(len(data)):
+            w.write(i, data[i])
+    _check_roundtrip(tmp_path / "d.zarr", data)
+
+
 def test_zarr_incomplete_close_keeps_partial(tmp_path, rng):
     data = _stack(rng, np.uint8)
     w = ZarrStackWriter(tmp_path / "i.zarr", data.shape, data.dtype)
