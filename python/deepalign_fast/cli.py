@@ -433,6 +433,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             args.input, ts, args.output, interpolation=args.interpolation,
             progress=False if args.quiet else None,
             writer_options={"overwrite": args.overwrite,
+                            # an unfinished store of an earlier apply to -o: made again (a
+                            # warp is cheap, and its transforms may have changed since)
+                            **({"restart": True} if is_zarr else {}),
                             **({} if (c := _compression(args)) is None else {"compression": c})})
         if target is not None:  # the labels group's metadata once the label image is in
             prepare_label_group(target[0])

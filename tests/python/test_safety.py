@@ -360,6 +360,23 @@ def test_planted_symlink_at_the_temp_name_is_not_followed(tmp_path: Path,
     assert victim.read_text() == "precious"
 
 
+def test_apply_rerun_after_a_stopped_zarr_output_finishes_it(src: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    # an apply stopped while writing a Zarr output leaves its unfinished store; the error
+    # said to rerun the same command, which refused it again for ever
+    tpath = _aligned(src, tmp_path)
+    ref, out = tmp_path / "ref.zarr", tmp_path / "l.zarr"
+    assert main(["apply", str(tpath), str(src), "-o", str(ref), "--quiet"]) == 0
+    ts = TransformSet.load(tpath)
+    stopped = open_writer(out, (len(ts), *ts.output_shape), np.uint8)
+    stopped.write(0, np.full(ts.output_shape, 7, np.uint8))  # (not what apply writes)
+    assert main(["apply", str(tpath), str(src), "-o", str(out), "--quiet"]) == 0
+    with open_stack(out) as a, open_stack(ref) as b:
+        assert all(np.array_equal(a.read(z), b.read(z)) for z in range(len(ts)))
+    assert not (tmp_path / "l.zarr.partial").exists()
+
+
 def test_stale_temp_files_are_removed_by_the_next_run(src: Path, tmp_path: Path) -> None:
     stale = tmp_path / ".o.tif.deepalign-0123456789abcdef.tmp"
     stale.write_bytes(b"x" * 1000)

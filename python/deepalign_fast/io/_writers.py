@@ -741,7 +741,8 @@ class ZarrStackWriter(StackWriter):
 def _is_zarr_path(p: Path) -> bool:
     """``NAME.zarr`` / ``NAME.ome.zarr``, or ``IMAGE.zarr/labels/NAME`` (an NGFF label image)."""
     return p.suffix.lower() == ".zarr" or (
-        p.parent.name == "labels" and p.parent.parent.suffix.lower() == ".zarr")
+        p.parent.name == "labels" and p.parent.parent.suffix.lower() == ".zarr"
+        and p.suffix.lower() not in (".tif", ".tiff", ".btf"))
 
 
 def _halve(image: np.ndarray, how: str) -> np.ndarray:
