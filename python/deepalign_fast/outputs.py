@@ -268,17 +268,22 @@ def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
     """Delete temporary files an earlier run left for ``final`` (call while holding its lock).
 
     Only regular files (or symbolic links, which are unlinked, never followed) named
-    ``.NAME.deepalign-*`` in ``final``'s folder are removed, excluding the lock file.
+    ``.NAME.deepalign-*`` in ``final``'s folder are removed, excluding the lock file, and the
+    temporary files of the run's hidden side files (``..NAME.deepalign.*.deepalign-*``: its
+    resume record and matches, written atomically too).
     """
     final = Path(final)
     prefix = f".{final.name}{TEMP_TAG}"
+    side = f"..{final.name}.deepalign."
     removed: list[Path] = []
     try:
         entries = list(os.scandir(final.parent))
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(prefix) or entry.name.endswith(".lock"):
+        ours = entry.name.startswith(prefix) or (entry.name.startswith(side)
+                                                 and TEMP_TAG in entry.name[len(side):])
+        if not ours or entry.name.endswith(".lock"):
             continue
         if entry.is_symlink() or entry.is_file(follow_symlinks=False):
             with contextlib.suppress(FileNotFoundError):

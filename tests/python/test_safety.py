@@ -380,10 +380,18 @@ def test_apply_rerun_after_a_stopped_zarr_output_finishes_it(src: Path, tmp_path
 def test_stale_temp_files_are_removed_by_the_next_run(src: Path, tmp_path: Path) -> None:
     stale = tmp_path / ".o.tif.deepalign-0123456789abcdef.tmp"
     stale.write_bytes(b"x" * 1000)
+    # (and those of its hidden side files: the resume record's and the matches' temps)
+    sides = [tmp_path / "..o.tif.deepalign.resume.json.deepalign-0123456789abcdef.tmp",
+             tmp_path / "..o.tif.deepalign.matches.npz.deepalign-0123456789abcdef.npz"]
+    for path in sides:
+        path.write_bytes(b"x")
     unrelated = tmp_path / ".o.tif.something-else"
     unrelated.write_text("keep")
+    users = tmp_path / "..o.tif.deepalign.notes"  # not a temp file of ours
+    users.write_text("keep")
     assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 0
-    assert not stale.exists() and unrelated.exists()
+    assert not stale.exists() and unrelated.exists() and users.exists()
+    assert not any(path.exists() for path in sides)
     assert not list(tmp_path.glob(".o.tif.deepalign*"))  # no lock or checkpoint left either
 
 
