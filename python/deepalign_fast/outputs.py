@@ -359,8 +359,14 @@ def _acquire(output: Path) -> tuple[int, Path]:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:  # (a full disk: the lock we made must not stay behind)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)
+                raise os_error(exc, output, "cannot write its lock file") from exc
             return fd, path
         os.close(fd)
     raise EnvironmentFailure(f"{path}: could not take the output lock")

@@ -300,6 +300,22 @@ def test_disk_full_while_writing(src: Path, tmp_path: Path, monkeypatch: pytest.
     assert stray <= {checkpoint_path_for(tmp_path / "o.tif").name}, stray
 
 
+def test_disk_full_on_the_lock_names_the_output_and_leaves_no_lock(
+        src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC writing the lock's pid: one line naming the output (it said "?"), and the lock
+    file it had created is gone."""
+    def full(*a: Any, **k: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    before = _snapshot(tmp_path)
+    assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert "o.tif" in line and "disk is full" in line
+    assert _snapshot(tmp_path) == before
+
+
 def test_disk_full_on_transforms_publishes_nothing(src: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
