@@ -34,7 +34,7 @@ import numpy as np
 
 from ._errors import DeepAlignError
 from .alignment import Aligner, AlignOptions
-from .outputs import STORE_MARK, store_mark, store_problem, write_atomic
+from .outputs import STORE_MARK, OutputPlan, output_lock, store_mark, store_problem, write_atomic
 
 __all__ = ["WatchResult", "watch_folder"]
 
@@ -65,6 +65,8 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written: int) -> Any:
     """The growing level-0 array of the OME-Zarr (created, or reopened and cut to
     ``written`` slices)."""
+    import shutil
+
     import zarr
 
     h, w = shape
@@ -72,7 +74,16 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
         why = store_problem(output)
         if why is not None:
             raise DeepAlignError(f"{output}: (-o) exists and {why}; choose another output")
-        arr: Any = zarr.open_group(str(output), mode="r+")["0"]
+        group = zarr.open_group(str(output), mode="r+")
+        if not written and ("0" not in group or "multiscales" not in group.attrs):
+            # A watch stopped while creating its store, before any slice: made again (it
+            # was left without its array, and a restart failed, or without its OME metadata)
+            shutil.rmtree(output)
+            return _open_output(output, shape, dtype, written)
+        if "0" not in group:
+            raise DeepAlignError(f"{output}: the store has lost its array of slices; choose "
+                                 "another output or remove it")
+        arr: Any = group["0"]
         if arr.shape[1:] != (h, w) or arr.dtype != dtype:
             raise DeepAlignError(f"{output}: holds {arr.shape[1:]} {arr.dtype} slices, the "
                                  f"folder {(h, w)} {dtype}")
@@ -115,7 +126,6 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
     on_slice : callable, optional
         Called with z after slice z is written (progress, tests).
     """
-    from .io import read_image
 
     src, out = Path(folder), Path(output)
     if not src.is_dir():
@@ -125,6 +135,23 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
     if out.resolve().is_relative_to(src.resolve()):
         raise DeepAlignError(f"{out}: (-o) must not lie inside the watched folder {src}")
     state_path = _state_path(out)
+    # Everything the watch will write is checked now, not when the first slice is aligned
+    # (minutes into an acquisition); an earlier watch's store and record are continued.
+    plan = OutputPlan().input(src, "FOLDER")
+    plan.output(out, "-o", folder=True, may_exist=True, store=True)
+    plan.output(state_path, "watch record", may_exist=True)
+    plan.check()
+    with plan.prepared(), output_lock([out]):
+        return _watch(src, out, state_path, options=options, lookahead=lookahead, poll=poll,
+                      idle_timeout=idle_timeout, stop_file=stop_file, on_slice=on_slice)
+
+
+def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | None,
+           lookahead: int, poll: float, idle_timeout: float, stop_file: str,
+           on_slice: Callable[[int], None] | None) -> WatchResult:
+    """:func:`watch_folder` once its outputs are checked and locked."""
+    from .io import read_image
+
     state: dict[str, Any] = {"folder": str(src.resolve()), "files": [], "written": 0,
                              "flagged": [], "lookahead": lookahead}
     if out.exists():

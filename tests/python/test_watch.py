@@ -83,8 +83,76 @@ def test_watch_refusals(tmp_path: Path) -> None:
     with pytest.raises(DeepAlignError, match="inside the watched folder"):
         watch_folder(folder, folder / "o.zarr")
     (tmp_path / "other.zarr").mkdir()
-    with pytest.raises(DeepAlignError, match="not a watch"):
+    with pytest.raises(DeepAlignError, match="not an unfinished output of deepalign-fast"):
         watch_folder(folder, tmp_path / "other.zarr", idle_timeout=0.1, poll=0.01)
+
+
+def test_watch_checks_its_outputs_before_any_slice(tmp_path: Path) -> None:
+    # before, these were found only once the first slice was aligned (minutes into an
+    # acquisition), or never when no slice came: "wrote 0 slices", exit 0
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    for z, s in enumerate(_slices(3)):
+        tifffile.imwrite(folder / f"s{z}.tif", s)
+    (tmp_path / "afile").write_text("a user's file")
+    (tmp_path / "quiet").mkdir()
+    (tmp_path / "dangling.zarr").symlink_to(tmp_path / "nowhere")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    taken: list[int] = []
+    with pytest.raises(Exception, match="afile"):  # (no slice comes: it returned)
+        watch_folder(tmp_path / "quiet", tmp_path / "afile" / "o.zarr", idle_timeout=0.1,
+                     poll=0.01, on_slice=taken.append)
+    with pytest.raises(DeepAlignError, match="symbolic link"):
+        watch_folder(folder, tmp_path / "dangling.zarr", idle_timeout=5, on_slice=taken.append)
+    assert taken == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_second_watch_on_one_output_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    folder, out = tmp_path / "acq", tmp_path / "o.zarr"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from deepalign_fast.outputs import output_lock
+        with output_lock([{str(out)!r}]):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DeepAlignError, match=f"pid {holder.pid}"):
+            watch_folder(folder, out, idle_timeout=5)
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+@pytest.mark.parametrize("made", ["group", "array"])
+def test_a_watch_stopped_while_creating_its_store_continues(tmp_path: Path, made: str) -> None:
+    # killed after the group (restart: KeyError '0') or after the array but before the OME
+    # metadata (restart: a store without multiscales), with no slice written yet
+    from deepalign_fast.outputs import STORE_MARK, store_mark
+
+    folder, out = tmp_path / "acq", tmp_path / "o.zarr"
+    folder.mkdir()
+    slices = _slices(6)
+    for z, s in enumerate(slices):
+        tifffile.imwrite(folder / f"s{z}.tif", s)
+    (folder / "STOP").touch()
+    group = zarr.create_group(str(out), zarr_format=2, attributes={STORE_MARK: store_mark()})
+    if made == "array":
+        group.create_array("0", shape=(0, *slices.shape[1:]), chunks=(1, *slices.shape[1:]),
+                           dtype=np.uint8)
+    (tmp_path / "o.zarr.watch.json").write_text(
+        '{"folder": "%s", "files": [], "written": 0, "flagged": [], "lookahead": 2}'
+        % folder.resolve())
+    result = watch_folder(folder, out, lookahead=2, idle_timeout=5, poll=0.01)
+    assert result.written == len(slices)
+    stored = zarr.open_group(str(out), mode="r")
+    assert "multiscales" in stored.attrs and stored["0"].shape == slices.shape
 
 
 def test_an_unreadable_file_stops_the_watch_with_its_name(tmp_path: Path) -> None:
