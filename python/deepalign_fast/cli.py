@@ -13,9 +13,11 @@ temporary files removed). ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -950,6 +952,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         _error(str(exc))
         return 2
+    except BrokenPipeError:  # the reader of the output went away (`... | head`): no error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:
         from .outputs import os_error
 

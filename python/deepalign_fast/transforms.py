@@ -195,7 +195,7 @@ class TransformSet:
                                  f"(schema {data.get('schema')!r})")
         if data.get("version") not in (1, 2, VERSION):
             raise DeepAlignError(f"{source}: unsupported transforms version {data.get('version')!r}"
-                                 f" (this build reads version {VERSION})")
+                                 f" (this build reads versions 1 to {VERSION})")
         for key in ("affines", "input_shape", "output_shape"):
             if key not in data:
                 raise DeepAlignError(f"{source}: malformed transforms file: {key!r} is missing")
@@ -273,7 +273,10 @@ def _affines(v: Any, source: str) -> np.ndarray:
     if not ok:
         raise DeepAlignError(f"{source}: 'affines' must be a list of 2x3 number matrices "
                              "([[a, b, tx], [c, d, ty]] per slice)")
-    arr = np.asarray(v, np.float64)
+    try:
+        arr = np.asarray(v, np.float64)
+    except OverflowError:  # (an integer too large for any float)
+        raise DeepAlignError(f"{source}: 'affines' hold a number too large") from None
     if not np.isfinite(arr).all():
         z = int(np.nonzero(~np.isfinite(arr).all(axis=(1, 2)))[0][0])
         raise DeepAlignError(f"{source}: the affine of slice {z} holds NaN or infinity")
@@ -285,12 +288,20 @@ def _affines(v: Any, source: str) -> np.ndarray:
     return arr
 
 
+def _finite_number(x: float) -> bool:
+    """Whether ``x`` is a finite float, or an integer a float holds."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _optional_floats(v: Any, n: int, source: str, key: str) -> list[float | None]:
     if v == []:
         return []
     if not isinstance(v, list) or len(v) != n or not all(
             x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)
-                          and math.isfinite(x)) for x in v):
+                          and _finite_number(x)) for x in v):
         raise DeepAlignError(f"{source}: {key!r} must list {n} finite numbers or nulls, one per "
                              "slice")
     return [None if x is None else float(x) for x in v]

@@ -170,9 +170,14 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
     result = WatchResult(files=known, written=written)
     seen_sizes: dict[str, tuple[int, int]] = {}
 
+    first: list[Any] = []  # ((shape, dtype), file name) of the first slice
+
     def source() -> Iterator[np.ndarray]:
+        nonlocal first
         for name in list(known):  # a restart: the slices taken before, again
-            yield read_image(src / name)
+            image = read_image(src / name)
+            first = first or [(image.shape, image.dtype), name]
+            yield image
         last_new = time.monotonic()
         while True:
             # The stop file means the acquisition is over: every file present is complete.
@@ -202,6 +207,12 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
                         raise
                     waiting = (p, str(exc))
                     break  # still being written, or unreadable: keep the order, look again
+                if first and (image.shape, image.dtype) != first[0]:
+                    raise DeepAlignError(
+                        f"{p}: slice {len(known)} is {image.shape[0]} x {image.shape[1]} "
+                        f"{image.dtype}, the first ({first[1]}) {first[0][0][0]} x "
+                        f"{first[0][0][1]} {first[0][1]}; the watch stops before it")
+                first = first or [((image.shape, image.dtype)), p.name]
                 known.append(p.name)
                 took = True
                 last_new = time.monotonic()

@@ -558,6 +558,10 @@ def test_hostile_transforms_json(src: Path, tmp_path: Path, content: str, words:
     (lambda d: d.__setitem__("affines", "x"), "2x3"),
     (lambda d: d.__setitem__("flagged", [99]), "flagged"),
     (lambda d: d.__setitem__("fields", {"path": "../../etc", "stride": 4}), "outside"),
+    # integers beyond any float (it was an unexpected OverflowError)
+    (lambda d: d["affines"][1][0].__setitem__(2, 10 ** 400), "too large"),
+    (lambda d: d.__setitem__("residuals", [10 ** 400] * 6), "residuals"),
+    (lambda d: d.__setitem__("version", 99), "versions 1 to"),
 ])
 def test_invalid_transforms_are_refused(src: Path, tmp_path: Path, edit: Any, words: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -567,6 +571,19 @@ def test_invalid_transforms_are_refused(src: Path, tmp_path: Path, edit: Any, wo
     bad.write_text(json.dumps(data))
     assert main(["apply", str(bad), str(src), "-o", str(tmp_path / "l.tif"), "--quiet"]) == 2
     assert words in _one_line(capsys.readouterr().err)
+
+
+def test_a_closed_pipe_is_no_error(monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # `deepalign-fast ... | head`: the reader goes away; it said "error: ?: Broken pipe"
+    import deepalign_fast.cli as cli
+
+    def closed(*a: Any, **k: Any) -> None:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(cli, "print", closed, raising=False)
+    assert main(["config", "--defaults"]) == 1
+    assert capsys.readouterr().err == ""
 
 
 def test_apply_refuses_a_stack_of_another_size(src: Path, tmp_path: Path,

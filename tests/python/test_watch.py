@@ -206,3 +206,15 @@ def test_a_file_still_being_written_is_waited_for(tmp_path: Path) -> None:
                           idle_timeout=0.4)
     thread.join()
     assert result.written == 4 and result.files[-1] == "s3.tif"
+
+
+def test_a_slice_of_another_size_names_its_file(tmp_path: Path) -> None:
+    # it said "stream slice 2: shape ...", naming no file
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    slices = _slices(4)
+    for z, s in enumerate(slices):
+        tifffile.imwrite(folder / f"s{z}.tif", s[:-6] if z == 2 else s)
+    (folder / "STOP").touch()
+    with pytest.raises(DeepAlignError, match=r"s2\.tif: slice 2 is .*the first \(s0\.tif\)"):
+        watch_folder(folder, tmp_path / "o.zarr", lookahead=1, idle_timeout=5, poll=0.01)
