@@ -757,6 +757,8 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise DeepAlignError(f"{out}: (OUT_DIR) exists and is not a folder")
+    if args.seed < 0:  # (numpy's own message names no option)
+        raise DeepAlignError(f"--seed must be >= 0, got {args.seed}")
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.clean_stack, "CLEAN_STACK").input(args.labels, "--labels")
     names = ["misaligned.tif", "ground_truth.json"]

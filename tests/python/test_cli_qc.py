@@ -86,6 +86,11 @@ def test_eval_perfect_and_unaligned(bench, tmp_path, capsys):
     linear = float(text.split("of which rotation/scale/shear")[1].split("median ")[1].split()[0])
     assert 0 < linear <= med
     assert abs(float(text.split("N_SSIM ")[1].split()[0])) < 0.02
+    # labels of another stack: one line naming the file
+    tifffile.imwrite(tmp_path / "other.tif", alab[:2])
+    assert main(["eval", str(tmp_path / "al.tif"), str(out), "--labels",
+                 str(tmp_path / "other.tif")]) == 2
+    assert "other.tif: (2," in capsys.readouterr().err
 
 
 def test_report_command(bench, tmp_path, capsys):
@@ -109,6 +114,11 @@ def test_cli_errors(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["make-benchmark", "x", "y", "--profile", "bogus"])
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((4, 32, 32), np.uint8), photometric="minisblack")
+    assert main(["make-benchmark", str(tmp_path / "c.tif"), str(tmp_path / "b"), "--seed",
+                 "-1"]) == 2
+    assert "--seed must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_eval_half_pixel_shift_scores_no_improvement(lucchi, tmp_path, capsys):

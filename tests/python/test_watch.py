@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -146,9 +147,9 @@ def test_a_watch_stopped_while_creating_its_store_continues(tmp_path: Path, made
     if made == "array":
         group.create_array("0", shape=(0, *slices.shape[1:]), chunks=(1, *slices.shape[1:]),
                            dtype=np.uint8)
-    (tmp_path / "o.zarr.watch.json").write_text(
-        '{"folder": "%s", "files": [], "written": 0, "flagged": [], "lookahead": 2}'
-        % folder.resolve())
+    (tmp_path / "o.zarr.watch.json").write_text(json.dumps(
+        {"folder": str(folder.resolve()), "files": [], "written": 0, "flagged": [],
+         "lookahead": 2}))
     result = watch_folder(folder, out, lookahead=2, idle_timeout=5, poll=0.01)
     assert result.written == len(slices)
     stored = zarr.open_group(str(out), mode="r")

@@ -417,7 +417,10 @@ def evaluate_alignment(
         alab = aligned_labels if isinstance(aligned_labels, np.ndarray) else read_stack(
             aligned_labels)
         if alab.shape != al.shape:
-            raise DeepAlignError(f"aligned labels {alab.shape} differ from aligned {al.shape}")
+            where = "the aligned labels" if isinstance(aligned_labels, np.ndarray) else \
+                str(aligned_labels)
+            raise DeepAlignError(f"{where}: {alab.shape} (z, y, x), but the aligned stack is "
+                                 f"{al.shape}; give the labels aligned with the same transforms")
         clab = read_stack(bdir / "clean_labels.tif")
         mlab = read_stack(bdir / "misaligned_labels.tif")
         result.update(_label_scores(alab, clab, mlab, truth, tre.gauge))
