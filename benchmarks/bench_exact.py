@@ -172,13 +172,16 @@ def invert_contrast(stack: np.ndarray, count: int, rng: np.random.Generator
 
 
 def glitch(transforms: np.ndarray, count: int, shift: float, rotation_deg: float,
-           shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+           shape: tuple[int, int], rng: np.random.Generator, at: tuple[int, ...] = ()
+           ) -> tuple[np.ndarray, list[int]]:
     """``transforms`` (n, 2, 3 pull maps misaligned -> clean) with ``count`` slices (drawn by
-    ``rng``) off alone: each moved by ``shift`` px in a random direction and rotated by
-    ``rotation_deg`` degrees (random sign) about the frame centre, on top of its own
-    misalignment (a beam glitch, one slice rotated). Returns the new transforms and the
-    slices."""
-    slices = _draw(len(transforms), count, "glitch", rng)
+    ``rng``, or the slices ``at``) off alone: each moved by ``shift`` px in a random direction
+    and rotated by ``rotation_deg`` degrees (random sign) about the frame centre, on top of
+    its own misalignment (a beam glitch, one slice rotated). Returns the new transforms and
+    the slices."""
+    if at and (len(set(at)) != count or not all(0 <= z < len(transforms) for z in at)):
+        raise ValueError(f"cannot glitch slices {list(at)} of {len(transforms)} as {count}")
+    slices = sorted(set(at)) if at else _draw(len(transforms), count, "glitch", rng)
     out = transforms.copy()
     h, w = shape
     centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
@@ -195,7 +198,7 @@ def glitch(transforms: np.ndarray, count: int, shift: float, rotation_deg: float
 def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
           snr: float = 1.5, artifact_strength: float = 1.5, damaged: int = 0,
           damaged_keep: float = 0.15, inverted: int = 0,
-          glitched: tuple[int, float, float] = (0, 0.0, 0.0),
+          glitched: tuple[int, float, float] = (0, 0.0, 0.0), glitch_at: tuple[int, ...] = (),
           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The case's input stack, its truth (input -> clean pull maps) and a description.
 
@@ -206,7 +209,8 @@ def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
     (:func:`invert_contrast`); ``glitched`` = (count, shift px, rotation degrees) slices are
     off alone (:func:`glitch`). Each is drawn from its own random stream: the misalignment is
     the same as without."""
-    stack, truth, info = _build(case, seed, overrides, snr, artifact_strength, glitched)
+    stack, truth, info = _build(case, seed, overrides, snr, artifact_strength, glitched,
+                                glitch_at)
     if damaged:
         rng = np.random.default_rng([seed, zlib.crc32(case.name.encode()), 1])
         stack, slices = damage(stack, damaged, damaged_keep, rng)
@@ -222,7 +226,7 @@ def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
 
 def _build(case: Case, seed: int, overrides: dict[str, float] | None, snr: float,
            artifact_strength: float, glitched: tuple[int, float, float] = (0, 0.0, 0.0),
-           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+           glitch_at: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     clean = select_planes(reslice(_load(case.source), case.plane), case.planes, case.spacing)
     if case.planes is not None and len(clean) < case.planes:
         print(f"note: {case.name}: {len(clean)} planes, not {case.planes} (the reslice has too "
@@ -248,7 +252,8 @@ def _build(case: Case, seed: int, overrides: dict[str, float] | None, snr: float
     if glitched[0]:
         count, shift, rotation = glitched
         full, slices = glitch(full, count, shift * case.upsample, rotation, (h, w),
-                              np.random.default_rng([seed, zlib.crc32(case.name.encode()), 3]))
+                              np.random.default_rng([seed, zlib.crc32(case.name.encode()), 3]),
+                              glitch_at)
         info["glitched"] = slices
         info["description"] += (f", {count} slices off alone by {shift:g} px and "
                                 f"{rotation:g} degrees")
@@ -560,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="put N slices of every case off alone (drawn by the seed): moved by "
                          "--glitch-shift px and rotated by --glitch-rotation degrees on top of "
                          "their misalignment, controls included (default 0)")
+    ap.add_argument("--glitch-at", default=None, metavar="Z,...",
+                    help="put these slices off alone instead of drawn ones (sets --glitched "
+                         "to their number), e.g. 0 or 1,2: a glitch among the first slices")
     ap.add_argument("--glitch-shift", type=float, default=15.0, metavar="PX",
                     help="how far a glitched slice is moved, px of the clean slices (default 15)")
     ap.add_argument("--glitch-rotation", type=float, default=0.0, metavar="DEG",
@@ -600,6 +608,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--spacing {args.spacing}: give an integer >= 1")
     if args.inverted < 0:
         raise SystemExit(f"--inverted {args.inverted}: give a count >= 0")
+    glitch_at: tuple[int, ...] = ()
+    if args.glitch_at is not None:
+        try:
+            glitch_at = tuple(sorted({int(v) for v in args.glitch_at.split(",")}))
+        except ValueError:
+            raise SystemExit(f"--glitch-at {args.glitch_at}: give slice numbers, e.g. 0,1"
+                             ) from None
+        if min(glitch_at) < 0 or args.glitched not in (0, len(glitch_at)):
+            raise SystemExit(f"--glitch-at {args.glitch_at}: give slice numbers >= 0 (and "
+                             "--glitched, if given, as many)")
+        args.glitched = len(glitch_at)
     if args.glitched < 0 or not (np.isfinite(args.glitch_shift)
                                  and np.isfinite(args.glitch_rotation)):
         raise SystemExit(f"--glitched {args.glitched} --glitch-shift {args.glitch_shift} "
@@ -649,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                                   damaged=args.damaged, damaged_keep=args.damaged_keep,
                                   inverted=args.inverted,
                                   glitched=(args.glitched, args.glitch_shift,
-                                            args.glitch_rotation))
+                                            args.glitch_rotation), glitch_at=glitch_at)
         except datasets.DataUnavailable as exc:
             print(f"skip {case.name}: {exc}", flush=True)
             continue
@@ -666,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f"@inverted{args.inverted}" if args.inverted else "")
                           + (f"@glitched{args.glitched},shift{args.glitch_shift:g},"
                              f"rotation{args.glitch_rotation:g}" if args.glitched else "")
+                          + (f"@at{','.join(map(str, glitch_at))}" if glitch_at else "")
                           + (f"@snr{args.snr:g},strength{args.artifact_strength:g}"
                              if artifacts else ""), md)
         if args.json is not None:  # rewritten after every case: a long run keeps what it has

@@ -216,12 +216,18 @@ class StackMatcher:
         with the most correspondences.
 
         Until three nearest pairs have matched, the stack's usual count is not known and
-        every pair counts as few: a slice among the first three that is off alone (a beam
-        glitch, a slice of noise) matched its neighbour at a false position, the farther
-        pairs predicted through it confirmed that position, and every later slice moved with
-        it (by up to 39 px; the solve flags the slice itself, ``solve.unlike_slices``)."""
-        recent = np.asarray([k for k in self.matches[-_RECENT:] if k > 0], np.float64)
+        every pair counts as few (a match from scratch then replaces the prediction, or
+        places the slice, only with half as many correspondences again): a slice among the
+        first three that is off alone (a beam glitch, a slice of noise) matched its
+        neighbour at a false position, the farther pairs predicted through it confirmed that
+        position, and every later slice moved with it (by up to 39 px; the solve flags the
+        slice itself, ``solve.unlike_slices``)."""
+        recent = self._recent_counts()
         return recent.size < 3 or count < 0.5 * float(np.median(recent))
+
+    def _recent_counts(self) -> np.ndarray:
+        """The correspondence counts of the last :data:`_RECENT` matched nearest pairs."""
+        return np.asarray([k for k in self.matches[-_RECENT:] if k > 0], np.float64)
 
     def _turned(self, z_k: int, state_k: Any, z: int, state: Any, m: np.ndarray | None,
                 corr: Correspondences) -> tuple[np.ndarray | None, Correspondences]:
@@ -321,6 +327,10 @@ class StackMatcher:
         unlike = 0  # nearest pairs that matched but are too unlike the stack's (_unlike)
         seen = float("nan")
         wanted = set(self.opts.offsets)
+        # Before the usual count is known, a match must be clearly better to replace the one
+        # from the prediction or to place the slice (a pair from scratch a little richer
+        # than a sound prediction is no reason to prefer it).
+        margin = 1.0
         few = False  # the nearest pair has few correspondences (_few): farther pairs are
         most = 0  # matched from scratch too, and the pair with the most of them places z
         for rank, (z_k, state_k, pose_k) in enumerate(ranked, start=1):
@@ -335,7 +345,7 @@ class StackMatcher:
             if few:  # the prediction may be wrong: from scratch too, the better one kept
                 m2, corr2 = self._match(z_k, state_k, z, state, None)
                 if self._trusted(m2, corr2) and (not self._trusted(m, corr)
-                                                 or len(corr2) > len(corr)):
+                                                 or len(corr2) > margin * len(corr)):
                     m, corr = m2, corr2
             if m is None or not self._trusted(m, corr):
                 continue
@@ -351,7 +361,8 @@ class StackMatcher:
                 nearest_n = len(corr)
                 score = float(np.median(corr.weights))
                 few = self._few(nearest_n)
-            if few and len(corr) > most:
+                margin = 1.5 if self._recent_counts().size < 3 else 1.0
+            if few and len(corr) > margin * most:
                 most = len(corr)
                 pose = compose(m, pose_k)
             if rank <= 2:

@@ -192,4 +192,13 @@ def test_glitch_moves_and_rotates_the_drawn_slices_only() -> None:
         bench_main(["--cases", "xz-drift", "--glitched", "-1"])
     with pytest.raises(SystemExit, match="--glitch-shift"):
         bench_main(["--cases", "xz-drift", "--glitched", "2", "--glitch-shift", "nan"])
+    # chosen slices instead of drawn ones (a glitch among the first slices)
+    chosen, at = glitch(transforms, 2, 12.0, 0.0, shape, np.random.default_rng(4), (1, 0))
+    assert at == [0, 1] and np.array_equal(chosen[2:], transforms[2:])
+    assert not np.array_equal(chosen[:2], transforms[:2])
+    with pytest.raises(ValueError, match="cannot glitch slices"):
+        glitch(transforms, 2, 1.0, 0.0, shape, np.random.default_rng(0), (3, 10))
+    for bad in ("x", "-1", "1,2 --glitched 3"):
+        with pytest.raises(SystemExit, match="--glitch-at"):
+            bench_main(["--cases", "xz-drift", "--glitch-at", *bad.split()])
 
