@@ -69,6 +69,7 @@ __all__ = [
     "output_lock",
     "partial_path_for",
     "publish",
+    "remove_stale_locks",
     "remove_stale_temps",
     "store_mark",
     "store_problem",
@@ -292,6 +293,31 @@ def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def remove_stale_locks(outputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Delete the lock files of ``outputs`` that no process holds (a killed run's: the kernel
+    released its lock, the file stayed); a held lock, a symbolic link or anything but a
+    regular file is left alone. Returns the files removed."""
+    removed: list[Path] = []
+    for out in outputs:
+        path = _lock_path(Path(out))
+        flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            continue  # none, a symbolic link, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if stat.S_ISREG(os.fstat(fd).st_mode) and os.path.samestat(
+                    os.fstat(fd), os.stat(path, follow_symlinks=False)):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass  # held by a running process (or gone meanwhile): not stale
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _lock_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.deepalign.lock")
 
@@ -456,6 +482,8 @@ class OutputPlan:
 
     def check(self) -> None:
         """Refuse the plan (see the module docstring) before any work; creates nothing.
+        A refused plan removes the lock files that killed runs left beside its outputs
+        (:func:`remove_stale_locks`): the run that would have removed them does not start.
 
         Raises
         ------
@@ -465,6 +493,13 @@ class OutputPlan:
         EnvironmentFailure
             An output's folder cannot be written.
         """
+        try:
+            self._check()
+        except DeepAlignError:
+            remove_stale_locks(self.primary())
+            raise
+
+    def _check(self) -> None:
         ins = [(p, flag, _resolve(p)) for p, flag in self.inputs]
         for p, flag, r in ins:
             if not os.path.lexists(p):

@@ -436,6 +436,36 @@ def test_second_run_on_one_output_is_refused(src: Path, tmp_path: Path,
     assert _align(str(src), "-o", str(out)) == 0
 
 
+def test_a_refused_rerun_removes_the_lock_a_killed_run_left(src: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    """A killed run leaves its (released) lock file; a rerun refused before locking (the
+    output exists, no --overwrite) removed nothing, so such files stayed. A lock that a
+    running process holds stays."""
+    out = tmp_path / "o.tif"
+    assert _align(str(src), "-o", str(out)) == 0
+    stale = tmp_path / ".o.tif.deepalign.lock"
+    stale.write_text("12345\n")
+    assert _align(str(src), "-o", str(out)) == 2
+    assert "already exists" in _one_line(capsys.readouterr().err)
+    assert not stale.exists()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from deepalign_fast.outputs import output_lock
+            with output_lock([{str(out)!r}]):
+                print("locked", flush=True)
+                time.sleep(60)
+        """)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert _align(str(src), "-o", str(out)) == 2
+        assert stale.exists()  # held: not stale
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+
+
 def test_lock_is_reentrant_in_one_process(tmp_path: Path) -> None:
     out = tmp_path / "o.tif"
     with output_lock([out]), output_lock([out]):
