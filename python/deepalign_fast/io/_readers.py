@@ -321,6 +321,34 @@ _IN_FOLDER = "a folder of slices needs one 2-D image per file"
 _ONE_IMAGE = "a single 2-D image is needed here"
 
 
+def _next_page_beyond_end(f: Path) -> bool:
+    """Whether the first page of TIFF ``f`` points to a next page past the end of the file
+    (a multi-page file cut short reads as one page). From the header and the first IFD."""
+    import struct
+
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(16)
+            order = {b"II": "<", b"MM": ">"}.get(head[:2])
+            if order is None or len(head) < 8:
+                return False
+            big = struct.unpack(order + "H", head[2:4])[0] == 43
+            first = struct.unpack(order + ("Q" if big else "I"),
+                                  head[8:16] if big else head[4:8])[0]
+            fh.seek(first)
+            raw = fh.read(8 if big else 2)
+            count = struct.unpack(order + ("Q" if big else "H"), raw)[0]
+            fh.seek(first + len(raw) + count * (20 if big else 12))
+            raw = fh.read(8 if big else 4)
+            if len(raw) < (8 if big else 4):
+                return False  # (the first page itself is cut short: tifffile judges that)
+            nxt = struct.unpack(order + ("Q" if big else "I"), raw)[0]
+    except (OSError, struct.error):
+        return False
+    return bool(nxt) and nxt >= size
+
+
 def _slice_header(f: Path, *, one_image: str = _IN_FOLDER) -> tuple[tuple[int, int], np.dtype]:
     """(height, width) and dtype of a slice file from its header alone; ``one_image`` says
     why a multi-page file is refused."""
@@ -339,6 +367,9 @@ def _slice_header(f: Path, *, one_image: str = _IN_FOLDER) -> tuple[tuple[int, i
         raise
     except Exception as exc:
         raise DeepAlignError(f"{f}: not a readable TIFF ({type(exc).__name__}: {exc}).") from exc
+    if n_pages == 1 and _next_page_beyond_end(f):
+        raise DeepAlignError(f"{f}: truncated TIFF (its second page lies beyond the end of the "
+                             "file: a multi-page file cut short?); re-copy or re-export it.")
     if n_pages > 1:
         raise DeepAlignError(
             f"{f}: holds {n_pages} slices (pages), but {one_image}. " + (

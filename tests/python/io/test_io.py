@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -252,6 +253,29 @@ def test_folder_truncated_png(tmp_path, rng):
     with open_stack(tmp_path) as r:
         with pytest.raises(DeepAlignError, match=r"1\.png.*truncated"):
             r.read(1)
+
+
+@pytest.mark.parametrize("bigtiff", [False, True])
+def test_folder_multi_page_tiff_cut_short_is_refused(tmp_path, rng, bigtiff):
+    # a multi-page TIFF cut after its first page read as one slice (an intact one is refused)
+    data = _stack(rng, np.uint8, (3, 16, 20))
+    for i, s in enumerate(data):
+        tifffile.imwrite(tmp_path / f"s{i}.tif", s, photometric="minisblack", bigtiff=bigtiff)
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, data[:2], photometric="minisblack", bigtiff=bigtiff,
+                     metadata=None)
+    raw = whole.read_bytes()
+    whole.unlink()
+    first = tifffile.TiffFile(io.BytesIO(raw)).pages[0]
+    end = max(first.dataoffsets[0] + first.databytecounts[0], first.offset + 200)
+    (tmp_path / "s1.tif").write_bytes(raw[:end])  # page 1 and the data after it are gone
+    with pytest.raises(DeepAlignError, match=r"s1\.tif: truncated TIFF"):
+        open_stack(tmp_path)
+    # single-page files (next page offset 0) are not affected
+    for i, s in enumerate(data):
+        tifffile.imwrite(tmp_path / f"s{i}.tif", s, photometric="minisblack", bigtiff=bigtiff)
+    with open_stack(tmp_path) as r:
+        assert len(r) == 3
 
 
 # ---------------------------------------------------------------- errors on input
