@@ -293,6 +293,10 @@ def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+# A lock file is opened for reading and writing, never through a symbolic link.
+_LOCK_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def remove_stale_locks(outputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Delete the lock files of ``outputs`` that no process holds (a killed run's: the kernel
     released its lock, the file stayed); a held lock, a symbolic link or anything but a
@@ -300,9 +304,8 @@ def remove_stale_locks(outputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     removed: list[Path] = []
     for out in outputs:
         path = _lock_path(Path(out))
-        flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, _LOCK_FLAGS)
         except OSError:
             continue  # none, a symbolic link, or not ours to open
         try:
@@ -360,10 +363,9 @@ def output_lock(outputs: Sequence[str | os.PathLike[str]]) -> Iterator[None]:
 
 def _acquire(output: Path) -> tuple[int, Path]:
     path = _lock_path(output)
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(20):
         try:
-            fd = os.open(path, flags, 0o644)
+            fd = os.open(path, _LOCK_FLAGS | os.O_CREAT, 0o644)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise DeepAlignError(f"{path}: the lock file is a symbolic link; remove it."

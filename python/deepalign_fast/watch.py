@@ -126,7 +126,6 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
     on_slice : callable, optional
         Called with z after slice z is written (progress, tests).
     """
-
     src, out = Path(folder), Path(output)
     if not src.is_dir():
         raise DeepAlignError(f"{src}: not a folder to watch")
@@ -212,7 +211,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
                         f"{p}: slice {len(known)} is {image.shape[0]} x {image.shape[1]} "
                         f"{image.dtype}, the first ({first[1]}) {first[0][0][0]} x "
                         f"{first[0][0][1]} {first[0][1]}; the watch stops before it")
-                first = first or [((image.shape, image.dtype)), p.name]
+                first = first or [(image.shape, image.dtype), p.name]
                 known.append(p.name)
                 took = True
                 last_new = time.monotonic()

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import sys
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +57,33 @@ TINY_STACK = Path(__file__).resolve().parents[1] / "data" / "tiny_stack.tif"
 @pytest.fixture
 def tiny_stack() -> Path:
     return TINY_STACK
+
+
+@contextlib.contextmanager
+def _lock_held(output: Path) -> Iterator[int]:
+    """Another process holding ``output``'s lock (:func:`deepalign_fast.outputs.output_lock`)
+    for the block; yields its pid and kills it (SIGKILL: the lock file stays) at the end."""
+    import deepalign_fast
+
+    package_parent = str(Path(deepalign_fast.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from deepalign_fast.outputs import output_lock
+        with output_lock([{str(output)!r}]):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+@pytest.fixture
+def lock_held() -> Callable[[Path], contextlib.AbstractContextManager[int]]:
+    """``with lock_held(output) as pid:``: another process holds ``output``'s lock."""
+    return _lock_held

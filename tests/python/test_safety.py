@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -411,32 +410,21 @@ def test_stale_temp_files_are_removed_by_the_next_run(src: Path, tmp_path: Path)
     assert not list(tmp_path.glob(".o.tif.deepalign*"))  # no lock or checkpoint left either
 
 
-def test_second_run_on_one_output_is_refused(src: Path, tmp_path: Path,
+def test_second_run_on_one_output_is_refused(src: Path, tmp_path: Path, lock_held: Any,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Another process holds the output's lock: refused at once; SIGKILL of the holder leaves
     a lock file, but no lock, so the next run proceeds."""
     out = tmp_path / "o.tif"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
-            from deepalign_fast.outputs import output_lock
-            with output_lock([{str(out)!r}]):
-                print("locked", flush=True)
-                time.sleep(60)
-        """)], env=ENV, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with lock_held(out) as pid:
         assert _align(str(src), "-o", str(out)) == 2
         line = _one_line(capsys.readouterr().err)
-        assert f"pid {holder.pid}" in line and "another deepalign-fast run" in line
+        assert f"pid {pid}" in line and "another deepalign-fast run" in line
         assert not out.exists() and not transforms_path_for(out).exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.communicate()
     assert _align(str(src), "-o", str(out)) == 0
 
 
 def test_a_refused_rerun_removes_the_lock_a_killed_run_left(src: Path, tmp_path: Path,
+                                                            lock_held: Any,
                                                             capsys: pytest.CaptureFixture[str]
                                                             ) -> None:
     """A killed run leaves its (released) lock file; a rerun refused before locking (the
@@ -449,21 +437,9 @@ def test_a_refused_rerun_removes_the_lock_a_killed_run_left(src: Path, tmp_path:
     assert _align(str(src), "-o", str(out)) == 2
     assert "already exists" in _one_line(capsys.readouterr().err)
     assert not stale.exists()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import time
-            from deepalign_fast.outputs import output_lock
-            with output_lock([{str(out)!r}]):
-                print("locked", flush=True)
-                time.sleep(60)
-        """)], env=ENV, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with lock_held(out):
         assert _align(str(src), "-o", str(out)) == 2
         assert stale.exists()  # held: not stale
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.communicate()
 
 
 def test_lock_is_reentrant_in_one_process(tmp_path: Path) -> None:

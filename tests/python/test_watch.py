@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,27 +109,11 @@ def test_watch_checks_its_outputs_before_any_slice(tmp_path: Path) -> None:
     assert taken == [] and sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_a_second_watch_on_one_output_is_refused(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-    import textwrap
-
+def test_a_second_watch_on_one_output_is_refused(tmp_path: Path, lock_held: Any) -> None:
     folder, out = tmp_path / "acq", tmp_path / "o.zarr"
     folder.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from deepalign_fast.outputs import output_lock
-        with output_lock([{str(out)!r}]):
-            print("locked", flush=True)
-            time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(DeepAlignError, match=f"pid {holder.pid}"):
-            watch_folder(folder, out, idle_timeout=5)
-    finally:
-        holder.kill()
-        holder.communicate()
+    with lock_held(out) as pid, pytest.raises(DeepAlignError, match=f"pid {pid}"):
+        watch_folder(folder, out, idle_timeout=5)
 
 
 @pytest.mark.parametrize("made", ["group", "array"])
