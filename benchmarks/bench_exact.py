@@ -12,7 +12,8 @@ Stacks (all with an exact truth):
 
 - reslices of the lucchi FIB-SEM volume (about 5 nm isotropic) into XZ planes (one ``(z, x)``
   image per ``y``) and YZ planes (one ``(z, y)`` image per ``x``): rows of every plane come
-  from the same acquired slices, so neighbouring planes are exactly aligned;
+  from the same acquired slices, so neighbouring planes are exactly aligned (``--turn DEG``:
+  the volume turned about z first, so the planes cut it obliquely; still exactly aligned);
 - lucchi XY itself, isbi2012 (30 x 512^2) and drosophila (20 x 1024^2, upsampled to 2048^2),
   which are aligned already;
 - on each, seeded misalignment on every slice, the first included
@@ -83,13 +84,15 @@ class Case:
     upsample: int = 1  # integer upsampling of the clean slices (lengths of the profile too)
     model: str = "rigid"  # the peers' model where only one is run (elastix-auto)
     spacing: int = 1  # one plane in spacing: slices that far apart (thicker FIB slices)
+    turn: float = 0.0  # degrees the volume is turned about z before the reslice (oblique planes)
 
     def describe(self) -> str:
         what = "unchanged (identity truth)" if self.profile is None else \
             f"profile {self.profile}" + (" + strong artifacts" if self.artifacts else "")
         src = f"{self.source} {self.plane.upper()}" + (
             f" upsampled x{self.upsample}" if self.upsample > 1 else "") + (
-            f", one plane in {self.spacing}" if self.spacing > 1 else "")
+            f", one plane in {self.spacing}" if self.spacing > 1 else "") + (
+            f", volume turned {self.turn:g} degrees about z" if self.turn else "")
         return f"{src}, {what}"
 
 
@@ -131,6 +134,24 @@ def select_planes(stack: np.ndarray, planes: int | None, spacing: int = 1) -> np
     span = len(stack) if planes is None else min(len(stack), planes * spacing)
     start = (len(stack) - span) // 2
     return stack[start:start + span:spacing]
+
+
+def turn_volume(volume: np.ndarray, degrees: float) -> np.ndarray:
+    """``volume`` ``(z, y, x)`` turned by ``degrees`` about its z axis, cropped to the largest
+    centred frame of the same aspect ratio that the turned slices cover.
+
+    Every z slice gets the same rotation (bilinear), so an XZ or YZ reslice of the result has
+    planes at that angle to the acquired axes and its neighbouring planes are still exactly
+    aligned."""
+    if not degrees:
+        return volume
+    _, h, w = volume.shape
+    c, s = abs(np.cos(np.radians(degrees))), abs(np.sin(np.radians(degrees)))
+    k = min(w / (w * c + h * s), h / (w * s + h * c))
+    ch, cw = int(h * k) - 2, int(w * k) - 2  # a pixel of bilinear support inside on each side
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), degrees, 1.0)
+    m[:, 2] -= [(w - cw) / 2, (h - ch) / 2]  # output pixel (0, 0) at the crop's corner
+    return np.stack([cv2.warpAffine(v, m, (cw, ch), flags=cv2.INTER_LINEAR) for v in volume])
 
 
 def _draw(n: int, count: int, what: str, rng: np.random.Generator) -> list[int]:
@@ -227,7 +248,8 @@ def build(case: Case, seed: int, overrides: dict[str, float] | None = None, *,
 def _build(case: Case, seed: int, overrides: dict[str, float] | None, snr: float,
            artifact_strength: float, glitched: tuple[int, float, float] = (0, 0.0, 0.0),
            glitch_at: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    clean = select_planes(reslice(_load(case.source), case.plane), case.planes, case.spacing)
+    clean = select_planes(reslice(turn_volume(_load(case.source), case.turn), case.plane),
+                          case.planes, case.spacing)
     if case.planes is not None and len(clean) < case.planes:
         print(f"note: {case.name}: {len(clean)} planes, not {case.planes} (the reslice has too "
               f"few for one in {case.spacing})", flush=True)
@@ -579,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spacing", type=int, default=1,
                     help="take every K-th plane of every lucchi case (slices K times as far "
                          "apart, as thicker FIB-SEM slices); default 1")
+    ap.add_argument("--turn", type=float, default=0.0, metavar="DEG",
+                    help="turn the lucchi volume by DEG degrees about z before the reslice "
+                         "(XZ/YZ planes oblique to the acquired axes, still exactly aligned; "
+                         "the frame is cropped to what the turned slices cover); default 0")
     ap.add_argument("--json", type=Path, default=None, help="write all rows and per-slice "
                                                             "errors here")
     ap.add_argument("--label", default=None,
@@ -629,6 +655,10 @@ def main(argv: list[str] | None = None) -> int:
                          "a count >= 0 and a fraction in (0, 1]")
     if args.spacing > 1:
         cases = [replace(c, spacing=args.spacing) if c.source == "lucchi" else c for c in cases]
+    if not np.isfinite(args.turn):
+        raise SystemExit(f"--turn {args.turn}: give a finite angle in degrees")
+    if args.turn:
+        cases = [replace(c, turn=args.turn) if c.source == "lucchi" else c for c in cases]
     seeds = parse_seeds(str(args.seed))
     overrides = parse_overrides(args.set or "")
     ours_specs = [parse_ours(s) for s in (args.ours or ["default"])]
@@ -679,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             artifacts = (args.snr, args.artifact_strength) != (1.5, 1.5) and case.artifacts
             write_results(case.name + (f"@seed{seed}" if seed != 1 else "")
                           + (f"@spacing{case.spacing}" if case.spacing > 1 else "")
+                          + (f"@turn{case.turn:g}" if case.turn else "")
                           + (f"@{args.set}" if overrides else "")
                           + (f"@damaged{args.damaged},keep{args.damaged_keep:g}"
                              if args.damaged else "")
