@@ -12,6 +12,7 @@ void bind_warp(py::module_& m);    // bind_warp.cpp
 void bind_ransac(py::module_& m);  // bind_ransac.cpp
 void bind_displacement(py::module_& m);  // bind_displacement.cpp
 void bind_expected_affine(py::module_& m);  // bind_expected_affine.cpp
+void bind_block_sums(py::module_& m);  // bind_block_sums.cpp
 }  // namespace deepalign::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_core, m) {
   deepalign::bindings::bind_ransac(m);
   deepalign::bindings::bind_displacement(m);
   deepalign::bindings::bind_expected_affine(m);
+  deepalign::bindings::bind_block_sums(m);
 }

@@ -135,3 +135,15 @@ def warp_affine_field(
     src: npt.NDArray[Any], dst: npt.NDArray[Any], field: npt.NDArray[np.float64], step: float,
     interpolation: _Interpolation, border: _Border, fill: float, num_threads: int,
 ) -> None: ...
+
+# csrc/bindings/bind_block_sums.cpp: images C-contiguous float32 of one size; x0, y0 int64.
+def lk_block_sums(
+    ref: npt.NDArray[np.float32],
+    mov: npt.NDArray[np.float32],
+    gx: npt.NDArray[np.float32],
+    gy: npt.NDArray[np.float32],
+    x0: npt.NDArray[np.int64],
+    y0: npt.NDArray[np.int64],
+    block: int,
+    num_threads: int,
+) -> npt.NDArray[np.float64]: ...

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .. import _core
 from ..estimate import estimate_transform
 from ..geometry import compose, invert
 from ..intensity import to_uint8
 from ..warp import warp_affine
 from .base import Correspondences
 
-__all__ = ["BlockMatcher", "coarse_shift", "phase_correlation"]
+__all__ = ["BlockMatcher", "coarse_shift", "lk_block_sums", "phase_correlation"]
 
 
 # Two passes that raised the blocks' median correlation by less than this together have found
@@ -220,6 +221,35 @@ def _box_at(image: np.ndarray, block: int, centres: np.ndarray) -> np.ndarray:
     y0 = centres[:, 1].astype(np.intp) - block // 2
     x1, y1 = x0 + block, y0 + block
     return np.asarray(ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0], np.float64)
+
+
+def lk_block_sums(ref: np.ndarray, mov: np.ndarray, gx: np.ndarray, gy: np.ndarray,
+                  corners: np.ndarray, block: int, num_threads: int = 0) -> np.ndarray:
+    """The sums over each block of one Lucas-Kanade pass, in one pass of the C++ core.
+
+    Parameters
+    ----------
+    ref, mov, gx, gy : ndarray, shape (H, W), float32, C-contiguous
+        The reference, the moving slice warped by the current estimate, and the reference's
+        gradients.
+    corners : ndarray, shape (N, 2)
+        Integer top-left pixels ``(x, y)`` of the ``block`` x ``block`` blocks (inside the
+        images).
+    num_threads : int
+        Threads (0 = all cores); the result does not depend on it.
+
+    Returns
+    -------
+    ndarray, shape (N, 4), float64
+        Per block: ``sum gx (ref - mov)``, ``sum gy (ref - mov)``, ``sum ref mov`` and
+        ``sum mov mov``, of float32 products (as numpy's) summed in float64 lanes. Five image
+        products and four float64 integral images did this before, at 3 times the cost
+        (benchmarks/RESULTS.md, "lk_block_sums").
+    """
+    c = np.asarray(corners, np.int64).reshape(-1, 2)
+    return np.asarray(_core.lk_block_sums(ref, mov, gx, gy, np.ascontiguousarray(c[:, 0]),
+                                          np.ascontiguousarray(c[:, 1]), int(block),
+                                          num_threads))
 
 
 def _local_normalise(level: np.ndarray, block: int) -> np.ndarray:
@@ -426,6 +456,7 @@ class BlockMatcher:
         corr = Correspondences.empty()
         m_lev = _scale_affine(current, factor)
         half = block / 2.0
+        corner = centres.astype(np.intp) - block // 2  # the blocks' top-left pixels
         box = np.array([[-half, -half], [half, -half], [-half, half], [half, half]])
         frame = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
         before = m_lev
@@ -444,11 +475,8 @@ class BlockMatcher:
             inside = np.all((corners[..., 0] >= 0) & (corners[..., 0] <= mov.shape[1] - 1)
                             & (corners[..., 1] >= 0) & (corners[..., 1] <= mov.shape[0] - 1),
                             axis=1)
-            err = ref - warped
-            bx = _box_at(reference.gx * err, block, centres)
-            by = _box_at(reference.gy * err, block, centres)
-            rw = _box_at(ref * warped, block, centres)
-            ww = _box_at(warped * warped, block, centres)
+            bx, by, rw, ww = lk_block_sums(ref, warped, reference.gx, reference.gy, corner,
+                                           block, self.num_threads).T
             score = rw / np.sqrt(np.maximum(reference.energy * ww, 1e-12))
             with np.errstate(divide="ignore", invalid="ignore"):
                 dx = (hyy * bx - hxy * by) / det

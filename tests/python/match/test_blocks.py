@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from deepalign_fast.datasets import sample_stack_path
 from deepalign_fast.geometry import apply_affine
-from deepalign_fast.match.blocks import BlockMatcher, coarse_shift
+from deepalign_fast.match.blocks import BlockMatcher, coarse_shift, lk_block_sums
 
 
 def test_coarse_shift_finds_a_plain_shift(rng):
@@ -105,3 +105,36 @@ def test_fewer_fixed_passes_still_run_until_still():
     assert m is not None
     assert np.linalg.norm(apply_affine(m, grid) - apply_affine(truth, grid), axis=1).mean() \
         < 0.02
+
+
+def test_lk_block_sums_match_a_float64_reference(rng):
+    """The refinement's four block sums against numpy in float64, on blocks with and without
+    a tail past the last group of 8 columns, one thread or all."""
+    h, w = 70, 97
+    ref, mov, gx, gy = (rng.normal(size=(h, w)).astype(np.float32) for _ in range(4))
+    r, m, u, v = (a.astype(np.float64) for a in (ref, mov, gx, gy))
+    for block in (6, 16, 21):
+        corners = np.array([(x, y) for y in range(0, h - block + 1, 9)
+                            for x in range(0, w - block + 1, 11)] + [(w - block, h - block)])
+        want = np.array([[(u[y:y + block, x:x + block] * (r - m)[y:y + block, x:x + block]).sum(),
+                          (v[y:y + block, x:x + block] * (r - m)[y:y + block, x:x + block]).sum(),
+                          (r * m)[y:y + block, x:x + block].sum(),
+                          (m * m)[y:y + block, x:x + block].sum()] for x, y in corners])
+        got = lk_block_sums(ref, mov, gx, gy, corners, block, num_threads=1)
+        assert got.shape == (len(corners), 4) and got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * block * block)
+        assert np.array_equal(lk_block_sums(ref, mov, gx, gy, corners, block, num_threads=0),
+                              got)
+
+
+def test_lk_block_sums_reject_bad_arrays_and_blocks(rng):
+    ref = rng.normal(size=(40, 40)).astype(np.float32)
+    ok = np.array([[0, 0]])
+    with pytest.raises(ValueError, match="float32"):
+        lk_block_sums(ref.astype(np.float64), ref, ref, ref, ok, 8)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        lk_block_sums(ref, np.asfortranarray(ref), ref, ref, ok, 8)
+    with pytest.raises(ValueError, match="not inside"):
+        lk_block_sums(ref, ref, ref, ref, np.array([[35, 0]]), 8)
+    with pytest.raises(ValueError, match="reference's size"):
+        lk_block_sums(ref, ref[:39].copy(), ref, ref, ok, 8)

@@ -1,0 +1,106 @@
+"""Lucas-Kanade block sums: ``lk_block_sums`` (C++) vs the numpy + OpenCV way it replaced.
+
+One pass of the block matcher's refinement needs, per block of a 24 px grid every 12 px, the
+sums ``gx (ref - mov)``, ``gy (ref - mov)``, ``ref mov`` and ``mov mov``. The obvious way is
+five float32 image products with numpy and one ``cv2.integral`` (float64) per product, read at
+the block corners: what the matcher did before. Both are timed round-robin on the same random
+float32 images (the locally normalised levels are zero-mean, unit-contrast) at the sizes the
+refinement runs at (2048^2 slices are refined at 1024^2), and their results compared with a
+float64 reference of the same products (largest error over the blocks, relative to the
+block's sum of absolute products).
+
+Run: ``python -m benchmarks.bench_lk [--repeats R] [--sizes 512 1024 2048] [--write-results]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import cv2
+import numpy as np
+from deepalign_fast.match.blocks import lk_block_sums
+
+from ._timing import markdown_table, measure_interleaved, metadata, save_json, update_results
+
+BLOCK, STEP = 24, 12
+
+
+def numpy_way(ref: np.ndarray, mov: np.ndarray, gx: np.ndarray, gy: np.ndarray,
+              corners: np.ndarray) -> np.ndarray:
+    """The four sums from float32 products and float64 integral images (the way before)."""
+    x0, y0 = corners[:, 0], corners[:, 1]
+    x1, y1 = x0 + BLOCK, y0 + BLOCK
+    err = ref - mov
+    out = []
+    for product in (gx * err, gy * err, ref * mov, mov * mov):
+        ii = cv2.integral(product, sdepth=cv2.CV_64F)
+        out.append(ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0])
+    return np.stack(out, axis=1)
+
+
+def reference(ref: np.ndarray, mov: np.ndarray, gx: np.ndarray, gy: np.ndarray,
+              corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 sums of the float32 products, and of their absolute values (the scale)."""
+    r, m, u, v = (a.astype(np.float64) for a in (ref, mov, gx, gy))
+    products = [u * (r - m), v * (r - m), r * m, m * m]
+    sums = np.zeros((len(corners), 4))
+    mags = np.zeros((len(corners), 4))
+    for k, p in enumerate(products):
+        ii = cv2.integral(p, sdepth=cv2.CV_64F)
+        ia = cv2.integral(np.abs(p), sdepth=cv2.CV_64F)
+        x0, y0 = corners[:, 0], corners[:, 1]
+        x1, y1 = x0 + BLOCK, y0 + BLOCK
+        sums[:, k] = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+        mags[:, k] = ia[y1, x1] - ia[y0, x1] - ia[y1, x0] + ia[y0, x0]
+    return sums, mags
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=25)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--write-results", action="store_true",
+                    help="replace the table in benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    cv2.setNumThreads(1)  # the numpy way's integral images run on one thread either way
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    for size in args.sizes:
+        ref, mov, gx, gy = (rng.normal(size=(size, size)).astype(np.float32) for _ in range(4))
+        xs = np.arange(0, size - BLOCK + 1, STEP)
+        corners = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2).astype(np.int64)
+        want, mag = reference(ref, mov, gx, gy, corners)
+        methods = {
+            "numpy products + cv2.integral": lambda: numpy_way(ref, mov, gx, gy, corners),
+            "lk_block_sums (1 thread)": lambda: lk_block_sums(ref, mov, gx, gy, corners, BLOCK,
+                                                              num_threads=1),
+            "lk_block_sums (2 threads)": lambda: lk_block_sums(ref, mov, gx, gy, corners, BLOCK,
+                                                               num_threads=2),
+        }
+        timings = measure_interleaved(methods, repeats=args.repeats)
+        base = timings["numpy products + cv2.integral"].median_s
+        for name, fn in methods.items():
+            err = float(np.max(np.abs(fn() - want) / (mag + 1e-30)))
+            t = timings[name]
+            rows.append({"method": name, "image": f"{size}x{size}", "blocks": len(corners),
+                         "time_ms": t.median_ms, "iqr_ms": t.iqr_s * 1e3,
+                         "speedup_vs_numpy": base / t.median_s, "max_rel_error": err})
+            print(f"{size:5d} {name:32s} {t.median_ms:8.2f} ms  x{base / t.median_s:5.2f}  "
+                  f"max rel error {err:.1e}", flush=True)
+    columns = ["method", "image", "blocks", "time_ms", "iqr_ms", "speedup_vs_numpy",
+               "max_rel_error"]
+    table = markdown_table(rows, columns)
+    print("\n" + table)
+    meta = metadata()
+    save_json("lk_block_sums", rows)
+    if args.write_results:
+        update_results("lk_block_sums", f"Generated by `python -m benchmarks.bench_lk "
+                       f"--repeats {args.repeats}` (numpy {meta['numpy']}, OpenCV "
+                       f"{meta.get('opencv')}, load average {meta['loadavg_1min']:.1f}).\n\n"
+                       + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
