@@ -252,6 +252,43 @@ def lk_block_sums(ref: np.ndarray, mov: np.ndarray, gx: np.ndarray, gy: np.ndarr
                                           num_threads))
 
 
+def _box_sums(image: np.ndarray, y0: np.ndarray, x0: np.ndarray, bh: int, bw: int,
+              power: int = 1) -> np.ndarray:
+    """Sums of ``image ** power`` (float64) over the ``bh`` x ``bw`` boxes with top-left
+    pixels ``(x0, y0)``."""
+    ii = cv2.integral(np.asarray(image, np.float64) ** power, sdepth=cv2.CV_64F)
+    return np.asarray(ii[y0 + bh, x0 + bw] - ii[y0, x0 + bw] - ii[y0 + bh, x0] + ii[y0, x0])
+
+
+def _box_mean(image: np.ndarray, y0: np.ndarray, x0: np.ndarray, bh: int, bw: int
+              ) -> np.ndarray:
+    """Means of ``image`` over the boxes (see :func:`_box_sums`)."""
+    return _box_sums(image, y0, x0, bh, bw) / (bh * bw)
+
+
+def _sampled_box_mean(image: np.ndarray, y0: np.ndarray, x0: np.ndarray, side: int,
+                      every: int) -> np.ndarray:
+    """Means of every ``every``-th row and column of ``image`` over the ``side`` x ``side``
+    boxes with top-left pixels ``(x0, y0)``: ``image[y:y + side:every, x:x + side:every]``
+    per box, from one integral image per phase of the grid the boxes start on."""
+    n = -(-side // every)  # samples per axis
+    out = np.empty(len(y0))
+    phases = np.stack([y0 % every, x0 % every], axis=1)
+    for py, px in np.unique(phases, axis=0):
+        sel = (phases[:, 0] == py) & (phases[:, 1] == px)
+        sub = image[py::every, px::every]
+        out[sel] = _box_mean(sub, y0[sel] // every, x0[sel] // every, n, n)
+    return out
+
+
+def _box_std(image: np.ndarray, y0: np.ndarray, x0: np.ndarray, bh: int, bw: int
+             ) -> np.ndarray:
+    """Standard deviations of ``image`` over the boxes (see :func:`_box_sums`)."""
+    mean = _box_mean(image, y0, x0, bh, bw)
+    var = _box_sums(image, y0, x0, bh, bw, 2) / (bh * bw) - mean * mean
+    return np.sqrt(np.maximum(var, 0.0))
+
+
 def _local_normalise(level: np.ndarray, block: int) -> np.ndarray:
     """Zero local mean, unit local contrast (box windows of half a block): slow brightness
     and contrast changes between slices (charging, drift) drop out."""
@@ -520,23 +557,26 @@ class BlockMatcher:
         xs = np.arange(half, w - half + 1, step)
         ys += (h - half - ys[-1]) // 2 if ys.size else 0
         xs += (w - half - xs[-1]) // 2 if xs.size else 0
+        gy, gx = (g.ravel() for g in np.meshgrid(ys, xs, indexing="ij"))
+        # Which blocks can be matched, all at once from integral images: data under most of
+        # the template at its predicted position, and neither template nor search window
+        # featureless (blank: no information).
+        side, y0, x0 = 2 * half, gy - half, gx - half  # the template (block, made even)
+        has_data = _sampled_box_mean(valid, y0, x0, side, 4) >= 0.9
+        textured = (_box_std(ref, y0, x0, side, side) >= 2.0) & (
+            _box_std(warped, y0, x0, side + 2 * search, side + 2 * search) >= 2.0)
         src, dst, wts = [], [], []
-        for y in ys:
-            for x in xs:
-                tpl = ref[y - half:y + half, x - half:x + half]
-                if valid[y - half:y + half:4, x - half:x + half:4].mean() < 0.9:
-                    continue
-                win = warped[y - half:y + half + 2 * search, x - half:x + half + 2 * search]
-                if tpl.std() < 2.0 or win.std() < 2.0:
-                    continue  # featureless (blank) block: no information
-                r = cv2.matchTemplate(win, tpl, cv2.TM_CCOEFF_NORMED)
-                _, peak, _, (px, py) = cv2.minMaxLoc(r)
-                if peak < self.min_score or px in (0, r.shape[1] - 1) or py in (0, r.shape[0] - 1):
-                    continue  # weak, or on the search border (true peak may lie outside)
-                dx, dy = _subpixel(r, px, py)
-                src.append((x, y))
-                dst.append((x + px + dx - search, y + py + dy - search))
-                wts.append(peak)
+        for y, x in zip(gy[has_data & textured], gx[has_data & textured], strict=True):
+            tpl = ref[y - half:y + half, x - half:x + half]
+            win = warped[y - half:y + half + 2 * search, x - half:x + half + 2 * search]
+            r = cv2.matchTemplate(win, tpl, cv2.TM_CCOEFF_NORMED)
+            _, peak, _, (px, py) = cv2.minMaxLoc(r)
+            if peak < self.min_score or px in (0, r.shape[1] - 1) or py in (0, r.shape[0] - 1):
+                continue  # weak, or on the search border (true peak may lie outside)
+            dx, dy = _subpixel(r, px, py)
+            src.append((x, y))
+            dst.append((x + px + dx - search, y + py + dy - search))
+            wts.append(peak)
         if not src:
             return Correspondences.empty()
         src_a = np.asarray(src, np.float64)

@@ -138,3 +138,25 @@ def test_lk_block_sums_reject_bad_arrays_and_blocks(rng):
         lk_block_sums(ref, ref, ref, ref, np.array([[35, 0]]), 8)
     with pytest.raises(ValueError, match="reference's size"):
         lk_block_sums(ref, ref[:39].copy(), ref, ref, ok, 8)
+
+
+def test_a_blank_half_gives_no_blocks_and_the_textured_half_the_map():
+    """A slice whose right 40 % is blank (a flat, partly blank section), matched with itself
+    shifted by (5.3, -3.7) px: the blocks of the blank half carry no information and are left
+    out at every level (template, search window or the data under it featureless), and the
+    textured half alone gives the map."""
+    big = tifffile.imread(sample_stack_path())[5].astype(np.float32)
+    h, w, margin = 200, 300, 20
+    ref = big[margin:margin + h, margin:margin + w].copy()
+    ref[:, int(0.6 * w):] = float(np.median(ref))
+    shift = np.array([5.3, -3.7])
+    m = np.hstack([np.eye(2), shift[:, None]])  # moving(p + shift) = reference(p)
+    mov = cv2.warpAffine(ref, np.hstack([np.eye(2), -shift[:, None]]), (w, h),
+                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REPLICATE)
+    matcher = BlockMatcher(model="affine", threshold=2.0, lk_block=24, lk_step=12)
+    est, corr = matcher.match(matcher.prepare(ref), matcher.prepare(mov), None)
+    assert est is not None and len(corr) >= 20
+    assert corr.src[:, 0].max() <= 0.6 * w + 12  # none beyond a block reaching the edge
+    pts = np.array([[10.0, 10.0], [0.5 * w, 0.5 * h], [0.55 * w, h - 10.0]])
+    assert np.abs(apply_affine(est, pts) - apply_affine(m, pts)).max() < 0.1
