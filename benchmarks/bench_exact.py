@@ -149,6 +149,9 @@ def turn_volume(volume: np.ndarray, degrees: float) -> np.ndarray:
     c, s = abs(np.cos(np.radians(degrees))), abs(np.sin(np.radians(degrees)))
     k = min(w / (w * c + h * s), h / (w * s + h * c))
     ch, cw = int(h * k) - 2, int(w * k) - 2  # a pixel of bilinear support inside on each side
+    if min(ch, cw) < 8:
+        raise ValueError(f"turning a {h} x {w} frame by {degrees:g} degrees leaves "
+                         f"{max(ch, 0)} x {max(cw, 0)} px inside it")
     m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), degrees, 1.0)
     m[:, 2] -= [(w - cw) / 2, (h - ch) / 2]  # output pixel (0, 0) at the crop's corner
     return np.stack([cv2.warpAffine(v, m, (cw, ch), flags=cv2.INTER_LINEAR) for v in volume])

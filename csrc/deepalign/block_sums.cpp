@@ -157,7 +157,9 @@ void lk_block_sums(const ImageView<const float>& ref, const ImageView<const floa
   if (block < 1) throw std::invalid_argument("lk_block_sums: block must be at least 1");
   if (count < 0) throw std::invalid_argument("lk_block_sums: negative block count");
   for (std::int64_t i = 0; i < count; ++i) {
-    if (x0[i] < 0 || y0[i] < 0 || x0[i] + block > ref.width || y0[i] + block > ref.height) {
+    // (written so that no sum can overflow: block <= width is checked first)
+    if (block > ref.width || block > ref.height || x0[i] < 0 || y0[i] < 0 ||
+        x0[i] > ref.width - block || y0[i] > ref.height - block) {
       throw std::invalid_argument("lk_block_sums: block " + std::to_string(i) + " at (" +
                                   std::to_string(x0[i]) + ", " + std::to_string(y0[i]) +
                                   ") of size " + std::to_string(block) +

@@ -96,6 +96,14 @@ TEST_CASE(bad_arguments_are_rejected) {
   CHECK_THROWS(lk_block_sums(c.ref.cview(), c.mov.cview(), c.gx.cview(), c.gy.cview(), &inside,
                              &inside, 1, 0, out.data(), 1),
                std::invalid_argument);  // empty block
+  const std::int64_t huge = std::int64_t{1} << 62, far = huge + (std::int64_t{1} << 40);
+  CHECK_THROWS(lk_block_sums(c.ref.cview(), c.mov.cview(), c.gx.cview(), c.gy.cview(), &far,
+                             &far, 1, huge, out.data(), 1),
+               std::invalid_argument);  // x0 + block would overflow
+  const std::int64_t edge = INT64_MAX - 4;
+  CHECK_THROWS(lk_block_sums(c.ref.cview(), c.mov.cview(), c.gx.cview(), c.gy.cview(), &edge,
+                             &inside, 1, 8, out.data(), 1),
+               std::invalid_argument);
   Image<float> small(39, 50);
   CHECK_THROWS(lk_block_sums(c.ref.cview(), small.cview(), c.gx.cview(), c.gy.cview(), &inside,
                              &inside, 1, 8, out.data(), 1),

@@ -12,7 +12,7 @@ offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
     minimise   sum_pairs  c_ij * sum_k w_k |B_i(p_k) - B_j(q_k)|^2          (data)
              + lam * sum_z |nonrigid(B_z)|^2                                  (per-slice prior)
              + eps * sum_z |B_z - B_{z+1}|^2                                  (interpolation)
-    subject to mean_z B_z = identity                                          (gauge)
+    subject to mean_z B_z = identity (scale about each slice's rotation)      (gauge)
 
 - The per-slice prior pulls each slice's scale, anisotropic stretch and shear toward a rigid
   map, as an *independent* per-slice error (the usual kind in FIB-SEM and serial sections),
@@ -227,6 +227,12 @@ def _turned_scale(row: NDArray[np.float64], angle: NDArray[np.float64]
     return rows, 2.0 * w * (1.0 - c)
 
 
+# Solves per IRLS iteration at most, and the change of every slice's rotation (radians)
+# below which the prior's scale is taken as measured about it (second order: 5e-9 in scale).
+_TURN_SOLVES = 4
+_TURN_STILL = 1e-4
+
+
 _IX = np.array([0, 1, 2, 6, 7, 8])     # a, b, tx of slice i; a, b, tx of slice j
 _IY = np.array([3, 4, 5, 9, 10, 11])   # c, d, ty of slice i; c, d, ty of slice j
 
@@ -286,8 +292,9 @@ class _System:
 
     def solve(self, weights: NDArray[np.float64], strength: NDArray[np.float64],
               angle: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
-        """Minimise the weighted problem for ``delta = theta - identity`` under
-        ``sum delta = 0``; the prior's scale is measured about each slice's rotation
+        """Minimise the weighted problem for ``delta = theta - identity`` under the gauge
+        (``sum delta = 0``, the scale part about each slice's rotation where ``angle`` is
+        given); the prior's scale is measured about each slice's rotation
         ``angle`` (n,) radians (None: unturned).
 
         The normal matrix is banded (a pair couples slices at most ``max |i - j|`` apart) and
@@ -1185,6 +1192,26 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         return np.where(soft[None, :], base * np.minimum(1.0, huber / np.maximum(comp, 1e-15)),
                         base)
 
+    def _turned_solve(w: NDArray[np.float64], strength: NDArray[np.float64],
+                      start: NDArray[np.float64] | None) -> NDArray[np.float64]:
+        """``system.solve`` with the prior's scale about each slice's rotation, from those
+        of ``start`` (None: from an unturned solve), solved again while the rotations still
+        move (up to :data:`_TURN_SOLVES` times): sections turned by tens of degrees are
+        several solves from their rotations, and the pairs must not be reweighted from a
+        solution still pulled by a wrong scale (it dropped good pairs at 30 degrees)."""
+        if n == 1:
+            return np.zeros((1, 6))
+        if start is None:
+            start = system.solve(w, strength) + _IDENTITY
+        turn = _angles(start)
+        for _ in range(_TURN_SOLVES):
+            delta = system.solve(w, strength, turn)
+            again = _angles(delta + _IDENTITY)
+            if np.abs(again - turn).max() < _TURN_STILL:
+                break
+            turn = again
+        return delta
+
     def irls(base: NDArray[np.float64], w: NDArray[np.float64], iterations: int,
              start: NDArray[np.float64] | None = None
              ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -1194,9 +1221,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         strength = base
         theta = np.tile(_IDENTITY, (n, 1)) if start is None else start
         for it in range(max(1, iterations)):
-            # (the prior's scale about each slice's rotation so far: none at the start)
-            turn = None if start is None and it == 0 else _angles(theta)
-            delta = system.solve(w, strength, turn) if n > 1 else np.zeros((1, 6))
+            delta = _turned_solve(w, strength, None if start is None and it == 0 else theta)
             theta = delta + _IDENTITY
             if not pairs or it == iterations - 1:
                 break

@@ -240,16 +240,19 @@ def test_a_slice_none_of_whose_pairs_correlates_is_flagged_where_content_persist
                              for pm in pairs]) == []
 
 
+@pytest.mark.parametrize("degrees", [8.0, 30.0, 60.0])
 @pytest.mark.parametrize("model", ["rigid", "affine"])
-def test_sections_turned_by_degrees_are_recovered_without_a_false_scale(model):
-    """Rigid sections turned by 8 degrees (std; neighbours up to 33 degrees apart): the
-    prior measures each slice's scale about its own rotation, so the rigid slices are
+def test_sections_turned_by_degrees_are_recovered_without_a_false_scale(model, degrees):
+    """Rigid sections turned by 8-60 degrees (std; at 8, neighbours up to 33 degrees apart):
+    the prior measures each slice's scale about its own rotation, so the rigid slices are
     recovered exactly. Measured as (a + d) / 2, a rigid slice turned by 10 degrees reads
     1.5 % too small and the prior pulled it that much too large: before, the largest error
-    over this frame was 52 px (rigid) and 0.11 px (the default model)."""
+    over this frame at 8 degrees was 52 px (rigid) and 0.11 px (the default model). At 30
+    degrees and more the rotations are several solves away, and the pairs were reweighted
+    from a solution still pulled by a wrong scale (125 px, 33 of 65 pairs dropped)."""
     rng = np.random.default_rng(4)
     n = 24
-    theta = rng.normal(0, np.radians(8.0), n)
+    theta = rng.normal(0, np.radians(degrees), n)
     truth = np.zeros((n, 2, 3))
     truth[:, 0, 0] = truth[:, 1, 1] = np.cos(theta)
     truth[:, 0, 1], truth[:, 1, 0] = -np.sin(theta), np.sin(theta)

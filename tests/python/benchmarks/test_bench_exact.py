@@ -228,6 +228,8 @@ def test_turn_volume_samples_each_slice_at_the_turned_positions() -> None:
     for z in range(3):
         np.testing.assert_allclose(out[z], 0.7 * xs - 0.4 * ys + 100.0 * z, atol=2e-2)
     assert turn_volume(vol, 0.0) is vol
+    with pytest.raises(ValueError, match="leaves"):  # a thin frame has no inside left
+        turn_volume(np.zeros((1, 7, 300), np.float32), 10.0)
     from benchmarks.bench_exact import main as bench_main
 
     with pytest.raises(SystemExit, match="--turn nan"):
