@@ -1192,7 +1192,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         return np.where(soft[None, :], base * np.minimum(1.0, huber / np.maximum(comp, 1e-15)),
                         base)
 
-    def _turned_solve(w: NDArray[np.float64], strength: NDArray[np.float64],
+    def turned_solve(w: NDArray[np.float64], strength: NDArray[np.float64],
                       start: NDArray[np.float64] | None) -> NDArray[np.float64]:
         """``system.solve`` with the prior's scale about each slice's rotation, from those
         of ``start`` (None: from an unturned solve), solved again while the rotations still
@@ -1221,7 +1221,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         strength = base
         theta = np.tile(_IDENTITY, (n, 1)) if start is None else start
         for it in range(max(1, iterations)):
-            delta = _turned_solve(w, strength, None if start is None and it == 0 else theta)
+            delta = turned_solve(w, strength, None if start is None and it == 0 else theta)
             theta = delta + _IDENTITY
             if not pairs or it == iterations - 1:
                 break
