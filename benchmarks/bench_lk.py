@@ -26,17 +26,20 @@ from ._timing import markdown_table, measure_interleaved, metadata, save_json, u
 BLOCK, STEP = 24, 12
 
 
+def _box_sums(product: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """Sums of ``product`` over the blocks at ``corners``, from a float64 integral image."""
+    ii = cv2.integral(product, sdepth=cv2.CV_64F)
+    x0, y0 = corners[:, 0], corners[:, 1]
+    x1, y1 = x0 + BLOCK, y0 + BLOCK
+    return np.asarray(ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0])
+
+
 def numpy_way(ref: np.ndarray, mov: np.ndarray, gx: np.ndarray, gy: np.ndarray,
               corners: np.ndarray) -> np.ndarray:
     """The four sums from float32 products and float64 integral images (the way before)."""
-    x0, y0 = corners[:, 0], corners[:, 1]
-    x1, y1 = x0 + BLOCK, y0 + BLOCK
     err = ref - mov
-    out = []
-    for product in (gx * err, gy * err, ref * mov, mov * mov):
-        ii = cv2.integral(product, sdepth=cv2.CV_64F)
-        out.append(ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0])
-    return np.stack(out, axis=1)
+    return np.stack([_box_sums(p, corners) for p in (gx * err, gy * err, ref * mov, mov * mov)],
+                    axis=1)
 
 
 def reference(ref: np.ndarray, mov: np.ndarray, gx: np.ndarray, gy: np.ndarray,
@@ -44,16 +47,8 @@ def reference(ref: np.ndarray, mov: np.ndarray, gx: np.ndarray, gy: np.ndarray,
     """float64 sums of the float32 products, and of their absolute values (the scale)."""
     r, m, u, v = (a.astype(np.float64) for a in (ref, mov, gx, gy))
     products = [u * (r - m), v * (r - m), r * m, m * m]
-    sums = np.zeros((len(corners), 4))
-    mags = np.zeros((len(corners), 4))
-    for k, p in enumerate(products):
-        ii = cv2.integral(p, sdepth=cv2.CV_64F)
-        ia = cv2.integral(np.abs(p), sdepth=cv2.CV_64F)
-        x0, y0 = corners[:, 0], corners[:, 1]
-        x1, y1 = x0 + BLOCK, y0 + BLOCK
-        sums[:, k] = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
-        mags[:, k] = ia[y1, x1] - ia[y0, x1] - ia[y1, x0] + ia[y0, x0]
-    return sums, mags
+    return (np.stack([_box_sums(p, corners) for p in products], axis=1),
+            np.stack([_box_sums(np.abs(p), corners) for p in products], axis=1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,6 +227,17 @@ def _turned_scale(row: NDArray[np.float64], angle: NDArray[np.float64]
     return rows, 2.0 * w * (1.0 - c)
 
 
+def _turned_rows(rows: NDArray[np.float64], angle: NDArray[np.float64]
+                 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``rows`` (k, 6), whose row 2 is the scale row, for each slice (n, k, 6) with the scale
+    measured about the slice's ``angle`` (:func:`_turned_scale`), and the targets (n, k) the
+    rows are penalised against (0 but for the scale)."""
+    out = np.broadcast_to(rows, (len(angle), *rows.shape)).copy()
+    targets = np.zeros((len(angle), len(rows)))
+    out[:, 2], targets[:, 2] = _turned_scale(rows[2], angle)
+    return out, targets
+
+
 # Solves per IRLS iteration at most, and the change of every slice's rotation (radians)
 # below which the prior's scale is taken as measured about it (second order: 5e-9 in scale).
 _TURN_SOLVES = 4
@@ -283,12 +294,10 @@ class _System:
         """Each slice's prior rows (n, 4, 6) and targets (n, 4) about its rotation ``angle``
         (None: no rotation): the prior penalises ``rows . delta - targets``. Only the scale
         row depends on the rotation (:func:`_turned_scale`)."""
-        n = self.n
-        rows = np.broadcast_to(self.prior, (n, *self.prior.shape)).copy()
-        targets = np.zeros((n, len(self.prior)))
-        if angle is not None:
-            rows[:, 2], targets[:, 2] = _turned_scale(self.prior[2], angle)
-        return rows, targets
+        if angle is None:
+            return (np.broadcast_to(self.prior, (self.n, *self.prior.shape)).copy(),
+                    np.zeros((self.n, len(self.prior))))
+        return _turned_rows(self.prior, angle)
 
     def solve(self, weights: NDArray[np.float64], strength: NDArray[np.float64],
               angle: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
@@ -333,7 +342,7 @@ class _System:
         c_t = np.tile(np.eye(6), (n, 1))
         gauge = np.zeros(6)
         if angle is not None:
-            turned, target = _turned_scale(np.array([0.5, 0, 0, 0, 0.5, 0]), angle)
+            turned, target = _turned_scale(_SOFT_ROWS[2], angle)
             c_t[:, 0] = c_t[:, 4] = 0.0  # a and d: stretch and the turned scale instead
             c_t[6 * np.arange(n) + 0, 0], c_t[6 * np.arange(n) + 4, 0] = 0.5, -0.5
             c_t[:, 4] = turned.reshape(-1)
@@ -873,10 +882,9 @@ _SPREAD_GRID = np.geomspace(1e-5, 0.2, 161)
 def _soft_rows(theta: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """:data:`_SOFT_ROWS` of each slice (m, 3, 6), the scale measured about the slice's own
     rotation, and their targets (m, 3) (:func:`_turned_scale`)."""
-    rows = np.broadcast_to(_SOFT_ROWS, (len(theta), 3, 6)).copy()
-    targets = np.zeros((len(theta), 3))
-    rows[:, 2], targets[:, 2] = _turned_scale(_SOFT_ROWS[2], _angles(theta))
-    return rows, targets
+    return _turned_rows(_SOFT_ROWS, _angles(theta))
+
+
 #: The per-slice rigid prior's strength where it is not measured on the stack, relative to a
 #: slice's match weight (``regularise="auto"`` on stacks where some slices cannot measure
 #: their own scale and shear, and near those slices).

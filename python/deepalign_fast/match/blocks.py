@@ -213,16 +213,6 @@ def _grid(shape: tuple[int, int], block: int, step: int) -> np.ndarray:
     return np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float64)
 
 
-def _box_at(image: np.ndarray, block: int, centres: np.ndarray) -> np.ndarray:
-    """Sums of ``image`` over the ``block`` x ``block`` boxes centred at ``centres`` (which lie
-    at least ``block // 2`` from the frame edges), from one integral image."""
-    ii = cv2.integral(image, sdepth=cv2.CV_64F)
-    x0 = centres[:, 0].astype(np.intp) - block // 2
-    y0 = centres[:, 1].astype(np.intp) - block // 2
-    x1, y1 = x0 + block, y0 + block
-    return np.asarray(ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0], np.float64)
-
-
 def lk_block_sums(ref: np.ndarray, mov: np.ndarray, gx: np.ndarray, gy: np.ndarray,
                   corners: np.ndarray, block: int, num_threads: int = 0) -> np.ndarray:
     """The sums over each block of one Lucas-Kanade pass, in one pass of the C++ core.
@@ -256,7 +246,8 @@ def _box_sums(image: np.ndarray, y0: np.ndarray, x0: np.ndarray, bh: int, bw: in
               power: int = 1) -> np.ndarray:
     """Sums of ``image ** power`` (float64) over the ``bh`` x ``bw`` boxes with top-left
     pixels ``(x0, y0)``."""
-    ii = cv2.integral(np.asarray(image, np.float64) ** power, sdepth=cv2.CV_64F)
+    ii = cv2.integral(image if power == 1 else np.asarray(image, np.float64) ** power,
+                      sdepth=cv2.CV_64F)
     return np.asarray(ii[y0 + bh, x0 + bw] - ii[y0, x0 + bw] - ii[y0 + bh, x0] + ii[y0, x0])
 
 
@@ -402,9 +393,10 @@ class BlockMatcher:
         gx = cv2.Sobel(norm, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
         gy = cv2.Sobel(norm, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
         centres = _grid(norm.shape, block, step)
-        tensor = np.stack([_box_at(gx * gx, block, centres), _box_at(gx * gy, block, centres),
-                           _box_at(gy * gy, block, centres)], axis=1)
-        energy = _box_at(norm * norm, block, centres)
+        x0, y0 = (centres.astype(np.intp) - block // 2).T  # the blocks' top-left pixels
+        tensor = np.stack([_box_sums(p, y0, x0, block, block) for p in (gx * gx, gx * gy,
+                                                                        gy * gy)], axis=1)
+        energy = _box_sums(norm * norm, y0, x0, block, block)
         return PreparedSlice(pyramid, lk, norm, gx, gy, centres, tensor, energy)
 
     def match(self, reference: PreparedSlice, moving: PreparedSlice,
