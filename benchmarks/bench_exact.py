@@ -106,6 +106,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("isbi-drift", "isbi", profile="sstem", model="affine"),
     Case("isbi-control", "isbi", model="affine"),
     Case("drosophila2k-drift", "drosophila", profile="sstem", upsample=2, model="affine"),
+    Case("drosophila2k-control", "drosophila", upsample=2, model="affine"),
     Case("xz-artifacts", "lucchi", "xz", 192, "mild", artifacts=True),
 ]}
 

@@ -192,7 +192,8 @@ def _load_pair(path: Path, init: np.ndarray | None
         with np.load(path) as f:
             cached_init = f["init"]
             same = (cached_init.size == 0 if init is None
-                    else cached_init.shape == np.shape(init) and np.array_equal(cached_init, init))
+                    else cached_init.shape == np.shape(init)
+                    and np.array_equal(cached_init, init, equal_nan=True))
             if not same:
                 return None
             m = None if f["matrix"].size == 0 else f["matrix"].copy()

@@ -232,23 +232,25 @@ class StackMatcher:
     def _turned(self, z_k: int, state_k: Any, z: int, state: Any, m: np.ndarray | None,
                 corr: Correspondences) -> tuple[np.ndarray | None, Correspondences]:
         """A pair matched from scratch that failed or came out unlike the stack's usual
-        neighbours (:meth:`_unlike`), matched again from starts turned by
-        :data:`TURNS` degrees about the frame centre; the best turned match (highest block
+        neighbours (:meth:`_unlike`), matched again from scratch through starts turned by
+        :data:`TURNS` degrees about the frame centre (the back-end searches the translation
+        under the turn, then matches every level); the best turned match (highest block
         correlation, then refined once more from itself) replaces it where it is trusted
         and correlates better by :data:`_TURN_GAIN` (or the first did not hold at all).
 
         The correlation levels search translation only: on a small frame (the short side of
         an XZ/YZ reslice: no coarser level) two slices a few degrees apart leave the frame's
         edges beyond the refinement's reach, and the pair was lost (2 degrees of per-slice
-        rotation: 5-17 of 191-255 nearest pairs)."""
-        assert self.shape is not None  # (add checked it)
-        h, w = self.shape
-        centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+        rotation: 5-17 of 191-255 nearest pairs). Serial sections turned 10 degrees or more
+        apart lose their whole-frame translation as well: a turned start with the unturned
+        translation found nothing (benchmarks/RESULTS.md)."""
         best: tuple[np.ndarray, Correspondences] | None = None
         for degrees in TURNS:
             t = np.deg2rad(degrees)
             turn = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
-            start = np.hstack([turn, (centre - turn @ centre)[:, None]])
+            # Only the turn is predicted (NaN translation): the back-end searches the
+            # translation and matches every level from scratch through the turn.
+            start = np.hstack([turn, np.full((2, 1), np.nan)])
             m2, corr2 = self._match(z_k, state_k, z, state, start)
             if self._trusted(m2, corr2) and (best is None
                                              or corr2.correlation > best[1].correlation):

@@ -403,16 +403,27 @@ class BlockMatcher:
               init: np.ndarray | None = None) -> tuple[np.ndarray | None, Correspondences]:
         """Estimate the reference->moving affine and the finest-level correspondences.
 
+        ``init`` predicts the affine: the match starts from it and skips the coarse search.
+        An ``init`` whose translation is NaN predicts only the linear part (a start turned
+        by some angle): the whole-frame translation is searched from scratch with the
+        moving slice seen through that linear part, and every level is matched, as from no
+        prediction at all.
+
         Returns ``(matrix, correspondences)``; ``matrix`` maps reference-slice coordinates to
         moving-slice coordinates (None when the pair cannot be registered).
         """
         ref_p, mov_p = reference.pyramid, moving.pyramid
         top = min(len(ref_p), len(mov_p)) - 1
         finest = min(reference.lk_level, top)
-        if init is None:
+        if init is not None and not np.all(np.isfinite(np.asarray(init)[:, :2])):
+            raise ValueError("init's linear part must be finite (only its translation may "
+                             "be NaN)")
+        scratch = init is None or not np.all(np.isfinite(np.asarray(init)[:, 2]))
+        if scratch:
             # Coarse start: whole-frame translation at the top level, then every level down.
-            sx, sy = coarse_shift(ref_p[top], mov_p[top])
-            current = _scale_affine(np.array([[1.0, 0.0, sx], [0.0, 1.0, sy]]), 1.0 / 2**top)
+            linear = np.eye(2) if init is None else np.asarray(init, np.float64)[:, :2]
+            current = _scale_affine(self._coarse_start(ref_p[top], mov_p[top], linear),
+                                    1.0 / 2**top)
             levels = list(range(top, finest - (self.lk_iterations == 0), -1))
         else:
             # A prediction (e.g. from other pairs): straight to the refinement; if that fails
@@ -430,7 +441,7 @@ class BlockMatcher:
         for lev in levels:
             factor = float(2**lev)
             m_lev = _scale_affine(current, factor)
-            search = self.search * (3 if lev == top and init is None else 1)
+            search = self.search * (3 if lev == top and scratch else 1)
             corr_lev = self._match_level(ref_p[lev], mov_p[lev], m_lev, search)
             fit = self._fit(corr_lev, lev)
             if fit is None:
@@ -443,6 +454,21 @@ class BlockMatcher:
         if self.lk_iterations == 0:
             return current, corr
         return self._refine(reference, moving, current, finest, self.lk_max_iterations)
+
+    def _coarse_start(self, ref: np.ndarray, mov: np.ndarray, linear: np.ndarray
+                      ) -> np.ndarray:
+        """The start of a match from scratch at the top level: ``linear`` (2, 2) about the
+        level's centre, then the whole-frame translation (:func:`coarse_shift`) between the
+        reference and the moving level seen through ``linear``."""
+        if np.array_equal(linear, np.eye(2)):
+            sx, sy = coarse_shift(ref, mov)
+            return np.array([[1.0, 0.0, sx], [0.0, 1.0, sy]])
+        h, w = ref.shape
+        centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+        turn = np.hstack([linear, (centre - linear @ centre)[:, None]])
+        seen = warp_affine(mov, turn, (h, w), num_threads=self.num_threads)
+        sx, sy = coarse_shift(ref, seen)  # seen(p + s) = ref(p): mov(turn(p + s)) = ref(p)
+        return compose(turn, np.array([[1.0, 0.0, sx], [0.0, 1.0, sy]]))
 
     def _fit(self, corr: Correspondences, seed: int
              ) -> tuple[np.ndarray, np.ndarray] | None:

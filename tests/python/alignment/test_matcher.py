@@ -130,9 +130,11 @@ def test_a_nearest_pair_with_few_correspondences_is_recognised() -> None:
     assert matcher._few(10) and matcher._few(1000)
 
 
-def _turned_stack(degrees: float) -> tuple[np.ndarray, np.ndarray]:
+def _turned_stack(degrees: float, shift: tuple[float, float] = (0.0, 0.0), margin: int = 40
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Fourteen copies of a real FIB-SEM slice on a wide, short frame (an XZ reslice's),
-    slice 9 turned by ``degrees`` about the centre: the stack and the exact maps."""
+    slice 9 turned by ``degrees`` about the centre and shifted by ``shift``: the stack and
+    the exact maps."""
     from deepalign_fast.datasets import sample_stack_path
     from deepalign_fast.qc.synth import misalign_stack
 
@@ -142,21 +144,24 @@ def _turned_stack(degrees: float) -> tuple[np.ndarray, np.ndarray]:
     moves = np.tile(np.eye(2, 3), (14, 1, 1))
     t = np.deg2rad(degrees)
     moves[9, :, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
-    moves[9, :, 2] = c - moves[9, :, :2] @ c
-    stack, truth = misalign_stack(np.repeat(base[None], 14, axis=0), moves, margin=40)
+    moves[9, :, 2] = c - moves[9, :, :2] @ c + shift
+    stack, truth = misalign_stack(np.repeat(base[None], 14, axis=0), moves, margin=margin)
     return stack, truth.transforms
 
 
-@pytest.mark.parametrize("degrees", [8.0, -7.0])
-def test_a_turned_slice_is_matched_from_a_turned_start(monkeypatch, degrees):
-    """A slice turned by 7-8 degrees against its neighbours: from scratch (translation
+@pytest.mark.parametrize(("degrees", "shift", "margin"),
+                         [(8.0, (0.0, 0.0), 40), (-7.0, (0.0, 0.0), 40),
+                          (10.0, (12.0, -8.0), 56)])
+def test_a_turned_slice_is_matched_from_a_turned_start(monkeypatch, degrees, shift, margin):
+    """A slice turned by 7-10 degrees against its neighbours: from scratch (translation
     search, then refinement) its pairs were lost, and it was flagged and placed 25-29 px
     off; matched again from turned starts, it is placed within a few hundredths of a
-    pixel."""
+    pixel. Turned by 10 degrees and shifted, the turned starts must search the translation
+    too (a turn about the centre left it beyond the refinement's reach)."""
     from deepalign_fast.alignment import matcher as matcher_module
     from deepalign_fast.geometry import apply_affine, compose, invert
 
-    stack, truth = _turned_stack(degrees)
+    stack, truth = _turned_stack(degrees, shift, margin)
     monkeypatch.setattr(matcher_module, "TURNS", ())
     assert 9 in _matched(stack).failed  # without the turned starts
     monkeypatch.undo()
