@@ -69,6 +69,7 @@ def is_blank(image: np.ndarray) -> bool:
 
 # (z_ref, state_ref, z_mov, state_mov, init) -> (matrix or None, correspondences). The slice
 # indices let a distributed driver find a cached or remote result; the local one ignores them.
+# ``init`` as in MatchBackend.match (None, a prediction, or a turn with a NaN translation).
 MatchFn = Callable[[int, Any, int, Any, "np.ndarray | None"],
                    tuple["np.ndarray | None", Correspondences]]
 
@@ -241,9 +242,9 @@ class StackMatcher:
         The correlation levels search translation only: on a small frame (the short side of
         an XZ/YZ reslice: no coarser level) two slices a few degrees apart leave the frame's
         edges beyond the refinement's reach, and the pair was lost (2 degrees of per-slice
-        rotation: 5-17 of 191-255 nearest pairs). Serial sections turned 10 degrees or more
-        apart lose their whole-frame translation as well: a turned start with the unturned
-        translation found nothing (benchmarks/RESULTS.md)."""
+        rotation: 5-17 of 191-255 nearest pairs). Serial sections 9-11 degrees apart lose
+        their whole-frame translation as well: a turned start with the translation of a
+        plain turn found nothing (benchmarks/RESULTS.md)."""
         best: tuple[np.ndarray, Correspondences] | None = None
         for degrees in TURNS:
             t = np.deg2rad(degrees)

@@ -41,7 +41,9 @@ class MatchBackend(Protocol):
 
     ``match(ref, mov, init)`` returns the reference -> moving affine (None when the pair
     cannot be registered) and the inlier correspondences; ``init`` is a prediction of that
-    affine, which lets the back-end skip its coarse search.
+    affine, which lets the back-end skip its coarse search. An ``init`` whose translation is
+    NaN predicts only the linear part (a turned start): the back-end searches the
+    translation as from scratch (a keypoint back-end, which needs no start, ignores it).
     """
 
     def prepare(self, image: np.ndarray) -> Any: ...
