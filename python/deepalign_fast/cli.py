@@ -74,6 +74,17 @@ def _mostly_flagged(summary: dict[str, Any]) -> bool:
     return 2 * len(summary["flagged"]) > int(summary["slices"])
 
 
+def _print_flag_reasons(summary: dict[str, Any]) -> None:
+    """One line per reason: the flagged slices it applies to (solve.FLAG_REASONS)."""
+    from .alignment.solve import FLAG_REASONS
+
+    by_reason: dict[str, list[int]] = {}
+    for z, why in (summary.get("flag_reasons") or {}).items():
+        by_reason.setdefault(why, []).append(int(z))
+    for why, slices in by_reason.items():
+        print(f"    {FLAG_REASONS.get(why, why)}: {sorted(slices)}")
+
+
 def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=1))
@@ -129,6 +140,7 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
               "estimate and left out of the slow trend")
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
+    _print_flag_reasons(summary)
     if _mostly_flagged(summary):
         print("  more than half of the slices were flagged: check the input and the options "
               "(exit status 3)")

@@ -533,6 +533,7 @@ def test_mostly_flagged_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert _align(str(tmp_path / "b.tif"), "-o", str(tmp_path / "o.tif")) == 3
     out = capsys.readouterr().out
     assert "flagged slices: 4 of 6" in out and "more than half" in out
+    assert "blank (one value throughout): [1, 2, 3, 4]" in out
     assert (tmp_path / "o.tif").exists()  # the output is still written
 
 

@@ -52,9 +52,10 @@ from ..render import SliceMap, render_slice
 from ..transforms import TransformSet
 from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
-from .solve import MOTION_KEYS, PRIOR_KEYS, PairMoments, SolveResult, solve_stack
+from .solve import FLAG_REASONS, MOTION_KEYS, PRIOR_KEYS, PairMoments, SolveResult, solve_stack
 
-__all__ = ["AlignResult", "AlignStream", "Aligner", "SideOutput", "result_of_checkpoint"]
+__all__ = ["AlignResult", "AlignStream", "Aligner", "SideOutput", "measured_record",
+           "result_of_checkpoint"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,6 +78,9 @@ class AlignResult:
     noise_discounted: bool | None = None
     outliers: list[int] = field(default_factory=list)  # SolveResult.outliers
     prior_spread: dict[str, float] | None = None  # SolveResult.prior_spread
+    # Why each flagged slice was flagged (keys of solve.FLAG_REASONS; SolveResult.flag_reasons
+    # and the refinement's failures).
+    flag_reasons: dict[int, str] = field(default_factory=dict)
 
     @property
     def flagged(self) -> list[int]:
@@ -89,6 +93,8 @@ class AlignResult:
         return {
             "slices": n,
             "flagged": list(self.flagged),
+            # (a checkpoint of an older version kept no reasons: "unknown")
+            "flag_reasons": {str(z): self.flag_reasons.get(z, "unknown") for z in self.flagged},
             "residual_median_px": float(np.median(res)) if res else None,
             "residual_max_px": float(np.max(res)) if res else None,
             "matches_median": float(np.median(self.matches)) if self.matches else 0.0,
@@ -245,7 +251,7 @@ class Aligner:
                    "total": time.perf_counter() - t_start}
         return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score(),
                            solved.motion, matcher.noise_discounted(), list(solved.outliers),
-                           solved.prior_spread)
+                           solved.prior_spread, dict(solved.flag_reasons))
 
     def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
                       ) -> TransformSet:
@@ -468,11 +474,7 @@ class Aligner:
                 if ckpt is not None:
                     ckpt.save(result.transforms.to_json(), list(result.matches),
                               dict(result.timings),
-                              measured={"neighbour_score": result.neighbour_score,
-                                        "motion": result.motion,
-                                        "noise_discounted": result.noise_discounted,
-                                        "outliers": list(result.outliers),
-                                        "prior_spread": result.prior_spread})
+                              measured=measured_record(result))
             if not is_done(out):
                 writer_options: dict[str, Any] = {"overwrite": overwrite}
                 if voxel_size is not None:
@@ -493,6 +495,8 @@ class Aligner:
                         reader, result.transforms, output, progress=progress,
                         fields_path=fields_path, writer_options=writer_options,
                         before_publish=publish)
+                for z in result.transforms.flagged:  # the refinement's failures
+                    result.flag_reasons.setdefault(z, "unrefined")
             with ckpt.recording() if ckpt is not None else contextlib.nullcontext():
                 for path, write in extra:
                     if not is_done(path):
@@ -528,13 +532,32 @@ class Aligner:
         return AlignStream(self.options, slices, lookahead)
 
 
+def measured_record(result: AlignResult) -> dict[str, Any]:
+    """What the estimation measured, for a checkpoint (JSON values; read back by
+    :func:`result_of_checkpoint`)."""
+    return {"neighbour_score": result.neighbour_score, "motion": result.motion,
+            "noise_discounted": result.noise_discounted, "outliers": list(result.outliers),
+            "prior_spread": result.prior_spread,
+            "flag_reasons": {str(z): r for z, r in result.flag_reasons.items()}}
+
+
 def result_of_checkpoint(saved: dict[str, Any], source: str) -> AlignResult:
     """The estimation a checkpoint kept (:meth:`Checkpoint.load`'s dictionary)."""
     score, motion, discounted, outliers, spread = _measured_of(saved)
     return AlignResult(TransformSet.from_json(saved["transforms"], source=source),
                        [int(m) for m in saved["matches"]],
                        {str(k): float(v) for k, v in saved["timings"].items()}, score, motion,
-                       discounted, outliers, spread)
+                       discounted, outliers, spread, _reasons_of(saved))
+
+
+def _reasons_of(saved: dict[str, Any]) -> dict[int, str]:
+    """The flag reasons a checkpoint kept (none where missing or malformed: "unknown")."""
+    measured = saved.get("measured")
+    kept = measured.get("flag_reasons") if isinstance(measured, dict) else None
+    if not isinstance(kept, dict):
+        return {}
+    return {int(z): r for z, r in kept.items()
+            if isinstance(z, str) and z.isdigit() and r in FLAG_REASONS}
 
 
 def _measured_of(saved: dict[str, Any]

@@ -69,7 +69,7 @@ from ..match import Correspondences
 from ..outputs import partial_path_for, work_dir_for
 from ..progress import Progress
 from ..transforms import TransformSet
-from .aligner import Aligner, AlignResult, SideOutput, result_of_checkpoint
+from .aligner import Aligner, AlignResult, SideOutput, measured_record, result_of_checkpoint
 from .matcher import StackMatcher, backend_for, is_blank
 from .options import AlignOptions
 
@@ -528,7 +528,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
             base.transforms = TransformSet.load(tpath)
         result = DistributedResult(base.transforms, base.matches, base.timings,
                                    base.neighbour_score, base.motion, base.noise_discounted,
-                                   base.outliers, base.prior_spread,
+                                   base.outliers, base.prior_spread, base.flag_reasons,
                                    tasks=dict.fromkeys(_TASKS, 0))
         if not keep_work:
             work.remove()
@@ -636,11 +636,10 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         # The record of this run, before anything is put in place (see above).
         ckpt.save(ts.to_json(), list(solver.matches),
                   {**solver.times.seconds, "estimate": t_est},
-                  measured={"neighbour_score": solver.neighbour_score(),
-                            "motion": solved.motion,
-                            "noise_discounted": solver.noise_discounted(),
-                            "outliers": list(solved.outliers),
-                            "prior_spread": solved.prior_spread})
+                  measured=measured_record(AlignResult(
+                      ts, [], {}, solver.neighbour_score(), solved.motion,
+                      solver.noise_discounted(), list(solved.outliers), solved.prior_spread,
+                      dict(solved.flag_reasons))))
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
@@ -680,7 +679,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                "total": time.perf_counter() - t_start}
     result = DistributedResult(ts, list(solver.matches), timings, solver.neighbour_score(),
                                solved.motion, solver.noise_discounted(),
-                               list(solved.outliers), solved.prior_spread, tasks=counts)
+                               list(solved.outliers), solved.prior_spread,
+                               dict(solved.flag_reasons), tasks=counts)
     with ckpt.recording():
         for _, write in extra:
             write(result)

@@ -106,6 +106,7 @@ from numpy.typing import NDArray
 from ..geometry import compose, invert
 
 __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FIXED_PRIOR", "FLAGGED_MOVE",
+           "FLAG_REASONS",
            "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "PRIOR_KEYS", "REFERENCE_CONTENT",
            "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "UNLIKE_SHARE", "PairMoments",
            "SolveResult", "lowpass_affines", "pair_moments", "place_flagged", "prior_spread",
@@ -166,6 +167,18 @@ def pair_moments(i: int, j: int, src: NDArray[np.float64], dst: NDArray[np.float
     return PairMoments(i, j, mom, float(wt.sum()), int(len(p)), float(correlation))
 
 
+#: Why a slice is flagged (``SolveResult.flag_reasons``; the first that applies, in this
+#: order), with the words the command line prints. ``unrefined`` is set where the elastic or
+#: expected-affine refinement of a slice failed (:meth:`Aligner.align_stack`).
+FLAG_REASONS = {
+    "blank": "blank (one value throughout)",
+    "unmatched": "matched none of its nearest slices",
+    "unlike": "unlike its neighbours (no pair correlates at half the stack's usual)",
+    "disagrees": "too few of its pairs agree with the rest of the stack",
+    "unrefined": "its refinement failed (affine kept)",
+}
+
+
 @dataclass
 class SolveResult:
     """Per-slice transforms (pull maps, pixels) and what the solve learnt about each slice."""
@@ -186,6 +199,8 @@ class SolveResult:
     # that set the rigid prior's strength (regularise="auto"); None where the fixed strength
     # was used.
     prior_spread: dict[str, float] | None = None
+    # Why each flagged slice was flagged: a key of FLAG_REASONS.
+    flag_reasons: dict[int, str] = field(default_factory=dict)
 
 
 def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
@@ -1280,11 +1295,13 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     # A slice is trusted when enough of its pairs agree with the solution: a chain of single
     # pairs has nothing to be checked against, and one agreeing pair among several
     # disagreeing ones cannot tell which is right.
+    unlike = set(unlike_slices(n, pairs)) if similar else set()
     flagged = sorted({z for z in range(n) if support[z] < min(3, available[z])
-                      or support[z] == 0} | set(blank) | set(failed)
-                     | (set(unlike_slices(n, pairs)) if similar else set()))
+                      or support[z] == 0} | set(blank) | set(failed) | unlike)
     if n == 1:
         flagged = sorted(set(blank) | set(failed))
+    reasons = {z: "blank" if z in blank else "unmatched" if z in failed else
+               "unlike" if z in unlike else "disagrees" for z in flagged}
 
     b_pix = invert(_to_pixels(theta, shape))  # slice -> output, pixels
     final = b_pix
@@ -1338,4 +1355,4 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         final = place_flagged(final, flagged, shape)
     return SolveResult(invert(final), residuals, flagged,
                        {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
-                       motion, outliers, spread_pct)
+                       motion, outliers, spread_pct, reasons)

@@ -158,6 +158,7 @@ def test_blank_slice_is_flagged_and_interpolated(lucchi) -> None:
     mis[4] = 0
     result = Aligner(model="translation").estimate(mis, progress=False)
     assert result.flagged == [4]
+    assert result.summary()["flag_reasons"] == {"4": "blank"}
     a = result.transforms.affines
     np.testing.assert_allclose(a[4], (a[3] + a[5]) / 2, atol=0.02)
     assert result.transforms.residuals[4] is None
@@ -718,6 +719,7 @@ def test_killed_estimation_resumes_from_its_matches(tmp_path: Path,
     np.testing.assert_allclose(resumed.transforms.affines, reference.transforms.affines,
                                atol=1e-9)
     assert resumed.flagged == reference.flagged
+    assert resumed.flag_reasons == reference.flag_reasons
 
 
 def test_checkpoint_of_an_older_format_is_ignored(tmp_path: Path) -> None:

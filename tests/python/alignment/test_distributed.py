@@ -267,6 +267,7 @@ def test_cli_scheduler_address(cluster: Any, data: dict[str, Any], tmp_path: Pat
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["flagged"] == [5] and summary["tasks"]["render"] == summary["slices"]
+    assert summary["flag_reasons"] == {"5": "blank"}
     with open_stack(out) as r:
         np.testing.assert_array_equal(np.stack([r.read(i) for i in range(len(r))]),
                                       data["ref_out"])
@@ -297,6 +298,7 @@ def test_interrupted_report_is_finished_by_the_rerun(cluster: Any, data: dict[st
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["tasks"]["render"] == 0 and summary["flagged"] == [5]
+    assert summary["flag_reasons"] == {"5": "blank"}  # kept by the checkpoint
     assert report.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["o.ome.zarr", "o.ome.zarr.transforms.json", "r.html"])

@@ -158,3 +158,24 @@ def test_existing_field_store_is_never_replaced_without_overwrite(tiny_stack: Pa
         Aligner(mode="elastic", num_threads=1).align_stack(
             tiny_stack, tmp_path / "out.tif", transforms_path=tf, progress=False)
     assert (store / "keep.txt").read_text() == "mine" and not (tmp_path / "out.tif").exists()
+
+
+def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
+        tiny_stack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flow of NaN for one slice: it keeps its affine, is flagged, and the summary says
+    why ("unrefined"), beside the estimation's own reasons."""
+    from deepalign_fast.refine import flow
+
+    real = flow.FlowPredictor.predict
+    calls: list[int] = []
+
+    def predict(self, previous, moving):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        flow = real(self, previous, moving)
+        return flow * np.nan if len(calls) == 2 else flow
+
+    monkeypatch.setattr(flow.FlowPredictor, "predict", predict)
+    result = Aligner(mode="elastic", num_threads=1).align_stack(
+        tiny_stack, tmp_path / "out.tif", progress=False)
+    assert result.flagged == [2]
+    assert result.summary()["flag_reasons"] == {"2": "unrefined"}

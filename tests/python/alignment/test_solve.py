@@ -162,6 +162,8 @@ def test_bad_slice_is_flagged_and_interpolated():
         pairs.append(pm)
     res = solve_stack(30, pairs, SHAPE, slow_drift="none", regularise=0.0)
     assert 12 in res.flagged
+    assert set(res.flag_reasons) == set(res.flagged)
+    assert res.flag_reasons[12] == "disagrees"
     others = _spread(np.delete(res.affines, 12, axis=0), np.delete(truth, 12, axis=0))
     assert others.max() < 0.2
 
@@ -173,7 +175,7 @@ def test_blank_slice_gets_interpolated_transform():
     truth[:, 0, 2] = np.linspace(0, 10, n)
     pairs = [pm for pm in _pairs(truth, rng, (1, 2, 4)) if 7 not in (pm.i, pm.j)]
     res = solve_stack(n, pairs, SHAPE, slow_drift="none", blank=[7])
-    assert res.flagged == [7]
+    assert res.flagged == [7] and res.flag_reasons == {7: "blank"}
     t = invert(res.affines)[:, 0, 2]
     assert t[7] == pytest.approx(0.5 * (t[6] + t[8]), abs=1e-3)
 
@@ -203,8 +205,12 @@ def test_a_slice_that_failed_to_match_is_flagged_whatever_its_later_pairs():
     truth = np.tile(np.eye(2, 3), (n, 1, 1))
     truth[:, 0, 2] = np.linspace(0, 10, n)
     pairs = _pairs(truth, rng, (1, 2, 4))
-    assert solve_stack(n, pairs, SHAPE, slow_drift="none").flagged == []
-    assert solve_stack(n, pairs, SHAPE, slow_drift="none", failed=[7]).flagged == [7]
+    assert solve_stack(n, pairs, SHAPE, slow_drift="none").flag_reasons == {}
+    failed = solve_stack(n, pairs, SHAPE, slow_drift="none", failed=[7])
+    assert failed.flagged == [7] and failed.flag_reasons == {7: "unmatched"}
+    # blank comes first where a slice is both
+    both = solve_stack(n, pairs, SHAPE, slow_drift="none", failed=[7], blank=[7])
+    assert both.flag_reasons == {7: "blank"}
 
 
 @pytest.mark.parametrize("z", [0, 2, 9])
@@ -226,7 +232,7 @@ def test_a_slice_none_of_whose_pairs_correlates_is_flagged_where_content_persist
              for pm in _pairs(false, rng, (1, 2, 4, 8))]
     assert unlike_slices(n, pairs) == [z]
     keep = solve_stack(n, pairs, SHAPE, neighbour_score=0.9)
-    assert keep.flagged == [z]
+    assert keep.flagged == [z] and keep.flag_reasons == {z: "unlike"}
     # where the content changes between slices (sections), or not measured: not this rule
     assert solve_stack(n, pairs, SHAPE, neighbour_score=0.3).flagged == []
     assert solve_stack(n, pairs, SHAPE).flagged == []
