@@ -47,11 +47,13 @@ def _natural(name: str) -> list[Any]:
 
 @dataclass
 class WatchResult:
-    """What a watch did: files taken (in order), slices written, flagged slices."""
+    """What a watch did: files taken (in order), slices written, flagged slices (with the
+    reason for each, as ``AlignStream.flag_reasons``)."""
 
     files: list[str] = field(default_factory=list)
     written: int = 0
     flagged: list[int] = field(default_factory=list)
+    flag_reasons: dict[int, str] = field(default_factory=dict)
 
 
 def _state_path(output: Path) -> Path:
@@ -245,7 +247,9 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
         arr[z] = aligned
         result.written = z + 1
         result.flagged = list(stream.flagged)
-        state.update(files=known[:], written=z + 1, flagged=result.flagged)
+        result.flag_reasons = dict(stream.flag_reasons)
+        state.update(files=known[:], written=z + 1, flagged=result.flagged,
+                     flag_reasons={str(k): v for k, v in result.flag_reasons.items()})
         _save_state(state_path, state)
         if on_slice is not None:
             on_slice(z)

@@ -589,8 +589,9 @@ def _measured_of(saved: dict[str, Any]
 
 
 class AlignStream(Iterator[np.ndarray]):
-    """One :meth:`Aligner.stream`: iterate for the aligned slices; ``flagged``, ``outliers``
-    and ``transforms`` (the emitted slices' affines) grow as slices come out."""
+    """One :meth:`Aligner.stream`: iterate for the aligned slices; ``flagged`` (with
+    ``flag_reasons``), ``outliers`` and ``transforms`` (the emitted slices' affines) grow as
+    slices come out."""
 
     def __init__(self, options: AlignOptions, slices: Iterable[np.ndarray],
                  lookahead: int) -> None:
@@ -600,6 +601,12 @@ class AlignStream(Iterator[np.ndarray]):
     @property
     def flagged(self) -> list[int]:
         return self._state.flagged
+
+    @property
+    def flag_reasons(self) -> dict[int, str]:
+        """Why each emitted flagged slice was flagged (keys of ``solve.FLAG_REASONS``, as
+        :attr:`AlignResult.flag_reasons`)."""
+        return self._state.flag_reasons
 
     @property
     def outliers(self) -> list[int]:
@@ -635,6 +642,7 @@ class _StreamState:
         self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
         self.refine: Refiner | None = None
         self.flagged: list[int] = []
+        self.flag_reasons: dict[int, str] = {}
         self.outliers: list[int] = []
         self.transforms: list[np.ndarray] = []
 
@@ -700,9 +708,14 @@ class _StreamState:
             a = invert(b_now)
         if z - lo in solved.flagged:  # the matcher's failed slices included
             self.flagged.append(z)
+            self.flag_reasons[z] = solved.flag_reasons[z - lo]
         if z - lo in solved.outliers:
             self.outliers.append(z)
         self.transforms.append(a)
         if self.refine is None:
             return render_slice(image, SliceMap(a), self.shape, num_threads=opts.num_threads)
-        return self.refine(z, image, a)[1]
+        out = self.refine(z, image, a)[1]
+        if z in self.refine.failed and z not in self.flag_reasons:  # kept its affine
+            self.flagged.append(z)
+            self.flag_reasons[z] = "unrefined"
+        return out

@@ -73,6 +73,13 @@ def test_stream_matches_batch(tiny_stack: Path) -> None:
     streamed = np.stack(stream.transforms)
     assert np.abs(streamed - batch.transforms.affines).max() < 1e-6
     assert stream.flagged == batch.flagged
+    # A blank slice: flagged with its reason in the stream as in the batch.
+    blanked = mis.copy()
+    blanked[3] = 40
+    stream = aligner.stream(iter(blanked), lookahead=len(mis))
+    list(stream)
+    assert stream.flag_reasons == aligner.estimate(blanked, progress=False).flag_reasons \
+        == {3: "blank"}
     # A short look-ahead is an approximation of the batch solve.
     short = aligner.stream(iter(mis), lookahead=4)
     list(short)

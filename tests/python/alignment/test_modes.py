@@ -163,7 +163,7 @@ def test_existing_field_store_is_never_replaced_without_overwrite(tiny_stack: Pa
 def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
         tiny_stack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A flow of NaN for one slice: it keeps its affine, is flagged, and the summary says
-    why ("unrefined"), beside the estimation's own reasons."""
+    why ("unrefined"), in a file-to-file run and in a stream."""
     from deepalign_fast.refine import flow
 
     real = flow.FlowPredictor.predict
@@ -179,3 +179,9 @@ def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
         tiny_stack, tmp_path / "out.tif", progress=False)
     assert result.flagged == [2]
     assert result.summary()["flag_reasons"] == {"2": "unrefined"}
+    # the stream flags it too (it did not, before reasons were kept)
+    calls.clear()
+    stream = Aligner(mode="elastic", num_threads=1).stream(iter(tifffile.imread(tiny_stack)),
+                                                           lookahead=2)
+    list(stream)
+    assert stream.flagged == [2] and stream.flag_reasons == {2: "unrefined"}
