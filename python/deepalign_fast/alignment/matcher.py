@@ -343,7 +343,9 @@ class StackMatcher:
                 continue
             init = None if pose is None else compose(pose, invert(pose_k))
             m, corr = self._match(z_k, state_k, z, state, init)
-            if init is None and (not self._trusted(m, corr) or self._unlike(corr)):
+            # (keypoint back-ends match the same whatever the start: no turned retries)
+            if init is None and self.opts.features == "blocks" and (
+                    not self._trusted(m, corr) or self._unlike(corr)):
                 m, corr = self._turned(z_k, state_k, z, state, m, corr)
             if few:  # the prediction may be wrong: from scratch too, the better one kept
                 m2, corr2 = self._match(z_k, state_k, z, state, None)

@@ -175,3 +175,24 @@ def test_a_turned_slice_is_matched_from_a_turned_start(monkeypatch, degrees, shi
     exact = compose(invert(truth[9]), truth[0])
     assert np.linalg.norm(apply_affine(pose, grid) - apply_affine(exact, grid), axis=1).max() \
         < 0.05
+
+
+@pytest.mark.parametrize(("features", "retried"), [("blocks", True), ("sift", False)])
+def test_turned_retries_only_where_the_start_matters(monkeypatch, features, retried):
+    """A slice of noise among copies: the block matcher's failed pair is matched again from
+    turned starts; a keypoint back-end matches the same whatever the start, so it is not
+    asked again (it was, four times per failed pair)."""
+    from deepalign_fast.alignment import matcher as matcher_module
+
+    stack, _ = _turned_stack(0.0)
+    stack[9] = np.random.default_rng(3).integers(0, 256, stack[9].shape)
+    calls: list[int] = []
+    real = matcher_module.StackMatcher._turned
+
+    def counting(self, *args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(matcher_module.StackMatcher, "_turned", counting)
+    _matched(stack, features=features)
+    assert bool(calls) == retried
