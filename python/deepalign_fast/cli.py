@@ -602,9 +602,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                           lookahead=args.lookahead, poll=args.poll,
                           idle_timeout=args.idle_timeout, stop_file=args.stop_file,
                           on_slice=report)
-    reasons = "".join(f", {z}: {why}" for z, why in sorted(result.flag_reasons.items()))
     print(f"wrote {result.written} slices to {args.output}; flagged: "
-          f"{len(result.flagged)} {result.flagged}" + (f" ({reasons[2:]})" if reasons else ""))
+          f"{len(result.flagged)} {result.flagged}")
+    _print_flag_reasons({"flag_reasons": result.flag_reasons})
     return 0
 
 

@@ -154,7 +154,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
     from .io import read_image
 
     state: dict[str, Any] = {"folder": str(src.resolve()), "files": [], "written": 0,
-                             "flagged": [], "lookahead": lookahead}
+                             "flagged": [], "flag_reasons": {}, "lookahead": lookahead}
     if out.exists():
         try:
             saved = json.loads(state_path.read_text(encoding="utf-8"))

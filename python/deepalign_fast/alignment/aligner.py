@@ -468,7 +468,7 @@ class Aligner:
             if saved is not None and ckpt is not None:
                 result = result_of_checkpoint(saved, str(ckpt.path))
                 if is_done(out) and tpath is not None:  # published: the transforms as written
-                    result.transforms = TransformSet.load(tpath)
+                    _unrefined(result, TransformSet.load(tpath))
             else:
                 result = self.estimate(reader, progress=progress, checkpoint=ckpt)
                 if ckpt is not None:
@@ -491,12 +491,11 @@ class Aligner:
                         rendered.save(tpath)
 
                 with ckpt.recording() if ckpt is not None else contextlib.nullcontext():
-                    result.transforms, stages = self.render(
+                    rendered, stages = self.render(
                         reader, result.transforms, output, progress=progress,
                         fields_path=fields_path, writer_options=writer_options,
                         before_publish=publish)
-                for z in result.transforms.flagged:  # the refinement's failures
-                    result.flag_reasons.setdefault(z, "unrefined")
+                _unrefined(result, rendered)
             with ckpt.recording() if ckpt is not None else contextlib.nullcontext():
                 for path, write in extra:
                     if not is_done(path):
@@ -532,6 +531,16 @@ class Aligner:
         return AlignStream(self.options, slices, lookahead)
 
 
+def _unrefined(result: AlignResult, rendered: TransformSet) -> None:
+    """``result.transforms`` replaced by what the render made of them: the slices flagged
+    since (the refinement's failures) are flagged as "unrefined"."""
+    before = set(result.transforms.flagged)
+    for z in rendered.flagged:
+        if z not in before:
+            result.flag_reasons[z] = "unrefined"
+    result.transforms = rendered
+
+
 def measured_record(result: AlignResult) -> dict[str, Any]:
     """What the estimation measured, for a checkpoint (JSON values; read back by
     :func:`result_of_checkpoint`)."""
@@ -551,13 +560,17 @@ def result_of_checkpoint(saved: dict[str, Any], source: str) -> AlignResult:
 
 
 def _reasons_of(saved: dict[str, Any]) -> dict[int, str]:
-    """The flag reasons a checkpoint kept (none where missing or malformed: "unknown")."""
+    """The flag reasons a checkpoint kept, of its flagged slices (none where missing or
+    malformed: the summary says "unknown" for those)."""
     measured = saved.get("measured")
     kept = measured.get("flag_reasons") if isinstance(measured, dict) else None
-    if not isinstance(kept, dict):
+    transforms = saved.get("transforms")
+    flagged = transforms.get("flagged") if isinstance(transforms, dict) else None
+    if not isinstance(kept, dict) or not isinstance(flagged, list):
         return {}
     return {int(z): r for z, r in kept.items()
-            if isinstance(z, str) and z.isdigit() and r in FLAG_REASONS}
+            if isinstance(z, str) and z.isascii() and z.isdigit() and int(z) in flagged
+            and isinstance(r, str) and r in FLAG_REASONS}
 
 
 def _measured_of(saved: dict[str, Any]
@@ -715,7 +728,8 @@ class _StreamState:
         if self.refine is None:
             return render_slice(image, SliceMap(a), self.shape, num_threads=opts.num_threads)
         out = self.refine(z, image, a)[1]
-        if z in self.refine.failed and z not in self.flag_reasons:  # kept its affine
+        failed = self.refine.failed
+        if failed and failed[-1] == z and z not in self.flag_reasons:  # kept its affine
             self.flagged.append(z)
             self.flag_reasons[z] = "unrefined"
         return out

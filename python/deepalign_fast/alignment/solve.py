@@ -172,7 +172,7 @@ def pair_moments(i: int, j: int, src: NDArray[np.float64], dst: NDArray[np.float
 #: expected-affine refinement of a slice failed (:meth:`Aligner.align_stack`).
 FLAG_REASONS = {
     "blank": "blank (one value throughout)",
-    "unmatched": "matched none of its nearest slices",
+    "unmatched": "no trusted match with its nearest slices",
     "unlike": "unlike its neighbours (no pair correlates at half the stack's usual)",
     "disagrees": "too few of its pairs agree with the rest of the stack",
     "unrefined": "its refinement failed (affine kept)",
@@ -1300,7 +1300,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                       or support[z] == 0} | set(blank) | set(failed) | unlike)
     if n == 1:
         flagged = sorted(set(blank) | set(failed))
-    reasons = {z: "blank" if z in blank else "unmatched" if z in failed else
+    reasons = {z: "blank" if z in blank else
+               "unmatched" if z in failed or available[z] == 0 else
                "unlike" if z in unlike else "disagrees" for z in flagged}
 
     b_pix = invert(_to_pixels(theta, shape))  # slice -> output, pixels

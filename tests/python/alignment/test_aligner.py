@@ -850,3 +850,86 @@ def test_checkpoint_with_malformed_measurements_still_resumes(
     kept = isinstance(measured, dict) and measured["neighbour_score"] in (0.9, 0.5)
     assert resumed["neighbour_correlation"] == (measured["neighbour_score"] if kept else None)
     assert out.is_file()
+
+
+@pytest.mark.parametrize("kept", ["intact", "missing", {"3": ["blank"]}, {"\u00b2": "blank"},
+                                  {"3": "nonsense"}, {"99": "blank"}, "junk"])
+def test_resumed_run_keeps_the_flag_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            tiny_stack: Path, kept: Any) -> None:
+    """A run interrupted while rendering resumes with the reasons its checkpoint kept; where
+    they are missing (an older version) or malformed, the flagged slice reads "unknown" (not
+    the refinement's "unrefined") and the resume never fails on them."""
+    from deepalign_fast.alignment import aligner as aligner_module
+    from deepalign_fast.outputs import checkpoint_path_for
+
+    stack = tifffile.imread(tiny_stack)
+    stack[3] = 40  # blank: flagged
+    src = tmp_path / "b.tif"
+    tifffile.imwrite(src, stack)
+
+    class Stop(Exception):
+        pass
+
+    real = aligner_module.render_slice
+
+    def stop_at_two(*args: Any, **kwargs: Any) -> np.ndarray:
+        stop_at_two.calls += 1  # type: ignore[attr-defined]
+        if stop_at_two.calls == 2:  # type: ignore[attr-defined]
+            raise Stop
+        return real(*args, **kwargs)
+
+    stop_at_two.calls = 0  # type: ignore[attr-defined]
+    out = tmp_path / "o.tif"
+    with monkeypatch.context() as m:
+        m.setattr(aligner_module, "render_slice", stop_at_two)
+        with pytest.raises(Stop):
+            Aligner(model="translation").align_stack(src, out, progress=False)
+    path = checkpoint_path_for(out)
+    saved = json.loads(path.read_text())
+    assert saved["measured"]["flag_reasons"] == {"3": "blank"}
+    if kept == "missing":
+        del saved["measured"]["flag_reasons"]
+    elif kept != "intact":
+        saved["measured"]["flag_reasons"] = kept
+    path.write_text(json.dumps(saved))
+    with monkeypatch.context() as m:
+        m.setattr(Aligner, "estimate", lambda *a, **k: pytest.fail("estimated again"))
+        summary = Aligner(model="translation").align_stack(src, out, progress=False).summary()
+    assert summary["flagged"] == [3]
+    assert summary["flag_reasons"] == {"3": "blank" if kept == "intact" else "unknown"}
+
+
+def test_a_published_refinement_failure_is_reported_after_a_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_stack: Path) -> None:
+    """Interrupted after the output and the transforms file are in place (while a side
+    output is written): the rerun reads the transforms as published, and the slice whose
+    refinement failed there is still reported as "unrefined"."""
+    from deepalign_fast.refine import flow
+
+    real = flow.FlowPredictor.predict
+    calls: list[int] = []
+
+    def predict(self, previous, moving):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        f = real(self, previous, moving)
+        return f * np.nan if len(calls) == 2 else f
+
+    monkeypatch.setattr(flow.FlowPredictor, "predict", predict)
+    out, tf, side = tmp_path / "e.tif", tmp_path / "e.json", tmp_path / "side.json"
+    written: list[dict[str, str]] = []
+
+    def write(result: Any) -> None:
+        if not written:
+            written.append({})
+            raise KeyboardInterrupt  # killed while writing the side output
+        written.append(result.summary()["flag_reasons"])
+        side.write_text("{}")
+
+    aligner = Aligner(mode="elastic", num_threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        aligner.align_stack(tiny_stack, out, transforms_path=tf, progress=False,
+                            side_outputs=[(side, write)])
+    assert out.exists() and tf.exists() and not side.exists()
+    result = aligner.align_stack(tiny_stack, out, transforms_path=tf, progress=False,
+                                 side_outputs=[(side, write)])
+    assert result.flagged == [2] and written[-1] == {"2": "unrefined"}

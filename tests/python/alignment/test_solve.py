@@ -211,6 +211,10 @@ def test_a_slice_that_failed_to_match_is_flagged_whatever_its_later_pairs():
     # blank comes first where a slice is both
     both = solve_stack(n, pairs, SHAPE, slow_drift="none", failed=[7], blank=[7])
     assert both.flag_reasons == {7: "blank"}
+    # a slice without any pair (its successors did not match it) is unmatched too
+    alone = solve_stack(n, [pm for pm in pairs if 0 not in (pm.i, pm.j)], SHAPE,
+                        slow_drift="none")
+    assert alone.flag_reasons == {0: "unmatched"}
 
 
 @pytest.mark.parametrize("z", [0, 2, 9])
