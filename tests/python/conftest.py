@@ -7,6 +7,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,3 +88,24 @@ def _lock_held(output: Path) -> Iterator[int]:
 def lock_held() -> Callable[[Path], contextlib.AbstractContextManager[int]]:
     """``with lock_held(output) as pid:``: another process holds ``output``'s lock."""
     return _lock_held
+
+
+@pytest.fixture
+def nan_flow_at(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[int]]:
+    """``nan_flow_at(k)``: the learned flow's ``k``-th prediction (counted from 1) is all
+    NaN, so that slice's elastic refinement fails; returns the list of calls (clear it to
+    count again)."""
+    def arm(k: int) -> list[int]:
+        from deepalign_fast.refine import flow
+
+        real = flow.FlowPredictor.predict
+        calls: list[int] = []
+
+        def predict(self: Any, previous: Any, moving: Any) -> Any:
+            calls.append(1)
+            out = real(self, previous, moving)
+            return out * np.nan if len(calls) == k else out
+
+        monkeypatch.setattr(flow.FlowPredictor, "predict", predict)
+        return calls
+    return arm

@@ -4,6 +4,7 @@ labels through `apply`, failure handling and bad input."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -755,7 +756,6 @@ def _interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """A 20-slice stack of similar slices under a walk, aligned once whole (its summary) and
     once interrupted while rendering (its checkpoint left beside ``out``)."""
     import cv2
-    from deepalign_fast.alignment import aligner as aligner_module
 
     rng = np.random.default_rng(2)
     base = cv2.GaussianBlur((rng.random((160, 160)) * 255).astype(np.float32), (0, 0), 2.0)
@@ -766,25 +766,32 @@ def _interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     src = tmp_path / "w.tif"
     tifffile.imwrite(src, mis)
     reference = Aligner().align_stack(src, tmp_path / "ref.tif", progress=False).summary()
+    out = tmp_path / "o.tif"
+    _render_interrupted(monkeypatch, 5, lambda: Aligner().align_stack(src, out, progress=False))
+    return src, out, reference
+
+
+def _render_interrupted(monkeypatch: pytest.MonkeyPatch, at: int, run: Callable[[], Any]
+                        ) -> None:
+    """``run`` an alignment whose render stops at its ``at``-th slice (the checkpoint left)."""
+    from deepalign_fast.alignment import aligner as aligner_module
 
     class Stop(Exception):
         pass
 
     real = aligner_module.render_slice
+    calls: list[int] = []
 
-    def stop_at_five(*args: Any, **kwargs: Any) -> np.ndarray:
-        stop_at_five.calls += 1  # type: ignore[attr-defined]
-        if stop_at_five.calls == 5:  # type: ignore[attr-defined]
+    def stop(*args: Any, **kwargs: Any) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == at:
             raise Stop
         return real(*args, **kwargs)
 
-    stop_at_five.calls = 0  # type: ignore[attr-defined]
-    out = tmp_path / "o.tif"
     with monkeypatch.context() as m:
-        m.setattr(aligner_module, "render_slice", stop_at_five)
+        m.setattr(aligner_module, "render_slice", stop)
         with pytest.raises(Stop):
-            Aligner().align_stack(src, out, progress=False)
-    return src, out, reference
+            run()
 
 
 def _resume(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
@@ -859,31 +866,15 @@ def test_resumed_run_keeps_the_flag_reasons(tmp_path: Path, monkeypatch: pytest.
     """A run interrupted while rendering resumes with the reasons its checkpoint kept; where
     they are missing (an older version) or malformed, the flagged slice reads "unknown" (not
     the refinement's "unrefined") and the resume never fails on them."""
-    from deepalign_fast.alignment import aligner as aligner_module
     from deepalign_fast.outputs import checkpoint_path_for
 
     stack = tifffile.imread(tiny_stack)
     stack[3] = 40  # blank: flagged
     src = tmp_path / "b.tif"
     tifffile.imwrite(src, stack)
-
-    class Stop(Exception):
-        pass
-
-    real = aligner_module.render_slice
-
-    def stop_at_two(*args: Any, **kwargs: Any) -> np.ndarray:
-        stop_at_two.calls += 1  # type: ignore[attr-defined]
-        if stop_at_two.calls == 2:  # type: ignore[attr-defined]
-            raise Stop
-        return real(*args, **kwargs)
-
-    stop_at_two.calls = 0  # type: ignore[attr-defined]
     out = tmp_path / "o.tif"
-    with monkeypatch.context() as m:
-        m.setattr(aligner_module, "render_slice", stop_at_two)
-        with pytest.raises(Stop):
-            Aligner(model="translation").align_stack(src, out, progress=False)
+    _render_interrupted(monkeypatch, 2, lambda: Aligner(model="translation").align_stack(
+        src, out, progress=False))
     path = checkpoint_path_for(out)
     saved = json.loads(path.read_text())
     assert saved["measured"]["flag_reasons"] == {"3": "blank"}
@@ -900,21 +891,11 @@ def test_resumed_run_keeps_the_flag_reasons(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_a_published_refinement_failure_is_reported_after_a_resume(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_stack: Path) -> None:
+        tmp_path: Path, tiny_stack: Path, nan_flow_at: Callable[[int], list[int]]) -> None:
     """Interrupted after the output and the transforms file are in place (while a side
     output is written): the rerun reads the transforms as published, and the slice whose
     refinement failed there is still reported as "unrefined"."""
-    from deepalign_fast.refine import flow
-
-    real = flow.FlowPredictor.predict
-    calls: list[int] = []
-
-    def predict(self, previous, moving):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        f = real(self, previous, moving)
-        return f * np.nan if len(calls) == 2 else f
-
-    monkeypatch.setattr(flow.FlowPredictor, "predict", predict)
+    nan_flow_at(2)
     out, tf, side = tmp_path / "e.tif", tmp_path / "e.json", tmp_path / "side.json"
     written: list[dict[str, str]] = []
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,20 +162,10 @@ def test_existing_field_store_is_never_replaced_without_overwrite(tiny_stack: Pa
 
 
 def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
-        tiny_stack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_stack: Path, tmp_path: Path, nan_flow_at: Callable[[int], list[int]]) -> None:
     """A flow of NaN for one slice: it keeps its affine, is flagged, and the summary says
     why ("unrefined"), in a file-to-file run and in a stream."""
-    from deepalign_fast.refine import flow
-
-    real = flow.FlowPredictor.predict
-    calls: list[int] = []
-
-    def predict(self, previous, moving):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        flow = real(self, previous, moving)
-        return flow * np.nan if len(calls) == 2 else flow
-
-    monkeypatch.setattr(flow.FlowPredictor, "predict", predict)
+    calls = nan_flow_at(2)
     result = Aligner(mode="elastic", num_threads=1).align_stack(
         tiny_stack, tmp_path / "out.tif", progress=False)
     assert result.flagged == [2]
