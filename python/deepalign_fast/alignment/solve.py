@@ -106,11 +106,10 @@ from numpy.typing import NDArray
 from ..geometry import compose, invert
 
 __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FIXED_PRIOR", "FLAGGED_MOVE",
-           "FLAG_REASONS",
-           "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "PRIOR_KEYS", "REFERENCE_CONTENT",
-           "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "UNLIKE_SHARE", "PairMoments",
-           "SolveResult", "lowpass_affines", "pair_moments", "place_flagged", "prior_spread",
-           "slice_spacing", "solve_stack", "unlike_slices"]
+           "FLAG_REASONS", "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "PRIOR_KEYS",
+           "REFERENCE_CONTENT", "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "UNLIKE_SHARE",
+           "PairMoments", "SolveResult", "lowpass_affines", "pair_moments", "place_flagged",
+           "prior_spread", "slice_spacing", "solve_stack", "unlike_slices"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 #: The keys of :attr:`SolveResult.motion`.
@@ -304,16 +303,6 @@ class _System:
         self.outer = np.einsum("ci,cj->cij", prior, prior)  # one 6x6 block per prior row
         self.eps = eps
 
-    def prior_rows(self, angle: NDArray[np.float64] | None
-                   ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """Each slice's prior rows (n, 4, 6) and targets (n, 4) about its rotation ``angle``
-        (None: no rotation): the prior penalises ``rows . delta - targets``. Only the scale
-        row depends on the rotation (:func:`_turned_scale`)."""
-        if angle is None:
-            return (np.broadcast_to(self.prior, (self.n, *self.prior.shape)).copy(),
-                    np.zeros((self.n, len(self.prior))))
-        return _turned_rows(self.prior, angle)
-
     def solve(self, weights: NDArray[np.float64], strength: NDArray[np.float64],
               angle: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
         """Minimise the weighted problem for ``delta = theta - identity`` under the gauge
@@ -340,7 +329,7 @@ class _System:
         if angle is None:
             own = np.einsum("zc,cij->zij", strength, self.outer)
         else:
-            prior, targets = self.prior_rows(angle)
+            prior, targets = _turned_rows(self.prior, angle)
             own = np.einsum("zc,zci,zcj->zij", strength, prior, prior)
             np.add.at(b, own_rows, np.einsum("zc,zci,zc->zi", strength, prior, targets))
         _add_blocks(ab, u, own_rows, own + 1e-4 * eps * np.eye(6))
@@ -1210,7 +1199,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     def robust(base: NDArray[np.float64], delta: NDArray[np.float64]) -> NDArray[np.float64]:
         """``base`` strengths whose soft components stop pulling harder beyond the Huber
         limit under ``delta`` (theta - identity)."""
-        rows, targets = system.prior_rows(_angles(delta + _IDENTITY))
+        rows, targets = _turned_rows(prior, _angles(delta + _IDENTITY))
         comp = np.abs(np.einsum("zci,zi->zc", rows, delta) - targets) / unit  # (n, 4)
         return np.where(soft[None, :], base * np.minimum(1.0, huber / np.maximum(comp, 1e-15)),
                         base)

@@ -415,13 +415,14 @@ class BlockMatcher:
         ref_p, mov_p = reference.pyramid, moving.pyramid
         top = min(len(ref_p), len(mov_p)) - 1
         finest = min(reference.lk_level, top)
-        if init is not None and not np.all(np.isfinite(np.asarray(init)[:, :2])):
+        start = np.eye(2, 3) if init is None else np.asarray(init, np.float64)
+        if not np.all(np.isfinite(start[:, :2])):
             raise ValueError("init's linear part must be finite (only its translation may "
                              "be NaN)")
-        scratch = init is None or not np.all(np.isfinite(np.asarray(init)[:, 2]))
+        scratch = init is None or not np.all(np.isfinite(start[:, 2]))
         if scratch:
             # Coarse start: whole-frame translation at the top level, then every level down.
-            linear = np.eye(2) if init is None else np.asarray(init, np.float64)[:, :2]
+            linear = start[:, :2]
             current = _scale_affine(self._coarse_start(ref_p[top], mov_p[top], linear),
                                     1.0 / 2**top)
             levels = list(range(top, finest - (self.lk_iterations == 0), -1))
@@ -429,7 +430,7 @@ class BlockMatcher:
             # A prediction (e.g. from other pairs): straight to the refinement; if that fails
             # (the prediction was off by more than its basin), one correlation pass just
             # above the finest level first.
-            current = np.asarray(init, np.float64)
+            current = start
             if self.lk_iterations == 0:
                 levels = [finest]
             else:
