@@ -803,6 +803,17 @@ class Checkpoint:
         data["committed"] = committed
         write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
 
+    def rendered(self, transforms: dict[str, Any]) -> None:
+        """Note (atomically) the transforms of the output as rendered (the refinement's
+        failures flagged, its fields named relative to the checkpoint's folder), for a run
+        whose transforms are not written to a file of their own: a rerun after the output is
+        in place reports them, not the estimation's (``load()["rendered"]``)."""
+        data = self.load()
+        if data is None:
+            return
+        data["rendered"] = transforms
+        write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
+
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         """Within the block, :func:`publish` notes each of :attr:`outputs` it puts in place."""

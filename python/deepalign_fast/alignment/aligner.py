@@ -467,8 +467,8 @@ class Aligner:
                 ckpt.outputs = [*published, *(p for p, _ in extra)]
             if saved is not None and ckpt is not None:
                 result = result_of_checkpoint(saved, str(ckpt.path))
-                if is_done(out) and tpath is not None:  # published: the transforms as written
-                    _unrefined(result, TransformSet.load(tpath))
+                if is_done(out):  # published: the transforms as written
+                    _published(result, saved, tpath, ckpt.path)
             else:
                 result = self.estimate(reader, progress=progress, checkpoint=ckpt)
                 if ckpt is not None:
@@ -489,6 +489,8 @@ class Aligner:
                 def publish(rendered: TransformSet) -> None:
                     if tpath is not None:
                         rendered.save(tpath)
+                    elif ckpt is not None and fields_path is not None:  # refined: kept here
+                        ckpt.rendered(rendered.to_json(ckpt.path.parent))
 
                 with ckpt.recording() if ckpt is not None else contextlib.nullcontext():
                     rendered, stages = self.render(
@@ -539,6 +541,22 @@ def _unrefined(result: AlignResult, rendered: TransformSet) -> None:
         if z not in before:
             result.flag_reasons[z] = "unrefined"
     result.transforms = rendered
+
+
+def _published(result: AlignResult, saved: dict[str, Any], tpath: Path | None,
+               record: Path) -> None:
+    """``result`` (from the checkpoint ``record``) as the output was published: the
+    transforms file as written, or without one the transforms the checkpoint noted then
+    (absent where nothing was refined; from an older version or damaged: the estimation
+    stands)."""
+    if tpath is not None:
+        _unrefined(result, TransformSet.load(tpath))
+        return
+    if not isinstance(saved.get("rendered"), dict):
+        return
+    with contextlib.suppress(DeepAlignError):
+        _unrefined(result, TransformSet.from_json(saved["rendered"], source=str(record),
+                                                  base=record.parent))
 
 
 def measured_record(result: AlignResult) -> dict[str, Any]:

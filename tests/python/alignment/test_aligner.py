@@ -890,13 +890,17 @@ def test_resumed_run_keeps_the_flag_reasons(tmp_path: Path, monkeypatch: pytest.
     assert summary["flag_reasons"] == {"3": "blank" if kept == "intact" else "unknown"}
 
 
+@pytest.mark.parametrize("with_file", [True, False])
 def test_a_published_refinement_failure_is_reported_after_a_resume(
-        tmp_path: Path, tiny_stack: Path, nan_flow_at: Callable[[int], list[int]]) -> None:
-    """Interrupted after the output and the transforms file are in place (while a side
-    output is written): the rerun reads the transforms as published, and the slice whose
-    refinement failed there is still reported as "unrefined"."""
+        tmp_path: Path, tiny_stack: Path, nan_flow_at: Callable[[int], list[int]],
+        with_file: bool) -> None:
+    """Interrupted after the output (and the transforms file, if any) is in place, while a
+    side output is written: the rerun reads the transforms as published (from the
+    transforms file, or without one from the checkpoint), and the slice whose refinement
+    failed there is still reported as "unrefined", its fields and folding kept."""
     nan_flow_at(2)
-    out, tf, side = tmp_path / "e.tif", tmp_path / "e.json", tmp_path / "side.json"
+    out, side = tmp_path / "e.tif", tmp_path / "side.json"
+    tf = tmp_path / "e.json" if with_file else None
     written: list[dict[str, str]] = []
 
     def write(result: Any) -> None:
@@ -910,7 +914,36 @@ def test_a_published_refinement_failure_is_reported_after_a_resume(
     with pytest.raises(KeyboardInterrupt):
         aligner.align_stack(tiny_stack, out, transforms_path=tf, progress=False,
                             side_outputs=[(side, write)])
-    assert out.exists() and tf.exists() and not side.exists()
+    assert out.exists() and (tf is None or tf.exists()) and not side.exists()
     result = aligner.align_stack(tiny_stack, out, transforms_path=tf, progress=False,
                                  side_outputs=[(side, write)])
     assert result.flagged == [2] and written[-1] == {"2": "unrefined"}
+    assert result.transforms.fields is not None and result.transforms.folding[2] is None
+
+
+def test_a_damaged_rendered_record_does_not_stop_the_resume(
+        tmp_path: Path, tiny_stack: Path, nan_flow_at: Callable[[int], list[int]]) -> None:
+    """The checkpoint's note of the published transforms edited into nonsense: the rerun
+    still writes the missing side output, with the estimation's transforms."""
+    from deepalign_fast.outputs import checkpoint_path_for
+
+    nan_flow_at(2)
+    out, side = tmp_path / "e.tif", tmp_path / "side.json"
+    calls: list[int] = []
+
+    def write(result: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        side.write_text(json.dumps(result.flagged))
+
+    aligner = Aligner(mode="elastic", num_threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        aligner.align_stack(tiny_stack, out, progress=False, side_outputs=[(side, write)])
+    path = checkpoint_path_for(out)
+    saved = json.loads(path.read_text())
+    assert saved["rendered"]["flagged"] == [2]
+    saved["rendered"]["affines"] = "junk"
+    path.write_text(json.dumps(saved))
+    aligner.align_stack(tiny_stack, out, progress=False, side_outputs=[(side, write)])
+    assert json.loads(side.read_text()) == [] and not path.exists()
