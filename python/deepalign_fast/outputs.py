@@ -803,11 +803,22 @@ class Checkpoint:
         data["committed"] = committed
         write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
 
+    def forget_outputs(self) -> None:
+        """Drop the record of the outputs put in place (and of the transforms noted with
+        them): a run that starts the rendering over replaces them all, and a kill before it
+        puts the output in place must not leave the earlier output counted as this run's."""
+        data = self.load()
+        if data is None:
+            return
+        data.pop("committed", None)
+        data.pop("rendered", None)
+        write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
+
     def rendered(self, transforms: dict[str, Any]) -> None:
         """Note (atomically) the transforms of the output as rendered (the refinement's
-        failures flagged, its fields named relative to the checkpoint's folder), for a run
-        whose transforms are not written to a file of their own: a rerun after the output is
-        in place reports them, not the estimation's (``load()["rendered"]``)."""
+        failures flagged, its fields named relative to the checkpoint's folder), just before
+        the output is put in place: a rerun after that reports them, not the estimation's
+        (``load()["rendered"]``), also where the run writes no transforms file."""
         data = self.load()
         if data is None:
             return

@@ -456,6 +456,8 @@ class Aligner:
             if is_done(out) and not all(is_done(p) for p in published):
                 if overwrite:  # a fresh run: the interrupted run's outputs are all replaced
                     done = set()
+                    if ckpt is not None:  # ... and no longer count as this run's
+                        ckpt.forget_outputs()
                 else:
                     missing = next(p for p in published if not is_done(p))
                     state = ("has changed since" if os.path.lexists(missing)
@@ -487,10 +489,10 @@ class Aligner:
                     writer_options.update(resume=resume, restart=saved is not None)
 
                 def publish(rendered: TransformSet) -> None:
+                    if ckpt is not None and fields_path is not None:  # refined: noted
+                        ckpt.rendered(rendered.to_json(ckpt.path.parent))
                     if tpath is not None:
                         rendered.save(tpath)
-                    elif ckpt is not None and fields_path is not None:  # refined: kept here
-                        ckpt.rendered(rendered.to_json(ckpt.path.parent))
 
                 with ckpt.recording() if ckpt is not None else contextlib.nullcontext():
                     rendered, stages = self.render(
@@ -547,16 +549,22 @@ def _published(result: AlignResult, saved: dict[str, Any], tpath: Path | None,
                record: Path) -> None:
     """``result`` (from the checkpoint ``record``) as the output was published: the
     transforms file as written, or without one the transforms the checkpoint noted then
-    (absent where nothing was refined; from an older version or damaged: the estimation
+    (absent where nothing was refined; unreadable, or not of this stack: the estimation
     stands)."""
     if tpath is not None:
         _unrefined(result, TransformSet.load(tpath))
         return
     if not isinstance(saved.get("rendered"), dict):
         return
-    with contextlib.suppress(DeepAlignError):
-        _unrefined(result, TransformSet.from_json(saved["rendered"], source=str(record),
-                                                  base=record.parent))
+    try:
+        noted = TransformSet.from_json(saved["rendered"], source=str(record),
+                                       base=record.parent)
+    except (DeepAlignError, ValueError, OSError):  # edited or damaged
+        return
+    estimated = result.transforms
+    if (noted.input_shape, noted.output_shape) == (estimated.input_shape,
+                                                   estimated.output_shape):
+        _unrefined(result, noted)
 
 
 def measured_record(result: AlignResult) -> dict[str, Any]:

@@ -3,7 +3,9 @@ labels through `apply`, failure handling and bad input."""
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -921,10 +923,36 @@ def test_a_published_refinement_failure_is_reported_after_a_resume(
     assert result.transforms.fields is not None and result.transforms.folding[2] is None
 
 
-def test_a_damaged_rendered_record_does_not_stop_the_resume(
+def test_the_published_transforms_are_reported_when_the_rerun_names_no_file(
         tmp_path: Path, tiny_stack: Path, nan_flow_at: Callable[[int], list[int]]) -> None:
-    """The checkpoint's note of the published transforms edited into nonsense: the rerun
-    still writes the missing side output, with the estimation's transforms."""
+    """The first run wrote a transforms file (and was killed in a side output); its rerun
+    names none: the checkpoint's note of the published transforms still reports the
+    refinement's failure."""
+    nan_flow_at(2)
+    out, side = tmp_path / "e.tif", tmp_path / "side.json"
+    calls: list[int] = []
+
+    def write(result: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        side.write_text(json.dumps(result.summary()["flag_reasons"]))
+
+    aligner = Aligner(mode="elastic", num_threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        aligner.align_stack(tiny_stack, out, transforms_path=tmp_path / "e.transforms.json",
+                            progress=False, side_outputs=[(side, write)])
+    result = aligner.align_stack(tiny_stack, out, progress=False, side_outputs=[(side, write)])
+    assert result.flagged == [2] and json.loads(side.read_text()) == {"2": "unrefined"}
+
+
+@pytest.mark.parametrize("damage", ["affines", "shape", "nul"])
+def test_a_damaged_rendered_record_does_not_stop_the_resume(
+        tmp_path: Path, tiny_stack: Path, nan_flow_at: Callable[[int], list[int]],
+        damage: str) -> None:
+    """The checkpoint's note of the published transforms edited into nonsense, or into the
+    transforms of another stack: the rerun still writes the missing side output, with the
+    estimation's transforms."""
     from deepalign_fast.outputs import checkpoint_path_for
 
     nan_flow_at(2)
@@ -943,7 +971,46 @@ def test_a_damaged_rendered_record_does_not_stop_the_resume(
     path = checkpoint_path_for(out)
     saved = json.loads(path.read_text())
     assert saved["rendered"]["flagged"] == [2]
-    saved["rendered"]["affines"] = "junk"
+    if damage == "affines":
+        saved["rendered"]["affines"] = "junk"
+    elif damage == "shape":
+        saved["rendered"]["input_shape"][1] += 2
+    else:
+        saved["rendered"]["fields"]["path"] = "e\u0000.zarr"
     path.write_text(json.dumps(saved))
     aligner.align_stack(tiny_stack, out, progress=False, side_outputs=[(side, write)])
     assert json.loads(side.read_text()) == [] and not path.exists()
+
+
+def test_an_overwrite_killed_before_its_output_is_in_place_renders_again(
+        tmp_path: Path, tiny_stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run put its outputs in place but was killed in a side output; their field store is
+    then deleted; the rerun with ``overwrite`` renders again and is killed before its output
+    is in place. The next rerun must not take the first run's output for this run's (with
+    the new fields): it renders again."""
+    out, tf, side = tmp_path / "e.tif", tmp_path / "e.json", tmp_path / "side.json"
+    calls: list[int] = []
+
+    def write(result: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        side.write_text("{}")
+
+    aligner = Aligner(mode="elastic", num_threads=1)
+    run = functools.partial(aligner.align_stack, tiny_stack, out, transforms_path=tf,
+                            progress=False, side_outputs=[(side, write)])
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    first = out.stat().st_ino
+    shutil.rmtree(tmp_path / "e.fields.zarr")
+    with monkeypatch.context() as m:  # killed just before the transforms file is written
+        m.setattr(TransformSet, "save", lambda *a, **k: (_ for _ in ()).throw(
+            KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            run(overwrite=True)
+    assert out.stat().st_ino == first and (tmp_path / "e.fields.zarr").is_dir()
+    with pytest.raises(DeepAlignError, match="already exists"):
+        run()  # the first run's output is not this run's: it must be replaced, knowingly
+    run(overwrite=True)
+    assert out.stat().st_ino != first and side.is_file() and tf.is_file()
