@@ -282,7 +282,15 @@ def _add_blocks(ab: NDArray[np.float64], u: int, rows: NDArray[np.intp],
     iu, ju = np.triu_indices(k)
     gr, gc = rows[:, iu], rows[:, ju]
     lo, hi = np.minimum(gr, gc), np.maximum(gr, gc)
-    np.add.at(ab, (u + lo - hi, hi), blocks[:, iu, ju])
+    _scatter_add(ab, (u + lo - hi) * ab.shape[1] + hi, blocks[:, iu, ju])
+
+
+def _scatter_add(target: NDArray[np.float64], flat: NDArray[np.intp],
+                 values: NDArray[np.float64]) -> None:
+    """``target.flat[flat] += values`` with repeated indices summed (``np.add.at``, by
+    ``np.bincount``: many times faster)."""
+    target += np.bincount(flat.ravel(), weights=values.ravel(),
+                          minlength=target.size).reshape(target.shape)
 
 
 class _System:
@@ -324,14 +332,14 @@ class _System:
             h = weights[:, None, None] * self.h
             _add_blocks(ab, u, self.rows, h)
             theta_i = np.concatenate([_IDENTITY, _IDENTITY])
-            np.add.at(b, self.rows, -(h @ theta_i))
+            _scatter_add(b, self.rows, -(h @ theta_i))
         own_rows = 6 * np.arange(n)[:, None] + np.arange(6)
         if angle is None:
             own = np.einsum("zc,cij->zij", strength, self.outer)
         else:
             prior, targets = _turned_rows(self.prior, angle)
             own = np.einsum("zc,zci,zcj->zij", strength, prior, prior)
-            np.add.at(b, own_rows, np.einsum("zc,zci,zc->zi", strength, prior, targets))
+            _scatter_add(b, own_rows, np.einsum("zc,zci,zc->zi", strength, prior, targets))
         _add_blocks(ab, u, own_rows, own + 1e-4 * eps * np.eye(6))
         if n > 1:
             diff = eps * np.block([[np.eye(6), -np.eye(6)], [-np.eye(6), np.eye(6)]])
@@ -448,20 +456,34 @@ def _local_linear(values: NDArray[np.float64], sigma: float) -> NDArray[np.float
         return np.broadcast_to(values.mean(axis=0), values.shape).copy()
     if n < 3 or sigma <= 0:
         return values.copy()
+    return _line_fit(values, sigma, leave_out=False)
+
+
+def _line_fit(values: NDArray[np.float64], sigma: float, *, leave_out: bool
+              ) -> NDArray[np.float64]:
+    """The value at each slice of the Gaussian-weighted straight line fitted along axis 0 to
+    the slices within :func:`_radius` (itself left out with ``leave_out``); where the line
+    is undetermined, the weighted mean."""
+    n = len(values)
     flat = values.reshape(n, -1)
     radius = _radius(sigma, n)
-    out = np.empty_like(flat)
-    for z in range(n):
-        lo, hi = max(0, z - radius), min(n, z + radius + 1)
-        k = np.arange(lo, hi, dtype=np.float64) - z
-        w = np.exp(-0.5 * (k / sigma) ** 2)
-        sw, swk, swkk = w.sum(), (w * k).sum(), (w * k * k).sum()
-        sy = w @ flat[lo:hi]
-        syk = (w * k) @ flat[lo:hi]
-        det = sw * swkk - swk * swk
-        # Value of the weighted line at k = 0.
-        out[z] = (swkk * sy - swk * syk) / det if det > 1e-12 * sw * sw else sy / sw
-    return out.reshape(values.shape)
+    sw, swk, swkk = (np.zeros((n, 1)) for _ in range(3))
+    sy, syk = np.zeros_like(flat), np.zeros_like(flat)
+    for k in range(-radius, radius + 1):
+        lo, hi = max(0, -k), min(n, n - k)  # slices z in [lo, hi) have a neighbour z + k
+        if (k == 0 and leave_out) or hi <= lo:
+            continue
+        wk = float(np.exp(-0.5 * (k / sigma) ** 2))
+        y = flat[lo + k:hi + k]
+        sw[lo:hi] += wk
+        swk[lo:hi] += wk * k
+        swkk[lo:hi] += wk * k * k
+        sy[lo:hi] += wk * y
+        syk[lo:hi] += (wk * k) * y
+    det = sw * swkk - swk * swk
+    ok = det > 1e-12 * sw * sw
+    line = (swkk * sy - swk * syk) / np.where(ok, det, 1.0)
+    return np.where(ok, line, sy / sw).reshape(values.shape)
 
 
 def jump_offsets(positions: NDArray[np.float64], *, floor: float = 5.0) -> NDArray[np.float64]:
@@ -490,27 +512,11 @@ def jump_offsets(positions: NDArray[np.float64], *, floor: float = 5.0) -> NDArr
     return np.concatenate([np.zeros((1, 2)), np.cumsum(jump, axis=0)])
 
 
-def _loo_error(values: NDArray[np.float64], sigma: float) -> float:
-    """Mean squared error of predicting each of ``values`` (n,) from its neighbours, itself
-    left out, by the Gaussian-weighted local straight-line fit of :func:`_local_linear`."""
-    n = len(values)
-    radius = _radius(sigma, n)
-    sw, swk, swkk, sy, syk = (np.zeros(n) for _ in range(5))
-    for k in range(-radius, radius + 1):
-        lo, hi = max(0, -k), min(n, n - k)  # slices z in [lo, hi) have a neighbour z + k
-        if k == 0 or hi <= lo:
-            continue
-        wk = np.exp(-0.5 * (k / sigma) ** 2)
-        y = values[lo + k:hi + k]
-        sw[lo:hi] += wk
-        swk[lo:hi] += wk * k
-        swkk[lo:hi] += wk * k * k
-        sy[lo:hi] += wk * y
-        syk[lo:hi] += wk * k * y
-    det = sw * swkk - swk * swk
-    ok = det > 1e-12 * sw * sw
-    pred = np.where(ok, (swkk * sy - swk * syk) / np.where(ok, det, 1.0), sy / sw)
-    return float(np.mean((values - pred) ** 2))
+def _loo_error(values: NDArray[np.float64], sigma: float) -> NDArray[np.float64]:
+    """Mean squared error, per column of ``values`` (n, m), of predicting each slice from
+    its neighbours, itself left out, by the Gaussian-weighted local straight-line fit of
+    :func:`_local_linear`."""
+    return np.mean((values - _line_fit(values, sigma, leave_out=True)) ** 2, axis=0)
 
 
 # The linear part (a, b, c, d) as stretch, shear, scale and rotation components, and back.
@@ -519,9 +525,10 @@ _FROM_COMPONENTS = np.linalg.inv(_TO_COMPONENTS)
 _TREND_SIGMAS = (2.0, 3.0, 4.0, 6.0, 8.0, 11.0, 16.0, 24.0, 32.0)
 
 
-def _trend_sigma(values: NDArray[np.float64], cap: float) -> float:
-    """The smoothing (sigma in slices, at most ``cap``) of the slow part of one linear
-    component: the one whose leave-one-out prediction of ``values`` is best.
+def _trend_sigma(values: NDArray[np.float64], cap: float) -> NDArray[np.float64]:
+    """The smoothing (sigma in slices, at most ``cap``) of the slow part of each linear
+    component (the columns of ``values`` (n, m)): the one whose leave-one-out prediction of
+    the column is best.
 
     A per-slice linear error of the slices is independent from slice to slice; the error
     the matches add (the anatomy's apparent rotation, scale and shear, summed along the
@@ -531,10 +538,10 @@ def _trend_sigma(values: NDArray[np.float64], cap: float) -> float:
     are), up to ``cap`` where the per-slice part does.
     """
     if len(values) < 8:
-        return cap
-    cands = [s for s in _TREND_SIGMAS if s < cap] + [cap]
-    errs = [_loo_error(values, s) for s in cands]
-    return cands[int(np.argmin(errs))]
+        return np.full(values.shape[1], float(cap))
+    cands = np.array([s for s in _TREND_SIGMAS if s < cap] + [cap], np.float64)
+    errs = np.stack([_loo_error(values, s) for s in cands])  # (candidates, m)
+    return cands[np.argmin(errs, axis=0)]
 
 
 # A random walk of the solved positions faster than this (px per slice: at the frame centre
@@ -849,9 +856,10 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
         # The walk is measured against the full-scale trend (as for the translation): the
         # adaptive one has already followed part of it. One pass for all four components.
         full = _local_linear(comp, sigma) if stage_step is not None else None
+        scales = _trend_sigma(comp, sigma)
         for k in range(4):
             y = comp[:, k]
-            comp_s[:, k] = _local_linear(y, _trend_sigma(y, sigma))
+            comp_s[:, k] = _local_linear(y, float(scales[k]))
             if full is not None and stage_step is not None:
                 comp_s[:, k] += _walk_kept(y - comp_s[:, k], stage_step / radius,
                                            variogram=_variogram(y - full[:, k]))

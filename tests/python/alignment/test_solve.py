@@ -297,6 +297,31 @@ def test_lowpass_keeps_straight_lines_and_constants():
     assert np.allclose(lowpass_affines(aff, SHAPE, 8.0), aff, atol=1e-9)
 
 
+@pytest.mark.parametrize(("n", "sigma"), [(40, 3.0), (9, 16.0), (25, 1.5)])
+def test_lowpass_is_the_gaussian_weighted_line_at_each_slice(n: int, sigma: float):
+    """Against a direct float64 reference: at each slice, the straight line fitted by
+    weighted least squares (weights exp(-k^2 / 2 sigma^2), offsets up to 3 sigma, within the
+    stack) to the linear parts and to the image of the frame centre, taken at the slice."""
+    rng = np.random.default_rng(7)
+    aff = np.tile(np.eye(2, 3), (n, 1, 1))
+    aff[:, :, :2] += 0.02 * rng.normal(size=(n, 2, 2))
+    aff[:, :, 2] = np.cumsum(rng.normal(size=(n, 2)), axis=0)
+    h, w = SHAPE
+    centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    values = np.concatenate([aff[:, :, :2].reshape(n, 4), aff[:, :, :2] @ centre + aff[:, :, 2]],
+                            axis=1)
+    radius = max(2, int(min(np.ceil(3 * sigma), n)))
+    want = np.empty_like(values)
+    for z in range(n):
+        k = np.arange(max(0, z - radius), min(n, z + radius + 1)) - z
+        weight = np.sqrt(np.exp(-0.5 * (k / sigma) ** 2))
+        want[z] = [np.polyfit(k, values[z + k, c], 1, w=weight)[1] for c in range(6)]
+    got = lowpass_affines(aff, SHAPE, sigma)
+    got_values = np.concatenate([got[:, :, :2].reshape(n, 4),
+                                 got[:, :, :2] @ centre + got[:, :, 2]], axis=1)
+    assert np.allclose(got_values, want, rtol=0, atol=1e-9)
+
+
 def test_a_drift_sigma_beyond_the_stack_costs_nothing():
     """A Gaussian longer than the stack weighs every slice alike: a sigma of 1e6 (or 1e300)
     is the whole stack, computed as fast as a normal sigma, and the same as a sigma a
