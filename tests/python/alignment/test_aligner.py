@@ -892,6 +892,19 @@ def test_resumed_run_keeps_the_flag_reasons(tmp_path: Path, monkeypatch: pytest.
     assert summary["flag_reasons"] == {"3": "blank" if kept == "intact" else "unknown"}
 
 
+def _killed_once(side: Path, record: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """A side output whose first write is killed (KeyboardInterrupt); later writes put
+    ``record(result)`` into ``side`` as JSON."""
+    calls: list[int] = []
+
+    def write(result: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        side.write_text(json.dumps(record(result)))
+    return write
+
+
 @pytest.mark.parametrize("with_file", [True, False])
 def test_a_published_refinement_failure_is_reported_after_a_resume(
         tmp_path: Path, tiny_stack: Path, nan_flow_at: Callable[[int], list[int]],
@@ -903,15 +916,7 @@ def test_a_published_refinement_failure_is_reported_after_a_resume(
     nan_flow_at(2)
     out, side = tmp_path / "e.tif", tmp_path / "side.json"
     tf = tmp_path / "e.json" if with_file else None
-    written: list[dict[str, str]] = []
-
-    def write(result: Any) -> None:
-        if not written:
-            written.append({})
-            raise KeyboardInterrupt  # killed while writing the side output
-        written.append(result.summary()["flag_reasons"])
-        side.write_text("{}")
-
+    write = _killed_once(side, lambda result: result.summary()["flag_reasons"])
     aligner = Aligner(mode="elastic", num_threads=1)
     with pytest.raises(KeyboardInterrupt):
         aligner.align_stack(tiny_stack, out, transforms_path=tf, progress=False,
@@ -919,7 +924,7 @@ def test_a_published_refinement_failure_is_reported_after_a_resume(
     assert out.exists() and (tf is None or tf.exists()) and not side.exists()
     result = aligner.align_stack(tiny_stack, out, transforms_path=tf, progress=False,
                                  side_outputs=[(side, write)])
-    assert result.flagged == [2] and written[-1] == {"2": "unrefined"}
+    assert result.flagged == [2] and json.loads(side.read_text()) == {"2": "unrefined"}
     assert result.transforms.fields is not None and result.transforms.folding[2] is None
 
 
@@ -930,14 +935,7 @@ def test_the_published_transforms_are_reported_when_the_rerun_names_no_file(
     refinement's failure."""
     nan_flow_at(2)
     out, side = tmp_path / "e.tif", tmp_path / "side.json"
-    calls: list[int] = []
-
-    def write(result: Any) -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        side.write_text(json.dumps(result.summary()["flag_reasons"]))
-
+    write = _killed_once(side, lambda result: result.summary()["flag_reasons"])
     aligner = Aligner(mode="elastic", num_threads=1)
     with pytest.raises(KeyboardInterrupt):
         aligner.align_stack(tiny_stack, out, transforms_path=tmp_path / "e.transforms.json",
@@ -957,14 +955,7 @@ def test_a_damaged_rendered_record_does_not_stop_the_resume(
 
     nan_flow_at(2)
     out, side = tmp_path / "e.tif", tmp_path / "side.json"
-    calls: list[int] = []
-
-    def write(result: Any) -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        side.write_text(json.dumps(result.flagged))
-
+    write = _killed_once(side, lambda result: result.flagged)
     aligner = Aligner(mode="elastic", num_threads=1)
     with pytest.raises(KeyboardInterrupt):
         aligner.align_stack(tiny_stack, out, progress=False, side_outputs=[(side, write)])
@@ -989,14 +980,7 @@ def test_an_overwrite_killed_before_its_output_is_in_place_renders_again(
     is in place. The next rerun must not take the first run's output for this run's (with
     the new fields): it renders again."""
     out, tf, side = tmp_path / "e.tif", tmp_path / "e.json", tmp_path / "side.json"
-    calls: list[int] = []
-
-    def write(result: Any) -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        side.write_text("{}")
-
+    write = _killed_once(side, lambda result: {})
     aligner = Aligner(mode="elastic", num_threads=1)
     run = functools.partial(aligner.align_stack, tiny_stack, out, transforms_path=tf,
                             progress=False, side_outputs=[(side, write)])
