@@ -40,6 +40,7 @@ import contextlib
 import contextvars
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -675,12 +676,28 @@ def checkpoint_path_for(output: str | os.PathLike[str]) -> Path:
 
 
 def _input_identity(path: Path) -> dict[str, Any]:
-    """What must be unchanged for a checkpoint to apply: the resolved path, and for a file its
-    size and modification time (folders and stores: their shape is compared by the caller)."""
+    """What must be unchanged for a checkpoint to apply: the resolved path, and the size and
+    modification time of the file, or of every file in the folder (a folder of slices, a
+    Zarr store: one slice or chunk replaced in place changes it; a digest keeps the key
+    short). The stack's shape is compared by the caller."""
     st = os.stat(path)
     ident: dict[str, Any] = {"path": str(path.resolve())}
     if not stat.S_ISDIR(st.st_mode):
         ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return ident
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            try:
+                fst = os.stat(full)
+            except OSError:  # vanished while listed: the listing still differs
+                continue
+            rel = os.path.relpath(full, path)
+            digest.update(f"{rel}\0{fst.st_size}\0{fst.st_mtime_ns}\n".encode("utf-8",
+                                                                             "surrogateescape"))
+    ident["files"] = digest.hexdigest()
     return ident
 
 

@@ -998,3 +998,44 @@ def test_an_overwrite_killed_before_its_output_is_in_place_renders_again(
         run()  # the first run's output is not this run's: it must be replaced, knowingly
     run(overwrite=True)
     assert out.stat().st_ino != first and side.is_file() and tf.is_file()
+
+
+@pytest.mark.parametrize("kind", ["folder", "zarr"])
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_folder_or_store_changed_since_the_interruption_is_estimated_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_stack: Path, kind: str,
+        changed: bool) -> None:
+    """A run on a folder of slices or a Zarr store is interrupted while rendering; then one
+    slice is replaced in place by a shifted copy of the same size. The rerun must estimate
+    again (the checkpoint's estimation is of other data), not resume with the old
+    transforms; unchanged, it resumes."""
+    import zarr
+
+    stack = tifffile.imread(tiny_stack)
+    if kind == "folder":
+        src = tmp_path / "slices"
+        src.mkdir()
+        for z, image in enumerate(stack):
+            tifffile.imwrite(src / f"z{z}.tif", image)
+    else:
+        src = tmp_path / "in.zarr"
+        zarr.create_array(src, data=stack, chunks=(1, *stack.shape[1:]))
+    out = tmp_path / "o.tif"
+    _render_interrupted(monkeypatch, 2, lambda: Aligner(model="translation").align_stack(
+        src, out, progress=False))
+    if changed:
+        shifted = np.roll(stack[4], (5, -7), axis=(0, 1))
+        if kind == "folder":
+            tifffile.imwrite(src / "z4.tif", shifted)
+        else:
+            zarr.open_array(src, mode="r+")[4] = shifted
+    calls: list[int] = []
+    real = Aligner.estimate
+
+    def estimate(self: Aligner, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Aligner, "estimate", estimate)
+    Aligner(model="translation").align_stack(src, out, progress=False)
+    assert len(calls) == (1 if changed else 0)
