@@ -112,7 +112,14 @@ class TransformSet:
             grid = self.fields.get_affine(z)
             return SliceMap(a) if grid is None else SliceMap(a, affine_field=grid,
                                                              field_step=self.fields.stride)
-        return SliceMap(a, displacement=self.fields.get(z, num_threads=num_threads))
+        field = self.fields.get(z, num_threads=num_threads)
+        if field is None and z < len(self.folding) and self.folding[z] is not None:
+            # a refined slice (its folding was measured on its field) without one: the store
+            # lost it (a chunk deleted or replaced by an empty one since it was written)
+            raise DeepAlignError(f"{self.fields.path}: slice {z}: its displacement field is "
+                                 "missing from the store (changed or damaged since it was "
+                                 "written); align again to rewrite it")
+        return SliceMap(a, displacement=field)
 
     def rescaled(self, factor: float,
                  input_shape: tuple[int, int, int] | None = None) -> TransformSet:
@@ -451,9 +458,18 @@ class FieldStore:
                              f"kind {self.kind!r}, got {f.shape}")
         self._array[z] = f.reshape(want[0], want[1], 6).transpose(2, 0, 1)
 
+    def _read(self, z: int, dtype: Any) -> np.ndarray:
+        """Slice ``z``'s stored grid; a store that cannot be read names itself and the
+        slice."""
+        try:
+            return np.asarray(self._array[z], dtype)
+        except Exception as exc:  # zarr and its codecs raise many types for a damaged chunk
+            raise DeepAlignError(f"{self.path}: slice {z}: cannot read its field "
+                                 f"({type(exc).__name__}: {exc})") from exc
+
     def get_affine(self, z: int) -> np.ndarray | None:
         """Slice ``z``'s per-pixel affine field ``(rows, cols, 2, 3)``, or None if it has none."""
-        grid = np.asarray(self._array[z], np.float64)
+        grid = self._read(z, np.float64)
         if np.isnan(grid).any():
             return None
         rows, cols = grid.shape[1:]
@@ -463,7 +479,7 @@ class FieldStore:
         """Slice ``z``'s field at full output resolution, or None if it has none."""
         from .warp import warp_affine
 
-        grid = np.asarray(self._array[z], np.float32)
+        grid = self._read(z, np.float32)
         if np.isnan(grid).any():
             return None
         s = float(self.stride)

@@ -176,3 +176,30 @@ def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
                                                            lookahead=2)
     list(stream)
     assert stream.flagged == [2] and stream.flag_reasons == {2: "unrefined"}
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+def test_apply_names_a_damaged_field_store(damage: str, tiny_stack: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A slice's field chunk deleted or overwritten after `align --mode elastic`: `apply`
+    stops with one line naming the store and the slice (never renders the slice without its
+    field, never a raw error), and writes no output."""
+    out, tf = tmp_path / "out.tif", tmp_path / "t.json"
+    assert main(["align", str(tiny_stack), "-o", str(out), "--transforms", str(tf),
+                 "--mode", "elastic", "--quiet", "--threads", "1"]) == 0
+    store = TransformSet.load(tf).fields
+    assert store is not None and TransformSet.load(tf).folding[3] is not None
+    chunks = [p for p in store.path.rglob("*")
+              if p.is_file() and p.relative_to(store.path).parts[:2] == ("c", "3")]
+    assert len(chunks) == 1
+    if damage == "deleted":
+        chunks[0].unlink()
+    else:
+        chunks[0].write_bytes(b"not a chunk")
+    capsys.readouterr()
+    again = tmp_path / "again.tif"
+    assert main(["apply", str(tf), str(tiny_stack), "-o", str(again), "--quiet",
+                 "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(store.path) in err and "slice 3" in err
+    assert not again.exists()
