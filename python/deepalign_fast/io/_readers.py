@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import threading
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import DeepAlignError
+from .._errors import DeepAlignError, EnvironmentFailure
 from ._common import (
     StackReader,
     check_slice_size,
@@ -78,6 +79,11 @@ class TiffStackReader(StackReader):
         self._n_mapped = 0
         try:
             self._tif: Any = tifffile.TiffFile(self.path, mode="r")
+        except OSError as exc:  # unreadable (permissions, I/O): the environment, not the input
+            kind = (DeepAlignError if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+                    else EnvironmentFailure)
+            raise kind(f"{self.path}: cannot read the stack: "
+                       f"{(exc.strerror or str(exc)).lower()}") from exc
         except Exception as exc:
             raise DeepAlignError(
                 f"{self.path}: not a readable TIFF file ({type(exc).__name__}: {exc})."

@@ -5,6 +5,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -614,3 +615,29 @@ def test_parallel_read_and_zarr_write(tmp_path, rng, num_threads, name, kw):
         with ThreadPoolExecutor(num_threads) as pool:
             list(pool.map(lambda i: w.write(i, r.read(i)), reversed(range(len(r)))))
     _check_roundtrip(out, data)
+
+
+@pytest.mark.parametrize(("errno_", "exit_status"), [(13, 1), (5, 1), (2, 2)])
+def test_an_unreadable_stack_is_the_environment_not_the_input(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        errno_: int, exit_status: int) -> None:
+    """A TIFF the system will not let us read (permission denied, an I/O error) is an
+    environment failure (CLI exit status 1), named in one line; a file gone between the
+    check and the read is bad input (2). (Root reads anything, so the refusal is simulated.)"""
+    from deepalign_fast._errors import EnvironmentFailure
+    from deepalign_fast.cli import main
+
+    src = tmp_path / "s.tif"
+    tifffile.imwrite(src, np.zeros((6, 16, 16), np.uint8))
+
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno_, os.strerror(errno_), str(path))
+
+    monkeypatch.setattr(tifffile, "TiffFile", refuse)
+    with pytest.raises(DeepAlignError, match=f"{src}: cannot read the stack") as info:
+        open_stack(src)
+    assert isinstance(info.value, EnvironmentFailure) is (exit_status == 1)
+    capsys.readouterr()
+    assert main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--quiet"]) == exit_status
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(src) in err
