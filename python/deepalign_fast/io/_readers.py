@@ -79,11 +79,8 @@ class TiffStackReader(StackReader):
         self._n_mapped = 0
         try:
             self._tif: Any = tifffile.TiffFile(self.path, mode="r")
-        except OSError as exc:  # unreadable (permissions, I/O): the environment, not the input
-            kind = (DeepAlignError if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
-                    else EnvironmentFailure)
-            raise kind(f"{self.path}: cannot read the stack: "
-                       f"{(exc.strerror or str(exc)).lower()}") from exc
+        except OSError as exc:
+            raise _unreadable(exc, self.path) from exc
         except Exception as exc:
             raise DeepAlignError(
                 f"{self.path}: not a readable TIFF file ({type(exc).__name__}: {exc})."
@@ -371,6 +368,8 @@ def _slice_header(f: Path, *, one_image: str = _IN_FOLDER) -> tuple[tuple[int, i
             dtype = np.dtype(page.dtype)
     except DeepAlignError:
         raise
+    except OSError as exc:
+        raise _unreadable(exc, f) from exc
     except Exception as exc:
         raise DeepAlignError(f"{f}: not a readable TIFF ({type(exc).__name__}: {exc}).") from exc
     if n_pages == 1 and _next_page_beyond_end(f):
@@ -507,8 +506,20 @@ class _SingleImageReader(StackReader):
         return _read_slice_file(self.path)
 
 
+def _unreadable(exc: OSError, path: Path) -> DeepAlignError:
+    """One-line error for an input the system will not read: an environment failure
+    (permissions, an I/O error; CLI exit status 1), or bad input when it is gone or of the
+    wrong kind (2)."""
+    kind = (DeepAlignError if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+            else EnvironmentFailure)
+    return kind(f"{path}: cannot read the stack: {(exc.strerror or str(exc)).lower()}")
+
+
 def _is_zarr_dir(p: Path) -> bool:
-    return any((p / m).is_file() for m in ("zarr.json", ".zarray", ".zgroup"))
+    try:
+        return any((p / m).is_file() for m in ("zarr.json", ".zarray", ".zgroup"))
+    except OSError as exc:  # a folder that cannot be searched: name it, not the probe
+        raise _unreadable(exc, p) from exc
 
 
 def open_stack(
@@ -541,7 +552,10 @@ def open_stack(
         type is unsupported, a single 2-D image was given without ``allow_single``, or one
         slice is larger than :func:`max_slice_pixels` (a slice is read whole).
     """
-    reader = _open_stack(Path(path), key, allow_single)
+    try:
+        reader = _open_stack(Path(path), key, allow_single)
+    except OSError as exc:  # a folder that cannot be listed, a file that cannot be read
+        raise _unreadable(exc, Path(exc.filename) if exc.filename else Path(path)) from exc
     try:
         check_slice_size(reader.path, reader.shape[1:], reader.file_dtype)
     except BaseException:

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -617,27 +618,38 @@ def test_parallel_read_and_zarr_write(tmp_path, rng, num_threads, name, kw):
     _check_roundtrip(out, data)
 
 
+@pytest.mark.parametrize("kind", ["tiff", "folder"])
 @pytest.mark.parametrize(("errno_", "exit_status"), [(13, 1), (5, 1), (2, 2)])
 def test_an_unreadable_stack_is_the_environment_not_the_input(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        errno_: int, exit_status: int) -> None:
-    """A TIFF the system will not let us read (permission denied, an I/O error) is an
-    environment failure (CLI exit status 1), named in one line; a file gone between the
-    check and the read is bad input (2). (Root reads anything, so the refusal is simulated.)"""
+        errno_: int, exit_status: int, kind: str) -> None:
+    """A TIFF (or a folder's slice) the system will not let us read (permission denied, an
+    I/O error) is an environment failure (CLI exit status 1), named in one line; a file gone
+    between the check and the read is bad input (2). (Root reads anything, so the refusal
+    is simulated.)"""
     from deepalign_fast._errors import EnvironmentFailure
     from deepalign_fast.cli import main
 
-    src = tmp_path / "s.tif"
-    tifffile.imwrite(src, np.zeros((6, 16, 16), np.uint8))
+    data = np.zeros((6, 16, 16), np.uint8)
+    if kind == "tiff":
+        src = tmp_path / "s.tif"
+        tifffile.imwrite(src, data)
+    else:
+        src = tmp_path / "slices"
+        src.mkdir()
+        for z, image in enumerate(data):
+            tifffile.imwrite(src / f"z{z}.tif", image)
 
     def refuse(path: Any, *args: Any, **kwargs: Any) -> Any:
         raise OSError(errno_, os.strerror(errno_), str(path))
 
     monkeypatch.setattr(tifffile, "TiffFile", refuse)
-    with pytest.raises(DeepAlignError, match=f"{src}: cannot read the stack") as info:
+    named = src if kind == "tiff" else src / "z0.tif"  # the file that could not be read
+    with pytest.raises(DeepAlignError, match=re.escape(f"{named}: cannot read the stack")
+                       ) as info:
         open_stack(src)
     assert isinstance(info.value, EnvironmentFailure) is (exit_status == 1)
     capsys.readouterr()
     assert main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--quiet"]) == exit_status
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and str(src) in err
+    assert len(err.strip().splitlines()) == 1 and str(named) in err
