@@ -618,7 +618,7 @@ def test_parallel_read_and_zarr_write(tmp_path, rng, num_threads, name, kw):
     _check_roundtrip(out, data)
 
 
-@pytest.mark.parametrize("kind", ["tiff", "folder"])
+@pytest.mark.parametrize("kind", ["tiff", "folder", "mrc"])
 @pytest.mark.parametrize(("errno_", "exit_status"), [(13, 1), (5, 1), (2, 2)])
 def test_an_unreadable_stack_is_the_environment_not_the_input(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -634,6 +634,10 @@ def test_an_unreadable_stack_is_the_environment_not_the_input(
     if kind == "tiff":
         src = tmp_path / "s.tif"
         tifffile.imwrite(src, data)
+    elif kind == "mrc":
+        mrcfile = pytest.importorskip("mrcfile")
+        src = tmp_path / "s.mrc"
+        mrcfile.new(str(src), data=data).close()
     else:
         src = tmp_path / "slices"
         src.mkdir()
@@ -643,8 +647,11 @@ def test_an_unreadable_stack_is_the_environment_not_the_input(
     def refuse(path: Any, *args: Any, **kwargs: Any) -> Any:
         raise OSError(errno_, os.strerror(errno_), str(path))
 
-    monkeypatch.setattr(tifffile, "TiffFile", refuse)
-    named = src if kind == "tiff" else src / "z0.tif"  # the file that could not be read
+    if kind == "mrc":
+        monkeypatch.setattr(pytest.importorskip("mrcfile"), "mmap", refuse)
+    else:
+        monkeypatch.setattr(tifffile, "TiffFile", refuse)
+    named = src / "z0.tif" if kind == "folder" else src  # the file that could not be read
     with pytest.raises(DeepAlignError, match=re.escape(f"{named}: cannot read the stack")
                        ) as info:
         open_stack(src)
