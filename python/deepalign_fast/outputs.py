@@ -419,11 +419,21 @@ _ERRNO_HINTS = {
 }
 
 
-def os_error(exc: OSError, path: str | os.PathLike[str] | None, doing: str = "") -> DeepAlignError:
+# ... where the failing operation reads an input rather than writes an output
+_READ_HINTS = {**_ERRNO_HINTS,
+               errno.EACCES: "permission denied; check the permissions of the file and of "
+                             "the folders above it",
+               errno.EPERM: "operation not permitted"}
+
+
+def os_error(exc: OSError, path: str | os.PathLike[str] | None, doing: str = "", *,
+             reading: bool = False) -> DeepAlignError:
     """One-line error for an ``OSError``: bad input (missing file, wrong kind) or an
-    :class:`EnvironmentFailure` (full disk, read-only, permissions, I/O error)."""
+    :class:`EnvironmentFailure` (full disk, read-only, permissions, I/O error). ``reading``:
+    the operation read an input (the hints say so)."""
     where = path if path is not None else (exc.filename or "?")
-    hint = _ERRNO_HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+    hints = _READ_HINTS if reading else _ERRNO_HINTS
+    hint = hints.get(exc.errno or 0, exc.strerror or str(exc))
     text = f"{where}: {doing}: {hint}" if doing else f"{where}: {hint}"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
         return DeepAlignError(text)

@@ -29,12 +29,9 @@ def _open(path: Path) -> Any:
                              "pip install mrcfile") from exc
     try:
         return mrcfile.mmap(str(path), mode="r", permissive=True)
-    except OSError as exc:
-        if exc.errno is not None:  # the system's (permissions, I/O): open_stack names it
-            raise
-        raise DeepAlignError(f"{path}: not a readable MRC file ({type(exc).__name__}: "
-                             f"{exc}).") from exc
     except Exception as exc:  # mrcfile raises ValueError/OSError/... for bad headers
+        if isinstance(exc, OSError) and exc.errno is not None:  # the system's: open_stack
+            raise  # names it (permissions, I/O)
         raise DeepAlignError(f"{path}: not a readable MRC file ({type(exc).__name__}: "
                              f"{exc}).") from exc
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import threading
@@ -11,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import DeepAlignError, EnvironmentFailure
+from .._errors import DeepAlignError
+from ..outputs import os_error
 from ._common import (
     StackReader,
     check_slice_size,
@@ -507,12 +507,10 @@ class _SingleImageReader(StackReader):
 
 
 def _unreadable(exc: OSError, path: Path) -> DeepAlignError:
-    """One-line error for an input the system will not read: an environment failure
-    (permissions, an I/O error; CLI exit status 1), or bad input when it is gone or of the
-    wrong kind (2)."""
-    kind = (DeepAlignError if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
-            else EnvironmentFailure)
-    return kind(f"{path}: cannot read the stack: {(exc.strerror or str(exc)).lower()}")
+    """One-line error for an input the system will not read (:func:`os_error`): an
+    environment failure (permissions, an I/O error; CLI exit status 1), or bad input when it
+    is gone or of the wrong kind (2)."""
+    return os_error(exc, path, "cannot read the stack", reading=True)
 
 
 def _is_zarr_dir(p: Path) -> bool:
