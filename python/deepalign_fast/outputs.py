@@ -46,7 +46,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -821,35 +821,36 @@ class Checkpoint:
         name = Path(os.path.abspath(final))
         if name not in {Path(os.path.abspath(p)) for p in self.outputs}:
             return
-        data = self.load()
-        if data is None:
-            return
-        committed = data.get("committed")
-        committed = dict(committed) if isinstance(committed, dict) else {}
-        committed[str(name)] = _identity(staged)
-        data["committed"] = committed
-        write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
+
+        def note(data: dict[str, Any]) -> None:
+            committed = data.get("committed")
+            data["committed"] = {**(committed if isinstance(committed, dict) else {}),
+                                 str(name): _identity(staged)}
+        self._update(note)
 
     def forget_outputs(self) -> None:
         """Drop the record of the outputs put in place (and of the transforms noted with
         them): a run that starts the rendering over replaces them all, and a kill before it
         puts the output in place must not leave the earlier output counted as this run's."""
-        data = self.load()
-        if data is None:
-            return
-        data.pop("committed", None)
-        data.pop("rendered", None)
-        write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
+        def forget(data: dict[str, Any]) -> None:
+            data.pop("committed", None)
+            data.pop("rendered", None)
+        self._update(forget)
 
     def rendered(self, transforms: dict[str, Any]) -> None:
         """Note (atomically) the transforms of the output as rendered (the refinement's
         failures flagged, its fields named relative to the checkpoint's folder), just before
         the output is put in place: a rerun after that reports them, not the estimation's
         (``load()["rendered"]``), also where the run writes no transforms file."""
+        self._update(lambda data: data.update(rendered=transforms))
+
+    def _update(self, change: Callable[[dict[str, Any]], Any]) -> None:
+        """Read this run's record, ``change`` it in place and write it back atomically;
+        nothing where the record is another run's (or gone)."""
         data = self.load()
         if data is None:
             return
-        data["rendered"] = transforms
+        change(data)
         write_atomic(self.path, json.dumps(data), doing="cannot save the resume checkpoint")
 
     @contextlib.contextmanager
