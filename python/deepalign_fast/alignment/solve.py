@@ -549,7 +549,7 @@ def _trend_sigma(values: NDArray[np.float64], cap: float) -> NDArray[np.float64]
 # drifts; the excess is the anatomy's apparent motion and is kept (see _walk_kept). It
 # applies only to slices whose content changes (below SIMILAR_CONTENT: serial sections, whose
 # content walks 3-8 px per section); 2 px moved an aligned isbi stack by 1.70 px, 1 px by 1.19
-# (benchmarks/RESULTS.md).
+# (before x and y were read together by _variogram: now 0.93; benchmarks/RESULTS.md).
 STAGE_STEP = 1.0
 # Neighbouring slices whose content correlates at least this well, noise discounted
 # (StackMatcher.neighbour_score), hardly change, so their content cannot appear to walk far:
@@ -564,6 +564,10 @@ def _variogram(values: NDArray[np.float64]) -> tuple[float, float]:
     """``(white, step)``: the variance of the independent per-slice part of ``values`` (n,)
     and the step variance of its random-walk part, from the robust variogram
     ``gamma(k) = 2 white + k step`` at lags 1-4 (medians, so a few bad slices do not count).
+
+    ``values`` (n, m) are ``m`` sequences of one statistics (the x and y translation: a
+    section's jitter and the content's walk have no preferred axis); each lag's median is
+    taken over all of them, twice the differences for a stack of 20-30 sections.
     """
     lags = np.array([k for k in _VARIOGRAM_LAGS if k < len(values) - 2], np.float64)
     if len(lags) < 2:
@@ -865,8 +869,9 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                                            variogram=_variogram(y - full[:, k]))
         lin_s = (comp_s @ _FROM_COMPONENTS.T).reshape(lin.shape)
         if stage_step is not None:
+            both = _variogram(ctr - ctr_s)  # x and y together (see _variogram)
             for k in range(2):
-                ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step)
+                ctr_s[:, k] += _walk_kept(ctr[:, k] - ctr_s[:, k], stage_step, variogram=both)
         elif noise_model:
             ok = np.ones(len(affines), bool) if good is None else good
             n_good = int(np.count_nonzero(ok))

@@ -537,6 +537,27 @@ def _aligned_walking_stack_moved(step: float, seed: int):
     return moved
 
 
+def test_sections_split_walk_from_jitter_with_x_and_y_together():
+    """Serial sections: the walk-or-jitter split of the translation reads its variogram
+    from x and y together (one statistics, twice the differences). 200 stacks of 24
+    sections, a content walk of 5 px per section and 4 px jitter per axis: the kept walk in
+    x is closer to the true walk with an independent y than with y a copy of x (the
+    information of x alone); measured 0.93 times the error."""
+    n = 24
+    together, alone = [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        walk = _walk(n, 5.0, rng)
+        seen = np.tile(np.eye(2, 3), (n, 1, 1))
+        seen[:, :, 2] = walk + rng.normal(0, 4.0, (n, 2))
+        copied = seen.copy()
+        copied[:, 1, 2] = copied[:, 0, 2]
+        for stack, errors in ((seen, together), (copied, alone)):
+            kept = lowpass_affines(stack, SHAPE, 16.0, adaptive=True)
+            errors.append(np.sqrt(np.mean((kept[:, 0, 2] - walk[:, 0]) ** 2)))
+    assert np.mean(together) < 0.96 * np.mean(alone)
+
+
 def test_similar_neighbours_have_every_walk_corrected():
     """Where the matcher measures that neighbouring slices hardly change (block correlation
     >= SIMILAR_CONTENT, as FIB-SEM), a fast walk is a stage's and is corrected; measured low
