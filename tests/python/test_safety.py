@@ -116,6 +116,46 @@ def test_hard_link_and_symlink_to_an_input_are_refused(src: Path, tmp_path: Path
     assert src.read_bytes() == before
 
 
+@pytest.mark.parametrize("case, words", [
+    ("transforms on the input", "(transforms_path) is the input"),
+    ("transforms on the output", "collides"),
+    ("output inside the input folder", "lies inside the input"),
+    ("transforms an existing folder", "exists and is a folder"),
+    ("transforms inside a new store output", "collides"),
+])
+def test_the_api_checks_every_path_before_any_work(src: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, case: str,
+                                                   words: str) -> None:
+    """``Aligner.align_stack`` refuses what the CLI refuses, before it estimates or writes
+    anything (before, a transforms file on the input replaced the input's TIFF with JSON,
+    and an output inside the input folder left a checkpoint there)."""
+    from deepalign_fast.alignment import Aligner
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z, s in enumerate(_stack()):
+        tifffile.imwrite(folder / f"{z:02d}.tif", s)
+    (tmp_path / "existing").mkdir()
+    stack, output, tpath = {
+        "transforms on the input": (src, tmp_path / "o.tif", src),
+        "transforms on the output": (src, tmp_path / "o.tif", tmp_path / "o.tif"),
+        "output inside the input folder": (folder, folder / "o.tif", None),
+        "transforms an existing folder": (src, tmp_path / "o.tif", tmp_path / "existing"),
+        "transforms inside a new store output": (src, tmp_path / "a.zarr",
+                                                 tmp_path / "a.zarr" / "t.json"),
+    }[case]
+
+    def no_estimate(*a: Any, **k: Any) -> Any:
+        raise AssertionError("estimated before refusing")
+
+    monkeypatch.setattr(Aligner, "estimate", no_estimate)
+    before = _snapshot(tmp_path)
+    with pytest.raises(DeepAlignError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        Aligner(model="translation").align_stack(stack, output, transforms_path=tpath,
+                                                 overwrite=True, progress=False)
+    assert _snapshot(tmp_path) == before  # the input intact, nothing written
+
+
 def test_other_commands_refuse_to_overwrite_inputs(src: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import cv2

@@ -421,8 +421,8 @@ class Aligner:
         ``overwrite`` replaces existing outputs (once the new ones are complete) and discards
         an unfinished one from another run.
         """
-        from ..io import as_reader, reader_path
-        from ..outputs import Checkpoint, output_lock
+        from ..io import StackReader, as_reader, reader_path
+        from ..outputs import Checkpoint, OutputPlan, output_lock, partial_path_for
 
         t0 = time.perf_counter()
         out = Path(output)
@@ -434,8 +434,28 @@ class Aligner:
         published = [p for p in (fields_path, tpath, out) if p is not None]  # in this order
         extra = [(Path(path), write) for path, write in side_outputs]
         locked = [out] + ([tpath] if tpath is not None else []) + [p for p, _ in extra]
+        # Every path this call writes, checked before any work (as the CLI does): none is or
+        # lies inside an input, none collides with another, none exists unless overwritten.
+        plan = OutputPlan(overwrite=overwrite, overwrite_flag="overwrite=True", resumes=out)
+        source = reader_path(stack) if isinstance(stack, StackReader) else stack
+        if isinstance(source, (str, os.PathLike)):
+            plan.input(source, "stack")
+        plan.input(self.options.masks, "masks")
+        plan.output(out, "output", folder=is_zarr, store=is_zarr)
+        plan.output(tpath, "transforms_path")
+        if fields_path is not None:
+            plan.output(fields_path, "field store", folder=True, store=True)
+            plan.output(partial_path_for(fields_path), "unfinished field store", folder=True,
+                        may_exist=True, store=True)
+        if is_zarr:
+            plan.output(partial_path_for(out), "unfinished output", folder=True,
+                        may_exist=True, store=True)
+        for path, _ in extra:
+            plan.output(path, "side output")
+        plan.check()
         stages: dict[str, float] = {}
-        with output_lock(locked), as_reader(stack) as reader:
+        with plan.prepared(), output_lock(locked), as_reader(stack) as reader:
+            plan.check()  # again under the lock: a run that just finished may have published
             if self.options.mode == "expected-affine" and self.options.masks is not None:
                 from ..refine.expected_affine import check_masks
 

@@ -503,6 +503,13 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     # an interrupted run of the same command are finished, not refused.
     tpath = Path(transforms_path) if transforms_path is not None else None
     extra = [(Path(p), write) for p, write in side_outputs]
+    # Every path this call writes, before any work (as Aligner.align_stack and the CLI).
+    plan = OutputPlan(overwrite=overwrite, overwrite_flag="overwrite=True", resumes=out)
+    plan.input(src, "stack").output(out, "output", folder=True, store=True)
+    plan.output(tpath, "transforms_path")
+    for side, _ in extra:
+        plan.output(side, "side output")
+    plan.check()
     ckpt = Checkpoint.for_run(src, out, (n, h, w), opts_d)
     assert ckpt is not None  # a path input
     ckpt.outputs = [*(p for p in (tpath, out) if p is not None), *(p for p, _ in extra)]

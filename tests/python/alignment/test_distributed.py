@@ -311,6 +311,11 @@ def test_refusals(cluster: Any, data: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="path"):
         align_distributed(np.zeros((2, 8, 8), np.uint8), tmp_path / "o.zarr",  # type: ignore[arg-type]
                           scheduler=client)
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(DeepAlignError, match=r"\(transforms_path\) is the input"):
+        align_distributed(data["input"], tmp_path / "o.zarr", scheduler=client, options=OPTS,
+                          transforms_path=data["input"], overwrite=True)
+    assert sorted(tmp_path.iterdir()) == before  # the input intact, nothing written
     for bad in ("local:0", "local:x", "127.0.0.1:8786"):
         with pytest.raises(ValueError, match="scheduler"), connect(bad):
             pass

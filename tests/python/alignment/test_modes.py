@@ -155,7 +155,7 @@ def test_existing_field_store_is_never_replaced_without_overwrite(tiny_stack: Pa
     store = tmp_path / "t.fields.zarr"
     store.mkdir()
     (store / "keep.txt").write_text("mine")
-    with pytest.raises(DeepAlignError, match="field store already exists"):
+    with pytest.raises(DeepAlignError, match=r"\(field store\) already exists"):
         Aligner(mode="elastic", num_threads=1).align_stack(
             tiny_stack, tmp_path / "out.tif", transforms_path=tf, progress=False)
     assert (store / "keep.txt").read_text() == "mine" and not (tmp_path / "out.tif").exists()
