@@ -595,7 +595,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
     def report(z: int) -> None:
         if not args.quiet:
-            print(f"slice {z} aligned", file=sys.stderr, flush=True)
+            print(f"slice {z} written", file=sys.stderr, flush=True)  # flags: the summary
 
     result = watch_folder(args.folder, args.output,
                           options=AlignOptions(num_threads=args.threads),

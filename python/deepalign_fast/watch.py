@@ -253,5 +253,8 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
         _save_state(state_path, state)
         if on_slice is not None:
             on_slice(z)
+    # Every slice, those written before a restart included (the stream replays them all).
+    result.flagged = list(stream.flagged)
+    result.flag_reasons = dict(stream.flag_reasons)
     result.files = known
     return result

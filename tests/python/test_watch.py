@@ -77,6 +77,24 @@ def test_watch_aligns_a_folder_as_it_fills_and_resumes(tmp_path: Path) -> None:
     assert '"written": 12' in state
 
 
+def test_a_rerun_with_nothing_new_reports_the_earlier_flags(tmp_path: Path) -> None:
+    """The result (and the CLI's summary) lists every flagged slice, also those written
+    before a restart: a rerun that finds no new file used to report none."""
+    slices = _slices(8)
+    slices[3] = 40  # blank: flagged
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    for z, s in enumerate(slices):
+        tifffile.imwrite(folder / f"slice_{z}.tif", s)
+    (folder / "STOP").touch()
+    out = tmp_path / "live.ome.zarr"
+    first = watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=5.0)
+    again = watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=5.0)
+    assert first.written == again.written == 8
+    assert first.flagged == again.flagged == [3]
+    assert again.flag_reasons == {3: "blank"}
+
+
 def test_watch_refusals(tmp_path: Path) -> None:
     folder = tmp_path / "acq"
     folder.mkdir()
