@@ -542,6 +542,10 @@ def _add_export(sub: Any) -> None:
     p.add_argument("transforms", type=Path, help="transforms file written by `align`")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FOLDER")
     p.add_argument("--format", choices=("itk",), default="itk")
+    p.add_argument("--pixel-size", type=float, default=1.0, metavar="S",
+                   help="ITK applies transforms in physical units: the images' pixel spacing "
+                        "(square pixels, origin 0), which scales the translations; default 1 "
+                        "(pixel units)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=_cmd_export)
 
@@ -550,6 +554,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .outputs import OutputPlan
     from .transforms import TransformSet, export_itk
 
+    _finite(args.pixel_size, "--pixel-size")
     ts = TransformSet.load(args.transforms)
     if ts.fields is not None:
         raise DeepAlignError(f"{args.transforms}: holds per-slice fields (--mode elastic or "
@@ -557,10 +562,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.transforms, "TRANSFORMS")
     width = max(4, len(str(len(ts) - 1)))
-    for z in range(len(ts)):
-        plan.output(args.output / f"slice_{z:0{width}d}.tfm", "-o")
+    names = {f"slice_{z:0{width}d}.tfm" for z in range(len(ts))}
+    for name in sorted(names):
+        plan.output(args.output / name, "-o")
     plan.check()
-    files = export_itk(ts, args.output)
+    if args.output.is_dir():  # an earlier export's other slices would be taken for this one's
+        other = sorted(p.name for p in args.output.iterdir()
+                       if re.fullmatch(r"slice_\d+\.tfm", p.name) and p.name not in names)
+        if other:
+            raise DeepAlignError(
+                f"{args.output / other[0]}: (-o) {len(other)} slice file(s) of an earlier "
+                f"export that this one ({len(ts)} slices) does not replace would stay beside "
+                "it; remove them or choose another folder.")
+    files = export_itk(ts, args.output, pixel_size=args.pixel_size)
     print(f"wrote {len(files)} ITK transform files to {args.output}")
     return 0
 
@@ -780,6 +794,13 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
     for name in names:
         plan.output(out / name, "OUT_DIR")
     plan.check()
+    if not args.labels:  # an earlier benchmark's labels would not match the new stack
+        for name in ("misaligned_labels.tif", "clean_labels.tif"):
+            if os.path.lexists(out / name):
+                raise DeepAlignError(
+                    f"{out / name}: (OUT_DIR) holds the labels of an earlier benchmark; this "
+                    "run writes none, so they would sit beside a stack they do not match. "
+                    "Remove them, pass --labels, or choose another folder.")
     # Everything is read, checked and computed before OUT_DIR is created.
     bench = misalign_benchmark(args.clean_stack, profile=args.profile, seed=args.seed,
                                labels=args.labels, artifacts=args.artifacts,

@@ -512,16 +512,23 @@ class FieldStore:
         self._array = zarr.open_array(str(final), mode="r")
 
 
-def export_itk(transforms: TransformSet, folder: str | os.PathLike[str]) -> list[Path]:
+def export_itk(transforms: TransformSet, folder: str | os.PathLike[str], *,
+               pixel_size: float = 1.0) -> list[Path]:
     """Write one ITK transform file per slice: ``FOLDER/slice_0000.tfm``, ...
 
     Each is an ``AffineTransform_double_2_2`` in ITK's text format (read by ITK/SimpleITK,
     3D Slicer, ANTs, elastix's ITK interface). ITK, like this package, maps output (fixed)
     points to input (moving) points, and pixel ``(i, j)`` at spacing 1 and origin 0 sits at
     physical ``(i, j)``, the centre-of-pixel convention used here, so the matrices are written
-    as they are: ``Parameters: a b c d tx ty`` with center 0. Files are written atomically.
+    as they are: ``Parameters: a b c d tx ty`` with center 0. ITK applies a transform in
+    physical coordinates: for images whose spacing is ``pixel_size`` (square pixels, origin
+    0) the translation is scaled by it (the matrix is unchanged). Files are written
+    atomically.
     """
     from .outputs import write_atomic
+
+    if not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise ValueError(f"pixel_size must be a finite number > 0, got {pixel_size}")
 
     out = Path(folder)
     try:
@@ -532,7 +539,8 @@ def export_itk(transforms: TransformSet, folder: str | os.PathLike[str]) -> list
     width = max(4, len(str(len(transforms) - 1)))
     for z, a in enumerate(transforms.affines):
         params = " ".join(repr(float(v)) for v in (a[0, 0], a[0, 1], a[1, 0], a[1, 1],
-                                                    a[0, 2], a[1, 2]))
+                                                    a[0, 2] * pixel_size,
+                                                    a[1, 2] * pixel_size))
         text = ("#Insight Transform File V1.0\n#Transform 0\n"
                 "Transform: AffineTransform_double_2_2\n"
                 f"Parameters: {params}\nFixedParameters: 0 0\n")

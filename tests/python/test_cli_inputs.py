@@ -114,6 +114,24 @@ def test_register_names_both_files_and_sizes(tmp_path: Path, rng: np.random.Gene
     assert "folder" not in err
 
 
+def test_make_benchmark_overwrite_refuses_an_earlier_runs_labels(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rewriting a benchmark without --labels would leave the earlier run's labels beside a
+    stack they do not match: refused before anything is written."""
+    labels = tmp_path / "labels.tif"
+    tifffile.imwrite(labels, np.zeros((6, 96, 96), np.uint8), photometric="minisblack")
+    bench = tmp_path / "b"
+    assert main(["make-benchmark", str(src), str(bench), "--labels", str(labels)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in bench.iterdir()}
+    assert main(["make-benchmark", str(src), str(bench), "--overwrite", "--seed", "7"]) == 2
+    err = _one_line(capsys)
+    assert "labels of an earlier benchmark" in err and "misaligned_labels.tif" in err
+    assert {p.name: p.read_bytes() for p in bench.iterdir()} == before
+    assert main(["make-benchmark", str(src), str(bench), "--overwrite", "--seed", "7",
+                 "--labels", str(labels)]) == 0
+
+
 def test_make_benchmark_and_eval_name_the_file(src: Path, tmp_path: Path,
                                                rng: np.random.Generator,
                                                capsys: pytest.CaptureFixture[str]) -> None:

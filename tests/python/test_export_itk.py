@@ -60,6 +60,26 @@ def _round_trip(itk, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         assert inside.sum() > 2000
         diff = np.abs(itk.array_from_image(res) - ours)[inside]
         assert diff.max() < 1e-3
+    # Images with a physical pixel size: ITK works in physical units, and the files written
+    # for that spacing map physical points as ours maps pixels (and resample alike).
+    physical = tmp_path / "itk5"
+    assert main(["export-transforms", str(tpath), "-o", str(physical), "--pixel-size", "5"]) == 0
+    for a, f in zip(ts.affines, sorted(physical.glob("slice_*.tfm")), strict=True):
+        t = itk.transformread(str(f))[0]
+        for p in [(0.0, 0.0), (79.0, 63.0), (12.5, 40.25)]:
+            q = t.TransformPoint((5.0 * p[0], 5.0 * p[1]))
+            np.testing.assert_allclose(q, 5.0 * (a[:, :2] @ p + a[:, 2]), atol=1e-9)
+        img = itk.image_from_array(image)
+        img.SetSpacing([5.0, 5.0])
+        res = itk.resample_image_filter(img, transform=itk.AffineTransform[itk.D, 2].cast(t),
+                                        size=[80, 64], output_origin=[0.0, 0.0],
+                                        output_spacing=[5.0, 5.0], default_pixel_value=0.0)
+        ours = warp_affine(image, a, (64, 80))
+        ys, xs = np.mgrid[0:64, 0:80]
+        src = np.stack([xs, ys], -1) @ a[:, :2].T + a[:, 2]
+        inside = ((src[..., 0] >= 0) & (src[..., 0] <= 78) & (src[..., 1] >= 0)
+                  & (src[..., 1] <= 62))
+        assert np.abs(itk.array_from_image(res) - ours)[inside].max() < 1e-3
 
 
 def test_export_refuses_existing_files(tmp_path: Path,
@@ -71,3 +91,30 @@ def test_export_refuses_existing_files(tmp_path: Path,
     assert main(["export-transforms", str(tpath), "-o", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export-transforms", str(tpath), "-o", str(out), "--overwrite"]) == 0
+
+
+def test_export_refuses_an_earlier_exports_extra_slices(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """An export of fewer slices into the folder of an earlier one would leave that one's
+    last slice files beside it, taken for this export's by a glob: refused, nothing written."""
+    out = tmp_path / "itk"
+    assert main(["export-transforms", str(_transforms(tmp_path)), "-o", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    two = tmp_path / "two.transforms.json"
+    aff = np.tile(np.eye(2, 3), (2, 1, 1))
+    TransformSet(aff, (2, 64, 80), (64, 80), [], [0.1, 0.1], {}).save(two)
+    capsys.readouterr()
+    assert main(["export-transforms", str(two), "-o", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "slice_0002.tfm" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_export_refuses_a_bad_pixel_size(tmp_path: Path, value: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "itk"
+    assert main(["export-transforms", str(_transforms(tmp_path)), "-o", str(out),
+                 "--pixel-size", value]) == 2
+    assert "--pixel-size" in capsys.readouterr().err and not out.exists()
