@@ -424,7 +424,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                              f"{MAX_CANVAS_GROWTH}, got {args.scale:g}")
     if args.threads < 0:
         raise DeepAlignError(f"--threads must be >= 0, got {args.threads}")
-    from .io import label_target, prepare_label_group, register_label
+    from .io import image_shape, label_target, prepare_label_group, register_label
 
     target = label_target(args.output)  # -o IMAGE.ome.zarr/labels/NAME: an NGFF label image
     is_zarr = args.output.suffix.lower() == ".zarr" or target is not None
@@ -441,6 +441,14 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         plan.check()
     if args.scale != 1.0:
         ts = ts.rescaled(args.scale)
+    if target is not None:  # a label image must cover its image voxel for voxel
+        shape, made = image_shape(target[0]), (len(ts), *ts.output_shape)
+        if shape is not None and tuple(shape[-3:]) != made:
+            raise DeepAlignError(
+                f"{args.output}: (-o) the labels would be {made[0]} x {made[1]} x {made[2]} "
+                f"(slices x height x width) but the image {target[0]} is "
+                f"{' x '.join(str(v) for v in shape[-3:])}; apply the transforms of that "
+                "image's alignment, or write the labels elsewhere")
     with plan.prepared(), _lock(plan):
         plan.check()
         Aligner(num_threads=args.threads).render(

@@ -41,7 +41,7 @@ from ._common import (
     check_slice_size,
     max_slice_pixels,
 )
-from ._labels import label_target, prepare_label_group, register_label
+from ._labels import image_shape, label_target, prepare_label_group, register_label
 from ._mrc import MrcStackReader
 from ._readers import (
     FolderStackReader,
@@ -70,6 +70,7 @@ __all__ = [
     "reader_path",
     "FolderStackReader",
     "MrcStackReader",
+    "image_shape",
     "label_target",
     "prepare_label_group",
     "register_label",

@@ -10,7 +10,7 @@ from typing import Any
 from .._errors import DeepAlignError
 from ..outputs import write_atomic
 
-__all__ = ["label_target", "prepare_label_group", "register_label"]
+__all__ = ["image_shape", "label_target", "prepare_label_group", "register_label"]
 
 
 def _attrs(path: Path) -> dict[str, Any]:
@@ -33,12 +33,29 @@ def label_target(output: str | os.PathLike[str]) -> tuple[Path, str] | None:
         return None
     image = out.parent.parent
     if "multiscales" not in _attrs(image):
+        if image.suffix.lower() == ".zarr":
+            what = "does not exist" if not os.path.lexists(image) else \
+                "is not an OME-Zarr image (NGFF 0.4) such as align writes"
+            raise DeepAlignError(f"{out}: a label image goes inside the OME-Zarr image it "
+                                 f"labels, but {image} {what}; align into it first, or write "
+                                 "the labels elsewhere")
         return None
     if out.suffix.lower() in (".tif", ".tiff", ".btf"):
         raise DeepAlignError(f"{out}: a label image inside the OME-Zarr image {image} is a "
                              f"Zarr group, not a TIFF; name it without the suffix "
                              f"({out.with_suffix('')}) or write the TIFF elsewhere")
     return image, out.name
+
+
+def image_shape(image: Path) -> tuple[int, ...] | None:
+    """The shape of the full-resolution level of the OME-Zarr image group ``image`` (its first
+    multiscales dataset), or None where the metadata does not say."""
+    try:
+        path = _attrs(image)["multiscales"][0]["datasets"][0]["path"]
+        meta = json.loads((image / str(path) / ".zarray").read_text(encoding="utf-8"))
+        return tuple(int(v) for v in meta["shape"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def prepare_label_group(image: Path) -> None:

@@ -90,6 +90,38 @@ def test_apply_labels_into_the_image_group(tmp_path: Path) -> None:
     assert sorted(p.relative_to(image) for p in image.rglob("*")) == before
 
 
+def test_apply_refuses_labels_that_do_not_cover_the_image(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """Labels made with the transforms of another stack (another size or slice count) are
+    refused before anything is written into the image (they were written and listed: invalid
+    NGFF that no viewer overlays); so is a labels path in a store that is no image."""
+    import tifffile
+    from deepalign_fast.cli import main
+
+    stack = _stack(h=300, w=280)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    small = stack[:, :200, :240]
+    tifffile.imwrite(tmp_path / "small.tif", small, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", (small > 128).astype(np.uint8),
+                     photometric="minisblack")
+    image = tmp_path / "a.ome.zarr"
+    assert main(["align", str(tmp_path / "s.tif"), "-o", str(image), "--quiet"]) == 0
+    other = tmp_path / "small.tif.transforms.json"
+    assert main(["align", str(tmp_path / "small.tif"), "-o", str(tmp_path / "o.tif"),
+                 "--transforms", str(other), "--quiet"]) == 0
+    capsys.readouterr()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["apply", str(other), str(tmp_path / "lab.tif"),
+                 "-o", str(image / "labels" / "mito"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "but the image" in err and len(err.strip().splitlines()) == 1
+    assert main(["apply", str(other), str(tmp_path / "lab.tif"),
+                 "-o", str(tmp_path / "new.zarr" / "labels" / "mito"), "--quiet"]) == 2
+    assert "new.zarr does not exist" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_reads_ngff_05_input(tmp_path: Path) -> None:
     """NGFF 0.5 (Zarr v3, metadata under "ome"): level 0 found by its path, units read."""
     from deepalign_fast.io import voxel_size_of
