@@ -463,6 +463,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             prepare_label_group(target[0])
             register_label(*target)
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
+    if ts.flagged:  # the alignment could not place these: say so wherever they are used
+        print(f"note: the alignment flagged {len(ts.flagged)} slice(s) {ts.flagged} (its "
+              "summary says why); check them in the output")
     return 0
 
 

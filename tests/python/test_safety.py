@@ -609,6 +609,11 @@ def test_hostile_transforms_json(src: Path, tmp_path: Path, content: str, words:
     (lambda d: d["affines"][1][0].__setitem__(2, 10 ** 400), "too large"),
     (lambda d: d.__setitem__("residuals", [10 ** 400] * 6), "residuals"),
     (lambda d: d.__setitem__("version", 99), "versions 1 to"),
+    # edited far off: the slice would render blank, or overflow (was exit 0, a black slice)
+    (lambda d: d["affines"][0][0].__setitem__(2, 1e300), "slice 0 maps the output frame"),
+    (lambda d: d["affines"][3][1].__setitem__(2, -200.0), "slice 3 maps the output frame"),
+    (lambda d: d["affines"][1].__setitem__(0, [1e300, 0.0, 0.0]), "slice 1 scales by"),
+    (lambda d: d["affines"][4].__setitem__(1, [0.0, 0.01, 0.0]), "slice 4 scales by"),
 ])
 def test_invalid_transforms_are_refused(src: Path, tmp_path: Path, edit: Any, words: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -618,6 +623,20 @@ def test_invalid_transforms_are_refused(src: Path, tmp_path: Path, edit: Any, wo
     bad.write_text(json.dumps(data))
     assert main(["apply", str(bad), str(src), "-o", str(tmp_path / "l.tif"), "--quiet"]) == 2
     assert words in _one_line(capsys.readouterr().err)
+
+
+def test_apply_names_the_slices_the_alignment_flagged(src: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """Labels or channels warped with an alignment's transforms: its flagged slices are
+    named (apply said only "wrote ...")."""
+    data = json.loads(_aligned(src, tmp_path).read_text())
+    data["flagged"] = [2, 4]
+    tpath = tmp_path / "flagged.json"
+    tpath.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["apply", str(tpath), str(src), "-o", str(tmp_path / "l.tif"), "--quiet"]) == 0
+    assert "flagged 2 slice(s) [2, 4]" in capsys.readouterr().out
 
 
 def test_a_closed_pipe_is_no_error(monkeypatch: pytest.MonkeyPatch,
