@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .alignment import Aligner
+from .io import as_reader, finish_slice, output_dtype
 from .render import render_slice
 from .transforms import TransformSet
 
@@ -40,6 +41,9 @@ def estimate_transforms(stack: Any, **options: Any) -> np.ndarray:
 def align(stack: Any, **options: Any) -> tuple[Any, TransformSet]:
     """Align a ``(z, y, x)`` stack in memory; returns ``(aligned, transforms)``.
 
+    ``stack`` is an array (int8, int16, float16 and float64 are aligned as float32, as when
+    read from a file), a lazy array-like, or a file or folder path (read into memory).
+
     ``aligned`` is a numpy array, or a lazy dask array when ``stack`` is one (each slice is
     warped when computed); ``transforms.flagged`` lists the slices that could not be aligned.
     Only ``mode="affine"`` renders in memory: elastic and expected-affine refinement write
@@ -49,24 +53,31 @@ def align(stack: Any, **options: Any) -> tuple[Any, TransformSet]:
     if aligner.options.mode != "affine":
         raise ValueError(f"mode={aligner.options.mode!r} renders through files: use "
                          "Aligner(...).align_stack(stack, output_path)")
-    ts = aligner.estimate(stack, progress=False).transforms
-    h, w = ts.output_shape
     threads = aligner.options.num_threads
 
     if hasattr(stack, "map_blocks") and hasattr(stack, "rechunk"):  # dask: stay lazy
         import dask.array as da
 
+        ts = aligner.estimate(stack, progress=False).transforms
+        h, w = ts.output_shape
+        dtype = output_dtype(stack.dtype, "<array>")  # as the reader converts slices
+
         def render(block: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
             z = block_info[0]["array-location"][0][0] if block_info else 0
-            return render_slice(np.ascontiguousarray(block[0]), ts.slice_map(z), (h, w),
-                                num_threads=threads)[None]
+            image = finish_slice(block[0], shape=block.shape[1:], dtype=dtype,
+                                 where=f"<array>, slice {z}")
+            return render_slice(image, ts.slice_map(z), (h, w), num_threads=threads)[None]
 
         src = stack.rechunk((1, -1, -1))
         out = da.map_blocks(render, src, chunks=((1,) * len(ts), (h,), (w,)),  # type: ignore[no-untyped-call]
-                            dtype=stack.dtype)
+                            dtype=dtype)
         return out, ts
-    aligned = np.empty((len(ts), h, w), np.dtype(stack.dtype))
-    for z in range(len(ts)):
-        aligned[z] = render_slice(np.ascontiguousarray(np.asarray(stack[z])), ts.slice_map(z),
-                                  (h, w), num_threads=threads)
+    # arrays, array-likes, paths and open readers alike: read (and converted) slice by slice
+    with as_reader(stack) as reader:
+        ts = aligner.estimate(reader, progress=False).transforms
+        h, w = ts.output_shape
+        aligned = np.empty((len(ts), h, w), reader.dtype)
+        for z in range(len(ts)):
+            aligned[z] = render_slice(reader.read(z), ts.slice_map(z), (h, w),
+                                      num_threads=threads)
     return aligned, ts

@@ -65,3 +65,31 @@ def test_bad_inputs() -> None:
         align([[1, 2], [3, 4]])
     with pytest.raises(ValueError, match="offsets"):
         estimate_transforms(_stack(), offsets=(0,))
+
+
+def test_other_pixel_types_and_paths_align_as_files_do(tmp_path: Path) -> None:
+    """int8, int16, float16 and float64 arrays are aligned as float32, as their files are
+    (they were refused), and a path is read into memory (it raised AttributeError)."""
+    stack = _stack()
+    ref, ts = align(stack.astype(np.float32))
+    for dtype in (np.float64, np.int16, np.float16):
+        aligned, other = align(stack.astype(dtype))
+        assert aligned.dtype == np.float32
+        np.testing.assert_array_equal(aligned, ref)
+        np.testing.assert_allclose(other.affines, ts.affines, atol=1e-12)
+    half = (stack // 2).astype(np.int8)
+    np.testing.assert_array_equal(align(half)[0], align(half.astype(np.float32))[0])
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    from_file, _ = align(tmp_path / "s.tif")
+    np.testing.assert_array_equal(from_file, align(stack)[0])
+
+
+def test_stream_converts_pixel_types_and_checks_lookahead() -> None:
+    stack = _stack()
+    ref = list(Aligner().stream(iter(stack.astype(np.float32)), lookahead=2))
+    got = list(Aligner().stream(iter(stack.astype(np.float64)), lookahead=2))
+    assert got[0].dtype == np.float32
+    np.testing.assert_array_equal(np.stack(got), np.stack(ref))
+    for bad in (2.5, True, -1, "2"):
+        with pytest.raises(ValueError, match="lookahead"):
+            Aligner().stream(iter(stack), lookahead=bad)  # type: ignore[arg-type]

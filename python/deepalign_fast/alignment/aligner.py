@@ -550,8 +550,10 @@ class Aligner:
         one window (``lookahead`` of at least the stack's length): then every slice is the
         batch result.
         """
-        if lookahead < 0:
-            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        if isinstance(lookahead, bool) or not isinstance(lookahead, (int, np.integer)) \
+                or lookahead < 0:
+            raise ValueError(f"lookahead must be a whole number of slices >= 0, got "
+                             f"{lookahead!r}")
         return AlignStream(self.options, slices, lookahead)
 
 
@@ -706,10 +708,13 @@ class _StreamState:
         self.transforms: list[np.ndarray] = []
 
     def push(self, z: int, image: np.ndarray) -> Iterator[np.ndarray]:
+        from ..io import finish_slice, output_dtype
+
+        where = f"stream slice {z}"
+        image = np.asarray(image)
         if self.shape is None:
             if image.ndim != 2:
-                raise DeepAlignError(f"stream slice {z}: expected a 2-D slice, got shape "
-                                     f"{image.shape}")
+                raise DeepAlignError(f"{where}: expected a 2-D slice, got shape {image.shape}")
             self.shape, self.dtype = (int(image.shape[0]), int(image.shape[1])), image.dtype
             self.matcher = StackMatcher(self.opts, shape=self.shape)
             o = self.opts
@@ -720,10 +725,11 @@ class _StreamState:
                                           max_folding=o.max_folding,
                                           field_stride=o.field_stride)
         elif image.shape != self.shape or image.dtype != self.dtype:
-            raise DeepAlignError(f"stream slice {z}: shape {image.shape} {image.dtype} "
+            raise DeepAlignError(f"{where}: shape {image.shape} {image.dtype} "
                                  f"differs from the first slice's {self.shape} {self.dtype}")
-        if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-            raise DeepAlignError(f"stream slice {z}: contains NaN or infinite values")
+        # converted and checked as a slice of a file is (int8/float64 -> float32, finite)
+        image = finish_slice(image, shape=self.shape, dtype=output_dtype(image.dtype, where),
+                             where=where)
         assert self.matcher is not None
         self.matcher.add(z, None if is_blank(image) else self.matcher.backend.prepare(image))
         self.pending.append((z, image))

@@ -39,7 +39,9 @@ from ._common import (
     SUPPORTED_DTYPES,
     StackReader,
     check_slice_size,
+    finish_slice,
     max_slice_pixels,
+    output_dtype,
 )
 from ._labels import image_shape, label_target, prepare_label_group, register_label
 from ._mrc import MrcStackReader
@@ -64,7 +66,9 @@ __all__ = [
     "MAX_SLICE_PIXELS",
     "SUPPORTED_DTYPES",
     "check_slice_size",
+    "finish_slice",
     "max_slice_pixels",
+    "output_dtype",
     "ArrayStackReader",
     "as_reader",
     "reader_path",

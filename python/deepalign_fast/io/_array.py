@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import DeepAlignError
-from ._common import SUPPORTED_DTYPES, StackReader, finish_slice
+from ._common import StackReader, finish_slice, output_dtype
 
 
 class ArrayStackReader(StackReader):
@@ -27,13 +27,11 @@ class ArrayStackReader(StackReader):
         if arr.ndim != 3:
             raise DeepAlignError(f"{name}: expected a (z, y, x) stack, got an array of shape "
                                  f"{arr.shape}")
-        if arr.dtype not in SUPPORTED_DTYPES:
-            raise DeepAlignError(f"{name}: dtype {arr.dtype} is not supported; convert to "
-                                 "uint8, uint16 or float32 first")
         self._array = arr
         self.path = Path(name)
         self.shape = (int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]))
-        self.dtype = arr.dtype
+        # converted as a file of that type is (int8/int16/float16/float64 -> float32, ...)
+        self.dtype = output_dtype(arr.dtype, name)
         self.file_dtype = arr.dtype
         self._in_memory = True
 
