@@ -310,7 +310,9 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
     _finite(args.threshold, "--threshold")
     if args.masks is not None and args.mode != "expected-affine":
-        raise DeepAlignError("--masks only applies with --mode expected-affine")
+        where = f" (set on the command line or in --config {args.config})" \
+            if getattr(args, "config", None) is not None else ""
+        raise DeepAlignError(f"--masks only applies with --mode expected-affine{where}")
     if args.work_dir is not None and args.scheduler is None:
         raise DeepAlignError("--work-dir only applies with --scheduler")
     if args.scheduler is not None:
@@ -440,7 +442,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         plan.input(ts.fields.path, "fields")
         plan.check()
     if args.scale != 1.0:
-        ts = ts.rescaled(args.scale)
+        # A binned stack's side is the full one's divided and rounded either way (255 px
+        # binned by 2: 127 or 128): a full-resolution stack within that rounding matches.
+        from .io import open_stack
+
+        with open_stack(args.input) as reader:
+            full = reader.shape
+        fits = all(abs(full[i] / args.scale - ts.input_shape[i]) * min(1.0, args.scale) < 1
+                   for i in (1, 2))  # (within a pixel of the coarser of the two)
+        ts = ts.rescaled(args.scale, (len(ts), full[1], full[2]) if fits else None)
     if target is not None:  # a label image must cover its image voxel for voxel
         shape, made = image_shape(target[0]), (len(ts), *ts.output_shape)
         if shape is not None and tuple(shape[-3:]) != made:
@@ -728,6 +738,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() not in (".tif", ".tiff", ".png"):
         raise DeepAlignError(f"{args.output}: (-o) unsupported image suffix "
                              f"{args.output.suffix!r}; use .tif, .tiff or .png")
+    for value, flag in ((args.clusters, "--clusters"), (args.k, "--k")):
+        if value < 1:
+            raise DeepAlignError(f"{flag} must be >= 1, got {value}")
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.fixed, "FIXED").input(args.moving, "MOVING").input(args.mask, "--mask")
     plan.output(args.output, "-o")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from deepalign_fast import Aligner, TransformSet, align, estimate_transforms
+from deepalign_fast import Aligner, DeepAlignError, TransformSet, align, estimate_transforms
 from deepalign_fast.io import open_stack
 
 
@@ -65,6 +65,8 @@ def test_bad_inputs() -> None:
         align([[1, 2], [3, 4]])
     with pytest.raises(ValueError, match="offsets"):
         estimate_transforms(_stack(), offsets=(0,))
+    with pytest.raises(DeepAlignError, match="128 x 0 pixels: empty"):  # (a numpy error)
+        align(np.zeros((8, 128, 0), np.uint8))
 
 
 def test_other_pixel_types_and_paths_align_as_files_do(tmp_path: Path) -> None:

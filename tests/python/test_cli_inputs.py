@@ -3,6 +3,7 @@ usage block, no library log, no silent wrong result."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -145,6 +146,14 @@ def test_make_benchmark_and_eval_name_the_file(src: Path, tmp_path: Path,
     assert main(["make-benchmark", str(src), str(bench)]) == 0
     capsys.readouterr()
     gt = bench / "ground_truth.json"
+    nan, short = json.loads(gt.read_text()), json.loads(gt.read_text())
+    nan["transforms"][3][0][2] = float("nan")
+    short["transforms"] = short["transforms"][:5]
+    for data, words in ((nan, "slice 3 holds NaN"), (short, "holds 5 transforms but")):
+        gt.write_text(json.dumps(data))
+        assert main(["eval", str(src), str(bench), "--quiet"]) == 2
+        err = _one_line(capsys)
+        assert str(gt) in err and words in err, err
     for text in ('{"x": 1}', "[1]", "garbage"):
         gt.write_text(text)
         assert main(["eval", str(src), str(bench), "--quiet"]) == 2

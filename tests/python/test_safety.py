@@ -507,6 +507,20 @@ def test_option_checks(src: Path, tmp_path: Path, argv: list[str], words: str,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag", ["--clusters", "--k"])
+def test_register_names_a_bad_count(src: Path, tmp_path: Path, flag: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import cv2
+
+    fixed, moving = tmp_path / "f.png", tmp_path / "m.png"
+    cv2.imwrite(str(fixed), _stack()[0])
+    cv2.imwrite(str(moving), _stack()[1])
+    out = tmp_path / "r.png"
+    assert main(["register", str(fixed), str(moving), "-o", str(out), flag, "0"]) == 2
+    assert f"{flag} must be >= 1, got 0" in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("address", ["foo", "local:0", "local:x", "127.0.0.1:8786",
                                      "tcp://host:99999", "tcp://"])
 def test_bad_scheduler_address_creates_nothing(src: Path, tmp_path: Path, address: str,
@@ -663,6 +677,16 @@ def test_apply_refuses_a_stack_of_another_size(src: Path, tmp_path: Path,
     assert main(["apply", str(tpath), str(binned), "-o", str(tmp_path / "l.tif"), "--scale",
                  "0.5", "--quiet"]) == 0
     assert tifffile.imread(tmp_path / "l.tif").shape == (6, 48, 48)
+    # odd sides: a binned side is the full one's halved and rounded either way
+    odd = tmp_path / "odd.tif"
+    tifffile.imwrite(odd, _stack()[:, :95, :95].copy(), photometric="minisblack")
+    assert main(["apply", str(tpath), str(odd), "-o", str(tmp_path / "o1.tif"), "--scale",
+                 "2", "--quiet"]) == 2  # 95 px is no 2x finer copy of 96 px
+    capsys.readouterr()
+    half_tpath = _aligned(binned, tmp_path / "half")
+    assert main(["apply", str(half_tpath), str(odd), "-o", str(tmp_path / "o2.tif"),
+                 "--scale", "2", "--quiet"]) == 0  # 48 px: 95 px binned, rounded up
+    assert tifffile.imread(tmp_path / "o2.tif").shape == (6, 96, 96)
     for scale in ("1000", "nan", "0"):
         assert main(["apply", str(tpath), str(src), "-o", str(tmp_path / "m.tif"), "--scale",
                      scale]) == 2

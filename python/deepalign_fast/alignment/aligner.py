@@ -216,6 +216,8 @@ class Aligner:
             n, h, w = reader.shape
             if n < 1:
                 raise DeepAlignError(f"{reader.path}: the stack has no slices")
+            if h < 1 or w < 1:
+                raise DeepAlignError(f"{reader.path}: its slices are {h} x {w} pixels: empty")
             matcher = StackMatcher(opts, shape=(h, w))
             bar = Progress(n, "estimate", progress)
             times = matcher.times
@@ -713,7 +715,7 @@ class _StreamState:
         where = f"stream slice {z}"
         image = np.asarray(image)
         if self.shape is None:
-            if image.ndim != 2:
+            if image.ndim != 2 or 0 in image.shape:
                 raise DeepAlignError(f"{where}: expected a 2-D slice, got shape {image.shape}")
             self.shape, self.dtype = (int(image.shape[0]), int(image.shape[1])), image.dtype
             self.matcher = StackMatcher(self.opts, shape=self.shape)

@@ -371,7 +371,11 @@ def evaluate_alignment(
                              "make-benchmark") from exc
     mis = read_stack(bdir / "misaligned.tif")
     al = aligned if isinstance(aligned, np.ndarray) else read_stack(aligned)
-    if len(al) != len(truth) or len(mis) != len(truth):
+    if len(mis) != len(truth):
+        raise DeepAlignError(f"{gt_path}: holds {len(truth)} transforms but "
+                             f"{bdir / 'misaligned.tif'} has {len(mis)} slices; the folder "
+                             "must be one written by make-benchmark")
+    if len(al) != len(truth):
         raise DeepAlignError(
             f"aligned stack has {len(al)} slices, benchmark {bdir} has {len(truth)}"
         )

@@ -85,8 +85,15 @@ class GroundTruth:
             d = json.loads(text)
             if not isinstance(d, dict):
                 raise TypeError(f"expected an object, got a {type(d).__name__}")
+            transforms = np.asarray(d["transforms"], dtype=np.float64)
+            if transforms.ndim != 3 or transforms.shape[1:] != (2, 3):
+                raise ValueError(f"'transforms' must be 2x3 affines, got shape "
+                                 f"{transforms.shape}")
+            bad = np.nonzero(~np.isfinite(transforms).all(axis=(1, 2)))[0]
+            if bad.size:
+                raise ValueError(f"the transform of slice {int(bad[0])} holds NaN or infinity")
             return cls(
-                transforms=np.asarray(d["transforms"], dtype=np.float64),
+                transforms=transforms,
                 shape=tuple(d["shape"]),
                 clean_shape=tuple(d["clean_shape"]),
                 profile=str(d.get("profile", "custom")),

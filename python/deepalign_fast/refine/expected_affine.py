@@ -319,8 +319,10 @@ def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
     mov = np.asarray(moving)
     if ref.ndim != 2 or mov.ndim != 2:
         raise DeepAlignError(f"reference and moving must be 2-D, got {ref.shape} and {mov.shape}")
-    if n_clusters < 1 or k < 1 or grid_step < 1 or field_step < 1 or iterations < 1:
-        raise ValueError("n_clusters, k, grid_step, field_step and iterations must be >= 1")
+    for name, value in (("n_clusters", n_clusters), ("k", k), ("grid_step", grid_step),
+                        ("field_step", field_step), ("iterations", iterations)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     notes: list[str] = []
     m: np.ndarray | None = None
     if mask is not None:
