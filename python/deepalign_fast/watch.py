@@ -173,10 +173,24 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
 
     first: list[Any] = []  # ((shape, dtype), file name) of the first slice
 
+    stamps: dict[str, list[int]] = dict(state.get("stamps") or {})
+
+    def stamp(p: Path) -> list[int]:
+        st = p.stat()
+        return [int(st.st_size), int(st.st_mtime_ns)]
+
     def source() -> Iterator[np.ndarray]:
         nonlocal first
-        for name in list(known):  # a restart: the slices taken before, again
-            image = read_image(src / name)
+        for z, name in enumerate(list(known)):  # a restart: the slices taken before, again
+            path = src / name
+            if not path.is_file():
+                raise DeepAlignError(f"{path}: slice {z} of this watch (taken before) is gone; "
+                                     "put it back and rerun, or watch into another output")
+            if name in stamps and stamp(path) != stamps[name]:
+                raise DeepAlignError(f"{path}: slice {z} of this watch has changed since it was "
+                                     "taken (size or time); the slices aligned after it used "
+                                     "the old one. Put it back, or watch into another output")
+            image = read_image(path)
             first = first or [(image.shape, image.dtype), name]
             yield image
         last_new = time.monotonic()
@@ -184,8 +198,16 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
             # The stop file means the acquisition is over: every file present is complete.
             stopping = (src / stop_file).exists()
             fresh = sorted((p for p in src.iterdir() if p.suffix.lower() in SUFFIXES
+                            and not p.name.startswith(".")  # as align reads a folder
                             and p.name not in known and p.is_file()),
                            key=lambda p: _natural(p.name))
+            if fresh and known and _natural(fresh[0].name) < _natural(known[-1]):
+                # slices are taken in natural order and cannot be inserted afterwards
+                raise DeepAlignError(
+                    f"{fresh[0]}: arrived after {known[-1]} (slice {len(known) - 1}) but sorts "
+                    "before it; the watch cannot insert a slice it has passed. Move it away "
+                    "and rerun the same command, or align the folder with `align` once the "
+                    "acquisition is complete")
             took = False
             waiting: tuple[Path, str] | None = None  # the file the watch waits for, and why
             for p in fresh:
@@ -214,6 +236,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
                         f"{image.dtype}, the first ({first[1]}) {first[0][0][0]} x "
                         f"{first[0][0][1]} {first[0][1]}; the watch stops before it")
                 first = first or [(image.shape, image.dtype), p.name]
+                stamps[p.name] = [int(st.st_size), int(st.st_mtime_ns)]
                 known.append(p.name)
                 took = True
                 last_new = time.monotonic()
@@ -248,7 +271,8 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
         result.written = z + 1
         result.flagged = list(stream.flagged)
         result.flag_reasons = dict(stream.flag_reasons)
-        state.update(files=known[:], written=z + 1, flagged=result.flagged,
+        state.update(files=known[:], stamps={k: stamps[k] for k in known if k in stamps},
+                     written=z + 1, flagged=result.flagged,
                      flag_reasons={str(k): v for k, v in result.flag_reasons.items()})
         _save_state(state_path, state)
         if on_slice is not None:

@@ -95,6 +95,43 @@ def test_a_rerun_with_nothing_new_reports_the_earlier_flags(tmp_path: Path) -> N
     assert again.flag_reasons == {3: "blank"}
 
 
+def test_hidden_files_are_not_slices_and_order_is_kept(tmp_path: Path) -> None:
+    """macOS's ``._NAME`` files are skipped (as align skips them in a folder); a file that
+    arrives after the watch has passed its place in the natural order stops the watch with
+    its name (it was appended as the last slice, unflagged as such)."""
+    slices = _slices(8)
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    for z, s in enumerate(slices[:6]):
+        tifffile.imwrite(folder / f"slice_{z:02d}.tif", s)
+    (folder / "._slice_03.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    out = tmp_path / "live.ome.zarr"
+    first = watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
+    assert first.files == [f"slice_{z:02d}.tif" for z in range(6)] and first.written == 6
+    tifffile.imwrite(folder / "slice_02b.tif", slices[6])
+    with pytest.raises(DeepAlignError, match=r"slice_02b\.tif: arrived after slice_05\.tif"):
+        watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
+
+
+def test_a_restart_refuses_a_taken_file_changed_or_gone(tmp_path: Path) -> None:
+    """Slices aligned after a taken file used it as it was: a restart that finds it replaced
+    or removed stops with its name and slice (it replayed the new file silently, or said only
+    "no such image file")."""
+    slices = _slices(8)
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    for z, s in enumerate(slices[:6]):
+        tifffile.imwrite(folder / f"slice_{z}.tif", s)
+    out = tmp_path / "live.ome.zarr"
+    watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
+    tifffile.imwrite(folder / "slice_2.tif", np.roll(slices[2], 3, axis=1))
+    with pytest.raises(DeepAlignError, match=r"slice_2\.tif: slice 2 of this watch has changed"):
+        watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
+    (folder / "slice_2.tif").unlink()
+    with pytest.raises(DeepAlignError, match=r"slice_2\.tif: slice 2 of this watch .* is gone"):
+        watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
+
+
 def test_watch_refusals(tmp_path: Path) -> None:
     folder = tmp_path / "acq"
     folder.mkdir()
