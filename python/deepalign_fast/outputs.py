@@ -192,9 +192,32 @@ def store_problem(path: str | os.PathLike[str], *, unfinished: bool = False) -> 
             if entry.is_symlink():
                 return f"holds a symbolic link, {entry.relative_to(p)}"
         for name in files:
+            if _LOCK_FILE.fullmatch(name):  # this tool's lock (an apply into labels/ killed)
+                if _lock_held(Path(root, name)):
+                    return (f"is being written by another deepalign-fast run (it holds "
+                            f"{Path(root, name).relative_to(p)})")
+                continue
             if not _STORE_FILE.fullmatch(name):
                 return f"holds {Path(root, name).relative_to(p)}, which is not Zarr data"
     return None
+
+
+_LOCK_FILE = re.compile(r"\..+\.deepalign\.lock")
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a live process holds the lock file ``path`` (:func:`output_lock`)."""
+    try:
+        fd = os.open(path, _LOCK_FLAGS)
+    except OSError:
+        return False  # gone, or not a plain file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -211,6 +211,24 @@ def test_tif_and_zarr_outputs_have_their_own_sidecars(src: Path, tmp_path: Path)
     assert (tmp_path / "x.ome.zarr.transforms.json").is_file()
 
 
+def test_a_killed_runs_lock_inside_a_store_does_not_block_overwrite(
+        src: Path, tmp_path: Path, lock_held: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`apply -o STORE/labels/x` killed with -9 leaves its lock file inside the store: the
+    store's own tool may still replace it (it was "not Zarr data"), unless a live run holds
+    that lock."""
+    store = tmp_path / "a.ome.zarr"
+    assert _align(str(src), "-o", str(store)) == 0
+    (store / "labels").mkdir()
+    (store / "labels" / ".x.deepalign.lock").write_text("12345\n")  # no process holds it
+    assert _align(str(src), "-o", str(store), "--overwrite") == 0
+    (store / "labels").mkdir()
+    capsys.readouterr()
+    with lock_held(store / "labels" / "x"):
+        assert _align(str(src), "-o", str(store), "--overwrite") == 2
+        assert "being written by another deepalign-fast run" in \
+            _one_line(capsys.readouterr().err)
+
+
 def _foreign_folders(tmp_path: Path) -> dict[str, Path]:
     """Folders named like Zarr outputs that deepalign-fast did not write."""
     import zarr
