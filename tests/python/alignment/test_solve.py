@@ -250,6 +250,38 @@ def test_a_slice_none_of_whose_pairs_correlates_is_flagged_where_content_persist
                              for pm in pairs]) == []
 
 
+@pytest.mark.parametrize("run", [(0, 1, 2, 3), (8, 9, 10)])
+def test_a_run_linked_to_the_rest_only_by_pairs_that_do_not_correlate_is_flagged(run):
+    """A run of slices that match one another well but the rest only at a false position (as
+    slices 20-33 px apart on an 80-px frame did): every pair across correlates at 0.05-0.3
+    against the usual 0.9, and the farther pairs confirm the false position. The run is
+    flagged; the rest, the larger group, is not (before, it was left 30 px off, in part
+    unflagged)."""
+    from dataclasses import replace
+
+    from deepalign_fast.alignment.solve import unlike_slices
+
+    rng = np.random.default_rng(5)
+    n = 20
+    false = np.tile(np.eye(2, 3), (n, 1, 1))
+    false[list(run), :, 2] += (30.0, -12.0)
+
+    def across(pm):  # type: ignore[no-untyped-def]
+        return (pm.i in run) != (pm.j in run)
+
+    pairs = [replace(pm, correlation=(rng.uniform(0.05, 0.3) if across(pm)
+                                      else rng.uniform(0.85, 0.95) / abs(pm.j - pm.i) ** 0.1))
+             for pm in _pairs(false, rng, (1, 2, 4, 8))]
+    assert unlike_slices(n, pairs) == list(run)
+    keep = solve_stack(n, pairs, SHAPE, neighbour_score=0.9)
+    assert keep.flagged == list(run)
+    assert set(keep.flag_reasons.values()) == {"unlike"}
+    # one pair across at the usual correlation links the run: nothing flagged
+    bridge = [replace(pm, correlation=0.9) if across(pm) and abs(pm.j - pm.i) == 1 else pm
+              for pm in pairs]
+    assert unlike_slices(n, bridge) == []
+
+
 @pytest.mark.parametrize("degrees", [8.0, 30.0, 60.0])
 @pytest.mark.parametrize("model", ["rigid", "affine"])
 def test_sections_turned_by_degrees_are_recovered_without_a_false_scale(model, degrees):
