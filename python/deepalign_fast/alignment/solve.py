@@ -1064,8 +1064,10 @@ UNLIKE_SHARE = 0.5
 def unlike_slices(n: int, pairs: Sequence[PairMoments]) -> list[int]:
     """Slices none of whose pairs correlates at :data:`UNLIKE_SHARE` of the stack's usual
     nearest pair (the median :attr:`PairMoments.correlation` of the pairs at the shortest
-    distance), and runs of slices linked to the rest of the stack only by such pairs; pairs
-    without a measured correlation do not count.
+    distance), and runs of slices linked to the rest of the stack only by pairs below that
+    share of the usual correlation at their own distance (which decays per slice of distance
+    as the two nearest distances' medians do); pairs without a measured correlation do not
+    count.
 
     The matcher leaves such a nearest pair out once it knows the stack's usual correlation
     (``StackMatcher._unlike``), but not among the first slices. A slice there that is off
@@ -1084,7 +1086,21 @@ def unlike_slices(n: int, pairs: Sequence[PairMoments]) -> list[int]:
     dist = np.array([abs(pm.j - pm.i) for pm in measured])
     corr = np.array([pm.correlation for pm in measured])
     usual = float(np.median(corr[dist == dist.min()]))
-    seen = np.zeros(n, bool)
+    # A link between groups is judged at its own distance: farther pairs correlate less by
+    # nature (the pairs over a blank slice), a pair at a false position far less. The decay
+    # per slice of distance is read from the two nearest distances (medians: the few pairs
+    # of a bad slice or run do not move them).
+    classes = [int(d) for d in np.unique(dist) if np.count_nonzero(dist == d) >= 3]
+    decay = 1.0
+    if len(classes) >= 2 and usual > 0:
+        d1, d2 = classes[:2]
+        ratio = float(np.median(corr[dist == d2])) / float(np.median(corr[dist == d1]))
+        decay = float(np.clip(ratio, 0.0, 1.0)) ** (1.0 / (d2 - d1))
+    best = np.full(n, -np.inf)
+    for pm, c in zip(measured, corr, strict=True):
+        best[pm.i] = max(best[pm.i], c)
+        best[pm.j] = max(best[pm.j], c)
+    alone = np.isfinite(best) & (best < UNLIKE_SHARE * usual)  # no pair correlates
     root = np.arange(n)
 
     def find(z: int) -> int:
@@ -1093,16 +1109,16 @@ def unlike_slices(n: int, pairs: Sequence[PairMoments]) -> list[int]:
             z = int(root[z])
         return z
 
-    for pm, c in zip(measured, corr, strict=True):
-        seen[pm.i] = seen[pm.j] = True
-        if c >= UNLIKE_SHARE * usual:
+    for pm, c, d in zip(measured, corr, dist, strict=True):
+        if not (alone[pm.i] or alone[pm.j]) and \
+                c >= UNLIKE_SHARE * usual * decay ** (d - dist.min()):
             root[find(pm.i)] = find(pm.j)
     groups: dict[int, list[int]] = {}
-    for z in np.flatnonzero(seen):
+    for z in np.flatnonzero(np.isfinite(best) & ~alone):
         groups.setdefault(find(int(z)), []).append(int(z))
-    linked = [g for g in groups.values() if len(g) > 1]
-    main = max(linked, key=len) if linked else []  # (max keeps the earliest of equals)
-    return sorted(z for g in groups.values() if g is not main for z in g)
+    main = max(groups.values(), key=len) if groups else []  # (the earliest of equals)
+    return sorted([int(z) for z in np.flatnonzero(alone)]
+                  + [z for g in groups.values() if g is not main for z in g])
 
 
 @functools.cache

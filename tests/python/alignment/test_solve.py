@@ -253,10 +253,10 @@ def test_a_slice_none_of_whose_pairs_correlates_is_flagged_where_content_persist
 @pytest.mark.parametrize("run", [(0, 1, 2, 3), (8, 9, 10)])
 def test_a_run_linked_to_the_rest_only_by_pairs_that_do_not_correlate_is_flagged(run):
     """A run of slices that match one another well but the rest only at a false position (as
-    slices 20-33 px apart on an 80-px frame did): every pair across correlates at 0.05-0.3
-    against the usual 0.9, and the farther pairs confirm the false position. The run is
-    flagged; the rest, the larger group, is not (before, it was left 30 px off, in part
-    unflagged)."""
+    slices 20-33 px apart on an 80-px frame did): every pair across correlates at 0.02-0.15,
+    the others as lucchi's pairs do (0.9 times 0.88 per slice of distance: 0.79 at 2, 0.61
+    at 4), and the farther pairs confirm the false position. The run is flagged; the rest,
+    the larger group, is not (before, it was left 30 px off, in part unflagged)."""
     from dataclasses import replace
 
     from deepalign_fast.alignment.solve import unlike_slices
@@ -269,8 +269,8 @@ def test_a_run_linked_to_the_rest_only_by_pairs_that_do_not_correlate_is_flagged
     def across(pm):  # type: ignore[no-untyped-def]
         return (pm.i in run) != (pm.j in run)
 
-    pairs = [replace(pm, correlation=(rng.uniform(0.05, 0.3) if across(pm)
-                                      else rng.uniform(0.85, 0.95) / abs(pm.j - pm.i) ** 0.1))
+    pairs = [replace(pm, correlation=(rng.uniform(0.02, 0.15) if across(pm) else
+                                      rng.uniform(0.85, 0.95) * 0.88 ** (abs(pm.j - pm.i) - 1)))
              for pm in _pairs(false, rng, (1, 2, 4, 8))]
     assert unlike_slices(n, pairs) == list(run)
     keep = solve_stack(n, pairs, SHAPE, neighbour_score=0.9)
@@ -280,6 +280,11 @@ def test_a_run_linked_to_the_rest_only_by_pairs_that_do_not_correlate_is_flagged
     bridge = [replace(pm, correlation=0.9) if across(pm) and abs(pm.j - pm.i) == 1 else pm
               for pm in pairs]
     assert unlike_slices(n, bridge) == []
+    # ... and so do the farther pairs over a gap, at their own distance's correlation (the
+    # pairs over a blank slice: 0.79 at 2 slices is no bad link though below half of 0.9^1)
+    over = [replace(pm, correlation=0.9 * 0.88 ** (abs(pm.j - pm.i) - 1))
+            if across(pm) and abs(pm.j - pm.i) > 1 else pm for pm in pairs]
+    assert unlike_slices(n, over) == []
 
 
 @pytest.mark.parametrize("degrees", [8.0, 30.0, 60.0])
