@@ -418,7 +418,7 @@ def _add_apply(sub: Any) -> None:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .alignment import Aligner
     from .outputs import OutputPlan, partial_path_for
-    from .transforms import MAX_CANVAS_GROWTH, TransformSet
+    from .transforms import MAX_CANVAS_GROWTH, TransformSet, outside_slices
 
     _finite(args.scale, "--scale")
     if not 1 / MAX_CANVAS_GROWTH <= args.scale <= MAX_CANVAS_GROWTH:
@@ -476,6 +476,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if ts.flagged:  # the alignment could not place these: say so wherever they are used
         print(f"note: the alignment flagged {len(ts.flagged)} slice(s) {ts.flagged} (its "
               "summary says why); check them in the output")
+    empty = outside_slices(ts)
+    if empty:  # (a strong drift followed on a frame fixed to the mean, or an edited file)
+        print(f"note: {len(empty)} slice(s) {empty} map wholly outside their input and are "
+              "empty in the output")
     return 0
 
 

@@ -59,7 +59,7 @@ from ._errors import DeepAlignError
 if TYPE_CHECKING:
     from .render import SliceMap
 
-__all__ = ["FIELD_KINDS", "SCHEMA", "FieldStore", "TransformSet", "export_itk"]
+__all__ = ["FIELD_KINDS", "SCHEMA", "FieldStore", "TransformSet", "export_itk", "outside_slices"]
 
 SCHEMA = "deepalign-fast/transforms"
 VERSION = 3  # written when fields are present; version 1 otherwise (2: displacement only)
@@ -215,7 +215,7 @@ class TransformSet:
             raise DeepAlignError(f"{source}: {n} affines but input_shape says {input_shape[0]} "
                                  "slices")
         _check_output_size(output_shape, input_shape, source)
-        _check_reach(affines, input_shape, output_shape, source)
+        _check_reach(affines, source)
         flagged = data.get("flagged", [])
         if not isinstance(flagged, list) or not all(
                 _is_int(z) and 0 <= z < n for z in flagged):
@@ -297,12 +297,9 @@ def _affines(v: Any, source: str) -> np.ndarray:
     return arr
 
 
-def _check_reach(affines: NDArray[np.float64], input_shape: list[int],
-                 output_shape: list[int], source: str) -> None:
-    """Refuse a slice whose map scales by more than :data:`MAX_CANVAS_GROWTH` either way, or
-    samples nothing of its input slice (the output frame's image lies wholly outside it: the
-    slice would render blank). Neither comes out of an alignment; an edited or foreign
-    file does."""
+def _check_reach(affines: NDArray[np.float64], source: str) -> None:
+    """Refuse a slice whose map scales by more than :data:`MAX_CANVAS_GROWTH` either way:
+    no alignment makes one (an edited or foreign file does, and warping with it overflows)."""
     sv = np.linalg.svd(affines[:, :, :2], compute_uv=False)  # (n, 2), largest first
     bad = np.nonzero((sv[:, 0] > MAX_CANVAS_GROWTH) | (sv[:, 1] < 1 / MAX_CANVAS_GROWTH))[0]
     if bad.size:
@@ -310,18 +307,20 @@ def _check_reach(affines: NDArray[np.float64], input_shape: list[int],
         raise DeepAlignError(f"{source}: the affine of slice {z} scales by "
                              f"{sv[z, 1]:.3g}-{sv[z, 0]:.3g}x, beyond 1/{MAX_CANVAS_GROWTH}-"
                              f"{MAX_CANVAS_GROWTH}x: not a transform of this stack")
-    h, w = output_shape
+
+
+def outside_slices(transforms: TransformSet) -> list[int]:
+    """Slices whose map samples nothing of their input slice: the output frame's image lies
+    wholly outside it, so the slice renders empty. An alignment that follows a strong drift
+    on a frame fixed to the stack's mean (``--slow-drift follow``, ``canvas="reference"``)
+    puts its end slices there; an edited file may too."""
+    a = transforms.affines
+    h, w = transforms.output_shape
     corners = np.array([[-0.5, -0.5], [w - 0.5, -0.5], [-0.5, h - 0.5], [w - 0.5, h - 0.5]])
-    mapped = corners @ affines[:, :, :2].transpose(0, 2, 1) + affines[:, None, :, 2]
+    mapped = corners @ a[:, :, :2].transpose(0, 2, 1) + a[:, None, :, 2]
     lo, hi = mapped.min(axis=1), mapped.max(axis=1)  # (n, 2): x, y
-    size = np.array([input_shape[2], input_shape[1]], np.float64)
-    off = np.nonzero(((hi < -0.5) | (lo > size - 0.5)).any(axis=1))[0]
-    if off.size:
-        z = int(off[0])
-        raise DeepAlignError(f"{source}: the affine of slice {z} maps the output frame wholly "
-                             f"outside the {input_shape[2]} x {input_shape[1]} px input slice "
-                             f"(translation {affines[z, 0, 2]:.4g}, {affines[z, 1, 2]:.4g} px): "
-                             "the slice would render blank")
+    size = np.array([transforms.input_shape[2], transforms.input_shape[1]], np.float64)
+    return [int(z) for z in np.nonzero(((hi < -0.5) | (lo > size - 0.5)).any(axis=1))[0]]
 
 
 def _finite_number(x: float) -> bool:

@@ -21,6 +21,7 @@ the same) but not written again; a slice cut off while being written is rewritte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -147,6 +148,12 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
                       idle_timeout=idle_timeout, stop_file=stop_file, on_slice=on_slice)
 
 
+def _digest(path: Path) -> str:
+    """The SHA-256 of a slice file's bytes (a taken file's identity across a restart)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | None,
            lookahead: int, poll: float, idle_timeout: float, stop_file: str,
            on_slice: Callable[[int], None] | None) -> WatchResult:
@@ -173,7 +180,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
 
     first: list[Any] = []  # ((shape, dtype), file name) of the first slice
 
-    stamps: dict[str, list[int]] = dict(state.get("stamps") or {})
+    stamps: dict[str, list[Any]] = dict(state.get("stamps") or {})
 
     def stamp(p: Path) -> list[int]:
         st = p.stat()
@@ -186,10 +193,12 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
             if not path.is_file():
                 raise DeepAlignError(f"{path}: slice {z} of this watch (taken before) is gone; "
                                      "put it back and rerun, or watch into another output")
-            if name in stamps and stamp(path) != stamps[name]:
+            if name in stamps and stamp(path) != stamps[name][:2] and (
+                    len(stamps[name]) < 3 or _digest(path) != stamps[name][2]):
+                # (a copy of the same bytes with a new time is the same slice)
                 raise DeepAlignError(f"{path}: slice {z} of this watch has changed since it was "
-                                     "taken (size or time); the slices aligned after it used "
-                                     "the old one. Put it back, or watch into another output")
+                                     "taken; the slices aligned after it used the old one. Put "
+                                     "it back, or watch into another output")
             image = read_image(path)
             first = first or [(image.shape, image.dtype), name]
             yield image
@@ -201,13 +210,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
                             and not p.name.startswith(".")  # as align reads a folder
                             and p.name not in known and p.is_file()),
                            key=lambda p: _natural(p.name))
-            if fresh and known and _natural(fresh[0].name) < _natural(known[-1]):
-                # slices are taken in natural order and cannot be inserted afterwards
-                raise DeepAlignError(
-                    f"{fresh[0]}: arrived after {known[-1]} (slice {len(known) - 1}) but sorts "
-                    "before it; the watch cannot insert a slice it has passed. Move it away "
-                    "and rerun the same command, or align the folder with `align` once the "
-                    "acquisition is complete")
+
             took = False
             waiting: tuple[Path, str] | None = None  # the file the watch waits for, and why
             for p in fresh:
@@ -235,8 +238,17 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
                         f"{p}: slice {len(known)} is {image.shape[0]} x {image.shape[1]} "
                         f"{image.dtype}, the first ({first[1]}) {first[0][0][0]} x "
                         f"{first[0][0][1]} {first[0][1]}; the watch stops before it")
+                if known and _natural(p.name) < _natural(known[-1]):
+                    # taken in natural order: a complete file that sorts before a slice
+                    # already taken cannot be inserted (a temporary name renamed before it
+                    # is complete never gets here)
+                    raise DeepAlignError(
+                        f"{p}: arrived after {known[-1]} (slice {len(known) - 1}) but sorts "
+                        "before it; the watch cannot insert a slice it has passed. Move it "
+                        "away and rerun the same command, or align the folder with `align` "
+                        "once the acquisition is complete")
                 first = first or [(image.shape, image.dtype), p.name]
-                stamps[p.name] = [int(st.st_size), int(st.st_mtime_ns)]
+                stamps[p.name] = [int(st.st_size), int(st.st_mtime_ns), _digest(p)]
                 known.append(p.name)
                 took = True
                 last_new = time.monotonic()

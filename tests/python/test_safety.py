@@ -641,9 +641,7 @@ def test_hostile_transforms_json(src: Path, tmp_path: Path, content: str, words:
     (lambda d: d["affines"][1][0].__setitem__(2, 10 ** 400), "too large"),
     (lambda d: d.__setitem__("residuals", [10 ** 400] * 6), "residuals"),
     (lambda d: d.__setitem__("version", 99), "versions 1 to"),
-    # edited far off: the slice would render blank, or overflow (was exit 0, a black slice)
-    (lambda d: d["affines"][0][0].__setitem__(2, 1e300), "slice 0 maps the output frame"),
-    (lambda d: d["affines"][3][1].__setitem__(2, -200.0), "slice 3 maps the output frame"),
+    # edited: a scale no alignment makes (warping with it overflowed)
     (lambda d: d["affines"][1].__setitem__(0, [1e300, 0.0, 0.0]), "slice 1 scales by"),
     (lambda d: d["affines"][4].__setitem__(1, [0.0, 0.01, 0.0]), "slice 4 scales by"),
 ])
@@ -655,6 +653,24 @@ def test_invalid_transforms_are_refused(src: Path, tmp_path: Path, edit: Any, wo
     bad.write_text(json.dumps(data))
     assert main(["apply", str(bad), str(src), "-o", str(tmp_path / "l.tif"), "--quiet"]) == 2
     assert words in _one_line(capsys.readouterr().err)
+
+
+def test_slices_mapped_outside_their_input_load_and_apply_says_so(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An alignment that follows a strong drift on a frame fixed to the stack's mean maps its
+    end slices wholly outside their input: its transforms file (and checkpoint) must load, so
+    they are not refused (an edit to 1e300 px looks the same); apply says which render empty."""
+    data = json.loads(_aligned(src, tmp_path).read_text())
+    data["affines"][0][0][2] = 1e300
+    data["affines"][5][1][2] = -200.0
+    tpath = tmp_path / "far.json"
+    tpath.write_text(json.dumps(data))
+    assert TransformSet.load(tpath).affines[5, 1, 2] == -200.0
+    capsys.readouterr()
+    assert main(["apply", str(tpath), str(src), "-o", str(tmp_path / "l.tif"), "--quiet"]) == 0
+    assert "2 slice(s) [0, 5] map wholly outside their input" in capsys.readouterr().out
+    out = tifffile.imread(tmp_path / "l.tif")
+    assert not out[0].any() and not out[5].any() and out[2].any()
 
 
 def test_apply_names_the_slices_the_alignment_flagged(src: Path, tmp_path: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -111,6 +112,22 @@ def test_hidden_files_are_not_slices_and_order_is_kept(tmp_path: Path) -> None:
     tifffile.imwrite(folder / "slice_02b.tif", slices[6])
     with pytest.raises(DeepAlignError, match=r"slice_02b\.tif: arrived after slice_05\.tif"):
         watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
+    # a file written under a temporary name that sorts earlier, then renamed into place, is
+    # no late slice: only a complete file about to be taken is checked
+    (folder / "slice_02b.tif").unlink()
+    partial = folder / "acquiring.tif"
+    partial.write_bytes(b"II*\x00")  # a TIFF being written: not decodable yet
+
+    def rename_later() -> None:
+        time.sleep(0.3)
+        tifffile.imwrite(partial, slices[6])
+        partial.rename(folder / "slice_06.tif")
+
+    thread = threading.Thread(target=rename_later)
+    thread.start()
+    result = watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=1.0)
+    thread.join()
+    assert result.files[-1] == "slice_06.tif" and result.written == 7
 
 
 def test_a_restart_refuses_a_taken_file_changed_or_gone(tmp_path: Path) -> None:
@@ -124,6 +141,12 @@ def test_a_restart_refuses_a_taken_file_changed_or_gone(tmp_path: Path) -> None:
         tifffile.imwrite(folder / f"slice_{z}.tif", s)
     out = tmp_path / "live.ome.zarr"
     watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
+    # the same bytes copied again (a new modification time) are the same slice
+    data = (folder / "slice_2.tif").read_bytes()
+    (folder / "slice_2.tif").unlink()
+    (folder / "slice_2.tif").write_bytes(data)
+    os.utime(folder / "slice_2.tif", ns=(1, 1))
+    assert watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5).written == 6
     tifffile.imwrite(folder / "slice_2.tif", np.roll(slices[2], 3, axis=1))
     with pytest.raises(DeepAlignError, match=r"slice_2\.tif: slice 2 of this watch has changed"):
         watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)

@@ -35,7 +35,7 @@ def label_target(output: str | os.PathLike[str]) -> tuple[Path, str] | None:
     if "multiscales" not in _attrs(image):
         if image.suffix.lower() == ".zarr":
             what = "does not exist" if not os.path.lexists(image) else \
-                "is not an OME-Zarr image (NGFF 0.4) such as align writes"
+                "is not an OME-Zarr image (align -o NAME.ome.zarr writes one)"
             raise DeepAlignError(f"{out}: a label image goes inside the OME-Zarr image it "
                                  f"labels, but {image} {what}; align into it first, or write "
                                  "the labels elsewhere")

@@ -1039,3 +1039,23 @@ def test_a_folder_or_store_changed_since_the_interruption_is_estimated_again(
     monkeypatch.setattr(Aligner, "estimate", estimate)
     Aligner(model="translation").align_stack(src, out, progress=False)
     assert len(calls) == (1 if changed else 0)
+
+
+def test_a_followed_strong_drift_round_trips_through_its_files(tmp_path: Path) -> None:
+    """Followed on a frame fixed to the stack's mean, a drift of 5 px per slice over 40
+    slices of 64 px puts the end slices wholly outside their input: the transforms file and
+    the resume checkpoint hold such maps and must load again (a check on edited files once
+    refused them, so a killed run could never be resumed)."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    big = cv2.GaussianBlur((rng.random((64, 64 + 5 * 40)) * 255).astype(np.float32),
+                           (0, 0), 2.0)
+    stack = np.stack([big[:, 5 * z:5 * z + 64] for z in range(40)]).astype(np.uint8)
+    src = tmp_path / "drift.tif"
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    ts = Aligner(slow_drift="follow").estimate(src, progress=False).transforms
+    assert np.ptp(ts.affines[:, 0, 2]) > 128  # the ends lie beyond the 64-px slices
+    ts.save(tmp_path / "t.json")
+    again = TransformSet.load(tmp_path / "t.json")
+    np.testing.assert_allclose(again.affines, ts.affines)
