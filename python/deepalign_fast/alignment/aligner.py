@@ -465,6 +465,16 @@ class Aligner:
             ckpt = Checkpoint.for_run(reader_path(reader), out, reader.shape,
                                       asdict(self.options))
             saved = ckpt.load() if ckpt is not None else None
+            if saved is not None and ckpt is not None:
+                try:  # a record this run cannot use: start over only when told to
+                    result_of_checkpoint(saved, str(ckpt.path))
+                except DeepAlignError as exc:
+                    if not overwrite:
+                        raise DeepAlignError(
+                            f"{exc}; this resume record of an interrupted run is damaged: "
+                            "pass --overwrite (API: overwrite=True) to start the run over"
+                        ) from exc
+                    saved = None
             done = ckpt.committed() if ckpt is not None and saved is not None else set()
 
             def is_done(p: Path) -> bool:

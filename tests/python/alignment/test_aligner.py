@@ -1059,3 +1059,25 @@ def test_a_followed_strong_drift_round_trips_through_its_files(tmp_path: Path) -
     ts.save(tmp_path / "t.json")
     again = TransformSet.load(tmp_path / "t.json")
     np.testing.assert_allclose(again.affines, ts.affines)
+
+
+def test_a_damaged_resume_record_names_the_way_out(tmp_path: Path, tiny_stack: Path) -> None:
+    """A resume record that no longer reads as transforms (damaged, edited) stops the rerun
+    with one line that says how to start over; with overwrite the run starts over."""
+    from deepalign_fast.outputs import checkpoint_path_for
+
+    out, side = tmp_path / "o.tif", tmp_path / "side.json"
+    write = _killed_once(side, lambda result: len(result.flagged))
+    aligner = Aligner(model="translation", num_threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        aligner.align_stack(tiny_stack, out, progress=False, side_outputs=[(side, write)])
+    record = checkpoint_path_for(out)
+    data = json.loads(record.read_text())
+    data["transforms"]["affines"][0] = [[1e300, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    record.write_text(json.dumps(data))
+    with pytest.raises(DeepAlignError, match="damaged: pass --overwrite"):
+        aligner.align_stack(tiny_stack, out, progress=False, side_outputs=[(side, write)])
+    result = aligner.align_stack(tiny_stack, out, progress=False, overwrite=True,
+                                 side_outputs=[(side, write)])
+    assert side.is_file() and not record.exists()
+    assert np.abs(result.transforms.affines[0, :, :2] - np.eye(2)).max() < 0.1
