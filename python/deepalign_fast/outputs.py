@@ -46,6 +46,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,6 +386,19 @@ def output_lock(outputs: Sequence[str | os.PathLike[str]]) -> Iterator[None]:
                 os.close(entry[0])
 
 
+def _flock_soon(fd: int) -> None:
+    """``flock(LOCK_EX)`` without waiting for a run, but past a moment's hold: another
+    command checking whether the lock is live (:func:`_lock_held`) holds it for
+    microseconds. Raises BlockingIOError when it stays held."""
+    for _ in range(4):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.02)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _acquire(output: Path) -> tuple[int, Path]:
     path = _lock_path(output)
     for _ in range(20):
@@ -396,7 +410,7 @@ def _acquire(output: Path) -> tuple[int, Path]:
                                      ) from exc
             raise os_error(exc, output, "cannot create its lock file") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(fd)
         except BlockingIOError:
             try:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"

@@ -507,6 +507,32 @@ def test_lock_is_reentrant_in_one_process(tmp_path: Path) -> None:
     assert not (tmp_path / ".o.tif.deepalign.lock").exists()
 
 
+def test_a_moments_hold_of_the_lock_is_waited_out(tmp_path: Path) -> None:
+    """Checking whether a store's leftover lock is live (store_problem) holds that lock for a
+    moment; a run starting then is not refused as if another run wrote its output."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "o.tif"
+    lock = tmp_path / ".o.tif.deepalign.lock"
+    lock.write_text("")
+    held = threading.Event()
+
+    def hold_briefly() -> None:
+        fd = os.open(lock, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.set()
+        time.sleep(0.03)
+        os.close(fd)
+
+    thread = threading.Thread(target=hold_briefly)
+    thread.start()
+    held.wait()
+    with output_lock([out]):
+        assert lock.exists()
+    thread.join()
+
+
 # --- 5. validation and exit statuses -----------------------------------------------------------
 
 
