@@ -545,8 +545,8 @@ class Aligner:
 
     # -- streaming ------------------------------------------------------------------------
     def stream(self, slices: Iterable[np.ndarray], *, lookahead: int = 8) -> AlignStream:
-        """Align slices as they arrive: an iterator that yields aligned slice z once slice
-        z + ``lookahead`` has arrived (or the input ended).
+        """Align slices as they arrive: an iterator that yields aligned slice z once
+        ``lookahead`` non-blank slices after it have arrived (or the input ended).
 
         ``lookahead`` is the trade-off between latency and accuracy: slice z is solved with
         the matches of the ``lookahead`` slices after it and of about ``3 * drift_sigma``
@@ -745,8 +745,17 @@ class _StreamState:
         assert self.matcher is not None
         self.matcher.add(z, None if is_blank(image) else self.matcher.backend.prepare(image))
         self.pending.append((z, image))
-        while self.pending and self.pending[0][0] + self.lookahead <= z:
+        while self.pending and self._ahead(self.pending[0][0], z) >= self.lookahead:
             yield self._emit(z + 1)
+
+    def _ahead(self, z0: int, z: int) -> int:
+        """Non-blank slices after ``z0`` up to ``z``: a blank slice has no pairs, so slice
+        ``z0`` is tied to as many later neighbours as without blanks only once ``lookahead``
+        non-blank slices have arrived (counting the blank ones, the farthest pairs of the
+        slices before a blank were missing when they went out, and good slices there were
+        flagged "disagrees")."""
+        assert self.matcher is not None
+        return z - z0 - sum(1 for b in self.matcher.blank if z0 < b <= z)
 
     def finish(self) -> Iterator[np.ndarray]:
         # The input ended before any slice went out and every window starts at slice 0: the

@@ -174,6 +174,20 @@ def test_blank_slice_is_flagged_and_interpolated(lucchi) -> None:
     assert result.transforms.residuals[4] is None
 
 
+def test_the_stream_waits_for_nonblank_neighbours_before_judging_a_slice(lucchi) -> None:
+    """A blank slice has no pairs: the slices before it went out before their farthest pair
+    (at the 8th non-blank slice after them) had arrived, and slice 0 was flagged "disagrees"
+    in the stream, not in the batch. The look-ahead counts non-blank slices."""
+    image, _ = lucchi
+    stack = image[:40, 100:292, 150:342].copy()
+    stack[3] = 0
+    stream = Aligner().stream(iter(stack), lookahead=8)
+    out = list(stream)
+    assert len(out) == 40
+    assert stream.flag_reasons == Aligner().estimate(stack, progress=False).flag_reasons \
+        == {3: "blank"}
+
+
 @pytest.mark.parametrize(("noise", "z"), [("uniform", 6), ("gaussian", 6), ("uniform", 0),
                                           ("gaussian", 1), ("uniform", 2)])
 def test_slice_of_noise_is_flagged_and_does_not_move_the_rest(noise: str, z: int) -> None:
