@@ -708,6 +708,7 @@ class _StreamState:
         self.lookahead = lookahead
         # (min: a drift_sigma of 1e308 is valid but 3 times it is not a finite integer)
         self.back = int(min(np.ceil(3 * self.opts.drift_sigma), 2**62)) + max(self.opts.offsets)
+        self.reach = max(self.opts.offsets)  # the farthest pair, in non-blank slices
         self.matcher: StackMatcher | None = None
         self.pending: deque[tuple[int, np.ndarray]] = deque()
         self.shape: tuple[int, int] | None = None
@@ -745,8 +746,9 @@ class _StreamState:
         assert self.matcher is not None
         self.matcher.add(z, None if is_blank(image) else self.matcher.backend.prepare(image))
         self.pending.append((z, image))
-        while self.pending and self._ahead(self.pending[0][0], z) >= self.lookahead:
-            yield self._emit(z + 1)
+        while self.pending and (self._ahead(self.pending[0][0], z) >= self.lookahead
+                                or z - self.pending[0][0] >= self.lookahead + self.reach):
+            yield self._emit(z + 1)  # (a long run of blank slices does not hold memory)
 
     def _ahead(self, z0: int, z: int) -> int:
         """Non-blank slices after ``z0`` up to ``z``: a blank slice has no pairs, so slice

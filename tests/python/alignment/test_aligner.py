@@ -1095,3 +1095,22 @@ def test_a_damaged_resume_record_names_the_way_out(tmp_path: Path, tiny_stack: P
                                  side_outputs=[(side, write)])
     assert side.is_file() and not record.exists()
     assert np.abs(result.transforms.affines[0, :, :2] - np.eye(2)).max() < 0.1
+
+
+def test_a_long_blank_run_does_not_hold_the_stream(tiny_stack: Path) -> None:
+    """The look-ahead counts non-blank slices, but a run of blank slices longer than
+    ``lookahead + max(offsets)`` does not keep raw slices waiting: each goes out after that
+    many slices of any kind."""
+    mis = tifffile.imread(tiny_stack)
+    stack = np.concatenate([mis[:2], np.zeros((30,) + mis.shape[1:], mis.dtype), mis[2:]])
+    emitted: list[int] = []
+
+    def feed():  # type: ignore[no-untyped-def]
+        for z, s in enumerate(stack):
+            emitted.append(z)
+            yield s
+
+    stream = Aligner(offsets=(1, 2)).stream(feed(), lookahead=2)
+    for k, _ in enumerate(stream):
+        assert emitted[-1] - k <= 2 + 2 + 1  # slice k went out with at most 5 after it
+    assert stream.flagged[:30] == list(range(2, 32))
