@@ -7,9 +7,9 @@ the pull map ``p -> A_z(p + u_z(p))`` (:func:`deepalign_fast.warp_displacement`)
 
 Folding control: the fraction of non-positive Jacobian determinants of ``u_z`` must stay at
 or below ``max_folding`` (default 0.1 %). A field that folds more is scaled down (by halves,
-at most three times); if it still folds, the slice keeps its plain affine and is reported.
-A flow with NaN or infinite values (a broken model or input) is never applied: the slice keeps
-its affine render and is listed in ``failed`` (the pipeline flags it).
+at most three times); if it still folds, the slice keeps its plain affine and is listed in
+``failed`` (flagged "unrefined"). A flow with NaN or infinite values (a broken model or
+input) is never applied: the slice keeps its affine render and is listed in ``failed`` too.
 The refinement is sequential by nature (each slice follows the previous output), so calls
 from several threads wait for their predecessor.
 """
@@ -82,7 +82,10 @@ class ElasticRefiner(SequentialRefiner):
         if fold > self.max_folding:
             self.notes[z] = (f"flow folds {100 * fold:.3f} % even at 1/8 strength: "
                              "kept the affine")
-            return plain_map, base, fold
+            # flagged "unrefined"; no folding recorded: a slice with a folding value has a
+            # field in the store (TransformSet.slice_map), and this one has none
+            self.failed.append(z)
+            return plain_map, base, None
         if scale < 1.0:
             self.notes[z] = f"flow scaled by {scale:g} to keep folding <= {self.max_folding:g}"
             u = u * scale

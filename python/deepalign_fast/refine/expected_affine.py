@@ -463,8 +463,9 @@ class StackRefiner(SequentialRefiner):
     per-pixel affine field (:class:`~deepalign_fast.render.SliceMap`, kind ``affine-field``),
     stored in ``store`` so that ``apply`` reproduces the render, and the slice is rendered once
     with it. Slice 0, slices whose registration fails or falls back, keep the plain affine;
-    ``notes`` records which. Calls may come from several threads: each waits for its
-    predecessor (the refinement is sequential by nature).
+    ``notes`` records which and why, and ``failed`` lists the latter (flagged "unrefined").
+    Calls may come from several threads: each waits for its predecessor (the refinement is
+    sequential by nature).
 
     Parameters
     ----------
@@ -517,9 +518,11 @@ class StackRefiner(SequentialRefiner):
                                 field_step=FIELD_STEP, num_threads=self.num_threads)
         except DeepAlignError as exc:  # e.g. the warped mask covers the frame
             self.notes[z] = f"affine kept: {exc}"
+            self.failed.append(z)  # flagged "unrefined" by the pipeline
             return plain_map, plain
         if not res or res.fallback:
             self.notes[z] = f"affine kept: {res.reason}"
+            self.failed.append(z)
             return plain_map, plain
         if self.store is not None:
             self.store.put_affine(z, res.field)

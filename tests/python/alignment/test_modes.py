@@ -178,6 +178,54 @@ def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
     assert stream.flagged == [2] and stream.flag_reasons == {2: "unrefined"}
 
 
+def test_a_flow_that_folds_even_scaled_down_is_flagged_and_apply_still_works(
+        tiny_stack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flow that folds beyond max_folding even at 1/8 strength is dropped: the slice keeps
+    its affine, is flagged "unrefined" (it was not flagged at all), and its transforms still
+    apply (its folding was recorded without a field, which apply took for a damaged store)."""
+    from deepalign_fast.refine import flow
+
+    def folding(self, previous, moving):  # type: ignore[no-untyped-def]
+        u = np.zeros((2,) + previous.shape, np.float32)
+        u[0, :, ::2] = 40.0  # columns swap places: the Jacobian is negative everywhere
+        return u
+
+    monkeypatch.setattr(flow.FlowPredictor, "predict", folding)
+    tf = tmp_path / "t.json"
+    result = Aligner(mode="elastic", num_threads=1).align_stack(
+        tiny_stack, tmp_path / "out.tif", transforms_path=tf, progress=False)
+    n = len(tifffile.imread(tiny_stack))
+    assert result.flagged == list(range(1, n))  # slice 0 has no predecessor to follow
+    assert set(result.flag_reasons.values()) == {"unrefined"}
+    assert main(["apply", str(tf), str(tiny_stack), "-o", str(tmp_path / "again.tif"),
+                 "--interpolation", "linear", "--quiet"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "again.tif"),
+                                  tifffile.imread(tmp_path / "out.tif"))
+
+
+def test_an_expected_affine_fallback_is_flagged(stack_for, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice whose expected-affine registration falls back (too few matches, no model) keeps
+    its affine and is flagged "unrefined" (the fallback was kept in a private note only)."""
+    from deepalign_fast.refine import expected_affine
+
+    real = expected_affine.register_pair
+    calls: list[int] = []
+
+    def second_fails(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        res = real(*a, **k)
+        if len(calls) == 2:
+            res.fallback, res.reason = True, "too few matches"
+        return res
+
+    monkeypatch.setattr(expected_affine, "register_pair", second_fails)
+    path = stack_for("expected-affine")
+    result = Aligner(mode="expected-affine", refine_features="blocks", num_threads=1
+                     ).align_stack(path, tmp_path / "out.tif", progress=False)
+    assert result.flagged == [2] and result.flag_reasons == {2: "unrefined"}
+
+
 @pytest.mark.parametrize("damage", ["deleted", "corrupt"])
 def test_apply_names_a_damaged_field_store(damage: str, tiny_stack: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
