@@ -751,6 +751,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
     plan.check()
     fixed, moving = read_image(args.fixed), read_image(args.moving)
     mask = None if args.mask is None else read_image(args.mask)
+    if args.output.suffix.lower() == ".png" and moving.dtype.name not in ("uint8", "uint16"):
+        # (OpenCV would write it as 8-bit, its values truncated)
+        raise DeepAlignError(f"{args.output}: (-o) PNG holds 8- or 16-bit integers, but "
+                             f"{args.moving} (MOVING) is {moving.dtype}; write a .tif")
 
     def size(image: Any) -> str:
         return f"{image.shape[1]} x {image.shape[0]} px"

@@ -565,6 +565,20 @@ def test_register_names_a_bad_count(src: Path, tmp_path: Path, flag: str,
     assert not out.exists()
 
 
+def test_register_refuses_a_float_image_as_png(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """OpenCV writes a float image as 8-bit PNG, its 0-1 values truncated to 0 and 1."""
+    import cv2
+
+    fixed, moving = tmp_path / "f.png", tmp_path / "m.tif"
+    cv2.imwrite(str(fixed), _stack()[0])
+    tifffile.imwrite(moving, _stack()[1].astype(np.float32) / 255)
+    out = tmp_path / "r.png"
+    assert main(["register", str(fixed), str(moving), "-o", str(out)]) == 2
+    assert "PNG holds 8- or 16-bit integers" in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("address", ["foo", "local:0", "local:x", "127.0.0.1:8786",
                                      "tcp://host:99999", "tcp://"])
 def test_bad_scheduler_address_creates_nothing(src: Path, tmp_path: Path, address: str,
