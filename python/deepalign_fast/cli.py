@@ -190,6 +190,11 @@ def _voxel_size(args: argparse.Namespace) -> tuple[float, float, float] | None:
     z = values[2] if len(values) > 2 else y
     if args.unit is None:
         args.unit = "nm"
+    if str(args.output).lower().endswith((".tif", ".tiff", ".btf")) and \
+            not all(2.0 ** -31 < v < 2.0 ** 31 for v in (x, y)):
+        # (TIFF stores pixels per unit as a ratio of 32-bit integers)
+        raise DeepAlignError(f"--pixel-size {args.pixel_size}: a TIFF cannot record a pixel "
+                             "size this far from 1; give it in another --unit")
     return (z, y, x)
 
 

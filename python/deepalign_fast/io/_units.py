@@ -31,7 +31,8 @@ NGFF_SPACE_UNITS = (
 def imagej_unit(unit: str) -> str:
     """The unit as ImageJ/Fiji writes it (``micron``, ``nm``, ...)."""
     short = _TO_SHORT.get(unit, unit)
-    return "micron" if short == "\u00b5m" else short
+    # ImageJ's description is ASCII: micron, and angstrom spelt out (read back as \u00c5)
+    return {"\u00b5m": "micron", "\u00c5": "angstrom"}.get(short, short)
 
 
 def ome_unit(unit: str) -> str | None:
@@ -79,6 +80,11 @@ def _tiff_voxel_size(p: Path) -> tuple[tuple[float, float, float], str] | None:
             if got[0] and got[1] and got[2]:
                 size = (float(got[0].group(1)), float(got[1].group(1)), float(got[2].group(1)))
                 return size, ome_unit.group(1) if ome_unit else "\u00b5m"
+        for shaped in tif.shaped_metadata or ():  # this package's non-ImageJ TIFF output
+            size, unit = shaped.get("voxel_size"), shaped.get("unit")
+            if isinstance(size, list) and len(size) == 3 and isinstance(unit, str):
+                return (float(size[0]), float(size[1]), float(size[2])), \
+                    _TO_SHORT.get(unit, unit)
         ij = tif.imagej_metadata or {}
         page: Any = tif.pages[0]
         tags = page.tags

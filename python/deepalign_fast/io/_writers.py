@@ -256,6 +256,8 @@ class TiffStackWriter(StackWriter):
         }
         if resolution is not None:
             kwargs["resolution"] = resolution
+            if not self.imagej:  # no unit TIFF knows (ImageJ's own tags say it there): the
+                kwargs["resolutionunit"] = 1  # default, inch, read 5 nm pixels as 127 mm
         self._thread = threading.Thread(
             target=self._run, args=(kwargs,), name="deepalign-tiff-writer", daemon=True
         )

@@ -75,7 +75,21 @@ def test_pixel_size_override_from_the_cli(tmp_path: Path,
     got = voxel_size_of(tmp_path / "o2.tif")
     assert got is not None and np.allclose(got[0], (5.0, 5.0, 5.0)) and got[1] == "nm"
     capsys.readouterr()
-    for bad in (["--pixel-size", "-1"], ["--pixel-size", "a,b"], ["--unit", "nm"]):
+    # compressed (not ImageJ) TIFF and angstrom (not ASCII in ImageJ's description): the size
+    # is read back, and the resolution tags carry no unit (the default, inch, read 5 nm as
+    # 127 mm; angstrom failed after the whole estimation)
+    for unit, comp in (("nm", "zstd"), ("angstrom", "none"), ("angstrom", "zstd")):
+        out = tmp_path / f"o_{unit}_{comp}.tif"
+        assert main(["align", str(tmp_path / "plain.tif"), "-o", str(out), "--pixel-size",
+                     "5,5,30", "--unit", unit, "--compression", comp, "--quiet"]) == 0
+        got = voxel_size_of(out)
+        assert got is not None and np.allclose(got[0], (30.0, 5.0, 5.0)), (unit, comp, got)
+        assert got[1] == {"nm": "nm", "angstrom": "\u00c5"}[unit]
+        with tifffile.TiffFile(out) as tif:
+            assert tif.pages[0].tags["ResolutionUnit"].value == 1
+    capsys.readouterr()
+    for bad in (["--pixel-size", "-1"], ["--pixel-size", "a,b"], ["--unit", "nm"],
+                ["--pixel-size", "1e-30"]):
         assert main(["align", str(tmp_path / "plain.tif"), "-o", str(tmp_path / "x.tif"),
                      *bad, "--quiet"]) == 2
         assert "--pixel-size" in capsys.readouterr().err
