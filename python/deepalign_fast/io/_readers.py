@@ -25,6 +25,9 @@ from ._mrc import MRC_SUFFIXES, MrcStackReader
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+# Image files that are no slices here: one in a folder of slices is refused, not skipped.
+_OTHER_IMAGES = (".jpg", ".jpeg", ".jp2", ".bmp", ".gif", ".webp", ".dm3", ".dm4", ".mrc",
+                 ".tga", ".pgm", ".ppm")
 _SPATIAL = ("Y", "X", "S")
 
 
@@ -293,6 +296,13 @@ class FolderStackReader(StackReader):
                 f"{self.path}: folder holds no slice images (.tif, .tiff or .png) and is not a "
                 "Zarr store."
             )
+        other = sorted((f for f in self.path.iterdir() if f.suffix.lower() in _OTHER_IMAGES
+                        and not f.name.startswith(".")), key=lambda f: natural_key(f.name))
+        if other:  # left out, it would shift every later slice by one, silently
+            raise DeepAlignError(
+                f"{other[0]}: an image the folder's slices are not read from (.tif, .tiff and "
+                f".png are; {len(other)} such file(s) here); convert it to one of those, or "
+                "move it out of the folder if it is not a slice")
         files.sort(key=lambda f: natural_key(f.name))
         self.files = files
         first_shape, first_dtype = _slice_header(files[0])

@@ -81,10 +81,10 @@ def _tiff_voxel_size(p: Path) -> tuple[tuple[float, float, float], str] | None:
                 size = (float(got[0].group(1)), float(got[1].group(1)), float(got[2].group(1)))
                 return size, ome_unit.group(1) if ome_unit else "\u00b5m"
         for shaped in tif.shaped_metadata or ():  # this package's non-ImageJ TIFF output
-            size, unit = shaped.get("voxel_size"), shaped.get("unit")
-            if isinstance(size, list) and len(size) == 3 and isinstance(unit, str):
-                return (float(size[0]), float(size[1]), float(size[2])), \
-                    _TO_SHORT.get(unit, unit)
+            kept, named = shaped.get("voxel_size"), shaped.get("unit")
+            if isinstance(kept, list) and len(kept) == 3 and isinstance(named, str):
+                return (float(kept[0]), float(kept[1]), float(kept[2])), \
+                    _TO_SHORT.get(named, named)
         ij = tif.imagej_metadata or {}
         page: Any = tif.pages[0]
         tags = page.tags

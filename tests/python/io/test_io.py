@@ -246,6 +246,15 @@ def test_folder_mixed_slices_name_the_file(tmp_path, rng, what):
         open_stack(tmp_path)
 
 
+def test_folder_with_a_slice_in_another_image_format_is_refused(tmp_path, rng):
+    """A JPEG among the slices was left out, every later slice one z early, exit 0."""
+    data = _stack(rng, np.uint8, (6, 16, 20))
+    for i, s in enumerate(data):
+        cv2.imwrite(str(tmp_path / (f"s{i:02d}.jpg" if i == 4 else f"s{i:02d}.tif")), s)
+    with pytest.raises(DeepAlignError, match=r"s04\.jpg: an image the folder's slices are not"):
+        open_stack(tmp_path)
+
+
 def test_folder_truncated_png(tmp_path, rng):
     data = _stack(rng, np.uint8, (3, 16, 20))
     for i, s in enumerate(data):
