@@ -506,7 +506,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     argv = ["align", str(sample), "-o", str(args.out / "aligned.tif"),
             "--report", str(args.out / "report.html"), "--model", "rigid", "--quiet",
             *(["--overwrite"] if args.overwrite else [])]
-    rc = _cmd_align(build_parser().parse_args(argv))
+    try:
+        rc = _cmd_align(build_parser().parse_args(argv))
+    except DeepAlignError as exc:  # name demo's own option, not the align flags it sets
+        text = str(exc)
+        for flag in ("(-o)", "(--report)", "(--transforms)"):
+            text = text.replace(flag, "(--out)")
+        raise DeepAlignError(text) from exc
     print(f"outputs in {args.out}/: aligned.tif, aligned.transforms.json, report.html")
     return rc
 

@@ -289,10 +289,14 @@ def test_a_foreign_folder_at_the_unfinished_name_is_refused(src: Path, tmp_path:
     assert (fields / "sub" / "thesis.docx").is_file()
 
 
-def test_demo_runs_twice_with_overwrite(tmp_path: Path) -> None:
+def test_demo_runs_twice_with_overwrite(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
     assert main(["demo", "--out", str(out)]) == 2  # second run without --overwrite: refused
+    line = _one_line(capsys.readouterr().err)  # naming demo's option (it said "(-o)")
+    assert "(--out) already exists" in line and "(-o)" not in line
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--out", str(tmp_path / "file")]) == 2
