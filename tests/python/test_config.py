@@ -154,3 +154,25 @@ def test_regularise_flag_takes_auto_or_a_number(src: Path, tmp_path: Path,
     assert "--regularise: expected \"auto\" or a number, got 'strong'" in err
     assert err.strip().count("\n") == 0, err
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_a_relative_masks_path_is_read_beside_the_config(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """A config written next to its masks works from any folder (the path was read from the
+    current folder, and the error did not name the config)."""
+    from deepalign_fast.alignment.options import load_options_file
+
+    project = tmp_path / "project"
+    (project / "masks").mkdir(parents=True)
+    config = project / "run.json"
+    config.write_text(json.dumps({"mode": "expected-affine", "masks": "masks"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_options_file(config)["masks"] == str(project / "masks")
+    (elsewhere / "here").mkdir()  # only the current folder has it: taken from there
+    config.write_text(json.dumps({"mode": "expected-affine", "masks": "here"}))
+    assert load_options_file(config)["masks"] == "here"
+    config.write_text(json.dumps({"mode": "expected-affine", "masks": str(elsewhere)}))
+    assert load_options_file(config)["masks"] == str(elsewhere)

@@ -254,6 +254,13 @@ def load_options_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DeepAlignError(f"{where} {exc}") from None
     if isinstance(data.get("offsets"), list):
         data["offsets"] = tuple(data["offsets"])
+    masks = data.get("masks")
+    if isinstance(masks, str) and not os.path.isabs(masks):
+        # relative to the config file's folder (where it was written for), unless only the
+        # current folder holds it
+        beside = Path(path).parent / masks
+        if beside.exists() or not os.path.exists(masks):
+            data["masks"] = str(beside)
     return dict(data)
 
 
