@@ -33,53 +33,38 @@ def test_itk_files_round_trip_through_itk(tmp_path: Path) -> None:
 
 def _round_trip(itk, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     tpath = _transforms(tmp_path)
-    out = tmp_path / "itk"
-    assert main(["export-transforms", str(tpath), "-o", str(out)]) == 0
     ts = TransformSet.load(tpath)
-    files = sorted(out.glob("slice_*.tfm"))
-    assert [f.name for f in files] == ["slice_0000.tfm", "slice_0001.tfm", "slice_0002.tfm"]
     rng = np.random.default_rng(1)
     image = rng.random((64, 80)).astype(np.float32)
-    for a, f in zip(ts.affines, files, strict=True):
-        t = itk.transformread(str(f))[0]
-        for p in [(0.0, 0.0), (79.0, 63.0), (12.5, 40.25)]:  # points: exact
-            q = t.TransformPoint(p)
-            np.testing.assert_allclose(q, a[:, :2] @ p + a[:, 2], atol=1e-9)
-        # ITK's resampling with that transform equals ours (bilinear, same pixel grid)
-        img = itk.image_from_array(image)
-        res = itk.resample_image_filter(img, transform=itk.AffineTransform[itk.D, 2].cast(t),
-                                        size=[80, 64], output_origin=[0.0, 0.0],
-                                        output_spacing=[1.0, 1.0], default_pixel_value=0.0)
-        ours = warp_affine(image, a, (64, 80))
-        # compare where every bilinear tap is inside the image (ITK and this package treat
-        # the half-pixel rim differently)
-        ys, xs = np.mgrid[0:64, 0:80]
-        src = np.stack([xs, ys], -1) @ a[:, :2].T + a[:, 2]
-        inside = ((src[..., 0] >= 0) & (src[..., 0] <= 78) & (src[..., 1] >= 0)
-                  & (src[..., 1] <= 62))
-        assert inside.sum() > 2000
-        diff = np.abs(itk.array_from_image(res) - ours)[inside]
-        assert diff.max() < 1e-3
-    # Images with a physical pixel size: ITK works in physical units, and the files written
-    # for that spacing map physical points as ours maps pixels (and resample alike).
-    physical = tmp_path / "itk5"
-    assert main(["export-transforms", str(tpath), "-o", str(physical), "--pixel-size", "5"]) == 0
-    for a, f in zip(ts.affines, sorted(physical.glob("slice_*.tfm")), strict=True):
-        t = itk.transformread(str(f))[0]
-        for p in [(0.0, 0.0), (79.0, 63.0), (12.5, 40.25)]:
-            q = t.TransformPoint((5.0 * p[0], 5.0 * p[1]))
-            np.testing.assert_allclose(q, 5.0 * (a[:, :2] @ p + a[:, 2]), atol=1e-9)
-        img = itk.image_from_array(image)
-        img.SetSpacing([5.0, 5.0])
-        res = itk.resample_image_filter(img, transform=itk.AffineTransform[itk.D, 2].cast(t),
-                                        size=[80, 64], output_origin=[0.0, 0.0],
-                                        output_spacing=[5.0, 5.0], default_pixel_value=0.0)
-        ours = warp_affine(image, a, (64, 80))
-        ys, xs = np.mgrid[0:64, 0:80]
-        src = np.stack([xs, ys], -1) @ a[:, :2].T + a[:, 2]
-        inside = ((src[..., 0] >= 0) & (src[..., 0] <= 78) & (src[..., 1] >= 0)
-                  & (src[..., 1] <= 62))
-        assert np.abs(itk.array_from_image(res) - ours)[inside].max() < 1e-3
+    # Pixel units, and images with a physical pixel size: ITK works in physical units, and
+    # the files written for that spacing map physical points as ours maps pixels.
+    for size in (1.0, 5.0):
+        out = tmp_path / f"itk{size:g}"
+        assert main(["export-transforms", str(tpath), "-o", str(out),
+                     "--pixel-size", str(size)]) == 0
+        files = sorted(out.glob("slice_*.tfm"))
+        assert [f.name for f in files] == ["slice_0000.tfm", "slice_0001.tfm",
+                                           "slice_0002.tfm"]
+        for a, f in zip(ts.affines, files, strict=True):
+            t = itk.transformread(str(f))[0]
+            for p in [(0.0, 0.0), (79.0, 63.0), (12.5, 40.25)]:  # points: exact
+                q = t.TransformPoint((size * p[0], size * p[1]))
+                np.testing.assert_allclose(q, size * (a[:, :2] @ p + a[:, 2]), atol=1e-9)
+            # ITK's resampling with that transform equals ours (bilinear, same pixel grid)
+            img = itk.image_from_array(image)
+            img.SetSpacing([size, size])
+            res = itk.resample_image_filter(
+                img, transform=itk.AffineTransform[itk.D, 2].cast(t), size=[80, 64],
+                output_origin=[0.0, 0.0], output_spacing=[size, size], default_pixel_value=0.0)
+            ours = warp_affine(image, a, (64, 80))
+            # compare where every bilinear tap is inside the image (ITK and this package
+            # treat the half-pixel rim differently)
+            ys, xs = np.mgrid[0:64, 0:80]
+            src = np.stack([xs, ys], -1) @ a[:, :2].T + a[:, 2]
+            inside = ((src[..., 0] >= 0) & (src[..., 0] <= 78) & (src[..., 1] >= 0)
+                      & (src[..., 1] <= 62))
+            assert inside.sum() > 2000
+            assert np.abs(itk.array_from_image(res) - ours)[inside].max() < 1e-3
 
 
 def test_export_refuses_existing_files(tmp_path: Path,

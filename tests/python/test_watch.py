@@ -50,6 +50,15 @@ def _microscope(folder: Path, slices: np.ndarray, pause: float) -> threading.Thr
     return thread
 
 
+def _acquired(tmp_path: Path, slices: np.ndarray, name: str = "slice_{z}.tif") -> Path:
+    """``tmp_path/acq`` holding ``slices`` as files named by ``name`` (``{z}``: the index)."""
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    for z, s in enumerate(slices):
+        tifffile.imwrite(folder / name.format(z=z), s)
+    return folder
+
+
 def test_watch_aligns_a_folder_as_it_fills_and_resumes(tmp_path: Path) -> None:
     slices = _slices()
     folder = tmp_path / "acq"
@@ -83,10 +92,7 @@ def test_a_rerun_with_nothing_new_reports_the_earlier_flags(tmp_path: Path) -> N
     before a restart: a rerun that finds no new file used to report none."""
     slices = _slices(8)
     slices[3] = 40  # blank: flagged
-    folder = tmp_path / "acq"
-    folder.mkdir()
-    for z, s in enumerate(slices):
-        tifffile.imwrite(folder / f"slice_{z}.tif", s)
+    folder = _acquired(tmp_path, slices)
     (folder / "STOP").touch()
     out = tmp_path / "live.ome.zarr"
     first = watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=5.0)
@@ -101,10 +107,7 @@ def test_hidden_files_are_not_slices_and_order_is_kept(tmp_path: Path) -> None:
     arrives after the watch has passed its place in the natural order stops the watch with
     its name (it was appended as the last slice, unflagged as such)."""
     slices = _slices(8)
-    folder = tmp_path / "acq"
-    folder.mkdir()
-    for z, s in enumerate(slices[:6]):
-        tifffile.imwrite(folder / f"slice_{z:02d}.tif", s)
+    folder = _acquired(tmp_path, slices[:6], "slice_{z:02d}.tif")
     (folder / "._slice_03.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     out = tmp_path / "live.ome.zarr"
     first = watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
@@ -135,10 +138,7 @@ def test_a_restart_refuses_a_taken_file_changed_or_gone(tmp_path: Path) -> None:
     or removed stops with its name and slice (it replayed the new file silently, or said only
     "no such image file")."""
     slices = _slices(8)
-    folder = tmp_path / "acq"
-    folder.mkdir()
-    for z, s in enumerate(slices[:6]):
-        tifffile.imwrite(folder / f"slice_{z}.tif", s)
+    folder = _acquired(tmp_path, slices[:6])
     out = tmp_path / "live.ome.zarr"
     watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.5)
     # the same bytes copied again (a new modification time) are the same slice
@@ -170,10 +170,7 @@ def test_watch_refusals(tmp_path: Path) -> None:
 def test_watch_checks_its_outputs_before_any_slice(tmp_path: Path) -> None:
     # before, these were found only once the first slice was aligned (minutes into an
     # acquisition), or never when no slice came: "wrote 0 slices", exit 0
-    folder = tmp_path / "acq"
-    folder.mkdir()
-    for z, s in enumerate(_slices(3)):
-        tifffile.imwrite(folder / f"s{z}.tif", s)
+    folder = _acquired(tmp_path, _slices(3), "s{z}.tif")
     (tmp_path / "afile").write_text("a user's file")
     (tmp_path / "quiet").mkdir()
     (tmp_path / "dangling.zarr").symlink_to(tmp_path / "nowhere")
@@ -225,10 +222,7 @@ def test_an_unreadable_file_stops_the_watch_with_its_name(tmp_path: Path) -> Non
     from deepalign_fast.cli import main
 
     slices = _slices(8)
-    folder = tmp_path / "acq"
-    folder.mkdir()
-    for z, s in enumerate(slices):
-        tifffile.imwrite(folder / f"s{z:04d}.tif", s)
+    folder = _acquired(tmp_path, slices, "s{z:04d}.tif")
     junk = folder / "s0003b.tif"  # between slices 3 and 4 in natural order
     junk.write_text("hello, this is not a TIFF")
     out = tmp_path / "o.ome.zarr"
@@ -248,10 +242,7 @@ def test_a_file_still_being_written_is_waited_for(tmp_path: Path) -> None:
     """A file that keeps growing is not idleness: the watch waits for it past the idle
     timeout and takes it once it is complete."""
     slices = _slices(4)
-    folder = tmp_path / "acq"
-    folder.mkdir()
-    for z, s in enumerate(slices[:3]):
-        tifffile.imwrite(folder / f"s{z}.tif", s)
+    folder = _acquired(tmp_path, slices[:3], "s{z}.tif")
     tmp = tmp_path / "whole.tif"
     tifffile.imwrite(tmp, slices[3])
     data = tmp.read_bytes()
