@@ -456,6 +456,7 @@ class Aligner:
             plan.output(path, "side output")
         plan.check()
         stages: dict[str, float] = {}
+        _check_models(self.options)
         with plan.prepared(), output_lock(locked), as_reader(stack) as reader:
             plan.check()  # again under the lock: a run that just finished may have published
             if self.options.mode == "expected-affine" and self.options.masks is not None:
@@ -567,6 +568,25 @@ class Aligner:
             raise ValueError(f"lookahead must be a whole number of slices >= 0, got "
                              f"{lookahead!r}")
         return AlignStream(self.options, slices, lookahead)
+
+
+def _check_models(opts: AlignOptions) -> None:
+    """The shipped networks a run's refinement will load are there, before any work (a
+    missing flow model was found only after the estimation; a missing encoder made every
+    expected-affine slice fall back)."""
+    needed = []
+    if opts.mode == "elastic":
+        from ..refine.flow import default_flow_model_path
+
+        needed.append(default_flow_model_path())
+    if opts.mode == "expected-affine" and opts.refine_features == "learned":
+        from ..match.learned import default_model_path
+
+        needed.append(default_model_path())
+    for path in needed:
+        if not path.is_file():
+            raise DeepAlignError(f"{path}: the network mode={opts.mode!r} needs is missing "
+                                 "from the installation; reinstall deepalign-fast")
 
 
 def _unrefined(result: AlignResult, rendered: TransformSet) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from deepalign_fast import Aligner, AlignOptions
+from deepalign_fast import Aligner, AlignOptions, DeepAlignError
 from deepalign_fast.cli import main
 from deepalign_fast.datasets import sample_stack_path
 from deepalign_fast.qc.metrics import ncc
@@ -251,3 +251,23 @@ def test_apply_names_a_damaged_field_store(damage: str, tiny_stack: Path, tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(store.path) in err and "slice 3" in err
     assert not again.exists()
+
+
+@pytest.mark.parametrize("mode, module, name", [
+    ("elastic", "deepalign_fast.refine.flow", "default_flow_model_path"),
+    ("expected-affine", "deepalign_fast.match.learned", "default_model_path")])
+def test_a_missing_network_is_named_before_any_work(mode: str, module: str, name: str,
+                                                     tiny_stack: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(module), name,
+                        lambda: tmp_path / "gone.onnx")
+
+    def no_estimate(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("estimated before refusing")
+
+    monkeypatch.setattr(Aligner, "estimate", no_estimate)
+    with pytest.raises(DeepAlignError, match="gone.onnx: the network"):
+        Aligner(mode=mode).align_stack(tiny_stack, tmp_path / "o.tif", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
