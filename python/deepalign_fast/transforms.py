@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,7 +160,8 @@ class TransformSet:
             path = self.fields.path.resolve()
             rel = os.path.relpath(path, base.resolve()) if base is not None else str(path)
             data["fields"] = {"path": rel, "stride": self.fields.stride,
-                              "kind": self.fields.kind}
+                              "kind": self.fields.kind,
+                              **({"run": self.fields.run} if self.fields.run else {})}
             data["folding"] = [None if f is None else float(f) for f in self.folding]
         return data
 
@@ -378,6 +380,9 @@ def _open_fields(spec: Any, base: Path | None, source: str, n: int,
             f"{tuple(store.shape)} (stride {store.stride}), but the transforms need {kind} "
             f"fields of shape {want} (stride {spec['stride']}) for {n} slices of "
             f"{output_shape[0]} x {output_shape[1]}")
+    if isinstance(spec.get("run"), str) and store.run is not None and store.run != spec["run"]:
+        raise DeepAlignError(f"{target}: the field store was written by another run than "
+                             f"{source}; align again to write both together")
     return store
 
 
@@ -390,12 +395,15 @@ class FieldStore:
     """
 
     def __init__(self, path: Path, array: Any, stride: int, output_shape: tuple[int, int],
-                 kind: str = "displacement") -> None:
+                 kind: str = "displacement", run: str | None = None) -> None:
         self.path = path
         self._array = array
         self.stride = stride
         self.output_shape = output_shape
         self.kind = kind
+        # A token of the run that wrote the store, also in its transforms file: a store of
+        # another run of the same shape put in its place is refused (None: older stores).
+        self.run = run
 
     @staticmethod
     def grid_shape(output_shape: tuple[int, int], stride: int,
@@ -434,13 +442,14 @@ class FieldStore:
                 raise DeepAlignError(f"{partial}: {why}, so it is not an unfinished field "
                                      "store of this tool; remove it or choose another name.")
         shape = cls.array_shape(n, output_shape, stride, kind)
+        run = secrets.token_hex(8)
         # The attributes (this tool's mark among them) go into the array's first metadata.
         arr = zarr.open_array(str(partial), mode="w", shape=shape, chunks=(1, *shape[1:]),
                               dtype="f8" if kind == "affine" else "f2",
                               fill_value=float("nan"),
                               attributes={"stride": stride, "output_shape": list(output_shape),
-                                          "kind": kind, STORE_MARK: store_mark()})
-        return cls(partial, arr, stride, output_shape, kind)
+                                          "kind": kind, "run": run, STORE_MARK: store_mark()})
+        return cls(partial, arr, stride, output_shape, kind, run)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> FieldStore:
@@ -457,13 +466,15 @@ class FieldStore:
             shape = [int(v) for v in attrs["output_shape"]]
             stride = int(attrs["stride"])
             kind = str(attrs.get("kind", "displacement"))
+            run = attrs.get("run")
         except Exception as exc:  # zarr raises many types for a damaged store
             raise DeepAlignError(f"{path}: not a readable displacement-field store "
                                  f"({type(exc).__name__}: {exc})") from exc
         if len(arr.shape) != 4 or len(shape) != 2 or kind not in FIELD_KINDS:
             raise DeepAlignError(f"{path}: field store of kind {kind!r} has shape {arr.shape}; "
                                  "expected (slices, 2 or 6, rows, cols)")
-        return cls(path, arr, stride, (shape[0], shape[1]), kind)
+        return cls(path, arr, stride, (shape[0], shape[1]), kind,
+                   run if isinstance(run, str) else None)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -271,3 +271,16 @@ def test_a_missing_network_is_named_before_any_work(mode: str, module: str, name
     with pytest.raises(DeepAlignError, match="gone.onnx: the network"):
         Aligner(mode=mode).align_stack(tiny_stack, tmp_path / "o.tif", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_field_store_of_another_run_is_refused(tiny_stack: Path, tmp_path: Path) -> None:
+    """Two elastic runs of one stack write stores of one shape; one put in the other's place
+    was used without a word (exit 0, the other run's deformation)."""
+    for name in ("a", "b"):
+        Aligner(mode="elastic", num_threads=1).align_stack(
+            tiny_stack, tmp_path / f"{name}.tif", transforms_path=tmp_path / f"{name}.json",
+            progress=False)
+    (tmp_path / "a.fields.zarr").rename(tmp_path / "a.kept")
+    (tmp_path / "b.fields.zarr").rename(tmp_path / "a.fields.zarr")
+    with pytest.raises(DeepAlignError, match="written by another run"):
+        TransformSet.load(tmp_path / "a.json")
