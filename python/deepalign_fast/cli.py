@@ -802,7 +802,8 @@ def _add_make_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Write OUT_DIR/misaligned.tif and ground_truth.json (and, with --labels, "
         "misaligned_labels.tif and clean_labels.tif).",
     )
-    p.add_argument("clean_stack", metavar="CLEAN_STACK", help="aligned stack: TIFF or folder")
+    p.add_argument("clean_stack", metavar="CLEAN_STACK",
+                   help="aligned stack: TIFF, folder, Zarr or MRC")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--profile", default="sstem",
                    choices=["sstem", "fibsem", "jitter", "drift-mild", "drift-strong",
@@ -863,7 +864,8 @@ def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(SIFT + RANSAC), then reports TRE with the common frame removed, neighbour NCC/SSIM "
         "before/after, N_SSIM and, with --labels, Dice/IoU.",
     )
-    p.add_argument("aligned", metavar="ALIGNED", help="aligned stack: TIFF or folder")
+    p.add_argument("aligned", metavar="ALIGNED",
+                   help="aligned stack: TIFF, folder, Zarr or MRC")
     p.add_argument("ground_truth_dir", metavar="GROUND_TRUTH_DIR")
     p.add_argument("--labels", metavar="ALIGNED_LABELS",
                    help="misaligned_labels.tif carried through the same alignment")
@@ -885,8 +887,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("report", help="write an HTML QC report (reslices, plots)")
-    p.add_argument("before", metavar="BEFORE", help="stack before alignment: TIFF or folder")
-    p.add_argument("after", metavar="AFTER", help="stack after alignment: TIFF or folder")
+    p.add_argument("before", metavar="BEFORE",
+                   help="stack before alignment: TIFF, folder, Zarr or MRC")
+    p.add_argument("after", metavar="AFTER",
+                   help="stack after alignment: TIFF, folder, Zarr or MRC")
     p.add_argument("-o", "--output", required=True, metavar="REPORT_HTML")
     p.add_argument("--transforms", metavar="TRANSFORMS_JSON")
     p.add_argument("--title", default="")

@@ -154,6 +154,10 @@ def test_make_benchmark_and_eval_name_the_file(src: Path, tmp_path: Path,
         assert main(["eval", str(src), str(bench), "--quiet"]) == 2
         err = _one_line(capsys)
         assert str(gt) in err and words in err, err
+    capsys.readouterr()
+    assert main(["eval", str(src), str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "nowhere: no such folder; give a folder written by make-benchmark" in \
+        _one_line(capsys)
     for text in ('{"x": 1}', "[1]", "garbage"):
         gt.write_text(text)
         assert main(["eval", str(src), str(bench), "--quiet"]) == 2

@@ -363,8 +363,13 @@ def evaluate_alignment(
     gt_path = bdir / "ground_truth.json"
     try:
         truth = GroundTruth.from_json(gt_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        what = "no ground_truth.json there" if bdir.is_dir() else "no such folder"
+        raise DeepAlignError(f"{bdir}: {what}; give a folder written by make-benchmark"
+                             ) from None
     except OSError as exc:
-        raise DeepAlignError(f"{gt_path}: cannot read ground truth: {exc}") from exc
+        raise DeepAlignError(f"{gt_path}: cannot read ground truth: "
+                             f"{exc.strerror or exc}") from exc
     except (UnicodeDecodeError, DeepAlignError) as exc:
         why = str(exc) if isinstance(exc, DeepAlignError) else "not a ground-truth JSON (binary)"
         raise DeepAlignError(f"{gt_path}: {why}; the folder must be one written by "
