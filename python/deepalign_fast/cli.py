@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from ._errors import DeepAlignError, EnvironmentFailure
+from .estimate import MODELS
 
 if TYPE_CHECKING:
     from .alignment import AlignResult
@@ -523,13 +524,15 @@ def _add_bench(sub: Any) -> None:
                                    "features/provider configuration, each in a fresh process.")
     p.add_argument("stack", nargs="?", type=Path, default=None,
                    help="stack to align (default: synthetic, from the bundled sample)")
-    p.add_argument("--slices", type=int, default=16, help="synthetic stack depth")
-    p.add_argument("--size", type=int, default=2048, help="synthetic slice size (square)")
+    p.add_argument("--slices", type=int, default=None,
+                   help="synthetic stack depth (default 16)")
+    p.add_argument("--size", type=int, default=None,
+                   help="synthetic slice size, square (default 2048)")
     p.add_argument("--features", nargs="+", default=["blocks"],
                    choices=("blocks", "sift", "learned"))
     p.add_argument("--providers", nargs="+", default=None, choices=("cpu", "cuda", "tensorrt"),
                    help="providers for learned features (default: all available)")
-    p.add_argument("--model", default="affine")
+    p.add_argument("--model", default="affine", choices=MODELS)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -539,6 +542,11 @@ def _add_bench(sub: Any) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .qc.bench import STAGES, run_bench
 
+    if args.stack is not None and (args.slices is not None or args.size is not None):
+        raise DeepAlignError("--slices and --size shape the synthetic stack; with STACK "
+                             "given they do not apply (crop the stack instead)")
+    args.slices = 16 if args.slices is None else args.slices
+    args.size = 2048 if args.size is None else args.size
     if args.stack is None and (args.slices < 2 or args.size < 64):
         raise DeepAlignError(f"--slices must be >= 2 and --size >= 64 (got {args.slices} and "
                              f"{args.size})")

@@ -25,3 +25,13 @@ def test_bench_rejects_unavailable_provider() -> None:
         pytest.skip("CUDA provider installed")
     with pytest.raises(DeepAlignError, match="onnxruntime-gpu"):
         run_bench(slices=2, size=128, features=("learned",), providers=("cuda",))
+
+
+def test_bench_refuses_options_that_do_not_apply(tmp_path, capsys: pytest.CaptureFixture[str],
+                                                tiny_stack) -> None:  # type: ignore[no-untyped-def]
+    """--slices/--size shape the synthetic stack only (they were ignored with a stack given);
+    a model that does not exist is refused by the parser (it failed inside the child run)."""
+    assert main(["bench", str(tiny_stack), "--slices", "4"]) == 2
+    assert "--slices and --size shape the synthetic stack" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "bogus"])
