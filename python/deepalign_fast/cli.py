@@ -312,7 +312,7 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from .alignment import Aligner
+    from .alignment import Aligner, AlignOptions
 
     _finite(args.threshold, "--threshold")
     if args.masks is not None and args.mode != "expected-affine":
@@ -338,6 +338,12 @@ def _cmd_align(args: argparse.Namespace) -> int:
         raise DeepAlignError(f"{args.output}: (-o) cannot tell the output format from suffix "
                              f"{suffix!r}; use .tif/.tiff or .zarr/.ome.zarr")
     options = options_from_args(args)
+    defaults = AlignOptions()
+    for name, mode in (("refine_features", "expected-affine"), ("max_folding", "elastic"),
+                       ("field_stride", "elastic")):
+        if getattr(options, name) != getattr(defaults, name) and options.mode != mode:
+            flag = "--" + name.replace("_", "-")
+            raise DeepAlignError(f"{flag} only applies with --mode {mode}")
     compression, voxel_size = _compression(args), _voxel_size(args)  # checked before any work
     transforms_path = args.transforms or _default_transforms_path(args.output)
     plan = _align_plan(args, transforms_path)

@@ -543,6 +543,10 @@ def test_a_moments_hold_of_the_lock_is_waited_out(tmp_path: Path) -> None:
 @pytest.mark.parametrize("argv, words", [
     (["--threshold", "nan"], "--threshold"),
     (["--masks", "MASKS"], "--masks"),
+    # options of another mode (they were accepted and did nothing)
+    (["--max-folding", "0.01"], "--max-folding only applies with --mode elastic"),
+    (["--field-stride", "8", "--mode", "expected-affine"], "--field-stride only applies"),
+    (["--refine-features", "sift", "--mode", "elastic"], "--refine-features only applies"),
     (["--scheduler", "local:1", "--mode", "elastic"], "--scheduler"),
     (["--work-dir", "W"], "--work-dir"),
 ])
