@@ -35,11 +35,12 @@ import numpy as np
 
 from ._errors import DeepAlignError
 from .alignment import Aligner, AlignOptions
+from .io import OTHER_IMAGE_SUFFIXES, SLICE_SUFFIXES
 from .outputs import STORE_MARK, OutputPlan, output_lock, store_mark, store_problem, write_atomic
 
 __all__ = ["WatchResult", "watch_folder"]
 
-SUFFIXES = (".tif", ".tiff", ".png")
+SUFFIXES = SLICE_SUFFIXES
 
 
 def _natural(name: str) -> list[Any]:
@@ -206,6 +207,13 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
         while True:
             # The stop file means the acquisition is over: every file present is complete.
             stopping = (src / stop_file).exists()
+            other = sorted(p.name for p in src.iterdir() if p.suffix.lower()
+                           in OTHER_IMAGE_SUFFIXES and not p.name.startswith("."))
+            if other:  # skipped, it would put every later slice one z early (align refuses it)
+                raise DeepAlignError(
+                    f"{src / other[0]}: an image the watch does not take as a slice (.tif, "
+                    ".tiff and .png are); convert it, or move it out of the folder if it is "
+                    "not a slice, and rerun the same command")
             fresh = sorted((p for p in src.iterdir() if p.suffix.lower() in SUFFIXES
                             and not p.name.startswith(".")  # as align reads a folder
                             and p.name not in known and p.is_file()),

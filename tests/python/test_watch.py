@@ -133,6 +133,19 @@ def test_hidden_files_are_not_slices_and_order_is_kept(tmp_path: Path) -> None:
     assert result.files[-1] == "slice_06.tif" and result.written == 7
 
 
+def test_a_slice_in_another_image_format_stops_the_watch(tmp_path: Path) -> None:
+    """A .jpg among the slices was skipped (every later slice one z early); align refuses it
+    in a folder, and so does the watch, naming it."""
+    import cv2
+
+    slices = _slices(6)
+    folder = _acquired(tmp_path, slices[:3])
+    cv2.imwrite(str(folder / "slice_3.jpg"), slices[3])
+    with pytest.raises(DeepAlignError, match=r"slice_3\.jpg: an image the watch does not"):
+        watch_folder(folder, tmp_path / "live.ome.zarr", lookahead=2, poll=0.02,
+                     idle_timeout=0.5)
+
+
 def test_a_restart_refuses_a_taken_file_changed_or_gone(tmp_path: Path) -> None:
     """Slices aligned after a taken file used it as it was: a restart that finds it replaced
     or removed stops with its name and slice (it replayed the new file silently, or said only

@@ -46,6 +46,8 @@ from ._common import (
 from ._labels import image_shape, label_target, prepare_label_group, register_label
 from ._mrc import MrcStackReader
 from ._readers import (
+    OTHER_IMAGE_SUFFIXES,
+    SLICE_SUFFIXES,
     FolderStackReader,
     TiffStackReader,
     ZarrStackReader,
@@ -64,6 +66,8 @@ from ._writers import (
 
 __all__ = [
     "MAX_SLICE_PIXELS",
+    "OTHER_IMAGE_SUFFIXES",
+    "SLICE_SUFFIXES",
     "SUPPORTED_DTYPES",
     "check_slice_size",
     "finish_slice",

@@ -26,7 +26,7 @@ from ._mrc import MRC_SUFFIXES, MrcStackReader
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
 # Image files that are no slices here: one in a folder of slices is refused, not skipped.
-_OTHER_IMAGES = (".jpg", ".jpeg", ".jp2", ".bmp", ".gif", ".webp", ".dm3", ".dm4", ".mrc",
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jp2", ".bmp", ".gif", ".webp", ".dm3", ".dm4", ".mrc",
                  ".tga", ".pgm", ".ppm")
 _SPATIAL = ("Y", "X", "S")
 
@@ -296,7 +296,7 @@ class FolderStackReader(StackReader):
                 f"{self.path}: folder holds no slice images (.tif, .tiff or .png) and is not a "
                 "Zarr store."
             )
-        other = sorted((f for f in self.path.iterdir() if f.suffix.lower() in _OTHER_IMAGES
+        other = sorted((f for f in self.path.iterdir() if f.suffix.lower() in OTHER_IMAGE_SUFFIXES
                         and not f.name.startswith(".")), key=lambda f: natural_key(f.name))
         if other:  # left out, it would shift every later slice by one, silently
             raise DeepAlignError(
