@@ -41,6 +41,8 @@ __all__ = [
     "compose_displacements",
     "jacobian_determinant",
     "nonpositive_jacobian_fraction",
+    "without_affine_part",
+    "without_common_affine",
 ]
 
 
@@ -222,3 +224,41 @@ def nonpositive_jacobian_fraction(
     if total == 0:
         raise DeepAlignError("nonpositive_jacobian_fraction: the mask selects no pixel")
     return float(nonpositive) / float(total)
+
+
+def without_affine_part(displacement: npt.ArrayLike) -> np.ndarray:
+    """``displacement`` (2, H, W) less its least-squares affine part (``a x + b y + c`` per
+    component, fitted on every 4th pixel): what no affine describes.
+
+    A stack refinement follows the previous *output* slice; the affine part of each slice's
+    field is the solve's job, and left in it is carried down the stack (see
+    :func:`without_common_affine`)."""
+    u = np.asarray(displacement, np.float32)
+    if u.ndim != 3 or u.shape[0] != 2:
+        raise ValueError(f"displacement: expected shape (2, H, W), got {u.shape}")
+    h, w = u.shape[1:]
+    ys, xs = np.mgrid[0:h:4, 0:w:4]
+    design = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)], axis=1).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, u[:, ::4, ::4].reshape(2, -1).T.astype(np.float64),
+                               rcond=None)  # (3, 2)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    fit = (coef[0][:, None, None] * xx + coef[1][:, None, None] * yy
+           + coef[2][:, None, None]).astype(np.float32)
+    return np.ascontiguousarray(u - fit)
+
+
+def without_common_affine(field: npt.ArrayLike, step: float) -> np.ndarray:
+    """A per-pixel affine field (rows, cols, 2, 3) on a grid of ``step`` pixels less the
+    affine that best describes the displacement it makes (``F(p) [p, 1] - p``, least
+    squares over the nodes): the part no single affine describes (as
+    :func:`without_affine_part` for displacements)."""
+    f = np.array(field, np.float64)
+    if f.ndim != 4 or f.shape[2:] != (2, 3):
+        raise ValueError(f"field: expected shape (rows, cols, 2, 3), got {f.shape}")
+    rows, cols = f.shape[:2]
+    ys, xs = np.mgrid[0:rows, 0:cols] * float(step)
+    p = np.stack([xs, ys, np.ones_like(xs)], axis=-1)  # (rows, cols, 3)
+    moved = np.einsum("rcij,rcj->rci", f, p) - p[..., :2]
+    coef, *_ = np.linalg.lstsq(p.reshape(-1, 3), moved.reshape(-1, 2), rcond=None)  # (3, 2)
+    f -= coef.T[None, None]  # subtracting G from every node takes G p from every displacement
+    return f

@@ -264,3 +264,43 @@ def test_jacobian_affine_and_folding():
     assert abs(frac - (expect <= 0).mean()) < 0.1
     assert nonpositive_jacobian_fraction(fold, mask=np.zeros((h, w)) + (xs < 3)) == pytest.approx(
         ((det <= 0) & (xs < 3)).sum() / (xs < 3).sum())
+
+
+def test_the_affine_part_of_a_field_is_removed_exactly(rng) -> None:  # type: ignore[no-untyped-def]
+    """An affine displacement plus a zero-mean bump: what is left is the bump less its own
+    (small) affine fit, and a purely affine field leaves nothing (float64 reference)."""
+    from deepalign_fast.fields import without_affine_part
+
+    h, w = 64, 80
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    affine = np.stack([0.01 * xx - 0.02 * yy + 3.0, 0.015 * xx + 0.005 * yy - 1.5])
+    assert np.abs(without_affine_part(affine.astype(np.float32))).max() < 1e-4
+    bump = np.stack([np.sin(xx / 9.0) * np.cos(yy / 7.0), np.cos(xx / 11.0) * np.sin(yy / 5.0)])
+    design = np.stack([xx[::4, ::4].ravel(), yy[::4, ::4].ravel(),
+                       np.ones(xx[::4, ::4].size)], 1)
+    coef, *_ = np.linalg.lstsq(design, bump[:, ::4, ::4].reshape(2, -1).T, rcond=None)
+    expected = bump - (coef[0][:, None, None] * xx + coef[1][:, None, None] * yy
+                       + coef[2][:, None, None])
+    got = without_affine_part((affine + bump).astype(np.float32))
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+def test_the_common_affine_of_a_per_pixel_affine_field_is_removed() -> None:
+    """Nodes that all carry one affine G (a field that only moves the slice rigidly or
+    affinely) become the identity; a field's non-affine part stays."""
+    from deepalign_fast.fields import without_common_affine
+
+    g = np.array([[1.01, -0.02, 3.0], [0.015, 0.99, -2.0]])
+    field = np.broadcast_to(g, (5, 6, 2, 3)).copy()
+    np.testing.assert_allclose(without_common_affine(field, 8.0),
+                               np.broadcast_to(np.eye(2, 3), field.shape), atol=1e-9)
+    bent = field.copy()
+    bent[2, 3, :, 2] += (4.0, -3.0)  # one node moved: not affine
+    out = without_common_affine(bent, 8.0)
+    step = 8.0
+    ys, xs = np.mgrid[0:5, 0:6] * step
+    p = np.stack([xs, ys, np.ones_like(xs)], -1)
+    moved = np.einsum("rcij,rcj->rci", out, p) - p[..., :2]
+    assert np.linalg.norm(moved[2, 3]) > 3.5  # the bump stays
+    coef, *_ = np.linalg.lstsq(p.reshape(-1, 3), moved.reshape(-1, 2), rcond=None)
+    assert np.abs(coef).max() < 1e-9  # and no affine is left in the displacement

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fields import nonpositive_jacobian_fraction
+from ..fields import nonpositive_jacobian_fraction, without_affine_part
 from ..render import SliceMap, render_slice
 from .order import SequentialRefiner
 
@@ -74,6 +74,9 @@ class ElasticRefiner(SequentialRefiner):
             self.notes[z] = "flow holds NaN or infinite values: kept the affine"
             self.failed.append(z)
             return plain_map, base, None
+        # Only what no affine describes: the affine part is the solve's, and kept it would be
+        # carried into every later slice (each follows the previous output)
+        u = without_affine_part(u)
         fold = nonpositive_jacobian_fraction(u, num_threads=self.num_threads)
         scale = 1.0
         while fold > self.max_folding and scale > 0.125:

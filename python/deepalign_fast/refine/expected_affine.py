@@ -45,6 +45,7 @@ import numpy.typing as npt
 from .. import _core
 from .._errors import DeepAlignError
 from ..estimate import estimate_transform
+from ..fields import without_common_affine
 from ..render import SliceMap, render_slice
 from ..warp import warp_affine, warp_affine_field
 from .order import SequentialRefiner
@@ -524,8 +525,10 @@ class StackRefiner(SequentialRefiner):
             self.notes[z] = f"affine kept: {res.reason}"
             self.failed.append(z)
             return plain_map, plain
+        # Only what no single affine describes (see ElasticRefiner): carried down the stack
+        field = without_common_affine(res.field, res.field_step)
         if self.store is not None:
-            self.store.put_affine(z, res.field)
-        slice_map = SliceMap(affine, affine_field=res.field, field_step=res.field_step)
+            self.store.put_affine(z, field)
+        slice_map = SliceMap(affine, affine_field=field, field_step=res.field_step)
         return slice_map, render_slice(image, slice_map, self.shape,
                                        num_threads=self.num_threads)
