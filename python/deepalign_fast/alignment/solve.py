@@ -525,7 +525,8 @@ _FROM_COMPONENTS = np.linalg.inv(_TO_COMPONENTS)
 _TREND_SIGMAS = (2.0, 3.0, 4.0, 6.0, 8.0, 11.0, 16.0, 24.0, 32.0)
 
 
-def _trend_sigma(values: NDArray[np.float64], cap: float) -> NDArray[np.float64]:
+def _trend_sigma(values: NDArray[np.float64], cap: float, *,
+                 smoothest: bool = False) -> NDArray[np.float64]:
     """The smoothing (sigma in slices, at most ``cap``) of the slow part of each linear
     component (the columns of ``values`` (n, m)): the one whose leave-one-out prediction of
     the column is best.
@@ -536,12 +537,27 @@ def _trend_sigma(values: NDArray[np.float64], cap: float) -> NDArray[np.float64]
     is the one that best follows the wandering part and ignores the independent one: short
     where the wander dominates (an aligned stack: its linear parts are left nearly as they
     are), up to ``cap`` where the per-slice part does.
+
+    ``smoothest`` (slices whose content hardly changes, FIB-SEM): of the scales that predict
+    as well as the best within its standard error, the smoothest (the one-standard-error
+    rule). Where the errors hardly differ, the per-slice part is not told from the wander,
+    and a short scale keeps much of it: lucchi XY with 3 degrees of independent rotation per
+    slice chose 2 slices and kept 1.45 degrees rms (jitter error 2.73 px, now 0.64; XZ
+    chose 16). Between serial sections the content's own rotation, scale and shear change
+    from section to section, and the smoothest scale corrected more of it (the aligned
+    drosophila stack moved 3.67 px instead of 3.19): there, the best scale.
     """
     if len(values) < 8:
         return np.full(values.shape[1], float(cap))
     cands = np.array([s for s in _TREND_SIGMAS if s < cap] + [cap], np.float64)
-    errs = np.stack([_loo_error(values, s) for s in cands])  # (candidates, m)
-    return cands[np.argmin(errs, axis=0)]
+    sq = np.stack([(values - _line_fit(values, s, leave_out=True)) ** 2 for s in cands])
+    best = np.argmin(sq.mean(axis=1), axis=0)  # (m,)
+    if not smoothest:
+        return cands[best]
+    diff = sq - np.take_along_axis(sq, best[None, None, :], axis=0)  # (candidates, n, m)
+    se = diff.std(axis=1) / np.sqrt(len(values))
+    within = diff.mean(axis=1) <= se  # (candidates, m); the best itself always
+    return np.array([cands[np.flatnonzero(within[:, k]).max()] for k in range(sq.shape[2])])
 
 
 # A random walk of the solved positions faster than this (px per slice: at the frame centre
@@ -860,7 +876,7 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
         # The walk is measured against the full-scale trend (as for the translation): the
         # adaptive one has already followed part of it. One pass for all four components.
         full = _local_linear(comp, sigma) if stage_step is not None else None
-        scales = _trend_sigma(comp, sigma)
+        scales = _trend_sigma(comp, sigma, smoothest=stage_step is None)
         for k in range(4):
             y = comp[:, k]
             comp_s[:, k] = _local_linear(y, float(scales[k]))

@@ -595,6 +595,40 @@ def test_sections_split_walk_from_jitter_with_x_and_y_together():
     assert np.mean(together) < 0.96 * np.mean(alone)
 
 
+def _turned(theta: np.ndarray) -> np.ndarray:
+    a = np.tile(np.eye(2, 3), (len(theta), 1, 1))
+    a[:, 0, 0] = a[:, 1, 1] = np.cos(theta)
+    a[:, 0, 1], a[:, 1, 0] = -np.sin(theta), np.sin(theta)
+    return a
+
+
+def _kept_turn(theta: np.ndarray) -> np.ndarray:
+    k = lowpass_affines(_turned(theta), SHAPE, 16.0, adaptive=True, stage_step=None,
+                        noise_model=False)
+    return np.arctan2(k[:, 1, 0] - k[:, 0, 1], k[:, 0, 0] + k[:, 1, 1])
+
+
+def test_fibsem_slow_rotation_is_kept_but_not_the_per_slice_rotation():
+    """FIB-SEM-like slices (stage_step None): 3 degrees of independent rotation per slice on
+    a slow 1-degree bend of the chain's rotation. Where the leave-one-out errors of the
+    trend's scales hardly differ, the smoothest within one standard error is taken, so the
+    per-slice rotation is not kept (30 stacks: 0.59 degrees rms from the bend, against
+    0.68 with the best scale alone; lucchi XY with 3 degrees: jitter error 2.73 -> 0.64 px).
+    A stack's own wander (no per-slice part) is still kept."""
+    bent, wander = [], []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        t = np.arange(165)
+        slow = np.radians(1.0) * np.sin(2 * np.pi * t / 165 * rng.uniform(1, 3)
+                                        + rng.uniform(0, 6))
+        turns = slow + rng.normal(0, np.radians(3), len(t))
+        bent.append(np.sqrt(np.mean((_kept_turn(turns) - slow) ** 2)))
+        own = np.cumsum(rng.normal(0, np.radians(0.3), len(t)))
+        wander.append(np.sqrt(np.mean((_kept_turn(own) - own) ** 2)))
+    assert np.degrees(np.mean(bent)) < 0.63
+    assert np.degrees(np.max(wander)) < 0.25
+
+
 def test_similar_neighbours_have_every_walk_corrected():
     """Where the matcher measures that neighbouring slices hardly change (block correlation
     >= SIMILAR_CONTENT, as FIB-SEM), a fast walk is a stage's and is corrected; measured low
