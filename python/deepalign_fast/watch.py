@@ -40,8 +40,6 @@ from .outputs import STORE_MARK, OutputPlan, output_lock, store_mark, store_prob
 
 __all__ = ["WatchResult", "watch_folder"]
 
-SUFFIXES = SLICE_SUFFIXES
-
 
 def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
@@ -183,8 +181,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
 
     stamps: dict[str, list[Any]] = dict(state.get("stamps") or {})
 
-    def stamp(p: Path) -> list[int]:
-        st = p.stat()
+    def stamp(st: os.stat_result) -> list[int]:
         return [int(st.st_size), int(st.st_mtime_ns)]
 
     def source() -> Iterator[np.ndarray]:
@@ -194,7 +191,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
             if not path.is_file():
                 raise DeepAlignError(f"{path}: slice {z} of this watch (taken before) is gone; "
                                      "put it back and rerun, or watch into another output")
-            if name in stamps and stamp(path) != stamps[name][:2] and (
+            if name in stamps and stamp(path.stat()) != stamps[name][:2] and (
                     len(stamps[name]) < 3 or _digest(path) != stamps[name][2]):
                 # (a copy of the same bytes with a new time is the same slice)
                 raise DeepAlignError(f"{path}: slice {z} of this watch has changed since it was "
@@ -207,18 +204,16 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
         while True:
             # The stop file means the acquisition is over: every file present is complete.
             stopping = (src / stop_file).exists()
-            other = sorted(p.name for p in src.iterdir() if p.suffix.lower()
-                           in OTHER_IMAGE_SUFFIXES and not p.name.startswith("."))
+            listed = [p for p in src.iterdir() if not p.name.startswith(".")]  # as align
+            other = sorted(p.name for p in listed if p.suffix.lower() in OTHER_IMAGE_SUFFIXES)
             if other:  # skipped, it would put every later slice one z early (align refuses it)
                 raise DeepAlignError(
                     f"{src / other[0]}: an image the watch does not take as a slice (.tif, "
                     ".tiff and .png are); convert it, or move it out of the folder if it is "
                     "not a slice, and rerun the same command")
-            fresh = sorted((p for p in src.iterdir() if p.suffix.lower() in SUFFIXES
-                            and not p.name.startswith(".")  # as align reads a folder
+            fresh = sorted((p for p in listed if p.suffix.lower() in SLICE_SUFFIXES
                             and p.name not in known and p.is_file()),
                            key=lambda p: _natural(p.name))
-
             took = False
             waiting: tuple[Path, str] | None = None  # the file the watch waits for, and why
             for p in fresh:
@@ -256,7 +251,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
                         "away and rerun the same command, or align the folder with `align` "
                         "once the acquisition is complete")
                 first = first or [(image.shape, image.dtype), p.name]
-                stamps[p.name] = [int(st.st_size), int(st.st_mtime_ns), _digest(p)]
+                stamps[p.name] = [*stamp(st), _digest(p)]
                 known.append(p.name)
                 took = True
                 last_new = time.monotonic()

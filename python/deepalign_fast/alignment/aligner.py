@@ -466,9 +466,10 @@ class Aligner:
             ckpt = Checkpoint.for_run(reader_path(reader), out, reader.shape,
                                       asdict(self.options))
             saved = ckpt.load() if ckpt is not None else None
+            resumed: AlignResult | None = None
             if saved is not None and ckpt is not None:
                 try:  # a record this run cannot use: start over only when told to
-                    result_of_checkpoint(saved, str(ckpt.path))
+                    resumed = result_of_checkpoint(saved, str(ckpt.path))
                 except DeepAlignError as exc:
                     if not overwrite:
                         raise DeepAlignError(
@@ -500,8 +501,8 @@ class Aligner:
                         "pass --overwrite (API: overwrite=True) to start the run over.")
             if ckpt is not None:
                 ckpt.outputs = [*published, *(p for p, _ in extra)]
-            if saved is not None and ckpt is not None:
-                result = result_of_checkpoint(saved, str(ckpt.path))
+            if resumed is not None and saved is not None and ckpt is not None:
+                result = resumed
                 if is_done(out):  # published: the transforms as written
                     _published(result, saved, tpath, ckpt.path)
             else:
