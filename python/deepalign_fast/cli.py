@@ -287,7 +287,7 @@ def _add_align(sub: Any) -> None:
 
 
 def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
-    from .outputs import OutputPlan, fields_path_for, partial_path_for, work_dir_for
+    from .outputs import FIELDS_LEFT, OutputPlan, fields_path_for, partial_path_for, work_dir_for
 
     is_zarr = args.output.suffix.lower() == ".zarr"
     # Outputs an interrupted run of this command put in place are accepted: the rerun finishes
@@ -296,11 +296,13 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
     plan.input(args.input, "INPUT").input(args.masks, "--masks")
     plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
     plan.output(transforms_path, "--transforms")
+    fields = fields_path_for(transforms_path)
     if args.mode != "affine":  # elastic and expected-affine keep their per-slice fields
-        fields = fields_path_for(transforms_path)
         plan.output(fields, "fields", folder=True, store=True)
         plan.output(partial_path_for(fields), "unfinished fields", folder=True, may_exist=True,
                     store=True)
+    else:
+        plan.leftover(fields, FIELDS_LEFT)
     plan.output(args.report, "--report")
     if is_zarr:
         plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True,

@@ -59,6 +59,7 @@ from ._errors import DeepAlignError, EnvironmentFailure
 __all__ = [
     "Checkpoint",
     "EnvironmentFailure",
+    "FIELDS_LEFT",
     "OutputPlan",
     "PROGRESS_FILE",
     "STORE_MARK",
@@ -113,6 +114,11 @@ def fields_path_for(transforms: str | os.PathLike[str]) -> Path:
             name = name[: -len(suffix)]
             break
     return p.with_name(name + ".fields.zarr")
+
+
+#: What :meth:`OutputPlan.leftover` says of a field store beside the transforms file of an
+#: affine run: an earlier refining run's, which the new transforms do not use.
+FIELDS_LEFT = "the field store of an earlier elastic or expected-affine run"
 
 
 def partial_path_for(output: str | os.PathLike[str]) -> Path:
@@ -513,6 +519,9 @@ class OutputPlan:
     #: outputs that an interrupted run put in place are accepted, for the command to finish
     #: the run (it checks that the run is the same before relying on them).
     resumes: Path | None = None
+    #: Paths that must not exist (a file of an earlier run the command would leave beside
+    #: its new outputs, taken for one of them), with what they are.
+    leftovers: list[tuple[Path, str]] = field(default_factory=list)
 
     def input(self, path: str | os.PathLike[str] | None, flag: str) -> OutputPlan:
         """Add an input (file or folder) the command reads; None is ignored."""
@@ -528,6 +537,14 @@ class OutputPlan:
         only when this tool wrote it (:func:`store_problem`)."""
         if path is not None:
             self.outputs.append(_Out(Path(path), flag, folder, may_exist, store))
+        return self
+
+    def leftover(self, path: str | os.PathLike[str], what: str) -> OutputPlan:
+        """Refuse the plan while ``path`` exists: ``what`` it is (an earlier run's file the
+        command would leave beside its new outputs, e.g. a field store beside new affine
+        transforms). Neither ``overwrite`` nor a resume accepts it: the command does not
+        write it, so it does not replace or remove it either."""
+        self.leftovers.append((Path(path), what))
         return self
 
     def check(self) -> None:
@@ -596,6 +613,10 @@ class OutputPlan:
                         "an unfinished output of deepalign-fast; remove it or choose another "
                         "name.")
             _check_writable(out.path, out.flag)
+        for path, what in self.leftovers:
+            if os.path.lexists(path):
+                raise DeepAlignError(f"{path}: {what}; this run would leave it beside its "
+                                     "new outputs. Remove it or choose another name.")
 
     def _check_against_input(self, out: _Out, r: Path, ip: Path, iflag: str, ir: Path) -> None:
         what = _flag_text(out.flag)

@@ -424,7 +424,7 @@ class Aligner:
         an unfinished one from another run.
         """
         from ..io import StackReader, as_reader, reader_path
-        from ..outputs import Checkpoint, OutputPlan, output_lock, partial_path_for
+        from ..outputs import FIELDS_LEFT, Checkpoint, OutputPlan, output_lock, partial_path_for
 
         t0 = time.perf_counter()
         out = Path(output)
@@ -449,6 +449,8 @@ class Aligner:
             plan.output(fields_path, "field store", folder=True, store=True)
             plan.output(partial_path_for(fields_path), "unfinished field store", folder=True,
                         may_exist=True, store=True)
+        elif tpath is not None:
+            plan.leftover(_fields_path(tpath), FIELDS_LEFT)
         if is_zarr:
             plan.output(partial_path_for(out), "unfinished output", folder=True,
                         may_exist=True, store=True)

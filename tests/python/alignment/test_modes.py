@@ -162,6 +162,28 @@ def test_existing_field_store_is_never_replaced_without_overwrite(tiny_stack: Pa
     assert (store / "keep.txt").read_text() == "mine" and not (tmp_path / "out.tif").exists()
 
 
+def test_an_affine_run_refuses_to_leave_an_earlier_field_store_beside_it(
+        tiny_stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An affine run writes no field store, so an elastic run's store beside the transforms
+    file it replaces would be left there, taken for the new run's. Refused before any work,
+    with --overwrite too, by the CLI and the API; nothing is replaced or removed."""
+    out = tmp_path / "o.tif"
+    assert main(["align", str(tiny_stack), "-o", str(out), "--mode", "elastic",
+                 "--quiet"]) == 0
+    store = tmp_path / "o.fields.zarr"
+    assert store.is_dir()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert main(["align", str(tiny_stack), "-o", str(out), "--overwrite", "--quiet"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and str(store) in line and "earlier elastic" in line
+    with pytest.raises(DeepAlignError, match="earlier elastic"):
+        Aligner(num_threads=1).align_stack(tiny_stack, out, overwrite=True, progress=False,
+                                           transforms_path=tmp_path / "o.transforms.json")
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    # Another transforms file has no store beside it: that run goes ahead.
+    assert main(["align", str(tiny_stack), "-o", str(tmp_path / "p.tif"), "--quiet"]) == 0
+
+
 def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
         tiny_stack: Path, tmp_path: Path, nan_flow_at: Callable[[int], list[int]]) -> None:
     """A flow of NaN for one slice: it keeps its affine, is flagged, and the summary says
