@@ -1123,3 +1123,47 @@ def test_the_measured_prior_follows_one_compressed_section(seed):
            for reg in ("auto", 0.05)}
     assert err["auto"][30] < 0.7 * err[0.05][30]
     assert err["auto"][30] < 0.05
+
+
+def _disagreeing_by_distance(truth: np.ndarray, rng: np.random.Generator, per_slice: float,
+                             offsets=(1, 2, 4, 8), skip=()):
+    """Pairs of ``truth`` whose slices disagree with the rest by about ``per_slice`` px per
+    slice of distance, each pair in its own direction (the anatomy's apparent motion between
+    FIB-SEM slices, which pairs farther apart show more); slices ``skip`` have no pairs."""
+    x = _grid()
+    pairs = []
+    for j in range(len(truth)):
+        for k in offsets:
+            i = j - k
+            if i < 0 or i in skip or j in skip:
+                continue
+            bias = rng.normal(0, per_slice * k, 2)
+            pairs.append(pair_moments(i, j, apply_affine(truth[i], x),
+                                      apply_affine(truth[j], x) + bias, np.ones(len(x)), SHAPE))
+    return pairs
+
+
+def test_far_pairs_are_judged_against_pairs_as_far_apart():
+    """A window of a stream (12 slices, two blank): far pairs disagree more by nature, and
+    with the IRLS's one scale, set by the many near pairs, good slices whose nearest pairs
+    the blank run removed were flagged "disagrees". Each pair is now judged against pairs
+    as far apart; a slice whose pairs are all wrong is still flagged."""
+    truth = _random_affines(12, np.random.default_rng(1), shift=1.0)
+    flagged = []
+    for seed in range(16):  # (before: slice 0 flagged at seeds 7 and 11)
+        pairs = _disagreeing_by_distance(truth, np.random.default_rng(seed), 0.15,
+                                         skip=(3, 4))
+        res = solve_stack(12, pairs, SHAPE, blank=(3, 4), neighbour_score=0.9)
+        flagged.append(res.flagged)
+    assert flagged == [[3, 4]] * 16
+    # a slice whose every pair is wrong by 6-9 px is still flagged
+    rng = np.random.default_rng(7)
+    x = _grid()
+    pairs = []
+    for pm in _disagreeing_by_distance(truth, rng, 0.15, skip=(3, 4)):
+        if 8 in (pm.i, pm.j):
+            p = apply_affine(truth[pm.i], x)
+            pm = pair_moments(pm.i, pm.j, p, p + rng.uniform(6, 9, 2), np.ones(len(x)), SHAPE)
+        pairs.append(pm)
+    res = solve_stack(12, pairs, SHAPE, blank=(3, 4), neighbour_score=0.9)
+    assert res.flagged == [3, 4, 8] and res.flag_reasons[8] == "disagrees"
