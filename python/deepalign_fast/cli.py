@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -964,7 +965,20 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (SLURM, Kubernetes, kill): unwinds like Ctrl-C, so temporary files are removed."""
 
 
+# Python drops an exception raised where it cannot propagate (a weakref or import-lock
+# callback): a SIGTERM landing there was lost, and a watch hung with its lock held (seen
+# with a Zarr compression thread waiting on the import lock). So the process also exits
+# this many seconds after the signal, as after `kill -9` (whose leftovers the next run on
+# the output removes), unless the command has unwound by then.
+TERM_GRACE_S = 30.0
+_TERM_TIMERS: list[threading.Timer] = []
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    timer = threading.Timer(TERM_GRACE_S, os._exit, args=(143,))
+    timer.daemon = True
+    timer.start()
+    _TERM_TIMERS.append(timer)
     raise _Terminated
 
 
@@ -979,6 +993,8 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        while _TERM_TIMERS:  # unwound: no forced exit
+            _TERM_TIMERS.pop().cancel()
 
 
 @contextmanager

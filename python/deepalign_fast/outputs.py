@@ -71,9 +71,11 @@ __all__ = [
     "fields_path_for",
     "output_lock",
     "partial_path_for",
+    "progress_temps",
     "publish",
     "remove_stale_locks",
     "remove_stale_temps",
+    "store_being_created",
     "store_mark",
     "store_problem",
     "transforms_path_for",
@@ -172,18 +174,54 @@ def _store_attrs(path: Path) -> dict[str, Any]:
     return {}
 
 
+_PROGRESS_TEMP = re.compile(rf"\.{re.escape(PROGRESS_FILE)}\.tmp-\d+-\d+")
+
+
+def progress_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """The temporary files of the progress record (:data:`PROGRESS_FILE`) at the top of
+    ``folder`` that a killed writer left."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return [Path(folder, n) for n in names if _PROGRESS_TEMP.fullmatch(n)]
+
+
+def store_being_created(path: str | os.PathLike[str]) -> bool:
+    """Whether the folder ``path`` (an unfinished store, ``NAME.partial``) holds nothing a
+    run wrote but metadata: a store stopped while being created, before its progress record
+    (:data:`PROGRESS_FILE`) and any slice. Zarr writes a group's metadata files in parallel,
+    so the mark (in ``.zattrs``) may be missing, or the folder empty. Nothing there is worth
+    keeping; the writer makes it again."""
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return False
+    for root, dirs, files in os.walk(p):
+        if any(Path(root, d).is_symlink() for d in dirs):
+            return False
+        for name in files:
+            if name not in (*_ZARR_METADATA, ".zattrs") and not _PROGRESS_TEMP.fullmatch(name):
+                return False
+            if Path(root, name).is_symlink():
+                return False
+    return True
+
+
 def store_problem(path: str | os.PathLike[str], *, unfinished: bool = False) -> str | None:
     """Why the folder ``path`` must not be replaced or deleted as a Zarr store of this tool,
     or None when it may.
 
     It may when it is a folder (not a symbolic link) with Zarr metadata at its top that
     carries :data:`STORE_MARK` (``unfinished=True``: or the progress record of an unfinished
-    output, :data:`PROGRESS_FILE`), and holds only Zarr files and this tool's own (no
-    symbolic links, nothing else anywhere inside).
+    output, :data:`PROGRESS_FILE`, or nothing but metadata: :func:`store_being_created`), and
+    holds only Zarr files and this tool's own (no symbolic links, nothing else anywhere
+    inside).
     """
     p = Path(path)
     if p.is_symlink() or not p.is_dir():
         return "is not a folder"
+    if unfinished and store_being_created(p):
+        return None
     try:
         top = set(os.listdir(p))
     except OSError as exc:
@@ -856,6 +894,13 @@ class Checkpoint:
         key = {"format": CHECKPOINT_FORMAT, "input": _input_identity(source),
                "shape": [int(s) for s in shape], "options": json.loads(json.dumps(options))}
         return cls(checkpoint_path_for(output), key)
+
+    def digest(self, **more: Any) -> str:
+        """A short digest of :attr:`key` (the input and the options) and of ``more`` (what
+        else decides the output, e.g. its voxel size): names this run in the unfinished store
+        it writes (:class:`~deepalign_fast.io.ZarrStackWriter` ``run``)."""
+        text = json.dumps([self.key, more], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def load(self) -> dict[str, Any] | None:
         """The saved estimation (``transforms``, ``matches``, ``timings``, ``measured``) when

@@ -36,7 +36,15 @@ import numpy as np
 from ._errors import DeepAlignError
 from .alignment import Aligner, AlignOptions
 from .io import OTHER_IMAGE_SUFFIXES, SLICE_SUFFIXES
-from .outputs import STORE_MARK, OutputPlan, output_lock, store_mark, store_problem, write_atomic
+from .outputs import (
+    STORE_MARK,
+    OutputPlan,
+    output_lock,
+    remove_stale_temps,
+    store_mark,
+    store_problem,
+    write_atomic,
+)
 
 __all__ = ["WatchResult", "watch_folder"]
 
@@ -143,6 +151,7 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
     plan.output(state_path, "watch record", may_exist=True)
     plan.check()
     with plan.prepared(), output_lock([out]):
+        remove_stale_temps(state_path)  # of a watch killed while saving its record
         return _watch(src, out, state_path, options=options, lookahead=lookahead, poll=poll,
                       idle_timeout=idle_timeout, stop_file=stop_file, on_slice=on_slice)
 

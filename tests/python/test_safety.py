@@ -925,6 +925,42 @@ def _rerun_resumes(src: Path, out: Path, ref: Path, monkeypatch: pytest.MonkeyPa
     assert not checkpoint_path_for(out).exists()
 
 
+_LOST_SIGTERM = """
+import os, sys, time
+from deepalign_fast import cli
+from deepalign_fast.alignment import Aligner
+cli.TERM_GRACE_S = 1.0
+def swallowing(*a, **k):
+    open(os.environ["MARK"], "w").close()
+    while True:  # the signal's exception lost, as Python loses it in a callback
+        try:
+            time.sleep(0.05)
+        except BaseException:
+            pass
+Aligner.estimate = swallowing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_lost_sigterm_still_ends_the_run(src: Path, tmp_path: Path) -> None:
+    """Python drops an exception raised in a callback: a SIGTERM landing there was lost, and
+    a watch hung with its output's lock held. The run now exits (143) a grace period after
+    the signal, as after ``kill -9``; the next run on the output is not blocked."""
+    out, mark = tmp_path / "o.tif", tmp_path / "mark"
+    proc = subprocess.Popen([sys.executable, "-c", _LOST_SIGTERM, "align", str(src), "-o",
+                             str(out), "--quiet"], env={**ENV, "MARK": str(mark)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not mark.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert _align(str(src), "-o", str(out), "--model", "translation") == 0
+
+
 _SLOW_REPORT = """
 import os, sys, time
 import deepalign_fast.qc.report as rp

@@ -146,6 +146,20 @@ def test_a_slice_in_another_image_format_stops_the_watch(tmp_path: Path) -> None
                      idle_timeout=0.5)
 
 
+def test_a_restart_removes_the_record_temp_a_killed_watch_left(tmp_path: Path) -> None:
+    """A watch killed while saving its record leaves the record's temporary file beside the
+    output; the restart (which holds the output's lock) removes it, and nothing else."""
+    folder = _acquired(tmp_path, _slices(4))
+    out = tmp_path / "live.ome.zarr"
+    watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3)
+    stale = tmp_path / ".live.ome.zarr.watch.json.deepalign-0123456789abcdef.tmp"
+    stale.write_text("{")
+    mine = tmp_path / ".live.ome.zarr.watch.json.notes"
+    mine.write_text("mine")
+    assert watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3).written == 4
+    assert not stale.exists() and mine.read_text() == "mine"
+
+
 def test_a_restart_refuses_a_taken_file_changed_or_gone(tmp_path: Path) -> None:
     """Slices aligned after a taken file used it as it was: a restart that finds it replaced
     or removed stops with its name and slice (it replayed the new file silently, or said only
@@ -176,8 +190,14 @@ def test_watch_refusals(tmp_path: Path) -> None:
     with pytest.raises(DeepAlignError, match="inside the watched folder"):
         watch_folder(folder, folder / "o.zarr")
     (tmp_path / "other.zarr").mkdir()
+    (tmp_path / "other.zarr" / "notes.txt").write_text("mine")
     with pytest.raises(DeepAlignError, match="not an unfinished output of deepalign-fast"):
         watch_folder(folder, tmp_path / "other.zarr", idle_timeout=0.1, poll=0.01)
+    (tmp_path / "empty.zarr").mkdir()  # (as a watch stopped while creating it leaves, but
+    with pytest.raises(DeepAlignError, match="not a watch of this tool"):  # with no record)
+        watch_folder(folder, tmp_path / "empty.zarr", idle_timeout=0.1, poll=0.01)
+    assert (tmp_path / "other.zarr" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "empty.zarr").is_dir()
 
 
 def test_watch_checks_its_outputs_before_any_slice(tmp_path: Path) -> None:

@@ -423,7 +423,14 @@ class Aligner:
         ``overwrite`` replaces existing outputs (once the new ones are complete) and discards
         an unfinished one from another run.
         """
-        from ..io import StackReader, as_reader, reader_path
+        from ..io import (
+            StackReader,
+            as_reader,
+            check_unfinished,
+            finish_store,
+            reader_path,
+            unfinished_run,
+        )
         from ..outputs import FIELDS_LEFT, Checkpoint, OutputPlan, output_lock, partial_path_for
 
         t0 = time.perf_counter()
@@ -501,6 +508,15 @@ class Aligner:
                     raise DeepAlignError(
                         f"{out}: was put in place by an interrupted run, but {missing} {state}; "
                         "pass --overwrite (API: overwrite=True) to start the run over.")
+            # An unfinished Zarr output continues only the run that wrote it: another run's
+            # (other input or options) is refused here, before any work, not discarded.
+            run = None if ckpt is None else ckpt.digest(
+                voxel_size=None if voxel_size is None else [float(v) for v in voxel_size],
+                unit=unit)
+            if is_zarr and not is_done(out) and not overwrite:
+                check_unfinished(out, run)
+            if is_zarr and is_done(out):  # put in place by this run, killed just after
+                finish_store(out)
             if ckpt is not None:
                 ckpt.outputs = [*published, *(p for p, _ in extra)]
             if resumed is not None and saved is not None and ckpt is not None:
@@ -520,9 +536,10 @@ class Aligner:
                                           unit=unit or "pixel")
                 if compression is not None:
                     writer_options["compression"] = compression
-                if is_zarr:
-                    resume = saved is not None and self.options.mode == "affine"
-                    writer_options.update(resume=resume, restart=saved is not None)
+                if is_zarr:  # this run's unfinished store: continued, or (refined) redone
+                    ours = run is not None and unfinished_run(out) == run
+                    writer_options.update(resume=ours and self.options.mode == "affine",
+                                          restart=ours, run=run)
 
                 def publish(rendered: TransformSet) -> None:
                     if ckpt is not None and fields_path is not None:  # refined: noted

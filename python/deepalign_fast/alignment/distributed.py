@@ -469,7 +469,13 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     DeepAlignError
         Output not Zarr, output exists, input unreadable, or a work folder from another run.
     """
-    from ..io import ZarrStackWriter, check_distinct, open_stack
+    from ..io import (
+        ZarrStackWriter,
+        check_distinct,
+        check_unfinished,
+        finish_store,
+        open_stack,
+    )
     from ..outputs import Checkpoint, OutputPlan
 
     t_start = time.perf_counter()
@@ -524,6 +530,10 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         if p is not None and os.path.lexists(p) and not overwrite and not is_done(p):
             raise DeepAlignError(f"{p}: {what} already exists; pass --overwrite (API: "
                                  "overwrite=True) or choose another name.")
+    if not is_done(out) and not overwrite:  # another run's unfinished store: its own
+        check_unfinished(out, ckpt.digest())
+    if is_done(out):  # put in place by this run, killed just after
+        finish_store(out)
     manifest = {"version": MANIFEST_VERSION, "input": str(src), "shape": [n, h, w],
                 "dtype": np.dtype(dtype).name, "options": opts_d}
     work_root = Path(work_dir).absolute() if work_dir else work_dir_for(out)
@@ -650,7 +660,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
 
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
-        writer = ZarrStackWriter(out, (n, oh, ow), dtype, resume=True, overwrite=overwrite)
+        writer = ZarrStackWriter(out, (n, oh, ow), dtype, resume=True, overwrite=overwrite,
+                                 run=ckpt.digest())
         done = writer.completed()
         counts["render_skipped"] = len(done)
         bar = Progress(n - len(done), "render (dask)", progress)

@@ -60,8 +60,11 @@ from ._writers import (
     TiffStackWriter,
     ZarrStackWriter,
     check_distinct,
+    check_unfinished,
+    finish_store,
     is_zarr_output,
     open_writer,
+    unfinished_run,
 )
 
 __all__ = [
@@ -70,9 +73,12 @@ __all__ = [
     "SLICE_SUFFIXES",
     "SUPPORTED_DTYPES",
     "check_slice_size",
+    "check_unfinished",
     "finish_slice",
+    "finish_store",
     "max_slice_pixels",
     "output_dtype",
+    "unfinished_run",
     "ArrayStackReader",
     "as_reader",
     "reader_path",

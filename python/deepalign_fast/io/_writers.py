@@ -23,7 +23,9 @@ from ..outputs import (
     create_temp,
     os_error,
     partial_path_for,
+    progress_temps,
     publish,
+    store_being_created,
     store_mark,
     store_problem,
 )
@@ -411,7 +413,9 @@ class ZarrStackWriter(StackWriter):
         levels in y/x (``"1"``, ``"2"``, ...; :meth:`level_shapes`) with their scales, axes
         z/y/x. False: a bare Zarr v3 array with dimension names z/y/x.
     resume : bool
-        Continue an existing ``<path>.partial`` store (its shape, dtype and chunks must match).
+        Continue an existing ``<path>.partial`` store (its shape, dtype, chunks, voxel size,
+        unit and ``run`` must match). One stopped while being created, before any slice, is
+        made again (:func:`~deepalign_fast.outputs.store_being_created`).
     overwrite : bool
         Replace an existing store at ``path`` (at ``close``), and discard a stale ``.partial``
         store instead of refusing when ``resume`` is False. Only a store this tool wrote is
@@ -427,6 +431,10 @@ class ZarrStackWriter(StackWriter):
         OME-NGFF axis unit; a unit NGFF does not know is left out.
     downsample : {"mean", "nearest"}
         How the pyramid levels are made: 2x2 means (images) or every second pixel (labels).
+    run : str, optional
+        What this store is the output of (e.g. a digest of the input and the options),
+        kept in the progress record: an unfinished store of another run is never continued,
+        so one output never mixes the slices of two runs.
     """
 
     def __init__(
@@ -443,6 +451,7 @@ class ZarrStackWriter(StackWriter):
         voxel_size: tuple[float, float, float] | None = None,
         unit: str | None = None,
         downsample: str = "mean",
+        run: str | None = None,
     ) -> None:
         import zarr
 
@@ -459,6 +468,11 @@ class ZarrStackWriter(StackWriter):
             )
         self.chunks = (1, min(ch[1], self.shape[1]), min(ch[2], self.shape[2]))
         self.ome = bool(ome)
+        self._scale = [1.0, 1.0, 1.0] if voxel_size is None else [float(v) for v in voxel_size]
+        if len(self._scale) != 3:
+            raise DeepAlignError(f"{self.path}: voxel_size must be (z, y, x), got {voxel_size!r}")
+        self._unit = (ome_unit(unit) if unit else None) if self.ome else None
+        self._run = run
         self.partial = partial_path_for(self.path)
         self._overwrite = overwrite
         self._lock = threading.Lock()
@@ -478,7 +492,9 @@ class ZarrStackWriter(StackWriter):
             if why is not None:
                 raise DeepAlignError(f"{self.partial}: {why}, so it is not an unfinished store "
                                      "of this tool; remove it or choose another name.")
-            if resume:
+            if store_being_created(self.partial):
+                pass  # stopped before any slice: made again below
+            elif resume:
                 try:
                     reopened = self._reopen(zarr)
                 except DeepAlignError:
@@ -496,7 +512,7 @@ class ZarrStackWriter(StackWriter):
                 )
             shutil.rmtree(self.partial)
         try:
-            self._arr = self._create(zarr, voxel_size, unit)
+            self._arr = self._create(zarr)
             self._save_progress()
         except OSError as exc:
             shutil.rmtree(self.partial, ignore_errors=True)
@@ -530,9 +546,12 @@ class ZarrStackWriter(StackWriter):
             "dtype": self.dtype.name,
             "chunks": list(self.chunks),
             "ome": self.ome,
+            "scale": self._scale if self.ome else None,
+            "unit": self._unit,
+            "run": self._run,
         }
 
-    def _create(self, zarr: Any, voxel_size: Any, unit: str | None) -> Any:
+    def _create(self, zarr: Any) -> Any:
         if not self.ome:
             return zarr.create_array(
                 str(self.partial),
@@ -544,15 +563,12 @@ class ZarrStackWriter(StackWriter):
                 dimension_names=("z", "y", "x"),
                 attributes={STORE_MARK: store_mark()},
             )
-        scale = [1.0, 1.0, 1.0] if voxel_size is None else [float(v) for v in voxel_size]
-        if len(scale) != 3:
-            raise DeepAlignError(f"{self.path}: voxel_size must be (z, y, x), got {voxel_size!r}")
+        scale = self._scale
         axes: list[dict[str, str]] = []
         for name in "zyx":
             axis = {"name": name, "type": "space"}
-            ngff_unit = ome_unit(unit) if unit else None
-            if ngff_unit:
-                axis["unit"] = ngff_unit
+            if self._unit:
+                axis["unit"] = self._unit
             axes.append(axis)
         # The mark goes into the group's first metadata: a store of ours is recognisable from
         # its creation on (the only stores --overwrite replaces).
@@ -593,13 +609,8 @@ class ZarrStackWriter(StackWriter):
 
     def _reopen(self, zarr: Any) -> Any:
         """The array of the unfinished store, its finished slices read from the progress
-        record; None where the store has no record yet (a run stopped while creating it,
-        before any slice: nothing to keep, it is made again)."""
+        record."""
         progress = self.partial / PROGRESS_FILE
-        metadata = {".zarray", ".zgroup", ".zattrs", "zarr.json"}
-        if not progress.exists() and all(p.name in metadata or p.name.startswith(".")
-                                         for p in self.partial.rglob("*") if p.is_file()):
-            return None
         try:
             info = json.loads(progress.read_text())
         except (OSError, ValueError) as exc:
@@ -607,13 +618,17 @@ class ZarrStackWriter(StackWriter):
                 f"{self.partial}: cannot resume: progress record {PROGRESS_FILE} is missing or "
                 f"unreadable ({exc}); delete the folder or pass overwrite=True to start again."
             ) from exc
-        layout = {k: info.get(k) for k in ("shape", "dtype", "chunks", "ome")}
+        layout = {k: info.get(k) for k in self._layout()}
+        if layout["run"] != self._run:
+            raise DeepAlignError(f"{self.partial}: {_OTHER_RUN}")
         if layout != self._layout():
             raise DeepAlignError(
                 f"{self.partial}: cannot resume: the unfinished store has layout {layout}, but "
                 f"this run asks for {self._layout()}; delete it or pass overwrite=True."
             )
         self._completed = {i for a, b in info.get("completed", []) for i in range(a, b)}
+        for stale in progress_temps(self.partial):  # a killed run's, never published
+            stale.unlink(missing_ok=True)
         node = zarr.open_group(str(self.partial), mode="r+") if self.ome else None
         if node is None:
             return zarr.open_array(str(self.partial), mode="r+")
@@ -721,12 +736,14 @@ class ZarrStackWriter(StackWriter):
         if replace:
             self._check_replaceable()  # still a store of ours (checked at the start, too)
         try:
-            (self.partial / PROGRESS_FILE).unlink()
+            # The progress record goes only once the store is in place: killed before, the
+            # unfinished store is still a resume point (every slice recorded as finished).
             if replace:
                 shutil.rmtree(self.path)
             publish(self.partial, self.path)
         except OSError as exc:
             raise os_error(exc, self.path, "cannot publish the finished store") from exc
+        finish_store(self.path)
         _fsync_dir(self.path.parent)
         self._done = True
 
@@ -738,6 +755,46 @@ class ZarrStackWriter(StackWriter):
         """Delete the ``.partial`` store; nothing appears at ``path``."""
         self._done = True
         shutil.rmtree(self.partial, ignore_errors=True)
+
+
+_OTHER_RUN = ("an unfinished output of another run (another input, other options, or another "
+              "version of deepalign-fast) is here; rerun that run's command to finish it, pass "
+              "--overwrite (API: overwrite=True) to discard it, or delete it.")
+
+
+def check_unfinished(path: str | os.PathLike[str], run: str | None) -> None:
+    """Refuse, before any work, an unfinished store at the output ``path`` that another run
+    wrote (:func:`unfinished_run` neither None nor ``run``): it is that run's resume point."""
+    left = unfinished_run(path)
+    if left is not None and left != run:
+        raise DeepAlignError(f"{partial_path_for(path)}: {_OTHER_RUN}")
+
+
+def unfinished_run(path: str | os.PathLike[str]) -> str | None:
+    """The ``run`` recorded in the unfinished store of the output ``path`` (``NAME.partial``,
+    see :class:`ZarrStackWriter`): None where there is none worth keeping (no such folder,
+    or one stopped while being created), "" where it records no run (another version, no
+    readable progress record)."""
+    partial = partial_path_for(path)
+    if not os.path.lexists(partial) or store_being_created(partial):
+        return None
+    try:
+        info = json.loads((partial / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    run = info.get("run") if isinstance(info, dict) else None
+    return run if isinstance(run, str) else ""
+
+
+def finish_store(path: str | os.PathLike[str]) -> None:
+    """Remove the progress record (and any temporary file of it) from a finished store of
+    :class:`ZarrStackWriter` at ``path``: the writer does so once the store is in place; the
+    rerun of a run killed just before calls it on the store that run put there."""
+    for stale in [Path(path, PROGRESS_FILE), *progress_temps(path)]:
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError as exc:
+            raise os_error(exc, path, "cannot finish the store") from exc
 
 
 def _is_zarr_path(p: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -1122,3 +1123,109 @@ def test_a_long_blank_run_does_not_hold_the_stream(tiny_stack: Path) -> None:
     for k, _ in enumerate(stream):
         assert emitted[-1] - k <= 2 + 2 + 1  # slice k went out with at most 5 after it
     assert stream.flagged[:30] == list(range(2, 32))
+
+
+def _zarr_slices(path: Path) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_group(str(path), mode="r")["0"][:])
+
+
+@pytest.mark.parametrize("change", ["options", "voxel size", "input"])
+def test_an_unfinished_zarr_output_of_another_run_is_never_continued(
+        tmp_path: Path, tiny_stack: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """A run into OME-Zarr is interrupted after some slices; then another run (other options,
+    another voxel size, or the input changed in place) targets the same output. Before, it
+    estimated, was refused, and (its resume record saved) its rerun continued the first
+    run's store: the output mixed the slices of two runs, or kept the first voxel size,
+    exit 0. It is refused before any work, every time; ``overwrite`` starts over."""
+    src = tmp_path / "in.tif"
+    shutil.copy(tiny_stack, src)
+    out = tmp_path / "o.ome.zarr"
+    _render_interrupted(monkeypatch, 3, lambda: Aligner(model="translation").align_stack(
+        src, out, progress=False))
+    kwargs: dict[str, Any] = {}
+    model = "translation"
+    if change == "options":
+        model = "rigid"
+    elif change == "voxel size":
+        kwargs = {"voxel_size": (10.0, 5.0, 5.0), "unit": "nm"}
+    else:
+        stack = tifffile.imread(src)
+        tifffile.imwrite(src, np.ascontiguousarray(stack[:, ::-1]))
+
+    def no_estimate(*args: Any, **kw: Any) -> None:
+        raise AssertionError("estimated before refusing")
+
+    for _ in range(2):  # the refusal saves nothing that would let the next try through
+        with monkeypatch.context() as m:
+            m.setattr(Aligner, "estimate", no_estimate)
+            with pytest.raises(DeepAlignError, match="unfinished output of another run"):
+                Aligner(model=model).align_stack(src, out, progress=False, **kwargs)
+    assert not out.exists()
+    Aligner(model=model).align_stack(src, out, progress=False, overwrite=True, **kwargs)
+    ref = tmp_path / "ref.ome.zarr"
+    Aligner(model=model).align_stack(src, ref, progress=False, **kwargs)
+    np.testing.assert_array_equal(_zarr_slices(out), _zarr_slices(ref))
+    ms_out, ms_ref = (json.loads((p / ".zattrs").read_text())["multiscales"][0]
+                      for p in (out, ref))
+    assert (ms_out["axes"], ms_out["datasets"]) == (ms_ref["axes"], ms_ref["datasets"])
+
+
+@pytest.mark.parametrize("stop", ["publish", "finish"])
+def test_a_zarr_run_killed_while_its_store_is_put_in_place_finishes(
+        tmp_path: Path, tiny_stack: Path, monkeypatch: pytest.MonkeyPatch, stop: str) -> None:
+    """Killed just before the finished store is renamed into place (before, its progress
+    record was already deleted, and every rerun was refused), or just after (the record
+    still inside the published store): the same call again finishes the run, without
+    estimating again, and the store holds nothing but Zarr data."""
+    out = tmp_path / "o.ome.zarr"
+    partial = tmp_path / "o.ome.zarr.partial"
+    real_replace, real_unlink = os.replace, Path.unlink
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if stop == "publish" and Path(src) == partial:
+            raise KeyboardInterrupt
+        real_replace(src, dst, *args, **kwargs)
+
+    def unlink(self: Path, *args: Any, **kwargs: Any) -> None:
+        if stop == "finish" and self == out / "deepalign_progress.json":
+            raise KeyboardInterrupt
+        real_unlink(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        m.setattr(Path, "unlink", unlink)
+        with pytest.raises(KeyboardInterrupt):
+            Aligner(model="translation").align_stack(tiny_stack, out, progress=False)
+    assert out.exists() == (stop == "finish")
+    if stop == "publish":  # a killed progress save's temporary file, too
+        (partial / ".deepalign_progress.json.tmp-1-2").write_text("{")
+    with monkeypatch.context() as m:
+        m.setattr(Aligner, "estimate", lambda *a, **k: (_ for _ in ()).throw(
+            AssertionError("estimated again")))
+        Aligner(model="translation").align_stack(tiny_stack, out, progress=False)
+    ref = tmp_path / "ref.ome.zarr"
+    Aligner(model="translation").align_stack(tiny_stack, ref, progress=False)
+    np.testing.assert_array_equal(_zarr_slices(out), _zarr_slices(ref))
+    names = {p.name for p in out.rglob("*")}
+    assert not {n for n in names if "progress" in n}
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("left", [(), (".zgroup",), (".zattrs",)])
+def test_a_store_stopped_while_being_created_is_made_again(
+        tmp_path: Path, tiny_stack: Path, left: tuple[str, ...],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed while the store was being created: Zarr writes a group's metadata files in
+    parallel, so the unfinished store may hold only one of them (without the mark), or
+    nothing. Before, every rerun, --overwrite included, was refused ("not an unfinished
+    output"). It is made again."""
+    out = tmp_path / "o.ome.zarr"
+    partial = tmp_path / "o.ome.zarr.partial"
+    partial.mkdir()
+    for name in left:
+        (partial / name).write_text('{"zarr_format": 2}' if name == ".zgroup" else "{}")
+    assert main(["align", str(tiny_stack), "-o", str(out), "--quiet"]) == 0, \
+        capsys.readouterr().err
+    assert out.is_dir() and not partial.exists()
