@@ -41,6 +41,7 @@ from .outputs import (
     OutputPlan,
     output_lock,
     remove_stale_temps,
+    store_being_created,
     store_mark,
     store_problem,
     write_atomic,
@@ -80,6 +81,10 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
     import zarr
 
     h, w = shape
+    if output.exists() and not written and store_being_created(output):
+        # A watch stopped while creating its store, before its mark was in (Zarr writes a
+        # group's metadata files in parallel): nothing in it to keep, made again.
+        shutil.rmtree(output)
     if output.exists():
         why = store_problem(output)
         if why is not None:

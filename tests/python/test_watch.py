@@ -160,6 +160,26 @@ def test_a_restart_removes_the_record_temp_a_killed_watch_left(tmp_path: Path) -
     assert not stale.exists() and mine.read_text() == "mine"
 
 
+@pytest.mark.parametrize("lost", [".zattrs", ".zgroup"])
+def test_a_watch_stopped_while_creating_its_store_is_restarted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lost: str) -> None:
+    """Stopped while creating its store: Zarr writes the group's metadata files in parallel,
+    so one may be missing (the mark with ``.zattrs``). The restart was refused ("no
+    'deepalign_fast' mark", "not a Zarr store"); the store is made again."""
+    folder = _acquired(tmp_path, _slices(4))
+    out = tmp_path / "live.ome.zarr"
+
+    def stopped(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(zarr.Group, "create_array", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3)
+    (out / lost).unlink()
+    assert watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3).written == 4
+
+
 def test_a_restart_refuses_a_taken_file_changed_or_gone(tmp_path: Path) -> None:
     """Slices aligned after a taken file used it as it was: a restart that finds it replaced
     or removed stops with its name and slice (it replayed the new file silently, or said only
