@@ -604,31 +604,33 @@ def _add_export(sub: Any) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .outputs import OutputPlan
-    from .transforms import TransformSet, export_itk
+    from .outputs import OutputPlan, output_lock, remove_stale_temps
+    from .transforms import TransformSet, export_itk, holds_text, itk_files
 
     _finite(args.pixel_size, "--pixel-size")
     ts = TransformSet.load(args.transforms)
     if ts.fields is not None:
         raise DeepAlignError(f"{args.transforms}: holds per-slice fields (--mode elastic or "
                              "expected-affine); an affine per slice cannot carry them")
+    files = itk_files(ts, pixel_size=args.pixel_size)
     plan = OutputPlan(overwrite=args.overwrite)
     plan.input(args.transforms, "TRANSFORMS")
-    width = max(4, len(str(len(ts) - 1)))
-    names = {f"slice_{z:0{width}d}.tfm" for z in range(len(ts))}
-    for name in sorted(names):
-        plan.output(args.output / name, "-o")
+    for name, text in sorted(files.items()):
+        # a file that already holds its text is this export's (a killed run's, rerun)
+        plan.output(args.output / name, "-o", may_exist=holds_text(args.output / name, text))
     plan.check()
     if args.output.is_dir():  # an earlier export's other slices would be taken for this one's
         other = sorted(p.name for p in args.output.iterdir()
-                       if re.fullmatch(r"slice_\d+\.tfm", p.name) and p.name not in names)
+                       if re.fullmatch(r"slice_\d+\.tfm", p.name) and p.name not in files)
         if other:
             raise DeepAlignError(
                 f"{args.output / other[0]}: (-o) {len(other)} slice file(s) of an earlier "
                 f"export that this one ({len(ts)} slices) does not replace would stay beside "
                 "it; remove them or choose another folder.")
-    files = export_itk(ts, args.output, pixel_size=args.pixel_size)
-    print(f"wrote {len(files)} ITK transform files to {args.output}")
+    with plan.prepared(), output_lock([args.output]):
+        remove_stale_temps(*(args.output / name for name in files))  # a killed export's
+        written = export_itk(ts, args.output, pixel_size=args.pixel_size)
+    print(f"wrote {len(written)} ITK transform files to {args.output}")
     return 0
 
 

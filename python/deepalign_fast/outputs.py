@@ -334,32 +334,44 @@ def publish(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> No
     os.replace(staged, final)
 
 
-def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporary files an earlier run left for ``final`` (call while holding its lock).
+def remove_stale_temps(*finals: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files an earlier run left for each of ``finals`` (call while holding
+    their lock).
 
     Only regular files (or symbolic links, which are unlinked, never followed) named
-    ``.NAME.deepalign-*`` in ``final``'s folder are removed, excluding the lock file, and the
+    ``.NAME.deepalign-*`` in a final's folder are removed, excluding the lock file, and the
     temporary files of the run's hidden side files (``..NAME.deepalign.*.deepalign-*``: its
-    resume record and matches, written atomically too).
+    resume record and matches, written atomically too). Each folder is listed once.
     """
-    final = Path(final)
-    prefix = f".{final.name}{TEMP_TAG}"
-    side = f"..{final.name}.deepalign."
+    by_folder: dict[Path, set[str]] = {}
+    for final in map(Path, finals):
+        by_folder.setdefault(final.parent, set()).add(final.name)
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(final.parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        ours = entry.name.startswith(prefix) or (entry.name.startswith(side)
-                                                 and TEMP_TAG in entry.name[len(side):])
-        if not ours or entry.name.endswith(".lock"):
+    for folder, names in by_folder.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
             continue
-        if entry.is_symlink() or entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
+        for entry in entries:
+            if entry.name.endswith(".lock") or not _temp_of(entry.name, names):
+                continue
+            if entry.is_symlink() or entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
     return removed
+
+
+def _temp_of(entry: str, names: set[str]) -> bool:
+    """Whether the file name ``entry`` is a temporary file of one of the outputs ``names``
+    (see :func:`remove_stale_temps`)."""
+    if entry.startswith("..") and ".deepalign." in entry:
+        name, _, rest = entry[2:].partition(".deepalign.")
+        if name in names and TEMP_TAG in rest:
+            return True
+    if entry.startswith(".") and TEMP_TAG in entry:
+        return entry[1:entry.index(TEMP_TAG)] in names
+    return False
 
 
 # A lock file is opened for reading and writing, never through a symbolic link.

@@ -60,7 +60,8 @@ from ._errors import DeepAlignError
 if TYPE_CHECKING:
     from .render import SliceMap
 
-__all__ = ["FIELD_KINDS", "SCHEMA", "FieldStore", "TransformSet", "export_itk", "outside_slices"]
+__all__ = ["FIELD_KINDS", "SCHEMA", "FieldStore", "TransformSet", "export_itk", "holds_text",
+           "itk_files", "outside_slices"]
 
 SCHEMA = "deepalign-fast/transforms"
 VERSION = 3  # written when fields are present; version 1 otherwise (2: displacement only)
@@ -551,6 +552,24 @@ class FieldStore:
         self._array = zarr.open_array(str(final), mode="r")
 
 
+def itk_files(transforms: TransformSet, *, pixel_size: float = 1.0) -> dict[str, str]:
+    """The ITK transform file of each slice, name (``slice_0000.tfm``, ...) -> text: an
+    ``AffineTransform_double_2_2`` in ITK's text format (see :func:`export_itk`)."""
+    if not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise ValueError(f"pixel_size must be a finite number > 0, got {pixel_size}")
+    width = max(4, len(str(len(transforms) - 1)))
+    files = {}
+    for z, a in enumerate(transforms.affines):
+        params = " ".join(repr(float(v)) for v in (a[0, 0], a[0, 1], a[1, 0], a[1, 1],
+                                                    a[0, 2] * pixel_size,
+                                                    a[1, 2] * pixel_size))
+        files[f"slice_{z:0{width}d}.tfm"] = (
+            "#Insight Transform File V1.0\n#Transform 0\n"
+            "Transform: AffineTransform_double_2_2\n"
+            f"Parameters: {params}\nFixedParameters: 0 0\n")
+    return files
+
+
 def export_itk(transforms: TransformSet, folder: str | os.PathLike[str], *,
                pixel_size: float = 1.0) -> list[Path]:
     """Write one ITK transform file per slice: ``FOLDER/slice_0000.tfm``, ...
@@ -562,28 +581,32 @@ def export_itk(transforms: TransformSet, folder: str | os.PathLike[str], *,
     as they are: ``Parameters: a b c d tx ty`` with center 0. ITK applies a transform in
     physical coordinates: for images whose spacing is ``pixel_size`` (square pixels, origin
     0) the translation is scaled by it (the matrix is unchanged). Files are written
-    atomically.
+    atomically; one that already holds exactly its text (a killed export's, rerun) is left
+    as it is.
     """
     from .outputs import write_atomic
 
-    if not (math.isfinite(pixel_size) and pixel_size > 0):
-        raise ValueError(f"pixel_size must be a finite number > 0, got {pixel_size}")
-
+    files = itk_files(transforms, pixel_size=pixel_size)
     out = Path(folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DeepAlignError(f"{out}: cannot create the folder: {exc.strerror or exc}") from None
     written = []
-    width = max(4, len(str(len(transforms) - 1)))
-    for z, a in enumerate(transforms.affines):
-        params = " ".join(repr(float(v)) for v in (a[0, 0], a[0, 1], a[1, 0], a[1, 1],
-                                                    a[0, 2] * pixel_size,
-                                                    a[1, 2] * pixel_size))
-        text = ("#Insight Transform File V1.0\n#Transform 0\n"
-                "Transform: AffineTransform_double_2_2\n"
-                f"Parameters: {params}\nFixedParameters: 0 0\n")
-        path = out / f"slice_{z:0{width}d}.tfm"
-        write_atomic(path, text, doing="cannot write the ITK transform file")
+    for name, text in files.items():
+        path = out / name
+        if not holds_text(path, text):
+            write_atomic(path, text, doing="cannot write the ITK transform file")
         written.append(path)
     return written
+
+
+def holds_text(path: str | os.PathLike[str], text: str) -> bool:
+    """Whether the regular file ``path`` (not a symbolic link) holds exactly ``text``."""
+    p = Path(path)
+    try:
+        if p.is_symlink() or not p.is_file() or p.stat().st_size != len(text.encode()):
+            return False
+        return p.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False

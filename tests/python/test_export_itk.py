@@ -69,13 +69,63 @@ def _round_trip(itk, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
 
 def test_export_refuses_existing_files(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Files of another export are refused without --overwrite; files that already hold
+    exactly what this export writes (the same command again) are left as they are."""
     tpath = _transforms(tmp_path)
     out = tmp_path / "itk"
     assert main(["export-transforms", str(tpath), "-o", str(out)]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["export-transforms", str(tpath), "-o", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     capsys.readouterr()
-    assert main(["export-transforms", str(tpath), "-o", str(out)]) == 2
+    assert main(["export-transforms", str(tpath), "-o", str(out), "--pixel-size", "5"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["export-transforms", str(tpath), "-o", str(out), "--overwrite"]) == 0
+    assert main(["export-transforms", str(tpath), "-o", str(out), "--pixel-size", "5",
+                 "--overwrite"]) == 0
+
+
+def test_a_killed_export_is_finished_by_the_same_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed after some slice files (its temporary file left): the same command again
+    finishes it (it refused: "already exists") and removes the temporary file. A killed
+    --overwrite export leaves a mix of both exports: only --overwrite finishes it."""
+    from deepalign_fast import outputs
+
+    tpath = _transforms(tmp_path)
+    out = tmp_path / "itk"
+    real = outputs.write_atomic
+    calls: list[Path] = []
+
+    def killed_at_the_third(path: Path, *args: object, **kwargs: object) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            (path.parent / f".{path.name}.deepalign-0123456789abcdef.tmp").write_text("#")
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def export(*extra: str) -> int:
+        return main(["export-transforms", str(tpath), "-o", str(out), *extra])
+
+    def killed(*extra: str) -> None:
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(outputs, "write_atomic", killed_at_the_third)
+            assert export(*extra) == 130
+
+    killed()
+    assert len(list(out.glob("slice_*.tfm"))) == 2
+    assert export() == 0
+    ref = {p.name: p.read_text() for p in out.glob("slice_*.tfm")}
+    assert len(ref) == 3 and not list(out.glob(".*"))
+    killed("--pixel-size", "5", "--overwrite")
+    capsys.readouterr()
+    assert export("--pixel-size", "5") == 2  # the earlier export's slice 2 is still there
+    assert "slice_0002.tfm" in capsys.readouterr().err
+    assert export("--pixel-size", "5", "--overwrite") == 0
+    new = {p.name: p.read_text() for p in out.glob("slice_*.tfm")}
+    assert new.keys() == ref.keys() and all(new[k] != ref[k] for k in ref)
+    assert not list(out.glob(".*"))
 
 
 def test_export_refuses_an_earlier_exports_extra_slices(tmp_path: Path,
