@@ -432,7 +432,7 @@ def _add_apply(sub: Any) -> None:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .alignment import Aligner
-    from .outputs import OutputPlan, partial_path_for
+    from .outputs import OutputPlan, partial_path_for, remove_stale_temps
     from .transforms import MAX_CANVAS_GROWTH, TransformSet, outside_slices
 
     _finite(args.scale, "--scale")
@@ -441,7 +441,14 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                              f"{MAX_CANVAS_GROWTH}, got {args.scale:g}")
     if args.threads < 0:
         raise DeepAlignError(f"--threads must be >= 0, got {args.threads}")
-    from .io import image_shape, label_target, prepare_label_group, register_label
+    from .io import (
+        image_shape,
+        label_group_files,
+        label_target,
+        list_label,
+        mark_label,
+        prepare_label_group,
+    )
 
     target = label_target(args.output)  # -o IMAGE.ome.zarr/labels/NAME: an NGFF label image
     is_zarr = args.output.suffix.lower() == ".zarr" or target is not None
@@ -474,8 +481,17 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 f"(slices x height x width) but the image {target[0]} is "
                 f"{' x '.join(str(v) for v in shape[-3:])}; apply the transforms of that "
                 "image's alignment, or write the labels elsewhere")
+    def labelled(_: Any) -> None:
+        """Just before the label image is put in place: the labels group, and the label
+        image's own mark inside it (so it is in place with its mark)."""
+        assert target is not None
+        prepare_label_group(target[0])
+        mark_label(partial_path_for(args.output))
+
     with plan.prepared(), _lock(plan):
         plan.check()
+        if target is not None:  # (a killed apply's, under this output's lock)
+            remove_stale_temps(*label_group_files(target[0]))
         Aligner(num_threads=args.threads).render(
             args.input, ts, args.output, interpolation=args.interpolation,
             progress=False if args.quiet else None,
@@ -483,10 +499,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                             # an unfinished store of an earlier apply to -o: made again (a
                             # warp is cheap, and its transforms may have changed since)
                             **({"restart": True} if is_zarr else {}),
-                            **({} if (c := _compression(args)) is None else {"compression": c})})
-        if target is not None:  # the labels group's metadata once the label image is in
-            prepare_label_group(target[0])
-            register_label(*target)
+                            **({} if (c := _compression(args)) is None else {"compression": c})},
+            before_publish=labelled if target is not None else None)
+        if target is not None:  # listed once the label image is in
+            list_label(*target)
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     if ts.flagged:  # the alignment could not place these: say so wherever they are used
         print(f"note: the alignment flagged {len(ts.flagged)} slice(s) {ts.flagged} (its "

@@ -43,7 +43,14 @@ from ._common import (
     max_slice_pixels,
     output_dtype,
 )
-from ._labels import image_shape, label_target, prepare_label_group, register_label
+from ._labels import (
+    image_shape,
+    label_group_files,
+    label_target,
+    list_label,
+    mark_label,
+    prepare_label_group,
+)
 from ._mrc import MrcStackReader
 from ._readers import (
     OTHER_IMAGE_SUFFIXES,
@@ -85,9 +92,11 @@ __all__ = [
     "FolderStackReader",
     "MrcStackReader",
     "image_shape",
+    "label_group_files",
     "label_target",
+    "list_label",
+    "mark_label",
     "prepare_label_group",
-    "register_label",
     "StackReader",
     "StackWriter",
     "TiffStackReader",

@@ -10,7 +10,8 @@ from typing import Any
 from .._errors import DeepAlignError
 from ..outputs import write_atomic
 
-__all__ = ["image_shape", "label_target", "prepare_label_group", "register_label"]
+__all__ = ["image_shape", "label_group_files", "label_target", "list_label", "mark_label",
+           "prepare_label_group"]
 
 
 def _attrs(path: Path) -> dict[str, Any]:
@@ -71,16 +72,27 @@ def prepare_label_group(image: Path) -> None:
         raise DeepAlignError(f"{labels}: cannot create the labels group: {exc}") from exc
 
 
-def register_label(image: Path, name: str) -> None:
-    """Mark ``IMAGE/labels/NAME`` as an image-label of ``IMAGE`` and list it in
-    ``IMAGE/labels`` (both updated atomically)."""
-    label = image / "labels" / name
-    attrs = _attrs(label)
+def mark_label(store: Path) -> None:
+    """Mark the label store ``store`` as an image-label of the image two levels up (its
+    ``.zattrs``, updated atomically): called on the unfinished store, so the label image is
+    put in place with its mark."""
+    attrs = _attrs(store)
     attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
-    _write_json(label / ".zattrs", attrs)
+    _write_json(store / ".zattrs", attrs)
+
+
+def list_label(image: Path, name: str) -> None:
+    """List ``NAME`` in ``IMAGE/labels`` (updated atomically) once its label image is in
+    place."""
     group = _attrs(image / "labels")
     names = [n for n in group.get("labels", []) if isinstance(n, str)]
     if name not in names:
         names.append(name)
     group["labels"] = names
     _write_json(image / "labels" / ".zattrs", group)
+
+
+def label_group_files(image: Path) -> list[Path]:
+    """The metadata files of ``IMAGE/labels`` this tool writes (atomically: a killed run's
+    temporary files are theirs, see :func:`~deepalign_fast.outputs.remove_stale_temps`)."""
+    return [image / "labels" / ".zgroup", image / "labels" / ".zattrs"]

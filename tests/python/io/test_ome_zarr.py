@@ -139,3 +139,54 @@ def test_reads_ngff_05_input(tmp_path: Path) -> None:
         assert reader.shape == (3, 40, 50)
         np.testing.assert_array_equal(reader.read(1), data[1])
     assert voxel_size_of(path) == ((30.0, 4.0, 4.0), "nm")
+
+
+@pytest.mark.parametrize("stop", ["publish", "list"])
+def test_an_apply_into_labels_killed_while_finishing_leaves_it_consistent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed just before the label image is put in place: it was published without its
+    image-label mark and the labels group without it (the same command then refused). The
+    mark now goes in with the store, the same command finishes the run, and a killed write's
+    temporary file in the labels group is removed. Killed just before it is listed: the
+    image is unchanged but for an unlisted, marked label image, which only --overwrite
+    replaces."""
+    import json
+    import os
+
+    import tifffile
+    from deepalign_fast.cli import main
+
+    stack = _stack(h=300, w=280)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", (stack > 128).astype(np.uint8),
+                     photometric="minisblack")
+    image = tmp_path / "a.ome.zarr"
+    assert main(["align", str(tmp_path / "s.tif"), "-o", str(image), "--quiet"]) == 0
+    out = image / "labels" / "mito"
+    argv = ["apply", str(image) + ".transforms.json", str(tmp_path / "lab.tif"), "-o",
+            str(out), "--quiet"]
+    real = os.replace
+
+    def killed(src: object, dst: object, *a: object, **k: object) -> None:
+        if (stop == "publish" and Path(str(dst)) == out) or (
+                stop == "list" and Path(str(dst)) == image / "labels" / ".zattrs"
+                and out.exists()):
+            (image / "labels" / "..zattrs.deepalign-0123456789abcdef.tmp").write_text("{")
+            raise KeyboardInterrupt
+        real(src, dst, *a, **k)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        assert main(argv) == 130
+    if stop == "list":
+        assert json.loads((out / ".zattrs").read_text())["image-label"]
+        assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+        argv.append("--overwrite")
+    assert main(argv) == 0
+    group = json.loads((image / "labels" / ".zattrs").read_text())
+    assert group["labels"] == ["mito"]
+    assert json.loads((out / ".zattrs").read_text())["image-label"]["source"] == {
+        "image": "../../"}
+    assert not list((image / "labels").glob(".*tmp")) and not (image / "labels" /
+                                                                "mito.partial").exists()
