@@ -519,12 +519,18 @@ _READ_HINTS = {**_ERRNO_HINTS,
                errno.EPERM: "operation not permitted"}
 
 
+# numpy's ndarray.tofile (under tifffile) reports a short write without an errno
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 def os_error(exc: OSError, path: str | os.PathLike[str] | None, doing: str = "", *,
              reading: bool = False) -> DeepAlignError:
     """One-line error for an ``OSError``: bad input (missing file, wrong kind) or an
     :class:`EnvironmentFailure` (full disk, read-only, permissions, I/O error). ``reading``:
     the operation read an input (the hints say so)."""
     where = path if path is not None else (exc.filename or "?")
+    if exc.errno is None and _SHORT_WRITE.search(str(exc)):
+        exc = OSError(errno.ENOSPC, str(exc))  # numpy's short write: the disk filled up
     hints = _READ_HINTS if reading else _ERRNO_HINTS
     hint = hints.get(exc.errno or 0, exc.strerror or str(exc))
     text = f"{where}: {doing}: {hint}" if doing else f"{where}: {hint}"

@@ -343,13 +343,17 @@ def test_a_failed_run_removes_the_folders_it_created(src: Path, tmp_path: Path,
 # --- 3/4. environment failures, temp files, locks --------------------------------------------
 
 
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError("196608 requested and 167584 written"),  # numpy's short write: no errno
+])
 def test_disk_full_while_writing(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                 capsys: pytest.CaptureFixture[str], error: OSError) -> None:
     """ENOSPC in the TIFF writer: exit 1, one line, no output, no transforms, no temp file."""
     from tifffile import TiffWriter
 
     def full(self: Any, *a: Any, **k: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
 
     monkeypatch.setattr(TiffWriter, "write", full)
     before = _snapshot(tmp_path)
