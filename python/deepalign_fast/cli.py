@@ -364,7 +364,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
             result = align_distributed(args.input, args.output, scheduler=args.scheduler,
                                        options=options, transforms_path=transforms_path,
                                        work_dir=args.work_dir, progress=progress,
-                                       overwrite=args.overwrite, side_outputs=report)
+                                       overwrite=args.overwrite, side_outputs=report,
+                                       voxel_size=voxel_size, unit=args.unit)
         else:
             result = Aligner(options).align_stack(
                 args.input, args.output, transforms_path=transforms_path, progress=progress,

@@ -75,6 +75,7 @@ __all__ = [
     "publish",
     "remove_stale_locks",
     "remove_stale_temps",
+    "remove_zarr_temps",
     "store_being_created",
     "store_mark",
     "store_problem",
@@ -175,6 +176,23 @@ def _store_attrs(path: Path) -> dict[str, Any]:
 
 
 _PROGRESS_TEMP = re.compile(rf"\.{re.escape(PROGRESS_FILE)}\.tmp-\d+-\d+")
+# Zarr writes each file through a temporary ``NAME.<32 hex>.partial`` and renames it.
+_ZARR_TEMP = re.compile(r".+\.[0-9a-f]{32}\.partial")
+_ZARR_METADATA_TEMP = re.compile(r"(\.zgroup|\.zattrs|\.zarray|zarr\.json)\.[0-9a-f]{32}\.partial")
+
+
+def remove_zarr_temps(store: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files Zarr left anywhere in ``store`` (a killed write's: the
+    file it was writing is missing or whole, never half-written); returns them."""
+    removed = []
+    for root, _, files in os.walk(store):
+        for name in files:
+            if _ZARR_TEMP.fullmatch(name):
+                path = Path(root, name)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 def progress_temps(folder: str | os.PathLike[str]) -> list[Path]:
@@ -200,7 +218,8 @@ def store_being_created(path: str | os.PathLike[str]) -> bool:
         if any(Path(root, d).is_symlink() for d in dirs):
             return False
         for name in files:
-            if name not in (*_ZARR_METADATA, ".zattrs") and not _PROGRESS_TEMP.fullmatch(name):
+            if name not in (*_ZARR_METADATA, ".zattrs") and not (
+                    _PROGRESS_TEMP.fullmatch(name) or _ZARR_METADATA_TEMP.fullmatch(name)):
                 return False
             if Path(root, name).is_symlink():
                 return False
@@ -772,14 +791,25 @@ def _check_writable(path: Path, flag: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise DeepAlignError(f"{path}: {_flag_text(flag)}{parent} is not a folder.")
-    probe = parent / f".deepalign-probe-{secrets.token_hex(8)}"
+    # Named after the output (or its first missing folder), one of its temporary names: a
+    # run killed between creating and removing it leaves an empty file that the next run on
+    # the output removes (here, or with the output's temporary files).
+    probe = parent / f".{path.relative_to(parent).parts[0]}.deepalign-probe"
+    with contextlib.suppress(OSError):
+        if probe.is_file() and not probe.is_symlink() and probe.stat().st_size == 0:
+            probe.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                     0o600)
+        try:
+            fd = os.open(probe, flags, 0o600)
+        except FileExistsError:  # another run probing this folder now
+            probe = probe.with_name(f"{probe.name}-{secrets.token_hex(8)}")
+            fd = os.open(probe, flags, 0o600)
     except OSError as exc:
         raise os_error(exc, path, f"{_flag_text(flag)}cannot write into {parent}") from exc
     os.close(fd)
-    os.unlink(probe)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(probe)
     if path.exists() and not path.is_dir():
         mode = os.stat(path).st_mode
         if stat.S_ISREG(mode) and not os.access(path, os.W_OK) and \
@@ -904,20 +934,23 @@ class Checkpoint:
 
     @classmethod
     def for_run(cls, source: Path | None, output: str | os.PathLike[str],
-                shape: tuple[int, int, int], options: dict[str, Any]) -> Checkpoint | None:
+                shape: tuple[int, int, int], options: dict[str, Any],
+                written: dict[str, Any] | None = None) -> Checkpoint | None:
         """The checkpoint of aligning file/folder ``source`` into ``output`` (None: in-memory
-        input, which cannot be resumed)."""
+        input, which cannot be resumed); ``written``: what else decides the outputs (their
+        voxel size and unit), so a rerun that would write them otherwise is another run."""
         if source is None:
             return None
         key = {"format": CHECKPOINT_FORMAT, "input": _input_identity(source),
-               "shape": [int(s) for s in shape], "options": json.loads(json.dumps(options))}
+               "shape": [int(s) for s in shape], "options": json.loads(json.dumps(options)),
+               "written": json.loads(json.dumps(written or {}))}
         return cls(checkpoint_path_for(output), key)
 
-    def digest(self, **more: Any) -> str:
-        """A short digest of :attr:`key` (the input and the options) and of ``more`` (what
-        else decides the output, e.g. its voxel size): names this run in the unfinished store
-        it writes (:class:`~deepalign_fast.io.ZarrStackWriter` ``run``)."""
-        text = json.dumps([self.key, more], sort_keys=True, separators=(",", ":"))
+    def digest(self) -> str:
+        """A short digest of :attr:`key` (the input, the options, what else decides the
+        outputs): names this run in the unfinished store it writes
+        (:class:`~deepalign_fast.io.ZarrStackWriter` ``run``)."""
+        text = json.dumps(self.key, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def load(self) -> dict[str, Any] | None:

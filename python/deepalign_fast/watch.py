@@ -41,6 +41,7 @@ from .outputs import (
     OutputPlan,
     output_lock,
     remove_stale_temps,
+    remove_zarr_temps,
     store_being_created,
     store_mark,
     store_problem,
@@ -89,6 +90,7 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
         why = store_problem(output)
         if why is not None:
             raise DeepAlignError(f"{output}: (-o) exists and {why}; choose another output")
+        remove_zarr_temps(output)  # a killed write's, under this watch's lock
         group = zarr.open_group(str(output), mode="r+")
         if not written and ("0" not in group or "multiscales" not in group.attrs):
             # A watch stopped while creating its store, before any slice: made again (it

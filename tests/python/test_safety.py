@@ -414,13 +414,28 @@ def test_unwritable_folder_is_an_environment_failure(src: Path, tmp_path: Path,
     real_open = os.open
 
     def ro_open(path: Any, flags: int, *a: Any, **k: Any) -> int:
-        if ".deepalign-probe-" in str(path):
+        if ".deepalign-probe" in str(path):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, flags, *a, **k)
 
     monkeypatch.setattr(os, "open", ro_open)
     assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 1
     assert "read-only" in _one_line(capsys.readouterr().err)
+
+
+def test_a_probe_file_a_killed_run_left_is_removed(src: Path, tmp_path: Path) -> None:
+    """The writability probe of a run killed between making and removing it stayed for good
+    (in the output's folder, or the nearest existing one); the next run on the output removes
+    it (its name is one of the output's temporary names)."""
+    left = tmp_path / ".o.tif.deepalign-probe"
+    left.touch()
+    assert _align(str(src), "-o", str(tmp_path / "o.tif"), "--model", "translation") == 0
+    assert not left.exists()
+    deep = tmp_path / ".new.deepalign-probe"
+    deep.touch()
+    assert _align(str(src), "-o", str(tmp_path / "new" / "o.tif"), "--model",
+                  "translation") == 0
+    assert not deep.exists()
 
 
 def test_planted_symlink_at_the_temp_name_is_not_followed(tmp_path: Path,

@@ -472,8 +472,10 @@ class Aligner:
                 from ..refine.expected_affine import check_masks
 
                 check_masks(self.options.masks, reader.shape)  # before any work
-            ckpt = Checkpoint.for_run(reader_path(reader), out, reader.shape,
-                                      asdict(self.options))
+            ckpt = Checkpoint.for_run(
+                reader_path(reader), out, reader.shape, asdict(self.options),
+                {"voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
+                 "unit": unit, "compression": compression})
             saved = ckpt.load() if ckpt is not None else None
             resumed: AlignResult | None = None
             if saved is not None and ckpt is not None:
@@ -510,9 +512,7 @@ class Aligner:
                         "pass --overwrite (API: overwrite=True) to start the run over.")
             # An unfinished Zarr output continues only the run that wrote it: another run's
             # (other input or options) is refused here, before any work, not discarded.
-            run = None if ckpt is None else ckpt.digest(
-                voxel_size=None if voxel_size is None else [float(v) for v in voxel_size],
-                unit=unit)
+            run = None if ckpt is None else ckpt.digest()
             if is_zarr and not is_done(out) and not overwrite:
                 check_unfinished(out, run)
             if is_zarr and is_done(out):  # put in place by this run, killed just after

@@ -218,8 +218,9 @@ class _WorkDir:
     ``--work-dir`` pointing at user data is never used, let alone deleted.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, default: bool = False) -> None:
         self.root = root
+        self.default = default  # <output>.work, named after the output (not by the user)
         self.pairs = root / "pairs"
         self.slices = root / "slices"
         self.marker = root / WORK_MARKER
@@ -238,7 +239,8 @@ class _WorkDir:
                                  "--work-dir a new folder name (it is created).")
         created = not root.exists()
         if not created and not self.marker.is_file():
-            if any(root.iterdir()):
+            # (the temporary file of the marker or manifest: a run killed while making them)
+            if any(not self._own_temp(e.name) for e in root.iterdir()):
                 raise DeepAlignError(
                     f"{root}: this folder exists and was not created by deepalign-fast (no "
                     f"{WORK_MARKER} marker); give --work-dir a new folder name (it is created "
@@ -258,12 +260,28 @@ class _WorkDir:
                 f"{partial}: an unfinished output without its work folder {root.name} is here; "
                 "delete it to start again.")
 
+    @staticmethod
+    def _own_temp(name: str) -> bool:
+        """Whether ``name`` at the folder's top is the temporary file of its marker or
+        manifest (:func:`_atomic_write`)."""
+        return re.fullmatch(rf"\.({re.escape(WORK_MARKER)}|manifest\.json)\.tmp-\d+",
+                            name) is not None
+
+    def _remove_own_temps(self) -> None:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.root):
+                if self._own_temp(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+
     def create(self) -> None:
         """Create the folder (after :meth:`check`), its marker and manifest if needed."""
         root, text = self.root, self._manifest
         mfile = root / "manifest.json"
-        created = not root.exists()
+        # The default folder holding only a killed run's temporary files is that run's.
+        created = not root.exists() or (self.default and not any(
+            not self._own_temp(e.name) for e in root.iterdir()))
         root.mkdir(parents=True, exist_ok=True)
+        self._remove_own_temps()  # a killed run's
         if not self.marker.exists():
             _atomic_write(self.marker, lambda tmp: tmp.write_text(
                 json.dumps({"tool": "deepalign-fast", "created_folder": created}) + "\n"))
@@ -306,6 +324,7 @@ class _WorkDir:
         for name in ("manifest.json", WORK_MARKER):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.root / name)
+        self._remove_own_temps()
         if info.get("created_folder"):
             with contextlib.suppress(OSError):
                 self.root.rmdir()  # only when empty
@@ -418,7 +437,9 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
                       window: int | None = None,
                       progress: bool | None = None,
                       on_progress: Callable[[str, int], None] | None = None,
-                      side_outputs: Sequence[SideOutput] = ()
+                      side_outputs: Sequence[SideOutput] = (),
+                      voxel_size: tuple[float, float, float] | None = None,
+                      unit: str | None = None,
                       ) -> DistributedResult:
     """Align ``stack`` into the OME-Zarr ``output`` on a Dask cluster (see module docstring).
 
@@ -451,6 +472,9 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         Called on the client as ``on_progress(stage, z)`` after slice ``z`` is solved
         (``"solve"``) or rendered (``"render"``); an exception it raises stops the run, which
         can then be resumed.
+    voxel_size, unit : optional
+        The physical size the output records, as in :meth:`Aligner.align_stack` (default:
+        the input's, when its file states one).
     side_outputs : sequence of (path, callable)
         Files made from the result once the output is in place, as in
         :meth:`Aligner.align_stack` (the CLI's QC report); a rerun after a kill while they
@@ -475,6 +499,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         check_unfinished,
         finish_store,
         open_stack,
+        voxel_size_of,
     )
     from ..outputs import Checkpoint, OutputPlan
 
@@ -502,6 +527,9 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     with open_stack(src) as reader:
         n, h, w = reader.shape
         dtype = reader.dtype
+        physical: tuple[tuple[float, float, float], str] | None = (
+            ((float(voxel_size[0]), float(voxel_size[1]), float(voxel_size[2])),
+             unit or "pixel") if voxel_size is not None else voxel_size_of(reader))
     if n < 1:
         raise DeepAlignError(f"{src}: the stack has no slices")
     opts_d = asdict(opts)
@@ -516,7 +544,9 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     for side, _ in extra:
         plan.output(side, "side output")
     plan.check()
-    ckpt = Checkpoint.for_run(src, out, (n, h, w), opts_d)
+    ckpt = Checkpoint.for_run(src, out, (n, h, w), opts_d, {
+        "voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
+        "unit": unit})
     assert ckpt is not None  # a path input
     ckpt.outputs = [*(p for p in (tpath, out) if p is not None), *(p for p, _ in extra)]
     saved = ckpt.load()
@@ -537,7 +567,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     manifest = {"version": MANIFEST_VERSION, "input": str(src), "shape": [n, h, w],
                 "dtype": np.dtype(dtype).name, "options": opts_d}
     work_root = Path(work_dir).absolute() if work_dir else work_dir_for(out)
-    work = _WorkDir(work_root)
+    work = _WorkDir(work_root, default=not work_dir)
     if saved is not None and is_done(out) and (tpath is None or is_done(tpath)):
         # Published before the kill: finish the side outputs, no cluster needed.
         base = result_of_checkpoint(saved, str(ckpt.path))
@@ -661,7 +691,9 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         t0 = time.perf_counter()
         oh, ow = ts.output_shape
         writer = ZarrStackWriter(out, (n, oh, ow), dtype, resume=True, overwrite=overwrite,
-                                 run=ckpt.digest())
+                                 run=ckpt.digest(),
+                                 voxel_size=None if physical is None else physical[0],
+                                 unit=None if physical is None else physical[1])
         done = writer.completed()
         counts["render_skipped"] = len(done)
         bar = Progress(n - len(done), "render (dask)", progress)

@@ -25,6 +25,7 @@ from ..outputs import (
     partial_path_for,
     progress_temps,
     publish,
+    remove_zarr_temps,
     store_being_created,
     store_mark,
     store_problem,
@@ -629,6 +630,7 @@ class ZarrStackWriter(StackWriter):
         self._completed = {i for a, b in info.get("completed", []) for i in range(a, b)}
         for stale in progress_temps(self.partial):  # a killed run's, never published
             stale.unlink(missing_ok=True)
+        remove_zarr_temps(self.partial)  # ... and Zarr's own
         node = zarr.open_group(str(self.partial), mode="r+") if self.ome else None
         if node is None:
             return zarr.open_array(str(self.partial), mode="r+")

@@ -1229,3 +1229,46 @@ def test_a_store_stopped_while_being_created_is_made_again(
     assert main(["align", str(tiny_stack), "-o", str(out), "--quiet"]) == 0, \
         capsys.readouterr().err
     assert out.is_dir() and not partial.exists()
+
+
+@pytest.mark.parametrize("suffix", [".ome.zarr", ".tif"])
+def test_a_rerun_with_another_voxel_size_is_another_run(tmp_path: Path, tiny_stack: Path,
+                                                        suffix: str) -> None:
+    """Killed after the output is in place (while a side output, e.g. the report, is
+    written): a rerun with another voxel size took the output for its own and finished,
+    exit 0, the output keeping the first voxel size. It is another run: the output is
+    refused (``overwrite`` replaces it); the same call finishes the first run."""
+    out, side = tmp_path / f"o{suffix}", tmp_path / "side.json"
+    write = _killed_once(side, lambda result: {})
+    run = functools.partial(Aligner(model="translation").align_stack, tiny_stack, out,
+                            progress=False, side_outputs=[(side, write)])
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert out.exists() and not side.exists()
+    with pytest.raises(DeepAlignError, match="already exists"):
+        run(voxel_size=(10.0, 5.0, 5.0), unit="nm")
+    run()
+    assert side.is_file()
+
+
+def test_zarrs_own_temporary_files_are_not_published(tmp_path: Path, tiny_stack: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while Zarr wrote a chunk or the store's metadata: Zarr's temporary files
+    (``NAME.<32 hex>.partial``) stayed in the unfinished store, which then was taken for
+    another tool's (while being created) or published with them (later). The rerun makes
+    a store stopped while being created again, and removes them from one it resumes."""
+    out = tmp_path / "o.ome.zarr"
+    partial = tmp_path / "o.ome.zarr.partial"
+    partial.mkdir()
+    (partial / f".zattrs.{'a' * 32}.partial").write_text("{")
+    (partial / ".zgroup").write_text('{"zarr_format": 2}')
+    Aligner(model="translation").align_stack(tiny_stack, out, progress=False)
+    assert not partial.exists()
+    out2 = tmp_path / "p.ome.zarr"
+    _render_interrupted(monkeypatch, 3, lambda: Aligner(model="translation").align_stack(
+        tiny_stack, out2, progress=False))
+    chunk = next(p for p in (tmp_path / "p.ome.zarr.partial" / "0").rglob("*") if p.is_file())
+    stray = chunk.with_name(f"{chunk.name}.{'b' * 32}.partial")
+    stray.write_bytes(b"half")
+    Aligner(model="translation").align_stack(tiny_stack, out2, progress=False)
+    assert not [p for p in out2.rglob("*.partial")]

@@ -364,3 +364,51 @@ def test_work_dir_never_deletes_user_data(cluster: Any, data: dict[str, Any],
     align_distributed(data["input"], tmp_path / "o2.ome.zarr", scheduler=client, options=OPTS,
                       work_dir=fresh, progress=False)
     assert not fresh.exists()
+
+
+@pytest.mark.parametrize("left", [".deepalign-work", "manifest.json"])
+def test_a_run_killed_while_making_its_work_folder_is_rerun(
+        cluster: Any, data: dict[str, Any], tmp_path: Path, left: str) -> None:
+    """Killed while writing the work folder's marker (the folder then held only its
+    temporary file, and every rerun, --overwrite too, was refused as "not created by
+    deepalign-fast"), or its manifest (the temporary file was left after the rerun, and
+    blocked every later run): the rerun goes ahead and leaves nothing."""
+    _, client = cluster
+    out = tmp_path / "o.ome.zarr"
+    work = tmp_path / "o.ome.zarr.work"
+    if left == ".deepalign-work":
+        work.mkdir()
+    else:  # the marker in place, the manifest not yet
+        with pytest.raises(_Stop):
+            align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                              on_progress=_stop_now, progress=False)
+        (work / "manifest.json").unlink()
+    (work / f".{left}.tmp-4242").write_text("{")
+    res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                            progress=False)
+    _check_equal(res, out, data)
+    align_distributed(data["input"], tmp_path / "o2.ome.zarr", scheduler=client,
+                      options=OPTS, work_dir=work, progress=False)  # not blocked either
+
+
+def _stop_now(stage: str, z: int) -> None:
+    raise _Stop
+
+
+def test_the_output_keeps_its_voxel_size(cluster: Any, data: dict[str, Any],
+                                         tmp_path: Path) -> None:
+    """--scheduler dropped the voxel size (--pixel-size/--unit, or the input's): the output
+    records it as a single-machine run does."""
+    import json
+
+    _, client = cluster
+    out = tmp_path / "o.ome.zarr"
+    align_distributed(data["input"], out, scheduler=client, options=OPTS, progress=False,
+                      voxel_size=(10.0, 5.0, 5.0), unit="nm")
+    ref = tmp_path / "ref.ome.zarr"
+    Aligner(OPTS).align_stack(data["input"], ref, progress=False, voxel_size=(10.0, 5.0, 5.0),
+                              unit="nm")
+    ms = [json.loads((p / ".zattrs").read_text())["multiscales"][0] for p in (out, ref)]
+    assert ms[0]["axes"] == ms[1]["axes"] and ms[0]["datasets"] == ms[1]["datasets"]
+    assert ms[0]["axes"][0]["unit"] == "nanometer"
+    assert ms[0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [10.0, 5.0, 5.0]
