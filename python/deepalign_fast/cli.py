@@ -858,7 +858,7 @@ def _add_make_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _run_make_benchmark(args: argparse.Namespace) -> int:
-    from .outputs import OutputPlan
+    from .outputs import Checkpoint, OutputPlan
     from .qc.evaluate import misalign_benchmark
 
     out = Path(args.out_dir)
@@ -866,11 +866,14 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
         raise DeepAlignError(f"{out}: (OUT_DIR) exists and is not a folder")
     if args.seed < 0:  # (numpy's own message names no option)
         raise DeepAlignError(f"--seed must be >= 0, got {args.seed}")
-    plan = OutputPlan(overwrite=args.overwrite)
-    plan.input(args.clean_stack, "CLEAN_STACK").input(args.labels, "--labels")
     names = ["misaligned.tif", "ground_truth.json"]
     if args.labels:
         names += ["misaligned_labels.tif", "clean_labels.tif"]
+    primary = out / names[0]
+    # The files of a benchmark are one unit: a killed run's are accepted by the same command
+    # (its record notes each as it is put in place), and it writes them all again.
+    plan = OutputPlan(overwrite=args.overwrite, resumes=primary)
+    plan.input(args.clean_stack, "CLEAN_STACK").input(args.labels, "--labels")
     for name in names:
         plan.output(out / name, "OUT_DIR")
     plan.check()
@@ -885,9 +888,26 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
     bench = misalign_benchmark(args.clean_stack, profile=args.profile, seed=args.seed,
                                labels=args.labels, artifacts=args.artifacts,
                                reslice=args.reslice)
+    labels = None if args.labels is None else str(Path(args.labels).resolve())
+    ckpt = Checkpoint.for_run(Path(args.clean_stack), primary, bench.misaligned.shape, {
+        "command": "make-benchmark", "profile": args.profile, "seed": args.seed,
+        "labels": labels, "artifacts": args.artifacts, "reslice": args.reslice})
+    assert ckpt is not None
     with plan.prepared(), _lock(plan):
         plan.check()
-        truth = bench.write(out)
+        done = ckpt.committed()  # this run's, put in place before it was killed
+        for name in names:
+            path = out / name
+            if os.path.lexists(path) and not args.overwrite and \
+                    Path(os.path.abspath(path)) not in done:
+                raise DeepAlignError(f"{path}: (OUT_DIR) already exists; pass --overwrite "
+                                     "to replace it, or choose another folder.")
+        if ckpt.load() is None:
+            ckpt.save({}, [], {})
+        ckpt.outputs = [out / name for name in names]
+        with ckpt.recording():
+            truth = bench.write(out)
+        ckpt.remove()
     print(f"wrote {len(truth)} slices of {truth.shape[0]}x{truth.shape[1]} (margin "
           f"{truth.margin} px, profile {truth.profile}) to {args.out_dir}")
     return 0

@@ -133,6 +133,44 @@ def test_make_benchmark_overwrite_refuses_an_earlier_runs_labels(
                  "--labels", str(labels)]) == 0
 
 
+def test_a_killed_make_benchmark_is_finished_by_the_same_command(
+        src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed between its files (the stack in place, the ground truth not): the same command
+    refused ("already exists"); with --overwrite over another seed's benchmark, the new stack
+    sat beside the old ground truth, silently. The same command now finishes the run; a
+    killed --overwrite leaves the other seed's files refused until --overwrite finishes it."""
+    import os
+
+    bench, ref = tmp_path / "b", tmp_path / "ref"
+    real = os.replace
+
+    def killed_at_the_truth(src_: object, dst: object, *a: object, **k: object) -> None:
+        if Path(str(dst)).name == "ground_truth.json":
+            raise KeyboardInterrupt
+        real(src_, dst, *a, **k)  # type: ignore[arg-type]
+
+    def run(*extra: str, into: Path = bench, killed: bool = False) -> int:
+        with monkeypatch.context() as m:
+            if killed:
+                m.setattr(os, "replace", killed_at_the_truth)
+            return main(["make-benchmark", str(src), str(into), *extra])
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+
+    assert run(killed=True) == 130
+    assert (bench / "misaligned.tif").is_file() and not (bench / "ground_truth.json").exists()
+    assert run() == 0
+    assert run("--seed", "4", into=ref) == 0
+    assert run("--seed", "4", "--overwrite", killed=True) == 130
+    capsys.readouterr()
+    assert run("--seed", "4") == 2  # the first benchmark's ground truth is still there
+    assert "ground_truth.json" in _one_line(capsys)
+    assert run("--seed", "4", "--overwrite") == 0
+    assert files(bench) == files(ref) and not list(bench.glob(".*"))
+
+
 def test_make_benchmark_and_eval_name_the_file(src: Path, tmp_path: Path,
                                                rng: np.random.Generator,
                                                capsys: pytest.CaptureFixture[str]) -> None:
