@@ -449,6 +449,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         list_label,
         mark_label,
         prepare_label_group,
+        voxel_size_of,
     )
 
     target = label_target(args.output)  # -o IMAGE.ome.zarr/labels/NAME: an NGFF label image
@@ -482,6 +483,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 f"(slices x height x width) but the image {target[0]} is "
                 f"{' x '.join(str(v) for v in shape[-3:])}; apply the transforms of that "
                 "image's alignment, or write the labels elsewhere")
+    # A label image has its image's voxel size (it covers it voxel for voxel), not the label
+    # stack's (often none).
+    physical: dict[str, Any] = {}
+    if target is not None and (size := voxel_size_of(target[0])) is not None:
+        physical = {"voxel_size": size[0], "unit": size[1]}
+
     def labelled(_: Any) -> None:
         """Just before the label image is put in place: the labels group, and the label
         image's own mark inside it (so it is in place with its mark)."""
@@ -500,7 +507,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                             # an unfinished store of an earlier apply to -o: made again (a
                             # warp is cheap, and its transforms may have changed since)
                             **({"restart": True} if is_zarr else {}),
-                            **({} if (c := _compression(args)) is None else {"compression": c})},
+                            **({} if (c := _compression(args)) is None else {"compression": c}),
+                            **physical},
             before_publish=labelled if target is not None else None)
         if target is not None:  # listed once the label image is in
             list_label(*target)

@@ -311,7 +311,12 @@ class _WorkDir:
         try:
             info = json.loads(self.marker.read_text())
         except (OSError, ValueError):
-            return  # not (or no longer) ours: leave it alone
+            # Not (or no longer) ours: left alone; but the default folder, empty, is what a
+            # run killed between removing its marker and the folder left.
+            if self.default and not self.root.is_symlink():
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()  # only when empty
+            return
         own = re.compile(r"(\d{6}_\d{6}_[0-9a-fc]+\.npz|\d{6}|\..+\.tmp-\d+)")
         for sub in (self.pairs, self.slices):
             if sub.is_symlink() or not sub.is_dir():

@@ -412,3 +412,31 @@ def test_the_output_keeps_its_voxel_size(cluster: Any, data: dict[str, Any],
     assert ms[0]["axes"] == ms[1]["axes"] and ms[0]["datasets"] == ms[1]["datasets"]
     assert ms[0]["axes"][0]["unit"] == "nanometer"
     assert ms[0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [10.0, 5.0, 5.0]
+
+
+def test_a_run_killed_while_removing_its_work_folder_leaves_none(
+        cluster: Any, data: dict[str, Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the work folder's marker was removed, before the (empty) folder: the
+    rerun finished the run but left the folder for good (without its marker, not ours)."""
+    import os
+
+    _, client = cluster
+    out = tmp_path / "o.ome.zarr"
+    work = tmp_path / "o.ome.zarr.work"
+    real = os.rmdir
+
+    def killed(path: Any, *a: Any, **k: Any) -> None:
+        if Path(path) == work:
+            raise KeyboardInterrupt
+        real(path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "rmdir", killed)
+        with pytest.raises(KeyboardInterrupt):
+            align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                              progress=False, side_outputs=[])
+    assert out.is_dir() and work.is_dir() and not any(work.iterdir())
+    res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
+                            progress=False)
+    _check_equal(res, out, data)

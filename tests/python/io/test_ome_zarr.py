@@ -190,3 +190,27 @@ def test_an_apply_into_labels_killed_while_finishing_leaves_it_consistent(
         "image": "../../"}
     assert not list((image / "labels").glob(".*tmp")) and not (image / "labels" /
                                                                 "mito.partial").exists()
+
+
+def test_labels_in_an_image_have_its_voxel_size(tmp_path: Path) -> None:
+    """A label image covers its image voxel for voxel: it records the image's voxel size and
+    unit (it recorded the label stack's: none, scale 1)."""
+    import json
+
+    import tifffile
+    from deepalign_fast.cli import main
+
+    stack = _stack(h=300, w=280)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", (stack > 128).astype(np.uint8),
+                     photometric="minisblack")
+    image = tmp_path / "a.ome.zarr"
+    assert main(["align", str(tmp_path / "s.tif"), "-o", str(image), "--pixel-size", "5,5,10",
+                 "--unit", "nm", "--quiet"]) == 0
+    out = image / "labels" / "mito"
+    assert main(["apply", str(image) + ".transforms.json", str(tmp_path / "lab.tif"),
+                 "-o", str(out), "--quiet"]) == 0
+    ms = [json.loads((p / ".zattrs").read_text())["multiscales"][0] for p in (image, out)]
+    assert ms[1]["axes"] == ms[0]["axes"] and ms[0]["axes"][2]["unit"] == "nanometer"
+    assert [d["coordinateTransformations"] for d in ms[1]["datasets"]] == \
+        [d["coordinateTransformations"] for d in ms[0]["datasets"]]
