@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -433,7 +434,7 @@ def _add_apply(sub: Any) -> None:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .alignment import Aligner
-    from .outputs import OutputPlan, partial_path_for, remove_stale_temps
+    from .outputs import Checkpoint, OutputPlan, partial_path_for, remove_stale_temps
     from .transforms import MAX_CANVAS_GROWTH, TransformSet, outside_slices
 
     _finite(args.scale, "--scale")
@@ -443,6 +444,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise DeepAlignError(f"--threads must be >= 0, got {args.threads}")
     from .io import (
+        finish_store,
         image_shape,
         label_group_files,
         label_target,
@@ -454,7 +456,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     target = label_target(args.output)  # -o IMAGE.ome.zarr/labels/NAME: an NGFF label image
     is_zarr = args.output.suffix.lower() == ".zarr" or target is not None
-    plan = OutputPlan(overwrite=args.overwrite)
+    # (an output a killed run of this command put in place is accepted: the run is finished)
+    plan = OutputPlan(overwrite=args.overwrite, resumes=args.output)
     plan.input(args.transforms, "TRANSFORMS").input(args.input, "INPUT")
     plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
     if is_zarr:
@@ -496,22 +499,52 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         prepare_label_group(target[0])
         mark_label(partial_path_for(args.output))
 
+    # The run's record (as align's): the output is noted as it is put in place, so the same
+    # command finishes a run killed after that (the store's bookkeeping, the labels list).
+    ckpt = Checkpoint.for_run(Path(args.input), args.output, (len(ts), *ts.output_shape), {
+        "command": "apply", "transforms": hashlib.sha256(args.transforms.read_bytes()).hexdigest(),
+        "scale": args.scale, "interpolation": args.interpolation}, {
+        "compression": _compression(args), **physical})
+    assert ckpt is not None
     with plan.prepared(), _lock(plan):
         plan.check()
+        finished = not args.overwrite and \
+            Path(os.path.abspath(args.output)) in ckpt.committed()
+        if os.path.lexists(args.output) and not (finished or args.overwrite):
+            raise DeepAlignError(f"{args.output}: (-o) already exists; pass --overwrite to "
+                                 "replace it, or choose another name.")
         if target is not None:  # (a killed apply's, under this output's lock)
             remove_stale_temps(*label_group_files(target[0]))
-        Aligner(num_threads=args.threads).render(
-            args.input, ts, args.output, interpolation=args.interpolation,
-            progress=False if args.quiet else None,
-            writer_options={"overwrite": args.overwrite,
+        if finished:
+            if is_zarr:
+                finish_store(args.output)
+        else:
+            if ckpt.load() is None:
+                ckpt.save({}, [], {})
+            ckpt.outputs = [args.output]
+            try:
+                with ckpt.recording():
+                    Aligner(num_threads=args.threads).render(
+                        args.input, ts, args.output, interpolation=args.interpolation,
+                        progress=False if args.quiet else None,
+                        writer_options={
+                            "overwrite": args.overwrite,
                             # an unfinished store of an earlier apply to -o: made again (a
                             # warp is cheap, and its transforms may have changed since)
                             **({"restart": True} if is_zarr else {}),
-                            **({} if (c := _compression(args)) is None else {"compression": c}),
+                            **({} if (c := _compression(args)) is None
+                               else {"compression": c}),
                             **physical},
-            before_publish=labelled if target is not None else None)
+                        before_publish=labelled if target is not None else None)
+            except BaseException:
+                # Before the output is in place the record serves nothing (a rerun warps
+                # again): it goes, and with it the folders this run made.
+                if Path(os.path.abspath(args.output)) not in ckpt.committed():
+                    ckpt.remove()
+                raise
         if target is not None:  # listed once the label image is in
             list_label(*target)
+        ckpt.remove()
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     if ts.flagged:  # the alignment could not place these: say so wherever they are used
         print(f"note: the alignment flagged {len(ts.flagged)} slice(s) {ts.flagged} (its "

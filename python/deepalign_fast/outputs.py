@@ -151,6 +151,7 @@ _ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
 # Files a store of this tool may hold: Zarr metadata, chunks (v2 "0.1.2" or nested digits, v3
 # "c/0/1/2"), Zarr's own temporary files, the progress record and this tool's temporary files.
 _STORE_FILE = re.compile(r"\.zgroup|\.zarray|\.zattrs|\.zmetadata|zarr\.json|\d+(\.\d+)*"
+                         r"|\..+\.deepalign\.resume\.json"
                          r"|.+\.[0-9a-f]{32}\.partial"
                          rf"|{re.escape(PROGRESS_FILE)}|\.{re.escape(PROGRESS_FILE)}\.tmp-\d+-\d+"
                          rf"|\..+{re.escape(TEMP_TAG)}[0-9a-f]{{16}}\.tmp")

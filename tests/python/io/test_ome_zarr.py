@@ -149,8 +149,7 @@ def test_an_apply_into_labels_killed_while_finishing_leaves_it_consistent(
     image-label mark and the labels group without it (the same command then refused). The
     mark now goes in with the store, the same command finishes the run, and a killed write's
     temporary file in the labels group is removed. Killed just before it is listed: the
-    image is unchanged but for an unlisted, marked label image, which only --overwrite
-    replaces."""
+    same command lists it (the run's record notes the label image as it is put in place)."""
     import json
     import os
 
@@ -181,8 +180,6 @@ def test_an_apply_into_labels_killed_while_finishing_leaves_it_consistent(
         assert main(argv) == 130
     if stop == "list":
         assert json.loads((out / ".zattrs").read_text())["image-label"]
-        assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
-        argv.append("--overwrite")
     assert main(argv) == 0
     group = json.loads((image / "labels" / ".zattrs").read_text())
     assert group["labels"] == ["mito"]
@@ -190,6 +187,38 @@ def test_an_apply_into_labels_killed_while_finishing_leaves_it_consistent(
         "image": "../../"}
     assert not list((image / "labels").glob(".*tmp")) and not (image / "labels" /
                                                                 "mito.partial").exists()
+
+
+def test_an_apply_killed_once_its_store_is_in_place_is_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between putting the store in place and removing its progress record: the
+    same command refused ("already exists") and the record stayed in the store. It now
+    finishes the run; a rerun with other options is refused."""
+    import tifffile
+    from deepalign_fast.cli import main
+
+    stack = _stack(h=300, w=280)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    assert main(["align", str(tmp_path / "s.tif"), "-o", str(tmp_path / "a.tif"),
+                 "--quiet"]) == 0
+    out = tmp_path / "m.ome.zarr"
+    argv = ["apply", str(tmp_path / "a.transforms.json"), str(tmp_path / "s.tif"), "-o",
+            str(out), "--quiet"]
+    real = Path.unlink
+
+    def killed(self: Path, *a: object, **k: object) -> None:
+        if self == out / "deepalign_progress.json":
+            raise KeyboardInterrupt
+        real(self, *a, **k)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", killed)
+        assert main(argv) == 130
+    assert (out / "deepalign_progress.json").exists()
+    assert main([*argv, "--interpolation", "linear"]) == 2  # another run: refused
+    assert main(argv) == 0
+    assert not (out / "deepalign_progress.json").exists()
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_labels_in_an_image_have_its_voxel_size(tmp_path: Path) -> None:
