@@ -400,8 +400,9 @@ _LOCK_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC"
 
 def remove_stale_locks(outputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Delete the lock files of ``outputs`` that no process holds (a killed run's: the kernel
-    released its lock, the file stayed); a held lock, a symbolic link or anything but a
-    regular file is left alone. Returns the files removed."""
+    released its lock, the file stayed), and that run's temporary files; a held lock, a
+    symbolic link or anything but a regular file is left alone. Returns the lock files
+    removed."""
     removed: list[Path] = []
     for out in outputs:
         path = _lock_path(Path(out))
@@ -413,6 +414,7 @@ def remove_stale_locks(outputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if stat.S_ISREG(os.fstat(fd).st_mode) and os.path.samestat(
                     os.fstat(fd), os.stat(path, follow_symlinks=False)):
+                remove_stale_temps(out)  # the killed run's too, while its lock is held here
                 os.unlink(path)
                 removed.append(path)
         except OSError:

@@ -508,19 +508,22 @@ def test_a_refused_rerun_removes_the_lock_a_killed_run_left(src: Path, tmp_path:
                                                             lock_held: Any,
                                                             capsys: pytest.CaptureFixture[str]
                                                             ) -> None:
-    """A killed run leaves its (released) lock file; a rerun refused before locking (the
-    output exists, no --overwrite) removed nothing, so such files stayed. A lock that a
-    running process holds stays."""
+    """A killed run leaves its (released) lock file and temporary files; a rerun refused
+    before locking (the output exists, no --overwrite) removed nothing, so such files
+    stayed. A lock that a running process holds stays, and so do its temporary files."""
     out = tmp_path / "o.tif"
     assert _align(str(src), "-o", str(out)) == 0
     stale = tmp_path / ".o.tif.deepalign.lock"
     stale.write_text("12345\n")
+    temp = tmp_path / ".o.tif.deepalign-0123456789abcdef.tmp"  # the killed run's, too
+    temp.write_text("half")
     assert _align(str(src), "-o", str(out)) == 2
     assert "already exists" in _one_line(capsys.readouterr().err)
-    assert not stale.exists()
+    assert not stale.exists() and not temp.exists()
     with lock_held(out):
+        temp.write_text("half")  # (a live run's)
         assert _align(str(src), "-o", str(out)) == 2
-        assert stale.exists()  # held: not stale
+        assert stale.exists() and temp.exists()  # held: not stale
 
 
 def test_lock_is_reentrant_in_one_process(tmp_path: Path) -> None:
