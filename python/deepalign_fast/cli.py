@@ -501,27 +501,21 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     # The run's record (as align's): the output is noted as it is put in place, so the same
     # command finishes a run killed after that (the store's bookkeeping, the labels list).
+    compression = _compression(args)
     ckpt = Checkpoint.for_run(Path(args.input), args.output, (len(ts), *ts.output_shape), {
         "command": "apply", "transforms": hashlib.sha256(args.transforms.read_bytes()).hexdigest(),
         "scale": args.scale, "interpolation": args.interpolation}, {
-        "compression": _compression(args), **physical})
+        "compression": compression, **physical})
     assert ckpt is not None
     with plan.prepared(), _lock(plan):
         plan.check()
-        finished = not args.overwrite and \
-            Path(os.path.abspath(args.output)) in ckpt.committed()
-        if os.path.lexists(args.output) and not (finished or args.overwrite):
-            raise DeepAlignError(f"{args.output}: (-o) already exists; pass --overwrite to "
-                                 "replace it, or choose another name.")
+        done = ckpt.begin([args.output], "-o", overwrite=args.overwrite)
         if target is not None:  # (a killed apply's, under this output's lock)
             remove_stale_temps(*label_group_files(target[0]))
-        if finished:
+        if not args.overwrite and Path(os.path.abspath(args.output)) in done:
             if is_zarr:
                 finish_store(args.output)
         else:
-            if ckpt.load() is None:
-                ckpt.save({}, [], {})
-            ckpt.outputs = [args.output]
             try:
                 with ckpt.recording():
                     Aligner(num_threads=args.threads).render(
@@ -532,8 +526,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                             # an unfinished store of an earlier apply to -o: made again (a
                             # warp is cheap, and its transforms may have changed since)
                             **({"restart": True} if is_zarr else {}),
-                            **({} if (c := _compression(args)) is None
-                               else {"compression": c}),
+                            **({} if compression is None else {"compression": compression}),
                             **physical},
                         before_publish=labelled if target is not None else None)
             except BaseException:
@@ -936,16 +929,8 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
     assert ckpt is not None
     with plan.prepared(), _lock(plan):
         plan.check()
-        done = ckpt.committed()  # this run's, put in place before it was killed
-        for name in names:
-            path = out / name
-            if os.path.lexists(path) and not args.overwrite and \
-                    Path(os.path.abspath(path)) not in done:
-                raise DeepAlignError(f"{path}: (OUT_DIR) already exists; pass --overwrite "
-                                     "to replace it, or choose another folder.")
-        if ckpt.load() is None:
-            ckpt.save({}, [], {})
-        ckpt.outputs = [out / name for name in names]
+        # (what this run put in place before it was killed is written again, as all the rest)
+        ckpt.begin([out / name for name in names], "OUT_DIR", overwrite=args.overwrite)
         with ckpt.recording():
             truth = bench.write(out)
         ckpt.remove()

@@ -148,12 +148,17 @@ STORE_MARK = "deepalign_fast"
 PROGRESS_FILE = "deepalign_progress.json"
 
 _ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
+_PROGRESS_TEMP = re.compile(rf"\.{re.escape(PROGRESS_FILE)}\.tmp-\d+-\d+")
+# Zarr writes each file through a temporary ``NAME.<32 hex>.partial`` and renames it.
+_ZARR_TEMP = re.compile(r".+\.[0-9a-f]{32}\.partial")
+_ZARR_METADATA_TEMP = re.compile(r"(\.zgroup|\.zattrs|\.zarray|zarr\.json)\.[0-9a-f]{32}\.partial")
 # Files a store of this tool may hold: Zarr metadata, chunks (v2 "0.1.2" or nested digits, v3
-# "c/0/1/2"), Zarr's own temporary files, the progress record and this tool's temporary files.
+# "c/0/1/2"), Zarr's own temporary files, the progress record and this tool's temporary files
+# (and an apply's run record, in IMAGE/labels).
 _STORE_FILE = re.compile(r"\.zgroup|\.zarray|\.zattrs|\.zmetadata|zarr\.json|\d+(\.\d+)*"
                          r"|\..+\.deepalign\.resume\.json"
-                         r"|.+\.[0-9a-f]{32}\.partial"
-                         rf"|{re.escape(PROGRESS_FILE)}|\.{re.escape(PROGRESS_FILE)}\.tmp-\d+-\d+"
+                         rf"|{_ZARR_TEMP.pattern}"
+                         rf"|{re.escape(PROGRESS_FILE)}|{_PROGRESS_TEMP.pattern}"
                          rf"|\..+{re.escape(TEMP_TAG)}[0-9a-f]{{16}}\.tmp")
 
 
@@ -174,12 +179,6 @@ def _store_attrs(path: Path) -> dict[str, Any]:
         if isinstance(data, dict):
             return data
     return {}
-
-
-_PROGRESS_TEMP = re.compile(rf"\.{re.escape(PROGRESS_FILE)}\.tmp-\d+-\d+")
-# Zarr writes each file through a temporary ``NAME.<32 hex>.partial`` and renames it.
-_ZARR_TEMP = re.compile(r".+\.[0-9a-f]{32}\.partial")
-_ZARR_METADATA_TEMP = re.compile(r"(\.zgroup|\.zattrs|\.zarray|zarr\.json)\.[0-9a-f]{32}\.partial")
 
 
 def remove_zarr_temps(store: str | os.PathLike[str]) -> list[Path]:
@@ -971,6 +970,23 @@ class Checkpoint:
         run."""
         data = self.load()
         return set() if data is None else _committed_in(data)
+
+    def begin(self, outputs: Sequence[Path], flag: str, *, overwrite: bool) -> set[Path]:
+        """Start the record of a command with no estimation to resume (``apply``,
+        ``make-benchmark``) that writes ``outputs`` (``flag`` names them): one that exists
+        and that this run did not put in place is refused unless ``overwrite``; this run's
+        record is kept (what it put in place stays noted), another's replaced. Returns the
+        outputs this run has put in place (absolute paths)."""
+        done = self.committed()
+        for path in outputs:
+            if os.path.lexists(path) and not overwrite and \
+                    Path(os.path.abspath(path)) not in done:
+                raise DeepAlignError(f"{path}: {_flag_text(flag)}already exists; pass "
+                                     "--overwrite to replace it, or choose another name.")
+        if self.load() is None:
+            self.save({}, [], {})
+        self.outputs = list(outputs)
+        return done
 
     def committing(self, final: Path, staged: Path) -> None:
         """Note (atomically) that ``staged`` is about to be renamed to ``final``, when

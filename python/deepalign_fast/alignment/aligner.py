@@ -429,7 +429,6 @@ class Aligner:
             check_unfinished,
             finish_store,
             reader_path,
-            unfinished_run,
         )
         from ..outputs import FIELDS_LEFT, Checkpoint, OutputPlan, output_lock, partial_path_for
 
@@ -513,8 +512,8 @@ class Aligner:
             # An unfinished Zarr output continues only the run that wrote it: another run's
             # (other input or options) is refused here, before any work, not discarded.
             run = None if ckpt is None else ckpt.digest()
-            if is_zarr and not is_done(out) and not overwrite:
-                check_unfinished(out, run)
+            left = check_unfinished(out, run, overwrite=overwrite) \
+                if is_zarr and not is_done(out) else None
             if is_zarr and is_done(out):  # put in place by this run, killed just after
                 finish_store(out)
             if ckpt is not None:
@@ -537,7 +536,7 @@ class Aligner:
                 if compression is not None:
                     writer_options["compression"] = compression
                 if is_zarr:  # this run's unfinished store: continued, or (refined) redone
-                    ours = run is not None and unfinished_run(out) == run
+                    ours = run is not None and left == run
                     writer_options.update(resume=ours and self.options.mode == "affine",
                                           restart=ours, run=run)
 

@@ -565,8 +565,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         if p is not None and os.path.lexists(p) and not overwrite and not is_done(p):
             raise DeepAlignError(f"{p}: {what} already exists; pass --overwrite (API: "
                                  "overwrite=True) or choose another name.")
-    if not is_done(out) and not overwrite:  # another run's unfinished store: its own
-        check_unfinished(out, ckpt.digest())
+    if not is_done(out):  # another run's unfinished store: its own
+        check_unfinished(out, ckpt.digest(), overwrite=overwrite)
     if is_done(out):  # put in place by this run, killed just after
         finish_store(out)
     manifest = {"version": MANIFEST_VERSION, "input": str(src), "shape": [n, h, w],

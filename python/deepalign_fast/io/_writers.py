@@ -764,12 +764,15 @@ _OTHER_RUN = ("an unfinished output of another run (another input, other options
               "--overwrite (API: overwrite=True) to discard it, or delete it.")
 
 
-def check_unfinished(path: str | os.PathLike[str], run: str | None) -> None:
-    """Refuse, before any work, an unfinished store at the output ``path`` that another run
-    wrote (:func:`unfinished_run` neither None nor ``run``): it is that run's resume point."""
+def check_unfinished(path: str | os.PathLike[str], run: str | None, *,
+                     overwrite: bool = False) -> str | None:
+    """:func:`unfinished_run` of the output ``path``, refused (before any work) where
+    another run wrote it (neither None nor ``run``): it is that run's resume point, which
+    only ``overwrite`` discards."""
     left = unfinished_run(path)
-    if left is not None and left != run:
+    if left is not None and left != run and not overwrite:
         raise DeepAlignError(f"{partial_path_for(path)}: {_OTHER_RUN}")
+    return left
 
 
 def unfinished_run(path: str | os.PathLike[str]) -> str | None:
