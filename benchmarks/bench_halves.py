@@ -1,6 +1,6 @@
 """Is an "aligned" stack aligned? Its per-slice motion measured on two halves of the frame.
 
-    python -m benchmarks.bench_halves --cases xy,xz,yz
+    python -m benchmarks.bench_halves --cases xy,xz,yz,isbi,drosophila
 
 Each half of the frame (left / right, top / bottom) is solved on its own (``Aligner`` with
 ``slow_drift="none"``: the raw solve, nothing kept or corrected). The fast part of each
@@ -13,7 +13,8 @@ half's per-slice translation (minus its Gaussian trend of 8 slices, as the jitte
   noise) differs from region to region: near 0.
 
 The lucchi XZ and YZ reslices are exactly aligned by construction (the controls of this
-measurement); the lucchi XY stack is as its authors aligned it.
+measurement); the lucchi XY stack and the isbi and drosophila serial sections are as their
+authors aligned them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from deepalign_fast.qc.synth import reslice
 
 #: planes of each lucchi case (the centred run bench_exact uses for XZ / YZ)
 PLANES = {"xy": None, "xz": 192, "yz": 256}
+#: the serial-section stacks, at their native resolution
+SECTIONS = {"isbi": datasets.load_isbi2012, "drosophila": datasets.load_drosophila}
+CASES = [*PLANES, *SECTIONS]
 
 
 def centre_motion(stack: np.ndarray) -> np.ndarray:
@@ -61,7 +65,9 @@ def compare(stack: np.ndarray, split: str) -> dict[str, Any]:
             "correlation": [float(np.corrcoef(a[:, k], b[:, k])[0, 1]) for k in range(2)]}
 
 
-def lucchi_case(name: str) -> np.ndarray:
+def load_case(name: str) -> np.ndarray:
+    if name in SECTIONS:
+        return np.ascontiguousarray(SECTIONS[name]())
     vol = np.asarray(datasets.load_lucchi())
     stack = vol if name == "xy" else reslice(vol, name)
     planes = PLANES[name]
@@ -73,20 +79,21 @@ def lucchi_case(name: str) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default="xy,xz,yz",
-                    help="lucchi planes, comma-separated: xy, xz, yz (default all)")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help="comma-separated: lucchi planes xy, xz, yz; serial sections isbi, "
+                         "drosophila (default all)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in PLANES]
+    unknown = [c for c in names if c not in CASES]
     if unknown:
-        raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(PLANES)}")
+        raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
     rows = []
-    print("| lucchi | split | fast rms x / y, first half (px) | second half (px) "
+    print("| stack | split | fast rms x / y, first half (px) | second half (px) "
           "| correlation x / y |\n|---|---|---|---|---|")
     for name in names:
         try:
-            stack = lucchi_case(name)
+            stack = load_case(name)
         except datasets.DataUnavailable as exc:
             print(f"skip {name}: {exc}")
             continue
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             (ax, ay), (bx, by) = row["rms"]
             cx, cy = row["correlation"]
-            print(f"| {name.upper()} {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} "
+            label = f"lucchi {name.upper()}" if name in PLANES else name
+            print(f"| {label} {stack.shape[0]} x {stack.shape[1]} x {stack.shape[2]} "
                   f"| {split} | {ax:.3f} / {ay:.3f} | {bx:.3f} / {by:.3f} "
                   f"| {cx:.2f} / {cy:.2f} |", flush=True)
     if args.json is not None:
