@@ -93,8 +93,8 @@ def lock_held() -> Callable[[Path], contextlib.AbstractContextManager[int]]:
 @pytest.fixture
 def nan_flow_at(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[int]]:
     """``nan_flow_at(k)``: the learned flow's ``k``-th prediction (counted from 1) is all
-    NaN, so that slice's elastic refinement fails; returns the list of calls (clear it to
-    count again)."""
+    NaN: in a stack, the flow between slices k - 1 and k, so both their elastic refinements
+    fail; returns the list of calls (clear it to count again)."""
     def arm(k: int) -> list[int]:
         from deepalign_fast.refine import flow
 

@@ -799,6 +799,7 @@ def test_apply_refuses_a_stack_of_another_size(src: Path, tmp_path: Path,
 
 def test_nan_flow_is_flagged_and_rendered_affine_only() -> None:
     pytest.importorskip("onnxruntime")
+    from deepalign_fast.refine import Neighbours
     from deepalign_fast.refine.elastic import ElasticRefiner
 
     ident = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -810,8 +811,10 @@ def test_nan_flow_is_flagged_and_rendered_affine_only() -> None:
             return np.full((2, *a.shape), np.nan, np.float32)
 
     refiner.predictor = NanFlow()  # type: ignore[assignment]
-    outs = [refiner(z, s, ident)[1] for z, s in enumerate(stack)]
-    assert refiner.failed == [1, 2]
+    neighbours = Neighbours(usable=lambda k: 0 <= k < len(stack),
+                            read=lambda k: (stack[k], ident))
+    outs = [refiner(z, s, ident, neighbours)[1] for z, s in enumerate(stack)]
+    assert refiner.failed == [0, 1, 2]
     np.testing.assert_array_equal(outs[2], stack[2])  # the affine render, not a black slice
     assert refiner.folding[1] is None
 

@@ -47,7 +47,7 @@ import numpy as np
 from .._errors import DeepAlignError
 from ..geometry import compose, invert
 from ..progress import Progress, StageTimes
-from ..refine import Refiner, make_refiner
+from ..refine import Neighbours, Refiner, make_refiner
 from ..render import SliceMap, render_slice
 from ..transforms import TransformSet
 from .matcher import StackMatcher, is_blank
@@ -350,13 +350,19 @@ class Aligner:
                 num_threads=threads,
                 max_folding=opts.max_folding, field_stride=opts.field_stride)
             new = replace(transforms)
+            # a flagged slice is neither refined nor a neighbour the others are refined toward
+            flagged = set(transforms.flagged)
+            neighbours = Neighbours(
+                usable=lambda k: 0 <= k < len(reader) and k not in flagged,
+                read=lambda k: (reader.read(k), transforms.affines[k]))
 
             def warp(z: int) -> np.ndarray:
                 t0 = time.perf_counter()
                 image = reader.read(z)
                 t0 = times.add("read", t0)
                 if refine is not None:
-                    _, out = refine(z, image, transforms.affines[z])
+                    _, out = refine(z, image, transforms.affines[z],
+                                    None if z in flagged else neighbours)
                 else:
                     out = render_slice(image, transforms.slice_map(z, num_threads=threads),
                                        (h, w), interpolation=interpolation,
@@ -754,6 +760,7 @@ class _StreamState:
         self.dtype: Any = None
         self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
         self.refine: Refiner | None = None
+        self.last: tuple[int, np.ndarray, np.ndarray] | None = None  # emitted: z, image, affine
         self.flagged: list[int] = []
         self.flag_reasons: dict[int, str] = {}
         self.outliers: list[int] = []
@@ -841,7 +848,19 @@ class _StreamState:
         self.transforms.append(a)
         if self.refine is None:
             return render_slice(image, SliceMap(a), self.shape, num_threads=opts.num_threads)
-        out = self.refine(z, image, a)[1]
+        # the neighbours: the slice emitted last, and the next one at this window's estimate
+        last, self.last = self.last, (z, image, a)
+        around: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if last is not None:
+            around[last[0]] = (last[1], last[2])
+        if self.pending:
+            after, after_image = self.pending[0]
+            around[after] = (after_image, solved.affines[after - lo])
+        # (a slice flagged only because its own refinement failed is still a fine neighbour)
+        usable = {k for k in around if k not in self.matcher.blank and (
+            k not in self.flagged or self.flag_reasons.get(k) == "unrefined")}
+        neighbours = Neighbours(usable=usable.__contains__, read=around.__getitem__)
+        out = self.refine(z, image, a, None if z in self.flagged else neighbours)[1]
         failed = self.refine.failed
         if failed and failed[-1] == z and z not in self.flag_reasons:  # kept its affine
             self.flagged.append(z)

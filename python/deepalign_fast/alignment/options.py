@@ -96,7 +96,7 @@ class AlignOptions:
         the affine solve by an expected-affine field against the previous output slice,
         matched with ``refine_features``
         (:class:`deepalign_fast.refine.expected_affine.StackRefiner`); or ``"elastic"``: each
-        slice refined by the learned flow network against the previous output slice
+        slice moved by the learned flow network toward its two neighbours' affine renders
         (:class:`deepalign_fast.refine.elastic.ElasticRefiner`). The fields of both are kept
         beside the transforms file, so ``apply`` reproduces the render (labels included).
     refine_features : {"learned", "blocks", "sift"}

@@ -2,11 +2,13 @@
 
 ``expected_affine`` (damaged sections: a per-pixel affine field), ``elastic`` (the learned
 flow: an affine plus a displacement field), ``flow`` (the flow network run by onnxruntime),
-``order`` (refinements run slice after slice, in order, from several threads).
+``order`` (refinements run slice after slice, in order, from several threads; the slices
+next to the one refined).
 
-Every refiner is a :class:`Refiner`: called with slice z, its input image and its solved
-affine, it returns the slice's :class:`~deepalign_fast.render.SliceMap` and the slice rendered
-with it (by :func:`~deepalign_fast.render.render_slice`); it keeps the maps in a
+Every refiner is a :class:`Refiner`: called with slice z, its input image, its solved
+affine and its :class:`Neighbours` (for z = 0, 1, 2, ... in order), it returns the slice's
+:class:`~deepalign_fast.render.SliceMap` and the slice rendered with it (by
+:func:`~deepalign_fast.render.render_slice`); it keeps the maps in a
 :class:`~deepalign_fast.transforms.FieldStore` so the transforms file reproduces the render.
 """
 
@@ -17,12 +19,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
+from .order import Neighbours
+
 if TYPE_CHECKING:
     from ..render import SliceMap
     from ..transforms import FieldStore
     from .expected_affine import Features
 
-__all__ = ["Refiner", "make_refiner"]
+__all__ = ["Neighbours", "Refiner", "make_refiner"]
 
 
 class Refiner(Protocol):
@@ -31,8 +35,8 @@ class Refiner(Protocol):
     notes: dict[int, str]
     failed: list[int]
 
-    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray
-                 ) -> tuple[SliceMap, np.ndarray]: ...
+    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray,
+                 neighbours: Neighbours | None = None) -> tuple[SliceMap, np.ndarray]: ...
 
 
 def make_refiner(mode: str, shape: tuple[int, int], *, num_slices: int | None,

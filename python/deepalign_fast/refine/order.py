@@ -1,10 +1,12 @@
-"""Strict z order for work that depends on the previous slice's result."""
+"""Strict z order for work that depends on the previous slice's result, and the slices next
+to the one refined."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,7 +14,17 @@ import numpy as np
 if TYPE_CHECKING:
     from ..render import SliceMap
 
-__all__ = ["InOrder", "SequentialRefiner"]
+__all__ = ["InOrder", "Neighbours", "SequentialRefiner"]
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """The slices a refinement may compare slice z with: ``usable(k)`` says whether slice k
+    exists and may serve (not flagged, not blank), ``read(k)`` returns its input image and
+    its affine (called only when the refiner has not rendered slice k already)."""
+
+    usable: Callable[[int], bool]
+    read: Callable[[int], tuple[np.ndarray, np.ndarray]]
 
 
 class InOrder:
@@ -45,8 +57,9 @@ class SequentialRefiner:
         self.previous: np.ndarray | None = None
         self._order = InOrder()
 
-    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray
-                 ) -> tuple[SliceMap, np.ndarray]:
+    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray,
+                 neighbours: Neighbours | None = None) -> tuple[SliceMap, np.ndarray]:
+        """``neighbours`` is not used: these refiners follow the previous output."""
         with self._order.turn(z):
             slice_map, out = self.refine(z, image, np.asarray(affine, np.float64))
             self.previous = out

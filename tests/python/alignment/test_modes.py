@@ -186,19 +186,22 @@ def test_an_affine_run_refuses_to_leave_an_earlier_field_store_beside_it(
 
 def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
         tiny_stack: Path, tmp_path: Path, nan_flow_at: Callable[[int], list[int]]) -> None:
-    """A flow of NaN for one slice: it keeps its affine, is flagged, and the summary says
-    why ("unrefined"), in a file-to-file run and in a stream."""
+    """A flow of NaN between two slices (the second flow: slices 1 and 2): both keep their
+    affine, are flagged, and the summary says why ("unrefined"), in a file-to-file run and
+    in a stream."""
     calls = nan_flow_at(2)
     result = Aligner(mode="elastic", num_threads=1).align_stack(
         tiny_stack, tmp_path / "out.tif", progress=False)
-    assert result.flagged == [2]
-    assert result.summary()["flag_reasons"] == {"2": "unrefined"}
-    # the stream flags it too (it did not, before reasons were kept)
+    assert len(calls) == len(tifffile.imread(tiny_stack)) - 1  # one flow per pair
+    assert result.flagged == [1, 2]
+    assert result.summary()["flag_reasons"] == {"1": "unrefined", "2": "unrefined"}
+    # the stream flags them too (it did not, before reasons were kept)
     calls.clear()
     stream = Aligner(mode="elastic", num_threads=1).stream(iter(tifffile.imread(tiny_stack)),
                                                            lookahead=2)
     list(stream)
-    assert stream.flagged == [2] and stream.flag_reasons == {2: "unrefined"}
+    assert stream.flagged == [1, 2]
+    assert stream.flag_reasons == {1: "unrefined", 2: "unrefined"}
 
 
 def test_a_flow_that_folds_even_scaled_down_is_flagged_and_apply_still_works(
@@ -208,17 +211,19 @@ def test_a_flow_that_folds_even_scaled_down_is_flagged_and_apply_still_works(
     apply (its folding was recorded without a field, which apply took for a damaged store)."""
     from deepalign_fast.refine import flow
 
+    rng = np.random.default_rng(0)
+
     def folding(self, previous, moving):  # type: ignore[no-untyped-def]
-        u = np.zeros((2,) + previous.shape, np.float32)
-        u[0, :, ::2] = 40.0  # columns swap places: the Jacobian is negative everywhere
-        return u
+        # 40 px at random per pixel: neighbouring pixels swap places, the Jacobian is
+        # negative nearly everywhere (and the mean of two such flows too)
+        return rng.normal(0.0, 40.0, (2,) + previous.shape).astype(np.float32)
 
     monkeypatch.setattr(flow.FlowPredictor, "predict", folding)
     tf = tmp_path / "t.json"
     result = Aligner(mode="elastic", num_threads=1).align_stack(
         tiny_stack, tmp_path / "out.tif", transforms_path=tf, progress=False)
     n = len(tifffile.imread(tiny_stack))
-    assert result.flagged == list(range(1, n))  # slice 0 has no predecessor to follow
+    assert result.flagged == list(range(n))  # every slice has a neighbour to move toward
     assert set(result.flag_reasons.values()) == {"unrefined"}
     assert main(["apply", str(tf), str(tiny_stack), "-o", str(tmp_path / "again.tif"),
                  "--interpolation", "linear", "--quiet"]) == 0
