@@ -680,6 +680,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 "it; remove them or choose another folder.")
     with plan.prepared(), output_lock([args.output]):
         remove_stale_temps(*(args.output / name for name in files))  # a killed export's
+        if args.overwrite:  # the files replaced go first: a killed export leaves no mix
+            for name, text in files.items():
+                if os.path.lexists(args.output / name) and \
+                        not holds_text(args.output / name, text):
+                    (args.output / name).unlink()
         written = export_itk(ts, args.output, pixel_size=args.pixel_size)
     print(f"wrote {len(written)} ITK transform files to {args.output}")
     return 0

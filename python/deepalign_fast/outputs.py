@@ -45,6 +45,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,6 +77,8 @@ __all__ = [
     "remove_stale_locks",
     "remove_stale_temps",
     "remove_zarr_temps",
+    "replace_store",
+    "replaced_path_for",
     "store_being_created",
     "store_mark",
     "store_problem",
@@ -353,6 +356,43 @@ def publish(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> No
     os.replace(staged, final)
 
 
+def replaced_path_for(final: str | os.PathLike[str]) -> Path:
+    """Where :func:`replace_store` keeps the store it replaces until the new one is in place:
+    ``.NAME.deepalign-replaced`` beside it."""
+    p = Path(final)
+    return p.with_name(f".{p.name}{TEMP_TAG}replaced")
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete ``path``: a folder with what it holds; a file or a symbolic link itself (never
+    followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def replace_store(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Put the finished store (a folder) ``staged`` in place of an older one at ``final``.
+
+    The older store is first renamed aside (:func:`replaced_path_for`, one atomic rename),
+    then ``staged`` is renamed to ``final`` (:func:`publish`), then the older store is
+    deleted. Killed at any moment, ``final`` is the older store whole, absent (the new one
+    still staged, its run's resume point), or the new store whole: never a store half
+    deleted (deleting the older store in place first left one that every rerun refused).
+    What is left aside is removed by the next run on ``final`` (:func:`remove_stale_temps`).
+    """
+    final = Path(final)
+    aside = replaced_path_for(final)
+    if os.path.lexists(aside):  # an earlier run killed while replacing
+        _remove_tree(aside)
+    if os.path.lexists(final):
+        os.rename(final, aside)
+    publish(staged, final)
+    if os.path.lexists(aside):
+        _remove_tree(aside)
+
+
 def remove_stale_temps(*finals: str | os.PathLike[str]) -> list[Path]:
     """Delete temporary files an earlier run left for each of ``finals`` (call while holding
     their lock).
@@ -360,7 +400,8 @@ def remove_stale_temps(*finals: str | os.PathLike[str]) -> list[Path]:
     Only regular files (or symbolic links, which are unlinked, never followed) named
     ``.NAME.deepalign-*`` in a final's folder are removed, excluding the lock file, and the
     temporary files of the run's hidden side files (``..NAME.deepalign.*.deepalign-*``: its
-    resume record and matches, written atomically too). Each folder is listed once.
+    resume record and matches, written atomically too); and the older store a run killed
+    while replacing it left aside (:func:`replace_store`). Each folder is listed once.
     """
     by_folder: dict[Path, set[str]] = {}
     for final in map(Path, finals):
@@ -372,6 +413,11 @@ def remove_stale_temps(*finals: str | os.PathLike[str]) -> list[Path]:
         except OSError:
             continue
         for entry in entries:
+            if any(entry.name == replaced_path_for(n).name for n in names):
+                with contextlib.suppress(FileNotFoundError):
+                    _remove_tree(Path(entry.path))
+                    removed.append(Path(entry.path))
+                continue
             if entry.name.endswith(".lock") or not _temp_of(entry.name, names):
                 continue
             if entry.is_symlink() or entry.is_file(follow_symlinks=False):

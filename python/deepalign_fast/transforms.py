@@ -531,9 +531,7 @@ class FieldStore:
     def commit(self, path: str | os.PathLike[str]) -> None:
         """Move the finished store to ``path``, replacing an older one only when this tool
         wrote it (:func:`deepalign_fast.outputs.store_problem`)."""
-        import shutil
-
-        from .outputs import publish, store_problem
+        from .outputs import replace_store, store_problem
 
         final = Path(path)
         if os.path.lexists(final):
@@ -542,8 +540,7 @@ class FieldStore:
                 raise DeepAlignError(f"{final}: exists and {why}; only a field store written "
                                      "by deepalign-fast is replaced. Remove it yourself or "
                                      "choose another name.")
-            shutil.rmtree(final)
-        publish(self.path, final)
+        replace_store(self.path, final)
         self.path = final
         # The open array still points at the old (moved) location: reopen it, so the store
         # in memory reads what is on disk (the QC report draws from it).

@@ -39,6 +39,7 @@ from .io import OTHER_IMAGE_SUFFIXES, SLICE_SUFFIXES
 from .outputs import (
     STORE_MARK,
     OutputPlan,
+    os_error,
     output_lock,
     remove_stale_temps,
     remove_zarr_temps,
@@ -293,12 +294,15 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
     for z, aligned in enumerate(stream):
         if z < written:
             continue  # written before the restart: identical, so kept
-        if arr is None:
-            # The record first: a store beside it is this watch's from its creation on.
-            _save_state(state_path, state)
-            arr = _open_output(out, aligned.shape, aligned.dtype, written)
-        arr.resize((z + 1,) + aligned.shape)
-        arr[z] = aligned
+        try:
+            if arr is None:
+                # The record first: a store beside it is this watch's from its creation on.
+                _save_state(state_path, state)
+                arr = _open_output(out, aligned.shape, aligned.dtype, written)
+            arr.resize((z + 1,) + aligned.shape)
+            arr[z] = aligned
+        except OSError as exc:  # (the full disk named the store; it read "?")
+            raise os_error(exc, out, f"writing slice {z} failed") from exc
         result.written = z + 1
         result.flagged = list(stream.flagged)
         result.flag_reasons = dict(stream.flag_reasons)

@@ -139,7 +139,8 @@ def test_a_killed_make_benchmark_is_finished_by_the_same_command(
     """Killed between its files (the stack in place, the ground truth not): the same command
     refused ("already exists"); with --overwrite over another seed's benchmark, the new stack
     sat beside the old ground truth, silently. The same command now finishes the run; a
-    killed --overwrite leaves the other seed's files refused until --overwrite finishes it."""
+    killed --overwrite leaves no ground truth (the earlier one goes first), eval refuses the
+    folder, and the same command finishes it."""
     import os
 
     bench, ref = tmp_path / "b", tmp_path / "ref"
@@ -164,10 +165,15 @@ def test_a_killed_make_benchmark_is_finished_by_the_same_command(
     assert run() == 0
     assert run("--seed", "4", into=ref) == 0
     assert run("--seed", "4", "--overwrite", killed=True) == 130
+    # the earlier benchmark's ground truth went first: none sits beside the new stack, and
+    # eval refuses the folder (it scored the mix, silently wrong)
+    assert not (bench / "ground_truth.json").exists()
     capsys.readouterr()
-    assert run("--seed", "4") == 2  # the first benchmark's ground truth is still there
-    assert "ground_truth.json" in _one_line(capsys)
-    assert run("--seed", "4", "--overwrite") == 0
+    assert main(["eval", str(bench / "misaligned.tif"), str(bench)]) == 2
+    assert "stopped before it finished" in _one_line(capsys)
+    # nothing of the first benchmark is left: this run's command finishes it, with or
+    # without --overwrite
+    assert run("--seed", "4") == 0
     assert files(bench) == files(ref) and not list(bench.glob(".*"))
 
 

@@ -1138,3 +1138,30 @@ def test_zarr_writer_refuses_unfinished_store_of_another_run(tmp_path: Path) -> 
     with pytest.raises(DeepAlignError, match="unfinished output"):
         open_writer(out, (2, 8, 8), np.uint8)
     open_writer(out, (2, 8, 8), np.uint8, restart=True).abort()
+
+
+def test_a_store_left_aside_by_a_killed_replace_is_removed_and_a_link_never_followed(
+        tmp_path: Path) -> None:
+    """`replace_store` renames the older store aside before the new one goes in; the next
+    run on that output removes what a kill left aside (a folder; a symbolic link there is
+    unlinked, its target kept), and nothing of another output's."""
+    from deepalign_fast.outputs import remove_stale_temps, replace_store, replaced_path_for
+
+    final, staged = tmp_path / "o.ome.zarr", tmp_path / "o.ome.zarr.partial"
+    for folder, text in ((final, "old"), (staged, "new")):
+        (folder / "0").mkdir(parents=True)
+        (folder / "0" / "c").write_text(text)
+    aside = replaced_path_for(final)
+    assert aside.name == ".o.ome.zarr.deepalign-replaced"
+    aside.mkdir()  # an earlier killed replace's
+    replace_store(staged, final)
+    assert (final / "0" / "c").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.ome.zarr"]
+
+    keep = tmp_path / "keep"
+    (keep / "x").mkdir(parents=True)
+    aside.symlink_to(keep, target_is_directory=True)
+    other = replaced_path_for(tmp_path / "other.ome.zarr")
+    other.mkdir()
+    assert remove_stale_temps(final) == [aside]
+    assert not os.path.lexists(aside) and (keep / "x").is_dir() and other.is_dir()

@@ -326,3 +326,36 @@ def test_a_slice_of_another_size_names_its_file(tmp_path: Path) -> None:
     (folder / "STOP").touch()
     with pytest.raises(DeepAlignError, match=r"s2\.tif: slice 2 is .*the first \(s0\.tif\)"):
         watch_folder(folder, tmp_path / "o.zarr", lookahead=1, idle_timeout=5, poll=0.01)
+
+
+def test_a_full_disk_names_the_store_and_the_slice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    """The disk fills while the watch writes slice 3: one line naming the store and the
+    slice, exit status 1 (it read "?: the disk is full"); the rerun continues."""
+    import errno
+
+    from deepalign_fast.cli import main
+
+    slices = _slices(8)
+    folder = _acquired(tmp_path, slices)
+    (folder / "STOP").touch()
+    out = tmp_path / "o.ome.zarr"
+    real = zarr.Array.__setitem__
+
+    def full(self: Any, key: Any, value: Any) -> None:
+        if key == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, key, value)
+
+    argv = ["watch", str(folder), "-o", str(out), "--lookahead", "2", "--poll", "0.02",
+            "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr(zarr.Array, "__setitem__", full)
+        assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(out) in err and "slice 3" in err and "full" in err
+    assert main(argv) == 0
+    got = np.asarray(zarr.open_group(str(out), mode="r")["0"])
+    np.testing.assert_array_equal(got, np.stack(list(Aligner().stream(iter(slices),
+                                                                      lookahead=2))))

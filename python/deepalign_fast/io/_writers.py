@@ -26,6 +26,7 @@ from ..outputs import (
     progress_temps,
     publish,
     remove_zarr_temps,
+    replace_store,
     store_being_created,
     store_mark,
     store_problem,
@@ -741,8 +742,9 @@ class ZarrStackWriter(StackWriter):
             # The progress record goes only once the store is in place: killed before, the
             # unfinished store is still a resume point (every slice recorded as finished).
             if replace:
-                shutil.rmtree(self.path)
-            publish(self.partial, self.path)
+                replace_store(self.partial, self.path)
+            else:
+                publish(self.partial, self.path)
         except OSError as exc:
             raise os_error(exc, self.path, "cannot publish the finished store") from exc
         finish_store(self.path)

@@ -25,6 +25,7 @@ same pixels (inside both slices' warped frames). The raw input's score is kept a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from numpy.typing import NDArray
 
 from .._errors import DeepAlignError
 from ..intensity import to_uint8
-from ..outputs import create_temp, publish, write_atomic
+from ..outputs import checkpoint_path_for, create_temp, publish, write_atomic
 from ..warp import warp_affine
 from .metrics import (
     dice,
@@ -161,9 +162,14 @@ class Benchmark:
     misaligned_labels: NDArray[Any] | None = None
 
     def write(self, out_dir: str | os.PathLike[str]) -> GroundTruth:
-        """Write the benchmark folder (created if needed; each file atomically)."""
+        """Write the benchmark folder (created if needed; each file atomically). The ground
+        truth goes first and comes back last: a folder whose writing was stopped holds none,
+        never an earlier benchmark's beside the new stack (which ``eval`` scored, silently
+        wrong)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (out / "ground_truth.json").unlink()
         _write_tiff(out / "misaligned.tif", self.misaligned)
         if self.labels is not None and self.misaligned_labels is not None:
             _write_tiff(out / "misaligned_labels.tif", self.misaligned_labels)
@@ -361,6 +367,10 @@ def evaluate_alignment(
     """
     bdir = Path(benchmark_dir)
     gt_path = bdir / "ground_truth.json"
+    if os.path.lexists(checkpoint_path_for(bdir / "misaligned.tif")):
+        raise DeepAlignError(f"{bdir}: a make-benchmark run into this folder was stopped "
+                             "before it finished, so its files may belong to two "
+                             "benchmarks; rerun that make-benchmark command to finish it")
     try:
         truth = GroundTruth.from_json(gt_path.read_text(encoding="utf-8"))
     except FileNotFoundError:

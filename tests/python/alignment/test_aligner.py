@@ -1216,6 +1216,87 @@ def test_a_zarr_run_killed_while_its_store_is_put_in_place_finishes(
     assert not partial.exists()
 
 
+def _killed_in_rmtree(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Path]:
+    """``shutil.rmtree`` of a folder called ``name`` deletes one file of it, then is killed
+    (once); returns the folders it was called on."""
+    real = shutil.rmtree
+    called: list[Path] = []
+
+    def rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == name and not called:
+            called.append(Path(path))
+            next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    return called
+
+
+@pytest.mark.parametrize("where", ["old store", "aside"])
+def test_an_overwrite_killed_while_replacing_a_zarr_store_leaves_a_whole_one(
+        tmp_path: Path, tiny_stack: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """`--overwrite` onto an earlier store: killed while the older store is deleted, or
+    while the new one is renamed in. Before, the older store was deleted in place: a kill
+    there left a store half deleted, which every rerun refused ("not a Zarr store"). Now
+    the older store is renamed aside first: the output is the older store whole, absent or
+    the new one whole, and the same command finishes (nothing left aside)."""
+    out = tmp_path / "o.ome.zarr"
+    Aligner(model="rigid").align_stack(tiny_stack, out, progress=False)
+    partial = tmp_path / "o.ome.zarr.partial"
+    if where == "old store":
+        with monkeypatch.context() as m:
+            called = _killed_in_rmtree(m, ".o.ome.zarr.deepalign-replaced")
+            called += _killed_in_rmtree(m, "o.ome.zarr")  # the older code's rmtree in place
+            with pytest.raises(KeyboardInterrupt):
+                Aligner(model="translation").align_stack(tiny_stack, out, progress=False,
+                                                         overwrite=True)
+        assert called
+    else:
+        real_replace = os.replace
+
+        def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(src) == partial:
+                raise KeyboardInterrupt
+            real_replace(src, dst, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", replace)
+            with pytest.raises(KeyboardInterrupt):
+                Aligner(model="translation").align_stack(tiny_stack, out, progress=False,
+                                                         overwrite=True)
+        assert not out.exists() and partial.is_dir()
+    Aligner(model="translation").align_stack(tiny_stack, out, progress=False, overwrite=True)
+    ref = tmp_path / "ref.ome.zarr"
+    Aligner(model="translation").align_stack(tiny_stack, ref, progress=False)
+    np.testing.assert_array_equal(_zarr_slices(out), _zarr_slices(ref))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.ome.zarr", "ref.ome.zarr"]
+
+
+def test_an_elastic_overwrite_killed_while_replacing_its_field_store_is_finished(
+        tmp_path: Path, tiny_stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The field store of `--mode elastic --overwrite` is replaced the same way: killed
+    while the older store is deleted, the same call finishes and `apply` reproduces the
+    output."""
+    out, tf = tmp_path / "o.tif", tmp_path / "o.json"
+    Aligner(mode="elastic", num_threads=1).align_stack(tiny_stack, out, transforms_path=tf,
+                                                       progress=False)
+    with monkeypatch.context() as m:
+        called = _killed_in_rmtree(m, ".o.fields.zarr.deepalign-replaced")
+        called += _killed_in_rmtree(m, "o.fields.zarr")  # the older code's rmtree in place
+        with pytest.raises(KeyboardInterrupt):
+            Aligner(mode="elastic", model="rigid", num_threads=1).align_stack(
+                tiny_stack, out, transforms_path=tf, progress=False, overwrite=True)
+    assert called
+    Aligner(mode="elastic", model="rigid", num_threads=1).align_stack(
+        tiny_stack, out, transforms_path=tf, progress=False, overwrite=True)
+    assert not (tmp_path / ".o.fields.zarr.deepalign-replaced").exists()
+    assert main(["apply", str(tf), str(tiny_stack), "-o", str(tmp_path / "again.tif"),
+                 "--interpolation", "linear", "--quiet"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "again.tif"),
+                                  tifffile.imread(out))
+
+
 @pytest.mark.parametrize("left", [(), (".zgroup",), (".zattrs",)])
 def test_a_store_stopped_while_being_created_is_made_again(
         tmp_path: Path, tiny_stack: Path, left: tuple[str, ...],
