@@ -27,7 +27,8 @@ from ..progress import StageTimes
 from .options import AlignOptions
 from .solve import SIMILAR_CONTENT, PairMoments, pair_moments, slice_spacing
 
-__all__ = ["TURNS", "MatchFn", "StackMatcher", "backend_for", "is_blank", "persistence"]
+__all__ = ["SECTION_UNLIKE_SHARE", "TURNS", "MatchFn", "StackMatcher", "backend_for", "is_blank",
+           "persistence"]
 
 # Nearest pairs whose blocks correlate less than this (median) say too little for the noise
 # to be discounted (see StackMatcher.neighbour_score).
@@ -38,6 +39,9 @@ _BASELINE = 5  # nearest pairs seen last: what the stack's neighbours look like 
 TURNS = (3.0, -3.0, 6.0, -6.0)
 # How much better a turned match must correlate than a first one that held.
 _TURN_GAIN = 0.1
+#: Between serial sections, a nearest pair correlating at less than this share of the recent
+#: median is unlike (StackMatcher._unlike).
+SECTION_UNLIKE_SHARE = 1.0 / 3.0
 
 
 def persistence(alike: np.ndarray) -> float | None:
@@ -190,9 +194,11 @@ class StackMatcher:
         scratch, it finds the true position, and the solve then sees the disagreement.
 
         Where the content changes from slice to slice (serial sections), the correlation of
-        neighbours varies more (isbi: 0.57-2 times the recent median), so only a quarter of
-        the median counts as unlike: a section with inverted contrast (0.1 of it) moved by
-        100 px, unflagged, and its neighbours with it."""
+        neighbours varies more (isbi: 0.57-2 times the recent median), so only a third of the
+        median counts as unlike (:data:`SECTION_UNLIKE_SHARE`): a section with inverted
+        contrast (0.1 of it) moved by 100 px, unflagged, and its neighbours with it; with a
+        quarter, inverted sections among misaligned ones (0.29 of it) were placed 26-118 px
+        off, unflagged (benchmarks/RESULTS.md, "Inverted sections: a third")."""
         seen = np.asarray(self.nearest_seen[-_BASELINE:], np.float64)
         seen = seen[np.isfinite(seen)]
         if not np.isfinite(corr.correlation) or seen.size < 3:
@@ -200,7 +206,7 @@ class StackMatcher:
         persists = persistence(np.asarray(self.alike[-_RECENT:], np.float64))
         if persists is None:
             return False
-        share = 0.5 if persists >= SIMILAR_CONTENT else 0.25
+        share = 0.5 if persists >= SIMILAR_CONTENT else SECTION_UNLIKE_SHARE
         return corr.correlation < share * float(np.median(seen))
 
     def _few(self, count: int) -> bool:
