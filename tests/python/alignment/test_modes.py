@@ -184,6 +184,25 @@ def test_an_affine_run_refuses_to_leave_an_earlier_field_store_beside_it(
     assert main(["align", str(tiny_stack), "-o", str(tmp_path / "p.tif"), "--quiet"]) == 0
 
 
+def test_elastic_slices_are_never_refined_toward_a_blank_one(tiny_stack: Path,
+                                                              tmp_path: Path) -> None:
+    """Slices 3 and 5 blank: they are flagged and serve no other slice as a neighbour, so
+    slice 4 between them keeps its affine (no field: its folding is None) while slices 2
+    and 6 move toward their other neighbour; the stream runs the same way."""
+    stack = tifffile.imread(tiny_stack)
+    stack[[3, 5]] = 0
+    src = tmp_path / "blanks.tif"
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    result = Aligner(mode="elastic", num_threads=1).align_stack(src, tmp_path / "o.tif",
+                                                                progress=False)
+    folding = result.transforms.folding
+    assert result.flagged == [3, 5]
+    assert folding[3] is None and folding[4] is None and folding[5] is None
+    assert all(folding[z] is not None for z in (0, 1, 2, 6, 7))
+    stream = Aligner(mode="elastic", num_threads=1).stream(iter(stack), lookahead=1)
+    assert len(list(stream)) == len(stack) and stream.flagged == [3, 5]
+
+
 def test_a_slice_whose_refinement_failed_is_flagged_with_its_reason(
         tiny_stack: Path, tmp_path: Path, nan_flow_at: Callable[[int], list[int]]) -> None:
     """A flow of NaN between two slices (the second flow: slices 1 and 2): both keep their
