@@ -147,17 +147,92 @@ def _overlap_score(reference: np.ndarray, moving: np.ndarray, shift: tuple[float
     return max(0.0, _overlap_ncc(reference, moving, *shift)) * float(np.sqrt(frac))
 
 
+#: The least share of the frame an overlap-normalised correlation peak may overlap.
+MIN_OVERLAP = 0.5
+#: Coarse levels whose short side is below this also search every shift by the overlap's
+#: own correlation (:func:`coarse_shift`).
+SHORT_SIDE = 128
+#: ... and take its best shift as a candidate only where the overlap correlates at least
+#: this well (where the true match is weak, a slice turned by degrees, the best of every
+#: shift is a pattern's chance likeness).
+OVERLAP_TRUST = 0.5
+
+
+def overlap_correlation_shift(reference: np.ndarray, moving: np.ndarray, *,
+                              min_overlap: float = MIN_OVERLAP) -> tuple[float, float]:
+    """The whole-pixel translation ``(dx, dy)`` with ``moving(p + d) ~ reference(p)`` whose
+    overlap correlates best, among those overlapping at least ``min_overlap`` of the frame.
+
+    The correlation of every shift is normalised over that shift's own overlap (the means
+    and variances of the two overlapping parts; Padfield, "Masked object registration in
+    the Fourier domain", 2012): the cross sums from one FFT correlation of the zero-padded
+    frames, the parts' sums and sums of squares from integral images. Unlike phase
+    correlation, nothing is tapered or wrapped: a shift of 30-45 % of the frame's height is
+    found as well as a small one.
+    """
+    from scipy import fft
+
+    h = min(reference.shape[0], moving.shape[0])
+    w = min(reference.shape[1], moving.shape[1])
+    a = reference[:h, :w].astype(np.float64)
+    b = moving[:h, :w].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()  # (better conditioned sums; the result is the same)
+    size = (fft.next_fast_len(2 * h - 1, real=True), fft.next_fast_len(2 * w - 1, real=True))
+    cross = fft.irfft2(np.conj(fft.rfft2(a, s=size)) * fft.rfft2(b, s=size), s=size)
+    dy = np.arange(-(h - 1), h)
+    dx = np.arange(-(w - 1), w)
+    sab = cross[np.ix_(dy % size[0], dx % size[1])]  # sum_p a(p) b(p + d)
+
+    def overlap_sums(x: np.ndarray, sign: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sums of ``x`` and ``x^2`` over the overlap, for every shift (``sign`` -1: the
+        reference's part, rows ``max(0, -dy)`` to ``min(h, h - dy)``; +1: the moving one's)."""
+        y0, y1 = np.maximum(0, sign * dy), np.minimum(h, h + sign * dy)
+        x0, x1 = np.maximum(0, sign * dx), np.minimum(w, w + sign * dx)
+        out = []
+        for v in (x, x * x):
+            ii = np.zeros((h + 1, w + 1))
+            ii[1:, 1:] = v.cumsum(0).cumsum(1)
+            out.append(ii[np.ix_(y1, x1)] - ii[np.ix_(y0, x1)] - ii[np.ix_(y1, x0)]
+                       + ii[np.ix_(y0, x0)])
+        return out[0], out[1]
+
+    sa, saa = overlap_sums(a, -1)
+    sb, sbb = overlap_sums(b, 1)
+    n = np.outer(h - np.abs(dy), w - np.abs(dx)).astype(np.float64)
+    ok = n >= max(min_overlap * h * w, 16.0)
+    safe = np.where(ok, n, 1.0)
+    den = np.sqrt(np.clip(saa - sa * sa / safe, 0.0, None) * np.clip(sbb - sb * sb / safe,
+                                                                     0.0, None))
+    ok &= den > 1e-9 * max(float((a * a).sum()), 1e-300)
+    ncc = np.where(ok, (sab - sa * sb / safe) / np.where(ok, den, 1.0), -np.inf)
+    iy, ix = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+    return float(dx[ix]), float(dy[iy])
+
+
 def coarse_shift(reference: np.ndarray, moving: np.ndarray) -> tuple[float, float]:
     """The whole-frame translation that starts a pair's match: phase correlation with a Hann
     and with a Tukey window. Where they disagree (a shift beyond about a third of the frame,
     or a weak, ambiguous peak, as between 50-nm sections), the candidate that best explains
     the pair wins (:func:`_overlap_score`), and no shift at all is a candidate too: a weak
-    false peak far out must not beat slices that are nearly in place."""
+    false peak far out must not beat slices that are nearly in place. On a short frame (a
+    reslice's short axis: no coarser level, short side below :data:`SHORT_SIDE`) so is the
+    shift whose overlap correlates best (:func:`overlap_correlation_shift`): phase
+    correlation tapers a small overlap away, and on the 71-px frames of a reslice with 12 px
+    of jitter, neighbours 25-40 px apart were lost. It is taken only where its overlap
+    correlates at :data:`OVERLAP_TRUST` or more: between slices turned by degrees against
+    each other, the best of every shift was a chance likeness. (On the coarse levels of
+    large slices, serial sections' weak peaks included, it changed sections' starts and
+    flags both ways: left to phase correlation.)"""
     hann = phase_correlation(reference, moving, window="hann")
     tukey = phase_correlation(reference, moving, window="tukey")
     if max(abs(hann[0] - tukey[0]), abs(hann[1] - tukey[1])) <= 2.0:
         return hann
     candidates = [hann, tukey, (0.0, 0.0)]
+    if min(reference.shape[0], moving.shape[0], reference.shape[1],
+           moving.shape[1]) < SHORT_SIDE:
+        best = overlap_correlation_shift(reference, moving)
+        if _overlap_ncc(reference, moving, *best) >= OVERLAP_TRUST:
+            candidates.append(best)
     scores = [_overlap_score(reference, moving, c) for c in candidates]
     return candidates[int(np.argmax(scores))]
 

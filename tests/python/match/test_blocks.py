@@ -9,7 +9,13 @@ import pytest
 import tifffile
 from deepalign_fast.datasets import sample_stack_path
 from deepalign_fast.geometry import apply_affine
-from deepalign_fast.match.blocks import BlockMatcher, coarse_shift, lk_block_sums
+from deepalign_fast.match.blocks import (
+    MIN_OVERLAP,
+    BlockMatcher,
+    coarse_shift,
+    lk_block_sums,
+    overlap_correlation_shift,
+)
 
 
 def test_coarse_shift_finds_a_plain_shift(rng):
@@ -17,6 +23,55 @@ def test_coarse_shift_finds_a_plain_shift(rng):
     moved = np.roll(image, (-7, 12), axis=(0, 1))  # moving(p + (12, -7)) = image(p)
     sx, sy = coarse_shift(image, moved)
     assert abs(sx - 12) < 0.5 and abs(sy + 7) < 0.5
+
+
+def _overlap_ncc_direct(a: np.ndarray, b: np.ndarray, dx: int, dy: int) -> float:
+    """float64 reference: the correlation of ``a(p)`` and ``b(p + d)`` over their overlap."""
+    h, w = a.shape
+    ya, yb = slice(max(0, -dy), min(h, h - dy)), slice(max(0, dy), min(h, h + dy))
+    xa, xb = slice(max(0, -dx), min(w, w - dx)), slice(max(0, dx), min(w, w + dx))
+    u, v = a[ya, xa].astype(np.float64), b[yb, xb].astype(np.float64)
+    u, v = u - u.mean(), v - v.mean()
+    return float((u * v).sum() / np.sqrt((u * u).sum() * (v * v).sum()))
+
+
+def test_overlap_correlation_shift_is_the_best_overlap_by_direct_search(rng):
+    """Against a direct float64 search over every shift overlapping at least half the
+    frame (``MIN_OVERLAP``), on a short frame (an XZ reslice's) with shifts of up to 45 % of
+    its height, and on unrelated noise (the best of the search, whatever it is)."""
+    big = cv2.GaussianBlur(rng.normal(0.0, 1.0, (160, 260)), (0, 0), 2.0)
+    h, w = 40, 120
+    cases = [(big[50:50 + h, 60:60 + w], big[50 + dy:50 + dy + h, 60 + dx:60 + dx + w])
+             for dx, dy in [(0, 0), (17, 12), (-30, -18), (45, 5)]]
+    cases.append((rng.normal(size=(h, w)), rng.normal(size=(h, w))))
+    for a, b in cases:
+        found = overlap_correlation_shift(a, b)
+        best = max(((dx, dy) for dy in range(-h + 1, h) for dx in range(-w + 1, w)
+                    if (h - abs(dy)) * (w - abs(dx)) >= MIN_OVERLAP * h * w),
+                   key=lambda d: _overlap_ncc_direct(a, b, *d))
+        assert found == (float(best[0]), float(best[1]))
+
+
+def test_coarse_shift_finds_neighbours_25_to_33_px_apart_across_a_short_frame(lucchi):
+    """Exactly aligned YZ reslice planes cut to 71 x 290 px (a reslice with 12 px of jitter,
+    after its margin), the moving one shifted by 25-33 px across the short axis: phase
+    correlation tapers the small overlap away, and 8 of these 75 pairs came out 10-35 px
+    off; the overlap's own correlation finds every one."""
+    from deepalign_fast.qc.synth import reslice
+
+    planes = reslice(np.asarray(lucchi[0]), "yz")
+    matcher = BlockMatcher()
+    wrong = []
+    for z in range(100, 400, 20):
+        for dx, dy in [(-26, 30), (12, -28), (5, 33), (-20, -25), (8, 27)]:
+            ref = planes[z, 47:118, 47:337]
+            mov = planes[z + 1, 47 - dy:118 - dy, 47 - dx:337 - dx]  # mov(p + d) = ref(p)
+            a, b = matcher.prepare(ref), matcher.prepare(mov)
+            top = len(a.pyramid) - 1
+            sx, sy = coarse_shift(a.pyramid[top], b.pyramid[top])
+            if abs(sx * 2**top - dx) > 2 or abs(sy * 2**top - dy) > 2:
+                wrong.append((z, dx, dy))
+    assert not wrong
 
 
 def test_coarse_shift_is_never_a_false_far_peak_on_thick_sections(isbi):
@@ -65,7 +120,9 @@ def test_refinement_runs_until_the_map_stops_moving(scale):
     up to 13 px off after the correlation levels, beyond one Lucas-Kanade pass's reach, so
     each pass follows only part of the way. Three fixed passes left 0.16 px at 4 % and lost
     the pair at 6.3 % (6 px off, its blocks correlating at 0.07); passes continue until the
-    map stops moving."""
+    map stops moving. (On this short frame the coarse start also weighs the overlap's own
+    correlation, and three passes leave 0.08 px at 4 %: only the 6.3 % pair still shows the
+    old count's failure.)"""
     ref, mov, truth = _scaled_pair(scale)
     h, w = ref.shape
     gx, gy = np.meshgrid(np.linspace(0, w - 1, 12), np.linspace(0, h - 1, 12))
@@ -81,7 +138,7 @@ def test_refinement_runs_until_the_map_stops_moving(scale):
         if name == "until still":
             assert corr.correlation > 0.95
     assert errors["until still"] < 0.02
-    if scale > 1.03:
+    if scale > 1.05:
         assert errors["three passes"] > 0.1  # the old fixed count did not get there
 
 
