@@ -412,8 +412,9 @@ def remove_stale_temps(*finals: str | os.PathLike[str]) -> list[Path]:
             entries = list(os.scandir(folder))
         except OSError:
             continue
+        aside = {replaced_path_for(n).name for n in names}
         for entry in entries:
-            if any(entry.name == replaced_path_for(n).name for n in names):
+            if entry.name in aside:
                 with contextlib.suppress(FileNotFoundError):
                     _remove_tree(Path(entry.path))
                     removed.append(Path(entry.path))

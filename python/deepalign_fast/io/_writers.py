@@ -741,10 +741,7 @@ class ZarrStackWriter(StackWriter):
         try:
             # The progress record goes only once the store is in place: killed before, the
             # unfinished store is still a resume point (every slice recorded as finished).
-            if replace:
-                replace_store(self.partial, self.path)
-            else:
-                publish(self.partial, self.path)
+            replace_store(self.partial, self.path)  # (an older store first renamed aside)
         except OSError as exc:
             raise os_error(exc, self.path, "cannot publish the finished store") from exc
         finish_store(self.path)
