@@ -93,8 +93,9 @@ class AlignOptions:
         that is not installed is an error naming the package to install.
     mode : {"affine", "expected-affine", "elastic"}
         Rendering: one affine per slice; or (damaged serial sections) each slice refined after
-        the affine solve by an expected-affine field against the previous output slice,
-        matched with ``refine_features``
+        the affine solve by expected-affine fields toward its two neighbours' affine renders
+        (a slice with damage in ``masks`` the whole way, never a clean one toward a damaged
+        one), matched with ``refine_features``
         (:class:`deepalign_fast.refine.expected_affine.StackRefiner`); or ``"elastic"``: each
         slice moved by the learned flow network toward its two neighbours' affine renders
         (:class:`deepalign_fast.refine.elastic.ElasticRefiner`). The fields of both are kept
@@ -133,6 +134,8 @@ class AlignOptions:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name))
+        if self.masks is not None:  # a Path too; kept as text (the options are JSON records)
+            object.__setattr__(self, "masks", os.fspath(self.masks))
         checks = [("features", self.features, FEATURES), ("model", self.model, MODELS),
                   ("refine_features", self.refine_features, FEATURES),
                   ("mode", self.mode, MODES), ("provider", self.provider, PROVIDERS),

@@ -331,3 +331,16 @@ def test_a_field_store_of_another_run_is_refused(tiny_stack: Path, tmp_path: Pat
     (tmp_path / "b.fields.zarr").rename(tmp_path / "a.fields.zarr")
     with pytest.raises(DeepAlignError, match="written by another run"):
         TransformSet.load(tmp_path / "a.json")
+
+
+def test_masks_given_as_a_path_are_kept_as_text(stack_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``Aligner(masks=Path(...))``: the run works and its record keeps the masks' name as
+    text (a Path stopped the run with a raw TypeError while writing the resume record)."""
+    path = stack_for("expected-affine")
+    masks = tmp_path / "masks.tif"
+    tifffile.imwrite(masks, np.zeros(tifffile.imread(path).shape, np.uint8))
+    assert AlignOptions(masks=masks).masks == str(masks)
+    tf = tmp_path / "t.json"
+    Aligner(mode="expected-affine", refine_features="blocks", masks=masks, num_threads=1
+            ).align_stack(path, tmp_path / "out.tif", transforms_path=tf, progress=False)
+    assert json.loads(tf.read_text())["options"]["masks"] == str(masks)
