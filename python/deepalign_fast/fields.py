@@ -230,9 +230,8 @@ def without_affine_part(displacement: npt.ArrayLike) -> np.ndarray:
     """``displacement`` (2, H, W) less its least-squares affine part (``a x + b y + c`` per
     component, fitted on every 4th pixel): what no affine describes.
 
-    The affine part of each slice's field is the solve's job: left in a refinement that
-    follows the previous *output* slice, it is carried down the stack (see
-    :func:`without_common_affine`)."""
+    The affine part of each slice's field is the solve's job: a refinement that kept it
+    would move the slice the solve placed (see :func:`without_common_affine`)."""
     u = np.asarray(displacement, np.float32)
     if u.ndim != 3 or u.shape[0] != 2:
         raise ValueError(f"displacement: expected shape (2, H, W), got {u.shape}")

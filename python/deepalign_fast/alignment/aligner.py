@@ -350,7 +350,8 @@ class Aligner:
                 num_threads=threads,
                 max_folding=opts.max_folding, field_stride=opts.field_stride)
             new = replace(transforms)
-            # a flagged slice is neither refined nor a neighbour the others are refined toward
+            # a flagged slice is not a neighbour the others are refined toward (each refiner
+            # decides whether to refine it)
             flagged = set(transforms.flagged)
             neighbours = Neighbours(
                 usable=lambda k: 0 <= k < len(reader) and k not in flagged,
@@ -361,8 +362,8 @@ class Aligner:
                 image = reader.read(z)
                 t0 = times.add("read", t0)
                 if refine is not None:
-                    _, out = refine(z, image, transforms.affines[z],
-                                    None if z in flagged else neighbours)
+                    _, out = refine(z, image, transforms.affines[z], neighbours,
+                                    flagged=z in flagged)
                 else:
                     out = render_slice(image, transforms.slice_map(z, num_threads=threads),
                                        (h, w), interpolation=interpolation,
@@ -388,8 +389,12 @@ class Aligner:
             if is_zarr_output(output):  # labels: the pyramid never blends
                 options_w.setdefault("downsample",
                                      "nearest" if interpolation == "nearest" else "mean")
-            with open_writer(output, (len(reader), h, w), reader.dtype, **options_w) as writer, \
-                    ThreadPoolExecutor(max_workers=2) as pool:
+            with contextlib.ExitStack() as cleanup:
+                if refine is not None:
+                    cleanup.callback(refine.close)
+                writer = cleanup.enter_context(open_writer(output, (len(reader), h, w),
+                                                           reader.dtype, **options_w))
+                pool = cleanup.enter_context(ThreadPoolExecutor(max_workers=2))
                 done = writer.completed() if hasattr(writer, "completed") else set()
                 todo = [z for z in range(len(reader)) if z not in done]
                 for z, aligned in zip(todo, _prefetch(warp, todo, pool, depth=2), strict=True):
@@ -737,9 +742,13 @@ class AlignStream(Iterator[np.ndarray]):
         return self._state.transforms
 
     def _run(self, slices: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        for z, image in enumerate(slices):
-            yield from self._state.push(z, np.asarray(image))
-        yield from self._state.finish()
+        try:
+            for z, image in enumerate(slices):
+                yield from self._state.push(z, np.asarray(image))
+            yield from self._state.finish()
+        finally:  # run out, closed or dropped: the refiner's files are closed
+            if self._state.refine is not None:
+                self._state.refine.close()
 
     def __next__(self) -> np.ndarray:
         return next(self._out)
@@ -860,7 +869,7 @@ class _StreamState:
         usable = {k for k in around if k not in self.matcher.blank and (
             k not in self.flagged or self.flag_reasons.get(k) == "unrefined")}
         neighbours = Neighbours(usable=usable.__contains__, read=around.__getitem__)
-        out = self.refine(z, image, a, None if z in self.flagged else neighbours)[1]
+        out = self.refine(z, image, a, neighbours, flagged=z in self.flagged)[1]
         failed = self.refine.failed
         if failed and failed[-1] == z and z not in self.flag_reasons:  # kept its affine
             self.flagged.append(z)

@@ -511,8 +511,8 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     t_start = time.perf_counter()
     opts = options or AlignOptions()
     if opts.mode != "affine":
-        # The refinements are sequential by nature (each slice is refined against the previous
-        # output slice), so a cluster gains nothing; refuse rather than render affines only.
+        # The refinements run on one machine (in z order, each reusing its predecessor's work
+        # on their pair); refuse rather than render affines only.
         raise ValueError(f"distributed runs render one affine per slice; mode={opts.mode!r} "
                          "runs on one machine (Aligner.align_stack, or align without "
                          "--scheduler)")

@@ -6,7 +6,8 @@ flow: an affine plus a displacement field), ``flow`` (the flow network run by on
 next to the one refined).
 
 Every refiner is a :class:`Refiner`: called with slice z, its input image, its solved
-affine and its :class:`Neighbours` (for z = 0, 1, 2, ... in order), it returns the slice's
+affine, its :class:`Neighbours` and whether the solve flagged it (for z = 0, 1, 2, ... in
+order), it returns the slice's
 :class:`~deepalign_fast.render.SliceMap` and the slice rendered with it (by
 :func:`~deepalign_fast.render.render_slice`); it keeps the maps in a
 :class:`~deepalign_fast.transforms.FieldStore` so the transforms file reproduces the render.
@@ -36,7 +37,11 @@ class Refiner(Protocol):
     failed: list[int]
 
     def __call__(self, z: int, image: np.ndarray, affine: np.ndarray,
-                 neighbours: Neighbours | None = None) -> tuple[SliceMap, np.ndarray]: ...
+                 neighbours: Neighbours | None = None, *,
+                 flagged: bool = False) -> tuple[SliceMap, np.ndarray]: ...
+
+    def close(self) -> None:
+        """Release the files the refiner reads (the damage masks)."""
 
 
 def make_refiner(mode: str, shape: tuple[int, int], *, num_slices: int | None,

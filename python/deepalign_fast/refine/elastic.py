@@ -37,13 +37,9 @@ import numpy as np
 
 from ..fields import nonpositive_jacobian_fraction, without_affine_part
 from ..render import SliceMap, render_slice
-from .order import InOrder, Neighbours
+from .order import TOWARD_NEIGHBOURS, InOrder, Neighbours
 
 __all__ = ["TOWARD_NEIGHBOURS", "ElasticRefiner"]
-
-#: How far a slice moves toward the mean of its neighbours (1 = onto it): for independent
-#: deformations d of equal size, (1 - f) d_z + f (d_{z-1} + d_{z+1}) / 2 is least at 2/3.
-TOWARD_NEIGHBOURS = 2.0 / 3.0
 
 
 class ElasticRefiner:
@@ -85,7 +81,10 @@ class ElasticRefiner:
         self._flows: dict[tuple[int, int], np.ndarray] = {}
 
     def __call__(self, z: int, image: np.ndarray, affine: np.ndarray,
-                 neighbours: Neighbours | None = None) -> tuple[SliceMap, np.ndarray]:
+                 neighbours: Neighbours | None = None, *,
+                 flagged: bool = False) -> tuple[SliceMap, np.ndarray]:
+        if flagged:  # placed from its neighbours: the flow could pull it anywhere
+            neighbours = None
         with self._order.turn(z):
             slice_map, out, fold = self._refine(z, image, np.asarray(affine, np.float64),
                                                 neighbours)
@@ -94,6 +93,9 @@ class ElasticRefiner:
             self._renders = {k: v for k, v in self._renders.items() if k >= z}
             self._flows = {k: v for k, v in self._flows.items() if k == (z, z + 1)}
             return slice_map, out
+
+    def close(self) -> None:
+        """Nothing to release (the flow network is freed with the refiner)."""
 
     def _render(self, z: int, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
         kept = self._renders.get(z)

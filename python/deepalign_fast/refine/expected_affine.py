@@ -48,10 +48,10 @@ from ..estimate import estimate_transform
 from ..fields import without_common_affine
 from ..render import SliceMap, render_slice
 from ..warp import warp_affine, warp_affine_field
-from .order import SequentialRefiner
+from .order import TOWARD_NEIGHBOURS, InOrder, Neighbours
 
-__all__ = ["FIELD_STEP", "ExpectedAffineResult", "StackRefiner", "check_masks", "knn_grid",
-           "match_pair", "register_pair"]
+__all__ = ["FIELD_STEP", "ExpectedAffineResult", "PairMatcher", "StackRefiner", "check_masks",
+           "drop_damaged", "knn_grid", "match_pair", "register_pair"]
 
 Features = Literal["sift", "learned", "blocks"]
 #: Grid spacing (output pixels) of the fields of a stack refinement (and of their store).
@@ -174,6 +174,84 @@ class ExpectedAffineResult:
         return out
 
 
+class PairMatcher:
+    """Matches of ``features`` between sections, each section prepared once: keypoints and
+    descriptors (``"sift"``, ``"learned"``) or the block matcher's pyramid (``"blocks"``).
+    ``reach`` is how far from its point a match's evidence extends (the half block of the
+    dense blocks, 0 for keypoints): a match that near the damage straddles it
+    (:func:`drop_damaged`)."""
+
+    def __init__(self, features: Features = "learned", *, num_threads: int = 0) -> None:
+        self.features = features
+        self.reach = 0
+        self._extractor: Any = None
+        self._blocks: Any = None
+        if features == "sift":
+            from ..match.keypoints import SiftExtractor
+            self._extractor = SiftExtractor(max_features=4000)
+        elif features == "learned":
+            from ..match.learned import LearnedExtractor
+            self._extractor = LearnedExtractor(max_features=4000, num_threads=num_threads)
+        elif features == "blocks":
+            from ..match.blocks import BlockMatcher
+            # A loose final threshold keeps the blocks on both sides of a fold (the global
+            # fit is only the prediction the blocks are searched around). Correlation with a
+            # search window down to the finest level: the blocks on each side of a fold move
+            # several pixels away from any single affine.
+            self._blocks = BlockMatcher(step=32, search=16, threshold=25.0, finest_level=0,
+                                        lk_iterations=0, num_threads=num_threads)
+            self.reach = self._blocks.block // 2
+        else:
+            raise DeepAlignError(f"features must be 'sift', 'learned' or 'blocks', got "
+                                 f"{features!r}")
+
+    def prepare(self, image: np.ndarray, mask: np.ndarray | None = None) -> Any:
+        """One section, ready to match; ``mask`` (non-zero = damage) keeps keypoints off the
+        damage (the blocks ignore it: see :func:`drop_damaged`)."""
+        if self._extractor is not None:
+            return self._extractor.extract(image, None if mask is None else
+                                           (mask == 0).astype(np.uint8))
+        return (image.shape, self._blocks.prepare(image))
+
+    def match(self, reference: Any, moving: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Matched points ``(reference (N, 2), moving (N, 2))`` of two prepared sections."""
+        if self._extractor is not None:
+            from ..match.keypoints import match_features
+            ia, ib = match_features(reference, moving)
+            return (reference.keypoints[ia].astype(np.float64),
+                    moving.keypoints[ib].astype(np.float64))
+        (ref_shape, ref), (mov_shape, mov) = reference, moving
+        _one_size(ref_shape, mov_shape)
+        _, corr = self._blocks.match(ref, mov)
+        return corr.src.astype(np.float64), corr.dst.astype(np.float64)
+
+
+def _one_size(reference: tuple[int, ...], moving: tuple[int, ...]) -> None:
+    if reference != moving:  # the blocks' whole-frame search compares like frames
+        raise DeepAlignError(f"features='blocks' matches sections of one size; reference "
+                             f"is {reference} and moving {moving} (y, x): crop or pad one, or "
+                             "use features='sift' or 'learned'")
+
+
+def drop_damaged(reference_points: np.ndarray, moving_points: np.ndarray,
+                 mask: np.ndarray | None, reach: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The matches whose moving point lies more than ``reach`` px from the damage ``mask``
+    (of the moving section, non-zero = damage; None keeps all)."""
+    pr = np.asarray(reference_points, np.float64).reshape(-1, 2)
+    pm = np.asarray(moving_points, np.float64).reshape(-1, 2)
+    if mask is not None and len(pm):
+        h, w = mask.shape
+        bad = (np.asarray(mask) != 0).astype(np.uint8)
+        if reach:
+            import cv2
+            bad = cv2.dilate(bad, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
+        xi = np.clip(np.rint(pm[:, 0]).astype(np.intp), 0, w - 1)
+        yi = np.clip(np.rint(pm[:, 1]).astype(np.intp), 0, h - 1)
+        keep = bad[yi, xi] == 0
+        pr, pm = pr[keep], pm[keep]
+    return np.ascontiguousarray(pr), np.ascontiguousarray(pm)
+
+
 def match_pair(reference: np.ndarray, moving: np.ndarray, *, mask: np.ndarray | None = None,
                features: Features = "learned", num_threads: int = 0
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -184,47 +262,11 @@ def match_pair(reference: np.ndarray, moving: np.ndarray, *, mask: np.ndarray | 
     matching) or ``"blocks"`` (dense NCC blocks over the whole frame; a block whose window
     in the moving section touches the damage is dropped, since it straddles two sides).
     """
-    if features in ("sift", "learned"):
-        from ..match.keypoints import SiftExtractor, match_features
-        if features == "sift":
-            ex: Any = SiftExtractor(max_features=4000)
-        else:
-            from ..match.learned import LearnedExtractor
-            ex = LearnedExtractor(max_features=4000, num_threads=num_threads)
-        fr = ex.extract(reference)
-        fm = ex.extract(moving, None if mask is None else (mask == 0).astype(np.uint8))
-        ia, ib = match_features(fr, fm)
-        pr = fr.keypoints[ia].astype(np.float64)
-        pm = fm.keypoints[ib].astype(np.float64)
-        reach = 0
-    elif features == "blocks":
-        from ..match.blocks import BlockMatcher
-        if reference.shape != moving.shape:  # its whole-frame search compares like frames
-            raise DeepAlignError(f"features='blocks' matches sections of one size; reference "
-                                 f"is {reference.shape} and moving {moving.shape} (y, x): "
-                                 "crop or pad one, or use features='sift' or 'learned'")
-        # A loose final threshold keeps the blocks on both sides of a fold (the global fit is
-        # only the prediction the blocks are searched around).
-        # Correlation with a search window down to the finest level: the blocks on each side
-        # of a fold move several pixels away from any single affine.
-        bm = BlockMatcher(step=32, search=16, threshold=25.0, finest_level=0, lk_iterations=0,
-                          num_threads=num_threads)
-        _, corr = bm.match(bm.prepare(reference), bm.prepare(moving))
-        pr, pm = corr.src.astype(np.float64), corr.dst.astype(np.float64)
-        reach = bm.block // 2
-    else:
-        raise DeepAlignError(f"features must be 'sift', 'learned' or 'blocks', got {features!r}")
-    if mask is not None and len(pm):
-        h, w = mask.shape
-        bad = (mask != 0).astype(np.uint8)
-        if reach:
-            import cv2
-            bad = cv2.dilate(bad, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
-        xi = np.clip(np.rint(pm[:, 0]).astype(np.intp), 0, w - 1)
-        yi = np.clip(np.rint(pm[:, 1]).astype(np.intp), 0, h - 1)
-        keep = bad[yi, xi] == 0
-        pr, pm = pr[keep], pm[keep]
-    return np.ascontiguousarray(pr), np.ascontiguousarray(pm)
+    matcher = PairMatcher(features, num_threads=num_threads)
+    if features == "blocks":
+        _one_size(reference.shape, moving.shape)  # before the work
+    pr, pm = matcher.match(matcher.prepare(reference), matcher.prepare(moving, mask))
+    return drop_damaged(pr, pm, mask, matcher.reach)
 
 
 def _kmeans(points: np.ndarray, n_clusters: int, *, seed: int, shape: tuple[int, int],
@@ -455,18 +497,37 @@ def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> N
                                      f"!= slice shape {(h, w)}")
 
 
-class StackRefiner(SequentialRefiner):
+class StackRefiner:
     """Expected-affine refinement of a stack render (``AlignOptions(mode="expected-affine")``).
 
-    Called for every slice in order with its solved affine: the affinely rendered slice is
-    registered with :func:`register_pair` onto the previous *output* slice (damage mask warped
-    into the output frame by the same affine); the slice's map is then the affine plus that
-    per-pixel affine field (:class:`~deepalign_fast.render.SliceMap`, kind ``affine-field``),
-    stored in ``store`` so that ``apply`` reproduces the render, and the slice is rendered once
-    with it. Slice 0, slices whose registration fails or falls back, keep the plain affine;
-    ``notes`` records which and why, and ``failed`` lists the latter (flagged "unrefined").
-    Calls may come from several threads: each waits for its predecessor (the refinement is
-    sequential by nature).
+    Called as ``refiner(z, image, affine, neighbours)`` for z = 0, 1, 2, ... in order (from
+    any thread; :class:`~deepalign_fast.refine.order.InOrder`). The slice's affine render is
+    registered with :func:`register_pair` onto the affine renders of its neighbours z - 1
+    and z + 1 (``neighbours``; its damage mask warped into the output frame by its affine),
+    and moves toward the mean of the two registrations:
+
+    - the whole way, the field's common affine included, if its mask marks damage: a fold or
+      crack is the section's own and is undone, and the solve's single affine for it (held
+      toward rigid, or placed from its neighbours when flagged) is not what its sides need;
+    - otherwise two thirds of the way
+      (:data:`~deepalign_fast.refine.order.TOWARD_NEIGHBOURS`, as the elastic mode), less
+      the field's common affine (the solve's job).
+
+    A slice without damage is never moved toward one with damage (a damaged slice uses
+    damaged neighbours only if it has no other). The slice's map is the affine plus that
+    per-pixel affine field (:class:`~deepalign_fast.render.SliceMap`, kind
+    ``affine-field``), stored in ``store`` so ``apply`` reproduces the render.
+
+    Each field depends only on the input slices z - 1, z and z + 1, never on an earlier
+    output, so nothing is carried down the stack. (Before, each slice was registered onto
+    the previous *output* slice, and each took on its predecessor's refinement: an aligned
+    lucchi crop moved by 2.6 px over 16 slices; benchmarks/RESULTS.md, "Expected affine
+    toward both neighbours".) Each section is prepared for matching once.
+
+    A slice the solve flagged (placed from its neighbours) is refined only if its mask marks
+    damage (it stays flagged). A slice without usable neighbours keeps its plain affine; a
+    slice whose registrations all fail or fall back keeps it too, and is listed in
+    ``failed`` (flagged "unrefined"); ``notes`` says why.
 
     Parameters
     ----------
@@ -484,7 +545,6 @@ class StackRefiner(SequentialRefiner):
                  num_threads: int = 0) -> None:
         from ..io import open_stack
 
-        super().__init__()
         self._masks = None
         self._masks_path = masks
         if masks is not None:
@@ -498,37 +558,127 @@ class StackRefiner(SequentialRefiner):
         self.num_threads = num_threads
         self.notes: dict[int, str] = {}
         self.failed: list[int] = []
+        self._matcher: PairMatcher | None = None  # made at the first registration
+        self._order = InOrder()
+        # by slice: (affine, render, prepared for matching); whether its mask marks damage
+        self._sections: dict[int, tuple[np.ndarray, np.ndarray, Any]] = {}
+        self._damaged: dict[int, bool] = {}
 
-    def refine(self, z: int, image: np.ndarray, affine: np.ndarray
-               ) -> tuple[SliceMap, np.ndarray]:
-        plain_map = SliceMap(affine)
-        plain = render_slice(image, plain_map, self.shape, num_threads=self.num_threads)
-        if self.previous is None:
-            return plain_map, plain
-        mask_out = None
+    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray,
+                 neighbours: Neighbours | None = None, *,
+                 flagged: bool = False) -> tuple[SliceMap, np.ndarray]:
+        with self._order.turn(z):
+            out = self._refine(z, image, np.asarray(affine, np.float64), neighbours, flagged)
+            # what the next slice can use: its neighbour z and its own section
+            self._sections = {k: v for k, v in self._sections.items() if k >= z}
+            self._damaged = {k: v for k, v in self._damaged.items() if k >= z}
+            return out
+
+    def close(self) -> None:
+        """Close the damage-mask stack."""
         if self._masks is not None:
-            m = np.asarray(self._masks.read(z))
-            if m.shape != image.shape:
-                raise DeepAlignError(f"{self._masks_path}, slice {z}: (--masks) mask shape "
-                                     f"{m.shape} != slice shape {image.shape}")
-            if m.any():
-                mask_out = warp_affine((m != 0).astype(np.uint8), affine, self.shape,
-                                       interpolation="nearest", num_threads=self.num_threads)
-        try:
-            res = register_pair(self.previous, plain, mask=mask_out, features=self.features,
-                                field_step=FIELD_STEP, num_threads=self.num_threads)
-        except DeepAlignError as exc:  # e.g. the warped mask covers the frame
-            self.notes[z] = f"affine kept: {exc}"
+            self._masks.close()
+
+    def _mask(self, z: int, image_shape: tuple[int, ...]) -> np.ndarray | None:
+        """Slice z's damage mask (input frame; None where it marks none)."""
+        if self._masks is None:
+            return None
+        m = np.asarray(self._masks.read(z))
+        if m.shape != image_shape:
+            raise DeepAlignError(f"{self._masks_path}, slice {z}: (--masks) mask shape "
+                                 f"{m.shape} != slice shape {image_shape}")
+        self._damaged[z] = bool(m.any())
+        return m if self._damaged[z] else None
+
+    def _sides(self, z: int, damaged: bool, neighbours: Neighbours | None) -> list[int]:
+        """The neighbours slice z moves toward: the usable ones without damage, or (a damaged
+        slice with no other) the damaged ones."""
+        if neighbours is None:
+            return []
+        usable = [k for k in (z - 1, z + 1) if neighbours.usable(k)]
+        if self._masks is None:
+            return usable
+        for k in usable:
+            if k not in self._damaged:  # (every mask's size was checked before the run)
+                self._damaged[k] = bool(np.asarray(self._masks.read(k)).any())
+        clean = [k for k in usable if not self._damaged[k]]
+        return clean if clean or not damaged else usable
+
+    def _section(self, z: int, image: np.ndarray, affine: np.ndarray
+                 ) -> tuple[np.ndarray, Any]:
+        """Slice z's affine render and its preparation for matching (kept for its
+        neighbours)."""
+        kept = self._sections.get(z)
+        if kept is not None and np.array_equal(kept[0], affine):
+            return kept[1], kept[2]
+        if self._matcher is None:
+            self._matcher = PairMatcher(self.features, num_threads=self.num_threads)
+        render = render_slice(image, SliceMap(affine), self.shape,
+                              num_threads=self.num_threads)
+        prepared = self._matcher.prepare(render)
+        self._sections[z] = (affine, render, prepared)
+        return render, prepared
+
+    def _neighbour(self, k: int, neighbours: Neighbours) -> tuple[np.ndarray, Any]:
+        """Slice k's affine render and preparation: the previous slice's own, kept from its
+        call, or the next slice's at the affine ``neighbours`` gives."""
+        kept = self._sections.get(k)
+        if kept is not None:
+            return kept[1], kept[2]
+        image, affine = neighbours.read(k)
+        return self._section(k, np.asarray(image), np.asarray(affine, np.float64))
+
+    def _refine(self, z: int, image: np.ndarray, affine: np.ndarray,
+                neighbours: Neighbours | None, flagged: bool) -> tuple[SliceMap, np.ndarray]:
+        plain_map = SliceMap(affine)
+        mask = self._mask(z, image.shape)
+        # A flagged slice (placed from its neighbours) is refined only where its mask marks
+        # damage: the damage is what this mode undoes, and often why the solve flagged it.
+        sides = [] if flagged and mask is None else self._sides(z, mask is not None,
+                                                                neighbours)
+        if not sides or neighbours is None:
+            return plain_map, render_slice(image, plain_map, self.shape,
+                                           num_threads=self.num_threads)
+        plain, prepared = self._section(z, image, affine)
+        assert self._matcher is not None
+        mask_out = None if mask is None else warp_affine(
+            (mask != 0).astype(np.uint8), affine, self.shape, interpolation="nearest",
+            num_threads=self.num_threads)
+        fields, why = [], []
+        for k in sides:
+            other, other_prepared = self._neighbour(k, neighbours)
+            try:
+                pr, pm = drop_damaged(*self._matcher.match(other_prepared, prepared),
+                                      mask_out, self._matcher.reach)
+                res = register_pair(other, plain, mask=mask_out, matches=(pr, pm),
+                                    field_step=FIELD_STEP, num_threads=self.num_threads)
+            except DeepAlignError as exc:  # e.g. the warped mask covers the frame
+                why.append(f"onto slice {k}: {exc}")
+                continue
+            if not res or res.fallback:
+                why.append(f"onto slice {k}: {res.reason}")
+                continue
+            fields.append(res.field)
+        if not fields:
+            self.notes[z] = "affine kept: " + "; ".join(why)
             self.failed.append(z)  # flagged "unrefined" by the pipeline
             return plain_map, plain
-        if not res or res.fallback:
-            self.notes[z] = f"affine kept: {res.reason}"
-            self.failed.append(z)
-            return plain_map, plain
-        # Only what no single affine describes (see ElasticRefiner): carried down the stack
-        field = without_common_affine(res.field, res.field_step)
+        if why:
+            self.notes[z] = "refined toward one neighbour: " + "; ".join(why)
+        identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        if mask is not None:
+            # A damaged slice goes the whole way, its affine part included: the damage is
+            # its own, and the solve's single affine for it (held toward rigid, or placed
+            # from the neighbours when flagged) is not what its sides need.
+            field = np.mean(fields, axis=0)
+        else:
+            # Two thirds of the way, and only what no single affine describes (see
+            # ElasticRefiner): the affine part is the solve's.
+            field = without_common_affine(
+                identity + TOWARD_NEIGHBOURS * (np.mean(fields, axis=0) - identity),
+                FIELD_STEP)
         if self.store is not None:
             self.store.put_affine(z, field)
-        slice_map = SliceMap(affine, affine_field=field, field_step=res.field_step)
+        slice_map = SliceMap(affine, affine_field=field, field_step=FIELD_STEP)
         return slice_map, render_slice(image, slice_map, self.shape,
                                        num_threads=self.num_threads)

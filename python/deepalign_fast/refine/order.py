@@ -1,5 +1,4 @@
-"""Strict z order for work that depends on the previous slice's result, and the slices next
-to the one refined."""
+"""Refinements in z order, and the slices next to the one refined."""
 
 from __future__ import annotations
 
@@ -7,14 +6,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from ..render import SliceMap
+__all__ = ["TOWARD_NEIGHBOURS", "InOrder", "Neighbours"]
 
-__all__ = ["InOrder", "Neighbours", "SequentialRefiner"]
+#: How far a refined slice moves toward the mean of its two neighbours (1 = onto it): for
+#: independent deformations d of equal size, (1 - f) d_z + f (d_{z-1} + d_{z+1}) / 2 is
+#: least at 2/3 (it leaves 0.58 of each, rms, against 0.61 half way and 0.71 the full way).
+TOWARD_NEIGHBOURS = 2.0 / 3.0
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Neighbours:
 
 class InOrder:
     """Lets calls for z = 0, 1, 2, ... run one at a time in z order, whatever thread makes
-    them (the render pool prefetches slices on two threads; refinements against the previous
-    output slice must still run in sequence)."""
+    them (the render pool prefetches slices on two threads; a refinement reuses what its
+    predecessor computed for the pair of slices they share)."""
 
     def __init__(self) -> None:
         self._next = 0
@@ -46,25 +46,3 @@ class InOrder:
             with self._cond:
                 self._next = z + 1
                 self._cond.notify_all()
-
-
-class SequentialRefiner:
-    """Base of the refiners that register each slice onto the previous *output* slice: calls
-    run in z order (:class:`InOrder`) and the output of each becomes ``previous`` for the
-    next. Subclasses implement ``refine(z, image, affine) -> (SliceMap, rendered)``."""
-
-    def __init__(self) -> None:
-        self.previous: np.ndarray | None = None
-        self._order = InOrder()
-
-    def __call__(self, z: int, image: np.ndarray, affine: np.ndarray,
-                 neighbours: Neighbours | None = None) -> tuple[SliceMap, np.ndarray]:
-        """``neighbours`` is not used: these refiners follow the previous output."""
-        with self._order.turn(z):
-            slice_map, out = self.refine(z, image, np.asarray(affine, np.float64))
-            self.previous = out
-            return slice_map, out
-
-    def refine(self, z: int, image: np.ndarray, affine: np.ndarray
-               ) -> tuple[SliceMap, np.ndarray]:
-        raise NotImplementedError

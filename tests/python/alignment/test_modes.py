@@ -129,8 +129,9 @@ def test_transforms_versions_load(tiny_stack: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["elastic", "expected-affine"])
 def test_refined_modes_are_refused_on_a_cluster(mode: str, tiny_stack: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """Refinement is sequential (each slice against the previous output), so a cluster run
-    of a refined mode is refused before any work, by the CLI and the API alike."""
+    """Refinement runs on one machine (slices in order, each reusing what its predecessor
+    computed for their pair), so a cluster run of a refined mode is refused before any work,
+    by the CLI and the API alike."""
     out = tmp_path / "out.ome.zarr"
     rc = main(["align", str(tiny_stack), "-o", str(out), "--mode", mode,
                "--scheduler", "local:2", "--quiet"])
@@ -250,27 +251,42 @@ def test_a_flow_that_folds_even_scaled_down_is_flagged_and_apply_still_works(
                                   tifffile.imread(tmp_path / "out.tif"))
 
 
-def test_an_expected_affine_fallback_is_flagged(stack_for, tmp_path: Path,  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("failing", [(4, 5), (4,)])
+def test_an_expected_affine_fallback_is_flagged(failing: tuple[int, ...], stack_for,  # type: ignore[no-untyped-def]
+                                                tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """A slice whose expected-affine registration falls back (too few matches, no model) keeps
-    its affine and is flagged "unrefined" (the fallback was kept in a private note only)."""
+    """Slice 2 is registered onto slices 1 and 2 (calls 4 and 5: one call for slice 0, two
+    for slice 1). Both fall back (too few matches): it keeps its affine and is flagged
+    "unrefined". One falls back: it is refined
+    toward the other neighbour alone, and not flagged."""
     from deepalign_fast.refine import expected_affine
 
     real = expected_affine.register_pair
     calls: list[int] = []
 
-    def second_fails(*a, **k):  # type: ignore[no-untyped-def]
+    def fails(*a, **k):  # type: ignore[no-untyped-def]
         calls.append(1)
         res = real(*a, **k)
-        if len(calls) == 2:
+        if len(calls) in failing:
             res.fallback, res.reason = True, "too few matches"
         return res
 
-    monkeypatch.setattr(expected_affine, "register_pair", second_fails)
+    monkeypatch.setattr(expected_affine, "register_pair", fails)
     path = stack_for("expected-affine")
+    tf = tmp_path / "t.json"
     result = Aligner(mode="expected-affine", refine_features="blocks", num_threads=1
-                     ).align_stack(path, tmp_path / "out.tif", progress=False)
-    assert result.flagged == [2] and result.flag_reasons == {2: "unrefined"}
+                     ).align_stack(path, tmp_path / "out.tif", transforms_path=tf,
+                                   progress=False)
+    n = len(tifffile.imread(path))
+    assert len(calls) == 2 * (n - 1)  # each slice onto both neighbours
+    fields = TransformSet.load(tf)
+    if len(failing) == 2:
+        assert result.flagged == [2] and result.flag_reasons == {2: "unrefined"}
+        assert fields.slice_map(2).affine_field is None
+    else:
+        assert result.flagged == []
+        assert fields.slice_map(2).affine_field is not None
+    assert all(fields.slice_map(z).affine_field is not None for z in range(n) if z != 2)
 
 
 @pytest.mark.parametrize("damage", ["deleted", "corrupt"])

@@ -1,0 +1,200 @@
+"""The expected-affine stack refinement moves each slice toward both neighbours' affine
+renders, a damaged slice the whole way and the others two thirds, never a clean slice toward
+a damaged one, and carries nothing down the stack (registrations from an oracle that knows
+each slice's per-pixel affine deformation exactly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+from deepalign_fast import _core
+from deepalign_fast.fields import without_common_affine
+from deepalign_fast.refine import Neighbours
+from deepalign_fast.refine import expected_affine as ea
+from deepalign_fast.refine.order import TOWARD_NEIGHBOURS
+
+IDENT = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+SHAPE = (48, 64)
+GRID = (_core.grid_size(SHAPE[0], ea.FIELD_STEP), _core.grid_size(SHAPE[1], ea.FIELD_STEP))
+
+
+class _Registered:
+    """What the refiner reads of a :func:`register_pair` result."""
+
+    def __init__(self, field: np.ndarray | None, reason: str = "") -> None:
+        self.field, self.reason = field, reason
+        self.fallback = field is None
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class _Matches:
+    """Stands in for the feature matcher: sections are prepared as they are, no matches."""
+
+    reach = 0
+
+    def prepare(self, image: np.ndarray, mask: Any = None) -> np.ndarray:
+        return image
+
+    def match(self, reference: np.ndarray, moving: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((0, 2)), np.zeros((0, 2))
+
+
+def _tear(shift: float) -> np.ndarray:
+    """A per-pixel affine deformation (parameter offsets from the identity) that no affine
+    describes: the left third of the frame moved by ``shift`` px in x, the rest not."""
+    d = np.zeros((*GRID, 2, 3))
+    d[:, : GRID[1] // 3, 0, 2] = shift
+    return d
+
+
+def _refine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, d: np.ndarray,
+            damaged: set[int], fail: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
+            flagged: set[int] = frozenset()  # type: ignore[assignment]
+            ) -> tuple[ea.StackRefiner, list[np.ndarray | None], list[tuple[int, int]]]:
+    """Refine a stack of textures whose slice z is deformed by ``d[z]``; ``damaged`` slices
+    have a mask marking damage (``None``: no masks at all); registrations of (moving,
+    reference) in ``fail`` fall back; ``flagged`` slices were flagged by the solve (as the
+    aligner does, they serve no other slice). Returns the refiner, each slice's stored field and the
+    registrations made."""
+    n = len(d)
+    rng = np.random.default_rng(3)
+    stack = rng.uniform(0, 255, (n, *SHAPE)).astype(np.float32)
+    masks_path = None
+    if damaged is not None:
+        masks = np.zeros((n, *SHAPE), np.uint8)
+        for z in damaged:
+            masks[z, 20:28, 30:34] = 255
+        masks_path = tmp_path / "masks.tif"
+        tifffile.imwrite(masks_path, masks)
+    made: list[tuple[int, int]] = []
+
+    def index(image: np.ndarray) -> int:
+        found = [z for z, s in enumerate(stack) if np.array_equal(s, image)]
+        assert len(found) == 1
+        return found[0]
+
+    def oracle(reference: np.ndarray, moving: np.ndarray, **_: Any) -> _Registered:
+        k, z = index(reference), index(moving)
+        made.append((z, k))
+        if (z, k) in fail:
+            return _Registered(None, "too few matches")
+        return _Registered(IDENT + d[k] - d[z])  # registering z onto k undoes d_z, adds d_k
+
+    monkeypatch.setattr(ea, "register_pair", oracle)
+
+    class Store:
+        def __init__(self) -> None:
+            self.fields: dict[int, np.ndarray] = {}
+
+        def put_affine(self, z: int, field: np.ndarray) -> None:
+            self.fields[z] = field
+
+    store = Store()
+    refiner = ea.StackRefiner(masks_path, SHAPE, num_slices=n, store=store)
+    refiner._matcher = _Matches()  # type: ignore[assignment]
+    neighbours = Neighbours(usable=lambda k: 0 <= k < n and k not in flagged,
+                            read=lambda k: (stack[k], IDENT))
+    try:
+        for z in range(n):
+            refiner(z, stack[z], IDENT, neighbours, flagged=z in flagged)
+    finally:
+        refiner.close()
+    return refiner, [store.fields.get(z) for z in range(n)], made
+
+
+def _want(moved: np.ndarray) -> np.ndarray:
+    """The field of a slice without damage: less its common affine."""
+    return without_common_affine(IDENT + moved, ea.FIELD_STEP)
+
+
+def _whole(moved: np.ndarray) -> np.ndarray:
+    """The field of a damaged slice: all of it (the tear has a common affine part too)."""
+    assert np.abs(_want(moved) - (IDENT + moved)).max() > 0.1
+    return IDENT + moved
+
+
+def test_a_damaged_slice_moves_onto_its_clean_neighbours_and_they_stay(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Slice 4 of 9 torn and marked damaged: it gets the whole way onto its neighbours
+    (its tear undone, its common affine part included), slices 3 and 5 are refined toward
+    their other neighbour only and stay where they are, and no slice is registered onto the
+    damaged one."""
+    n = 9
+    d = np.zeros((n, *GRID, 2, 3))
+    d[4] = _tear(6.0)
+    _, fields, made = _refine(monkeypatch, tmp_path, d, damaged={4})
+    np.testing.assert_allclose(fields[4], _whole(-d[4]), atol=1e-9)
+    for z in set(range(n)) - {4}:
+        np.testing.assert_allclose(fields[z], _want(np.zeros_like(d[4])), atol=1e-9,
+                                   err_msg=f"slice {z}")
+    assert (3, 4) not in made and (5, 4) not in made and {(4, 3), (4, 5)} <= set(made)
+
+
+def test_without_masks_each_slice_moves_two_thirds_and_nothing_is_carried(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No masks: slice 4's tear is taken two thirds of the way out, its neighbours move a
+    third of it toward it, and no other slice moves (the refinement onto the previous output
+    carried each slice's change into every later slice)."""
+    n = 9
+    d = np.zeros((n, *GRID, 2, 3))
+    d[4] = _tear(6.0)
+    _, fields, _ = _refine(monkeypatch, tmp_path, d, damaged=None)  # type: ignore[arg-type]
+    f = TOWARD_NEIGHBOURS
+    expected = {4: -f * d[4], 3: f * 0.5 * d[4], 5: f * 0.5 * d[4]}
+    for z in range(n):
+        np.testing.assert_allclose(fields[z], _want(expected.get(z, np.zeros_like(d[4]))),
+                                   atol=1e-9, err_msg=f"slice {z}")
+
+
+def test_damaged_neighbours_serve_only_a_damaged_slice_with_no_other(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Slices 3, 4 and 5 damaged: 3 and 5 move the whole way onto their clean neighbours 2
+    and 6; 4, with no clean neighbour, moves the whole way onto the mean of 3 and 5."""
+    n = 8
+    d = np.zeros((n, *GRID, 2, 3))
+    d[3], d[4], d[5] = _tear(4.0), _tear(-5.0), _tear(2.0)
+    _, fields, _ = _refine(monkeypatch, tmp_path, d, damaged={3, 4, 5})
+    np.testing.assert_allclose(fields[3], _whole(d[2] - d[3]), atol=1e-9)
+    np.testing.assert_allclose(fields[5], _whole(d[6] - d[5]), atol=1e-9)
+    np.testing.assert_allclose(fields[4], _whole(0.5 * (d[3] + d[5]) - d[4]), atol=1e-9)
+
+
+def test_a_failed_side_leaves_the_other_and_both_failed_keep_the_affine(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Slice 2's registration onto slice 1 falls back: it moves toward slice 3 alone (noted,
+    not failed). Slice 5's both fall back: it keeps its affine, is listed in ``failed``, and
+    its note says why; its neighbours are still refined."""
+    n = 7
+    d = np.zeros((n, *GRID, 2, 3))
+    d[2], d[5] = _tear(3.0), _tear(-4.0)
+    refiner, fields, _ = _refine(monkeypatch, tmp_path, d, damaged=None,  # type: ignore[arg-type]
+                                 fail={(2, 1), (5, 4), (5, 6)})
+    f = TOWARD_NEIGHBOURS
+    np.testing.assert_allclose(fields[2], _want(f * (d[3] - d[2])), atol=1e-9)
+    assert "onto slice 1" in refiner.notes[2] and 2 not in refiner.failed
+    assert fields[5] is None and refiner.failed == [5]
+    assert "too few matches" in refiner.notes[5]
+    np.testing.assert_allclose(fields[4], _want(f * 0.5 * (d[3] + d[5] - 2 * d[4])),
+                               atol=1e-9)
+
+
+def test_a_flagged_slice_is_refined_only_where_its_mask_marks_damage(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The solve flagged slices 2 and 5 (placed from their neighbours). Slice 5 is damaged:
+    it is still refined, the whole way (the damage is often why it was flagged). Slice 2 is
+    not: it keeps its affine. Neither serves its neighbours."""
+    n = 8
+    d = np.zeros((n, *GRID, 2, 3))
+    d[2], d[5] = _tear(3.0), _tear(-4.0)
+    refiner, fields, made = _refine(monkeypatch, tmp_path, d, damaged={5}, flagged={2, 5})
+    assert fields[2] is None and all(2 not in pair for pair in made)
+    np.testing.assert_allclose(fields[5], _whole(-d[5]), atol=1e-9)
+    assert {(5, 4), (5, 6)} <= set(made) and (4, 5) not in made and (6, 5) not in made
+    assert refiner.failed == []
