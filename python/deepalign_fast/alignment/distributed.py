@@ -53,8 +53,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -369,6 +372,15 @@ def check_scheduler(scheduler: Any) -> None:
                              "machine")
 
 
+def dask_setup(worker: Any) -> None:
+    """Run in each worker process of a ``local:N`` cluster (its ``preload``): the worker
+    ignores SIGINT. Ctrl-C at a terminal reaches every process of the group; this process
+    alone stops, and shuts the cluster down, so the workers print no tracebacks of their
+    own."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def connect(scheduler: Any, *, timeout_s: float | None = None) -> Iterator[Any]:
     """A ``dask.distributed.Client`` for ``scheduler``, closed on exit if opened here.
@@ -406,12 +418,24 @@ def connect(scheduler: Any, *, timeout_s: float | None = None) -> Iterator[Any]:
         # The dashboards on free loopback ports: None means the defaults, with dask 2024.1
         # 0.0.0.0:8787 for the scheduler's (a warning where 8787 is taken) and every
         # interface for each worker's, reachable from the network.
-        cluster = LocalCluster(  # type: ignore[no-untyped-call]
-            n_workers=int(spec.split(":", 1)[1]), threads_per_worker=1, processes=True,
-            host="127.0.0.1", dashboard_address=LOOPBACK_ANY_PORT,
-            worker_dashboard_address=LOOPBACK_ANY_PORT)
-        with cluster, Client(cluster, timeout=timeout) as client:  # type: ignore[no-untyped-call]
-            yield client
+        logger = logging.getLogger("distributed")
+        level = logger.level
+        try:
+            with contextlib.ExitStack() as running:
+                try:
+                    cluster = running.enter_context(LocalCluster(  # type: ignore[no-untyped-call]
+                        n_workers=int(spec.split(":", 1)[1]), threads_per_worker=1,
+                        processes=True, host="127.0.0.1", dashboard_address=LOOPBACK_ANY_PORT,
+                        worker_dashboard_address=LOOPBACK_ANY_PORT, preload=[__name__]))
+                    yield running.enter_context(
+                        Client(cluster, timeout=timeout))  # type: ignore[no-untyped-call]
+                except BaseException:
+                    # Stopped (an error, Ctrl-C, SIGTERM): the cluster's shutdown warnings
+                    # (tasks lost with the workers) say nothing to the user; the error does.
+                    logger.setLevel(logging.CRITICAL)
+                    raise
+        finally:
+            logger.setLevel(level)
         return
     try:
         client = Client(spec, timeout=timeout)  # type: ignore[no-untyped-call]

@@ -440,3 +440,47 @@ def test_a_run_killed_while_removing_its_work_folder_leaves_none(
     res = align_distributed(data["input"], out, scheduler=client, options=OPTS,
                             progress=False)
     _check_equal(res, out, data)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_of_a_local_cluster_run_prints_one_line(tmp_path: Path) -> None:
+    """Ctrl-C at a terminal reaches every process of the group, the workers included: the
+    run stops with status 130 and the one-line message, and no worker prints a traceback
+    of its own (each printed its KeyboardInterrupt, dozens of lines)."""
+    import subprocess
+
+    import tifffile
+
+    with open_stack(sample_stack_path()) as r:
+        clean = np.stack([r.read(i)[:128, :128] for i in range(len(r))])
+    src = tmp_path / "long.tif"
+    tifffile.imwrite(src, np.concatenate([clean] * 80))  # long enough to be stopped
+    out = tmp_path / "out.ome.zarr"
+
+    def terminal() -> None:  # a session of its own, SIGINT as at a terminal
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "deepalign_fast", "align", str(src), "-o", str(out),
+         "--scheduler", "local:2", "--threads", "1"], cwd=tmp_path, env=env,
+        preexec_fn=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pairs = tmp_path / "out.ome.zarr.work" / "pairs"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and \
+                not (pairs.is_dir() and any(pairs.glob("*.npz"))):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().endswith("deepalign-fast: interrupted; no partial output was left "
+                                "under the final name"), err
+    assert not out.exists()
