@@ -16,36 +16,81 @@ Conventions used throughout the package (written once, here):
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._errors import DeepAlignError
 
-try:
-    from . import _core  # noqa: F401
-except ImportError as exc:  # pragma: no cover - only hit in a broken install
-    raise ImportError(
-        "deepalign_fast._core (the compiled C++ core) could not be imported. Install the "
-        "package with `pip install .` (which compiles it), or for development build it in place "
-        "with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
-    ) from exc
+if TYPE_CHECKING:
+    from .alignment import Aligner, AlignOptions, AlignResult
+    from .api import align, estimate_transforms
+    from .estimate import MODELS, RansacResult, estimate_transform, fit_transform
+    from .fields import (
+        compose_affine_displacement,
+        compose_displacements,
+        jacobian_determinant,
+        nonpositive_jacobian_fraction,
+    )
+    from .io import open_stack
+    from .transforms import TransformSet
+    from .warp import warp_affine, warp_displacement
 
-from .alignment import Aligner, AlignOptions, AlignResult  # noqa: E402
-from .api import align, estimate_transforms  # noqa: E402
-from .estimate import MODELS, RansacResult, estimate_transform, fit_transform  # noqa: E402
-from .fields import (  # noqa: E402
-    compose_affine_displacement,
-    compose_displacements,
-    jacobian_determinant,
-    nonpositive_jacobian_fraction,
-)
-from .io import open_stack  # noqa: E402
-from .transforms import TransformSet  # noqa: E402
-from .warp import warp_affine, warp_displacement  # noqa: E402
+    __version__: str
 
-try:
-    __version__ = version("deepalign-fast")
-except PackageNotFoundError:  # running from a source tree (PYTHONPATH=python)
-    __version__ = "0.0.0+source"
+# The public names load on first use (PEP 562), so `import deepalign_fast` and the command
+# line start at once: the CLI imports numpy, OpenCV and the rest inside its own error
+# handling, where a Ctrl-C is one line, not a traceback.
+_HOMES = {
+    "Aligner": "alignment", "AlignOptions": "alignment", "AlignResult": "alignment",
+    "align": "api", "estimate_transforms": "api",
+    "MODELS": "estimate", "RansacResult": "estimate", "estimate_transform": "estimate",
+    "fit_transform": "estimate",
+    "compose_affine_displacement": "fields", "compose_displacements": "fields",
+    "jacobian_determinant": "fields", "nonpositive_jacobian_fraction": "fields",
+    "open_stack": "io", "TransformSet": "transforms",
+    "warp_affine": "warp", "warp_displacement": "warp",
+}
+_MODULES = frozenset({
+    "alignment", "api", "checks", "cli", "datasets", "estimate", "fields", "geometry",
+    "intensity", "io", "match", "onnx", "outputs", "progress", "qc", "refine", "render",
+    "transforms", "warp", "watch",
+})
+
+
+def _check_core() -> None:
+    try:
+        from . import _core  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - only hit in a broken install
+        raise ImportError(
+            "deepalign_fast._core (the compiled C++ core) could not be imported. Install the "
+            "package with `pip install .` (which compiles it), or for development build it in "
+            "place with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
+        ) from exc
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepalign-fast")
+    except PackageNotFoundError:  # running from a source tree (PYTHONPATH=python)
+        return "0.0.0+source"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value: Any = _version()
+    elif name in _HOMES:
+        _check_core()
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    elif name in _MODULES:
+        _check_core()
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # looked up once
+    return value
+
 
 __all__ = [
     "MODELS",

@@ -32,9 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import __version__
 from ._errors import DeepAlignError, EnvironmentFailure
-from .estimate import MODELS
 
 if TYPE_CHECKING:
     from .alignment import AlignResult
@@ -592,6 +590,8 @@ def _add_bench(sub: Any) -> None:
                    choices=("blocks", "sift", "learned"))
     p.add_argument("--providers", nargs="+", default=None, choices=("cpu", "cuda", "tensorrt"),
                    help="providers for learned features (default: all available)")
+    from .estimate import MODELS
+
     p.add_argument("--model", default="affine", choices=MODELS)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON rows")
@@ -757,6 +757,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser: argparse.ArgumentParser = _Parser(  # its subcommands get _Parser too
         prog="deepalign-fast",
         description="Fast, artifact-robust alignment of volume-EM image stacks.",
@@ -1096,7 +1098,11 @@ def _error(msg: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # (imports numpy, OpenCV and the rest: a Ctrl-C is one line)
+    except KeyboardInterrupt:
+        print("deepalign-fast: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if getattr(args, "config", None) is not None:
         try:

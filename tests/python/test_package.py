@@ -33,3 +33,41 @@ def test_python_m_entry_point() -> None:
         text=True,
     )
     assert out.stdout.startswith("deepalign-fast ")
+
+
+def test_the_cli_starts_without_the_heavy_imports() -> None:
+    """`import deepalign_fast.cli` (what the console script runs before `main`) loads
+    neither numpy nor OpenCV: they are imported inside `main`, where a Ctrl-C is one line
+    (it was a traceback while the package imported them)."""
+    code = ("import sys, deepalign_fast.cli; "
+            "print(sorted(m for m in ('numpy', 'cv2', 'deepalign_fast._core') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from deepalign_fast import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["--version"]) == 130
+    assert capsys.readouterr().err == "deepalign-fast: interrupted\n"
+
+
+def test_public_names_load_on_first_use() -> None:
+    """Every name of ``__all__`` and every subpackage resolves from the package; an unknown
+    name is an AttributeError naming it."""
+    for name in deepalign_fast.__all__:
+        assert getattr(deepalign_fast, name) is not None, name
+    assert deepalign_fast.Aligner is deepalign_fast.alignment.Aligner
+    assert deepalign_fast.io.open_stack is deepalign_fast.open_stack
+    with pytest.raises(AttributeError, match="no_such_name"):
+        deepalign_fast.no_such_name  # noqa: B018
+    namespace: dict[str, object] = {}
+    exec("from deepalign_fast import *", namespace)  # noqa: S102
+    assert set(deepalign_fast.__all__) <= set(namespace)
