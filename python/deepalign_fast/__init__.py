@@ -21,6 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import DeepAlignError
 
+try:
+    from . import _core  # noqa: F401  (3 ms, no numpy)
+except ImportError as exc:  # pragma: no cover - only hit in a broken install
+    raise ImportError(
+        "deepalign_fast._core (the compiled C++ core) could not be imported. Install the "
+        "package with `pip install .` (which compiles it), or for development build it in "
+        "place with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
+    ) from exc
+
 if TYPE_CHECKING:
     from .alignment import Aligner, AlignOptions, AlignResult
     from .api import align, estimate_transforms
@@ -57,17 +66,6 @@ _MODULES = frozenset({
 })
 
 
-def _check_core() -> None:
-    try:
-        from . import _core  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - only hit in a broken install
-        raise ImportError(
-            "deepalign_fast._core (the compiled C++ core) could not be imported. Install the "
-            "package with `pip install .` (which compiles it), or for development build it in "
-            "place with `cmake -S . -B build -DDEEPALIGN_INPLACE=ON && cmake --build build`."
-        ) from exc
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -77,19 +75,18 @@ def _version() -> str:
         return "0.0.0+source"
 
 
-def __getattr__(name: str) -> Any:
-    if name == "__version__":
-        value: Any = _version()
-    elif name in _HOMES:
-        _check_core()
-        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    elif name in _MODULES:
-        _check_core()
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # looked up once
-    return value
+if not TYPE_CHECKING:  # (type checkers see the imports above: a misspelt name is an error)
+    def __getattr__(name: str) -> Any:
+        if name == "__version__":
+            value = _version()
+        elif name in _HOMES:
+            value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+        elif name in _MODULES:
+            value = importlib.import_module(f".{name}", __name__)
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        globals()[name] = value  # looked up once
+        return value
 
 
 __all__ = [

@@ -344,11 +344,6 @@ class Aligner:
 
             times = StageTimes()
             opts = self.options
-            refine, store = make_refiner(
-                opts.mode, (h, w), num_slices=len(reader), fields_path=fields_out,
-                masks=opts.masks, features=opts.refine_features, provider=opts.provider,
-                num_threads=threads,
-                max_folding=opts.max_folding, field_stride=opts.field_stride)
             new = replace(transforms)
             # a flagged slice is not a neighbour the others are refined toward (each refiner
             # decides whether to refine it)
@@ -389,13 +384,21 @@ class Aligner:
             if is_zarr_output(output):  # labels: the pyramid never blends
                 options_w.setdefault("downsample",
                                      "nearest" if interpolation == "nearest" else "mean")
+            refine, store = make_refiner(
+                opts.mode, (h, w), num_slices=len(reader), fields_path=fields_out,
+                masks=opts.masks, features=opts.refine_features, provider=opts.provider,
+                num_threads=threads,
+                max_folding=opts.max_folding, field_stride=opts.field_stride)
             with contextlib.ExitStack() as cleanup:
                 if refine is not None:
                     cleanup.callback(refine.close)
                 writer = cleanup.enter_context(open_writer(output, (len(reader), h, w),
                                                            reader.dtype, **options_w))
                 pool = cleanup.enter_context(ThreadPoolExecutor(max_workers=2))
-                done = writer.completed() if hasattr(writer, "completed") else set()
+                # A refined render starts again at slice 0 (each slice's refinement takes
+                # over its predecessor's work on their pair, and the field store is new).
+                done = writer.completed() if hasattr(writer, "completed") and refine is None \
+                    else set()
                 todo = [z for z in range(len(reader)) if z not in done]
                 for z, aligned in zip(todo, _prefetch(warp, todo, pool, depth=2), strict=True):
                     t0 = time.perf_counter()
@@ -840,15 +843,19 @@ class _StreamState:
                              drift_sigma=opts.drift_sigma, blank=blank, failed=failed,
                              neighbour_score=self.matcher.neighbour_score(lo),
                              spacing=self.matcher.slice_spacing(lo), noise_model=whole)
-        a = solved.affines[z - lo]
+        # follow: each window has its own gauge; carry the previous emitted slice's frame over
+        # (this window's output frame -> the stream's), for this slice and the next one
+        carry = None
+        if opts.slow_drift == "follow" and self.previous is not None and z - 1 - lo >= 0:
+            carry = compose(self.previous, solved.affines[z - 1 - lo])
+
+        def in_stream(k: int) -> np.ndarray:
+            a_k = solved.affines[k - lo]
+            return a_k if carry is None else invert(compose(carry, invert(a_k)))
+
+        a = in_stream(z)
         if opts.slow_drift == "follow":
-            # Each window has its own gauge: carry the previous emitted slice's frame over.
-            b_now = invert(a)
-            if self.previous is not None and z - 1 - lo >= 0:
-                b_prev_win = invert(solved.affines[z - 1 - lo])
-                b_now = compose(self.previous, invert(b_prev_win), b_now)
-            self.previous = b_now
-            a = invert(b_now)
+            self.previous = invert(a)
         if z - lo in solved.flagged:  # the matcher's failed slices included
             self.flagged.append(z)
             self.flag_reasons[z] = solved.flag_reasons[z - lo]
@@ -864,7 +871,7 @@ class _StreamState:
             around[last[0]] = (last[1], last[2])
         if self.pending:
             after, after_image = self.pending[0]
-            around[after] = (after_image, solved.affines[after - lo])
+            around[after] = (after_image, in_stream(after))
         # (a slice flagged only because its own refinement failed is still a fine neighbour)
         usable = {k for k in around if k not in self.matcher.blank and (
             k not in self.flagged or self.flag_reasons.get(k) == "unrefined")}

@@ -381,6 +381,18 @@ def dask_setup(worker: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _preloads() -> list[str]:
+    """The worker preloads of a ``local:N`` cluster: this module's :func:`dask_setup` after
+    any the user configured (``distributed.worker.preload``, which an explicit list
+    replaces)."""
+    import dask
+
+    configured = dask.config.get("distributed.worker.preload", default=None) or []
+    if isinstance(configured, str):
+        configured = [configured]
+    return [*configured, __name__]
+
+
 @contextlib.contextmanager
 def connect(scheduler: Any, *, timeout_s: float | None = None) -> Iterator[Any]:
     """A ``dask.distributed.Client`` for ``scheduler``, closed on exit if opened here.
@@ -426,7 +438,7 @@ def connect(scheduler: Any, *, timeout_s: float | None = None) -> Iterator[Any]:
                     cluster = running.enter_context(LocalCluster(  # type: ignore[no-untyped-call]
                         n_workers=int(spec.split(":", 1)[1]), threads_per_worker=1,
                         processes=True, host="127.0.0.1", dashboard_address=LOOPBACK_ANY_PORT,
-                        worker_dashboard_address=LOOPBACK_ANY_PORT, preload=[__name__]))
+                        worker_dashboard_address=LOOPBACK_ANY_PORT, preload=_preloads()))
                     yield running.enter_context(
                         Client(cluster, timeout=timeout))  # type: ignore[no-untyped-call]
                 except BaseException:

@@ -75,8 +75,12 @@ def make_refiner(mode: str, shape: tuple[int, int], *, num_slices: int | None,
         # The refiner first: it checks the masks before anything is created on disk.
         refiner = StackRefiner(masks, shape, num_slices=num_slices,
                                features=cast("Features", features), num_threads=num_threads)
-        store = None if fields_path is None or num_slices is None else FieldStore.create(
-            fields_path, num_slices, shape, stride=FIELD_STEP, kind="affine")
+        try:
+            store = None if fields_path is None or num_slices is None else FieldStore.create(
+                fields_path, num_slices, shape, stride=FIELD_STEP, kind="affine")
+        except BaseException:
+            refiner.close()
+            raise
         refiner.store = store
         return refiner, store
     raise ValueError(f"mode must be affine, expected-affine or elastic; got {mode!r}")

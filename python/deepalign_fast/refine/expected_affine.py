@@ -522,7 +522,8 @@ class StackRefiner:
     output, so nothing is carried down the stack. (Before, each slice was registered onto
     the previous *output* slice, and each took on its predecessor's refinement: an aligned
     lucchi crop moved by 2.6 px over 16 slices; benchmarks/RESULTS.md, "Expected affine
-    toward both neighbours".) Each section is prepared for matching once.
+    toward both neighbours".) Each section is prepared for matching once (a stream
+    prepares the next slice again at its own affine).
 
     A slice the solve flagged (placed from its neighbours) is refined only if its mask marks
     damage (it stays flagged). A slice without usable neighbours keeps its plain affine; a
@@ -550,7 +551,9 @@ class StackRefiner:
         if masks is not None:
             self._masks = open_stack(masks)  # type: ignore[arg-type]
             if num_slices is not None and len(self._masks) != num_slices:
-                raise DeepAlignError(f"{masks}: (--masks) {len(self._masks)} masks for the "
+                count = len(self._masks)
+                self.close()
+                raise DeepAlignError(f"{masks}: (--masks) {count} masks for the "
                                      f"{num_slices} slices of the stack")
         self.shape = shape
         self.features = features
@@ -575,9 +578,10 @@ class StackRefiner:
             return out
 
     def close(self) -> None:
-        """Close the damage-mask stack."""
+        """Close the damage-mask stack (once; again does nothing)."""
         if self._masks is not None:
             self._masks.close()
+            self._masks = None
 
     def _mask(self, z: int, image_shape: tuple[int, ...]) -> np.ndarray | None:
         """Slice z's damage mask (input frame; None where it marks none)."""
@@ -620,8 +624,9 @@ class StackRefiner:
         return render, prepared
 
     def _neighbour(self, k: int, neighbours: Neighbours) -> tuple[np.ndarray, Any]:
-        """Slice k's affine render and preparation: the previous slice's own, kept from its
-        call, or the next slice's at the affine ``neighbours`` gives."""
+        """Slice k's affine render and preparation: the previous slice's at its own affine,
+        kept from its call (:meth:`_refine` drops one made at another), or the next slice's
+        at the affine ``neighbours`` gives."""
         kept = self._sections.get(k)
         if kept is not None:
             return kept[1], kept[2]
@@ -631,6 +636,11 @@ class StackRefiner:
     def _refine(self, z: int, image: np.ndarray, affine: np.ndarray,
                 neighbours: Neighbours | None, flagged: bool) -> tuple[SliceMap, np.ndarray]:
         plain_map = SliceMap(affine)
+        kept = self._sections.get(z)
+        if kept is not None and not np.array_equal(kept[0], affine):
+            # made as the previous slice's neighbour at another estimate (a stream): the next
+            # slice must be registered onto this slice as it goes out
+            del self._sections[z]
         mask = self._mask(z, image.shape)
         # A flagged slice (placed from its neighbours) is refined only where its mask marks
         # damage: the damage is what this mode undoes, and often why the solve flagged it.

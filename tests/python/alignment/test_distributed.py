@@ -484,3 +484,17 @@ def test_ctrl_c_of_a_local_cluster_run_prints_one_line(tmp_path: Path) -> None:
     assert err.strip().endswith("deepalign-fast: interrupted; no partial output was left "
                                 "under the final name"), err
     assert not out.exists()
+
+
+def test_a_local_cluster_keeps_the_configured_worker_preloads() -> None:
+    """The workers' SIGINT preload comes after any the user configured (an explicit list
+    would replace `distributed.worker.preload`)."""
+    import dask
+    from deepalign_fast.alignment import distributed as module
+
+    with dask.config.set({"distributed.worker.preload": ["mine.setup"]}):
+        assert module._preloads() == ["mine.setup", module.__name__]
+    with dask.config.set({"distributed.worker.preload": "mine.setup"}):
+        assert module._preloads() == ["mine.setup", module.__name__]
+    with dask.config.set({"distributed.worker.preload": []}):
+        assert module._preloads() == [module.__name__]

@@ -360,3 +360,44 @@ def test_masks_given_as_a_path_are_kept_as_text(stack_for, tmp_path: Path) -> No
     Aligner(mode="expected-affine", refine_features="blocks", masks=masks, num_threads=1
             ).align_stack(path, tmp_path / "out.tif", transforms_path=tf, progress=False)
     assert json.loads(tf.read_text())["options"]["masks"] == str(masks)
+
+
+def test_a_followed_stream_gives_the_refiner_the_next_slice_in_its_own_frame(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``slow_drift="follow"``: each stream window has its own gauge, carried into the
+    stream's frame. The next slice, handed to the refiner as a neighbour at this window's
+    estimate, is carried over too: it lies where it later goes out, give or take what the
+    next window changes (it was left in the window's frame, 27 px off after 24 slices of a
+    2.5 px per slice drift)."""
+    from deepalign_fast.alignment import aligner as aligner_module
+    from deepalign_fast.render import SliceMap, render_slice
+    from deepalign_fast.warp import warp_affine
+
+    base = tifffile.imread(sample_stack_path()).astype(np.float32)
+    slices = [warp_affine(base[z % len(base)], np.array([[1, 0, 2.5 * z], [0, 1, 1.5 * z]]),
+                          base.shape[1:]) for z in range(24)]
+    estimate: dict[int, np.ndarray] = {}
+    own: dict[int, np.ndarray] = {}
+
+    class Recorder:
+        failed: list[int] = []
+
+        def __init__(self, shape: tuple[int, int]) -> None:
+            self.shape = shape
+
+        def __call__(self, z, image, affine, neighbours=None, *, flagged=False):  # type: ignore[no-untyped-def]
+            if neighbours is not None and neighbours.usable(z + 1):
+                estimate[z + 1] = np.asarray(neighbours.read(z + 1)[1])
+            own[z] = np.asarray(affine)
+            return SliceMap(affine), render_slice(image, SliceMap(affine), self.shape)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(aligner_module, "make_refiner",
+                        lambda mode, shape, **_: (Recorder(shape), None))
+    out = list(Aligner(mode="elastic", slow_drift="follow", num_threads=1).stream(
+        iter(slices), lookahead=2))
+    assert len(out) == len(slices) and len(estimate) > 15
+    gaps = [float(np.abs(estimate[z] - own[z])[:, 2].max()) for z in estimate]
+    assert max(gaps) < 5.0, gaps

@@ -16,6 +16,7 @@ from deepalign_fast.fields import without_common_affine
 from deepalign_fast.refine import Neighbours
 from deepalign_fast.refine import expected_affine as ea
 from deepalign_fast.refine.order import TOWARD_NEIGHBOURS
+from deepalign_fast.render import SliceMap, render_slice
 
 IDENT = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 SHAPE = (48, 64)
@@ -198,3 +199,42 @@ def test_a_flagged_slice_is_refined_only_where_its_mask_marks_damage(
     np.testing.assert_allclose(fields[5], _whole(-d[5]), atol=1e-9)
     assert {(5, 4), (5, 6)} <= set(made) and (4, 5) not in made and (6, 5) not in made
     assert refiner.failed == []
+
+
+def test_the_next_slice_is_registered_onto_the_previous_one_as_it_went_out(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In a stream the next slice is read at the window's estimate, and later goes out at
+    its own affine. Slices 0 and 2 damaged, slice 1 clean: slice 1 (read by slice 0 at the
+    estimate) is not refined (it has no clean neighbour), and slice 2 is then registered
+    onto slice 1's render at the affine it went out with, not the estimate's render kept
+    from slice 0's call."""
+    n = 3
+    rng = np.random.default_rng(4)
+    stack = rng.uniform(0, 255, (n, *SHAPE)).astype(np.float32)
+    masks = np.zeros((n, *SHAPE), np.uint8)
+    masks[[0, 2], 20:28, 30:34] = 255
+    tifffile.imwrite(tmp_path / "masks.tif", masks, photometric="minisblack")
+    estimate = np.array([[1.0, 0.0, 5.0], [0.0, 1.0, -4.0]])
+    renders = {(z, name): render_slice(stack[z], SliceMap(a), SHAPE)
+               for z in range(n) for name, a in (("own", IDENT), ("estimate", estimate))}
+    made: list[tuple[int, int, str]] = []
+
+    def oracle(reference: np.ndarray, moving: np.ndarray, **_: Any) -> _Registered:
+        (k, how), = [key for key, r in renders.items() if np.array_equal(r, reference)]
+        (z, _), = [key for key, r in renders.items() if np.array_equal(r, moving)]
+        made.append((z, k, how))
+        return _Registered(IDENT.copy() + np.zeros((*GRID, 2, 3)))
+
+    monkeypatch.setattr(ea, "register_pair", oracle)
+    refiner = ea.StackRefiner(tmp_path / "masks.tif", SHAPE, num_slices=n)
+    refiner._matcher = _Matches()  # type: ignore[assignment]
+    current = 0
+    neighbours = Neighbours(usable=lambda k: 0 <= k < n, read=lambda k: (
+        stack[k], IDENT if k < current else estimate))
+    try:
+        for current in range(n):
+            refiner(current, stack[current], IDENT, neighbours)
+    finally:
+        refiner.close()
+    assert (0, 1, "estimate") in made  # slice 0 onto the next slice, at the estimate
+    assert (2, 1, "own") in made and (2, 1, "estimate") not in made
