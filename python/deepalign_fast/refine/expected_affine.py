@@ -50,8 +50,9 @@ from ..render import SliceMap, render_slice
 from ..warp import warp_affine, warp_affine_field
 from .order import TOWARD_NEIGHBOURS, InOrder, Neighbours
 
-__all__ = ["FIELD_STEP", "ExpectedAffineResult", "PairMatcher", "StackRefiner", "check_masks",
-           "drop_damaged", "knn_grid", "match_pair", "register_pair"]
+__all__ = ["FIELD_STEP", "LOCAL_RADIUS", "ExpectedAffineResult", "PairMatcher", "StackRefiner",
+           "check_masks", "drop_damaged", "knn_grid", "local_ncc", "match_pair",
+           "register_pair"]
 
 Features = Literal["sift", "learned", "blocks"]
 #: Grid spacing (output pixels) of the fields of a stack refinement (and of their store).
@@ -497,6 +498,36 @@ def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> N
                                      f"!= slice shape {(h, w)}")
 
 
+#: Half the side (px) of the windows in which the candidate fields of a damaged slice are
+#: compared (:meth:`StackRefiner._best_locally`).
+LOCAL_RADIUS = 32
+
+
+def local_ncc(a: np.ndarray, b: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray:
+    """The weighted normalised cross-correlation of ``a`` and ``b`` (same shape) in the
+    ``(2 radius + 1)^2`` window about every pixel; NaN where the window holds less than half
+    its weight or no contrast."""
+    import cv2
+
+    size = (2 * radius + 1, 2 * radius + 1)
+    w = np.asarray(weight, np.float64)
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return np.asarray(cv2.boxFilter(x, cv2.CV_64F, size, borderType=cv2.BORDER_CONSTANT))
+
+    sw = box(w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ma, mb = box(w * a) / sw, box(w * b) / sw
+        va = box(w * a * a) / sw - ma * ma
+        vb = box(w * b * b) / sw - mb * mb
+        cab = box(w * a * b) / sw - ma * mb
+        out = cab / np.sqrt(va * vb)
+    out[(sw < 0.5) | ~(va > 1e-9) | ~(vb > 1e-9)] = np.nan
+    return out
+
+
 class StackRefiner:
     """Expected-affine refinement of a stack render (``AlignOptions(mode="expected-affine")``).
 
@@ -508,7 +539,10 @@ class StackRefiner:
 
     - the whole way, the field's common affine included, if its mask marks damage: a fold or
       crack is the section's own and is undone, and the solve's single affine for it (held
-      toward rigid, or placed from its neighbours when flagged) is not what its sides need;
+      toward rigid, or placed from its neighbours when flagged) is not what its sides need.
+      Each node of the field takes what fits the neighbours best about it: the mean of the
+      registrations, one of them, or the plain affine (:meth:`_best_locally`; a
+      registration can fail on one side of a fold);
     - otherwise two thirds of the way
       (:data:`~deepalign_fast.refine.order.TOWARD_NEIGHBOURS`, as the elastic mode), less
       the field's common affine (the solve's job).
@@ -633,6 +667,45 @@ class StackRefiner:
         image, affine = neighbours.read(k)
         return self._section(k, np.asarray(image), np.asarray(affine, np.float64))
 
+    def _valid(self, affine: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+        """Where the affine render of a slice of ``input_shape`` shows the slice (1) or
+        nothing (0)."""
+        ones = np.ones(input_shape[:2], np.float32)
+        return render_slice(ones, SliceMap(affine), self.shape, num_threads=self.num_threads)
+
+    def _best_locally(self, plain: np.ndarray, affine: np.ndarray,
+                      input_shape: tuple[int, ...], damage: np.ndarray | None,
+                      fields: list[np.ndarray], references: list[tuple[np.ndarray, np.ndarray]]
+                      ) -> np.ndarray:
+        """The field of a damaged slice (affine render ``plain``): at each node the candidate
+        (the mean of the registrations, each one, or the plain affine) whose render
+        correlates best with the mean of the neighbours' renders in a window of
+        :data:`LOCAL_RADIUS` about it. A registration that failed on one side of a fold
+        (a few matches there, a cluster spanning it) then leaves that side as the affine
+        render had it, or as the other registration has it, instead of halfway."""
+        identity = np.broadcast_to(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+                                   fields[0].shape)
+        candidates = ([np.mean(fields, axis=0)] if len(fields) > 1 else []) + fields + \
+            [np.ascontiguousarray(identity)]
+        reference = np.mean([np.asarray(r, np.float32) for r, _ in references], axis=0)
+        seen = np.prod([self._valid(a, input_shape) for _, a in references], axis=0)
+        shown = self._valid(affine, input_shape)
+        if damage is not None:
+            shown = shown * (damage == 0)
+        rows, cols = fields[0].shape[:2]
+        iy = np.minimum(np.arange(rows) * FIELD_STEP, self.shape[0] - 1)
+        ix = np.minimum(np.arange(cols) * FIELD_STEP, self.shape[1] - 1)
+        scores = []
+        for c in candidates:
+            warped = warp_affine_field(np.asarray(plain, np.float32), c, FIELD_STEP,
+                                       self.shape, num_threads=self.num_threads)
+            valid = warp_affine_field(np.asarray(shown, np.float32), c, FIELD_STEP,
+                                      self.shape, num_threads=self.num_threads)
+            score = local_ncc(warped, reference, (valid > 0.999) * seen, LOCAL_RADIUS)
+            scores.append(np.nan_to_num(score[np.ix_(iy, ix)], nan=-np.inf))
+        best = np.argmax(np.stack(scores), axis=0)
+        return np.ascontiguousarray(np.choose(best[..., None, None], candidates))
+
     def _refine(self, z: int, image: np.ndarray, affine: np.ndarray,
                 neighbours: Neighbours | None, flagged: bool) -> tuple[SliceMap, np.ndarray]:
         plain_map = SliceMap(affine)
@@ -654,7 +727,7 @@ class StackRefiner:
         mask_out = None if mask is None else warp_affine(
             (mask != 0).astype(np.uint8), affine, self.shape, interpolation="nearest",
             num_threads=self.num_threads)
-        fields, why = [], []
+        fields, references, why = [], [], []
         for k in sides:
             other, other_prepared = self._neighbour(k, neighbours)
             try:
@@ -669,6 +742,7 @@ class StackRefiner:
                 why.append(f"onto slice {k}: {res.reason}")
                 continue
             fields.append(res.field)
+            references.append((other, self._sections[k][0]))
         if not fields:
             self.notes[z] = "affine kept: " + "; ".join(why)
             self.failed.append(z)  # flagged "unrefined" by the pipeline
@@ -679,8 +753,10 @@ class StackRefiner:
         if mask is not None:
             # A damaged slice goes the whole way, its affine part included: the damage is
             # its own, and the solve's single affine for it (held toward rigid, or placed
-            # from the neighbours when flagged) is not what its sides need.
-            field = np.mean(fields, axis=0)
+            # from the neighbours when flagged) is not what its sides need. Each part takes
+            # what matches the neighbours best there (a registration can fail on one side).
+            field = self._best_locally(plain, affine, image.shape, mask_out, fields,
+                                       references)
         else:
             # Two thirds of the way, and only what no single affine describes (see
             # ElasticRefiner): the affine part is the solve's.
