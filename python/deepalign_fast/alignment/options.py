@@ -203,8 +203,11 @@ def _check_type(name: str, value: Any) -> None:
     (a list for a number, a number for a choice, ``true`` for a number: bool is not one)."""
     expected, ok = _expected_type(_hints()[name])
     if not ok(value):
-        raise TypeError(f"{name} must be {expected}, got {value!r} "
-                        f"({type(value).__name__})")
+        import reprlib
+
+        shape = getattr(value, "shape", None)  # an array in full would be pages long
+        got = f"an array of shape {tuple(shape)}" if shape is not None else reprlib.repr(value)
+        raise TypeError(f"{name} must be {expected}, got {got} ({type(value).__name__})")
 
 
 def load_options_file(path: str | os.PathLike[str]) -> dict[str, Any]:

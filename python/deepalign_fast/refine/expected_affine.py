@@ -617,11 +617,19 @@ class StackRefiner:
             self._masks.close()
             self._masks = None
 
+    def _read_mask(self, z: int) -> np.ndarray:
+        assert self._masks is not None
+        if z >= len(self._masks):  # (a stream: the slices' count is not known in advance)
+            raise DeepAlignError(f"{self._masks_path}, slice {z}: (--masks) holds "
+                                 f"{len(self._masks)} masks, none for slice {z}; give one "
+                                 "mask per slice")
+        return np.asarray(self._masks.read(z))
+
     def _mask(self, z: int, image_shape: tuple[int, ...]) -> np.ndarray | None:
         """Slice z's damage mask (input frame; None where it marks none)."""
         if self._masks is None:
             return None
-        m = np.asarray(self._masks.read(z))
+        m = self._read_mask(z)
         if m.shape != image_shape:
             raise DeepAlignError(f"{self._masks_path}, slice {z}: (--masks) mask shape "
                                  f"{m.shape} != slice shape {image_shape}")
@@ -638,7 +646,7 @@ class StackRefiner:
             return usable
         for k in usable:
             if k not in self._damaged:  # (every mask's size was checked before the run)
-                self._damaged[k] = bool(np.asarray(self._masks.read(k)).any())
+                self._damaged[k] = bool(self._read_mask(k).any())
         clean = [k for k in usable if not self._damaged[k]]
         return clean if clean or not damaged else usable
 

@@ -301,3 +301,37 @@ def test_local_ncc_against_a_direct_float64_window() -> None:
         want = cov / np.sqrt((ww * (aa - ma) ** 2).sum() * (ww * (bb - mb) ** 2).sum())
         assert got[y, x] == pytest.approx(want, abs=1e-9)
     assert np.isnan(got[:, :10]).all()
+
+
+def test_a_stream_longer_than_its_masks_stops_with_one_line_naming_the_slice(
+        tmp_path: Path) -> None:
+    """A stream's length is not known in advance: slice 3 of a stream whose mask stack
+    holds three masks is a DeepAlignError naming the masks file and the slice (it was a
+    raw IndexError, after three slices had gone out)."""
+    from deepalign_fast import Aligner, DeepAlignError
+
+    stack = tifffile.imread(_sample())[:5]
+    masks = tmp_path / "masks.tif"
+    tifffile.imwrite(masks, np.zeros((3, *stack.shape[1:]), np.uint8),
+                     photometric="minisblack")
+    stream = Aligner(mode="expected-affine", refine_features="blocks", masks=str(masks),
+                     num_threads=1).stream(iter(stack), lookahead=1)
+    with pytest.raises(DeepAlignError) as err:
+        list(stream)
+    message = str(err.value)
+    assert str(masks) in message and "slice 3" in message and "\n" not in message
+
+
+def test_masks_given_as_an_array_are_refused_in_one_short_line() -> None:
+    from deepalign_fast import AlignOptions
+
+    with pytest.raises(TypeError) as err:
+        AlignOptions(mode="expected-affine", masks=np.zeros((9, 100, 100)))  # type: ignore[arg-type]
+    assert str(err.value) == ("masks must be a path (text) or null, got an array of shape "
+                              "(9, 100, 100) (ndarray)")
+
+
+def _sample() -> Path:
+    from deepalign_fast.datasets import sample_stack_path
+
+    return sample_stack_path()
