@@ -75,6 +75,9 @@ def _mostly_flagged(summary: dict[str, Any]) -> bool:
     return 2 * len(summary["flagged"]) > int(summary["slices"])
 
 
+_NOTES_SHOWN = 5  # unrefined slices whose reason the summary prints
+
+
 def _print_flag_reasons(summary: dict[str, Any]) -> None:
     """One line per reason: the flagged slices it applies to (solve.FLAG_REASONS)."""
     from .alignment.solve import FLAG_REASONS
@@ -84,6 +87,12 @@ def _print_flag_reasons(summary: dict[str, Any]) -> None:
         by_reason.setdefault(why, []).append(int(z))
     for why, slices in by_reason.items():
         print(f"    {FLAG_REASONS.get(why, why)}: {sorted(slices)}")
+    notes = summary.get("refine_notes") or {}
+    unrefined = [z for z in sorted(by_reason.get("unrefined", [])) if str(z) in notes]
+    for z in unrefined[:_NOTES_SHOWN]:
+        print(f"      slice {z}: {notes[str(z)]}")
+    if len(unrefined) > _NOTES_SHOWN:
+        print(f"      ({len(unrefined) - _NOTES_SHOWN} more: --json lists every slice's)")
 
 
 def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:

@@ -33,6 +33,9 @@ pixel), parameters bilinear in between; the pull map is ``p -> A_z F_z(p) p``::
 
       "fields": {"path": "NAME.fields.zarr", "stride": 8, "kind": "affine"}
 
+A refined run may add ``"notes": {"z": "why", ...}``: why its refinement left slice z with its
+affine, or refined it in part (optional, any version).
+
 Every kind is rendered by :func:`deepalign_fast.render.render_slice` through
 :meth:`TransformSet.slice_map`.
 
@@ -92,6 +95,9 @@ class TransformSet:
     options: dict[str, Any] = field(default_factory=dict)
     fields: FieldStore | None = None
     folding: list[float | None] = field(default_factory=list)
+    # Refined runs: why a refinement left a slice with its affine, or refined it in part
+    # (the refiner's notes, e.g. "affine kept: onto slice 4: too few matches").
+    notes: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.affines = np.asarray(self.affines, np.float64)
@@ -164,6 +170,8 @@ class TransformSet:
                               "kind": self.fields.kind,
                               **({"run": self.fields.run} if self.fields.run else {})}
             data["folding"] = [None if f is None else float(f) for f in self.folding]
+        if self.notes:
+            data["notes"] = {str(z): str(self.notes[z]) for z in sorted(self.notes)}
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -225,6 +233,11 @@ class TransformSet:
             raise DeepAlignError(f"{source}: 'flagged' must list slice numbers 0..{n - 1}")
         residuals = _optional_floats(data.get("residuals", []), n, source, "residuals")
         folding = _optional_floats(data.get("folding", []), n, source, "folding")
+        notes = data.get("notes", {})
+        if not isinstance(notes, dict) or not all(
+                isinstance(k, str) and k.isdigit() and int(k) < n and isinstance(v, str)
+                for k, v in notes.items()):
+            raise DeepAlignError(f"{source}: 'notes' must map slice numbers 0..{n - 1} to text")
         options = data.get("options", {})
         if not isinstance(options, dict):
             raise DeepAlignError(f"{source}: 'options' must be an object")
@@ -235,7 +248,8 @@ class TransformSet:
         return cls(affines=affines, input_shape=(input_shape[0], input_shape[1], input_shape[2]),
                    output_shape=(output_shape[0], output_shape[1]),
                    flagged=[int(z) for z in flagged], residuals=residuals, options=options,
-                   fields=fields, folding=folding)
+                   fields=fields, folding=folding,
+                   notes={int(k): v for k, v in notes.items()})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TransformSet:

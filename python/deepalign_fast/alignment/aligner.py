@@ -102,6 +102,8 @@ class AlignResult:
             "neighbour_noise_discounted": self.noise_discounted,
             "stage_motion": self.motion,
             "outliers": list(self.outliers),
+            # refined runs: why a slice kept its affine, or was refined in part
+            "refine_notes": {str(z): t for z, t in sorted(self.transforms.notes.items())},
             "per_slice_affine_pct": self.prior_spread,
             "time_s": total,
             "slices_per_s": n / total if total > 0 else None,
@@ -372,7 +374,8 @@ class Aligner:
                     store.commit(fields_out)
                     new = replace(transforms, fields=store,
                                   folding=list(getattr(refine, "folding", [])),
-                                  flagged=sorted(set(transforms.flagged) | set(refine.failed)))
+                                  flagged=sorted(set(transforms.flagged) | set(refine.failed)),
+                                  notes=dict(refine.notes))
                 if before_publish is not None:
                     before_publish(new)
 
@@ -743,6 +746,12 @@ class AlignStream(Iterator[np.ndarray]):
     @property
     def transforms(self) -> list[np.ndarray]:
         return self._state.transforms
+
+    @property
+    def notes(self) -> dict[int, str]:
+        """Refined modes: why a refinement left an emitted slice with its affine, or refined
+        it in part (:attr:`TransformSet.notes`)."""
+        return {} if self._state.refine is None else dict(self._state.refine.notes)
 
     def _run(self, slices: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         try:

@@ -280,12 +280,17 @@ def test_an_expected_affine_fallback_is_flagged(failing: tuple[int, ...], stack_
     n = len(tifffile.imread(path))
     assert len(calls) == 2 * (n - 1)  # each slice onto both neighbours
     fields = TransformSet.load(tf)
+    notes = result.summary()["refine_notes"]
+    assert fields.notes == {int(z): t for z, t in notes.items()}  # kept in the file too
     if len(failing) == 2:
         assert result.flagged == [2] and result.flag_reasons == {2: "unrefined"}
         assert fields.slice_map(2).affine_field is None
+        assert notes["2"].startswith("affine kept: onto slice 1: too few matches; onto "
+                                     "slice 3: too few matches")
     else:
         assert result.flagged == []
         assert fields.slice_map(2).affine_field is not None
+        assert notes["2"] == "refined toward one neighbour: onto slice 1: too few matches"
     assert all(fields.slice_map(z).affine_field is not None for z in range(n) if z != 2)
 
 
@@ -401,3 +406,34 @@ def test_a_followed_stream_gives_the_refiner_the_next_slice_in_its_own_frame(
     assert len(out) == len(slices) and len(estimate) > 15
     gaps = [float(np.abs(estimate[z] - own[z])[:, 2].max()) for z in estimate]
     assert max(gaps) < 5.0, gaps
+
+
+def test_the_cli_says_why_a_slice_kept_its_affine(stack_for, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """An unrefined slice's reason is printed under the flag reasons (it stayed in the
+    refiner); a transforms file whose notes are not slice -> text is refused in one line."""
+    from deepalign_fast.refine import expected_affine
+
+    real = expected_affine.register_pair
+
+    def falls_back(*a, **k):  # type: ignore[no-untyped-def]
+        res = real(*a, **k)
+        res.fallback, res.reason = True, "too few matches"
+        return res
+
+    monkeypatch.setattr(expected_affine, "register_pair", falls_back)
+    path = stack_for("expected-affine")
+    out, tf = tmp_path / "out.tif", tmp_path / "t.json"
+    assert main(["align", str(path), "-o", str(out), "--transforms", str(tf), "--mode",
+                 "expected-affine", "--refine-features", "blocks", "--threads", "1",
+                 "--quiet"]) == 3  # every slice flagged
+    text = capsys.readouterr().out
+    assert "      slice 0: affine kept: onto slice 1: too few matches" in text
+    data = json.loads(tf.read_text())
+    data["notes"] = {"0": 5}
+    tf.write_text(json.dumps(data))
+    from deepalign_fast import DeepAlignError
+
+    with pytest.raises(DeepAlignError, match="'notes' must map slice numbers"):
+        TransformSet.load(tf)
