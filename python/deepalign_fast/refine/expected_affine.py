@@ -50,8 +50,8 @@ from ..render import SliceMap, render_slice
 from ..warp import warp_affine, warp_affine_field
 from .order import TOWARD_NEIGHBOURS, InOrder, Neighbours
 
-__all__ = ["FIELD_STEP", "LOCAL_RADIUS", "ExpectedAffineResult", "PairMatcher", "StackRefiner",
-           "check_masks", "drop_damaged", "knn_grid", "local_ncc", "match_pair",
+__all__ = ["FIELD_STEP", "LOCAL_FRAME", "LOCAL_RADIUS", "ExpectedAffineResult", "PairMatcher",
+           "StackRefiner", "check_masks", "drop_damaged", "knn_grid", "local_ncc", "match_pair",
            "register_pair"]
 
 Features = Literal["sift", "learned", "blocks"]
@@ -501,6 +501,9 @@ def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> N
 #: Half the side (px) of the windows in which the candidate fields of a damaged slice are
 #: compared (:meth:`StackRefiner._best_locally`).
 LOCAL_RADIUS = 32
+#: Frames longer than this (px) are compared binned, so that a few images of at most about
+#: this size squared are held (a 2048^2 float64 image is 32 MiB).
+LOCAL_FRAME = 2048
 
 
 def local_ncc(a: np.ndarray, b: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray:
@@ -700,16 +703,31 @@ class StackRefiner:
         shown = self._valid(affine, input_shape)
         if damage is not None:
             shown = shown * (damage == 0)
+        # Frames beyond LOCAL_FRAME px are compared binned by f (memory: a few float64
+        # images of at most about LOCAL_FRAME^2 pixels), the windows binned alike.
+        f = max(1, -(-max(self.shape) // LOCAL_FRAME))
+
+        def binned(a: np.ndarray) -> np.ndarray:
+            if f == 1:
+                return a
+            import cv2
+            size = (-(-a.shape[1] // f), -(-a.shape[0] // f))
+            return np.asarray(cv2.resize(np.asarray(a, np.float32), size,
+                                         interpolation=cv2.INTER_AREA))
+
+        reference, seen = binned(reference), binned(seen)
         rows, cols = fields[0].shape[:2]
-        iy = np.minimum(np.arange(rows) * FIELD_STEP, self.shape[0] - 1)
-        ix = np.minimum(np.arange(cols) * FIELD_STEP, self.shape[1] - 1)
+        iy = np.minimum(np.arange(rows) * FIELD_STEP // f, reference.shape[0] - 1)
+        ix = np.minimum(np.arange(cols) * FIELD_STEP // f, reference.shape[1] - 1)
         scores = []
         for c in candidates:
             warped = warp_affine_field(np.asarray(plain, np.float32), c, FIELD_STEP,
                                        self.shape, num_threads=self.num_threads)
             valid = warp_affine_field(np.asarray(shown, np.float32), c, FIELD_STEP,
                                       self.shape, num_threads=self.num_threads)
-            score = local_ncc(warped, reference, (valid > 0.999) * seen, LOCAL_RADIUS)
+            inside = (valid > 0.999).astype(np.float32)
+            score = local_ncc(binned(warped), reference, binned(inside) * seen,
+                              max(1, LOCAL_RADIUS // f))
             scores.append(np.nan_to_num(score[np.ix_(iy, ix)], nan=-np.inf))
         best = np.argmax(np.stack(scores), axis=0)
         return np.ascontiguousarray(np.choose(best[..., None, None], candidates))

@@ -248,11 +248,15 @@ def test_the_next_slice_is_registered_onto_the_previous_one_as_it_went_out(
     assert (2, 1, "own") in made and (2, 1, "estimate") not in made
 
 
-def test_a_damaged_slice_takes_on_each_side_the_registration_that_fits_there() -> None:
+@pytest.mark.parametrize("frame", [ea.LOCAL_FRAME, 256])
+def test_a_damaged_slice_takes_on_each_side_the_registration_that_fits_there(
+        frame: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A slice torn in two, its sides moved by two affines; one registration has both sides
     right, the other only the left. On the right side the first is taken (their mean would
     leave it halfway, the plain affine all the way off); on the left, where both are
-    right, the result is right too."""
+    right, the result is right too. The same when the comparison is binned (a frame
+    longer than LOCAL_FRAME: here 512 px against 256)."""
+    monkeypatch.setattr(ea, "LOCAL_FRAME", frame)
     from deepalign_fast.datasets import sample_stack_path
     from deepalign_fast.warp import warp_affine
 
