@@ -34,6 +34,7 @@ top-left pixel; affines are 2x3 float64 pull maps, output (reference) -> input (
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -50,9 +51,8 @@ from ..render import SliceMap, render_slice
 from ..warp import warp_affine, warp_affine_field
 from .order import TOWARD_NEIGHBOURS, InOrder, Neighbours
 
-__all__ = ["FIELD_STEP", "LOCAL_FRAME", "LOCAL_RADIUS", "ExpectedAffineResult", "PairMatcher",
-           "StackRefiner", "check_masks", "drop_damaged", "knn_grid", "local_ncc", "match_pair",
-           "register_pair"]
+__all__ = ["FIELD_STEP", "SIDE_MARGIN", "ExpectedAffineResult", "PairMatcher", "StackRefiner",
+           "check_masks", "drop_damaged", "knn_grid", "match_pair", "register_pair"]
 
 Features = Literal["sift", "learned", "blocks"]
 #: Grid spacing (output pixels) of the fields of a stack refinement (and of their store).
@@ -498,36 +498,31 @@ def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> N
                                      f"!= slice shape {(h, w)}")
 
 
-#: Half the side (px) of the windows in which the candidate fields of a damaged slice are
-#: compared (:meth:`StackRefiner._best_locally`).
-LOCAL_RADIUS = 32
-#: Frames longer than this (px) are compared binned, so that a few images of at most about
-#: this size squared are held (a 2048^2 float64 image is 32 MiB).
-LOCAL_FRAME = 2048
+#: A candidate other than the mean of a damaged slice's registrations is taken for one side
+#: of the damage only where it correlates with the neighbours better by this much
+#: (:meth:`StackRefiner._best_per_side`).
+SIDE_MARGIN = 0.02
 
 
-def local_ncc(a: np.ndarray, b: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray:
-    """The weighted normalised cross-correlation of ``a`` and ``b`` (same shape) in the
-    ``(2 radius + 1)^2`` window about every pixel; NaN where the window holds less than half
-    its weight or no contrast."""
-    import cv2
-
-    size = (2 * radius + 1, 2 * radius + 1)
-    w = np.asarray(weight, np.float64)
+def _side_ncc(a: np.ndarray, b: np.ndarray, side: np.ndarray, count: int,
+              min_share: float = 0.01) -> np.ndarray:
+    """The normalised cross-correlation of the pixels ``a`` and ``b`` (1-D) of each side
+    1..count (``side``: the side of each pixel), indexed by side (entry 0 unused); -inf for
+    a side with fewer than ``min_share`` of all the pixels, or no contrast."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
+    n = np.bincount(side, minlength=count + 1).astype(np.float64)
 
-    def box(x: np.ndarray) -> np.ndarray:
-        return np.asarray(cv2.boxFilter(x, cv2.CV_64F, size, borderType=cv2.BORDER_CONSTANT))
+    def total(x: np.ndarray) -> np.ndarray:
+        return np.bincount(side, weights=x, minlength=count + 1)
 
-    sw = box(w)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ma, mb = box(w * a) / sw, box(w * b) / sw
-        va = box(w * a * a) / sw - ma * ma
-        vb = box(w * b * b) / sw - mb * mb
-        cab = box(w * a * b) / sw - ma * mb
-        out = cab / np.sqrt(va * vb)
-    out[(sw < 0.5) | ~(va > 1e-9) | ~(vb > 1e-9)] = np.nan
+        ma, mb = total(a) / n, total(b) / n
+        va = total(a * a) / n - ma * ma
+        vb = total(b * b) / n - mb * mb
+        out = (total(a * b) / n - ma * mb) / np.sqrt(va * vb)
+    out[(n < min_share * max(len(a), 1)) | ~(va > 1e-9) | ~(vb > 1e-9)] = -np.inf
+    out[0] = -np.inf
     return out
 
 
@@ -543,9 +538,9 @@ class StackRefiner:
     - the whole way, the field's common affine included, if its mask marks damage: a fold or
       crack is the section's own and is undone, and the solve's single affine for it (held
       toward rigid, or placed from its neighbours when flagged) is not what its sides need.
-      Each node of the field takes what fits the neighbours best about it: the mean of the
-      registrations, one of them, or the plain affine (:meth:`_best_locally`; a
-      registration can fail on one side of a fold);
+      Each side of the damage takes the mean of the registrations, or where it fits the
+      neighbours clearly better, one of them or the plain affine (:meth:`_best_per_side`;
+      a registration can fail on one side of a fold);
     - otherwise two thirds of the way
       (:data:`~deepalign_fast.refine.order.TOWARD_NEIGHBOURS`, as the elastic mode), less
       the field's common affine (the solve's job).
@@ -684,53 +679,48 @@ class StackRefiner:
         ones = np.ones(input_shape[:2], np.float32)
         return render_slice(ones, SliceMap(affine), self.shape, num_threads=self.num_threads)
 
-    def _best_locally(self, plain: np.ndarray, affine: np.ndarray,
-                      input_shape: tuple[int, ...], damage: np.ndarray | None,
-                      fields: list[np.ndarray], references: list[tuple[np.ndarray, np.ndarray]]
-                      ) -> np.ndarray:
-        """The field of a damaged slice (affine render ``plain``): at each node the candidate
-        (the mean of the registrations, each one, or the plain affine) whose render
-        correlates best with the mean of the neighbours' renders in a window of
-        :data:`LOCAL_RADIUS` about it. A registration that failed on one side of a fold
-        (a few matches there, a cluster spanning it) then leaves that side as the affine
-        render had it, or as the other registration has it, instead of halfway."""
+    def _best_per_side(self, plain: np.ndarray, affine: np.ndarray,
+                       input_shape: tuple[int, ...], damage: np.ndarray,
+                       fields: list[np.ndarray],
+                       references: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """The field of a damaged slice (affine render ``plain``, ``damage`` in its frame):
+        the mean of its registrations, except on a side of the damage (a part of the frame
+        it separates) where one registration alone, or the plain affine, correlates with
+        the mean of the neighbours' renders better by :data:`SIDE_MARGIN`. A registration
+        can fail on one side of a fold (few matches there, a cluster spanning it): that
+        side then keeps what fits it, and no side is split between candidates."""
+        from scipy import ndimage
+
         identity = np.broadcast_to(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
                                    fields[0].shape)
-        candidates = ([np.mean(fields, axis=0)] if len(fields) > 1 else []) + fields + \
+        mean = np.mean(fields, axis=0)
+        candidates = [mean] + (fields if len(fields) > 1 else []) + \
             [np.ascontiguousarray(identity)]
         reference = np.mean([np.asarray(r, np.float32) for r, _ in references], axis=0)
-        seen = np.prod([self._valid(a, input_shape) for _, a in references], axis=0)
-        shown = self._valid(affine, input_shape)
-        if damage is not None:
-            shown = shown * (damage == 0)
-        # Frames beyond LOCAL_FRAME px are compared binned by f (memory: a few float64
-        # images of at most about LOCAL_FRAME^2 pixels), the windows binned alike.
-        f = max(1, -(-max(self.shape) // LOCAL_FRAME))
-
-        def binned(a: np.ndarray) -> np.ndarray:
-            if f == 1:
-                return a
-            import cv2
-            size = (-(-a.shape[1] // f), -(-a.shape[0] // f))
-            return np.asarray(cv2.resize(np.asarray(a, np.float32), size,
-                                         interpolation=cv2.INTER_AREA))
-
-        reference, seen = binned(reference), binned(seen)
+        seen = np.prod([self._valid(a, input_shape) for _, a in references], axis=0) > 0.999
+        # the sides, in the render's frame: what the (slightly widened) damage separates
+        sides, count = ndimage.label(~ndimage.binary_dilation(damage != 0, iterations=2))
+        shown = (self._valid(affine, input_shape) > 0.999).astype(np.float32)
+        warp = functools.partial(warp_affine_field, step=FIELD_STEP, output_shape=self.shape,
+                                 num_threads=self.num_threads)
         rows, cols = fields[0].shape[:2]
-        iy = np.minimum(np.arange(rows) * FIELD_STEP // f, reference.shape[0] - 1)
-        ix = np.minimum(np.arange(cols) * FIELD_STEP // f, reference.shape[1] - 1)
-        scores = []
-        for c in candidates:
-            warped = warp_affine_field(np.asarray(plain, np.float32), c, FIELD_STEP,
-                                       self.shape, num_threads=self.num_threads)
-            valid = warp_affine_field(np.asarray(shown, np.float32), c, FIELD_STEP,
-                                      self.shape, num_threads=self.num_threads)
-            inside = (valid > 0.999).astype(np.float32)
-            score = local_ncc(binned(warped), reference, binned(inside) * seen,
-                              max(1, LOCAL_RADIUS // f))
-            scores.append(np.nan_to_num(score[np.ix_(iy, ix)], nan=-np.inf))
-        best = np.argmax(np.stack(scores), axis=0)
-        return np.ascontiguousarray(np.choose(best[..., None, None], candidates))
+        iy = np.minimum(np.arange(rows) * FIELD_STEP, self.shape[0] - 1)
+        ix = np.minimum(np.arange(cols) * FIELD_STEP, self.shape[1] - 1)
+        labels = sides.astype(np.float32)
+        scores, node_side = [], np.zeros((rows, cols), np.intp)
+        for k, c in enumerate(candidates):  # one at a time: a few full-frame images held
+            side = warp(labels, c, interpolation="nearest").astype(np.int32)
+            if k == 0:
+                node_side = side[np.ix_(iy, ix)]  # the sides of the nodes, by the mean field
+            ok = (warp(shown, c) > 0.999) & seen & (side > 0)
+            scores.append(_side_ncc(warp(np.asarray(plain, np.float32), c)[ok],
+                                    reference[ok], side[ok], count))
+        field = np.array(mean)
+        for s in range(1, count + 1):
+            best = int(np.argmax([sc[s] for sc in scores]))
+            if best != 0 and scores[best][s] > scores[0][s] + SIDE_MARGIN:
+                field[node_side == s] = candidates[best][node_side == s]
+        return np.ascontiguousarray(field)
 
     def _refine(self, z: int, image: np.ndarray, affine: np.ndarray,
                 neighbours: Neighbours | None, flagged: bool) -> tuple[SliceMap, np.ndarray]:
@@ -779,10 +769,11 @@ class StackRefiner:
         if mask is not None:
             # A damaged slice goes the whole way, its affine part included: the damage is
             # its own, and the solve's single affine for it (held toward rigid, or placed
-            # from the neighbours when flagged) is not what its sides need. Each part takes
-            # what matches the neighbours best there (a registration can fail on one side).
-            field = self._best_locally(plain, affine, image.shape, mask_out, fields,
-                                       references)
+            # from the neighbours when flagged) is not what its sides need. Each side of the
+            # damage takes what fits the neighbours (a registration can fail on one side).
+            assert mask_out is not None
+            field = self._best_per_side(plain, affine, image.shape, mask_out, fields,
+                                        references)
         else:
             # Two thirds of the way, and only what no single affine describes (see
             # ElasticRefiner): the affine part is the solve's.
