@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,8 +236,8 @@ class TransformSet:
         folding = _optional_floats(data.get("folding", []), n, source, "folding")
         notes = data.get("notes", {})
         if not isinstance(notes, dict) or not all(
-                isinstance(k, str) and k.isdigit() and int(k) < n and isinstance(v, str)
-                for k, v in notes.items()):
+                isinstance(k, str) and re.fullmatch(r"0|[1-9][0-9]*", k) and int(k) < n
+                and isinstance(v, str) for k, v in notes.items()):
             raise DeepAlignError(f"{source}: 'notes' must map slice numbers 0..{n - 1} to text")
         options = data.get("options", {})
         if not isinstance(options, dict):

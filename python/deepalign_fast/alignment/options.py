@@ -206,7 +206,7 @@ def _check_type(name: str, value: Any) -> None:
         import reprlib
 
         shape = getattr(value, "shape", None)  # an array in full would be pages long
-        got = f"an array of shape {tuple(shape)}" if shape is not None else reprlib.repr(value)
+        got = f"an array of shape {shape}" if isinstance(shape, tuple) else reprlib.repr(value)
         raise TypeError(f"{name} must be {expected}, got {got} ({type(value).__name__})")
 
 

@@ -431,9 +431,10 @@ def test_the_cli_says_why_a_slice_kept_its_affine(stack_for, tmp_path: Path,  # 
     text = capsys.readouterr().out
     assert "      slice 0: affine kept: onto slice 1: too few matches" in text
     data = json.loads(tf.read_text())
-    data["notes"] = {"0": 5}
-    tf.write_text(json.dumps(data))
     from deepalign_fast import DeepAlignError
 
-    with pytest.raises(DeepAlignError, match="'notes' must map slice numbers"):
-        TransformSet.load(tf)
+    for bad in ({"0": 5}, {"\u00b2": "x"}, {"01": "x"}, {"-1": "x"}, {"99": "x"}, ["x"]):
+        data["notes"] = bad
+        tf.write_text(json.dumps(data))
+        with pytest.raises(DeepAlignError, match="'notes' must map slice numbers"):
+            TransformSet.load(tf)
