@@ -538,9 +538,10 @@ class StackRefiner:
     - the whole way, the field's common affine included, if its mask marks damage: a fold or
       crack is the section's own and is undone, and the solve's single affine for it (held
       toward rigid, or placed from its neighbours when flagged) is not what its sides need.
-      Each side of the damage takes the mean of the registrations, or where it fits the
-      neighbours clearly better, one of them or the plain affine (:meth:`_best_per_side`;
-      a registration can fail on one side of a fold);
+      Its field is one registration onto the matches with both neighbours at once (twice
+      the evidence); each side of the damage keeps it, or where it fits the neighbours
+      clearly better, one neighbour's registration or the plain affine
+      (:meth:`_best_per_side`; a registration can fail on one side of a fold);
     - otherwise two thirds of the way
       (:data:`~deepalign_fast.refine.order.TOWARD_NEIGHBOURS`, as the elastic mode), less
       the field's common affine (the solve's job).
@@ -682,18 +683,20 @@ class StackRefiner:
     def _best_per_side(self, plain: np.ndarray, affine: np.ndarray,
                        input_shape: tuple[int, ...], damage: np.ndarray,
                        fields: list[np.ndarray],
-                       references: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+                       references: list[tuple[np.ndarray, np.ndarray]],
+                       pooled: np.ndarray | None = None) -> np.ndarray:
         """The field of a damaged slice (affine render ``plain``, ``damage`` in its frame):
-        the mean of its registrations, except on a side of the damage (a part of the frame
-        it separates) where one registration alone, or the plain affine, correlates with
-        the mean of the neighbours' renders better by :data:`SIDE_MARGIN`. A registration
-        can fail on one side of a fold (few matches there, a cluster spanning it): that
-        side then keeps what fits it, and no side is split between candidates."""
+        ``pooled`` (its registration onto both neighbours' matches at once; without it the
+        mean of its registrations), except on a side of the damage (a part of the frame it
+        separates) where one registration alone, or the plain affine, correlates with the
+        mean of the neighbours' renders better by :data:`SIDE_MARGIN`. A registration can
+        fail on one side of a fold (few matches there, a cluster spanning it): that side then
+        keeps what fits it, and no side is split between candidates."""
         from scipy import ndimage
 
         identity = np.broadcast_to(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
                                    fields[0].shape)
-        mean = np.mean(fields, axis=0)
+        mean = np.mean(fields, axis=0) if pooled is None else pooled
         candidates = [mean] + (fields if len(fields) > 1 else []) + \
             [np.ascontiguousarray(identity)]
         reference = np.mean([np.asarray(r, np.float32) for r, _ in references], axis=0)
@@ -743,7 +746,7 @@ class StackRefiner:
         mask_out = None if mask is None else warp_affine(
             (mask != 0).astype(np.uint8), affine, self.shape, interpolation="nearest",
             num_threads=self.num_threads)
-        fields, references, why = [], [], []
+        fields, references, why, matched = [], [], [], []
         for k in sides:
             other, other_prepared = self._neighbour(k, neighbours)
             try:
@@ -759,6 +762,7 @@ class StackRefiner:
                 continue
             fields.append(res.field)
             references.append((other, self._sections[k][0]))
+            matched.append((pr, pm))
         if not fields:
             self.notes[z] = "affine kept: " + "; ".join(why)
             self.failed.append(z)  # flagged "unrefined" by the pipeline
@@ -772,8 +776,16 @@ class StackRefiner:
             # from the neighbours when flagged) is not what its sides need. Each side of the
             # damage takes what fits the neighbours (a registration can fail on one side).
             assert mask_out is not None
+            pooled = None
+            if len(matched) > 1:  # one registration onto both neighbours: twice the matches
+                both = register_pair(references[0][0], plain, mask=mask_out,
+                                     matches=(np.concatenate([m[0] for m in matched]),
+                                              np.concatenate([m[1] for m in matched])),
+                                     field_step=FIELD_STEP, num_threads=self.num_threads)
+                if both and not both.fallback:
+                    pooled = both.field
             field = self._best_per_side(plain, affine, image.shape, mask_out, fields,
-                                        references)
+                                        references, pooled)
         else:
             # Two thirds of the way, and only what no single affine describes (see
             # ElasticRefiner): the affine part is the solve's.

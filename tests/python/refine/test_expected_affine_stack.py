@@ -92,7 +92,7 @@ def _refine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, d: np.ndarray,
     # the textures are unrelated: the local choice of a damaged slice's field is tested on
     # real content below; here a damaged slice takes the mean of its registrations
     monkeypatch.setattr(ea.StackRefiner, "_best_per_side",
-                        lambda self, plain, affine, shape, damage, fields, refs:
+                        lambda self, plain, affine, shape, damage, fields, refs, pooled=None:
                         np.mean(fields, axis=0))
 
     class Store:
@@ -232,7 +232,7 @@ def test_the_next_slice_is_registered_onto_the_previous_one_as_it_went_out(
 
     monkeypatch.setattr(ea, "register_pair", oracle)
     monkeypatch.setattr(ea.StackRefiner, "_best_per_side",
-                        lambda self, plain, affine, shape, damage, fields, refs:
+                        lambda self, plain, affine, shape, damage, fields, refs, pooled=None:
                         np.mean(fields, axis=0))
     refiner = ea.StackRefiner(tmp_path / "masks.tif", SHAPE, num_slices=n)
     refiner._matcher = _Matches()  # type: ignore[assignment]
@@ -330,3 +330,50 @@ def _sample() -> Path:
     from deepalign_fast.datasets import sample_stack_path
 
     return sample_stack_path()
+
+
+def test_a_damaged_slice_is_also_registered_onto_both_neighbours_matches_at_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Slice 2 of 5 damaged: besides one registration onto each neighbour, one onto the
+    matches with both at once (twice the evidence); that field is what each side of the
+    damage starts from (``pooled``). Undamaged slices make no such registration."""
+    n = 5
+    rng = np.random.default_rng(5)
+    stack = rng.uniform(0, 255, (n, *SHAPE)).astype(np.float32)
+    masks = np.zeros((n, *SHAPE), np.uint8)
+    masks[2, 20:28, 30:34] = 255
+    tifffile.imwrite(tmp_path / "masks.tif", masks, photometric="minisblack")
+
+    class Pairs(_Matches):
+        def match(self, reference: np.ndarray, moving: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+            k = next(z for z in range(n) if np.array_equal(stack[z], reference))
+            pts = np.full((3 + k, 2), float(k))  # 3 + k matches, tagged by the reference
+            return pts, pts.copy()
+
+    counts: list[int] = []
+    pooled_seen: list[object] = []
+
+    def oracle(reference: np.ndarray, moving: np.ndarray, **kw: Any) -> _Registered:
+        counts.append(len(kw["matches"][0]))
+        field = np.broadcast_to(IDENT, (*GRID, 2, 3)).copy()
+        field[..., 0, 2] = len(kw["matches"][0])  # a field that says what it was made of
+        return _Registered(field)
+
+    def best(self, plain, affine, shape, damage, fields, refs, pooled=None):  # type: ignore[no-untyped-def]
+        pooled_seen.append(pooled)
+        return pooled
+
+    monkeypatch.setattr(ea, "register_pair", oracle)
+    monkeypatch.setattr(ea.StackRefiner, "_best_per_side", best)
+    refiner = ea.StackRefiner(tmp_path / "masks.tif", SHAPE, num_slices=n)
+    refiner._matcher = Pairs()  # type: ignore[assignment]
+    neighbours = Neighbours(usable=lambda k: 0 <= k < n, read=lambda k: (stack[k], IDENT))
+    try:
+        maps = [refiner(z, stack[z], IDENT, neighbours)[0] for z in range(n)]
+    finally:
+        refiner.close()
+    # slice 2: onto 1 (4 matches), onto 3 (6), onto both (10); no other slice pools
+    assert counts.count(10) == 1 and len(pooled_seen) == 1
+    assert pooled_seen[0] is not None and float(pooled_seen[0][0, 0, 0, 2]) == 10.0
+    assert maps[2].affine_field is not None and float(maps[2].affine_field[0, 0, 0, 2]) == 10.0
