@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 import tifffile
 from deepalign_fast import Aligner, TransformSet, datasets
+from deepalign_fast.qc.metrics import ncc
 from deepalign_fast.render import render_slice
 from deepalign_fast.warp import warp_displacement
 
@@ -201,11 +202,7 @@ def fold_rows(modes: list[str], work: Path) -> list[dict[str, object]]:
                 labels, count = ndimage.label(far)
                 sizes = ndimage.sum(far, labels, range(1, count + 1))
                 sides = [labels == k + 1 for k in np.argsort(sizes)[::-1][:2]]
-            nccs = []
-            for part in sides:
-                use = part & (out[0] > 0) & (out[1] > 0)
-                a, b = out[1][use] - out[1][use].mean(), out[0][use] - out[0][use].mean()
-                nccs.append(float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())))
+            nccs = [ncc(out[1], out[0], part & (out[0] > 0) & (out[1] > 0)) for part in sides]
             rows.append({"pair": name, "mode": mode, "ncc": nccs, "seconds": seconds})
         order = np.argsort([rows[-len(modes)]["ncc"]])[0]  # the affine's worse side first
         for r in rows[-len(modes):]:

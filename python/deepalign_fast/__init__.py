@@ -17,6 +17,7 @@ Conventions used throughout the package (written once, here):
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from ._errors import DeepAlignError
@@ -59,11 +60,6 @@ _HOMES = {
     "open_stack": "io", "TransformSet": "transforms",
     "warp_affine": "warp", "warp_displacement": "warp",
 }
-_MODULES = frozenset({
-    "alignment", "api", "checks", "cli", "datasets", "estimate", "fields", "geometry",
-    "intensity", "io", "match", "onnx", "outputs", "progress", "qc", "refine", "render",
-    "transforms", "warp", "watch",
-})
 
 
 def _version() -> str:
@@ -81,8 +77,8 @@ if not TYPE_CHECKING:  # (type checkers see the imports above: a misspelt name i
             value = _version()
         elif name in _HOMES:
             value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-        elif name in _MODULES:
-            value = importlib.import_module(f".{name}", __name__)
+        elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+            value = importlib.import_module(f".{name}", __name__)  # a subpackage or module
         else:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         globals()[name] = value  # looked up once

@@ -502,6 +502,7 @@ def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> N
 #: of the damage only where it correlates with the neighbours better by this much
 #: (:meth:`StackRefiner._best_per_side`).
 SIDE_MARGIN = 0.02
+_IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # a node that keeps the affine
 
 
 def _side_ncc(a: np.ndarray, b: np.ndarray, side: np.ndarray, count: int,
@@ -596,9 +597,9 @@ class StackRefiner:
         self.failed: list[int] = []
         self._matcher: PairMatcher | None = None  # made at the first registration
         self._order = InOrder()
-        # by slice: (affine, render, prepared for matching); whether its mask marks damage
+        # by slice: (affine, render, prepared for matching); its mask (read once)
         self._sections: dict[int, tuple[np.ndarray, np.ndarray, Any]] = {}
-        self._damaged: dict[int, bool] = {}
+        self._mask_read: dict[int, np.ndarray] = {}
 
     def __call__(self, z: int, image: np.ndarray, affine: np.ndarray,
                  neighbours: Neighbours | None = None, *,
@@ -607,7 +608,7 @@ class StackRefiner:
             out = self._refine(z, image, np.asarray(affine, np.float64), neighbours, flagged)
             # what the next slice can use: its neighbour z and its own section
             self._sections = {k: v for k, v in self._sections.items() if k >= z}
-            self._damaged = {k: v for k, v in self._damaged.items() if k >= z}
+            self._mask_read = {k: v for k, v in self._mask_read.items() if k >= z}
             return out
 
     def close(self) -> None:
@@ -617,12 +618,15 @@ class StackRefiner:
             self._masks = None
 
     def _read_mask(self, z: int) -> np.ndarray:
+        """Slice z's mask as read (once: the next slice's is read first by its neighbour)."""
         assert self._masks is not None
-        if z >= len(self._masks):  # (a stream: the slices' count is not known in advance)
-            raise DeepAlignError(f"{self._masks_path}, slice {z}: (--masks) holds "
-                                 f"{len(self._masks)} masks, none for slice {z}; give one "
-                                 "mask per slice")
-        return np.asarray(self._masks.read(z))
+        if z not in self._mask_read:
+            if z >= len(self._masks):  # (a stream: the slices' count is not known ahead)
+                raise DeepAlignError(f"{self._masks_path}, slice {z}: (--masks) holds "
+                                     f"{len(self._masks)} masks, none for slice {z}; give "
+                                     "one mask per slice")
+            self._mask_read[z] = np.asarray(self._masks.read(z))
+        return self._mask_read[z]
 
     def _mask(self, z: int, image_shape: tuple[int, ...]) -> np.ndarray | None:
         """Slice z's damage mask (input frame; None where it marks none)."""
@@ -632,8 +636,7 @@ class StackRefiner:
         if m.shape != image_shape:
             raise DeepAlignError(f"{self._masks_path}, slice {z}: (--masks) mask shape "
                                  f"{m.shape} != slice shape {image_shape}")
-        self._damaged[z] = bool(m.any())
-        return m if self._damaged[z] else None
+        return m if m.any() else None
 
     def _sides(self, z: int, damaged: bool, neighbours: Neighbours | None) -> list[int]:
         """The neighbours slice z moves toward: the usable ones without damage, or (a damaged
@@ -643,10 +646,7 @@ class StackRefiner:
         usable = [k for k in (z - 1, z + 1) if neighbours.usable(k)]
         if self._masks is None:
             return usable
-        for k in usable:
-            if k not in self._damaged:  # (every mask's size was checked before the run)
-                self._damaged[k] = bool(self._read_mask(k).any())
-        clean = [k for k in usable if not self._damaged[k]]
+        clean = [k for k in usable if not self._read_mask(k).any()]
         return clean if clean or not damaged else usable
 
     def _section(self, z: int, image: np.ndarray, affine: np.ndarray
@@ -694,11 +694,9 @@ class StackRefiner:
         keeps what fits it, and no side is split between candidates."""
         from scipy import ndimage
 
-        identity = np.broadcast_to(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
-                                   fields[0].shape)
         mean = np.mean(fields, axis=0) if pooled is None else pooled
         candidates = [mean] + (fields if len(fields) > 1 else []) + \
-            [np.ascontiguousarray(identity)]
+            [np.ascontiguousarray(np.broadcast_to(_IDENTITY, fields[0].shape))]
         reference = np.mean([np.asarray(r, np.float32) for r, _ in references], axis=0)
         seen = np.prod([self._valid(a, input_shape) for _, a in references], axis=0) > 0.999
         # the sides, in the render's frame: what the (slightly widened) damage separates
@@ -769,7 +767,6 @@ class StackRefiner:
             return plain_map, plain
         if why:
             self.notes[z] = "refined toward one neighbour: " + "; ".join(why)
-        identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         if mask is not None:
             # A damaged slice goes the whole way, its affine part included: the damage is
             # its own, and the solve's single affine for it (held toward rigid, or placed
@@ -790,7 +787,7 @@ class StackRefiner:
             # Two thirds of the way, and only what no single affine describes (see
             # ElasticRefiner): the affine part is the solve's.
             field = without_common_affine(
-                identity + TOWARD_NEIGHBOURS * (np.mean(fields, axis=0) - identity),
+                _IDENTITY + TOWARD_NEIGHBOURS * (np.mean(fields, axis=0) - _IDENTITY),
                 FIELD_STEP)
         if self.store is not None:
             self.store.put_affine(z, field)
