@@ -303,6 +303,7 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
     # that run (the aligner checks that it is the same run).
     plan = OutputPlan(overwrite=args.overwrite, resumes=args.output)
     plan.input(args.input, "INPUT").input(args.masks, "--masks")
+    plan.input(getattr(args, "config", None), "--config")  # read, never replaced
     plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
     plan.output(transforms_path, "--transforms")
     fields = fields_path_for(transforms_path)

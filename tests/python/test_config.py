@@ -176,3 +176,27 @@ def test_a_relative_masks_path_is_read_beside_the_config(tmp_path: Path,
     assert load_options_file(config)["masks"] == "here"
     config.write_text(json.dumps({"mode": "expected-affine", "masks": str(elsewhere)}))
     assert load_options_file(config)["masks"] == str(elsewhere)
+
+
+def test_the_config_file_is_an_input_never_replaced(src: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--config names a file the command reads: no output may replace it, --overwrite or not
+    (was: `--transforms cfg.json --overwrite` wrote the transforms over the config file)."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"offsets": [1, 2]}))
+    before = cfg.read_bytes()
+    for extra in (["--transforms", str(cfg)], ["--report", str(cfg)]):
+        assert main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--config", str(cfg),
+                     *extra, "--overwrite", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is the input {cfg}" in err, err
+        assert cfg.read_bytes() == before and not (tmp_path / "o.tif").exists()
+    # An earlier run's transforms file re-runs the options into new outputs, but is not
+    # replaced by the re-run's own transforms (the default name beside the same output).
+    out = tmp_path / "a.tif"
+    assert main(["align", str(src), "-o", str(out), "--quiet"]) == 0
+    first = (tmp_path / "a.transforms.json").read_bytes()
+    assert main(["align", str(src), "-o", str(out), "--config",
+                 str(tmp_path / "a.transforms.json"), "--overwrite", "--quiet"]) == 2
+    assert "(--transforms) is the input" in capsys.readouterr().err
+    assert (tmp_path / "a.transforms.json").read_bytes() == first
