@@ -322,7 +322,9 @@ class Aligner:
             voxel_size_of,
         )
 
-        with as_reader(stack) as reader:
+        # Labels (nearest, no refinement) keep their integer type, whatever its width.
+        labels = interpolation == "nearest" and self.options.mode == "affine"
+        with as_reader(stack, labels=labels) as reader:
             if len(reader) != len(transforms):
                 raise DeepAlignError(
                     f"{reader.path}: {len(reader)} slices but the transforms have "

@@ -22,7 +22,7 @@ class ArrayStackReader(StackReader):
     materialised per :meth:`read` (``.compute()`` for dask).
     """
 
-    def __init__(self, array: Any, *, name: str = "<array>") -> None:
+    def __init__(self, array: Any, *, name: str = "<array>", labels: bool = False) -> None:
         arr = array if _is_lazy(array) else np.asarray(array)
         if arr.ndim != 3:
             raise DeepAlignError(f"{name}: expected a (z, y, x) stack, got an array of shape "
@@ -31,7 +31,7 @@ class ArrayStackReader(StackReader):
         self.path = Path(name)
         self.shape = (int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]))
         # converted as a file of that type is (int8/int16/float16/float64 -> float32, ...)
-        self.dtype = output_dtype(arr.dtype, name)
+        self.dtype = output_dtype(arr.dtype, name, labels=labels)
         self.file_dtype = arr.dtype
         self._in_memory = True
 
@@ -62,18 +62,19 @@ def reader_path(reader: StackReader) -> Path | None:
 
 
 @contextlib.contextmanager
-def as_reader(stack: Any) -> Iterator[StackReader]:
+def as_reader(stack: Any, *, labels: bool = False) -> Iterator[StackReader]:
     """Open ``stack`` (path, ``(z, y, x)`` array, or an open reader) for the duration of a
-    ``with`` block. A reader passed in is left open; one opened here is closed."""
+    ``with`` block. A reader passed in is left open; one opened here is closed. ``labels``:
+    see :func:`~deepalign_fast.io.open_stack`."""
     from ._readers import open_stack
 
     if isinstance(stack, StackReader):
         yield stack
     elif isinstance(stack, (str, os.PathLike)):
-        with open_stack(stack) as reader:
+        with open_stack(stack, labels=labels) as reader:
             yield reader
     elif isinstance(stack, np.ndarray) or _is_lazy(stack):
-        yield ArrayStackReader(stack)
+        yield ArrayStackReader(stack, labels=labels)
     else:
         raise TypeError(f"expected a path, a (z, y, x) array (numpy, dask, zarr) or a "
                         f"StackReader, got {type(stack).__name__}")

@@ -62,24 +62,29 @@ def natural_key(name: str) -> list[tuple[int, int | str]]:
     return [(0, int(t)) if t.isdigit() else (1, t.lower()) for t in re.split(r"(\d+)", name) if t]
 
 
-def output_dtype(file_dtype: np.dtype, where: str) -> np.dtype:
+def output_dtype(file_dtype: np.dtype, where: str, *, labels: bool = False) -> np.dtype:
     """The dtype ``read`` returns for data stored as ``file_dtype``.
 
     uint8, uint16 and float32 are returned as stored. bool (1-bit) becomes uint8 0/255;
     int8, int16, float16 and float64 become float32 (exact for the integers and float16; float64
     is rounded, and values beyond float32's range are an error saying so). Anything else is
-    refused with a suggested conversion.
+    refused with a suggested conversion. ``labels`` (a stack only warped with nearest
+    interpolation, never aligned: `apply` to label stacks): every integer type is returned as
+    stored (8-64 bit, signed or not), so label IDs stay exact.
     """
     dt = np.dtype(file_dtype).newbyteorder("=")
     if dt in SUPPORTED_DTYPES:
         return dt
+    if labels and dt.kind in "iu":
+        return np.dtype(dt.str)  # the canonical type (tifffile may give C's ulonglong)
     if dt in _CONVERTED:
         return _CONVERTED[dt]  # type: ignore[return-value]
     raise DeepAlignError(
         f"{where}: pixel type {dt} is not supported (deepalign-fast reads uint8, uint16 and "
-        "float32, and converts bool, int8, int16, float16 and float64). Convert the data first, "
-        "e.g. to uint16 if the values fit or to float32 (numpy: a.astype(np.float32); Fiji: "
-        "Image > Type > 32-bit)."
+        "float32, and converts bool, int8, int16, float16 and float64; `apply` with nearest "
+        "interpolation takes label stacks of any integer type). Convert the data first, e.g. "
+        "to uint16 if the values fit or to float32 (numpy: a.astype(np.float32); Fiji: "
+        "Image > Type > 32-bit); never labels to float32, which cannot hold IDs above 2**24."
     )
 
 
@@ -130,6 +135,8 @@ def finish_slice(
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, reported below
             arr = arr.astype(dtype)
     arr = np.ascontiguousarray(arr)
+    if arr.dtype.char != np.dtype(dtype).char:  # equal, but another C name (ulonglong)
+        arr = arr.view(dtype)
     if arr.dtype.kind == "f":
         finite = np.isfinite(arr)
         if not finite.all():

@@ -39,7 +39,8 @@ def _open(path: Path) -> Any:
 class MrcStackReader(StackReader):
     """An MRC stack, memory-mapped read-only; ``(z, y, x)`` as stored (sections along z)."""
 
-    def __init__(self, path: str | Path, *, allow_single: bool = False) -> None:
+    def __init__(self, path: str | Path, *, allow_single: bool = False,
+                 labels: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._mrc = _open(self.path)
@@ -58,7 +59,7 @@ class MrcStackReader(StackReader):
             self._data = data
             self.shape = (int(data.shape[0]), int(data.shape[1]), int(data.shape[2]))
             self.file_dtype = np.dtype(data.dtype)
-            self.dtype = output_dtype(self.file_dtype, str(self.path))
+            self.dtype = output_dtype(self.file_dtype, str(self.path), labels=labels)
         except BaseException:
             self._mrc.close()
             raise

@@ -73,10 +73,12 @@ class TiffStackReader(StackReader):
     raise ``DeepAlignError`` naming the slice.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, allow_single: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, allow_single: bool = False,
+                 labels: bool = False) -> None:
         import tifffile
 
         self.path = Path(path)
+        self.labels = labels
         self._lock = threading.Lock()
         self._mm: np.ndarray | None = None
         self._n_mapped = 0
@@ -118,7 +120,7 @@ class TiffStackReader(StackReader):
         page0 = series.pages[0] if len(series.pages) else tif.pages.first
         ny, nx = int(page0.imagelength), int(page0.imagewidth)
         self.file_dtype = np.dtype(series.dtype)
-        self.dtype = output_dtype(self.file_dtype, str(self.path))
+        self.dtype = output_dtype(self.file_dtype, str(self.path), labels=self.labels)
 
         n_expected = self._expected_slices(ny, nx, int(page0.samplesperpixel))
         nz = max(n_series, n_expected or 0)
@@ -215,7 +217,7 @@ class TiffStackReader(StackReader):
                     "file to one type."
                 )
         self.file_dtype = dtype
-        self.dtype = output_dtype(dtype, str(self.path))
+        self.dtype = output_dtype(dtype, str(self.path), labels=self.labels)
         self.shape = (len(pages), ny, nx)
         self._truncated = False
         self._pages = pages
@@ -284,7 +286,7 @@ class FolderStackReader(StackReader):
     first file that differs from the first slice.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, labels: bool = False) -> None:
         self.path = Path(path)
         files = [
             f
@@ -320,7 +322,7 @@ class FolderStackReader(StackReader):
                     "dtype; remove the stray file or convert the slices."
                 )
         self.file_dtype = first_dtype
-        self.dtype = output_dtype(first_dtype, str(files[0]))
+        self.dtype = output_dtype(first_dtype, str(files[0]), labels=labels)
         self.shape = (len(files), *first_shape)
 
     def describe(self, i: int) -> str:
@@ -425,7 +427,8 @@ class ZarrStackReader(StackReader):
     ``(z, y, x)``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, key: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, key: str | None = None,
+                 labels: bool = False) -> None:
         import zarr
 
         self.path = Path(path)
@@ -465,7 +468,7 @@ class ZarrStackReader(StackReader):
         self._lead = (0,) * lead
         self.shape = shape[lead:]  # type: ignore[assignment]
         self.file_dtype = np.dtype(node.dtype)
-        self.dtype = output_dtype(self.file_dtype, self.describe_array())
+        self.dtype = output_dtype(self.file_dtype, self.describe_array(), labels=labels)
 
     def describe_array(self) -> str:
         return f"{self.path}/{self._name}" if self._name else str(self.path)
@@ -499,14 +502,14 @@ def _multiscales_level0(group: Any, path: Path) -> str:
 class _SingleImageReader(StackReader):
     """A one-slice stack over a single 2-D PNG/TIFF (only with ``allow_single=True``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, labels: bool = False) -> None:
         self.path = path
         if path.suffix.lower() == ".png":
             shape, file_dtype, _ = png_header(path)
         else:
             shape, file_dtype = _slice_header(path)
         self.file_dtype = file_dtype
-        self.dtype = output_dtype(file_dtype, str(path))
+        self.dtype = output_dtype(file_dtype, str(path), labels=labels)
         self.shape = (1, *shape)
 
     def describe(self, i: int) -> str:
@@ -531,7 +534,8 @@ def _is_zarr_dir(p: Path) -> bool:
 
 
 def open_stack(
-    path: str | os.PathLike[str], *, key: str | None = None, allow_single: bool = False
+    path: str | os.PathLike[str], *, key: str | None = None, allow_single: bool = False,
+    labels: bool = False,
 ) -> StackReader:
     """Open an image stack for lazy, slice-by-slice reading.
 
@@ -546,6 +550,9 @@ def open_stack(
         Zarr only: the array inside a group. Default: the OME-Zarr multiscales level 0.
     allow_single : bool
         Accept a single 2-D image as a one-slice stack instead of raising.
+    labels : bool
+        A label stack, only ever warped with nearest interpolation: integer pixel types of
+        8-64 bit are read as stored (:func:`output_dtype`), not converted or refused.
 
     Returns
     -------
@@ -561,7 +568,7 @@ def open_stack(
         slice is larger than :func:`max_slice_pixels` (a slice is read whole).
     """
     try:
-        reader = _open_stack(Path(path), key, allow_single)
+        reader = _open_stack(Path(path), key, allow_single, labels)
     except OSError as exc:  # a folder that cannot be listed, a file that cannot be read
         raise _unreadable(exc, Path(exc.filename) if exc.filename else Path(path)) from exc
     try:
@@ -572,15 +579,16 @@ def open_stack(
     return reader
 
 
-def _open_stack(p: Path, key: str | None, allow_single: bool) -> StackReader:
+def _open_stack(p: Path, key: str | None, allow_single: bool, labels: bool = False
+                ) -> StackReader:
     if not p.exists():
         raise DeepAlignError(f"{p}: no such file or folder.")
     if p.is_dir():
         if _is_zarr_dir(p):
-            return ZarrStackReader(p, key=key)
+            return ZarrStackReader(p, key=key, labels=labels)
         if key is not None:
             raise DeepAlignError(f"{p}: key= applies to Zarr stores only; this is a folder.")
-        reader = FolderStackReader(p)
+        reader = FolderStackReader(p, labels=labels)
         if len(reader) == 1 and not allow_single:
             raise DeepAlignError(
                 f"{p}: folder holds a single slice ({reader.files[0].name}); a stack needs "
@@ -592,13 +600,13 @@ def _open_stack(p: Path, key: str | None, allow_single: bool) -> StackReader:
         raise DeepAlignError(f"{p}: key= applies to Zarr stores only.")
     suffix = p.suffix.lower()
     if suffix in TIFF_SUFFIXES:
-        return TiffStackReader(p, allow_single=allow_single)
+        return TiffStackReader(p, allow_single=allow_single, labels=labels)
     if suffix in MRC_SUFFIXES:
-        return MrcStackReader(p, allow_single=allow_single)
+        return MrcStackReader(p, allow_single=allow_single, labels=labels)
     if suffix == ".png":
         if not allow_single:
             raise _single_error(p)
-        return _SingleImageReader(p)
+        return _SingleImageReader(p, labels=labels)
     raise DeepAlignError(
         f"{p}: unsupported stack format {suffix!r}; use a multi-page TIFF, an MRC stack "
         "(.mrc/.st/.ali/.rec), a folder of .tif/.png slices, or a Zarr / OME-Zarr store."

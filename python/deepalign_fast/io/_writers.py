@@ -44,11 +44,11 @@ def _check_layout(path: Path, shape: Any, dtype: Any) -> tuple[tuple[int, int, i
         raise DeepAlignError(f"{path}: shape must be (z, y, x), got {shape!r}") from None
     if len(shp) != 3 or min(shp) < 1:
         raise DeepAlignError(f"{path}: shape must be (z, y, x) with positive sizes, got {shape!r}")
-    dt = np.dtype(dtype)
-    if dt not in SUPPORTED_DTYPES:
+    dt = np.dtype(np.dtype(dtype).str)  # canonical (zarr knows uint64, not ulonglong)
+    if dt not in SUPPORTED_DTYPES and dt.kind not in "iu":
         raise DeepAlignError(
-            f"{path}: cannot write dtype {dt}; use uint8, uint16 or float32 (cast the slices "
-            "with .astype first)."
+            f"{path}: cannot write dtype {dt}; use uint8, uint16 or float32, or an integer "
+            "type for labels (cast the slices with .astype first)."
         )
     return shp, dt
 
@@ -224,7 +224,8 @@ class TiffStackWriter(StackWriter):
                 raise DeepAlignError(f"{self.path}: zstd compression needs the imagecodecs "
                                      "package (pip install imagecodecs), or use zlib") from None
         # ImageJ/Fiji read uncompressed and zlib ("ZIP") hyperstacks natively.
-        self.imagej = not self.bigtiff and compression in (None, "zlib")
+        self.imagej = not self.bigtiff and compression in (None, "zlib") and \
+            self.dtype in SUPPORTED_DTYPES  # (ImageJ hyperstacks: 8, 16 or 32-bit float)
         md: dict[str, Any] = {"axes": "ZYX", **(metadata or {})}
         resolution = None
         if voxel_size is not None:

@@ -171,8 +171,27 @@ def test_converted_dtypes(tmp_path, rng):
         assert r.dtype == np.float32 and r.file_dtype == np.int16
         np.testing.assert_array_equal(r.read(1), i16[1].astype(np.float32))
     tifffile.imwrite(tmp_path / "u32.tif", np.zeros((3, 8, 9), np.uint32), photometric="minisblack")
-    with pytest.raises(DeepAlignError, match="uint32 is not supported.*float32"):
+    with pytest.raises(DeepAlignError, match="uint32 is not supported.*never labels to float32"):
         open_stack(tmp_path / "u32.tif")
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.uint32, np.int64, np.uint64])
+def test_label_stacks_keep_their_integer_type(tmp_path, rng, dtype):
+    """``labels=True`` (apply with nearest): any integer type is read as stored, IDs beyond
+    float32's 2**24 included; written back by both writers unchanged."""
+    info = np.iinfo(dtype)
+    lab = rng.integers(info.min, info.max, size=(3, 8, 9), dtype=dtype, endpoint=True)
+    tifffile.imwrite(tmp_path / "lab.tif", lab, photometric="minisblack")
+    with open_stack(tmp_path / "lab.tif", labels=True) as r:
+        assert r.dtype == dtype and r.dtype.char == np.dtype(dtype).char
+        got = np.stack([r.read(i) for i in range(3)])
+    np.testing.assert_array_equal(got, lab)
+    for name in ("w.tif", "w.ome.zarr"):
+        with open_writer(tmp_path / name, lab.shape, r.dtype) as w:
+            for i, s in enumerate(got):
+                w.write(i, s)
+        with open_stack(tmp_path / name, labels=True) as back:
+            np.testing.assert_array_equal(np.stack([back.read(i) for i in range(3)]), lab)
 
 
 # ---------------------------------------------------------------- folders
@@ -490,8 +509,8 @@ def test_tiff_writer_checks(tmp_path, rng):
     _check_roundtrip(path, data)
     with pytest.raises(DeepAlignError, match="already exists.*overwrite=True"):
         TiffStackWriter(path, data.shape, data.dtype)
-    with pytest.raises(DeepAlignError, match="cannot write dtype int32"):
-        TiffStackWriter(tmp_path / "x.tif", data.shape, np.int32)
+    with pytest.raises(DeepAlignError, match="cannot write dtype float64"):
+        TiffStackWriter(tmp_path / "x.tif", data.shape, np.float64)
     _write(path, data[::-1].copy(), overwrite=True)
     _check_roundtrip(path, data[::-1])
 
