@@ -14,3 +14,8 @@ class DeepAlignError(ValueError):
 class EnvironmentFailure(DeepAlignError):
     """The environment, not the input, failed: a full disk, a read-only or protected folder,
     permissions, an I/O error. The CLI exits with status 1 for it."""
+
+
+class InputChanged(DeepAlignError):
+    """The input changed while a run read it: what the run wrote mixes the old and the new
+    input, so it is neither put in place nor kept as a resume point."""

@@ -500,12 +500,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if target is not None and (size := voxel_size_of(target[0])) is not None:
         physical = {"voxel_size": size[0], "unit": size[1]}
 
-    def labelled(_: Any) -> None:
-        """Just before the label image is put in place: the labels group, and the label
-        image's own mark inside it (so it is in place with its mark)."""
-        assert target is not None
-        prepare_label_group(target[0])
-        mark_label(partial_path_for(args.output))
+    def before_publish(_: Any) -> None:
+        """Just before the output is put in place: the input must be as the run found it;
+        for a label image, the labels group, and the label image's own mark inside it (so it
+        is in place with its mark)."""
+        assert ckpt is not None
+        ckpt.check_input()
+        if target is not None:
+            prepare_label_group(target[0])
+            mark_label(partial_path_for(args.output))
 
     # The run's record (as align's): the output is noted as it is put in place, so the same
     # command finishes a run killed after that (the store's bookkeeping, the labels list).
@@ -536,7 +539,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                             **({"restart": True} if is_zarr else {}),
                             **({} if compression is None else {"compression": compression}),
                             **physical},
-                        before_publish=labelled if target is not None else None)
+                        before_publish=before_publish)
             except BaseException:
                 # Before the output is in place the record serves nothing (a rerun warps
                 # again): it goes, and with it the folders this run made.

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import DeepAlignError, EnvironmentFailure
+from ._errors import DeepAlignError, EnvironmentFailure, InputChanged
 
 __all__ = [
     "Checkpoint",
@@ -878,17 +878,13 @@ def checkpoint_path_for(output: str | os.PathLike[str]) -> Path:
     return p.with_name(f".{p.name}.deepalign.resume.json")
 
 
-def _input_identity(path: Path) -> dict[str, Any]:
-    """What must be unchanged for a checkpoint to apply: the resolved path, and the size and
-    modification time of the file, or of every file in the folder (a folder of slices, a
-    Zarr store: one slice or chunk replaced in place changes it; a digest keeps the key
-    short). The stack's shape is compared by the caller."""
+def _input_files(path: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of the file ``path`` (key ""), or of every file in the
+    folder (a folder of slices, a Zarr store), keyed by relative path."""
     st = os.stat(path)
-    ident: dict[str, Any] = {"path": str(path.resolve())}
     if not stat.S_ISDIR(st.st_mode):
-        ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-        return ident
-    digest = hashlib.sha256()
+        return {"": (st.st_size, st.st_mtime_ns)}
+    found: dict[str, tuple[int, int]] = {}
     for folder, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
@@ -897,11 +893,38 @@ def _input_identity(path: Path) -> dict[str, Any]:
                 fst = os.stat(full)
             except OSError:  # vanished while listed: the listing still differs
                 continue
-            rel = os.path.relpath(full, path)
-            digest.update(f"{rel}\0{fst.st_size}\0{fst.st_mtime_ns}\n".encode("utf-8",
-                                                                             "surrogateescape"))
+            found[os.path.relpath(full, path)] = (fst.st_size, fst.st_mtime_ns)
+    return found
+
+
+def _input_identity(path: Path, files: dict[str, tuple[int, int]] | None = None
+                    ) -> dict[str, Any]:
+    """What must be unchanged for a checkpoint to apply: the resolved path, and the size and
+    modification time of the file, or of every file in the folder (:func:`_input_files`;
+    one slice or chunk replaced in place changes it; a digest keeps the key short). The
+    stack's shape is compared by the caller."""
+    files = _input_files(path) if files is None else files
+    ident: dict[str, Any] = {"path": str(path.resolve())}
+    if "" in files:
+        size, mtime = files[""]
+        ident.update(size=size, mtime_ns=mtime)
+        return ident
+    digest = hashlib.sha256()
+    for rel, (size, mtime) in files.items():
+        digest.update(f"{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
     ident["files"] = digest.hexdigest()
     return ident
+
+
+def _changed_file(source: Path, before: dict[str, tuple[int, int]],
+                  now: dict[str, tuple[int, int]]) -> str:
+    """The first file of ``source`` that differs between two :func:`_input_files` listings."""
+    for rel in sorted(set(before) | set(now)):
+        if before.get(rel) != now.get(rel):
+            what = ("was added" if rel not in before else "was removed" if rel not in now
+                    else "was rewritten")
+            return f"{source / rel if rel else source} {what}"
+    return f"{source} was rewritten"
 
 
 # Version of the checkpoint contents: a checkpoint of another version is ignored (the run
@@ -980,6 +1003,9 @@ class Checkpoint:
     path: Path
     key: dict[str, Any]
     outputs: list[Path] = field(default_factory=list)
+    #: The input and its files as the run found them (:meth:`check_input`).
+    source: Path | None = None
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def for_run(cls, source: Path | None, output: str | os.PathLike[str],
@@ -990,10 +1016,33 @@ class Checkpoint:
         voxel size and unit), so a rerun that would write them otherwise is another run."""
         if source is None:
             return None
-        key = {"format": CHECKPOINT_FORMAT, "input": _input_identity(source),
+        files = _input_files(source)
+        key = {"format": CHECKPOINT_FORMAT, "input": _input_identity(source, files),
                "shape": [int(s) for s in shape], "options": json.loads(json.dumps(options)),
                "written": json.loads(json.dumps(written or {}))}
-        return cls(checkpoint_path_for(output), key)
+        return cls(checkpoint_path_for(output), key, source=Path(source), files=files)
+
+    def check_input(self) -> None:
+        """Refuse to put outputs in place when the input changed during the run (a slice file
+        replaced, added or removed; the file rewritten): slices read before and after the
+        change would be mixed, under transforms of the old input.
+
+        Raises
+        ------
+        InputChanged
+            Naming the first changed file.
+        """
+        if self.source is None:
+            return
+        try:
+            now = _input_files(self.source)
+        except OSError:
+            now = {}
+        if now != self.files:
+            raise InputChanged(
+                f"{_changed_file(self.source, self.files, now)} while the run read it; "
+                "nothing was put in place under the outputs' names. Rerun once the input is "
+                "complete and unchanged.")
 
     def digest(self) -> str:
         """A short digest of :attr:`key` (the input, the options, what else decides the

@@ -1165,3 +1165,61 @@ def test_a_store_left_aside_by_a_killed_replace_is_removed_and_a_link_never_foll
     other.mkdir()
     assert remove_stale_temps(final) == [aside]
     assert not os.path.lexists(aside) and (keep / "x").is_dir() and other.is_dir()
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".ome.zarr"])
+def test_an_input_changed_during_the_run_is_not_published(tmp_path: Path, suffix: str,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """A slice file of a folder input replaced while the run reads it: slices of the old and
+    the new input would be mixed under the old transforms (was: exit 0, output slice 10 was
+    slice 150's image). The run stops before anything is put in place, naming the file; the
+    same command afterwards aligns the input as it then is."""
+    from deepalign_fast.outputs import Checkpoint
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z, s in enumerate(_stack(8)):
+        tifffile.imwrite(folder / f"s{z:02d}.tif", s)
+    real_save = Checkpoint.save
+
+    def save_then_replace(self: Checkpoint, *a: Any, **k: Any) -> None:
+        real_save(self, *a, **k)  # the estimate is done; rendering starts next
+        (folder / "s03.tif").write_bytes((folder / "s06.tif").read_bytes())
+    monkeypatch.setattr(Checkpoint, "save", save_then_replace)
+    out = tmp_path / f"out{suffix}"
+    capsys.readouterr()
+    assert _align(str(folder), "-o", str(out)) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"{folder / 's03.tif'} was rewritten while the run read it" in line, line
+    assert not out.exists() and not transforms_path_for(out).exists()
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    assert _align(str(folder), "-o", str(out)) == 0
+    with open_stack(out) as r:
+        assert len(r) == 8
+
+
+def test_apply_to_an_input_changed_during_the_run_is_not_published(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`apply` as `align`: a label file rewritten while the run reads it stops the run before
+    the output is put in place."""
+    from deepalign_fast.alignment import aligner as module
+
+    src = tmp_path / "s.tif"
+    tifffile.imwrite(src, _stack(), photometric="minisblack")
+    assert _align(str(src), "-o", str(tmp_path / "a.tif")) == 0
+    labels = tmp_path / "labels.tif"
+    tifffile.imwrite(labels, (_stack() > 128).astype(np.uint8))
+    real = module.render_slice
+
+    def render_then_rewrite(*a: Any, **k: Any) -> np.ndarray:
+        tifffile.imwrite(labels, (_stack() > 100).astype(np.uint8))
+        return real(*a, **k)
+    monkeypatch.setattr(module, "render_slice", render_then_rewrite)
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "a.transforms.json"), str(labels), "-o",
+                 str(tmp_path / "l.tif")]) == 2
+    assert f"{labels} was rewritten while the run read it" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "l.tif").exists()

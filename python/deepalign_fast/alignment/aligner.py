@@ -560,6 +560,8 @@ class Aligner:
                                           restart=ours, run=run)
 
                 def publish(rendered: TransformSet) -> None:
+                    if ckpt is not None:
+                        ckpt.check_input()
                     if ckpt is not None and fields_path is not None:  # refined: noted
                         ckpt.rendered(rendered.to_json(ckpt.path.parent))
                     if tpath is not None:

@@ -758,6 +758,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
         # Raises (keeping .partial) if a slice is missing; the transforms file is published
         # just before the output, so neither appears without the other.
         def publish() -> None:
+            ckpt.check_input()
             if transforms_path is not None:
                 ts.save(transforms_path)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import DeepAlignError
+from .._errors import DeepAlignError, InputChanged
 from ..outputs import (
     PROGRESS_FILE,
     STORE_MARK,
@@ -731,7 +731,11 @@ class ZarrStackWriter(StackWriter):
                 "resume=True to complete it."
             )
         if before_publish is not None:
-            before_publish()
+            try:
+                before_publish()
+            except InputChanged:  # written from an input that has changed: no resume point
+                self.abort()
+                raise
         replace = os.path.lexists(self.path)
         if replace and not self._overwrite:
             raise DeepAlignError(f"{self.path}: appeared while this run wrote "
