@@ -522,10 +522,26 @@ class FieldStore:
             raise DeepAlignError(f"{self.path}: slice {z}: cannot read its field "
                                  f"({type(exc).__name__}: {exc})") from exc
 
+    def _checked(self, z: int, grid: np.ndarray, limits: np.ndarray) -> bool:
+        """Whether slice ``z`` has a field (all NaN, the store's fill: none); one that is
+        partly NaN, infinite, or beyond ``limits`` (per stored component, broadcast over the
+        grid) was damaged or edited since it was written (it would render the slice empty)."""
+        nan = np.isnan(grid)
+        if nan.all():
+            return False
+        if nan.any() or not np.isfinite(grid).all() or \
+                (np.abs(grid) > limits.reshape(-1, 1, 1)).any():
+            raise DeepAlignError(f"{self.path}: slice {z}: its field holds non-finite values or "
+                                 "values beyond the output frame, which no alignment writes "
+                                 "(the store was changed or damaged since); align again to "
+                                 "rewrite it")
+        return True
+
     def get_affine(self, z: int) -> np.ndarray | None:
         """Slice ``z``'s per-pixel affine field ``(rows, cols, 2, 3)``, or None if it has none."""
         grid = self._read(z, np.float64)
-        if np.isnan(grid).any():
+        size = float(max(self.output_shape))
+        if not self._checked(z, grid, np.array([16, 16, 16 * size] * 2)):  # (a, b, tx, c, d, ty)
             return None
         rows, cols = grid.shape[1:]
         return np.ascontiguousarray(grid.transpose(1, 2, 0).reshape(rows, cols, 2, 3))
@@ -535,7 +551,7 @@ class FieldStore:
         from .warp import warp_affine
 
         grid = self._read(z, np.float32)
-        if np.isnan(grid).any():
+        if not self._checked(z, grid, np.full(2, float(max(self.output_shape)))):
             return None
         s = float(self.stride)
         up = np.array([[1.0 / s, 0.0, 0.0], [0.0, 1.0 / s, 0.0]])

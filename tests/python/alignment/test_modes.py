@@ -294,12 +294,14 @@ def test_an_expected_affine_fallback_is_flagged(failing: tuple[int, ...], stack_
     assert all(fields.slice_map(z).affine_field is not None for z in range(n) if z != 2)
 
 
-@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+@pytest.mark.parametrize("damage", ["deleted", "corrupt", "inf", "huge", "part-nan"])
 def test_apply_names_a_damaged_field_store(damage: str, tiny_stack: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """A slice's field chunk deleted or overwritten after `align --mode elastic`: `apply`
-    stops with one line naming the store and the slice (never renders the slice without its
-    field, never a raw error), and writes no output."""
+    """A slice's field chunk deleted or overwritten after `align --mode elastic`, or its values
+    edited to inf, to displacements beyond the frame or partly to NaN (were: an empty slice
+    with exit 0, or "missing from the store"): `apply` stops with one line naming the store
+    and the slice (never renders the slice without its field, never a raw error), and
+    writes no output."""
     out, tf = tmp_path / "out.tif", tmp_path / "t.json"
     assert main(["align", str(tiny_stack), "-o", str(out), "--transforms", str(tf),
                  "--mode", "elastic", "--quiet", "--threads", "1"]) == 0
@@ -310,14 +312,23 @@ def test_apply_names_a_damaged_field_store(damage: str, tiny_stack: Path, tmp_pa
     assert len(chunks) == 1
     if damage == "deleted":
         chunks[0].unlink()
-    else:
+    elif damage == "corrupt":
         chunks[0].write_bytes(b"not a chunk")
+    else:
+        import zarr
+
+        edited = zarr.open_array(str(store.path), mode="r+")
+        grid = np.asarray(edited[3])
+        grid[0, 0, 0] = {"inf": np.inf, "huge": 5000.0, "part-nan": np.nan}[damage]
+        edited[3] = grid
     capsys.readouterr()
     again = tmp_path / "again.tif"
     assert main(["apply", str(tf), str(tiny_stack), "-o", str(again), "--quiet",
                  "--threads", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(store.path) in err and "slice 3" in err
+    if damage not in ("deleted", "corrupt"):
+        assert "non-finite values or values beyond the output frame" in err
     assert not again.exists()
 
 
