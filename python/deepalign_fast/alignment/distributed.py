@@ -372,13 +372,22 @@ def check_scheduler(scheduler: Any) -> None:
                              "machine")
 
 
+def _not_a_task_failure(record: logging.LogRecord) -> bool:
+    """False for the worker's log of a failed task: the failure reaches the client, which
+    reports it in one line (a bad slice: the file, the slice and the problem)."""
+    return not str(record.msg).startswith("Compute Failed")
+
+
 def dask_setup(worker: Any) -> None:
     """Run in each worker process of a ``local:N`` cluster (its ``preload``): the worker
     ignores SIGINT. Ctrl-C at a terminal reaches every process of the group; this process
     alone stops, and shuts the cluster down, so the workers print no tracebacks of their
-    own."""
+    own. Nor do they log a task that failed on bad input (with its traceback), or what
+    tifffile finds wrong in a file: the command reports either in one line."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(_not_a_task_failure)
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 def _preloads() -> list[str]:

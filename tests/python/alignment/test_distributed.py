@@ -500,3 +500,25 @@ def test_a_local_cluster_keeps_the_configured_worker_preloads() -> None:
         assert module._preloads() == ["mine.setup", module.__name__]
     with dask.config.set({"distributed.worker.preload": []}):
         assert module._preloads() == [module.__name__]
+
+
+def test_bad_input_on_a_local_cluster_is_one_line(tmp_path: Path) -> None:
+    """A slice of NaN read by a worker: the worker logs neither the failed task (a traceback
+    of several KB) nor tifffile's diagnostics; the command prints its one line."""
+    import subprocess
+
+    import tifffile
+
+    with open_stack(sample_stack_path()) as r:
+        stack = np.stack([r.read(i)[:96, :96] for i in range(6)]).astype(np.float32)
+    stack[3, 10:20, 10:20] = np.nan
+    src = tmp_path / "nan.tif"
+    tifffile.imwrite(src, stack)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "deepalign_fast", "align", str(src), "-o",
+         str(tmp_path / "x.ome.zarr"), "--scheduler", "local:1", "--threads", "1", "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "slice 3" in lines[0] and "NaN" in lines[0], done.stderr
