@@ -35,6 +35,37 @@ def available_providers() -> list[str]:
     return [names[p] for p in ort.get_available_providers() if p in names]
 
 
+_TEMP_PREFIX = "deepalign-bench-"
+
+
+def _with_parent() -> None:
+    """In each run's process, before it starts (Linux): SIGTERM when the bench process dies,
+    even by SIGKILL, so no run goes on alone (it removes its own temporary files on SIGTERM)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def _remove_stale_temps() -> None:
+    """Remove the temporary folders of bench processes that were killed (``kill -9``): each
+    is named after its process, and one whose process is gone is no one's."""
+    import shutil
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*"):
+        try:
+            pid = int(folder.name[len(_TEMP_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # gone (a live process of another user: PermissionError)
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def make_synthetic_stack(path: Path, *, slices: int, size: int, seed: int = 0) -> Path:
     """Write ``slices`` x ``size`` x ``size`` uint8 slices built from the bundled sample
     (mirrored tiles), each shifted by a random offset of up to 8 px."""
@@ -77,7 +108,8 @@ def run_bench(stack: str | os.PathLike[str] | None = None, *, slices: int = 16,
     rows = []
     runs = [(f, p) for f in features for p in (provs if f == "learned" else ["cpu"])]
     bar = Progress(len(runs), "bench", progress, unit="runs")
-    with tempfile.TemporaryDirectory(prefix="deepalign-bench-") as tmp, bar:
+    _remove_stale_temps()
+    with tempfile.TemporaryDirectory(prefix=f"{_TEMP_PREFIX}{os.getpid()}-") as tmp, bar:
         src = Path(stack) if stack is not None else make_synthetic_stack(
             Path(tmp) / "synthetic.tif", slices=slices, size=size)
         for feat, prov in runs:  # one fresh process per configuration
@@ -85,7 +117,8 @@ def run_bench(stack: str | os.PathLike[str] | None = None, *, slices: int = 16,
             cmd = [sys.executable, "-m", "deepalign_fast", "align", str(src), "-o", str(out),
                    "--features", feat, "--provider", prov, "--model", model,
                    "--threads", str(threads), "--json", "--quiet"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  preexec_fn=_with_parent)
             # exit status 3: the run finished but flagged most slices (the row says so)
             if proc.returncode not in (0, 3):
                 raise DeepAlignError(f"bench run {feat}/{prov} failed: {proc.stderr.strip()}")

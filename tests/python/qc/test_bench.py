@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from deepalign_fast import DeepAlignError
@@ -35,3 +37,50 @@ def test_bench_refuses_options_that_do_not_apply(tmp_path, capsys: pytest.Captur
     assert "--slices and --size shape the synthetic stack" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--model", "bogus"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_a_killed_bench_leaves_no_run_and_no_folder(tmp_path, monkeypatch) -> None:
+    """`kill -9` of bench: its running align gets SIGTERM (was: it went on alone), and the
+    next bench removes the dead one's temporary folder, never a live one's."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    from deepalign_fast.qc import bench
+
+    parent = subprocess.Popen(  # noqa: S603 - a bench-like parent: one child, then waits
+        [sys.executable, "-c",
+         "import subprocess, sys; from deepalign_fast.qc.bench import _with_parent; "
+         "p = subprocess.Popen(['sleep', '60'], preexec_fn=_with_parent); "
+         "print(p.pid, flush=True); p.wait()"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            sys.path)})
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.stdout.close()
+    parent.kill()
+    parent.wait()
+
+    def running(pid: int) -> bool:  # (a zombie waiting for init counts as gone)
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and running(child):
+        time.sleep(0.05)
+    assert not running(child)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],  # noqa: S603
+                          capture_output=True, text=True, check=True)
+    dead = tmp_path / f"{bench._TEMP_PREFIX}{int(gone.stdout)}-abc"
+    live = tmp_path / f"{bench._TEMP_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{bench._TEMP_PREFIX}old-style"
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "synthetic.tif").write_bytes(b"x")
+    bench._remove_stale_temps()
+    assert not dead.exists() and live.exists() and other.exists()
