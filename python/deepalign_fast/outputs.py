@@ -471,7 +471,11 @@ def remove_stale_locks(outputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _lock_path(output: Path) -> Path:
-    return output.with_name(f".{output.name}.deepalign.lock")
+    full = Path(os.path.abspath(output))
+    if not full.name:
+        raise DeepAlignError(f"{output}: names no file or folder (the file system's root); "
+                             "name the output.")
+    return full.with_name(f".{full.name}.deepalign.lock")
 
 
 _HELD: dict[Path, list[Any]] = {}  # resolved output -> [fd, lock path, depth]
@@ -494,9 +498,10 @@ def output_lock(outputs: Sequence[str | os.PathLike[str]]) -> Iterator[None]:
             if key in _HELD:
                 _HELD[key][2] += 1
             else:
-                fd, path = _acquire(Path(out))
+                full = Path(os.path.abspath(out))  # ("." has a name only so)
+                fd, path = _acquire(full)
                 _HELD[key] = [fd, path, 1]
-                remove_stale_temps(out)
+                remove_stale_temps(full)
             taken.append(key)
         yield
     finally:
@@ -658,8 +663,18 @@ class OutputPlan:
         """Add a path the command writes; ``folder``: a directory (Zarr store, work folder);
         ``may_exist``: an existing one is reused, not replaced (a resume point); ``store``: a
         Zarr store, of which an existing one is replaced (``--overwrite``), reused or deleted
-        only when this tool wrote it (:func:`store_problem`)."""
+        only when this tool wrote it (:func:`store_problem`).
+
+        Raises
+        ------
+        DeepAlignError
+            ``path`` has no name of its own (``.``, ``..``, the root).
+        """
         if path is not None:
+            if Path(path).name in ("", ".", "..") or os.path.basename(path) in (".", ".."):
+                raise DeepAlignError(f"{path}: {_flag_text(flag)}names a folder without a name "
+                                     "of its own; name the output (e.g. "
+                                     f"{Path(path) / 'aligned'}).")
             self.outputs.append(_Out(Path(path), flag, folder, may_exist, store))
         return self
 

@@ -1223,3 +1223,24 @@ def test_apply_to_an_input_changed_during_the_run_is_not_published(
                  str(tmp_path / "l.tif")]) == 2
     assert f"{labels} was rewritten while the run read it" in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "l.tif").exists()
+
+
+def test_outputs_named_dot_or_root(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`-o .` and `--work-dir .` (was: "PosixPath('.') has an empty name"): an output without
+    a name of its own is refused in one line; export-transforms writes its files into `.`."""
+    assert _align(str(src), "-o", str(tmp_path / "a.tif")) == 0
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    assert main(["export-transforms", str(tmp_path / "a.transforms.json"), "-o", "."]) == 0
+    assert sorted(p.name for p in work.iterdir()) == [f"slice_{z:04d}.tfm" for z in range(6)]
+    for argv in (["align", str(src), "-o", "."],
+                 ["align", str(src), "-o", "x.ome.zarr", "--scheduler", "local:1",
+                  "--work-dir", "."],
+                 ["export-transforms", str(tmp_path / "a.transforms.json"), "-o", "/"]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert "PosixPath" not in line and ("name the output" in line or "suffix" in line), line
