@@ -41,6 +41,13 @@ if TYPE_CHECKING:
 _FLAG_NAMES = {"num_threads": "--threads"}
 
 
+def _suffix(path: Path | None, suffixes: tuple[str, ...], flag: str, what: str) -> None:
+    """Refuse an output whose name says another format than what is written there."""
+    if path is not None and path.suffix.lower() not in suffixes:
+        raise DeepAlignError(f"{path}: ({flag}) is written as {what}; name it "
+                             f"{' or '.join('*' + s for s in suffixes)}")
+
+
 def _flag(name: str) -> str:
     """The CLI flag of an API option name: ``max_folding`` -> ``--max-folding``."""
     return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
@@ -360,6 +367,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
     transforms_path = args.transforms or _default_transforms_path(args.output)
     plan = _align_plan(args, transforms_path)
     plan.check()
+    _suffix(args.transforms, (".json",), "--transforms", "a JSON file")
+    _suffix(args.report, (".html", ".htm"), "--report", "an HTML page")
     progress = False if args.quiet else None
     result: AlignResult
     with plan.prepared(), _lock(plan):  # a failed run removes the (empty) folders it made
@@ -730,6 +739,11 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         _finite(value, flag)
     if args.lookahead < 0:
         raise DeepAlignError(f"--lookahead must be >= 0, got {args.lookahead}")
+    if args.threads < 0:
+        raise DeepAlignError(f"--threads must be >= 0, got {args.threads}")
+    if Path(args.stop_file).name != args.stop_file or args.stop_file in ("", ".", ".."):
+        raise DeepAlignError(f"{args.stop_file}: (--stop-file) must be a file name inside "
+                             f"FOLDER (e.g. STOP), not a path")
 
     def report(z: int) -> None:
         if not args.quiet:
@@ -1014,6 +1028,7 @@ def _report_plan(args: argparse.Namespace) -> Any:
     plan.input(args.before, "BEFORE").input(args.after, "AFTER")
     plan.input(args.transforms, "--transforms").output(Path(args.output), "-o")
     plan.check()
+    _suffix(Path(args.output), (".html", ".htm"), "-o", "an HTML page")
     return plan
 
 
@@ -1137,8 +1152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Terminated:
         if debug:
             traceback.print_exc()
-        print("deepalign-fast: terminated (SIGTERM); temporary files were removed, and "
-              "rerunning the same command resumes", file=sys.stderr)
+        resumes = args.command in ("align", "apply", "make-benchmark", "watch")
+        print("deepalign-fast: terminated (SIGTERM); temporary files were removed" +
+              (", and rerunning the same command resumes" if resumes else ""),
+              file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         if debug:

@@ -230,8 +230,9 @@ class TransformSet:
         _check_reach(affines, source)
         flagged = data.get("flagged", [])
         if not isinstance(flagged, list) or not all(
-                _is_int(z) and 0 <= z < n for z in flagged):
-            raise DeepAlignError(f"{source}: 'flagged' must list slice numbers 0..{n - 1}")
+                _is_int(z) and 0 <= z < n for z in flagged) or len(set(flagged)) < len(flagged):
+            raise DeepAlignError(f"{source}: 'flagged' must list slice numbers 0..{n - 1}, "
+                                 "each once")
         residuals = _optional_floats(data.get("residuals", []), n, source, "residuals")
         folding = _optional_floats(data.get("folding", []), n, source, "folding")
         notes = data.get("notes", {})

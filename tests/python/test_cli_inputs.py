@@ -265,3 +265,53 @@ def test_apply_takes_label_stacks_of_any_integer_type(src: Path, tmp_path: Path,
                  str(tmp_path / "lin.tif"), "--interpolation", "linear", "--quiet"]) == 2
     err = _one_line(capsys)
     assert "uint64 is not supported" in err and "never labels to float32" in err
+
+
+def test_outputs_named_for_another_format(src: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--report x.png wrote HTML under that name; --transforms t.fields.zarr wrote a JSON file
+    there and t.fields.zarr.fields.zarr beside it: refused in one line, nothing written."""
+    for argv in (["--report", str(tmp_path / "r.png")],
+                 ["--transforms", str(tmp_path / "t.fields.zarr"), "--mode", "elastic"]):
+        assert main(["align", str(src), "-o", str(tmp_path / "a.tif"), *argv, "--quiet"]) == 2
+        assert "is written as" in _one_line(capsys)
+    assert main(["report", str(src), str(src), "-o", str(tmp_path / "r.png")]) == 2
+    assert "is written as an HTML page" in _one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]
+
+
+def test_watch_options_are_named_as_flags(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--threads -2 named "num_threads"; --stop-file /etc/passwd (or ../STOP) was taken as a
+    path outside FOLDER, and stopped the watch at once."""
+    (tmp_path / "in").mkdir()
+    for argv, words in ((["--threads", "-2"], "--threads must be >= 0"),
+                        (["--stop-file", "/etc/passwd"], "(--stop-file) must be a file name"),
+                        (["--stop-file", "../STOP"], "(--stop-file) must be a file name")):
+        assert main(["watch", str(tmp_path / "in"), "-o", str(tmp_path / "o.ome.zarr"),
+                     "--idle-timeout", "1", *argv]) == 2
+        assert words in _one_line(capsys)
+    assert not (tmp_path / "o.ome.zarr").exists()
+
+
+def test_a_repeated_flagged_slice_is_refused(src: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["align", str(src), "-o", str(tmp_path / "a.tif"), "--quiet"]) == 0
+    tf = tmp_path / "a.transforms.json"
+    data = json.loads(tf.read_text())
+    tf.write_text(json.dumps({**data, "flagged": [3, 3]}))
+    capsys.readouterr()
+    assert main(["apply", str(tf), str(src), "-o", str(tmp_path / "b.tif")]) == 2
+    assert "'flagged' must list slice numbers 0..5, each once" in _one_line(capsys)
+
+
+def test_sigterm_says_resume_only_where_a_rerun_resumes(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from deepalign_fast import cli
+
+    def terminated(args: object) -> int:
+        raise cli._Terminated()
+    monkeypatch.setattr(cli, "_cmd_config", terminated)
+    assert main(["config", "--defaults"]) == 143
+    err = _one_line(capsys)
+    assert "terminated (SIGTERM)" in err and "resumes" not in err

@@ -386,7 +386,8 @@ def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
                                      num_threads)
         if blocked.all():
             raise DeepAlignError(f"mask leaves no undamaged node on the {grid_step}-px grid; "
-                                 "lower grid_step")
+                                 "mark less of the section as damaged (API: a smaller "
+                                 "grid_step)")
     if matches is not None:
         pr = np.asarray(matches[0], np.float64).reshape(-1, 2)
         pm = np.asarray(matches[1], np.float64).reshape(-1, 2)
