@@ -8,6 +8,7 @@ is carried as nanometres.
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,23 @@ __all__ = ["MRC_SUFFIXES", "MrcStackReader", "mrc_voxel_size"]
 MRC_SUFFIXES = (".mrc", ".st", ".ali", ".rec", ".mrcs")
 
 
+def _short_of(mrc: Any, path: Path) -> str | None:
+    """What the header promises against what the file holds, if the header can say."""
+    try:
+        import mrcfile.utils
+
+        h = mrc.header
+        dtype = mrcfile.utils.data_dtype_from_header(h)
+        want = 1024 + int(h.nsymbt) + int(h.nx) * int(h.ny) * int(h.nz) * dtype.itemsize
+        have = path.stat().st_size
+    except Exception:  # an unknown mode, a header beyond repair: the warning says it
+        return None
+    if have >= want:
+        return None
+    return (f"the header promises {int(h.nz)} sections of {int(h.ny)} x {int(h.nx)} "
+            f"{dtype.name} ({want} bytes with the header), the file holds {have}")
+
+
 def _open(path: Path) -> Any:
     try:
         import mrcfile
@@ -28,7 +46,19 @@ def _open(path: Path) -> Any:
         raise DeepAlignError(f"{path}: reading MRC files needs the mrcfile package: "
                              "pip install mrcfile") from exc
     try:
-        return mrcfile.mmap(str(path), mode="r", permissive=True)
+        # permissive: what is wrong is warned, and the data left out (None): the warning is
+        # the message (a truncated file, a size the file cannot hold, an unknown mode)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mrc = mrcfile.mmap(str(path), mode="r", permissive=True)
+        if mrc.data is None and caught:
+            why = _short_of(mrc, path) or str(caught[-1].message)
+            mrc.close()
+            raise DeepAlignError(f"{path}: not a readable MRC file ({why}); it is probably "
+                                 "truncated or corrupt.")
+        return mrc
+    except DeepAlignError:
+        raise
     except Exception as exc:  # mrcfile raises ValueError/OSError/... for bad headers
         if isinstance(exc, OSError) and exc.errno is not None:  # the system's: open_stack
             raise  # names it (permissions, I/O)

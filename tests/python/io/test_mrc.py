@@ -53,3 +53,22 @@ def test_bad_mrc_is_one_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not an mrc file" * 10)
     with pytest.raises(DeepAlignError, match="bad.mrc"):
         open_stack(bad)
+
+
+def test_truncated_mrc_says_what_is_missing(mrc_path: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated file or an unknown mode (were: "the MRC file holds no data", after two raw
+    RuntimeWarning lines from mrcfile): one line saying what the header promises."""
+    from deepalign_fast.cli import main
+
+    data = mrc_path.read_bytes()
+    short = tmp_path / "short.mrc"
+    short.write_bytes(data[: len(data) // 2])
+    mode = tmp_path / "mode.mrc"
+    mode.write_bytes(data[:12] + (99).to_bytes(4, "little") + data[16:])
+    for path, words in ((short, f"the file holds {len(data) // 2}"),
+                        (mode, "Unrecognised mode '99'")):
+        capsys.readouterr()
+        assert main(["align", str(path), "-o", str(tmp_path / "o.tif")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "truncated or corrupt" in err, err
