@@ -721,6 +721,7 @@ class OutputPlan:
                     f"{os.readlink(out.path)}); name the real destination instead.")
             for ip, iflag, ir in ins:
                 self._check_against_input(out, r, ip, iflag, ir)
+            _check_not_in_store(out.path, r, out.flag)
             for other, ro in seen:
                 if r == ro or r.is_relative_to(ro) or ro.is_relative_to(r):
                     raise DeepAlignError(
@@ -811,6 +812,23 @@ class OutputPlan:
 
     def primary(self) -> list[Path]:
         return [o.path for o in self.outputs]
+
+
+def _check_not_in_store(path: Path, resolved: Path, flag: str) -> None:
+    """Refuse an output inside a Zarr store (a store is replaced or deleted whole, and a
+    foreign file inside one of ours blocks that), except an NGFF label image
+    ``IMAGE/labels/NAME``, which belongs there."""
+    def is_store(folder: Path) -> bool:
+        return any(os.path.isfile(folder / name) for name in _ZARR_METADATA)
+
+    if resolved.parent.name == "labels" and is_store(resolved.parent.parent):
+        return  # (its own checks: io.label_target)
+    for store in resolved.parents:
+        if not is_store(store):
+            continue
+        raise DeepAlignError(f"{path}: {_flag_text(flag)}lies inside the Zarr store {store}; "
+                             "write it elsewhere (a store is replaced whole, and a file of "
+                             "another kind inside it would stop that).")
 
 
 def _flag_text(flag: str) -> str:

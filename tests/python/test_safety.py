@@ -1244,3 +1244,23 @@ def test_outputs_named_dot_or_root(src: Path, tmp_path: Path, monkeypatch: pytes
         assert main(argv) == 2
         line = _one_line(capsys.readouterr().err)
         assert "PosixPath" not in line and ("name the output" in line or "suffix" in line), line
+
+
+def test_an_output_inside_a_zarr_store_is_refused(src: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A report or TIFF written inside an output store (were: accepted, after which the store
+    held a file that is not Zarr data and `--overwrite` refused to replace it); an NGFF
+    label image IMAGE/labels/NAME still goes there."""
+    out = tmp_path / "a.ome.zarr"
+    assert _align(str(src), "-o", str(out)) == 0
+    tf = str(tmp_path / "a.ome.zarr.transforms.json")
+    for argv in (["report", str(src), str(src), "-o", str(out / "r.html")],
+                 ["apply", tf, str(src), "-o", str(out / "new.tif")],
+                 ["apply", tf, str(src), "-o", str(out / "labels" / "x" / "y.ome.zarr")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert f"lies inside the Zarr store {out}" in _one_line(capsys.readouterr().err)
+    labels = tmp_path / "labels.tif"
+    tifffile.imwrite(labels, (_stack() > 128).astype(np.uint8))
+    assert main(["apply", tf, str(labels), "-o", str(out / "labels" / "cells"), "--quiet"]) == 0
+    assert _align(str(src), "-o", str(out), "--overwrite") == 0
