@@ -596,6 +596,19 @@ _READ_HINTS = {**_ERRNO_HINTS,
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
+def _nearly_full(path: str | os.PathLike[str]) -> bool:
+    """Whether the file system of ``path`` has less than 64 MiB free (or cannot say)."""
+    import shutil
+
+    folder = Path(os.path.abspath(path))
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        return True
+
+
 def os_error(exc: OSError, path: str | os.PathLike[str] | None, doing: str = "", *,
              reading: bool = False) -> DeepAlignError:
     """One-line error for an ``OSError``: bad input (missing file, wrong kind) or an
@@ -603,7 +616,8 @@ def os_error(exc: OSError, path: str | os.PathLike[str] | None, doing: str = "",
     the operation read an input (the hints say so)."""
     where = path if path is not None else (exc.filename or "?")
     if exc.errno is None and _SHORT_WRITE.search(str(exc)):
-        exc = OSError(errno.ENOSPC, str(exc))  # numpy's short write: the disk filled up
+        # numpy's short write: the disk filled up, or the device failed (an I/O error)
+        exc = OSError(errno.ENOSPC if _nearly_full(where) else errno.EIO, str(exc))
     hints = _READ_HINTS if reading else _ERRNO_HINTS
     hint = hints.get(exc.errno or 0, exc.strerror or str(exc))
     text = f"{where}: {doing}: {hint}" if doing else f"{where}: {hint}"

@@ -343,22 +343,30 @@ def test_a_failed_run_removes_the_folders_it_created(src: Path, tmp_path: Path,
 # --- 3/4. environment failures, temp files, locks --------------------------------------------
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    OSError("196608 requested and 167584 written"),  # numpy's short write: no errno
+@pytest.mark.parametrize(("error", "free", "words"), [
+    (OSError(errno.ENOSPC, "No space left on device"), 10**12, "disk is full"),
+    # numpy's short write has no errno: the disk filled up, or the device failed
+    (OSError("196608 requested and 167584 written"), 10**6, "disk is full"),
+    (OSError("196608 requested and 167584 written"), 10**12, "input/output error"),
 ])
 def test_disk_full_while_writing(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str], error: OSError) -> None:
-    """ENOSPC in the TIFF writer: exit 1, one line, no output, no transforms, no temp file."""
+                                 capsys: pytest.CaptureFixture[str], error: OSError,
+                                 free: int, words: str) -> None:
+    """ENOSPC in the TIFF writer: exit 1, one line, no output, no transforms, no temp file. A
+    short write on a disk with space left is an I/O error (was: always "the disk is full")."""
+    import shutil
+
     from tifffile import TiffWriter
 
     def full(self: Any, *a: Any, **k: Any) -> None:
         raise error
 
     monkeypatch.setattr(TiffWriter, "write", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(  # type: ignore[attr-defined]
+        2 * free, free, free))
     before = _snapshot(tmp_path)
     assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 1
-    assert "disk is full" in _one_line(capsys.readouterr().err)
+    assert words in _one_line(capsys.readouterr().err)
     after = _snapshot(tmp_path)
     stray = set(after) - set(before)
     # only the estimation checkpoint (a rerun resumes from it) may remain

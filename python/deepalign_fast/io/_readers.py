@@ -306,6 +306,13 @@ class FolderStackReader(StackReader):
                 f".png are; {len(other)} such file(s) here); convert it to one of those, or "
                 "move it out of the folder if it is not a slice")
         files.sort(key=lambda f: natural_key(f.name))
+        seen: dict[tuple[tuple[int, int | str], ...], Path] = {}
+        for f in files:  # (two files of one slice: their order would be a guess)
+            a = seen.setdefault(tuple(natural_key(f.stem)), f)
+            if a is not f:
+                raise DeepAlignError(
+                    f"{f}: names the same slice as {a.name} (the numbers in the names order "
+                    "the slices); remove or rename one of them")
         self.files = files
         first_shape, first_dtype = _slice_header(files[0])
         for f in files[1:]:
@@ -579,13 +586,22 @@ def open_stack(
     return reader
 
 
+def _several(reader: StackReader, allow_single: bool) -> StackReader:
+    """``reader``, refused (closed) when it holds one slice and ``allow_single`` is not set:
+    a store or file of one section, as a single 2-D image is."""
+    if len(reader) == 1 and not allow_single:
+        reader.close()
+        raise _single_error(reader.path)
+    return reader
+
+
 def _open_stack(p: Path, key: str | None, allow_single: bool, labels: bool = False
                 ) -> StackReader:
     if not p.exists():
         raise DeepAlignError(f"{p}: no such file or folder.")
     if p.is_dir():
         if _is_zarr_dir(p):
-            return ZarrStackReader(p, key=key, labels=labels)
+            return _several(ZarrStackReader(p, key=key, labels=labels), allow_single)
         if key is not None:
             raise DeepAlignError(f"{p}: key= applies to Zarr stores only; this is a folder.")
         reader = FolderStackReader(p, labels=labels)
@@ -602,7 +618,8 @@ def _open_stack(p: Path, key: str | None, allow_single: bool, labels: bool = Fal
     if suffix in TIFF_SUFFIXES:
         return TiffStackReader(p, allow_single=allow_single, labels=labels)
     if suffix in MRC_SUFFIXES:
-        return MrcStackReader(p, allow_single=allow_single, labels=labels)
+        return _several(MrcStackReader(p, allow_single=allow_single, labels=labels),
+                        allow_single)
     if suffix == ".png":
         if not allow_single:
             raise _single_error(p)

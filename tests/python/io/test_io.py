@@ -688,3 +688,23 @@ def test_an_unreadable_stack_is_the_environment_not_the_input(
     assert main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--quiet"]) == exit_status
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and str(named) in err
+
+
+def test_one_section_stores_and_duplicate_slice_names(tmp_path):
+    """A one-section Zarr or MRC stack is refused as a one-page TIFF is (was: "aligned 1
+    slices"); two files naming one slice (s1.tif and s01.tif, s3.tif and s3.png) are
+    refused, naming both (were: both taken, in an order that was a guess)."""
+    zarr.save_array(str(tmp_path / "one.zarr"), np.zeros((1, 16, 16), np.uint8))
+    with pytest.raises(DeepAlignError, match="one.zarr: holds a single 2-D image"):
+        open_stack(tmp_path / "one.zarr")
+    with open_stack(tmp_path / "one.zarr", allow_single=True) as r:
+        assert len(r) == 1
+    for names, later, earlier in ((("s1.tif", "s01.tif", "s2.tif"), "s1.tif", "s01.tif"),
+                                  (("s3.tif", "s3.png", "s4.tif"), "s3.tif", "s3.png")):
+        folder = tmp_path / names[1].replace(".", "_")
+        folder.mkdir()
+        for name in names:
+            cv2.imwrite(str(folder / name), np.zeros((8, 8), np.uint8))
+        with pytest.raises(DeepAlignError, match="names the same slice as") as err:
+            open_stack(folder)
+        assert later in str(err.value) and earlier in str(err.value)
