@@ -865,7 +865,12 @@ def _cmd_register(args: argparse.Namespace) -> int:
     plan.output(args.output, "-o")
     plan.check()
     fixed, moving = read_image(args.fixed), read_image(args.moving)
-    mask = None if args.mask is None else read_image(args.mask)
+    try:
+        mask = None if args.mask is None else read_image(args.mask)
+    except DeepAlignError as exc:  # "MASK: holds 8 slices ...": say which input it is
+        text = str(exc)
+        raise DeepAlignError(text.replace(f"{args.mask}: ", f"{args.mask}: (--mask) ", 1)) \
+            from None
     if args.output.suffix.lower() == ".png" and moving.dtype.name not in ("uint8", "uint16"):
         # (OpenCV would write it as 8-bit, its values truncated)
         raise DeepAlignError(f"{args.output}: (-o) PNG holds 8- or 16-bit integers, but "
@@ -882,8 +887,13 @@ def _cmd_register(args: argparse.Namespace) -> int:
         raise DeepAlignError(f"{args.mask}: (--mask) is {size(mask)} but {args.moving} "
                              f"(MOVING) is {size(moving)}; the mask marks damage in the moving "
                              "image's pixels")
-    res = register_pair(fixed, moving, mask=mask, features=args.features,
-                        n_clusters=args.clusters, k=args.k, num_threads=args.threads)
+    try:
+        res = register_pair(fixed, moving, mask=mask, features=args.features,
+                            n_clusters=args.clusters, k=args.k, num_threads=args.threads)
+    except DeepAlignError as exc:  # what is wrong with the mask: name the file
+        if mask is None or "mask" not in str(exc):
+            raise
+        raise DeepAlignError(f"{args.mask}: (--mask) {exc}") from None
     if not res:
         raise DeepAlignError(f"{args.moving}: registration failed: {res.reason}")
     out = res.warp(moving, mask_damage=args.blank_damage)

@@ -108,6 +108,12 @@ def test_register_names_both_files_and_sizes(tmp_path: Path, rng: np.random.Gene
         in err
     assert main(["register", str(fixed), str(fixed), "--mask", str(small), "-o", out]) == 2
     assert "small.tif: (--mask) is 16 x 16 px but" in _one_line(capsys)
+    assert main(["register", str(fixed), str(fixed), "--mask", str(many), "-o", out]) == 2
+    assert "many.tif: (--mask) holds 3 slices" in _one_line(capsys)
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, np.full(stack[0].shape, 255, np.uint8))
+    assert main(["register", str(fixed), str(fixed), "--mask", str(full), "-o", out]) == 2
+    assert "full.tif: (--mask) mask covers the whole moving section" in _one_line(capsys)
     # was: "a folder of slices needs one 2-D image per file"
     assert main(["register", str(fixed), str(many), "-o", out]) == 2
     err = _one_line(capsys)
