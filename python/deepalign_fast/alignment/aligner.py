@@ -784,6 +784,9 @@ class _StreamState:
         self.shape: tuple[int, int] | None = None
         self.dtype: Any = None
         self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
+        # keep: the steady stage drift corrected so far (output px, x and y; SolveResult.
+        # steep_drift summed over the emitted slices), zero at the first
+        self.steep_shift = np.zeros(2)
         self.refine: Refiner | None = None
         self.last: tuple[int, np.ndarray, np.ndarray] | None = None  # emitted: z, image, affine
         self.flagged: list[int] = []
@@ -862,8 +865,16 @@ class _StreamState:
         if opts.slow_drift == "follow" and self.previous is not None and z - 1 - lo >= 0:
             carry = compose(self.previous, solved.affines[z - 1 - lo])
 
+        steep = solved.steep_drift
+        if steep is not None and self.transforms:
+            self.steep_shift = self.steep_shift + steep
+
         def in_stream(k: int) -> np.ndarray:
             a_k = solved.affines[k - lo]
+            if steep is not None:  # the output shifted by the drift corrected up to slice k
+                shift = self.steep_shift + (k - z) * steep
+                a_k = a_k.copy()
+                a_k[:, 2] -= a_k[:, :2] @ shift
             return a_k if carry is None else invert(compose(carry, invert(a_k)))
 
         a = in_stream(z)

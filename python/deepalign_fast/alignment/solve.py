@@ -200,6 +200,11 @@ class SolveResult:
     prior_spread: dict[str, float] | None = None
     # Why each flagged slice was flagged: a key of FLAG_REASONS.
     flag_reasons: dict[int, str] = field(default_factory=dict)
+    # Where "keep" kept a Gaussian trend of similar slices (noise_model=False: a window of
+    # the stream): how much steeper its straight line is than the anatomy moves (px per
+    # slice, x and y, in the output frame), a steady stage drift the stream corrects slice
+    # by slice (the whole-stack solve corrects it in the trend itself: _steep_excess).
+    steep_drift: NDArray[np.float64] | None = None
 
 
 def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
@@ -1395,6 +1400,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     b_pix = invert(_to_pixels(theta, shape))  # slice -> output, pixels
     final = b_pix
     motion = None
+    steep = None
     outliers: list[int] = []
     if n > 1 and slow_drift != "none":
         good = np.setdiff1d(np.arange(n), flagged)
@@ -1435,6 +1441,11 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
             trend, trend_src = slow(good)
         if modelled and _uses_noise_model(good.size, drift_sigma):
             motion = _stage_motion(trend_src, shape, np.isin(np.arange(n), good), apart)
+        if similar and slow_drift == "keep" and not modelled and good.size >= 3 and \
+                drift_sigma > 0:
+            ctr_s = trend[:, :, :2] @ centre + trend[:, :, 2]
+            steep = _steep_excess(ctr_s, np.isin(np.arange(n), good), ANATOMY_SLOPE * apart)
+            steep = steep[1] - steep[0] if n > 1 else None  # per slice
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.
@@ -1444,4 +1455,4 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         final = place_flagged(final, flagged, shape)
     return SolveResult(invert(final), residuals, flagged,
                        {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
-                       motion, outliers, spread_pct, reasons)
+                       motion, outliers, spread_pct, reasons, steep)
