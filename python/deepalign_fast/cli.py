@@ -485,13 +485,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if ts.fields is not None:
         plan.input(ts.fields.path, "fields")
         plan.check()
+    from .io import open_stack
+
+    with open_stack(args.input, labels=args.interpolation == "nearest") as reader:
+        full, data = reader.shape, reader.data_paths()  # (headers only)
     if args.scale != 1.0:
         # A binned stack's side is the full one's divided and rounded either way (255 px
         # binned by 2: 127 or 128): a full-resolution stack within that rounding matches.
-        from .io import open_stack
-
-        with open_stack(args.input) as reader:
-            full = reader.shape
         fits = all(abs(full[i] / args.scale - ts.input_shape[i]) * min(1.0, args.scale) < 1
                    for i in (1, 2))  # (within a pixel of the coarser of the two)
         ts = ts.rescaled(args.scale, (len(ts), full[1], full[2]) if fits else None)
@@ -525,7 +525,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     ckpt = Checkpoint.for_run(Path(args.input), args.output, (len(ts), *ts.output_shape), {
         "command": "apply", "transforms": hashlib.sha256(args.transforms.read_bytes()).hexdigest(),
         "scale": args.scale, "interpolation": args.interpolation}, {
-        "compression": compression, **physical})
+        "compression": compression, **physical}, data=data)
     assert ckpt is not None
     with plan.prepared(), _lock(plan):
         plan.check()

@@ -615,10 +615,14 @@ def os_error(exc: OSError, path: str | os.PathLike[str] | None, doing: str = "",
     :class:`EnvironmentFailure` (full disk, read-only, permissions, I/O error). ``reading``:
     the operation read an input (the hints say so)."""
     where = path if path is not None else (exc.filename or "?")
-    if exc.errno is None and _SHORT_WRITE.search(str(exc)):
-        # numpy's short write: the disk filled up, or the device failed (an I/O error)
-        exc = OSError(errno.ENOSPC if _nearly_full(where) else errno.EIO, str(exc))
     hints = _READ_HINTS if reading else _ERRNO_HINTS
+    if exc.errno is None and _SHORT_WRITE.search(str(exc)):
+        # numpy's short write: the disk filled up, a quota, or the device failed
+        exc = OSError(errno.ENOSPC, str(exc))
+        hints = hints if _nearly_full(where) else {
+            errno.ENOSPC: "the write stopped short: the disk quota is exceeded or the device "
+                          "failed (the disk has space left); check the quota, or write "
+                          "elsewhere"}
     hint = hints.get(exc.errno or 0, exc.strerror or str(exc))
     text = f"{where}: {doing}: {hint}" if doing else f"{where}: {hint}"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
@@ -829,16 +833,17 @@ class OutputPlan:
 
 
 def _check_not_in_store(path: Path, resolved: Path, flag: str) -> None:
-    """Refuse an output inside a Zarr store (a store is replaced or deleted whole, and a
-    foreign file inside one of ours blocks that), except an NGFF label image
-    ``IMAGE/labels/NAME``, which belongs there."""
+    """Refuse an output inside a Zarr store this tool wrote (such a store is replaced or
+    deleted whole, and a foreign file inside it blocks that), except an NGFF label image
+    ``IMAGE/labels/NAME``, which belongs there. Other Zarr hierarchies are the user's to
+    organise (``project.zarr/aligned.ome.zarr``)."""
     def is_store(folder: Path) -> bool:
         return any(os.path.isfile(folder / name) for name in _ZARR_METADATA)
 
     if resolved.parent.name == "labels" and is_store(resolved.parent.parent):
         return  # (its own checks: io.label_target)
     for store in resolved.parents:
-        if not is_store(store):
+        if not is_store(store) or STORE_MARK not in _store_attrs(store):
             continue
         raise DeepAlignError(f"{path}: {_flag_text(flag)}lies inside the Zarr store {store}; "
                              "write it elsewhere (a store is replaced whole, and a file of "
@@ -925,22 +930,29 @@ def checkpoint_path_for(output: str | os.PathLike[str]) -> Path:
     return p.with_name(f".{p.name}.deepalign.resume.json")
 
 
-def _input_files(path: Path) -> dict[str, tuple[int, int]]:
+def _input_files(path: Path, data: Sequence[Path] | None = None
+                 ) -> dict[str, tuple[int, int]]:
     """Size and modification time of the file ``path`` (key ""), or of every file in the
-    folder (a folder of slices, a Zarr store), keyed by relative path."""
+    folder (a folder of slices, a Zarr store), keyed by relative path; ``data``: only these
+    files and folders in it (:meth:`~deepalign_fast.io.StackReader.data_paths`: a folder's
+    slices, a Zarr group's array; a log file the microscope writes beside them is not the
+    input)."""
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         return {"": (st.st_size, st.st_mtime_ns)}
     found: dict[str, tuple[int, int]] = {}
-    for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(folder, name)
-            try:
-                fst = os.stat(full)
-            except OSError:  # vanished while listed: the listing still differs
-                continue
-            found[os.path.relpath(full, path)] = (fst.st_size, fst.st_mtime_ns)
+    for top in (path,) if data is None else data:
+        walked = os.walk(top) if os.path.isdir(top) else [(os.path.dirname(top) or ".", [],
+                                                            [os.path.basename(top)])]
+        for folder, dirs, files in walked:
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(folder, name)
+                try:
+                    fst = os.stat(full)
+                except OSError:  # vanished while listed: the listing still differs
+                    continue
+                found[os.path.relpath(full, path)] = (fst.st_size, fst.st_mtime_ns)
     return found
 
 
@@ -972,6 +984,11 @@ def _changed_file(source: Path, before: dict[str, tuple[int, int]],
                     else "was rewritten")
             return f"{source / rel if rel else source} {what}"
     return f"{source} was rewritten"
+
+
+# Inputs of up to this many files keep their listing during a run, to name a changed one
+# (about 200 bytes each); larger ones (a Zarr store of many chunks) keep the digest only.
+_LISTED = 100_000
 
 
 # Version of the checkpoint contents: a checkpoint of another version is ignored (the run
@@ -1050,24 +1067,30 @@ class Checkpoint:
     path: Path
     key: dict[str, Any]
     outputs: list[Path] = field(default_factory=list)
-    #: The input and its files as the run found them (:meth:`check_input`).
+    #: The input, the paths its slices are read from, and their files as the run found them
+    #: (:meth:`check_input`; the listing only up to _LISTED files, else its digest alone).
     source: Path | None = None
-    files: dict[str, tuple[int, int]] = field(default_factory=dict)
+    data: list[Path] | None = None
+    files: dict[str, tuple[int, int]] | None = None
 
     @classmethod
     def for_run(cls, source: Path | None, output: str | os.PathLike[str],
                 shape: tuple[int, int, int], options: dict[str, Any],
-                written: dict[str, Any] | None = None) -> Checkpoint | None:
+                written: dict[str, Any] | None = None, *,
+                data: Sequence[Path] | None = None) -> Checkpoint | None:
         """The checkpoint of aligning file/folder ``source`` into ``output`` (None: in-memory
         input, which cannot be resumed); ``written``: what else decides the outputs (their
-        voxel size and unit), so a rerun that would write them otherwise is another run."""
+        voxel size and unit), so a rerun that would write them otherwise is another run;
+        ``data``: the paths in ``source`` the slices are read from (default: all of it)."""
         if source is None:
             return None
-        files = _input_files(source)
+        data = None if data is None else [Path(p) for p in data]
+        files = _input_files(source, data)
         key = {"format": CHECKPOINT_FORMAT, "input": _input_identity(source, files),
                "shape": [int(s) for s in shape], "options": json.loads(json.dumps(options)),
                "written": json.loads(json.dumps(written or {}))}
-        return cls(checkpoint_path_for(output), key, source=Path(source), files=files)
+        return cls(checkpoint_path_for(output), key, source=Path(source), data=data,
+                   files=files if len(files) <= _LISTED else None)
 
     def check_input(self) -> None:
         """Refuse to put outputs in place when the input changed during the run (a slice file
@@ -1082,14 +1105,16 @@ class Checkpoint:
         if self.source is None:
             return
         try:
-            now = _input_files(self.source)
+            now = _input_files(self.source, self.data)
         except OSError:
             now = {}
-        if now != self.files:
+        if _input_identity(self.source, now) != self.key["input"]:
+            what = f"{self.source} was changed" if self.files is None else \
+                _changed_file(self.source, self.files, now)
+            self.remove()  # its estimation is of the old input
             raise InputChanged(
-                f"{_changed_file(self.source, self.files, now)} while the run read it; "
-                "nothing was put in place under the outputs' names. Rerun once the input is "
-                "complete and unchanged.")
+                f"{what} while the run read it; nothing was put in place under the outputs' "
+                "names. Rerun once the input is complete and unchanged.")
 
     def digest(self) -> str:
         """A short digest of :attr:`key` (the input, the options, what else decides the

@@ -266,6 +266,20 @@ def test_apply_takes_label_stacks_of_any_integer_type(src: Path, tmp_path: Path,
                     got = r.read(z)
                     assert set(np.unique(got)) <= set(np.unique(labels[z])) | {0}
                     np.testing.assert_array_equal(got.view(np.uint16)[:, ::k], ref)
+    # transforms of a 2x binned copy, applied to the full-size labels (was: refused)
+    import cv2
+
+    small = np.stack([cv2.resize(s, (48, 48), interpolation=cv2.INTER_AREA)
+                      for s in tifffile.imread(src)])
+    tifffile.imwrite(tmp_path / "small.tif", small, photometric="minisblack")
+    assert main(["align", str(tmp_path / "small.tif"), "-o", str(tmp_path / "b.tif"),
+                 "--quiet"]) == 0
+    assert main(["apply", str(tmp_path / "b.transforms.json"), str(path), "--scale", "2",
+                 "-o", str(tmp_path / "scaled.tif"), "--quiet"]) == 0
+    from deepalign_fast.io import open_stack
+
+    with open_stack(tmp_path / "scaled.tif", labels=True) as r:
+        assert r.dtype == np.uint64 and r.shape == (6, 96, 96)
     capsys.readouterr()
     assert main(["apply", str(tmp_path / "a.transforms.json"), str(path), "-o",
                  str(tmp_path / "lin.tif"), "--interpolation", "linear", "--quiet"]) == 2

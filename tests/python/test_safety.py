@@ -347,11 +347,13 @@ def test_a_failed_run_removes_the_folders_it_created(src: Path, tmp_path: Path,
     (OSError(errno.ENOSPC, "No space left on device"), 10**12, "disk is full"),
     # numpy's short write has no errno: the disk filled up, or the device failed
     (OSError("196608 requested and 167584 written"), 10**6, "disk is full"),
-    (OSError("196608 requested and 167584 written"), 10**12, "input/output error"),
+    # full while the unfinished file takes its space (was: read after it was deleted)
+    (OSError("196608 requested and 167584 written"), None, "disk is full"),
+    (OSError("196608 requested and 167584 written"), 10**12, "quota is exceeded or the device"),
 ])
 def test_disk_full_while_writing(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str], error: OSError,
-                                 free: int, words: str) -> None:
+                                 free: int | None, words: str) -> None:
     """ENOSPC in the TIFF writer: exit 1, one line, no output, no transforms, no temp file. A
     short write on a disk with space left is an I/O error (was: always "the disk is full")."""
     import shutil
@@ -362,8 +364,11 @@ def test_disk_full_while_writing(src: Path, tmp_path: Path, monkeypatch: pytest.
         raise error
 
     monkeypatch.setattr(TiffWriter, "write", full)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(  # type: ignore[attr-defined]
-        2 * free, free, free))
+    def usage(_: Any) -> Any:
+        left = free if free is not None else \
+            (10**6 if any(tmp_path.glob(".o.tif.deepalign-*")) else 10**12)
+        return shutil._ntuple_diskusage(2 * left, left, left)  # type: ignore[attr-defined]
+    monkeypatch.setattr(shutil, "disk_usage", usage)
     before = _snapshot(tmp_path)
     assert _align(str(src), "-o", str(tmp_path / "o.tif")) == 1
     assert words in _one_line(capsys.readouterr().err)
@@ -1175,15 +1180,18 @@ def test_a_store_left_aside_by_a_killed_replace_is_removed_and_a_link_never_foll
     assert not os.path.lexists(aside) and (keep / "x").is_dir() and other.is_dir()
 
 
-@pytest.mark.parametrize("suffix", [".tif", ".ome.zarr"])
+@pytest.mark.parametrize(("suffix", "mode"), [(".tif", "affine"), (".ome.zarr", "affine"),
+                                             (".tif", "elastic")])
 def test_an_input_changed_during_the_run_is_not_published(tmp_path: Path, suffix: str,
+                                                          mode: str,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]
                                                           ) -> None:
     """A slice file of a folder input replaced while the run reads it: slices of the old and
     the new input would be mixed under the old transforms (was: exit 0, output slice 10 was
-    slice 150's image). The run stops before anything is put in place, naming the file; the
-    same command afterwards aligns the input as it then is."""
+    slice 150's image). The run stops before anything is put in place (a refined run's
+    field store included), naming the file; the same command afterwards aligns the input as
+    it then is. A file that is not a slice (a microscope's log) may change meanwhile."""
     from deepalign_fast.outputs import Checkpoint
 
     folder = tmp_path / "slices"
@@ -1194,18 +1202,28 @@ def test_an_input_changed_during_the_run_is_not_published(tmp_path: Path, suffix
 
     def save_then_replace(self: Checkpoint, *a: Any, **k: Any) -> None:
         real_save(self, *a, **k)  # the estimate is done; rendering starts next
+        (folder / "acquisition.log").write_text("slice 8 acquired\n")  # not the input
         (folder / "s03.tif").write_bytes((folder / "s06.tif").read_bytes())
     monkeypatch.setattr(Checkpoint, "save", save_then_replace)
     out = tmp_path / f"out{suffix}"
     capsys.readouterr()
-    assert _align(str(folder), "-o", str(out)) == 2
+    assert _align(str(folder), "-o", str(out), "--mode", mode) == 2
     line = _one_line(capsys.readouterr().err)
     assert f"{folder / 's03.tif'} was rewritten while the run read it" in line, line
-    assert not out.exists() and not transforms_path_for(out).exists()
+    # nothing under an output's name, no resume record (an unfinished field store is
+    # started again by the next refined run)
+    left = {p.name for p in tmp_path.iterdir()} - {"slices"}
+    assert left <= {"out.fields.zarr.partial"}, left
     monkeypatch.setattr(Checkpoint, "save", real_save)
-    assert _align(str(folder), "-o", str(out)) == 0
+    assert _align(str(folder), "-o", str(out), "--mode", mode) == 0
     with open_stack(out) as r:
         assert len(r) == 8
+
+    def save_then_log(self: Checkpoint, *a: Any, **k: Any) -> None:
+        real_save(self, *a, **k)
+        (folder / "acquisition.log").write_text("slice 9 acquired\n")
+    monkeypatch.setattr(Checkpoint, "save", save_then_log)
+    assert _align(str(folder), "-o", str(out), "--mode", mode, "--overwrite") == 0
 
 
 def test_apply_to_an_input_changed_during_the_run_is_not_published(
@@ -1272,3 +1290,16 @@ def test_an_output_inside_a_zarr_store_is_refused(src: Path, tmp_path: Path,
     tifffile.imwrite(labels, (_stack() > 128).astype(np.uint8))
     assert main(["apply", tf, str(labels), "-o", str(out / "labels" / "cells"), "--quiet"]) == 0
     assert _align(str(src), "-o", str(out), "--overwrite") == 0
+
+
+def test_an_output_inside_a_zarr_hierarchy_of_the_users_is_taken(src: Path,
+                                                                 tmp_path: Path) -> None:
+    """Only stores this tool wrote are closed to other outputs: a project's own Zarr group
+    may hold the aligned store and a report."""
+    import zarr
+
+    project = tmp_path / "project.zarr"
+    zarr.create_group(str(project), zarr_format=2)
+    assert _align(str(src), "-o", str(project / "aligned.ome.zarr"), "--report",
+                  str(project / "results" / "r.html")) == 0
+    assert (project / "aligned.ome.zarr").is_dir() and (project / "results" / "r.html").is_file()

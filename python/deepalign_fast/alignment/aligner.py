@@ -294,7 +294,8 @@ class Aligner:
                interpolation: str = "linear", progress: bool | None = None,
                writer_options: dict[str, Any] | None = None,
                fields_path: str | os.PathLike[str] | None = None,
-               before_publish: Callable[[TransformSet], None] | None = None
+               before_publish: Callable[[TransformSet], None] | None = None,
+               check: Callable[[], None] | None = None
                ) -> tuple[TransformSet, dict[str, float]]:
         """Warp every slice of ``stack`` once and write ``output``.
 
@@ -305,7 +306,9 @@ class Aligner:
         ``fields_path`` (default: next to ``output``) and a slice it could not refine keeps
         its affine (flagged if the refinement failed). The output (and the field store)
         appear only when complete; ``before_publish(new_transforms)`` runs just before the
-        output is renamed into place (``align_stack`` writes the transforms file there).
+        output is renamed into place (``align_stack`` writes the transforms file there);
+        ``check()`` runs before anything is put in place, the field store included (a raise
+        stops the render: the input changed).
         ``writer_options={"resume": True}`` continues an unfinished Zarr output, skipping
         its finished slices.
 
@@ -372,6 +375,8 @@ class Aligner:
 
             def publish() -> None:
                 nonlocal new
+                if check is not None:
+                    check()
                 if store is not None and refine is not None:
                     store.commit(fields_out)
                     new = replace(transforms, fields=store,
@@ -493,7 +498,7 @@ class Aligner:
             ckpt = Checkpoint.for_run(
                 reader_path(reader), out, reader.shape, asdict(self.options),
                 {"voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
-                 "unit": unit, "compression": compression})
+                 "unit": unit, "compression": compression}, data=reader.data_paths())
             saved = ckpt.load() if ckpt is not None else None
             resumed: AlignResult | None = None
             if saved is not None and ckpt is not None:
@@ -560,8 +565,6 @@ class Aligner:
                                           restart=ours, run=run)
 
                 def publish(rendered: TransformSet) -> None:
-                    if ckpt is not None:
-                        ckpt.check_input()
                     if ckpt is not None and fields_path is not None:  # refined: noted
                         ckpt.rendered(rendered.to_json(ckpt.path.parent))
                     if tpath is not None:
@@ -571,7 +574,8 @@ class Aligner:
                     rendered, stages = self.render(
                         reader, result.transforms, output, progress=progress,
                         fields_path=fields_path, writer_options=writer_options,
-                        before_publish=publish)
+                        before_publish=publish,
+                        check=None if ckpt is None else ckpt.check_input)
                 _unrefined(result, rendered)
             with ckpt.recording() if ckpt is not None else contextlib.nullcontext():
                 for path, write in extra:

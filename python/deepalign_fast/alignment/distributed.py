@@ -577,6 +577,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     with open_stack(src) as reader:
         n, h, w = reader.shape
         dtype = reader.dtype
+        data = reader.data_paths()
         physical: tuple[tuple[float, float, float], str] | None = (
             ((float(voxel_size[0]), float(voxel_size[1]), float(voxel_size[2])),
              unit or "pixel") if voxel_size is not None else voxel_size_of(reader))
@@ -596,7 +597,7 @@ def align_distributed(stack: str | os.PathLike[str], output: str | os.PathLike[s
     plan.check()
     ckpt = Checkpoint.for_run(src, out, (n, h, w), opts_d, {
         "voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
-        "unit": unit})
+        "unit": unit}, data=data)
     assert ckpt is not None  # a path input
     ckpt.outputs = [*(p for p in (tpath, out) if p is not None), *(p for p, _ in extra)]
     saved = ckpt.load()

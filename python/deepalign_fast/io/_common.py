@@ -238,6 +238,12 @@ class StackReader(abc.ABC):
     def describe(self, i: int) -> str:
         """Where slice ``i`` lives, for messages: ``"stack.tif, slice 17"``, ``"slices/17.png"``."""
 
+    def data_paths(self) -> list[Path]:
+        """The files and folders whose content the slices are read from (for the check that
+        an input did not change during a run): the file itself; a folder's slice files; a
+        Zarr group's array."""
+        return [self.path]
+
     def close(self) -> None:  # noqa: B027 - readers without open files need no override
         """Release open files. Idempotent."""
 

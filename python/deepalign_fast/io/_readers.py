@@ -335,6 +335,9 @@ class FolderStackReader(StackReader):
     def describe(self, i: int) -> str:
         return str(self.files[i])
 
+    def data_paths(self) -> list[Path]:
+        return list(self.files)
+
     def _read(self, i: int) -> np.ndarray:
         return _read_slice_file(self.files[i])
 
@@ -479,6 +482,9 @@ class ZarrStackReader(StackReader):
 
     def describe_array(self) -> str:
         return f"{self.path}/{self._name}" if self._name else str(self.path)
+
+    def data_paths(self) -> list[Path]:
+        return [self.path / self._name] if self._name else [self.path]
 
     def describe(self, i: int) -> str:
         return f"{self.describe_array()}, slice {i}"
