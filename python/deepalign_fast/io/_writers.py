@@ -44,7 +44,8 @@ def _check_layout(path: Path, shape: Any, dtype: Any) -> tuple[tuple[int, int, i
         raise DeepAlignError(f"{path}: shape must be (z, y, x), got {shape!r}") from None
     if len(shp) != 3 or min(shp) < 1:
         raise DeepAlignError(f"{path}: shape must be (z, y, x) with positive sizes, got {shape!r}")
-    dt = np.dtype(np.dtype(dtype).str)  # canonical (zarr knows uint64, not ulonglong)
+    # native and canonical (zarr knows uint64, not ulonglong; slices come native-endian)
+    dt = np.dtype(np.dtype(dtype).newbyteorder("=").str)
     if dt not in SUPPORTED_DTYPES and dt.kind not in "iu":
         raise DeepAlignError(
             f"{path}: cannot write dtype {dt}; use uint8, uint16 or float32, or an integer "
@@ -293,9 +294,12 @@ class TiffStackWriter(StackWriter):
     def _raise_worker_error(self) -> None:
         exc = self._error
         if exc is not None and not isinstance(exc, _Aborted):
+            # (the error is read before abort() frees the space the file took)
+            error = os_error(exc, self.path, "writing the TIFF failed") \
+                if isinstance(exc, OSError) else None
             self.abort()
-            if isinstance(exc, OSError):
-                raise os_error(exc, self.path, "writing the TIFF failed") from exc
+            if error is not None:
+                raise error from exc
             raise DeepAlignError(
                 f"{self.path}: writing the TIFF failed ({type(exc).__name__}: {exc})."
             ) from exc

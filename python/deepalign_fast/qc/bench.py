@@ -9,6 +9,7 @@ requested size, with known random shifts.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -38,26 +39,39 @@ def available_providers() -> list[str]:
 _TEMP_PREFIX = "deepalign-bench-"
 
 
-def _with_parent() -> None:
-    """In each run's process, before it starts (Linux): SIGTERM when the bench process dies,
-    even by SIGKILL, so no run goes on alone (it removes its own temporary files on SIGTERM)."""
+def _with_parent(parent: int) -> None:
+    """In each run's process, before it starts (Linux): SIGTERM when the bench process
+    ``parent`` dies, even by SIGKILL, so no run goes on alone (it removes its own temporary
+    files on SIGTERM); if it died already, the run does not start."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(143)
+
+
+def _temp_prefix() -> str:
+    """This process's temporary folder prefix: its pid and host (a TMPDIR shared between
+    machines holds other hosts' folders, whose pids say nothing here)."""
+    import socket
+
+    return f"{_TEMP_PREFIX}{os.getpid()}@{socket.gethostname()}-"
 
 
 def _remove_stale_temps() -> None:
     """Remove the temporary folders of bench processes that were killed (``kill -9``): each
     is named after its process, and one whose process is gone is no one's."""
     import shutil
+    import socket
 
-    for folder in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*"):
-        try:
-            pid = int(folder.name[len(_TEMP_PREFIX):].split("-")[0])
-        except ValueError:
+    here = socket.gethostname()
+    for folder in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*@*-*"):
+        pid_text, _, rest = folder.name[len(_TEMP_PREFIX):].partition("@")
+        if rest.rpartition("-")[0] != here or not pid_text.isdigit():
             continue
+        pid = int(pid_text)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:  # gone (a live process of another user: PermissionError)
@@ -109,7 +123,7 @@ def run_bench(stack: str | os.PathLike[str] | None = None, *, slices: int = 16,
     runs = [(f, p) for f in features for p in (provs if f == "learned" else ["cpu"])]
     bar = Progress(len(runs), "bench", progress, unit="runs")
     _remove_stale_temps()
-    with tempfile.TemporaryDirectory(prefix=f"{_TEMP_PREFIX}{os.getpid()}-") as tmp, bar:
+    with tempfile.TemporaryDirectory(prefix=_temp_prefix()) as tmp, bar:
         src = Path(stack) if stack is not None else make_synthetic_stack(
             Path(tmp) / "synthetic.tif", slices=slices, size=size)
         for feat, prov in runs:  # one fresh process per configuration
@@ -118,7 +132,7 @@ def run_bench(stack: str | os.PathLike[str] | None = None, *, slices: int = 16,
                    "--features", feat, "--provider", prov, "--model", model,
                    "--threads", str(threads), "--json", "--quiet"]
             proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  preexec_fn=_with_parent)
+                                  preexec_fn=functools.partial(_with_parent, os.getpid()))
             # exit status 3: the run finished but flagged most slices (the row says so)
             if proc.returncode not in (0, 3):
                 raise DeepAlignError(f"bench run {feat}/{prov} failed: {proc.stderr.strip()}")

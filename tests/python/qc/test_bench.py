@@ -52,8 +52,9 @@ def test_a_killed_bench_leaves_no_run_and_no_folder(tmp_path, monkeypatch) -> No
 
     parent = subprocess.Popen(  # noqa: S603 - a bench-like parent: one child, then waits
         [sys.executable, "-c",
-         "import subprocess, sys; from deepalign_fast.qc.bench import _with_parent; "
-         "p = subprocess.Popen(['sleep', '60'], preexec_fn=_with_parent); "
+         "import functools, os, subprocess; from deepalign_fast.qc.bench import _with_parent; "
+         "p = subprocess.Popen(['sleep', '60'], "
+         "preexec_fn=functools.partial(_with_parent, os.getpid())); "
          "print(p.pid, flush=True); p.wait()"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
             sys.path)})
@@ -76,11 +77,16 @@ def test_a_killed_bench_leaves_no_run_and_no_folder(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],  # noqa: S603
                           capture_output=True, text=True, check=True)
-    dead = tmp_path / f"{bench._TEMP_PREFIX}{int(gone.stdout)}-abc"
-    live = tmp_path / f"{bench._TEMP_PREFIX}{os.getpid()}-def"
+    import socket
+
+    host = socket.gethostname()
+    dead = tmp_path / f"{bench._TEMP_PREFIX}{int(gone.stdout)}@{host}-abc"
+    live = tmp_path / f"{bench._TEMP_PREFIX}{os.getpid()}@{host}-def"
+    elsewhere = tmp_path / f"{bench._TEMP_PREFIX}{int(gone.stdout)}@not-{host}-ghi"
     other = tmp_path / f"{bench._TEMP_PREFIX}old-style"
-    for folder in (dead, live, other):
+    for folder in (dead, live, elsewhere, other):
         folder.mkdir()
         (folder / "synthetic.tif").write_bytes(b"x")
     bench._remove_stale_temps()
-    assert not dead.exists() and live.exists() and other.exists()
+    assert not dead.exists() and live.exists() and elsewhere.exists() and other.exists()
+    assert bench._temp_prefix().startswith(f"{bench._TEMP_PREFIX}{os.getpid()}@{host}-")
