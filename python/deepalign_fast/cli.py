@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from dataclasses import fields as dataclass_fields
@@ -330,7 +330,8 @@ def _align_plan(args: argparse.Namespace, transforms_path: Path) -> Any:
     return plan
 
 
-def _cmd_align(args: argparse.Namespace) -> int:
+def _cmd_align(args: argparse.Namespace, started: Callable[[], None] | None = None) -> int:
+    """``align``; ``started()`` runs once every path has been checked (``demo``'s line)."""
     from .alignment import Aligner, AlignOptions
 
     _finite(args.threshold, "--threshold")
@@ -369,6 +370,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
     plan.check()
     _suffix(args.transforms, (".json",), "--transforms", "a JSON file")
     _suffix(args.report, (".html", ".htm"), "--report", "an HTML page")
+    if started is not None:
+        started()
     progress = False if args.quiet else None
     result: AlignResult
     with plan.prepared(), _lock(plan):  # a failed run removes the (empty) folders it made
@@ -583,17 +586,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise DeepAlignError(f"{args.out}: (--out) exists and is not a folder; choose a folder")
     sample = sample_stack_path()
-    print(f"sample: {sample.name} (14 raw FIB-SEM slices of shale, MIT licence)")
     argv = ["align", str(sample), "-o", str(args.out / "aligned.tif"),
             "--report", str(args.out / "report.html"), "--model", "rigid", "--quiet",
             *(["--overwrite"] if args.overwrite else [])]
     try:
-        rc = _cmd_align(build_parser().parse_args(argv))
+        rc = _cmd_align(build_parser().parse_args(argv),
+                        started=lambda: print(f"sample: {sample.name} (14 raw FIB-SEM slices "
+                                              "of shale, MIT licence)"))
     except DeepAlignError as exc:  # name demo's own option, not the align flags it sets
         text = str(exc)
         for flag in ("(-o)", "(--report)", "(--transforms)"):
             text = text.replace(flag, "(--out)")
-        raise DeepAlignError(text) from exc
+        raise type(exc)(text) from exc  # (an environment failure stays one: exit 1)
     print(f"outputs in {args.out}/: aligned.tif, aligned.transforms.json, report.html")
     return rc
 

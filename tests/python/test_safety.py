@@ -295,11 +295,25 @@ def test_demo_runs_twice_with_overwrite(tmp_path: Path,
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
     capsys.readouterr()
     assert main(["demo", "--out", str(out)]) == 2  # second run without --overwrite: refused
-    line = _one_line(capsys.readouterr().err)  # naming demo's option (it said "(-o)")
+    printed = capsys.readouterr()
+    line = _one_line(printed.err)  # naming demo's option (it said "(-o)")
     assert "(--out) already exists" in line and "(-o)" not in line
+    assert printed.out == ""  # (it said which sample it would align first)
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+
+
+def test_demo_reports_an_environment_failure_as_one(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder demo cannot write is exit 1, as for align (was 2: renamed as bad input)."""
+    from deepalign_fast import cli
+    from deepalign_fast._errors import EnvironmentFailure
+
+    def unwritable(args: Any, started: Any = None) -> int:
+        raise EnvironmentFailure(f"{args.output}: (-o) the folder cannot be written")
+    monkeypatch.setattr(cli, "_cmd_align", unwritable)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 1
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
