@@ -490,8 +490,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         plan.check()
     from .io import open_stack
 
-    with open_stack(args.input, labels=args.interpolation == "nearest") as reader:
+    with open_stack(args.input, labels=args.interpolation == "nearest",
+                    allow_single=True) as reader:
         full, data = reader.shape, reader.data_paths()  # (headers only)
+    if full[0] != len(ts):  # (a single image too: "no neighbour to align to" is not it)
+        raise DeepAlignError(f"{args.input}: holds {full[0]} slice(s), but the transforms "
+                             f"({args.transforms}) are for {len(ts)}; apply them to the "
+                             "stack they were made for, or one of as many slices")
     if args.scale != 1.0:
         # A binned stack's side is the full one's divided and rounded either way (255 px
         # binned by 2: 127 or 128): a full-resolution stack within that rounding matches.

@@ -335,3 +335,19 @@ def test_sigterm_says_resume_only_where_a_rerun_resumes(
     assert main(["config", "--defaults"]) == 143
     err = _one_line(capsys)
     assert "terminated (SIGTERM)" in err and "resumes" not in err
+
+
+def test_apply_names_the_slice_count_of_a_single_image(src: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """A single 2-D image given to `apply` (was: "one slice has no neighbour to align to",
+    a reason for `align`): the count against the transforms'."""
+    assert main(["align", str(src), "-o", str(tmp_path / "a.tif"), "--quiet"]) == 0
+    one = tmp_path / "one.tif"
+    tifffile.imwrite(one, tifffile.imread(src)[0])
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "a.transforms.json"), str(one), "-o",
+                 str(tmp_path / "o.tif")]) == 2
+    err = _one_line(capsys)
+    assert "one.tif: holds 1 slice(s), but the transforms" in err and "are for 6" in err
+    assert "neighbour" not in err and not (tmp_path / "o.tif").exists()

@@ -1254,8 +1254,16 @@ def test_apply_to_an_input_changed_during_the_run_is_not_published(
     tifffile.imwrite(labels, (_stack() > 128).astype(np.uint8))
     real = module.render_slice
 
+    import threading
+
+    once = threading.Lock()
+
     def render_then_rewrite(*a: Any, **k: Any) -> np.ndarray:
-        tifffile.imwrite(labels, (_stack() > 100).astype(np.uint8))
+        # replaced by a rename, as tools save (a rewrite in place under the reader's memory
+        # map would be a bus error); once, from whichever render thread comes first
+        if once.acquire(blocking=False):
+            tifffile.imwrite(tmp_path / "new.tif", (_stack() > 100).astype(np.uint8))
+            os.replace(tmp_path / "new.tif", labels)
         return real(*a, **k)
     monkeypatch.setattr(module, "render_slice", render_then_rewrite)
     capsys.readouterr()
