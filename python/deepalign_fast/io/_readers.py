@@ -81,6 +81,8 @@ class TiffStackReader(StackReader):
         self.labels = labels
         self._lock = threading.Lock()
         self._mm: np.ndarray | None = None
+        self._fd: int | None = None
+        self._block: tuple[int, int, np.dtype, tuple[int, ...]] | None = None
         self._n_mapped = 0
         try:
             self._tif: Any = tifffile.TiffFile(self.path, mode="r")
@@ -93,7 +95,7 @@ class TiffStackReader(StackReader):
         try:
             self._setup(allow_single)
         except BaseException:
-            self._tif.close()
+            self.close()
             raise
 
     def _setup(self, allow_single: bool) -> None:
@@ -154,7 +156,12 @@ class TiffStackReader(StackReader):
             whole_bytes = page0.bitspersample == 8 * file_dt.itemsize  # not 1-bit or 12-bit
             if contig and whole_bytes and self.file_dtype != np.bool_:
                 self._n_mapped = min(nz, max(0, (self._filesize - offset) // slice_bytes))
-                if self._n_mapped > 0:
+                if self._n_mapped > 0 and hasattr(os, "preadv"):
+                    # Positional reads, not a memory map: a file cut short while it is read
+                    # (rewritten in place) is then a short read and a message, not SIGBUS.
+                    self._block = (offset, slice_bytes, file_dt, slice_shape)
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                elif self._n_mapped > 0:
                     self._mm = np.memmap(
                         self.path,
                         dtype=file_dt,
@@ -240,17 +247,36 @@ class TiffStackReader(StackReader):
 
     @property
     def memory_mapped(self) -> bool:
-        """True when slices are read from a read-only memory map of the file."""
-        return self._mm is not None
+        """True when slices are read as one uncompressed block of the file (positional reads,
+        or a read-only memory map where the system has no ``preadv``): a copy out of the page
+        cache, no per-page decoding."""
+        return self._mm is not None or self._fd is not None
+
+    def _read_block(self, i: int, where: str) -> np.ndarray:
+        assert self._fd is not None and self._block is not None
+        offset, size, dtype, shape = self._block
+        out = np.empty(shape, dtype)
+        view, done = out.data.cast("B"), 0
+        while done < size:
+            got = os.preadv(self._fd, [view[done:]], offset + i * size + done)
+            if got <= 0:
+                raise DeepAlignError(
+                    f"{where}: the file ends before this slice's data; it was cut short or "
+                    "rewritten while being read (save a stack under a new name, then rename "
+                    "it into place).")
+            done += got
+        return out
 
     def describe(self, i: int) -> str:
         return f"{self.path}, slice {i}"
 
     def _read(self, i: int) -> np.ndarray:
         where = self.describe(i)
-        if self._mm is not None:
+        if self._mm is not None or self._fd is not None:
             if i < self._n_mapped:
-                return np.array(self._mm[i])
+                if self._mm is not None:
+                    return np.array(self._mm[i])
+                return self._read_block(i, where)
             if self._tif.is_imagej or not self._truncated:
                 raise DeepAlignError(
                     f"{where}: truncated: the file ends before this slice's data (only "
@@ -272,6 +298,9 @@ class TiffStackReader(StackReader):
 
     def close(self) -> None:
         self._mm = None
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
         tif = getattr(self, "_tif", None)
         if tif is not None:
             tif.close()

@@ -708,3 +708,21 @@ def test_one_section_stores_and_duplicate_slice_names(tmp_path):
         with pytest.raises(DeepAlignError, match="names the same slice as") as err:
             open_stack(folder)
         assert later in str(err.value) and earlier in str(err.value)
+
+
+def test_a_tiff_cut_short_while_read_is_one_error(tmp_path, rng):
+    """A stack rewritten in place (truncated) while a run reads it: the next slice read is a
+    message naming the file and slice (was: SIGBUS under the memory map, the process gone
+    with a fatal-error dump)."""
+    data = rng.integers(0, 255, size=(6, 32, 40), dtype=np.uint8)
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    with open_stack(path) as r:
+        assert r.memory_mapped
+        np.testing.assert_array_equal(r.read(1), data[1])
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 3 * 32 * 40)
+        np.testing.assert_array_equal(r.read(2), data[2])  # still whole
+        with pytest.raises(DeepAlignError, match=r"s.tif, slice 4: the file ends before this "
+                                                 r"slice's data; it was cut short"):
+            r.read(4)
