@@ -725,6 +725,12 @@ def _measured_of(saved: dict[str, Any]
             numbers(measured.get("prior_spread"), PRIOR_KEYS))
 
 
+# The stream's steady-drift correction (AlignStream.drift_corrected) reaches at most this share of
+# the frame's width in x and of its height in y: slices keep overlapping the first slice's
+# frame.
+STEEP_SHIFT_MAX = 0.5
+
+
 class AlignStream(Iterator[np.ndarray]):
     """One :meth:`Aligner.stream`: iterate for the aligned slices; ``flagged`` (with
     ``flag_reasons``), ``outliers`` and ``transforms`` (the emitted slices' affines) grow as
@@ -754,6 +760,13 @@ class AlignStream(Iterator[np.ndarray]):
     @property
     def transforms(self) -> list[np.ndarray]:
         return self._state.transforms
+
+    @property
+    def drift_corrected(self) -> np.ndarray:
+        """The steady stage drift corrected so far, beyond the anatomy's slope (output px, x
+        and y, since the first slice; at most :data:`STEEP_SHIFT_MAX` of the frame's width and
+        height)."""
+        return self._state.steep_shift.copy()
 
     @property
     def notes(self) -> dict[int, str]:
@@ -789,7 +802,9 @@ class _StreamState:
         self.dtype: Any = None
         self.previous: np.ndarray | None = None  # follow: last emitted slice -> output map
         # keep: the steady stage drift corrected so far (output px, x and y; SolveResult.
-        # steep_drift summed over the emitted slices), zero at the first
+        # steep_drift summed over the emitted slices), zero at the first; at most
+        # STEEP_SHIFT_MAX of the frame's width (x) and height (y), so every slice keeps
+        # overlapping the frame (a longer drift is kept beyond that, never rendered off it)
         self.steep_shift = np.zeros(2)
         self.refine: Refiner | None = None
         self.last: tuple[int, np.ndarray, np.ndarray] | None = None  # emitted: z, image, affine
@@ -871,7 +886,8 @@ class _StreamState:
 
         steep = solved.steep_drift
         if steep is not None and self.transforms:
-            self.steep_shift = self.steep_shift + steep
+            cap = STEEP_SHIFT_MAX * np.array([self.shape[1], self.shape[0]], np.float64)
+            self.steep_shift = np.clip(self.steep_shift + steep, -cap, cap)  # (x, y)
 
         def in_stream(k: int) -> np.ndarray:
             a_k = solved.affines[k - lo]

@@ -172,6 +172,31 @@ def test_a_stream_corrects_a_steady_drift_steeper_than_the_anatomy_as_the_batch_
     assert kept_slope(np.stack(stream.transforms)) == pytest.approx(ANATOMY_SLOPE, abs=0.1)
 
 
+def test_the_streams_drift_correction_stops_before_the_frames_edge(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream's frame is its first slice's: the steady-drift correction summed over a long
+    stream stops at STEEP_SHIFT_MAX of the frame's width in x (here made small), so no slice
+    is rendered off the frame; the drift beyond is kept."""
+    from deepalign_fast.alignment import aligner as module
+    from deepalign_fast.transforms import TransformSet, outside_slices
+
+    monkeypatch.setattr(module, "STEEP_SHIFT_MAX", 0.05)
+    n = 48
+    clean, full = _walking_texture(n, (160, 160), 0.0, 0.5, seed=4)
+    full[:, 0, 2] += 1.0 * np.arange(n)
+    mis, _ = misalign_stack(clean, full)
+    stream = Aligner().stream(iter(mis), lookahead=8)
+    list(stream)
+    cap = 0.05 * mis.shape[2]  # (x: the frame's width)
+    assert abs(stream.drift_corrected[0]) == pytest.approx(cap)  # (0.6 px x 47 slices: more)
+    # the correction (x of the output origin in each slice; 0.6 px per slice while it grows)
+    # no longer grows: the drift beyond is kept
+    moved = np.array([a[0, 2] for a in stream.transforms])
+    assert abs(np.polyfit(np.arange(20), moved[-20:], 1)[0]) < 0.15
+    ts = TransformSet(np.stack(stream.transforms), mis.shape, mis.shape[1:], [], [])
+    assert outside_slices(ts) == []
+
+
 def test_a_glitch_moves_no_other_slice_of_a_stream() -> None:
     """FIB-SEM-like slices with two slices 15 px off alone (beam glitches), streamed with a
     look-ahead of 8: each slice is solved in a window of the slices before it. The window
