@@ -158,6 +158,11 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
     _print_flag_reasons(summary)
+    outside = summary.get("outside") or []
+    if outside:
+        print(f"  note: {len(outside)} slice(s) {outside} map wholly outside their input and "
+              "are empty in the output (the drift followed moves them off the frame: "
+              "--canvas union keeps every slice, or --slow-drift keep)")
     if _mostly_flagged(summary):
         print("  more than half of the slices were flagged: check the input and the options "
               "(exit status 3)")

@@ -351,3 +351,26 @@ def test_apply_names_the_slice_count_of_a_single_image(src: Path, tmp_path: Path
     err = _one_line(capsys)
     assert "one.tif: holds 1 slice(s), but the transforms" in err and "are for 6" in err
     assert "neighbour" not in err and not (tmp_path / "o.tif").exists()
+
+
+def test_align_names_slices_the_followed_drift_moves_off_the_frame(
+        tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--slow-drift follow` on a stack drifting 6 px per slice over a 96-px frame: the end
+    slices map wholly outside their input, empty in the output, and the summary says so
+    (was: silent black slices); `--canvas union` keeps every slice."""
+    import cv2
+
+    big = cv2.GaussianBlur((rng.random((160, 400)) * 255).astype(np.float32), (0, 0), 2.0)
+    stack = np.stack([big[30:126, 6 * z: 6 * z + 96] for z in range(40)]).astype(np.uint8)
+    src = tmp_path / "drift.tif"
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    assert main(["align", str(src), "-o", str(tmp_path / "f.tif"), "--slow-drift", "follow",
+                 "--model", "translation", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["outside"] and summary["outside"][0] == 0 and summary["outside"][-1] == 39
+    assert main(["align", str(src), "-o", str(tmp_path / "g.tif"), "--slow-drift", "follow",
+                 "--model", "translation"]) == 0
+    assert "map wholly outside their input and are empty" in capsys.readouterr().out
+    assert main(["align", str(src), "-o", str(tmp_path / "u.tif"), "--slow-drift", "follow",
+                 "--model", "translation", "--canvas", "union", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outside"] == []

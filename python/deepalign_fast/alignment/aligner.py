@@ -49,7 +49,7 @@ from ..geometry import compose, invert
 from ..progress import Progress, StageTimes
 from ..refine import Neighbours, Refiner, make_refiner
 from ..render import SliceMap, render_slice
-from ..transforms import TransformSet
+from ..transforms import TransformSet, outside_slices
 from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
 from .solve import FLAG_REASONS, MOTION_KEYS, PRIOR_KEYS, PairMoments, SolveResult, solve_stack
@@ -102,6 +102,9 @@ class AlignResult:
             "neighbour_noise_discounted": self.noise_discounted,
             "stage_motion": self.motion,
             "outliers": list(self.outliers),
+            # slices whose map samples nothing of their input: empty in the output (a strong
+            # drift followed on the reference canvas)
+            "outside": outside_slices(self.transforms),
             # refined runs: why a slice kept its affine, or was refined in part
             "refine_notes": {str(z): t for z, t in sorted(self.transforms.notes.items())},
             "per_slice_affine_pct": self.prior_spread,
