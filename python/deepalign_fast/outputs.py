@@ -689,7 +689,7 @@ class OutputPlan:
             ``path`` has no name of its own (``.``, ``..``, the root).
         """
         if path is not None:
-            if Path(path).name in ("", ".", "..") or os.path.basename(path) in (".", ".."):
+            if os.path.basename(os.path.normpath(path)) in ("", ".", ".."):
                 raise DeepAlignError(f"{path}: {_flag_text(flag)}names a folder without a name "
                                      "of its own; name the output (e.g. "
                                      f"{Path(path) / 'aligned'}).")
@@ -956,13 +956,11 @@ def _input_files(path: Path, data: Sequence[Path] | None = None
     return found
 
 
-def _input_identity(path: Path, files: dict[str, tuple[int, int]] | None = None
-                    ) -> dict[str, Any]:
+def _input_identity(path: Path, files: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """What must be unchanged for a checkpoint to apply: the resolved path, and the size and
-    modification time of the file, or of every file in the folder (:func:`_input_files`;
-    one slice or chunk replaced in place changes it; a digest keeps the key short). The
-    stack's shape is compared by the caller."""
-    files = _input_files(path) if files is None else files
+    modification time of the file, or of every file it reads in the folder (``files``, of
+    :func:`_input_files`; one slice or chunk replaced in place changes it; a digest keeps the
+    key short). The stack's shape is compared by the caller."""
     ident: dict[str, Any] = {"path": str(path.resolve())}
     if "" in files:
         size, mtime = files[""]

@@ -810,20 +810,25 @@ def _line_slope(ctr: NDArray[np.float64], good: NDArray[np.bool_]) -> NDArray[np
     return np.array([np.polyfit(z, ctr[good, k], 1)[0] for k in range(2)])
 
 
+def _excess_slope(ctr: NDArray[np.float64], good: NDArray[np.bool_],
+                  limit: float = ANATOMY_SLOPE) -> NDArray[np.float64]:
+    """How much the straight-line trend of the kept translation ``ctr`` (n, 2), fitted to
+    the ``good`` slices, is steeper than the anatomy moves (``limit`` px per slice, both axes
+    together): px per slice (x, y), zeros if it is not that steep."""
+    slope = _line_slope(ctr, good)
+    norm = float(np.hypot(*slope))
+    return np.zeros(2) if norm <= limit else slope * (1.0 - limit / norm)
+
+
 def _steep_excess(ctr: NDArray[np.float64], good: NDArray[np.bool_],
                   limit: float = ANATOMY_SLOPE) -> NDArray[np.float64]:
     """The part of the straight-line trend of the kept translation ``ctr`` (n, 2) steeper
-    than the anatomy moves (``limit`` px per slice, both axes together): a steady stage
-    drift, zero at the mean of the ``good`` slices (so the gauge does not move). Zeros if
-    the line is not that steep. (Measured on what the split keeps, not on the input: where
-    the walk takes the curvature of a smooth drift, the anatomy's line runs from end to end
-    of the stack, steeper than the input's straight-line fit.)"""
-    slope = _line_slope(ctr, good)
-    norm = float(np.hypot(*slope))
+    than the anatomy moves (:func:`_excess_slope`): a steady stage drift, zero at the mean of
+    the ``good`` slices (so the gauge does not move). (Measured on what the split keeps, not
+    on the input: where the walk takes the curvature of a smooth drift, the anatomy's line
+    runs from end to end of the stack, steeper than the input's straight-line fit.)"""
     z = np.arange(len(ctr), dtype=np.float64)
-    if norm <= limit:
-        return np.zeros_like(ctr)
-    return np.outer(z - z[good].mean(), slope * (1.0 - limit / norm))
+    return np.outer(z - z[good].mean(), _excess_slope(ctr, good, limit))
 
 
 def _stage_motion(affines: NDArray[np.float64], shape: tuple[int, int],
@@ -1444,8 +1449,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         if similar and slow_drift == "keep" and not modelled and good.size >= 3 and \
                 drift_sigma > 0:
             ctr_s = trend[:, :, :2] @ centre + trend[:, :, 2]
-            steep = _steep_excess(ctr_s, np.isin(np.arange(n), good), ANATOMY_SLOPE * apart)
-            steep = steep[1] - steep[0] if n > 1 else None  # per slice
+            steep = _excess_slope(ctr_s, np.isin(np.arange(n), good), ANATOMY_SLOPE * apart)
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.
