@@ -74,3 +74,35 @@ def test_pull_positions_are_where_the_map_samples_and_nan_outside() -> None:
     np.testing.assert_allclose(got[0][inside], (xs + 3)[inside], atol=1e-4)
     np.testing.assert_allclose(got[1][inside], (ys - 2)[inside], atol=1e-4)
     assert np.isnan(got[:, ~inside]).all()
+
+
+def test_partial_crack_tears_above_its_tip_only_and_its_pull_map_is_exact() -> None:
+    """The torn slice holds the clean content at the pull map's inverse (checked against
+    scipy's bilinear sampling of the clean slice where the map says the content went): the
+    right side shifted whole above the tip, the left side in place, the tissue below the tip
+    unbroken; the mask covers the crack above the tip only."""
+    from scipy.ndimage import map_coordinates
+
+    from benchmarks.bench_modes import partial_crack
+
+    clean = _texture((200, 200), 4)
+    shift = (8.0, -5.0)
+    torn, mask, pull = partial_crack(clean, shift)
+    h, w = clean.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    line = w / 2 + 0.15 * (ys - h / 2)
+    inner = (xs > 12) & (xs < w - 12) & (ys > 12) & (ys < h - 12)
+    far = inner & ((np.abs(xs - line) > 12) | (ys > 0.55 * h + 12))
+    # content of clean pixel p lies at pull(p) in the torn slice
+    got = map_coordinates(torn.astype(np.float64), [pull[1], pull[0]], order=1)
+    assert np.abs(got[far] - clean[far]).mean() < 1.5
+    up = inner & (ys < 0.4 * h)  # above the tip across the slanted crack
+    left, right = up & (xs < line - 12), up & (xs > line + 12)
+    np.testing.assert_allclose(pull[0][right], xs[right] - shift[0], atol=1e-3)
+    np.testing.assert_allclose(pull[1][right], ys[right] - shift[1], atol=1e-3)
+    np.testing.assert_allclose(pull[:, left], np.stack([xs, ys])[:, left], atol=1e-3)
+    below = inner & (ys > 0.6 * h)  # unbroken: neighbouring pulls differ by about a pixel
+    step = np.hypot(*np.diff(pull, axis=2))[below[:, 1:]]
+    assert step.max() < 1.2
+    assert set(np.unique(mask)) == {0, 255} and (torn[mask > 0] == 0).all()
+    assert not mask[int(0.6 * h):].any() and mask[: int(0.5 * h)].any(axis=1).all()
