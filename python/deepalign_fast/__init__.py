@@ -32,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - only hit in a broken install
     ) from exc
 
 if TYPE_CHECKING:
-    from .alignment import Aligner, AlignOptions, AlignResult
+    from .alignment import Aligner, AlignOptions, AlignResult, apply_transforms
     from .api import align, estimate_transforms
     from .estimate import MODELS, RansacResult, estimate_transform, fit_transform
     from .fields import (
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 # handling, where a Ctrl-C is one line, not a traceback.
 _HOMES = {
     "Aligner": "alignment", "AlignOptions": "alignment", "AlignResult": "alignment",
+    "apply_transforms": "alignment",
     "align": "api", "estimate_transforms": "api",
     "MODELS": "estimate", "RansacResult": "estimate", "estimate_transform": "estimate",
     "fit_transform": "estimate",
@@ -91,6 +92,7 @@ __all__ = [
     "AlignResult",
     "Aligner",
     "align",
+    "apply_transforms",
     "estimate_transforms",
     "TransformSet",
     "open_stack",

@@ -5,8 +5,8 @@ pystackreg                                deepalign-fast
 ========================================  ==============================================
 ``sr.register_stack(stack)``              ``estimate_transforms(stack)`` -> ``(n, 2, 3)``
 ``sr.register_transform_stack(stack)``    ``align(stack)`` -> ``(aligned, transforms)``
-``sr.transform_stack(other)``             ``TransformSet`` + ``deepalign-fast apply`` or
-                                          ``warp_affine(other[z], transforms.affines[z])``
+``sr.transform_stack(other)``             ``apply_transforms(tf, "other.tif", "out.tif")``
+                                          or ``warp_affine(other[z], transforms.affines[z])``
 ========================================  ==============================================
 
 Inputs are numpy arrays, or lazy array-likes (dask, zarr): those are read one slice at a

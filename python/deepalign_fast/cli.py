@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -458,9 +457,10 @@ def _add_apply(sub: Any) -> None:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .alignment import Aligner
-    from .outputs import Checkpoint, OutputPlan, partial_path_for, remove_stale_temps
-    from .transforms import MAX_CANVAS_GROWTH, TransformSet, outside_slices
+    from .alignment.applying import apply_transforms
+    from .io import label_target
+    from .outputs import OutputPlan, partial_path_for
+    from .transforms import MAX_CANVAS_GROWTH, outside_slices
 
     _finite(args.scale, "--scale")
     if not 1 / MAX_CANVAS_GROWTH <= args.scale <= MAX_CANVAS_GROWTH:
@@ -468,20 +468,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                              f"{MAX_CANVAS_GROWTH}, got {args.scale:g}")
     if args.threads < 0:
         raise DeepAlignError(f"--threads must be >= 0, got {args.threads}")
-    from .io import (
-        finish_store,
-        image_shape,
-        label_group_files,
-        label_target,
-        list_label,
-        mark_label,
-        prepare_label_group,
-        voxel_size_of,
-    )
-
-    target = label_target(args.output)  # -o IMAGE.ome.zarr/labels/NAME: an NGFF label image
-    is_zarr = args.output.suffix.lower() == ".zarr" or target is not None
-    # (an output a killed run of this command put in place is accepted: the run is finished)
+    compression = _compression(args)
+    # Every path, in the command line's words, before any work (apply_transforms checks the
+    # same again in its own)
+    is_zarr = args.output.suffix.lower() == ".zarr" or label_target(args.output) is not None
     plan = OutputPlan(overwrite=args.overwrite, resumes=args.output)
     plan.input(args.transforms, "TRANSFORMS").input(args.input, "INPUT")
     plan.output(args.output, "-o", folder=is_zarr, store=is_zarr)
@@ -489,88 +479,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         plan.output(partial_path_for(args.output), "unfinished -o", folder=True, may_exist=True,
                     store=True)
     plan.check()
-    ts = TransformSet.load(args.transforms)
-    if ts.fields is not None:
-        plan.input(ts.fields.path, "fields")
-        plan.check()
-    from .io import open_stack
-
-    with open_stack(args.input, labels=args.interpolation == "nearest",
-                    allow_single=True) as reader:
-        full, data = reader.shape, reader.data_paths()  # (headers only)
-    if full[0] != len(ts):  # (a single image too: "no neighbour to align to" is not it)
-        raise DeepAlignError(f"{args.input}: holds {full[0]} slice(s), but the transforms "
-                             f"({args.transforms}) are for {len(ts)}; apply them to the "
-                             "stack they were made for, or one of as many slices")
-    if args.scale != 1.0:
-        # A binned stack's side is the full one's divided and rounded either way (255 px
-        # binned by 2: 127 or 128): a full-resolution stack within that rounding matches.
-        fits = all(abs(full[i] / args.scale - ts.input_shape[i]) * min(1.0, args.scale) < 1
-                   for i in (1, 2))  # (within a pixel of the coarser of the two)
-        ts = ts.rescaled(args.scale, (len(ts), full[1], full[2]) if fits else None)
-    if target is not None:  # a label image must cover its image voxel for voxel
-        shape, made = image_shape(target[0]), (len(ts), *ts.output_shape)
-        if shape is not None and tuple(shape[-3:]) != made:
-            raise DeepAlignError(
-                f"{args.output}: (-o) the labels would be {made[0]} x {made[1]} x {made[2]} "
-                f"(slices x height x width) but the image {target[0]} is "
-                f"{' x '.join(str(v) for v in shape[-3:])}; apply the transforms of that "
-                "image's alignment, or write the labels elsewhere")
-    # A label image has its image's voxel size (it covers it voxel for voxel), not the label
-    # stack's (often none).
-    physical: dict[str, Any] = {}
-    if target is not None and (size := voxel_size_of(target[0])) is not None:
-        physical = {"voxel_size": size[0], "unit": size[1]}
-
-    def before_publish(_: Any) -> None:
-        """Just before the output is put in place: the input must be as the run found it;
-        for a label image, the labels group, and the label image's own mark inside it (so it
-        is in place with its mark)."""
-        assert ckpt is not None
-        ckpt.check_input()
-        if target is not None:
-            prepare_label_group(target[0])
-            mark_label(partial_path_for(args.output))
-
-    # The run's record (as align's): the output is noted as it is put in place, so the same
-    # command finishes a run killed after that (the store's bookkeeping, the labels list).
-    compression = _compression(args)
-    ckpt = Checkpoint.for_run(Path(args.input), args.output, (len(ts), *ts.output_shape), {
-        "command": "apply", "transforms": hashlib.sha256(args.transforms.read_bytes()).hexdigest(),
-        "scale": args.scale, "interpolation": args.interpolation}, {
-        "compression": compression, **physical}, data=data)
-    assert ckpt is not None
     with plan.prepared(), _lock(plan):
-        plan.check()
-        done = ckpt.begin([args.output], "-o", overwrite=args.overwrite)
-        if target is not None:  # (a killed apply's, under this output's lock)
-            remove_stale_temps(*label_group_files(target[0]))
-        if not args.overwrite and Path(os.path.abspath(args.output)) in done:
-            if is_zarr:
-                finish_store(args.output)
-        else:
-            try:
-                with ckpt.recording():
-                    Aligner(num_threads=args.threads).render(
-                        args.input, ts, args.output, interpolation=args.interpolation,
-                        progress=False if args.quiet else None,
-                        writer_options={
-                            "overwrite": args.overwrite,
-                            # an unfinished store of an earlier apply to -o: made again (a
-                            # warp is cheap, and its transforms may have changed since)
-                            **({"restart": True} if is_zarr else {}),
-                            **({} if compression is None else {"compression": compression}),
-                            **physical},
-                        before_publish=before_publish)
-            except BaseException:
-                # Before the output is in place the record serves nothing (a rerun warps
-                # again): it goes, and with it the folders this run made.
-                if Path(os.path.abspath(args.output)) not in ckpt.committed():
-                    ckpt.remove()
-                raise
-        if target is not None:  # listed once the label image is in
-            list_label(*target)
-        ckpt.remove()
+        ts = apply_transforms(args.transforms, args.input, args.output, scale=args.scale,
+                              interpolation=args.interpolation, overwrite=args.overwrite,
+                              compression=compression, num_threads=args.threads,
+                              progress=False if args.quiet else None)
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     if ts.flagged:  # the alignment could not place these: say so wherever they are used
         print(f"note: the alignment flagged {len(ts.flagged)} slice(s) {ts.flagged} (its "
