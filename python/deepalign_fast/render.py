@@ -84,23 +84,6 @@ def compose_affine_field(affine: npt.ArrayLike, field: npt.ArrayLike) -> np.ndar
     return np.ascontiguousarray(lin)
 
 
-_WARPED = (np.dtype(np.uint8), np.dtype(np.uint16))  # integer types the warps take
-
-
-def _render_lanes(image: np.ndarray, slice_map: SliceMap, shape: tuple[int, int],
-                  num_threads: int) -> np.ndarray:
-    """Nearest-neighbour render of an integer image of another type: its bytes split into 8-
-    or 16-bit lanes, each warped by the same map (so each output pixel takes every lane from
-    the same input pixel, 0 outside), and joined again: the values are copied exactly."""
-    image = np.ascontiguousarray(image, image.dtype.newbyteorder("="))
-    lane = np.dtype(np.uint8) if image.dtype.itemsize == 1 else np.dtype(np.uint16)
-    lanes = image.view(lane).reshape(*image.shape, -1)
-    out = np.stack([render_slice(np.ascontiguousarray(lanes[..., k]), slice_map, shape,
-                                 interpolation="nearest", num_threads=num_threads)
-                    for k in range(lanes.shape[-1])], axis=-1)
-    return out.view(image.dtype).reshape(int(shape[0]), int(shape[1]))
-
-
 def render_slice(image: npt.ArrayLike, slice_map: SliceMap, shape: tuple[int, int], *,
                  interpolation: str = "linear", num_threads: int = 0) -> np.ndarray:
     """Warp ``image`` (an input slice) into the output frame of ``shape`` with ``slice_map``.
@@ -110,11 +93,6 @@ def render_slice(image: npt.ArrayLike, slice_map: SliceMap, shape: tuple[int, in
     or not: label IDs), copied exactly.
     """
     image = np.asarray(image)
-    if image.dtype.kind in "iu" and image.dtype not in _WARPED:
-        if interpolation != "nearest":
-            raise ValueError(f"image: {image.dtype} is warped with nearest interpolation only "
-                             "(labels); cast images to float32 for linear")
-        return _render_lanes(image, slice_map, shape, num_threads)
     h, w = int(shape[0]), int(shape[1])
     if slice_map.displacement is not None:
         u = slice_map.displacement

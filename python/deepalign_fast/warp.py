@@ -10,6 +10,8 @@ field ``u`` (``(2, H, W)`` ``float32``, ``dx`` then ``dy``) defines ``T(p) = p +
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -26,6 +28,41 @@ from .checks import option_code as _option
 
 __all__ = ["warp_affine", "warp_affine_field", "warp_displacement"]
 
+_KERNEL_TYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+
+
+def _in_lanes(image: npt.ArrayLike, interpolation: str, fill: float,
+              out: np.ndarray | None, warp: Callable[[np.ndarray, float], np.ndarray]
+              ) -> np.ndarray | None:
+    """A nearest-neighbour warp of a 2-D integer or boolean image of a type the kernels do
+    not take (label IDs of 8-64 bit, signed or not; masks): its bytes split into 8- or 16-bit
+    lanes, each warped by the same map (``warp(lane, lane_fill)``; so each output pixel
+    takes every lane from the same input pixel), and joined again: the values are copied
+    exactly. None for any other image (the kernels' own checks apply)."""
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "iub" or arr.dtype in _KERNEL_TYPES or arr.ndim != 2:
+        return None
+    if interpolation != "nearest":
+        raise ValueError(f"image: {arr.dtype} is warped with nearest interpolation only "
+                         "(labels); cast images to float32 for linear")
+    value = float(fill)
+    limits = (0, 1) if arr.dtype.kind == "b" else (np.iinfo(arr.dtype).min,
+                                                   np.iinfo(arr.dtype).max)
+    if not (value.is_integer() and limits[0] <= value <= limits[1]):
+        raise ValueError(f"fill: {fill} is not a value of a {arr.dtype} image")
+    arr = np.ascontiguousarray(arr, arr.dtype.newbyteorder("="))
+    lane = np.dtype(np.uint8) if arr.dtype.itemsize == 1 else np.dtype(np.uint16)
+    lanes = arr.view(lane).reshape(*arr.shape, -1)
+    fills = np.array([int(value)], arr.dtype).view(lane)
+    parts = [warp(np.ascontiguousarray(lanes[..., k]), float(fills[k]))
+             for k in range(lanes.shape[-1])]
+    result = np.stack(parts, axis=-1).view(arr.dtype).reshape(parts[0].shape)
+    if out is None:
+        return result
+    if not isinstance(out, np.ndarray) or out.dtype != arr.dtype or out.shape != result.shape:
+        raise ValueError(f"out: expected a {arr.dtype} array of shape {result.shape}")
+    out[...] = result
+    return out
 
 
 def warp_affine(
@@ -44,9 +81,11 @@ def warp_affine(
     Parameters
     ----------
     image : ndarray, shape (H, W)
-        Source (moving) slice, dtype ``uint8``, ``uint16`` or ``float32``. Other dtypes are
-        rejected rather than converted: cast explicitly (e.g. ``image.astype(np.float32)``).
-        Non-contiguous input is copied once to C order.
+        Source (moving) slice, dtype ``uint8``, ``uint16`` or ``float32``; with
+        ``interpolation="nearest"`` also any other integer or boolean type (labels: 8-64 bit
+        IDs are copied exactly). Other dtypes are rejected rather than converted: cast
+        explicitly (e.g. ``image.astype(np.float32)``). Non-contiguous input is copied once
+        to C order.
     matrix : array_like, shape (2, 3) or (3, 3)
         Affine ``[[a, b, tx], [c, d, ty]]`` mapping output pixel ``(x, y)`` to source
         ``(a*x + b*y + tx, c*x + d*y + ty)``. A 3x3 matrix must have last row ``[0, 0, 1]``.
@@ -93,6 +132,12 @@ def warp_affine(
     >>> warp_affine(img, [[1, 0, 1], [0, 1, 0]], border="replicate")[0]
     array([1., 2., 3., 3.], dtype=float32)
     """
+    labels = _in_lanes(image, interpolation, fill, out, lambda lane, f: warp_affine(
+        lane, matrix, output_shape if output_shape is not None else
+        (out.shape if isinstance(out, np.ndarray) else np.shape(image)),
+        interpolation="nearest", border=border, fill=f, num_threads=num_threads))
+    if labels is not None:
+        return labels
     arr = _image(image, "warp_affine")
     m = _affine(matrix, "matrix")
     interp_code = _option(_INTERPOLATION, interpolation, "interpolation")
@@ -131,8 +176,10 @@ def warp_displacement(
     Parameters
     ----------
     image : ndarray, shape (H_in, W_in)
-        Source (moving) slice, dtype ``uint8``, ``uint16`` or ``float32`` (others are rejected,
-        cast explicitly). Non-contiguous input is copied once to C order.
+        Source (moving) slice, dtype ``uint8``, ``uint16`` or ``float32``; with
+        ``interpolation="nearest"`` also any other integer or boolean type (labels, copied
+        exactly). Others are rejected: cast explicitly. Non-contiguous input is copied once to
+        C order.
     displacement : ndarray, shape (2, H, W), float32
         ``u``: ``dx`` then ``dy`` in pixels, on the OUTPUT grid (the output has shape
         ``(H, W)``, which may differ from the image's). Pixels whose displacement is NaN or
@@ -179,6 +226,11 @@ def warp_displacement(
     >>> warp_displacement(img, u, border="replicate")[0]
     array([1., 2., 3., 3.], dtype=float32)
     """
+    labels = _in_lanes(image, interpolation, fill, out, lambda lane, f: warp_displacement(
+        lane, displacement, affine=affine, interpolation="nearest", border=border, fill=f,
+        num_threads=num_threads))
+    if labels is not None:
+        return labels
     arr = _image(image, "warp_displacement")
     u = _field(displacement, "displacement")
     m = None if affine is None else _affine(affine, "affine")
@@ -202,7 +254,8 @@ def warp_affine_field(image: npt.ArrayLike, field: npt.ArrayLike, step: float,
     Parameters
     ----------
     image : ndarray, shape (H, W)
-        uint8, uint16 or float32 source (moving) image.
+        uint8, uint16 or float32 source (moving) image; with ``interpolation="nearest"``
+        also any other integer or boolean type (labels, copied exactly).
     field : ndarray, shape (rows, cols, 2, 3)
         float64 pull affines on a grid of spacing ``step``: node (i, j) is output pixel
         (x, y) = (j * step, i * step); between nodes the affine parameters are interpolated
@@ -223,6 +276,11 @@ def warp_affine_field(image: npt.ArrayLike, field: npt.ArrayLike, step: float,
     ndarray
         The warped image, same dtype as ``image``.
     """
+    labels = _in_lanes(image, interpolation, fill, None, lambda lane, f: warp_affine_field(
+        lane, field, step, output_shape, interpolation="nearest", border=border, fill=f,
+        num_threads=num_threads))
+    if labels is not None:
+        return labels
     img = _image(image, "warp_affine_field")
     interp = _option(_INTERPOLATION, interpolation, "interpolation")
     bord = _option(_BORDER, border, "border")

@@ -49,6 +49,22 @@ def test_make_benchmark_files(bench):
     assert tifffile.imread(out / "misaligned_labels.tif").shape == mis.shape
 
 
+def test_make_benchmark_keeps_wide_label_ids(rng, tmp_path):
+    """uint32 label IDs near 2**32 (beyond float32's exact integers): the benchmark's clean
+    and misaligned labels keep the type and every ID (they were refused, with advice to
+    convert labels to float32)."""
+    clean, labels = _clean(rng)
+    ids = labels.astype(np.uint32) * 7 + np.uint32(4_000_000_001)
+    tifffile.imwrite(tmp_path / "clean.tif", clean)
+    tifffile.imwrite(tmp_path / "labels.tif", ids)
+    out = tmp_path / "bench"
+    assert main(["make-benchmark", str(tmp_path / "clean.tif"), str(out), "--profile", "sstem",
+                 "--seed", "3", "--labels", str(tmp_path / "labels.tif")]) == 0
+    np.testing.assert_array_equal(tifffile.imread(out / "clean_labels.tif"), ids)
+    moved = tifffile.imread(out / "misaligned_labels.tif")
+    assert moved.dtype == np.uint32 and set(np.unique(moved)) <= set(np.unique(ids)) | {0}
+
+
 def _align_perfectly(out, shape=(170, 200)):
     """A perfect aligner whose output frame differs from the clean one by a common G."""
     truth = GroundTruth.from_json((out / "ground_truth.json").read_text())

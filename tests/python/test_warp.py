@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from deepalign_fast import warp_affine
+from deepalign_fast.warp import warp_affine_field, warp_displacement
 from scipy import ndimage as ndi
 
 DTYPES = [np.uint8, np.uint16, np.float32]
@@ -147,11 +148,53 @@ def test_real_em_slice_matches_reference(lucchi, num_threads):
     assert set(np.unique(out_lab).tolist()) <= set(np.unique(lab).tolist()) | {0}
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint32, np.int32, np.uint64,
+                                   np.int64, np.bool_])
+def test_nearest_warps_of_labels_of_any_integer_type_copy_their_ids(dtype) -> None:
+    """Label IDs of any width: each output pixel holds the ID of the very input pixel the
+    kernel's nearest warp of a uint16 index image samples there (IDs near the type's limits,
+    so a detour through float32 would change them), and ``fill`` outside; the same for the
+    displacement and per-pixel affine warps."""
+    rng = np.random.default_rng(3)
+    index = rng.integers(1, 500, (40, 50)).astype(np.uint16)
+    info = np.iinfo(dtype) if dtype is not np.bool_ else None
+    table = (rng.integers(0, 2, 500).astype(bool) if info is None else
+             np.array(info.max, dtype) - rng.integers(0, 1000, 500).astype(dtype))
+    table[0] = 0  # (outside: index 0 -> fill 0)
+    labels = table[index]
+    m = np.array([[0.97, -0.05, 3.4], [0.06, 1.02, -2.7]])
+    want = table[warp_affine(index, m, (44, 47), interpolation="nearest")]
+    got = warp_affine(labels, m, (44, 47), interpolation="nearest")
+    assert got.dtype == labels.dtype
+    np.testing.assert_array_equal(got, want)
+    u = rng.normal(0, 2, (2, 44, 47)).astype(np.float32)
+    np.testing.assert_array_equal(
+        warp_displacement(labels, u, affine=m, interpolation="nearest"),
+        table[warp_displacement(index, u, affine=m, interpolation="nearest")])
+    field = np.broadcast_to(m, (7, 7, 2, 3)).copy()
+    np.testing.assert_array_equal(
+        warp_affine_field(labels, field, 8.0, (44, 47), interpolation="nearest"),
+        table[warp_affine_field(index, field, 8.0, (44, 47), interpolation="nearest")])
+    if info is not None:  # a fill of the type's own range, split into its lanes
+        out = np.empty((44, 47), dtype)
+        res = warp_affine(labels, m, interpolation="nearest", fill=int(info.min), out=out)
+        outside = warp_affine(np.ones_like(index), m, (44, 47), interpolation="nearest") == 0
+        assert res is out and outside.any() and (out[outside] == info.min).all()
+        np.testing.assert_array_equal(out[~outside], want[~outside])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"image": np.zeros((4, 4), np.float64)}, "cast explicitly"),
-        ({"image": np.zeros((4, 4), np.int32)}, "unsupported dtype"),
+        ({"image": np.zeros((4, 4), np.int32)}, "nearest interpolation only"),
+        ({"image": np.zeros((4, 4), np.int32), "interpolation": "nearest", "fill": 0.5},
+         "fill"),
+        ({"image": np.zeros((4, 4), np.uint32), "interpolation": "nearest", "fill": -1},
+         "fill"),
+        ({"image": np.zeros((4, 4), np.int64), "interpolation": "nearest",
+          "out": np.zeros((4, 4), np.uint64)}, "out"),
+        ({"image": np.zeros((4, 4), np.complex64)}, "unsupported dtype"),
         ({"image": np.zeros((2, 4, 4), np.uint8)}, "2-D"),
         ({"image": np.zeros((0, 4), np.uint8)}, "empty"),
         ({"matrix": np.eye(2)}, r"\(2, 3\) or \(3, 3\)"),

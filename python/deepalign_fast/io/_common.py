@@ -81,8 +81,9 @@ def output_dtype(file_dtype: np.dtype, where: str, *, labels: bool = False) -> n
         return _CONVERTED[dt]  # type: ignore[return-value]
     raise DeepAlignError(
         f"{where}: pixel type {dt} is not supported (deepalign-fast reads uint8, uint16 and "
-        "float32, and converts bool, int8, int16, float16 and float64; `apply` with nearest "
-        "interpolation takes label stacks of any integer type). Convert the data first, e.g. "
+        "float32, and converts bool, int8, int16, float16 and float64; label stacks of any "
+        "integer type are taken by `apply` with nearest interpolation and by the benchmark "
+        "tools' --labels). Convert the data first, e.g. "
         "to uint16 if the values fit or to float32 (numpy: a.astype(np.float32); Fiji: "
         "Image > Type > 32-bit); never labels to float32, which cannot hold IDs above 2**24."
     )

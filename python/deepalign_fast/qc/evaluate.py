@@ -77,11 +77,12 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # stack and transforms I/O (through io.open_stack and TransformSet.load)
 # --------------------------------------------------------------------------------------------
-def read_stack(path: str | os.PathLike[str]) -> NDArray[Any]:
-    """Read a whole stack ``(z, y, x)`` (any format :func:`deepalign_fast.io.open_stack` takes)."""
+def read_stack(path: str | os.PathLike[str], *, labels: bool = False) -> NDArray[Any]:
+    """Read a whole stack ``(z, y, x)`` (any format :func:`deepalign_fast.io.open_stack` takes;
+    ``labels``: a label stack, whose integer type of 8-64 bit is kept)."""
     from ..io import open_stack
 
-    with open_stack(path) as reader:
+    with open_stack(path, labels=labels) as reader:
         return np.stack([reader.read(i) for i in range(len(reader))])
 
 
@@ -255,7 +256,7 @@ def misalign_benchmark(
 
     stack = clean if isinstance(clean, np.ndarray) else read_stack(clean)
     lab = None if labels is None else (
-        labels if isinstance(labels, np.ndarray) else read_stack(labels))
+        labels if isinstance(labels, np.ndarray) else read_stack(labels, labels=True))
     stack = reslice_stack(stack, reslice)
     lab = None if lab is None else reslice_stack(lab, reslice)
     if lab is not None and lab.shape != stack.shape:
@@ -434,14 +435,14 @@ def evaluate_alignment(
         result[f"n_{name}"] = normalized_improvement(ma, mb)
     if aligned_labels is not None:
         alab = aligned_labels if isinstance(aligned_labels, np.ndarray) else read_stack(
-            aligned_labels)
+            aligned_labels, labels=True)
         if alab.shape != al.shape:
             where = "the aligned labels" if isinstance(aligned_labels, np.ndarray) else \
                 str(aligned_labels)
             raise DeepAlignError(f"{where}: {alab.shape} (z, y, x), but the aligned stack is "
                                  f"{al.shape}; give the labels aligned with the same transforms")
-        clab = read_stack(bdir / "clean_labels.tif")
-        mlab = read_stack(bdir / "misaligned_labels.tif")
+        clab = read_stack(bdir / "clean_labels.tif", labels=True)
+        mlab = read_stack(bdir / "misaligned_labels.tif", labels=True)
         result.update(_label_scores(alab, clab, mlab, truth, tre.gauge))
     return result
 
