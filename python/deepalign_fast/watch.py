@@ -46,6 +46,7 @@ from .outputs import (
     store_being_created,
     store_mark,
     store_problem,
+    transforms_path_for,
     write_atomic,
 )
 
@@ -58,11 +59,12 @@ def _natural(name: str) -> list[Any]:
 
 @dataclass
 class WatchResult:
-    """What a watch did: files taken (in order), slices written, flagged slices (with the
-    reason for each, as ``AlignStream.flag_reasons``)."""
+    """What a watch did: files taken (in order), slices written, the transforms file, flagged
+    slices (with the reason for each, as ``AlignStream.flag_reasons``)."""
 
     files: list[str] = field(default_factory=list)
     written: int = 0
+    transforms: Path | None = None  # the transforms file, once the watch stopped
     flagged: list[int] = field(default_factory=list)
     flag_reasons: dict[int, str] = field(default_factory=dict)
 
@@ -120,7 +122,7 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
 
 def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
                  options: AlignOptions | None = None, lookahead: int = 8, poll: float = 1.0,
-                 idle_timeout: float = 60.0, stop_file: str = "STOP",
+                 idle_timeout: float = 600.0, stop_file: str = "STOP",
                  on_slice: Callable[[int], None] | None = None) -> WatchResult:
     """Align the slices appearing in ``folder`` into ``output`` (OME-Zarr) until stopped.
 
@@ -130,9 +132,11 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
         Where the microscope writes one file per slice.
     output : path
         ``.zarr`` / ``.ome.zarr`` store, grown slice by slice; rerunning the same call after a
-        kill continues it (see module docstring).
+        kill continues it (see module docstring). When the watch stops, the transforms of
+        every slice are written beside it (``OUTPUT.transforms.json``, as by ``align``), so
+        ``apply`` carries labels or other channels through the same alignment.
     options : AlignOptions, optional
-        Alignment options (defaults otherwise).
+        Alignment options (defaults otherwise; ``mode="affine"`` only).
     lookahead : int
         Slices after z that must have arrived before z is aligned (latency vs accuracy).
     poll : float
@@ -151,17 +155,27 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
         raise DeepAlignError(f"{out}: (-o) watch writes OME-Zarr (.zarr/.ome.zarr)")
     if out.resolve().is_relative_to(src.resolve()):
         raise DeepAlignError(f"{out}: (-o) must not lie inside the watched folder {src}")
-    state_path = _state_path(out)
+    if options is not None and options.mode != "affine":
+        raise DeepAlignError(f"mode {options.mode!r}: a watch renders one affine per slice "
+                             "(align the finished stack for a refined mode)")
+    state_path, tpath = _state_path(out), transforms_path_for(out)
     # Everything the watch will write is checked now, not when the first slice is aligned
-    # (minutes into an acquisition); an earlier watch's store and record are continued.
+    # (minutes into an acquisition); an earlier watch's store, record and transforms file
+    # are continued.
+    if not os.path.lexists(out) and os.path.lexists(tpath):
+        raise DeepAlignError(f"{tpath}: (transforms file) already exists, and {out} does not: "
+                             "it is not this watch's; move it away or watch into another "
+                             "output")
     plan = OutputPlan().input(src, "FOLDER")
     plan.output(out, "-o", folder=True, may_exist=True, store=True)
     plan.output(state_path, "watch record", may_exist=True)
+    plan.output(tpath, "transforms file", may_exist=True)
     plan.check()
     with plan.prepared(), output_lock([out]):
         remove_stale_temps(state_path)  # of a watch killed while saving its record
-        return _watch(src, out, state_path, options=options, lookahead=lookahead, poll=poll,
-                      idle_timeout=idle_timeout, stop_file=stop_file, on_slice=on_slice)
+        return _watch(src, out, state_path, tpath, options=options, lookahead=lookahead,
+                      poll=poll, idle_timeout=idle_timeout, stop_file=stop_file,
+                      on_slice=on_slice)
 
 
 def _digest(path: Path) -> str:
@@ -170,7 +184,8 @@ def _digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | None,
+def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
+           options: AlignOptions | None,
            lookahead: int, poll: float, idle_timeout: float, stop_file: str,
            on_slice: Callable[[int], None] | None) -> WatchResult:
     """:func:`watch_folder` once its outputs are checked and locked."""
@@ -316,4 +331,7 @@ def _watch(src: Path, out: Path, state_path: Path, *, options: AlignOptions | No
     result.flagged = list(stream.flagged)
     result.flag_reasons = dict(stream.flag_reasons)
     result.files = known
+    if stream.transforms:  # (the store's slices, in the store's frame)
+        result.transforms = tpath
+        stream.transform_set().save(tpath)
     return result

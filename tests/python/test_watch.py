@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from deepalign_fast import Aligner, DeepAlignError
+from deepalign_fast import Aligner, AlignOptions, DeepAlignError
+from deepalign_fast.cli import main
 from deepalign_fast.watch import watch_folder
 
 
@@ -85,6 +86,12 @@ def test_watch_aligns_a_folder_as_it_fills_and_resumes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, expected)
     state = (tmp_path / "live.ome.zarr.watch.json").read_text()
     assert '"written": 12' in state
+    # the transforms file beside it: `apply` renders the slices into the store's frame again
+    assert result.transforms == tmp_path / "live.ome.zarr.transforms.json"
+    tifffile.imwrite(tmp_path / "all.tif", np.stack(slices), photometric="minisblack")
+    assert main(["apply", str(result.transforms), str(tmp_path / "all.tif"), "-o",
+                 str(tmp_path / "again.tif"), "--interpolation", "linear", "--quiet"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "again.tif"), got)
 
 
 def test_a_rerun_with_nothing_new_reports_the_earlier_flags(tmp_path: Path) -> None:
@@ -218,6 +225,15 @@ def test_watch_refusals(tmp_path: Path) -> None:
         watch_folder(folder, tmp_path / "empty.zarr", idle_timeout=0.1, poll=0.01)
     assert (tmp_path / "other.zarr" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "empty.zarr").is_dir()
+    # a fresh watch would replace a transforms file that is not its own (a user's, another
+    # run's): refused before any slice, and the file is left as it was
+    (tmp_path / "new.zarr.transforms.json").write_text("a user's file")
+    with pytest.raises(DeepAlignError, match=r"new\.zarr\.transforms\.json: .* not this watch's"):
+        watch_folder(folder, tmp_path / "new.zarr", idle_timeout=0.1, poll=0.01)
+    assert (tmp_path / "new.zarr.transforms.json").read_text() == "a user's file"
+    assert not (tmp_path / "new.zarr").exists()
+    with pytest.raises(DeepAlignError, match="one affine per slice"):
+        watch_folder(folder, tmp_path / "e.zarr", options=AlignOptions(mode="elastic"))
 
 
 def test_watch_checks_its_outputs_before_any_slice(tmp_path: Path) -> None:
