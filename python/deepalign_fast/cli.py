@@ -160,8 +160,8 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     outside = summary.get("outside") or []
     if outside:
         print(f"  note: {len(outside)} slice(s) {outside} map wholly outside their input and "
-              "are empty in the output (the drift followed moves them off the frame: "
-              "--canvas union keeps every slice, or --slow-drift keep)")
+              "are empty in the output (the drift followed or corrected moves them off the "
+              "frame: --canvas union keeps every slice)")
     if _mostly_flagged(summary):
         print("  more than half of the slices were flagged: check the input and the options "
               "(exit status 3)")
@@ -273,7 +273,8 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
                    help="physical pixel size (and slice spacing) to record in the output, "
                         "overriding the input's metadata; Y defaults to X and Z to Y")
     p.add_argument("--unit", default=None,
-                   help="unit of --pixel-size, e.g. nm or um (default: the input's, else nm)")
+                   help="unit of --pixel-size, e.g. nm or um (only with --pixel-size; "
+                        "default nm)")
 
 
 def _add_align(sub: Any) -> None:
@@ -368,6 +369,10 @@ def _cmd_align(args: argparse.Namespace, started: Callable[[], None] | None = No
         if getattr(options, name) != getattr(defaults, name) and options.mode != mode:
             flag = "--" + name.replace("_", "-")
             raise DeepAlignError(f"{flag} only applies with --mode {mode}")
+    if options.provider != defaults.provider and options.features != "learned" and \
+            options.mode != "elastic":
+        raise DeepAlignError(f"--provider {options.provider} only applies to the learned "
+                             "models: --features learned, or --mode elastic")
     compression, voxel_size = _compression(args), _voxel_size(args)  # checked before any work
     transforms_path = args.transforms or _default_transforms_path(args.output)
     plan = _align_plan(args, transforms_path)
@@ -536,7 +541,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--size", type=int, default=None,
                    help="synthetic slice size, square (default 2048)")
     p.add_argument("--features", nargs="+", default=["blocks"],
-                   choices=("blocks", "sift", "learned"))
+                   choices=("blocks", "sift", "learned"), help="matchers to time (default blocks)")
     p.add_argument("--providers", nargs="+", default=None, choices=("cpu", "cuda", "tensorrt"),
                    help="providers for learned features (default: all available)")
     from .estimate import MODELS
@@ -649,10 +654,12 @@ def _add_watch(sub: Any) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help=".zarr/.ome.zarr")
     p.add_argument("--lookahead", type=int, default=8,
                    help="slices after z awaited before z is aligned (default %(default)s)")
-    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks")
+    p.add_argument("--poll", type=float, default=1.0,
+                   help="seconds between looks (default %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=600.0,
                    help="stop after this many seconds without a new slice (default %(default)s)")
-    p.add_argument("--stop-file", default="STOP", help="stop when FOLDER/NAME appears")
+    p.add_argument("--stop-file", default="STOP",
+                   help="stop when FOLDER/NAME appears (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
     p.add_argument("--quiet", action="store_true", help="no per-slice messages")
     p.set_defaults(func=_cmd_watch)
@@ -681,8 +688,11 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                           lookahead=args.lookahead, poll=args.poll,
                           idle_timeout=args.idle_timeout, stop_file=args.stop_file,
                           on_slice=report)
-    print(f"wrote {result.written} slices to {args.output}; flagged: "
-          f"{len(result.flagged)} {result.flagged}")
+    if not result.written:
+        print(f"no slice arrived in {args.folder}: nothing written")
+        return 0
+    print(f"wrote {result.written} slices to {args.output} (transforms: {result.transforms}); "
+          f"flagged: {len(result.flagged)} {result.flagged}")
     _print_flag_reasons({"flag_reasons": result.flag_reasons})
     return 0
 
@@ -706,8 +716,19 @@ class _Parser(argparse.ArgumentParser):
     """A usage error is one line and a pointer to ``--help``, not the usage block (the
     subcommands' parsers are of this class too)."""
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+    def error(self, message: str, prog: str | None = None) -> NoReturn:
+        prog = prog or self.prog
+        self.exit(2, f"{prog}: error: {message} (see: {prog} --help)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """As argparse's, but a flag the command does not know points to the command's
+        ``--help`` (argparse leaves unknown flags to the top-level parser)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extra)}",
+                       f"{self.prog} {command}" if command else None)
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -332,7 +332,8 @@ def outside_slices(transforms: TransformSet) -> list[int]:
     """Slices whose map samples nothing of their input slice: the output frame's image lies
     wholly outside it, so the slice renders empty. An alignment that follows a strong drift
     on a frame fixed to the stack's mean (``--slow-drift follow``, ``canvas="reference"``)
-    puts its end slices there; an edited file may too."""
+    puts its end slices there; an edited file may too. (Judged by the bounding box of the
+    frame's image: a turned map that misses the input only beyond a corner is not listed.)"""
     a = transforms.affines
     h, w = transforms.output_shape
     corners = np.array([[-0.5, -0.5], [w - 0.5, -0.5], [-0.5, h - 0.5], [w - 0.5, h - 0.5]])

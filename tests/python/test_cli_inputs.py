@@ -44,6 +44,13 @@ def test_usage_error_is_one_line(src: Path, tmp_path: Path,
     err = _one_line(capsys)
     assert "invalid choice: 'foo'" in err and "deepalign-fast align --help" in err
     assert "usage:" not in err
+    # a flag the command does not know: the command's help, not the top-level one
+    with pytest.raises(SystemExit) as exc:
+        main(["align", str(src), "-o", str(tmp_path / "o.tif"), "--neighbours", "2"])
+    assert exc.value.code == 2
+    err = _one_line(capsys)
+    assert "unrecognized arguments: --neighbours 2" in err
+    assert "(see: deepalign-fast align --help)" in err
 
 
 def test_truncated_tiff_logs_nothing_from_tifffile(tmp_path: Path, rng: np.random.Generator,

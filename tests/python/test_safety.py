@@ -596,6 +596,7 @@ def test_a_moments_hold_of_the_lock_is_waited_out(tmp_path: Path) -> None:
     (["--max-folding", "0.01"], "--max-folding only applies with --mode elastic"),
     (["--field-stride", "8", "--mode", "expected-affine"], "--field-stride only applies"),
     (["--refine-features", "sift", "--mode", "elastic"], "--refine-features only applies"),
+    (["--provider", "cuda"], "--provider cuda only applies to the learned models"),
     (["--scheduler", "local:1", "--mode", "elastic"], "--scheduler"),
     (["--work-dir", "W"], "--work-dir"),
 ])

@@ -52,7 +52,16 @@ from ..render import SliceMap, render_slice
 from ..transforms import TransformSet, outside_slices
 from .matcher import StackMatcher, is_blank
 from .options import AlignOptions
-from .solve import FLAG_REASONS, MOTION_KEYS, PRIOR_KEYS, PairMoments, SolveResult, solve_stack
+from .solve import (
+    FLAG_REASONS,
+    MOTION_KEYS,
+    PRIOR_KEYS,
+    STEEP_SHIFT_MAX,
+    PairMoments,
+    SolveResult,
+    excess_slope,
+    solve_stack,
+)
 
 __all__ = ["AlignResult", "AlignStream", "Aligner", "SideOutput", "measured_record",
            "result_of_checkpoint"]
@@ -728,10 +737,10 @@ def _measured_of(saved: dict[str, Any]
             numbers(measured.get("prior_spread"), PRIOR_KEYS))
 
 
-# The stream's steady-drift correction (AlignStream.drift_corrected) reaches at most this share of
-# the frame's width in x and of its height in y: slices keep overlapping the first slice's
-# frame.
-STEEP_SHIFT_MAX = 0.5
+# A stream's window is about 3 * drift_sigma slices long, over which the anatomy alone can be
+# steeper than ANATOMY_SLOPE (a whole stack is not): the windows' kept slopes over this many
+# emitted slices must show the drift too, or it is the anatomy's.
+SLOPE_HISTORY = 256
 
 
 class AlignStream(Iterator[np.ndarray]):
@@ -766,10 +775,28 @@ class AlignStream(Iterator[np.ndarray]):
 
     @property
     def drift_corrected(self) -> np.ndarray:
-        """The steady stage drift corrected so far, beyond the anatomy's slope (output px, x
-        and y, since the first slice; at most :data:`STEEP_SHIFT_MAX` of the frame's width and
-        height)."""
+        """How far the output has been shifted (px, x and y, since the first slice) to undo a
+        steady stage drift beyond the anatomy's slope: the content drifting toward -x is
+        shifted toward +x. At most :data:`~deepalign_fast.alignment.solve.STEEP_SHIFT_MAX` of
+        the frame's width and height. Zero where the input ended before the first slice went
+        out: the stream was then solved as a whole, as by ``align_stack``, whose correction
+        is part of its trend."""
         return self._state.steep_shift.copy()
+
+    def transform_set(self) -> TransformSet:
+        """The emitted slices' transforms as a :class:`TransformSet` (``save`` writes the
+        transforms file that ``apply`` and :func:`apply_transforms` take): their affines,
+        the flagged slices and the options. Affine mode only (a refined stream keeps no
+        fields to re-apply)."""
+        st = self._state
+        if st.opts.mode != "affine":
+            raise DeepAlignError(f"a stream of mode {st.opts.mode!r} keeps no fields to "
+                                 "re-apply: only an affine stream gives its transforms")
+        if not st.transforms or st.shape is None:
+            raise DeepAlignError("the stream has emitted no slice yet")
+        n = len(st.transforms)
+        return TransformSet(np.stack(st.transforms), (n, *st.shape), st.shape,
+                            sorted(z for z in st.flagged if z < n), [], asdict(st.opts))
 
     @property
     def notes(self) -> dict[int, str]:
@@ -809,6 +836,7 @@ class _StreamState:
         # STEEP_SHIFT_MAX of the frame's width (x) and height (y), so every slice keeps
         # overlapping the frame (a longer drift is kept beyond that, never rendered off it)
         self.steep_shift = np.zeros(2)
+        self.slopes: deque[np.ndarray] = deque(maxlen=SLOPE_HISTORY)  # the windows' kept
         self.refine: Refiner | None = None
         self.last: tuple[int, np.ndarray, np.ndarray] | None = None  # emitted: z, image, affine
         self.flagged: list[int] = []
@@ -864,6 +892,19 @@ class _StreamState:
         while self.pending:
             yield self._emit(self.pending[-1][0] + 1, whole=whole)
 
+    def _steep(self, solved: SolveResult) -> np.ndarray:
+        """The steady stage drift (px per slice, x and y) this window's slice is corrected
+        by: its kept trend's excess over the anatomy's slope, where the mean of the windows'
+        kept slopes over the last :data:`SLOPE_HISTORY` slices exceeds it too (a steep
+        stretch of anatomy fills one window, not the history; a drift that stops leaves the
+        window first). Zero where the window measured none."""
+        if solved.kept_slope is None or solved.slope_limit is None:
+            return np.zeros(2)
+        self.slopes.append(solved.kept_slope)
+        now = excess_slope(solved.kept_slope, solved.slope_limit)
+        longer = excess_slope(np.mean(self.slopes, axis=0), solved.slope_limit)
+        return now if longer.any() else np.zeros(2)
+
     def _emit(self, seen: int, *, whole: bool = False) -> np.ndarray:
         assert self.matcher is not None and self.shape is not None
         z, image = self.pending.popleft()
@@ -887,15 +928,17 @@ class _StreamState:
         if opts.slow_drift == "follow" and self.previous is not None and z - 1 - lo >= 0:
             carry = compose(self.previous, solved.affines[z - 1 - lo])
 
-        steep = solved.steep_drift
-        if steep is not None and self.transforms:
-            cap = STEEP_SHIFT_MAX * np.array([self.shape[1], self.shape[0]], np.float64)
+        steep = self._steep(solved)
+        cap = STEEP_SHIFT_MAX * np.array([self.shape[1], self.shape[0]], np.float64)
+        if self.transforms:
             self.steep_shift = np.clip(self.steep_shift + steep, -cap, cap)  # (x, y)
 
         def in_stream(k: int) -> np.ndarray:
             a_k = solved.affines[k - lo]
-            if steep is not None:  # the output shifted by the drift corrected up to slice k
-                shift = self.steep_shift + (k - z) * steep
+            # the output shifted by the drift corrected up to slice k (also where this window
+            # measured none: what earlier windows corrected stays corrected)
+            shift = np.clip(self.steep_shift + (k - z) * steep, -cap, cap)
+            if shift.any():
                 a_k = a_k.copy()
                 a_k[:, 2] -= a_k[:, :2] @ shift
             return a_k if carry is None else invert(compose(carry, invert(a_k)))

@@ -98,6 +98,15 @@ def apply_transforms(transforms: str | os.PathLike[str], stack: str | os.PathLik
         fits = all(abs(full[i] / scale - ts.input_shape[i]) * min(1.0, scale) < 1
                    for i in (1, 2))  # (within a pixel of the coarser of the two)
         ts = ts.rescaled(scale, (len(ts), full[1], full[2]) if fits else None)
+    if tuple(full[1:]) != tuple(ts.input_shape[1:]):
+        made_for = TransformSet.load(transforms).input_shape[1:]
+        times = "" if scale == 1.0 else \
+            f" (scaled by {scale:g}: {ts.input_shape[1]} x {ts.input_shape[2]})"
+        raise DeepAlignError(
+            f"{stack}: slices are {full[1]} x {full[2]} (y, x), but the transforms "
+            f"({transforms}) were made for {made_for[0]} x {made_for[1]}{times}; apply them to the "
+            "stack they were made for, or give the scale (--scale) between the two (2: the "
+            "transforms of a 2x binned copy on the full stack)")
     if target is not None:  # a label image must cover its image voxel for voxel
         shape, made = image_shape(target[0]), (len(ts), *ts.output_shape)
         if shape is not None and tuple(shape[-3:]) != made:

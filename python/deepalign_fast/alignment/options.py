@@ -57,7 +57,8 @@ class AlignOptions:
         Slice z is matched with its predecessors at these ranks (1 = nearest non-blank
         slice); all pairs enter one global solve. More and farther offsets average out
         per-pair noise and tie each slice to both sides; each costs one finest-level match.
-        At most :data:`MAX_OFFSET` (the ``max(offsets)`` most recent prepared slices are kept).
+        At most 1024 (:data:`MAX_OFFSET`: the ``max(offsets)`` most recent prepared slices are
+        kept).
     threshold : float
         Inlier threshold in pixels of the per-pair RANSAC.
     min_matches : int

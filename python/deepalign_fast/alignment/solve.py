@@ -107,9 +107,10 @@ from ..geometry import compose, invert
 
 __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FIXED_PRIOR", "FLAGGED_MOVE",
            "FLAG_REASONS", "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "PRIOR_KEYS",
-           "REFERENCE_CONTENT", "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "UNLIKE_SHARE",
-           "PairMoments", "SolveResult", "lowpass_affines", "pair_moments", "place_flagged",
-           "prior_spread", "slice_spacing", "solve_stack", "unlike_slices"]
+           "REFERENCE_CONTENT", "SIMILAR_CONTENT", "SLOW_DRIFT", "STAGE_STEP", "STEEP_SHIFT_MAX",
+           "UNLIKE_SHARE", "PairMoments", "SolveResult", "excess_slope", "lowpass_affines",
+           "pair_moments", "place_flagged", "prior_spread", "slice_spacing", "solve_stack",
+           "unlike_slices"]
 
 SLOW_DRIFT = ("keep", "follow", "none")
 #: The keys of :attr:`SolveResult.motion`.
@@ -201,10 +202,12 @@ class SolveResult:
     # Why each flagged slice was flagged: a key of FLAG_REASONS.
     flag_reasons: dict[int, str] = field(default_factory=dict)
     # Where "keep" kept a Gaussian trend of similar slices (noise_model=False: a window of
-    # the stream): how much steeper its straight line is than the anatomy moves (px per
-    # slice, x and y, in the output frame), a steady stage drift the stream corrects slice
-    # by slice (the whole-stack solve corrects it in the trend itself: _steep_excess).
-    steep_drift: NDArray[np.float64] | None = None
+    # the stream): the slope of its straight line (px per slice, x and y, in the output
+    # frame) and the steepest the anatomy explains (px per slice, both axes together); what
+    # is steeper (excess_slope) is a steady stage drift, which the stream corrects slice by
+    # slice (the whole-stack solve corrects it in the trend itself: _steep_excess).
+    kept_slope: NDArray[np.float64] | None = None
+    slope_limit: float | None = None
 
 
 def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
@@ -648,6 +651,11 @@ ANATOMY_CHANGE = 0.02
 # of another region). A steeper straight-line trend is a steady stage drift: "keep"
 # corrects its excess (see benchmarks/RESULTS.md).
 ANATOMY_SLOPE = 0.4
+# The correction of such a drift reaches at most this share of the frame's width in x and of
+# its height in y, either way from the stack's middle (align_stack) or from the first slice
+# (a stream): slices keep overlapping the frame, and a longer drift is kept beyond that,
+# never rendered off it.
+STEEP_SHIFT_MAX = 0.5
 # The prior of that mean velocity, per axis (rms px per slice; the lucchi stacks: 0.04-0.12,
 # rms 0.08). The kept straight-line trend is shared between it and the straight-line part
 # of the measured stage walk by their variances (maximum a posteriori).
@@ -810,25 +818,34 @@ def _line_slope(ctr: NDArray[np.float64], good: NDArray[np.bool_]) -> NDArray[np
     return np.array([np.polyfit(z, ctr[good, k], 1)[0] for k in range(2)])
 
 
-def _excess_slope(ctr: NDArray[np.float64], good: NDArray[np.bool_],
-                  limit: float = ANATOMY_SLOPE) -> NDArray[np.float64]:
-    """How much the straight-line trend of the kept translation ``ctr`` (n, 2), fitted to
-    the ``good`` slices, is steeper than the anatomy moves (``limit`` px per slice, both axes
-    together): px per slice (x, y), zeros if it is not that steep."""
-    slope = _line_slope(ctr, good)
+def excess_slope(slope: NDArray[np.float64], limit: float = ANATOMY_SLOPE
+                 ) -> NDArray[np.float64]:
+    """How much a straight-line trend of ``slope`` (px per slice, x and y) is steeper than
+    the anatomy moves (``limit`` px per slice, both axes together): px per slice (x, y),
+    zeros if it is not that steep."""
+    slope = np.asarray(slope, np.float64)
     norm = float(np.hypot(*slope))
     return np.zeros(2) if norm <= limit else slope * (1.0 - limit / norm)
 
 
-def _steep_excess(ctr: NDArray[np.float64], good: NDArray[np.bool_],
+def _excess_slope(ctr: NDArray[np.float64], good: NDArray[np.bool_],
                   limit: float = ANATOMY_SLOPE) -> NDArray[np.float64]:
+    """:func:`excess_slope` of the straight-line trend of the kept translation ``ctr``
+    (n, 2), fitted to the ``good`` slices."""
+    return excess_slope(_line_slope(ctr, good), limit)
+
+
+def _steep_excess(ctr: NDArray[np.float64], good: NDArray[np.bool_],
+                  limit: float, cap: NDArray[np.float64]) -> NDArray[np.float64]:
     """The part of the straight-line trend of the kept translation ``ctr`` (n, 2) steeper
     than the anatomy moves (:func:`_excess_slope`): a steady stage drift, zero at the mean of
-    the ``good`` slices (so the gauge does not move). (Measured on what the split keeps, not
-    on the input: where the walk takes the curvature of a smooth drift, the anatomy's line
-    runs from end to end of the stack, steeper than the input's straight-line fit.)"""
+    the ``good`` slices (so the gauge does not move), at most ``cap`` (x, y) px either way
+    (beyond, the drift is kept: corrected further, the slices would leave the frame).
+    (Measured on what the split keeps, not on the input: where the walk takes the curvature
+    of a smooth drift, the anatomy's line runs from end to end of the stack, steeper than
+    the input's straight-line fit.)"""
     z = np.arange(len(ctr), dtype=np.float64)
-    return np.outer(z - z[good].mean(), _excess_slope(ctr, good, limit))
+    return np.clip(np.outer(z - z[good].mean(), _excess_slope(ctr, good, limit)), -cap, cap)
 
 
 def _stage_motion(affines: NDArray[np.float64], shape: tuple[int, int],
@@ -906,7 +923,8 @@ def lowpass_affines(affines: NDArray[np.float64], shape: tuple[int, int],
                 ctr_s = np.stack([_anatomy_kept(ctr[:, k], ok, change, velocity)
                                   for k in range(2)], axis=1)
             if n_good >= 3 and sigma > 0:  # (fewer than 16 slices: the trend's line)
-                ctr_s -= _steep_excess(ctr_s, ok, ANATOMY_SLOPE * spacing)
+                cap = STEEP_SHIFT_MAX * np.array([shape[1], shape[0]], np.float64)
+                ctr_s -= _steep_excess(ctr_s, ok, ANATOMY_SLOPE * spacing, cap)
     else:
         lin_s = _local_linear(lin, sigma)
     out = np.empty_like(affines)
@@ -1405,7 +1423,7 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
     b_pix = invert(_to_pixels(theta, shape))  # slice -> output, pixels
     final = b_pix
     motion = None
-    steep = None
+    kept_slope = slope_limit = None
     outliers: list[int] = []
     if n > 1 and slow_drift != "none":
         good = np.setdiff1d(np.arange(n), flagged)
@@ -1449,7 +1467,8 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         if similar and slow_drift == "keep" and not modelled and good.size >= 3 and \
                 drift_sigma > 0:
             ctr_s = trend[:, :, :2] @ centre + trend[:, :, 2]
-            steep = _excess_slope(ctr_s, np.isin(np.arange(n), good), ANATOMY_SLOPE * apart)
+            kept_slope = _line_slope(ctr_s, np.isin(np.arange(n), good))
+            slope_limit = ANATOMY_SLOPE * apart
         if slow_drift == "follow":
             # Follow slow translation (stage drift) only: slow rotation, scale and shear are
             # not physical drift and would accumulate from the anatomy's apparent motion.
@@ -1459,4 +1478,4 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
         final = place_flagged(final, flagged, shape)
     return SolveResult(invert(final), residuals, flagged,
                        {(pm.i, pm.j): float(wi) for pm, wi in zip(pairs, w, strict=True)},
-                       motion, outliers, spread_pct, reasons, steep)
+                       motion, outliers, spread_pct, reasons, kept_slope, slope_limit)

@@ -177,10 +177,10 @@ def test_the_streams_drift_correction_stops_before_the_frames_edge(
     """The stream's frame is its first slice's: the steady-drift correction summed over a long
     stream stops at STEEP_SHIFT_MAX of the frame's width in x (here made small), so no slice
     is rendered off the frame; the drift beyond is kept."""
-    from deepalign_fast.alignment import aligner as module
+    from deepalign_fast.alignment import aligner
     from deepalign_fast.transforms import TransformSet, outside_slices
 
-    monkeypatch.setattr(module, "STEEP_SHIFT_MAX", 0.05)
+    monkeypatch.setattr(aligner, "STEEP_SHIFT_MAX", 0.05)
     n = 48
     clean, full = _walking_texture(n, (160, 160), 0.0, 0.5, seed=4)
     full[:, 0, 2] += 1.0 * np.arange(n)
@@ -195,6 +195,84 @@ def test_the_streams_drift_correction_stops_before_the_frames_edge(
     assert abs(np.polyfit(np.arange(20), moved[-20:], 1)[0]) < 0.15
     ts = TransformSet(np.stack(stream.transforms), mis.shape, mis.shape[1:], [], [])
     assert outside_slices(ts) == []
+
+
+def test_the_batchs_drift_correction_stops_before_the_frames_edge() -> None:
+    """A steady drift of 1.6 px per slice over 120 slices of a 64-px frame: align_stack
+    corrects its excess over the anatomy's slope about the stack's middle, but by at most
+    STEEP_SHIFT_MAX of the frame either way, so no slice maps wholly outside its input (72 px
+    of correction each way left 20 slices at each end empty)."""
+    import cv2
+    from deepalign_fast.alignment.solve import STEEP_SHIFT_MAX
+    from deepalign_fast.transforms import outside_slices
+
+    rng = np.random.default_rng(0)
+    n, step, side = 120, 1.6, 64
+    big = cv2.GaussianBlur(rng.random((120, side + int(step * n) + 40)).astype(np.float32),
+                           (0, 0), 2.0)
+    big = (big - big.min()) / np.ptp(big) * 255
+    stack = np.stack([cv2.warpAffine(
+        big, np.float32([[1, 0, step * z + rng.normal(0, 0.5)], [0, 1, 30 + rng.normal(0, 0.5)]]),
+        (side, side), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) for z in range(n)])
+    ts = Aligner().estimate(stack.astype(np.uint8), progress=False).transforms
+    x = np.asarray(ts.affines)[:, 0, 2]  # the output origin's x in each slice
+    cap = STEEP_SHIFT_MAX * side
+    assert outside_slices(ts) == []
+    assert np.abs(x).max() < cap + 3.0 and np.ptp(x) > 1.8 * cap  # (+ the jitter corrected)
+
+
+def test_a_window_without_a_slope_keeps_the_streams_drift_correction(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window that measures no kept slope (too few good slices, or content that does not
+    persist) adds nothing to the steady-drift correction, but keeps what earlier windows
+    corrected: its slice stays in line with its neighbours (it was rendered without the
+    correction, 20-30 px off)."""
+    from dataclasses import replace
+
+    from deepalign_fast.alignment import aligner
+
+    n = 48
+    clean, full = _walking_texture(n, (160, 160), 0.0, 0.5, seed=4)
+    full[:, 0, 2] += 1.0 * np.arange(n)  # x: 1 px per slice
+    mis, _ = misalign_stack(clean, full)
+    solve, calls = aligner.solve_stack, []
+
+    def without_slope_at_30(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)  # one solve per emitted slice: call k emits slice k - 1
+        solved = solve(*args, **kwargs)
+        return replace(solved, kept_slope=None) if len(calls) == 31 else solved
+
+    monkeypatch.setattr(aligner, "solve_stack", without_slope_at_30)
+    stream = Aligner().stream(iter(mis), lookahead=8)
+    list(stream)
+    assert len(calls) == n and abs(stream.drift_corrected[0]) > 15
+    x = np.array([a[0, 2] for a in stream.transforms])  # the output origin's x per slice
+    steps = np.abs(np.diff(x[20:40]))
+    assert steps.max() < 2.0, steps
+
+
+def test_a_steep_stretch_of_anatomy_in_a_long_stream_is_kept_as_the_batch_keeps_it() -> None:
+    """Exactly aligned slices whose content moves 0.8 px per slice for 40 of 160 slices
+    (steeper than ANATOMY_SLOPE over a window of the stream, not over the stack): the batch
+    keeps it, and so does the stream, whose windows' kept slopes over the last
+    SLOPE_HISTORY slices do not show it (one window alone moved the rest of the stream by
+    about 8 px)."""
+    from scipy import ndimage
+
+    n = 160
+    rng = np.random.default_rng(7)
+    texture = ndimage.gaussian_filter(rng.normal(size=(160, 400)), 2.0)
+    texture = ((texture - texture.min()) / np.ptp(texture) * 255).astype(np.float32)
+    x0 = np.clip(0.8 * (np.arange(n) - 60.0), 0.0, 32.0)  # the content's x, px
+    stack = np.stack([ndimage.shift(texture, (0.0, -x), order=1)[:, 100:300] for x in x0])
+    stack = np.clip(stack + rng.normal(0, 6, stack.shape), 0, 255).astype(np.uint8)
+    batch = np.asarray(Aligner().estimate(stack, progress=False).transforms.affines)
+    stream = Aligner().stream(iter(stack), lookahead=8)
+    list(stream)
+    got = np.stack(stream.transforms)
+    assert np.abs(stream.drift_corrected).max() < 1.0, stream.drift_corrected
+    assert np.ptp(batch[:, 0, 2]) < 2.0  # (the batch keeps it: the output origin stays)
+    assert np.abs(got[:, :, 2] - batch[:, :, 2]).max() < 2.0
 
 
 def test_a_glitch_moves_no_other_slice_of_a_stream() -> None:
@@ -1432,3 +1510,27 @@ def test_zarrs_own_temporary_files_are_not_published(tmp_path: Path, tiny_stack:
     stray.write_bytes(b"half")
     Aligner(model="translation").align_stack(tiny_stack, out2, progress=False)
     assert not [p for p in out2.rglob("*.partial")]
+
+
+def test_a_streams_transform_set_reapplies_what_it_emitted(tmp_path: Path) -> None:
+    """stream.transform_set(): the emitted slices' affines, flags and options as a transforms
+    file that `apply` reproduces the stream's output from; refused before any slice went out
+    and for a refined stream (its fields are not kept)."""
+    clean, full = _walking_texture(12, (96, 96), 0.3, 0.5, seed=5)
+    mis, _ = misalign_stack(clean, full)
+    mis[4] = 0  # blank: flagged
+    stream = Aligner().stream(iter(mis), lookahead=3)
+    with pytest.raises(DeepAlignError, match="no slice yet"):
+        stream.transform_set()
+    out = np.stack(list(stream))
+    ts = stream.transform_set()
+    assert len(ts) == 12 and ts.flagged == [4] and ts.options["model"] == "affine"
+    np.testing.assert_array_equal(ts.affines, np.stack(stream.transforms))
+    tifffile.imwrite(tmp_path / "in.tif", mis, photometric="minisblack")
+    ts.save(tmp_path / "t.json")
+    assert main(["apply", str(tmp_path / "t.json"), str(tmp_path / "in.tif"), "-o",
+                 str(tmp_path / "again.tif"), "--interpolation", "linear", "--quiet"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "again.tif"), out)
+    refined = Aligner(mode="elastic").stream(iter(mis), lookahead=3)
+    with pytest.raises(DeepAlignError, match="keeps no fields"):
+        refined.transform_set()

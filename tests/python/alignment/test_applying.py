@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import deepalign_fast as daf
 import numpy as np
 import pytest
 import tifffile
-
-import deepalign_fast as daf
 from deepalign_fast import Aligner, DeepAlignError
 
 
@@ -69,6 +68,14 @@ def test_apply_checks_its_paths_and_arguments_before_any_work(
     before.append(short)
     with pytest.raises(DeepAlignError, match="holds 4 slice"):
         daf.apply_transforms(tf, short, tmp_path / "x.tif")
+    big = tmp_path / "big.tif"  # a 2x finer copy given without scale, then with 3
+    tifffile.imwrite(big, np.repeat(np.repeat(tifffile.imread(tiny_stack), 2, 1), 2, 2),
+                     photometric="minisblack")
+    before.append(big)
+    with pytest.raises(DeepAlignError, match=r"slices are 448 x 448 .* made for 224 x 224;"):
+        daf.apply_transforms(tf, big, tmp_path / "x.tif")
+    with pytest.raises(DeepAlignError, match=r"made for 224 x 224 \(scaled by 3: 672 x 672\)"):
+        daf.apply_transforms(tf, big, tmp_path / "x.tif", scale=3.0)
     assert sorted(tmp_path.rglob("*")) == sorted(before)  # nothing written
     # overwrite=True replaces the output with the same render
     first = tifffile.imread(out)
