@@ -38,7 +38,8 @@ offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
 - Robustness: iteratively reweighted least squares on the pairs (``c_ij``): a pair that
   disagrees with the rest of the stack (its residual beyond what its own best fit leaves) far
   more than the typical pair loses its weight (Cauchy), so a wrong match or a bad slice
-  cannot drag its neighbours. A slice with fewer than three agreeing pairs is flagged, as is
+  cannot drag its neighbours. A slice with fewer than three agreeing pairs (or than half of
+  its pairs, where it has fewer than six: the ends of the stack) is flagged, as is
   one none of whose pairs correlates at half the stack's usual where the content persists
   (:func:`unlike_slices`: pairs that agree with each other at a false position), and
   placed as its trusted neighbours are where its own estimate moves it from them far more
@@ -1410,9 +1411,11 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                                      for z in range(n)]
     # A slice is trusted when enough of its pairs agree with the solution: a chain of single
     # pairs has nothing to be checked against, and one agreeing pair among several
-    # disagreeing ones cannot tell which is right.
+    # disagreeing ones cannot tell which is right. Three, or half of its pairs where it has
+    # fewer than six (an end slice has half the pairs, its farthest the noisiest: SIFT
+    # flagged good end slices of aligned lucchi stacks that needed 3 of 4).
     unlike = set(unlike_slices(n, pairs)) if similar else set()
-    flagged = sorted({z for z in range(n) if support[z] < min(3, available[z])
+    flagged = sorted({z for z in range(n) if support[z] < min(3, (available[z] + 1) // 2)
                       or support[z] == 0} | set(blank) | set(failed) | unlike)
     if n == 1:
         flagged = sorted(set(blank) | set(failed))

@@ -168,6 +168,35 @@ def test_bad_slice_is_flagged_and_interpolated():
     assert others.max() < 0.2
 
 
+@pytest.mark.parametrize("bad", [1, 2])
+def test_an_end_slice_needs_half_of_its_pairs_to_agree(bad: int) -> None:
+    """The last slice has only its predecessors' pairs (offsets 1, 2, 4, 8: four): with one
+    or two of them wrong (the farthest, the noisiest with keypoints) it is not flagged, and
+    is placed by the others (it was flagged "disagrees" with two: three of four had to
+    agree); an end slice whose pairs all disagree still is."""
+    rng = np.random.default_rng(8)
+    n = 24
+    truth = _random_affines(n, rng, shift=1.0)
+    x = _grid()
+    wrong = {(n - 1 - k, n - 1) for k in (8, 4)[:bad]}
+    pairs = []
+    for pm in _pairs(truth, rng, (1, 2, 4, 8)):
+        if (pm.i, pm.j) in wrong:
+            p = apply_affine(truth[pm.i], x)
+            pm = pair_moments(pm.i, pm.j, p, apply_affine(truth[pm.j], x) + (9.0, -7.0),
+                              np.ones(len(x)), SHAPE)
+        pairs.append(pm)
+    res = solve_stack(n, pairs, SHAPE, slow_drift="none", regularise=0.0)
+    assert res.flagged == []
+    assert _spread(res.affines, truth).max() < 0.1
+    # all four pairs of the end slice wrong, each in its own way: flagged
+    garbage = [pair_moments(pm.i, pm.j, apply_affine(truth[pm.i], x),
+                            apply_affine(truth[pm.i], x) + rng.normal(0, 30, 2),
+                            np.ones(len(x)), SHAPE) if pm.j == n - 1 else pm for pm in pairs]
+    res = solve_stack(n, garbage, SHAPE, slow_drift="none", regularise=0.0)
+    assert n - 1 in res.flagged and res.flag_reasons[n - 1] == "disagrees"
+
+
 def test_blank_slice_gets_interpolated_transform():
     rng = np.random.default_rng(7)
     n = 20
