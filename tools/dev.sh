@@ -51,7 +51,7 @@ case "${1:-}" in
     cmake -S . -B build/ctest -DBUILD_TESTING=ON -DDEEPALIGN_PYTHON=OFF -DDEEPALIGN_WERROR=ON
     cmake --build build/ctest -j "$JOBS"
     ctest --test-dir build/ctest --output-on-failure -j "$JOBS"
-    # Lint and strict typing of the package (STYLE.md).
+    # Lint and strict typing of the package (ruff, mypy --strict; pyproject.toml).
     python -m ruff check python tests benchmarks export
     python -m mypy
     # Import layering (contracts in pyproject.toml: stages import downward, no QC in the

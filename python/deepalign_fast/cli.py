@@ -82,6 +82,10 @@ def _mostly_flagged(summary: dict[str, Any]) -> bool:
 
 
 _NOTES_SHOWN = 5  # unrefined slices whose reason the summary prints
+# The summary warns where the median slice has fewer consistent matches than this many times
+# what a pair needs: 8 slices of unrelated noise (128^2) were "aligned" with 14 (12 needed),
+# real serial sections have hundreds.
+FEW_MATCHES = 2
 
 
 def _print_flag_reasons(summary: dict[str, Any]) -> None:
@@ -110,6 +114,9 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     rate = summary["slices_per_s"]
     print(f"aligned {summary['slices']} slices in {summary['time_s']:.1f} s"
           + (f" ({rate:.2f} slices/s)" if rate else ""))
+    if summary.get("resumed_slices"):
+        print(f"  resumed an interrupted run: the matching of {summary['resumed_slices']} of "
+              f"{summary['slices']} slices was reused")
     if res is not None:
         print(f"  residual median {res:.3f} px, max {summary['residual_max_px']:.3f} px")
     elif int(summary["slices"]) <= 1:
@@ -118,6 +125,10 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         print("  no residuals: no slice could be matched to a neighbour"
               + (" (every slice was flagged)" if len(flagged) >= int(summary["slices"]) else ""))
     print(f"  median consistent matches per slice: {summary['matches_median']:.0f}")
+    needed = summary.get("matches_needed")
+    if isinstance(needed, int) and 0 < summary["matches_median"] < FEW_MATCHES * needed:
+        print(f"  warning: few matches (a pair needs {needed}): do the slices share content? "
+              "Check the output before trusting it")
     corr = summary.get("neighbour_correlation")
     if corr is not None:
         from .alignment.solve import SIMILAR_CONTENT, STAGE_STEP
@@ -990,6 +1001,26 @@ def _report_plan(args: argparse.Namespace) -> Any:
     return plan
 
 
+def _check_report_frames(path: Path, before: tuple[int, ...], after: tuple[int, ...]) -> None:
+    """A deepalign-fast transforms file maps the AFTER frame onto the BEFORE slices: their
+    sizes must be those it was made for (a binned copy's transforms are refused)."""
+    from .transforms import SCHEMA, TransformSet
+
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("schema") != SCHEMA:
+            return  # another tool's list of affines: no frames to check
+    except (OSError, ValueError, AttributeError):
+        return  # (read and checked by load_transforms already)
+    ts = TransformSet.load(path)
+    for flag, shape, made in (("BEFORE", before, ts.input_shape[1:]),
+                              ("AFTER", after, ts.output_shape)):
+        if tuple(shape[1:]) != tuple(made):
+            raise DeepAlignError(
+                f"{path}: (--transforms) is for {flag} slices of {made[0]} x {made[1]} (y, x), "
+                f"but they are {shape[1]} x {shape[2]}; pass the stacks and the transforms "
+                "file of one alignment")
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from .io import open_stack
     from .qc.evaluate import load_options, load_transforms
@@ -1012,6 +1043,8 @@ def _run_report(args: argparse.Namespace) -> int:
                                  f"slices' transforms, but {args.before} (BEFORE) has "
                                  f"{len(before)} slices; pass the transforms file of this "
                                  "alignment")
+        if transforms is not None:  # this tool's file says which frames it maps between
+            _check_report_frames(Path(args.transforms), before.shape, after.shape)
         out = write_report(args.output, before=before, after=after, transforms=transforms,
                            title=args.title, voxel_size=voxel, unit="px", options=options,
                            progress=False if args.quiet else None)

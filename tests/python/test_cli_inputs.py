@@ -238,7 +238,17 @@ def test_report_refuses_stacks_and_transforms_of_other_runs(
     err = _one_line(capsys)
     assert "a.transforms.json: (--transforms) holds 4 slices' transforms" in err
     assert "s.tif (BEFORE) has 6 slices" in err
+    # the transforms of a 2x binned copy of the same stacks: their frames do not fit
+    binned = tmp_path / "binned.tif"
+    tifffile.imwrite(binned, tifffile.imread(short)[:, ::2, ::2], photometric="minisblack")
+    assert main(["align", str(binned), "-o", str(tmp_path / "b.tif"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(short), str(tmp_path / "a.tif"), "--transforms",
+                 str(tmp_path / "b.transforms.json"), "-o", str(html), "--quiet"]) == 2
+    assert "(--transforms) is for BEFORE slices of" in _one_line(capsys)
     assert not html.exists()
+    assert main(["report", str(short), str(tmp_path / "a.tif"), "--transforms",
+                 str(tmp_path / "a.transforms.json"), "-o", str(html), "--quiet"]) == 0
 
 
 def test_apply_takes_label_stacks_of_any_integer_type(src: Path, tmp_path: Path,
@@ -381,3 +391,18 @@ def test_align_names_slices_the_followed_drift_moves_off_the_frame(
     assert main(["align", str(src), "-o", str(tmp_path / "u.tif"), "--slow-drift", "follow",
                  "--model", "translation", "--canvas", "union", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["outside"] == []
+
+
+def test_the_summary_warns_when_the_slices_hardly_match(tmp_path: Path, src: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """Unrelated images (noise) were "aligned" with exit 0 and nothing to say so but a match
+    count near the minimum: the summary now warns; a real stack's does not."""
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise.tif"
+    tifffile.imwrite(noise, rng.integers(0, 255, (8, 128, 128)).astype(np.uint8),
+                     photometric="minisblack")
+    assert main(["align", str(noise), "-o", str(tmp_path / "n.tif"), "--quiet"]) in (0, 3)
+    assert "warning: few matches (a pair needs 12)" in capsys.readouterr().out
+    assert main(["align", str(src), "-o", str(tmp_path / "out.tif"), "--quiet"]) == 0
+    assert "warning: few matches" not in capsys.readouterr().out

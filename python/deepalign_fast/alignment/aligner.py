@@ -90,6 +90,9 @@ class AlignResult:
     # Why each flagged slice was flagged (keys of solve.FLAG_REASONS; SolveResult.flag_reasons
     # and the refinement's failures).
     flag_reasons: dict[int, str] = field(default_factory=dict)
+    # Slices whose matching an interrupted run had done and this run reused (its checkpoint):
+    # 0 for a run from scratch; all of them where the whole estimation was reused.
+    resumed: int = 0
 
     @property
     def flagged(self) -> list[int]:
@@ -107,6 +110,8 @@ class AlignResult:
             "residual_median_px": float(np.median(res)) if res else None,
             "residual_max_px": float(np.max(res)) if res else None,
             "matches_median": float(np.median(self.matches)) if self.matches else 0.0,
+            # what a pair needs to be trusted (AlignOptions.min_matches; None: not recorded)
+            "matches_needed": self.transforms.options.get("min_matches"),
             "neighbour_correlation": self.neighbour_score,
             "neighbour_noise_discounted": self.noise_discounted,
             "stage_motion": self.motion,
@@ -118,7 +123,9 @@ class AlignResult:
             "refine_notes": {str(z): t for z, t in sorted(self.transforms.notes.items())},
             "per_slice_affine_pct": self.prior_spread,
             "time_s": total,
-            "slices_per_s": n / total if total > 0 else None,
+            "resumed_slices": self.resumed,
+            # (a resumed run did part of the work before: no rate of this run's)
+            "slices_per_s": n / total if total > 0 and not self.resumed else None,
             "timings_s": dict(self.timings),
             "peak_memory_mb": _peak_memory_mb(),
         }
@@ -267,7 +274,7 @@ class Aligner:
                    "total": time.perf_counter() - t_start}
         return AlignResult(ts, list(matcher.matches), timings, matcher.neighbour_score(),
                            solved.motion, matcher.noise_discounted(), list(solved.outliers),
-                           solved.prior_spread, dict(solved.flag_reasons))
+                           solved.prior_spread, dict(solved.flag_reasons), resumed=start)
 
     def transform_set(self, matcher: StackMatcher, shape: tuple[int, int, int]
                       ) -> TransformSet:
@@ -556,6 +563,7 @@ class Aligner:
                 ckpt.outputs = [*published, *(p for p, _ in extra)]
             if resumed is not None and saved is not None and ckpt is not None:
                 result = resumed
+                result.resumed = len(result.transforms)
                 if is_done(out):  # published: the transforms as written
                     _published(result, saved, tpath, ckpt.path)
             else:

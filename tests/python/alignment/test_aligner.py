@@ -907,6 +907,7 @@ def test_killed_estimation_resumes_from_its_matches(tmp_path: Path,
                                atol=1e-9)
     assert resumed.flagged == reference.flagged
     assert resumed.flag_reasons == reference.flag_reasons
+    assert resumed.resumed == int(saved["count"]) and reference.resumed == 0
 
 
 def test_checkpoint_of_an_older_format_is_ignored(tmp_path: Path) -> None:
@@ -1000,6 +1001,9 @@ def test_resumed_run_reports_what_the_estimation_measured(tmp_path: Path,
     assert resumed["stage_motion"] == reference["stage_motion"]
     assert resumed["neighbour_noise_discounted"] is reference["neighbour_noise_discounted"] \
         is True
+    # said so, with no rate of slices per second (most of the work was done before)
+    assert reference["resumed_slices"] == 0 and reference["slices_per_s"] > 0
+    assert resumed["resumed_slices"] == 20 and resumed["slices_per_s"] is None
 
 
 @pytest.mark.parametrize("measured", [
