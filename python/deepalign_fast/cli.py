@@ -652,6 +652,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
                     (args.output / name).unlink()
         written = export_itk(ts, args.output, pixel_size=args.pixel_size)
     print(f"wrote {len(written)} ITK transform files to {args.output}")
+    if args.pixel_size == 1.0:  # (ITK applies them in physical units: say which were used)
+        print("note: translations in pixels (a spacing of 1); for images with a physical "
+              "spacing, export again with --pixel-size in their unit (e.g. 5 for 5-nm pixels "
+              "in nm, 0.005 in um)")
     return 0
 
 

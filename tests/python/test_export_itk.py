@@ -82,6 +82,9 @@ def test_export_refuses_existing_files(tmp_path: Path,
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export-transforms", str(tpath), "-o", str(out), "--pixel-size", "5",
                  "--overwrite"]) == 0
+    assert "translations in pixels" not in capsys.readouterr().out  # (said with the default)
+    assert main(["export-transforms", str(tpath), "-o", str(tmp_path / "px")]) == 0
+    assert "note: translations in pixels" in capsys.readouterr().out
 
 
 def test_a_killed_export_is_finished_by_the_same_command(
