@@ -676,6 +676,9 @@ def _add_watch(sub: Any) -> None:
     p.add_argument("--stop-file", default="STOP",
                    help="stop when FOLDER/NAME appears (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="threads, 0 = all cores")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="the align options (JSON or YAML, as `config --defaults` prints, or "
+                        "an earlier run's transforms file); --mode affine only")
     p.add_argument("--quiet", action="store_true", help="no per-slice messages")
     p.set_defaults(func=_cmd_watch)
 
@@ -698,8 +701,20 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"slice {z} written", file=sys.stderr, flush=True)  # flags: the summary
 
-    result = watch_folder(args.folder, args.output,
-                          options=AlignOptions(num_threads=args.threads),
+    if args.config is not None:  # read, never replaced (the watch's own files are outputs)
+        from .outputs import transforms_path_for
+
+        for own in (transforms_path_for(args.output),
+                    args.output.with_name(args.output.name + ".watch.json")):
+            if own.resolve() == args.config.resolve():
+                raise DeepAlignError(f"{args.config}: (--config) is a file this watch writes "
+                                     f"({own.name}); copy it elsewhere first")
+    config = {} if args.config is None else load_config(args.config)
+    try:
+        options = AlignOptions(**{**config, "num_threads": args.threads})
+    except (ValueError, TypeError) as exc:
+        raise DeepAlignError(f"{args.config}: (--config) {exc}") from None
+    result = watch_folder(args.folder, args.output, options=options,
                           lookahead=args.lookahead, poll=args.poll,
                           idle_timeout=args.idle_timeout, stop_file=args.stop_file,
                           on_slice=report)
@@ -1133,10 +1148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DeepAlignError as exc:
             _error(str(exc))
             return 2
-        align = next(a for a in parser._actions
-                     if isinstance(a, argparse._SubParsersAction)).choices["align"]
-        align.set_defaults(**config)  # the file's values; flags on the command line win
-        args = parser.parse_args(argv)
+        if args.command == "align":
+            align = next(a for a in parser._actions
+                         if isinstance(a, argparse._SubParsersAction)).choices["align"]
+            align.set_defaults(**config)  # the file's values; flags on the command line win
+            args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -27,7 +27,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +191,13 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
     """:func:`watch_folder` once its outputs are checked and locked."""
     from .io import read_image
 
+    # the options that decide the alignment (not the threads): a restart must align the
+    # slices it replays as they were written
+    chosen = {k: v for k, v in asdict(options or AlignOptions()).items() if k != "num_threads"}
+    chosen = json.loads(json.dumps(chosen))  # (as the record stores them: tuples as lists)
     state: dict[str, Any] = {"folder": str(src.resolve()), "files": [], "written": 0,
-                             "flagged": [], "flag_reasons": {}, "lookahead": lookahead}
+                             "flagged": [], "flag_reasons": {}, "lookahead": lookahead,
+                             "options": chosen}
     if out.exists():
         try:
             saved = json.loads(state_path.read_text(encoding="utf-8"))
@@ -203,6 +208,12 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
         if saved.get("folder") != state["folder"] or saved.get("lookahead") != lookahead:
             raise DeepAlignError(f"{out}: continues a watch of another folder or look-ahead; "
                                  "choose another output")
+        default = json.loads(json.dumps({k: v for k, v in asdict(AlignOptions()).items()
+                                         if k != "num_threads"}))
+        if saved.get("options", default) != chosen:  # (a record without them: the defaults)
+            raise DeepAlignError(f"{out}: continues a watch with other align options (its "
+                                 f"record {state_path.name} keeps them); rerun with those, or "
+                                 "watch into another output")
         state.update(saved)
     known: list[str] = list(state["files"])
     written = int(state["written"])

@@ -375,3 +375,38 @@ def test_a_full_disk_names_the_store_and_the_slice(
     got = np.asarray(zarr.open_group(str(out), mode="r")["0"])
     np.testing.assert_array_equal(got, np.stack(list(Aligner().stream(iter(slices),
                                                                       lookahead=2))))
+
+
+def test_watch_takes_the_align_options_of_a_config_and_keeps_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`watch --config FILE`: the slices are aligned with the file's options (here a rigid
+    model: the result is the stream's with those options), recorded in the watch record; a
+    rerun with other options is refused (it would replay the slices written differently),
+    and so is a config that is one of the watch's own outputs."""
+    slices = _slices(10)
+    folder = _acquired(tmp_path, slices)
+    (folder / "STOP").touch()
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": "rigid", "offsets": [1, 2]}))
+    out = tmp_path / "w.ome.zarr"
+    argv = ["watch", str(folder), "-o", str(out), "--lookahead", "2", "--poll", "0.02",
+            "--quiet"]
+    assert main([*argv, "--config", str(cfg)]) == 0
+    got = np.asarray(zarr.open_group(str(out), mode="r")["0"])
+    expected = np.stack(list(Aligner(model="rigid", offsets=(1, 2)).stream(iter(slices),
+                                                                          lookahead=2)))
+    np.testing.assert_array_equal(got, expected)
+    assert json.loads((tmp_path / "w.ome.zarr.transforms.json").read_text())[
+        "options"]["model"] == "rigid"
+    capsys.readouterr()
+    assert main(argv) == 2  # the default options now
+    assert "continues a watch with other align options" in capsys.readouterr().err
+    assert main([*argv, "--config", str(cfg)]) == 0  # the same ones: continues
+    capsys.readouterr()
+    own = tmp_path / "w.ome.zarr.transforms.json"
+    assert main([*argv, "--config", str(own)]) == 2
+    assert "is a file this watch writes" in capsys.readouterr().err
+    cfg.write_text(json.dumps({"mode": "elastic"}))
+    assert main(["watch", str(folder), "-o", str(tmp_path / "e.zarr"), "--config",
+                 str(cfg)]) == 2
+    assert "one affine per slice" in capsys.readouterr().err
