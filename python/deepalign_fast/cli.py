@@ -502,8 +502,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                               progress=False if args.quiet else None)
     print(f"wrote {args.output} ({len(ts)} slices, {ts.output_shape[0]}x{ts.output_shape[1]})")
     if ts.flagged:  # the alignment could not place these: say so wherever they are used
-        print(f"note: the alignment flagged {len(ts.flagged)} slice(s) {ts.flagged} (its "
-              "summary says why); check them in the output")
+        from .alignment.solve import FLAG_REASONS
+
+        why = "; ".join(f"{z}: {FLAG_REASONS.get(ts.flag_reasons[z], ts.flag_reasons[z])}"
+                        for z in ts.flagged if z in ts.flag_reasons)
+        print(f"note: the alignment flagged {len(ts.flagged)} slice(s) {ts.flagged}"
+              + (f" ({why})" if why else "") + "; check them in the output")
     empty = outside_slices(ts)
     if empty:  # (a strong drift followed on a frame fixed to the mean, or an edited file)
         print(f"note: {len(empty)} slice(s) {empty} map wholly outside their input and are "

@@ -34,7 +34,9 @@ pixel), parameters bilinear in between; the pull map is ``p -> A_z F_z(p) p``::
       "fields": {"path": "NAME.fields.zarr", "stride": 8, "kind": "affine"}
 
 A refined run may add ``"notes": {"z": "why", ...}``: why its refinement left slice z with its
-affine, or refined it in part (optional, any version).
+affine, or refined it in part (optional, any version). ``"flag_reasons": {"z": "reason"}``
+says why each flagged slice was flagged (a key of
+:data:`deepalign_fast.alignment.solve.FLAG_REASONS`; optional, any version).
 
 Every kind is rendered by :func:`deepalign_fast.render.render_slice` through
 :meth:`TransformSet.slice_map`.
@@ -99,6 +101,8 @@ class TransformSet:
     # Refined runs: why a refinement left a slice with its affine, or refined it in part
     # (the refiner's notes, e.g. "affine kept: onto slice 4: too few matches").
     notes: dict[int, str] = field(default_factory=dict)
+    # Why each flagged slice was flagged (solve.FLAG_REASONS keys, "unrefined" included).
+    flag_reasons: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.affines = np.asarray(self.affines, np.float64)
@@ -148,7 +152,8 @@ class TransformSet:
         shape = input_shape or (self.input_shape[0], round(self.input_shape[1] * factor),
                                 round(self.input_shape[2] * factor))
         return TransformSet(scaled, shape, (round(h * factor), round(w * factor)),
-                            list(self.flagged), list(self.residuals), dict(self.options))
+                            list(self.flagged), list(self.residuals), dict(self.options),
+                            flag_reasons=dict(self.flag_reasons))
 
     def to_json(self, base: Path | None = None) -> dict[str, Any]:
         """JSON form; ``base`` is the folder the file goes to (field paths are stored relative
@@ -173,6 +178,9 @@ class TransformSet:
             data["folding"] = [None if f is None else float(f) for f in self.folding]
         if self.notes:
             data["notes"] = {str(z): str(self.notes[z]) for z in sorted(self.notes)}
+        if self.flag_reasons:
+            data["flag_reasons"] = {str(z): str(self.flag_reasons[z])
+                                    for z in sorted(self.flag_reasons)}
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -240,6 +248,11 @@ class TransformSet:
                 isinstance(k, str) and re.fullmatch(r"0|[1-9][0-9]*", k) and int(k) < n
                 and isinstance(v, str) for k, v in notes.items()):
             raise DeepAlignError(f"{source}: 'notes' must map slice numbers 0..{n - 1} to text")
+        reasons = data.get("flag_reasons", {})
+        if not isinstance(reasons, dict) or not all(
+                isinstance(k, str) and re.fullmatch(r"0|[1-9][0-9]*", k) and int(k) in flagged
+                and isinstance(v, str) for k, v in reasons.items()):
+            raise DeepAlignError(f"{source}: 'flag_reasons' must map flagged slices to text")
         options = data.get("options", {})
         if not isinstance(options, dict):
             raise DeepAlignError(f"{source}: 'options' must be an object")
@@ -251,7 +264,8 @@ class TransformSet:
                    output_shape=(output_shape[0], output_shape[1]),
                    flagged=[int(z) for z in flagged], residuals=residuals, options=options,
                    fields=fields, folding=folding,
-                   notes={int(k): v for k, v in notes.items()})
+                   notes={int(k): v for k, v in notes.items()},
+                   flag_reasons={int(k): v for k, v in reasons.items()})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TransformSet:

@@ -306,7 +306,8 @@ class Aligner:
         flagged = solved.flagged  # the matcher's failed slices included (solve_stack(failed=))
         residuals = [None if z in flagged else r for z, r in enumerate(solved.residuals)]
         affines, out_shape = _canvas(solved.affines, (h, w), opts.canvas)
-        return TransformSet(affines, (n, h, w), out_shape, flagged, residuals, asdict(opts))
+        return TransformSet(affines, (n, h, w), out_shape, flagged, residuals, asdict(opts),
+                            flag_reasons=dict(solved.flag_reasons))
 
     # -- rendering ------------------------------------------------------------------------
     def render(self, stack: Any, transforms: TransformSet, output: str | os.PathLike[str], *,
@@ -401,7 +402,9 @@ class Aligner:
                     new = replace(transforms, fields=store,
                                   folding=list(getattr(refine, "folding", [])),
                                   flagged=sorted(set(transforms.flagged) | set(refine.failed)),
-                                  notes=dict(refine.notes))
+                                  notes=dict(refine.notes),
+                                  flag_reasons={**{z: "unrefined" for z in refine.failed},
+                                                **transforms.flag_reasons})
                 if before_publish is not None:
                     before_publish(new)
 
@@ -803,8 +806,11 @@ class AlignStream(Iterator[np.ndarray]):
         if not st.transforms or st.shape is None:
             raise DeepAlignError("the stream has emitted no slice yet")
         n = len(st.transforms)
-        return TransformSet(np.stack(st.transforms), (n, *st.shape), st.shape,
-                            sorted(z for z in st.flagged if z < n), [], asdict(st.opts))
+        flagged = sorted(z for z in st.flagged if z < n)
+        return TransformSet(np.stack(st.transforms), (n, *st.shape), st.shape, flagged, [],
+                            asdict(st.opts),
+                            flag_reasons={z: st.flag_reasons[z] for z in flagged
+                                          if z in st.flag_reasons})
 
     @property
     def notes(self) -> dict[int, str]:

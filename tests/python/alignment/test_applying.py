@@ -82,3 +82,31 @@ def test_apply_checks_its_paths_and_arguments_before_any_work(
     daf.apply_transforms(tf, tiny_stack, out, interpolation="linear", overwrite=True,
                          progress=False)
     np.testing.assert_array_equal(tifffile.imread(out), first)
+
+
+def test_the_transforms_file_keeps_why_slices_were_flagged(
+        tmp_path: Path, tiny_stack: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A blank slice: the transforms file says why it was flagged, and `apply` names the
+    reason where the labels are used (it said "its summary says why", gone by then); a file
+    whose reasons name a slice that is not flagged is refused."""
+    import json
+
+    from deepalign_fast import TransformSet
+    from deepalign_fast.cli import main
+
+    stack = tifffile.imread(tiny_stack)
+    stack[3] = 17
+    src = tmp_path / "b.tif"
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    tf = tmp_path / "b.json"
+    Aligner(num_threads=1).align_stack(src, tmp_path / "o.tif", transforms_path=tf,
+                                       progress=False)
+    ts = TransformSet.load(tf)
+    assert ts.flagged == [3] and ts.flag_reasons == {3: "blank"}
+    assert main(["apply", str(tf), str(src), "-o", str(tmp_path / "l.tif"), "--quiet"]) == 0
+    assert "flagged 1 slice(s) [3] (3: blank (one value throughout))" in capsys.readouterr().out
+    data = json.loads(tf.read_text())
+    data["flag_reasons"] = {"2": "blank"}
+    tf.write_text(json.dumps(data))
+    with pytest.raises(DeepAlignError, match="'flag_reasons' must map flagged slices"):
+        TransformSet.load(tf)

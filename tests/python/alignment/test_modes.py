@@ -245,6 +245,7 @@ def test_a_flow_that_folds_even_scaled_down_is_flagged_and_apply_still_works(
     n = len(tifffile.imread(tiny_stack))
     assert result.flagged == list(range(n))  # every slice has a neighbour to move toward
     assert set(result.flag_reasons.values()) == {"unrefined"}
+    assert TransformSet.load(tf).flag_reasons == result.flag_reasons  # (kept in the file)
     assert main(["apply", str(tf), str(tiny_stack), "-o", str(tmp_path / "again.tif"),
                  "--interpolation", "linear", "--quiet"]) == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "again.tif"),
