@@ -168,6 +168,11 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     print(f"  flagged slices: {len(flagged)} of {summary['slices']}"
           + (f" {flagged}" if flagged else ""))
     _print_flag_reasons(summary)
+    damaged = summary.get("damaged_slices")
+    if damaged is not None:  # (expected-affine with --masks)
+        print(f"  masks mark damage in {len(damaged)} slice(s) {damaged}" if damaged else
+              "  warning: --masks marks no damage in any slice (non-zero = damage): no slice "
+              "was moved the whole way onto its neighbours; check the masks")
     outside = summary.get("outside") or []
     if outside:
         print(f"  note: {len(outside)} slice(s) {outside} map wholly outside their input and "

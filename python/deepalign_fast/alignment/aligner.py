@@ -93,6 +93,8 @@ class AlignResult:
     # Slices whose matching an interrupted run had done and this run reused (its checkpoint):
     # 0 for a run from scratch; all of them where the whole estimation was reused.
     resumed: int = 0
+    # expected-affine with masks: the slices whose mask marks damage (None: no masks given)
+    damaged: list[int] | None = None
 
     @property
     def flagged(self) -> list[int]:
@@ -124,6 +126,7 @@ class AlignResult:
             "per_slice_affine_pct": self.prior_spread,
             "time_s": total,
             "resumed_slices": self.resumed,
+            "damaged_slices": self.damaged,
             # (a resumed run did part of the work before: no rate of this run's)
             "slices_per_s": n / total if total > 0 and not self.resumed else None,
             "timings_s": dict(self.timings),
@@ -513,10 +516,11 @@ class Aligner:
         _check_models(self.options)
         with plan.prepared(), output_lock(locked), as_reader(stack) as reader:
             plan.check()  # again under the lock: a run that just finished may have published
+            damaged = None
             if self.options.mode == "expected-affine" and self.options.masks is not None:
                 from ..refine.expected_affine import check_masks
 
-                check_masks(self.options.masks, reader.shape)  # before any work
+                damaged = check_masks(self.options.masks, reader.shape)  # before any work
             ckpt = Checkpoint.for_run(
                 reader_path(reader), out, reader.shape, asdict(self.options),
                 {"voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
@@ -609,6 +613,7 @@ class Aligner:
         for stage, seconds in stages.items():
             result.timings[stage] = result.timings.get(stage, 0.0) + seconds
         result.timings["total"] = time.perf_counter() - t0
+        result.damaged = damaged
         return result
 
     # -- streaming ------------------------------------------------------------------------

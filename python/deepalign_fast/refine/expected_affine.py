@@ -460,10 +460,11 @@ def register_pair(reference: npt.ArrayLike, moving: npt.ArrayLike, *,
                                 m, False, True, "", notes, num_threads)
 
 
-def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> None:
+def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> list[int]:
     """Check a damage-mask stack against the ``(z, y, x)`` shape of the stack it belongs to,
     before any work: it opens, holds one mask per slice, each of the slice's size, and every
-    mask reads (the whole file is read once, one mask at a time).
+    mask reads (the whole file is read once, one mask at a time). Returns the slices whose
+    mask marks damage (non-zero pixels).
 
     Raises
     ------
@@ -489,6 +490,7 @@ def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> N
         if (mh, mw) != (h, w):
             raise DeepAlignError(f"{masks}: (--masks) masks are {mh} x {mw} (y, x), the "
                                  f"slices {h} x {w}; give masks of the input slices' size")
+        damaged = []
         for z in range(n):
             try:
                 mask = reader.read(z)
@@ -497,6 +499,9 @@ def check_masks(masks: str | os.PathLike[str], shape: tuple[int, int, int]) -> N
             if mask.shape != (h, w):
                 raise DeepAlignError(f"{masks}, slice {z}: (--masks) mask shape {mask.shape} "
                                      f"!= slice shape {(h, w)}")
+            if mask.any():
+                damaged.append(z)
+    return damaged
 
 
 #: A candidate other than the mean of a damaged slice's registrations is taken for one side

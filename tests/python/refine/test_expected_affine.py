@@ -207,7 +207,7 @@ def test_cli_register_smoke(tmp_path):
     assert got.shape == ref.shape and got.dtype == np.uint8
 
 
-def test_cli_align_expected_affine_with_masks(tmp_path):
+def test_cli_align_expected_affine_with_masks(tmp_path, capsys):
     """align --mode expected-affine --masks on a PNG folder: runs, writes the stack, and the
     cracked slice matches its neighbour better than with --mode affine."""
     import cv2
@@ -241,3 +241,10 @@ def test_cli_align_expected_affine_with_masks(tmp_path):
     # Default matcher (learned) measured 0.19 -> 0.47 here; SIFT gives 0.84 on this synthetic
     # crack (RESULTS.md, expected affine).
     assert n_ea > 0.4, (n_aff, n_ea)
+    # the summary names the slices the masks mark; masks that mark nothing get a warning
+    assert "masks mark damage in 1 slice(s) [1]" in capsys.readouterr().out
+    for z in range(3):
+        cv2.imwrite(str(masks / f"m{z:02d}.png"), blank)
+    assert main(["align", str(slices), "-o", str(tmp_path / "none.tif"), "--mode",
+                 "expected-affine", "--masks", str(masks), "--quiet"]) == 0
+    assert "warning: --masks marks no damage in any slice" in capsys.readouterr().out
