@@ -1180,8 +1180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print("deepalign-fast: interrupted; no partial output was left under the final name",
-              file=sys.stderr)
+        print("deepalign-fast: interrupted; " + (
+            "the slices written so far are in the output (with their transforms file), and "
+            "rerunning the same command continues" if args.command == "watch" else
+            "no partial output was left under the final name"), file=sys.stderr)
         return 130
     except EnvironmentFailure as exc:
         if debug:

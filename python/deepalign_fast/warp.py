@@ -40,26 +40,35 @@ def _in_lanes(image: npt.ArrayLike, interpolation: str, fill: float,
     takes every lane from the same input pixel), and joined again: the values are copied
     exactly. None for any other image (the kernels' own checks apply)."""
     arr = np.asarray(image)
-    if arr.dtype.kind not in "iub" or arr.dtype in _KERNEL_TYPES or arr.ndim != 2:
+    if arr.dtype.kind not in "iub" or arr.dtype in _KERNEL_TYPES:
         return None
+    if arr.ndim != 2:
+        raise ValueError(f"image: expected a 2-D slice (y, x), got shape {arr.shape}")
     if interpolation != "nearest":
         raise ValueError(f"image: {arr.dtype} is warped with nearest interpolation only "
                          "(labels); cast images to float32 for linear")
-    value = float(fill)
-    limits = (0, 1) if arr.dtype.kind == "b" else (np.iinfo(arr.dtype).min,
-                                                   np.iinfo(arr.dtype).max)
-    if not (value.is_integer() and limits[0] <= value <= limits[1]):
+    value: int | None
+    if isinstance(fill, (int, np.integer)):  # exactly: a float would round 64-bit IDs
+        value = int(fill)
+    else:
+        number = float(fill)
+        value = int(number) if number.is_integer() else None
+    limits = (0, 1) if arr.dtype.kind == "b" else (int(np.iinfo(arr.dtype).min),
+                                                   int(np.iinfo(arr.dtype).max))
+    if value is None or not limits[0] <= value <= limits[1]:
         raise ValueError(f"fill: {fill} is not a value of a {arr.dtype} image")
-    arr = np.ascontiguousarray(arr, arr.dtype.newbyteorder("="))
+    native = arr.dtype.newbyteorder("=")
+    arr = np.ascontiguousarray(arr, native)
     lane = np.dtype(np.uint8) if arr.dtype.itemsize == 1 else np.dtype(np.uint16)
     lanes = arr.view(lane).reshape(*arr.shape, -1)
-    fills = np.array([int(value)], arr.dtype).view(lane)
+    fills = np.array([value], arr.dtype).view(lane)
     parts = [warp(np.ascontiguousarray(lanes[..., k]), float(fills[k]))
              for k in range(lanes.shape[-1])]
     result = np.stack(parts, axis=-1).view(arr.dtype).reshape(parts[0].shape)
     if out is None:
         return result
-    if not isinstance(out, np.ndarray) or out.dtype != arr.dtype or out.shape != result.shape:
+    if not isinstance(out, np.ndarray) or out.dtype.newbyteorder("=") != native or \
+            out.shape != result.shape:
         raise ValueError(f"out: expected a {arr.dtype} array of shape {result.shape}")
     out[...] = result
     return out

@@ -21,6 +21,7 @@ the same) but not written again; a slice cut off while being written is rewritte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -208,6 +209,11 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
         if saved.get("folder") != state["folder"] or saved.get("lookahead") != lookahead:
             raise DeepAlignError(f"{out}: continues a watch of another folder or look-ahead; "
                                  "choose another output")
+        if os.path.lexists(tpath) and (not tpath.is_file() or _digest(tpath) not in
+                                       saved.get("transforms_digests", [])):
+            raise DeepAlignError(f"{tpath}: (transforms file) is not the one this watch wrote "
+                                 f"(its record {state_path.name} does not know it); move it "
+                                 "away and rerun, or watch into another output")
         default = json.loads(json.dumps({k: v for k, v in asdict(AlignOptions()).items()
                                          if k != "num_threads"}))
         if saved.get("options", default) != chosen:  # (a record without them: the defaults)
@@ -317,32 +323,54 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
     aligner = Aligner(options or AlignOptions())
     arr = None
     stream = aligner.stream(source(), lookahead=lookahead)
-    for z, aligned in enumerate(stream):
-        if z < written:
-            continue  # written before the restart: identical, so kept
-        try:
-            if arr is None:
-                # The record first: a store beside it is this watch's from its creation on.
-                _save_state(state_path, state)
-                arr = _open_output(out, aligned.shape, aligned.dtype, written)
-            arr.resize((z + 1,) + aligned.shape)
-            arr[z] = aligned
-        except OSError as exc:  # (the full disk named the store; it read "?")
-            raise os_error(exc, out, f"writing slice {z} failed") from exc
-        result.written = z + 1
-        result.flagged = list(stream.flagged)
-        result.flag_reasons = dict(stream.flag_reasons)
-        state.update(files=known[:], stamps={k: stamps[k] for k in known if k in stamps},
-                     written=z + 1, flagged=result.flagged,
-                     flag_reasons={str(k): v for k, v in result.flag_reasons.items()})
+
+    def save_transforms() -> None:
+        """The transforms of the slices in the store, beside it. The record lists the
+        digests of the file before and after, first, so a kill at any point leaves a file
+        the next run knows for this watch's."""
+        n = result.written
+        if n == 0 or len(stream.transforms) < n:  # (stopped while replaying: kept as is)
+            return
+        text = json.dumps(stream.transform_set(n).to_json(tpath.parent), indent=1)
+        new = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        state["transforms_digests"] = sorted({*state.get("transforms_digests", []), new})
         _save_state(state_path, state)
-        if on_slice is not None:
-            on_slice(z)
+        write_atomic(tpath, text, doing="cannot write the transforms file")
+        state["transforms_digests"] = [new]
+        _save_state(state_path, state)
+        result.transforms = tpath
+
+    stopped = True  # (by an error or an interrupt, until the stream runs out)
+    try:
+        for z, aligned in enumerate(stream):
+            if z < written:
+                continue  # written before the restart: identical, so kept
+            try:
+                if arr is None:
+                    # The record first: a store beside it is this watch's from its creation.
+                    _save_state(state_path, state)
+                    arr = _open_output(out, aligned.shape, aligned.dtype, written)
+                arr.resize((z + 1,) + aligned.shape)
+                arr[z] = aligned
+            except OSError as exc:  # (the full disk named the store; it read "?")
+                raise os_error(exc, out, f"writing slice {z} failed") from exc
+            result.written = z + 1
+            result.flagged = list(stream.flagged)
+            result.flag_reasons = dict(stream.flag_reasons)
+            state.update(files=known[:], stamps={k: stamps[k] for k in known if k in stamps},
+                         written=z + 1, flagged=result.flagged,
+                         flag_reasons={str(k): v for k, v in result.flag_reasons.items()})
+            _save_state(state_path, state)
+            if on_slice is not None:
+                on_slice(z)
+        stopped = False
+    finally:
+        if stopped:  # the slices written so far get their transforms too (the error stands)
+            with contextlib.suppress(Exception):
+                save_transforms()
     # Every slice, those written before a restart included (the stream replays them all).
     result.flagged = list(stream.flagged)
     result.flag_reasons = dict(stream.flag_reasons)
     result.files = known
-    if stream.transforms:  # (the store's slices, in the store's frame)
-        result.transforms = tpath
-        stream.transform_set().save(tpath)
+    save_transforms()
     return result

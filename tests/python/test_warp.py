@@ -183,6 +183,23 @@ def test_nearest_warps_of_labels_of_any_integer_type_copy_their_ids(dtype) -> No
         np.testing.assert_array_equal(out[~outside], want[~outside])
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_label_fills_of_64_bit_types_are_exact(dtype) -> None:
+    """A fill of a 64-bit type is taken as the integer it is (as a float, 2**53 + 1 became
+    2**53 and the type's maximum was refused); a big-endian image and ``out`` are fine."""
+    info = np.iinfo(dtype)
+    labels = np.arange(1, 17, dtype=np.dtype(dtype).newbyteorder(">")).reshape(4, 4)
+    shift = [[1, 0, 2.0], [0, 1, 0]]  # the two rightmost columns sample outside
+    for fill in (int(info.max), 2**53 + 1, int(info.min)):
+        out = np.empty((4, 4), np.dtype(dtype).newbyteorder(">"))
+        got = warp_affine(labels, shift, interpolation="nearest", fill=fill, out=out)
+        assert got is out
+        assert [int(v) for v in out[:, 2:].ravel()] == [fill] * 8
+        np.testing.assert_array_equal(out[:, :2], labels[:, 2:])
+    with pytest.raises(ValueError, match="fill"):
+        warp_affine(labels, shift, interpolation="nearest", fill=int(info.max) + 1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -195,6 +212,7 @@ def test_nearest_warps_of_labels_of_any_integer_type_copy_their_ids(dtype) -> No
         ({"image": np.zeros((4, 4), np.int64), "interpolation": "nearest",
           "out": np.zeros((4, 4), np.uint64)}, "out"),
         ({"image": np.zeros((4, 4), np.complex64)}, "unsupported dtype"),
+        ({"image": np.zeros((2, 4, 4), np.int32), "interpolation": "nearest"}, "2-D"),
         ({"image": np.zeros((2, 4, 4), np.uint8)}, "2-D"),
         ({"image": np.zeros((0, 4), np.uint8)}, "empty"),
         ({"matrix": np.eye(2)}, r"\(2, 3\) or \(3, 3\)"),

@@ -77,6 +77,10 @@ def test_watch_aligns_a_folder_as_it_fills_and_resumes(tmp_path: Path) -> None:
         watch_folder(folder, out, lookahead=3, poll=0.02, idle_timeout=5.0,
                      on_slice=stop_after_five)
     writer.join()
+    # interrupted: the slices written so far have their transforms beside the store
+    from deepalign_fast import TransformSet
+
+    assert len(TransformSet.load(tmp_path / "live.ome.zarr.transforms.json")) == 5
     # Rerun the same call: it continues, and the result is that of one uninterrupted run.
     result = watch_folder(folder, out, lookahead=3, poll=0.02, idle_timeout=5.0)
     assert result.written == len(slices) and len(result.files) == len(slices)
@@ -410,3 +414,23 @@ def test_watch_takes_the_align_options_of_a_config_and_keeps_them(
     assert main(["watch", str(folder), "-o", str(tmp_path / "e.zarr"), "--config",
                  str(cfg)]) == 2
     assert "one affine per slice" in capsys.readouterr().err
+
+
+def test_a_continued_watch_refuses_a_transforms_file_it_did_not_write(tmp_path: Path) -> None:
+    """A file put at OUTPUT.transforms.json after a watch stopped (a user's, another
+    tool's): the rerun refuses it before any work and leaves it as it was (it was replaced
+    when the watch stopped again)."""
+    folder = _acquired(tmp_path, _slices(6))
+    out = tmp_path / "w.ome.zarr"
+    watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3)
+    tpath = tmp_path / "w.ome.zarr.transforms.json"
+    assert tpath.is_file()
+    tpath.write_text('{"mine": 1}')
+    tifffile.imwrite(folder / "slice_6.tif", _slices(7)[6])
+    (folder / "STOP").touch()
+    with pytest.raises(DeepAlignError, match="is not the one this watch wrote"):
+        watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3)
+    assert tpath.read_text() == '{"mine": 1}'
+    tpath.unlink()  # moved away: the watch continues and writes its own
+    assert watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3).written == 7
+    assert tpath.is_file()

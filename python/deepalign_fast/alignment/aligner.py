@@ -799,20 +799,23 @@ class AlignStream(Iterator[np.ndarray]):
         is part of its trend."""
         return self._state.steep_shift.copy()
 
-    def transform_set(self) -> TransformSet:
-        """The emitted slices' transforms as a :class:`TransformSet` (``save`` writes the
-        transforms file that ``apply`` and :func:`apply_transforms` take): their affines,
-        the flagged slices and the options. Affine mode only (a refined stream keeps no
-        fields to re-apply)."""
+    def transform_set(self, count: int | None = None) -> TransformSet:
+        """The emitted slices' transforms (the first ``count`` of them) as a
+        :class:`TransformSet` (``save`` writes the transforms file that ``apply`` and
+        :func:`apply_transforms` take): their affines, the flagged slices and why, and the
+        options. Affine mode only (a refined stream keeps no fields to re-apply)."""
         st = self._state
         if st.opts.mode != "affine":
             raise DeepAlignError(f"a stream of mode {st.opts.mode!r} keeps no fields to "
                                  "re-apply: only an affine stream gives its transforms")
-        if not st.transforms or st.shape is None:
+        if not st.transforms or st.shape is None or count == 0:
             raise DeepAlignError("the stream has emitted no slice yet")
-        n = len(st.transforms)
+        n = len(st.transforms) if count is None else count
+        if not 0 < n <= len(st.transforms):
+            raise ValueError(f"count: {count} slices, but the stream has emitted "
+                             f"{len(st.transforms)}")
         flagged = sorted(z for z in st.flagged if z < n)
-        return TransformSet(np.stack(st.transforms), (n, *st.shape), st.shape, flagged, [],
+        return TransformSet(np.stack(st.transforms[:n]), (n, *st.shape), st.shape, flagged, [],
                             asdict(st.opts),
                             flag_reasons={z: st.flag_reasons[z] for z in flagged
                                           if z in st.flag_reasons})

@@ -38,8 +38,8 @@ offsets 1, 2, 4, ... on both sides) and every correspondence of that pair::
 - Robustness: iteratively reweighted least squares on the pairs (``c_ij``): a pair that
   disagrees with the rest of the stack (its residual beyond what its own best fit leaves) far
   more than the typical pair loses its weight (Cauchy), so a wrong match or a bad slice
-  cannot drag its neighbours. A slice with fewer than three agreeing pairs (or than half of
-  its pairs, where it has fewer than six: the ends of the stack) is flagged, as is
+  cannot drag its neighbours. A slice with fewer than three agreeing pairs (at the ends of
+  the stack, than half the pairs a slice there can have) is flagged, as is
   one none of whose pairs correlates at half the stack's usual where the content persists
   (:func:`unlike_slices`: pairs that agree with each other at a false position), and
   placed as its trusted neighbours are where its own estimate moves it from them far more
@@ -1411,11 +1411,17 @@ def solve_stack(n: int, pairs: Sequence[PairMoments], shape: tuple[int, int], *,
                                      for z in range(n)]
     # A slice is trusted when enough of its pairs agree with the solution: a chain of single
     # pairs has nothing to be checked against, and one agreeing pair among several
-    # disagreeing ones cannot tell which is right. Three, or half of its pairs where it has
-    # fewer than six (an end slice has half the pairs, its farthest the noisiest: SIFT
-    # flagged good end slices of aligned lucchi stacks that needed 3 of 4).
+    # disagreeing ones cannot tell which is right. Three, or as many as it has; but at the
+    # ends of the stack, where a slice can have only half the pairs (those to one side, its
+    # farthest the noisiest), half of those it could have (SIFT flagged good end slices of
+    # aligned lucchi stacks that needed 3 of 4). A slice inside whose pairs failed gets no
+    # such allowance.
+    zs = np.arange(n)
+    possible = sum((zs - d >= 0).astype(int) + (zs + d < n)
+                   for d in {abs(pm.j - pm.i) for pm in pairs}) if pairs else np.zeros(n, int)
+    need = np.minimum(np.minimum(3, available), (np.asarray(possible) + 1) // 2)
     unlike = set(unlike_slices(n, pairs)) if similar else set()
-    flagged = sorted({z for z in range(n) if support[z] < min(3, (available[z] + 1) // 2)
+    flagged = sorted({z for z in range(n) if support[z] < need[z]
                       or support[z] == 0} | set(blank) | set(failed) | unlike)
     if n == 1:
         flagged = sorted(set(blank) | set(failed))

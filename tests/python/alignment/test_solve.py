@@ -195,6 +195,15 @@ def test_an_end_slice_needs_half_of_its_pairs_to_agree(bad: int) -> None:
                             np.ones(len(x)), SHAPE) if pm.j == n - 1 else pm for pm in pairs]
     res = solve_stack(n, garbage, SHAPE, slow_drift="none", regularise=0.0)
     assert n - 1 in res.flagged and res.flag_reasons[n - 1] == "disagrees"
+    # a slice inside the stack whose far pairs failed (two of its eight left, one wrong)
+    # gets no such allowance: both must agree, as before
+    inside = [pm for pm in pairs if 12 not in (pm.i, pm.j) or (pm.i, pm.j) in {(11, 12),
+                                                                              (12, 13)}]
+    inside = [pair_moments(11, 12, apply_affine(truth[11], x),
+                           apply_affine(truth[12], x) + (9.0, -7.0), np.ones(len(x)), SHAPE)
+              if (pm.i, pm.j) == (11, 12) else pm for pm in inside]
+    res = solve_stack(n, inside, SHAPE, slow_drift="none", regularise=0.0)
+    assert 12 in res.flagged and res.flag_reasons[12] == "disagrees"
 
 
 def test_blank_slice_gets_interpolated_transform():
