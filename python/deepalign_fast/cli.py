@@ -662,9 +662,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         written = export_itk(ts, args.output, pixel_size=args.pixel_size)
     print(f"wrote {len(written)} ITK transform files to {args.output}")
     if args.pixel_size == 1.0:  # (ITK applies them in physical units: say which were used)
+        known = "" if ts.voxel_size is None else (
+            f"; the aligned stack's pixels are {ts.voxel_size[2]:g} {ts.unit}, so for images "
+            f"spaced in {ts.unit} that is --pixel-size {ts.voxel_size[2]:g}")
         print("note: translations in pixels (a spacing of 1); for images with a physical "
-              "spacing, export again with --pixel-size in their unit (e.g. 5 for 5-nm pixels "
-              "in nm, 0.005 in um)")
+              "spacing, export again with --pixel-size in their unit" + (
+                  known or " (e.g. 5 for 5-nm pixels in nm, 0.005 in um)"))
     return 0
 
 

@@ -37,6 +37,8 @@ A refined run may add ``"notes": {"z": "why", ...}``: why its refinement left sl
 affine, or refined it in part (optional, any version). ``"flag_reasons": {"z": "reason"}``
 says why each flagged slice was flagged (a key of
 :data:`deepalign_fast.alignment.solve.FLAG_REASONS`; optional, any version).
+``"voxel_size": [z, y, x], "unit": "nanometer"``: the aligned stack's voxel size as its
+output records it (optional, any version; for ``export-transforms``).
 
 Every kind is rendered by :func:`deepalign_fast.render.render_slice` through
 :meth:`TransformSet.slice_map`.
@@ -103,6 +105,9 @@ class TransformSet:
     notes: dict[int, str] = field(default_factory=dict)
     # Why each flagged slice was flagged (solve.FLAG_REASONS keys, "unrefined" included).
     flag_reasons: dict[int, str] = field(default_factory=dict)
+    # The aligned stack's voxel size (z, y, x) and unit, as its output records them.
+    voxel_size: tuple[float, float, float] | None = None
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         self.affines = np.asarray(self.affines, np.float64)
@@ -151,9 +156,12 @@ class TransformSet:
         h, w = self.output_shape
         shape = input_shape or (self.input_shape[0], round(self.input_shape[1] * factor),
                                 round(self.input_shape[2] * factor))
+        size = None if self.voxel_size is None else (
+            self.voxel_size[0], self.voxel_size[1] / factor, self.voxel_size[2] / factor)
         return TransformSet(scaled, shape, (round(h * factor), round(w * factor)),
                             list(self.flagged), list(self.residuals), dict(self.options),
-                            flag_reasons=dict(self.flag_reasons))
+                            flag_reasons=dict(self.flag_reasons), voxel_size=size,
+                            unit=self.unit)
 
     def to_json(self, base: Path | None = None) -> dict[str, Any]:
         """JSON form; ``base`` is the folder the file goes to (field paths are stored relative
@@ -181,6 +189,9 @@ class TransformSet:
         if self.flag_reasons:
             data["flag_reasons"] = {str(z): str(self.flag_reasons[z])
                                     for z in sorted(self.flag_reasons)}
+        if self.voxel_size is not None:
+            data["voxel_size"] = [float(v) for v in self.voxel_size]
+            data["unit"] = str(self.unit or "pixel")
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -253,6 +264,13 @@ class TransformSet:
                 isinstance(k, str) and re.fullmatch(r"0|[1-9][0-9]*", k) and int(k) in flagged
                 and isinstance(v, str) for k, v in reasons.items()):
             raise DeepAlignError(f"{source}: 'flag_reasons' must map flagged slices to text")
+        voxel, unit = data.get("voxel_size"), data.get("unit")
+        if voxel is not None and not (
+                isinstance(voxel, list) and len(voxel) == 3
+                and all(_finite_number(v) and not isinstance(v, bool) and v > 0 for v in voxel)
+                and isinstance(unit, str)):
+            raise DeepAlignError(f"{source}: 'voxel_size' must be 3 numbers > 0 (z, y, x) "
+                                 "with a 'unit'")
         options = data.get("options", {})
         if not isinstance(options, dict):
             raise DeepAlignError(f"{source}: 'options' must be an object")
@@ -265,7 +283,10 @@ class TransformSet:
                    flagged=[int(z) for z in flagged], residuals=residuals, options=options,
                    fields=fields, folding=folding,
                    notes={int(k): v for k, v in notes.items()},
-                   flag_reasons={int(k): v for k, v in reasons.items()})
+                   flag_reasons={int(k): v for k, v in reasons.items()},
+                   voxel_size=None if voxel is None else (float(voxel[0]), float(voxel[1]),
+                                                          float(voxel[2])),
+                   unit=None if voxel is None else unit)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TransformSet:

@@ -159,3 +159,35 @@ def test_export_refuses_a_bad_pixel_size(tmp_path: Path, value: str,
     assert main(["export-transforms", str(_transforms(tmp_path)), "-o", str(out),
                  "--pixel-size", value]) == 2
     assert "--pixel-size" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_transforms_file_records_the_pixel_size_export_names(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An input whose file states 5-nm pixels: the transforms file records the voxel size
+    the output got (and a 2x finer copy's is half), export-transforms names it where it
+    writes pixel units; a malformed voxel size is refused."""
+    import json
+
+    import tifffile
+    from deepalign_fast import DeepAlignError
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 255, (80, 96)).astype(np.uint8)
+    stack = np.stack([np.roll(base, (z % 3, z % 2), axis=(0, 1)) for z in range(6)])
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, resolution=(1 / 5, 1 / 5),
+                     metadata={"spacing": 5, "unit": "nm"})
+    assert main(["align", str(tmp_path / "s.tif"), "-o", str(tmp_path / "a.tif"),
+                 "--quiet"]) == 0
+    tpath = tmp_path / "a.transforms.json"
+    ts = TransformSet.load(tpath)
+    assert ts.voxel_size == (5.0, 5.0, 5.0) and ts.unit == "nm"
+    assert ts.rescaled(2.0).voxel_size == (5.0, 2.5, 2.5)
+    capsys.readouterr()
+    assert main(["export-transforms", str(tpath), "-o", str(tmp_path / "itk")]) == 0
+    assert "pixels are 5 nm, so for images spaced in nm that is --pixel-size 5" in \
+        capsys.readouterr().out
+    data = json.loads(tpath.read_text())
+    data["voxel_size"] = [5, 0, 5]
+    tpath.write_text(json.dumps(data))
+    with pytest.raises(DeepAlignError, match="'voxel_size' must be 3 numbers > 0"):
+        TransformSet.load(tpath)

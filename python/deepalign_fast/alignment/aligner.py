@@ -408,6 +408,9 @@ class Aligner:
                                   notes=dict(refine.notes),
                                   flag_reasons={**{z: "unrefined" for z in refine.failed},
                                                 **transforms.flag_reasons})
+                if "voxel_size" in options_w:  # as the output records it
+                    vz, vy, vx = (float(v) for v in options_w["voxel_size"])
+                    new = replace(new, voxel_size=(vz, vy, vx), unit=options_w.get("unit"))
                 if before_publish is not None:
                     before_publish(new)
 
