@@ -691,6 +691,12 @@ def _add_watch(sub: Any) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="the align options (JSON or YAML, as `config --defaults` prints, or "
                         "an earlier run's transforms file); --mode affine only")
+    p.add_argument("--pixel-size", metavar="X[,Y[,Z]]", default=None,
+                   help="physical pixel size (and slice spacing) the store records; Y defaults "
+                        "to X and Z to Y (default: none, pixels)")
+    p.add_argument("--unit", default=None,
+                   help="unit of --pixel-size, e.g. nm or um (only with --pixel-size; "
+                        "default nm)")
     p.add_argument("--quiet", action="store_true", help="no per-slice messages")
     p.set_defaults(func=_cmd_watch)
 
@@ -726,7 +732,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         options = AlignOptions(**{**config, "num_threads": args.threads})
     except (ValueError, TypeError) as exc:
         raise DeepAlignError(f"{args.config}: (--config) {exc}") from None
+    voxel = _voxel_size(args)
     result = watch_folder(args.folder, args.output, options=options,
+                          voxel_size=voxel, unit=args.unit or "nm",
                           lookahead=args.lookahead, poll=args.poll,
                           idle_timeout=args.idle_timeout, stop_file=args.stop_file,
                           on_slice=report)

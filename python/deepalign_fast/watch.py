@@ -28,7 +28,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,10 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(state, indent=1), doing="cannot save the watch record")
 
 
-def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written: int) -> Any:
-    """The growing level-0 array of the OME-Zarr (created, or reopened and cut to
-    ``written`` slices)."""
+def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written: int,
+                 voxel: tuple[tuple[float, float, float], str] | None = None) -> Any:
+    """The growing level-0 array of the OME-Zarr (created, with the voxel size ``voxel``
+    ((z, y, x), NGFF unit) in its metadata, or reopened and cut to ``written`` slices)."""
     import shutil
 
     import zarr
@@ -100,7 +101,7 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
             # A watch stopped while creating its store, before any slice: made again (it
             # was left without its array, and a restart failed, or without its OME metadata)
             shutil.rmtree(output)
-            return _open_output(output, shape, dtype, written)
+            return _open_output(output, shape, dtype, written, voxel)
         if "0" not in group:
             raise DeepAlignError(f"{output}: the store has lost its array of slices; choose "
                                  "another output or remove it")
@@ -113,18 +114,22 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
     group = zarr.create_group(str(output), zarr_format=2, attributes={STORE_MARK: store_mark()})
     arr = group.create_array("0", shape=(0, h, w), chunks=(1, h, w), dtype=dtype, fill_value=0,
                              chunk_key_encoding={"name": "v2", "separator": "/"})
+    unit = {} if voxel is None else {"unit": voxel[1]}
     group.attrs["multiscales"] = [{
         "version": "0.4", "name": output.name.removesuffix(".zarr").removesuffix(".ome"),
-        "axes": [{"name": a, "type": "space"} for a in "zyx"],
+        "axes": [{"name": a, "type": "space", **unit} for a in "zyx"],
         "datasets": [{"path": "0", "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]
+            {"type": "scale", "scale": [1.0, 1.0, 1.0] if voxel is None else
+             [float(v) for v in voxel[0]]}]}]}]
     return arr
 
 
 def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
                  options: AlignOptions | None = None, lookahead: int = 8, poll: float = 1.0,
                  idle_timeout: float = 600.0, stop_file: str = "STOP",
-                 on_slice: Callable[[int], None] | None = None) -> WatchResult:
+                 on_slice: Callable[[int], None] | None = None,
+                 voxel_size: tuple[float, float, float] | None = None,
+                 unit: str = "nm") -> WatchResult:
     """Align the slices appearing in ``folder`` into ``output`` (OME-Zarr) until stopped.
 
     Parameters
@@ -148,6 +153,10 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
         Stop when a file of this name appears in ``folder``.
     on_slice : callable, optional
         Called with z after slice z is written (progress, tests).
+    voxel_size, unit : optional
+        The voxel size ``(z, y, x)`` in ``unit`` (an OME-NGFF length unit, or nm, um, ...)
+        that the store's metadata and the transforms file record (default: none, pixels).
+        A continued watch keeps the first run's.
     """
     src, out = Path(folder), Path(output)
     if not src.is_dir():
@@ -156,6 +165,18 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
         raise DeepAlignError(f"{out}: (-o) watch writes OME-Zarr (.zarr/.ome.zarr)")
     if out.resolve().is_relative_to(src.resolve()):
         raise DeepAlignError(f"{out}: (-o) must not lie inside the watched folder {src}")
+    voxel = None
+    if voxel_size is not None:
+        from .io import ome_unit
+
+        if len(voxel_size) != 3 or not all(np.isfinite(v) and v > 0 for v in voxel_size):
+            raise DeepAlignError(f"voxel_size: expected 3 numbers > 0 (z, y, x), got "
+                                 f"{voxel_size}")
+        name = ome_unit(unit)
+        if name is None:
+            raise DeepAlignError(f"unit {unit!r}: not a length unit of OME-NGFF; use nm, um, "
+                                 "mm, angstrom, or an NGFF name")
+        voxel = ((float(voxel_size[0]), float(voxel_size[1]), float(voxel_size[2])), name)
     if options is not None and options.mode != "affine":
         raise DeepAlignError(f"mode {options.mode!r}: a watch renders one affine per slice "
                              "(align the finished stack for a refined mode)")
@@ -176,7 +197,7 @@ def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str],
         remove_stale_temps(state_path)  # of a watch killed while saving its record
         return _watch(src, out, state_path, tpath, options=options, lookahead=lookahead,
                       poll=poll, idle_timeout=idle_timeout, stop_file=stop_file,
-                      on_slice=on_slice)
+                      on_slice=on_slice, voxel=voxel)
 
 
 def _digest(path: Path) -> str:
@@ -188,7 +209,8 @@ def _digest(path: Path) -> str:
 def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
            options: AlignOptions | None,
            lookahead: int, poll: float, idle_timeout: float, stop_file: str,
-           on_slice: Callable[[int], None] | None) -> WatchResult:
+           on_slice: Callable[[int], None] | None,
+           voxel: tuple[tuple[float, float, float], str] | None = None) -> WatchResult:
     """:func:`watch_folder` once its outputs are checked and locked."""
     from .io import read_image
 
@@ -198,7 +220,9 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
     chosen = json.loads(json.dumps(chosen))  # (as the record stores them: tuples as lists)
     state: dict[str, Any] = {"folder": str(src.resolve()), "files": [], "written": 0,
                              "flagged": [], "flag_reasons": {}, "lookahead": lookahead,
-                             "options": chosen}
+                             "options": chosen,
+                             "voxel_size": None if voxel is None else [list(voxel[0]),
+                                                                       voxel[1]]}
     if out.exists():
         try:
             saved = json.loads(state_path.read_text(encoding="utf-8"))
@@ -216,6 +240,10 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
                                  "away and rerun, or watch into another output")
         default = json.loads(json.dumps({k: v for k, v in asdict(AlignOptions()).items()
                                          if k != "num_threads"}))
+        if saved.get("voxel_size") != state["voxel_size"]:
+            raise DeepAlignError(f"{out}: continues a watch whose store records another "
+                                 f"voxel size ({saved.get('voxel_size')}); rerun with that, "
+                                 "or watch into another output")
         if saved.get("options", default) != chosen:  # (a record without them: the defaults)
             raise DeepAlignError(f"{out}: continues a watch with other align options (its "
                                  f"record {state_path.name} keeps them); rerun with those, or "
@@ -331,7 +359,10 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
         n = result.written
         if n == 0 or len(stream.transforms) < n:  # (stopped while replaying: kept as is)
             return
-        text = json.dumps(stream.transform_set(n).to_json(tpath.parent), indent=1)
+        ts = stream.transform_set(n)
+        if voxel is not None:
+            ts = replace(ts, voxel_size=voxel[0], unit=voxel[1])
+        text = json.dumps(ts.to_json(tpath.parent), indent=1)
         new = hashlib.sha256(text.encode("utf-8")).hexdigest()
         state["transforms_digests"] = sorted({*state.get("transforms_digests", []), new})
         _save_state(state_path, state)
@@ -349,7 +380,7 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
                 if arr is None:
                     # The record first: a store beside it is this watch's from its creation.
                     _save_state(state_path, state)
-                    arr = _open_output(out, aligned.shape, aligned.dtype, written)
+                    arr = _open_output(out, aligned.shape, aligned.dtype, written, voxel)
                 arr.resize((z + 1,) + aligned.shape)
                 arr[z] = aligned
             except OSError as exc:  # (the full disk named the store; it read "?")

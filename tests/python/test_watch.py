@@ -434,3 +434,27 @@ def test_a_continued_watch_refuses_a_transforms_file_it_did_not_write(tmp_path: 
     tpath.unlink()  # moved away: the watch continues and writes its own
     assert watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3).written == 7
     assert tpath.is_file()
+
+
+def test_watch_records_a_voxel_size_in_its_store_and_transforms(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`watch --pixel-size 5 --unit nm`: the store's NGFF metadata and the transforms file
+    carry it (the store read back gives it); a rerun with another size is refused."""
+    from deepalign_fast.io import voxel_size_of
+    from deepalign_fast.transforms import TransformSet
+
+    folder = _acquired(tmp_path, _slices(6))
+    (folder / "STOP").touch()
+    out = tmp_path / "v.ome.zarr"
+    argv = ["watch", str(folder), "-o", str(out), "--lookahead", "2", "--poll", "0.02",
+            "--quiet", "--unit", "nm"]
+    assert main([*argv, "--pixel-size", "5,5,8"]) == 0
+    assert voxel_size_of(out) == ((8.0, 5.0, 5.0), "nm")
+    ts = TransformSet.load(tmp_path / "v.ome.zarr.transforms.json")
+    assert ts.voxel_size == (8.0, 5.0, 5.0) and ts.unit == "nanometer"
+    capsys.readouterr()
+    assert main([*argv, "--pixel-size", "4"]) == 2
+    assert "records another voxel size" in capsys.readouterr().err
+    assert main([*argv, "--pixel-size", "5,5,8"]) == 0
+    with pytest.raises(DeepAlignError, match="not a length unit"):
+        watch_folder(folder, tmp_path / "u.zarr", voxel_size=(1.0, 1.0, 1.0), unit="furlong")
