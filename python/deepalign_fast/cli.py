@@ -285,9 +285,14 @@ def _add_align_arguments(p: argparse.ArgumentParser) -> None:
             kw.update(type=str, metavar="PATH")
         flags = [_flag(f.name)] + (["--num-threads"] if f.name == "num_threads" else [])
         p.add_argument(*flags, **kw)
+    _add_pixel_size(p, "to record in the output, overriding the input's metadata")
+
+
+def _add_pixel_size(p: argparse.ArgumentParser, what: str) -> None:
+    """``--pixel-size X[,Y[,Z]]`` and ``--unit`` (read by :func:`_voxel_size`)."""
     p.add_argument("--pixel-size", metavar="X[,Y[,Z]]", default=None,
-                   help="physical pixel size (and slice spacing) to record in the output, "
-                        "overriding the input's metadata; Y defaults to X and Z to Y")
+                   help=f"physical pixel size (and slice spacing) {what}; Y defaults to X and "
+                        "Z to Y")
     p.add_argument("--unit", default=None,
                    help="unit of --pixel-size, e.g. nm or um (only with --pixel-size; "
                         "default nm)")
@@ -691,12 +696,7 @@ def _add_watch(sub: Any) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="the align options (JSON or YAML, as `config --defaults` prints, or "
                         "an earlier run's transforms file); --mode affine only")
-    p.add_argument("--pixel-size", metavar="X[,Y[,Z]]", default=None,
-                   help="physical pixel size (and slice spacing) the store records; Y defaults "
-                        "to X and Z to Y (default: none, pixels)")
-    p.add_argument("--unit", default=None,
-                   help="unit of --pixel-size, e.g. nm or um (only with --pixel-size; "
-                        "default nm)")
+    _add_pixel_size(p, "the store records (default: none, pixels)")
     p.add_argument("--quiet", action="store_true", help="no per-slice messages")
     p.set_defaults(func=_cmd_watch)
 
