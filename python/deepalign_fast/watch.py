@@ -3,8 +3,8 @@
 ``watch_folder(FOLDER, OUTPUT.ome.zarr)`` polls FOLDER for slice files (``.tif``, ``.tiff``,
 ``.png``; natural order), takes a file once it is complete (non-empty, size and modification
 time unchanged between two polls, and decodable), feeds it to :meth:`Aligner.stream` and
-appends every aligned slice to an OME-Zarr (NGFF 0.4) whose z axis grows. Memory stays flat.
-The latency of slice z is the arrival of slice z + ``lookahead``.
+appends every aligned slice to an OME-Zarr (NGFF 0.4, with its pyramid) whose z axis grows.
+Memory stays flat. The latency of slice z is the arrival of slice z + ``lookahead``.
 
 Beside the output, ``OUTPUT.watch.json`` is replaced atomically after every slice: the files
 taken so far, the slices written, the flagged slices and their residuals (a live QC record).
@@ -36,7 +36,7 @@ import numpy as np
 
 from ._errors import DeepAlignError
 from .alignment import Aligner, AlignOptions
-from .io import OTHER_IMAGE_SUFFIXES, SLICE_SUFFIXES
+from .io import OTHER_IMAGE_SUFFIXES, SLICE_SUFFIXES, halve
 from .outputs import (
     STORE_MARK,
     OutputPlan,
@@ -79,12 +79,15 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written: int,
-                 voxel: tuple[tuple[float, float, float], str] | None = None) -> Any:
-    """The growing level-0 array of the OME-Zarr (created, with the voxel size ``voxel``
-    ((z, y, x), NGFF unit) in its metadata, or reopened and cut to ``written`` slices)."""
+                 voxel: tuple[tuple[float, float, float], str] | None = None) -> list[Any]:
+    """The growing arrays of the OME-Zarr, level 0 then its pyramid (created, with the voxel
+    size ``voxel`` ((z, y, x), NGFF unit) in its metadata, or reopened and cut to
+    ``written`` slices; a store of an earlier version without a pyramid keeps none)."""
     import shutil
 
     import zarr
+
+    from .io import level_dataset, pyramid_shapes
 
     h, w = shape
     if output.exists() and not written and store_being_created(output):
@@ -109,19 +112,32 @@ def _open_output(output: Path, shape: tuple[int, int], dtype: np.dtype, written:
         if arr.shape[1:] != (h, w) or arr.dtype != dtype:
             raise DeepAlignError(f"{output}: holds {arr.shape[1:]} {arr.dtype} slices, the "
                                  f"folder {(h, w)} {dtype}")
-        arr.resize((written, h, w))
-        return arr
+        multiscales: Any = group.attrs.get("multiscales")
+        try:
+            paths = [str(d["path"]) for d in multiscales[0]["datasets"]]
+        except (KeyError, IndexError, TypeError):
+            paths = ["0"]
+        arrays: list[Any] = [group[p] for p in paths if p in group]
+        for a in arrays:
+            a.resize((written, *a.shape[1:]))
+        return arrays
     group = zarr.create_group(str(output), zarr_format=2, attributes={STORE_MARK: store_mark()})
-    arr = group.create_array("0", shape=(0, h, w), chunks=(1, h, w), dtype=dtype, fill_value=0,
-                             chunk_key_encoding={"name": "v2", "separator": "/"})
+    nested: Any = {"name": "v2", "separator": "/"}
+    arrays = [group.create_array("0", shape=(0, h, w), chunks=(1, h, w), dtype=dtype,
+                                 fill_value=0, chunk_key_encoding=nested)]
+    scale = [1.0, 1.0, 1.0] if voxel is None else [float(v) for v in voxel[0]]
+    datasets: list[dict[str, Any]] = [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]
+    for k, (lh, lw) in enumerate(pyramid_shapes(h, w), start=1):
+        arrays.append(group.create_array(str(k), shape=(0, lh, lw), chunks=(1, lh, lw),
+                                         dtype=dtype, fill_value=0, chunk_key_encoding=nested))
+        datasets.append(level_dataset(k, scale))
     unit = {} if voxel is None else {"unit": voxel[1]}
     group.attrs["multiscales"] = [{
         "version": "0.4", "name": output.name.removesuffix(".zarr").removesuffix(".ome"),
         "axes": [{"name": a, "type": "space", **unit} for a in "zyx"],
-        "datasets": [{"path": "0", "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0, 1.0, 1.0] if voxel is None else
-             [float(v) for v in voxel[0]]}]}]}]
-    return arr
+        "datasets": datasets}]
+    return arrays
 
 
 def watch_folder(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
@@ -349,7 +365,7 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
                 time.sleep(poll)
 
     aligner = Aligner(options or AlignOptions())
-    arr = None
+    arrays: list[Any] | None = None
     stream = aligner.stream(source(), lookahead=lookahead)
 
     def save_transforms() -> None:
@@ -377,12 +393,15 @@ def _watch(src: Path, out: Path, state_path: Path, tpath: Path, *,
             if z < written:
                 continue  # written before the restart: identical, so kept
             try:
-                if arr is None:
+                if arrays is None:
                     # The record first: a store beside it is this watch's from its creation.
                     _save_state(state_path, state)
-                    arr = _open_output(out, aligned.shape, aligned.dtype, written, voxel)
-                arr.resize((z + 1,) + aligned.shape)
-                arr[z] = aligned
+                    arrays = _open_output(out, aligned.shape, aligned.dtype, written, voxel)
+                level = aligned
+                for k, arr in enumerate(arrays):  # level 0, then each half of the one above
+                    level = level if k == 0 else halve(level, "mean")
+                    arr.resize((z + 1, *arr.shape[1:]))
+                    arr[z] = level
             except OSError as exc:  # (the full disk named the store; it read "?")
                 raise os_error(exc, out, f"writing slice {z} failed") from exc
             result.written = z + 1

@@ -458,3 +458,37 @@ def test_watch_records_a_voxel_size_in_its_store_and_transforms(
     assert main([*argv, "--pixel-size", "5,5,8"]) == 0
     with pytest.raises(DeepAlignError, match="not a length unit"):
         watch_folder(folder, tmp_path / "u.zarr", voxel_size=(1.0, 1.0, 1.0), unit="furlong")
+
+
+def test_the_watch_store_grows_a_pyramid(tmp_path: Path) -> None:
+    """Slices of 600 x 530: the store grows level 1 (300 x 265, 2x2 means of level 0) with
+    level 0, valid NGFF 0.4; a watch killed after some slices and rerun gives the store of
+    one uninterrupted run, pyramid included."""
+    import cv2
+
+    rng = np.random.default_rng(2)
+    big = cv2.GaussianBlur((rng.random((640, 570)) * 255).astype(np.float32), (0, 0), 3)
+    slices = np.stack([np.roll(big, (z, -z), axis=(0, 1))[20:-20, 20:-20]
+                       for z in range(6)]).astype(np.uint8)
+    folder = _acquired(tmp_path, slices)
+    out = tmp_path / "p.ome.zarr"
+
+    def stop_after_three(z: int) -> None:
+        if z == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3,
+                     on_slice=stop_after_three)
+    (folder / "STOP").touch()
+    assert watch_folder(folder, out, lookahead=2, poll=0.02, idle_timeout=0.3).written == 6
+    group = zarr.open_group(str(out), mode="r")
+    level0, level1 = np.asarray(group["0"]), np.asarray(group["1"])
+    assert level0.shape == (6, 600, 530) and level1.shape == (6, 300, 265)
+    np.testing.assert_array_equal(level0, np.stack(list(Aligner().stream(iter(slices),
+                                                                         lookahead=2))))
+    expected = level0.astype(np.float32).reshape(6, 300, 2, 265, 2).mean(axis=(2, 4))
+    assert np.abs(level1.astype(np.float32) - expected).max() <= 0.5
+    models = pytest.importorskip("ome_zarr_models.v04.image")
+    image = models.Image.from_zarr(group)  # validates the metadata and the arrays
+    assert [d.path for d in image.attributes.multiscales[0].datasets] == ["0", "1"]

@@ -69,8 +69,11 @@ from ._writers import (
     check_distinct,
     check_unfinished,
     finish_store,
+    halve,
     is_zarr_output,
+    level_dataset,
     open_writer,
+    pyramid_shapes,
     unfinished_run,
 )
 
@@ -83,6 +86,9 @@ __all__ = [
     "check_unfinished",
     "finish_slice",
     "finish_store",
+    "halve",
+    "level_dataset",
+    "pyramid_shapes",
     "max_slice_pixels",
     "output_dtype",
     "unfinished_run",

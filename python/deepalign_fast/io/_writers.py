@@ -9,7 +9,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -535,17 +535,11 @@ class ZarrStackWriter(StackWriter):
                 "another name.")
 
     def level_shapes(self) -> list[tuple[int, int, int]]:
-        """Shapes of the pyramid levels below level 0 (OME output): each halves y and x
-        (rounding up) while the longer side stays >= 256 px; z is never downsampled (EM
-        slices are thin)."""
+        """Shapes of the pyramid levels below level 0 (OME output; :func:`pyramid_shapes`)."""
         if not self.ome:
             return []
-        n, h, w = self.shape
-        out = []
-        while max(h, w) // 2 >= 256:
-            h, w = (h + 1) // 2, (w + 1) // 2
-            out.append((n, h, w))
-        return out
+        n = self.shape[0]
+        return [(n, h, w) for h, w in pyramid_shapes(self.shape[1], self.shape[2])]
 
     def _layout(self) -> dict[str, Any]:
         return {
@@ -592,18 +586,12 @@ class ZarrStackWriter(StackWriter):
         datasets: list[dict[str, Any]] = [
             {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]
         for k, shape in enumerate(self.level_shapes(), start=1):
-            f = float(2**k)
             self._levels.append(group.create_array(
                 str(k), shape=shape,
                 chunks=(1, min(self.chunks[1], shape[1]), min(self.chunks[2], shape[2])),
                 dtype=self.dtype, fill_value=0,
                 chunk_key_encoding={"name": "v2", "separator": "/"}))
-            # A level-k pixel covers 2^k level-0 pixels; its centre sits (2^k - 1) / 2 level-0
-            # pixels from theirs (pixel centres at integer coordinates).
-            datasets.append({"path": str(k), "coordinateTransformations": [
-                {"type": "scale", "scale": [scale[0], scale[1] * f, scale[2] * f]},
-                {"type": "translation",
-                 "translation": [0.0, scale[1] * (f - 1) / 2, scale[2] * (f - 1) / 2]}]})
+            datasets.append(level_dataset(k, scale))
         group.attrs["multiscales"] = [
             {
                 "version": "0.4",
@@ -686,7 +674,7 @@ class ZarrStackWriter(StackWriter):
         second pixel for labels), so no second pass over the stack is needed."""
         level = data
         for arr in self._levels:
-            level = _halve(level, self.downsample)
+            level = halve(level, self.downsample)
             arr[j] = level
 
     def write(self, i: int, data: np.ndarray) -> None:
@@ -817,7 +805,29 @@ def _is_zarr_path(p: Path) -> bool:
         and p.suffix.lower() not in (".tif", ".tiff", ".btf"))
 
 
-def _halve(image: np.ndarray, how: str) -> np.ndarray:
+def pyramid_shapes(h: int, w: int) -> list[tuple[int, int]]:
+    """The (y, x) shapes of the OME-Zarr pyramid levels below level 0 of ``h`` x ``w``
+    slices: each halves y and x (rounding up) while the longer side stays >= 256 px; z is
+    never downsampled (EM slices are thin)."""
+    out = []
+    while max(h, w) // 2 >= 256:
+        h, w = (h + 1) // 2, (w + 1) // 2
+        out.append((h, w))
+    return out
+
+
+def level_dataset(k: int, scale: Sequence[float]) -> dict[str, Any]:
+    """The NGFF 0.4 ``datasets`` entry of pyramid level ``k`` (path ``"k"``) over a level 0
+    of voxel size ``scale`` (z, y, x): a level-k pixel covers 2^k level-0 pixels, its centre
+    (2^k - 1) / 2 level-0 pixels from theirs (pixel centres at integer coordinates)."""
+    f = float(2**k)
+    return {"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": [float(scale[0]), scale[1] * f, scale[2] * f]},
+        {"type": "translation",
+         "translation": [0.0, scale[1] * (f - 1) / 2, scale[2] * (f - 1) / 2]}]}
+
+
+def halve(image: np.ndarray, how: str) -> np.ndarray:
     """Half-size slice (odd sizes round up): 2x2 block means, rounded for integer types, or
     every second pixel (``how="nearest"``, for labels)."""
     if how == "nearest":
