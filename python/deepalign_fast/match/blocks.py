@@ -588,24 +588,24 @@ class BlockMatcher:
         from that turn (then from the second candidate), and a match from such a start
         replaces the first where it correlates better by :data:`SPECTRAL_GAIN` and by half
         (isbi sections 15-20 degrees apart: 0.06-0.17 against 0.00-0.05 at the false turn).
-        A pair that found nothing is left as it is (to the caller's turned starts): between a
-        slice damaged to a strip and its neighbour, the spectra's turn gave a false match
-        that held.
+        A pair that found nothing counts as correlating at 0: between a slice damaged to a
+        strip and its neighbour, the spectra's turn gave a false match (0.004) that held
+        where any match was taken.
 
         Returns ``(matrix, correspondences)``; ``matrix`` maps reference-slice coordinates to
         moving-slice coordinates (None when the pair cannot be registered).
         """
         m, corr = self._match(reference, moving, init)
-        if init is not None or m is None:
+        if init is not None:
             return m, corr
         for degrees in spectral_turns(reference.spectrum, moving.spectrum):
-            if abs(_wrap(degrees - _turn_of(m))) <= SPECTRAL_GAP:
+            if m is not None and abs(_wrap(degrees - _turn_of(m))) <= SPECTRAL_GAP:
                 break  # the spectra agree with the match (or with a turned one kept)
             t = np.deg2rad(degrees)
             start = np.array([[np.cos(t), -np.sin(t), np.nan], [np.sin(t), np.cos(t), np.nan]])
             m2, corr2 = self._match(reference, moving, start)
-            if m2 is not None and _score(corr2) > max(_score(corr) + SPECTRAL_GAIN,
-                                                      1.5 * _score(corr)):
+            first = _score(corr) if m is not None else 0.0  # a failed match: no likeness
+            if m2 is not None and _score(corr2) > max(first + SPECTRAL_GAIN, 1.5 * first):
                 m, corr = m2, corr2
         return m, corr
 
