@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["apply_affine", "as_3x3", "compose", "invert"]
+__all__ = ["apply_affine", "as_3x3", "compose", "invert", "rotation_angle"]
 
 
 def as_3x3(t: ArrayLike) -> NDArray[np.float64]:
@@ -31,6 +31,13 @@ def compose(first_applied_last: ArrayLike, *rest: ArrayLike) -> NDArray[np.float
 def invert(transform: ArrayLike) -> NDArray[np.float64]:
     """Inverse of a 2x3 affine (or a stack of them)."""
     return np.ascontiguousarray(np.linalg.inv(as_3x3(transform))[..., :2, :])
+
+
+def rotation_angle(t: ArrayLike) -> NDArray[np.float64]:
+    """The turn (radians) of ``(..., 2, 3)`` affines: that of the nearest similarity,
+    ``atan2(c - b, a + d)`` for a linear part ``[[a, b], [c, d]]``."""
+    t = np.asarray(t, np.float64)
+    return np.arctan2(t[..., 1, 0] - t[..., 0, 1], t[..., 0, 0] + t[..., 1, 1])
 
 
 def apply_affine(t: ArrayLike, pts: ArrayLike) -> NDArray[np.float64]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..geometry import compose, invert
-from ..match import Correspondences, make_backend
+from ..match import Correspondences, make_backend, turned_start
 from ..progress import StageTimes
 from .options import AlignOptions
 from .solve import SIMILAR_CONTENT, PairMoments, pair_moments, slice_spacing
@@ -253,12 +253,9 @@ class StackMatcher:
         plain turn found nothing (benchmarks/RESULTS.md)."""
         best: tuple[np.ndarray, Correspondences] | None = None
         for degrees in TURNS:
-            t = np.deg2rad(degrees)
-            turn = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
             # Only the turn is predicted (NaN translation): the back-end searches the
             # translation and matches every level from scratch through the turn.
-            start = np.hstack([turn, np.full((2, 1), np.nan)])
-            m2, corr2 = self._match(z_k, state_k, z, state, start)
+            m2, corr2 = self._match(z_k, state_k, z, state, turned_start(degrees))
             if self._trusted(m2, corr2) and (best is None
                                              or corr2.correlation > best[1].correlation):
                 best = (np.asarray(m2), corr2)

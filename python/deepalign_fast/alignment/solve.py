@@ -104,7 +104,7 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from ..geometry import compose, invert
+from ..geometry import compose, invert, rotation_angle
 
 __all__ = ["ANATOMY_CHANGE", "ANATOMY_SLOPE", "ANATOMY_VELOCITY", "FIXED_PRIOR", "FLAGGED_MOVE",
            "FLAG_REASONS", "MEASURED_SLICES", "MOTION_KEYS", "POOR_MEASURE", "PRIOR_KEYS",
@@ -227,9 +227,9 @@ def _nonrigid_rows(model: str, lam: float) -> NDArray[np.float64]:
 
 
 def _angles(theta: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Rotation angle (radians) of each slice's parameters ``(a, b, tx, c, d, ty)`` (n, 6):
-    that of the nearest similarity, ``atan2(c - b, a + d)``."""
-    return np.arctan2(theta[:, 3] - theta[:, 1], theta[:, 0] + theta[:, 4])
+    """Rotation angle (radians) of each slice's parameters ``(a, b, tx, c, d, ty)`` (n, 6)
+    (:func:`~deepalign_fast.geometry.rotation_angle`)."""
+    return rotation_angle(theta.reshape(-1, 2, 3))
 
 
 def _turned_scale(row: NDArray[np.float64], angle: NDArray[np.float64]

@@ -7,6 +7,6 @@
 from __future__ import annotations
 
 from .backends import FEATURES, make_backend
-from .base import Correspondences, MatchBackend
+from .base import Correspondences, MatchBackend, turned_start
 
-__all__ = ["FEATURES", "Correspondences", "MatchBackend", "make_backend"]
+__all__ = ["FEATURES", "Correspondences", "MatchBackend", "make_backend", "turned_start"]

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Correspondences", "MatchBackend"]
+__all__ = ["Correspondences", "MatchBackend", "turned_start"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,13 @@ class Correspondences:
     def empty() -> Correspondences:
         z = np.zeros((0, 2), np.float64)
         return Correspondences(z, z.copy(), np.zeros(0, np.float64))
+
+
+def turned_start(degrees: float) -> np.ndarray:
+    """The ``init`` of a match that predicts only a turn by ``degrees`` (its translation NaN:
+    the back-end searches it, see :class:`MatchBackend`)."""
+    t = np.deg2rad(degrees)
+    return np.array([[np.cos(t), -np.sin(t), np.nan], [np.sin(t), np.cos(t), np.nan]])
 
 
 class MatchBackend(Protocol):

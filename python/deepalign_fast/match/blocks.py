@@ -29,10 +29,10 @@ import numpy as np
 
 from .. import _core
 from ..estimate import estimate_transform
-from ..geometry import compose, invert
+from ..geometry import compose, invert, rotation_angle
 from ..intensity import to_uint8
 from ..warp import warp_affine
-from .base import Correspondences
+from .base import Correspondences, turned_start
 
 __all__ = ["SPECTRAL_GAIN", "SPECTRAL_GAP", "BlockMatcher", "coarse_shift", "lk_block_sums",
            "phase_correlation", "polar_spectrum", "spectral_rotations", "spectral_turns"]
@@ -220,11 +220,6 @@ def _wrap(degrees: float) -> float:
     """``degrees`` wrapped into [-90, 90): a turn read from amplitude spectra is known only up
     to half a turn."""
     return (degrees + 90.0) % 180.0 - 90.0
-
-
-def _turn_of(m: np.ndarray) -> float:
-    """The turn (degrees) of an affine's linear part: the rotation closest to it."""
-    return float(np.degrees(np.arctan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1])))
 
 
 def _score(corr: Correspondences) -> float:
@@ -599,11 +594,10 @@ class BlockMatcher:
         if init is not None:
             return m, corr
         for degrees in spectral_turns(reference.spectrum, moving.spectrum):
-            if m is not None and abs(_wrap(degrees - _turn_of(m))) <= SPECTRAL_GAP:
+            if m is not None and \
+                    abs(_wrap(degrees - float(np.degrees(rotation_angle(m))))) <= SPECTRAL_GAP:
                 break  # the spectra agree with the match (or with a turned one kept)
-            t = np.deg2rad(degrees)
-            start = np.array([[np.cos(t), -np.sin(t), np.nan], [np.sin(t), np.cos(t), np.nan]])
-            m2, corr2 = self._match(reference, moving, start)
+            m2, corr2 = self._match(reference, moving, turned_start(degrees))
             first = _score(corr) if m is not None else 0.0  # a failed match: no likeness
             if m2 is not None and _score(corr2) > max(first + SPECTRAL_GAIN, 1.5 * first):
                 m, corr = m2, corr2
